@@ -1,0 +1,299 @@
+"""Settings: the original CloudFormation parameters in snake_case, and ours.
+
+Each setting comes from, highest first: a CLI flag, an ``EDP_<NAME>`` environment
+variable, the TOML config file, the default. The config file is ``--config F``,
+else ``$EDP_CONFIG``, else ``./edp.toml`` when it exists. Grouping settings may be
+overridden per bucket in ``[buckets."NAME"]`` tables of the file.
+
+A bad value fails at start with a :class:`~edp.errors.ConfigError` that names the
+setting, the value, what is allowed and where the value came from.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+
+from edp.core.rules import GroupingRules, RuleBook
+from edp.errors import ConfigError
+
+ENV_PREFIX = "EDP_"
+DEFAULT_CONFIG_FILE = "edp.toml"
+
+
+def default_database_url() -> str:
+    """``sqlite:///`` in ``$XDG_DATA_HOME/edp`` (``~/.local/share/edp``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return f"sqlite:///{Path(base) / 'edp' / 'edp.db'}"
+
+
+# -- value parsers: each raises ValueError with the text shown to the user -----------
+def _int(minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        text = value.strip() if isinstance(value, str) else value
+        if isinstance(text, bool):
+            raise ValueError(f"must be an integer >= {minimum}, got {value!r}")
+        try:
+            number = int(text)
+            if isinstance(text, float) and number != text:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise ValueError(f"must be an integer >= {minimum}, got {value!r}") from None
+        if number < minimum:
+            raise ValueError(f"must be an integer >= {minimum}, got {value!r}")
+        return number
+
+    return parse
+
+
+def _seconds(minimum: float, *, strict: bool) -> Callable[[Any], float]:
+    allowed = f"a number of seconds {'>' if strict else '>='} {minimum:g}"
+
+    def parse(value: Any) -> float:
+        text = value.strip() if isinstance(value, str) else value
+        if isinstance(text, bool):
+            raise ValueError(f"must be {allowed}, got {value!r}")
+        try:
+            number = float(text)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be {allowed}, got {value!r}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError(f"must be {allowed}, got {value!r}")
+        if number < minimum or (strict and number == minimum):
+            raise ValueError(f"must be {allowed}, got {value!r}")
+        return number
+
+    return parse
+
+
+def _csv(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, list | tuple):
+        items = []
+        for item in value:
+            if not isinstance(item, str):
+                raise ValueError(
+                    f"must be a comma-separated string or a list of strings, got {value!r}"
+                )
+            items.extend(item.split(","))
+    else:
+        raise ValueError(f"must be a comma-separated string or a list of strings, got {value!r}")
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, got {value!r}")
+    return value.strip()
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = _text(value)
+    return text or None
+
+
+Depth = Annotated[int, BeforeValidator(_int(0))]
+Count = Annotated[int, BeforeValidator(_int(0))]
+PositiveInt = Annotated[int, BeforeValidator(_int(1))]
+Duration = Annotated[float, BeforeValidator(_seconds(0, strict=True))]
+OptionalAge = Annotated[float, BeforeValidator(_seconds(0, strict=False))]
+Retention = Annotated[float, BeforeValidator(_seconds(86400, strict=False))]
+Csv = Annotated[tuple[str, ...], BeforeValidator(_csv)]
+Flag = Annotated[bool, BeforeValidator(_bool)]
+Text = Annotated[str, BeforeValidator(_text)]
+OptionalText = Annotated[str | None, BeforeValidator(_optional_text)]
+
+GROUPING_SETTINGS = (
+    "bucket_prefix_depth",
+    "bucket_ignore_prefixes",
+    "bucket_threshold_duration",
+    "bucket_threshold_event_count",
+    "bucket_max_batch_age",
+    "bucket_complete_markers",
+)
+
+
+class BucketOverrides(BaseModel):
+    """Grouping settings of one bucket; ``None`` inherits the global value."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bucket_prefix_depth: Depth | None = None
+    bucket_ignore_prefixes: Csv | None = None
+    bucket_threshold_duration: Duration | None = None
+    bucket_threshold_event_count: Count | None = None
+    bucket_max_batch_age: OptionalAge | None = None
+    bucket_complete_markers: Csv | None = None
+
+
+class Settings(BaseModel):
+    """Every setting of edp, validated. Build it with :func:`load_settings`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # grouping (SPEC section 2); overridable per bucket
+    bucket_prefix_depth: Depth = 2
+    bucket_ignore_prefixes: Csv = ()
+    bucket_threshold_duration: Duration = 300.0
+    bucket_threshold_event_count: Count = 20
+    bucket_max_batch_age: OptionalAge = 0.0
+    bucket_complete_markers: Csv = ()
+    # which buckets, and their overrides
+    buckets: Csv = ()
+    bucket_overrides: dict[str, BucketOverrides] = {}
+    # input
+    eventbridge_raw_keys: Flag = False
+    sequencer_retention: Retention = 86400.0
+    # store
+    database_url: Text = ""
+    # output events
+    event_source: Text = "com.quiltdata.edp"
+    account: Text = "000000000000"
+    region: Text = "us-east-1"
+    jsonl_path: OptionalText = None
+    log_events: Flag = False
+    # workers
+    worker_id: OptionalText = None
+    worker_timeout: Duration = 60.0
+    chunk_size: PositiveInt = 2000
+
+    def grouping(self, bucket: str | None = None) -> GroupingRules:
+        """The effective grouping rules of ``bucket`` (or the global ones)."""
+        values: dict[str, Any] = {name: getattr(self, name) for name in GROUPING_SETTINGS}
+        if bucket is not None and bucket in self.bucket_overrides:
+            for name, value in self.bucket_overrides[bucket].model_dump().items():
+                if value is not None:
+                    values[name] = value
+        return GroupingRules(
+            prefix_depth=values["bucket_prefix_depth"],
+            ignore_prefixes=tuple(values["bucket_ignore_prefixes"]),
+            threshold_duration=values["bucket_threshold_duration"],
+            threshold_event_count=values["bucket_threshold_event_count"],
+            max_batch_age=values["bucket_max_batch_age"],
+            complete_markers=tuple(values["bucket_complete_markers"]),
+        )
+
+    def rule_book(self) -> RuleBook:
+        """Grouping rules for every bucket, with the watch list."""
+        return RuleBook(
+            default=self.grouping(),
+            overrides={name: self.grouping(name) for name in self.bucket_overrides},
+            watched=frozenset(self.buckets) | frozenset(self.bucket_overrides),
+        )
+
+
+SETTING_NAMES = tuple(name for name in Settings.model_fields if name != "bucket_overrides")
+
+
+def env_name(setting: str) -> str:
+    """The environment variable of a setting: ``EDP_`` + its name in upper case."""
+    return ENV_PREFIX + setting.upper()
+
+
+def load_settings(
+    *,
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from defaults, the file, the environment and flags.
+
+    ``flags`` maps setting names to values; ``None`` values are ignored (flag not given).
+    Raises :class:`ConfigError` naming the setting, the value and its origin.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {"database_url": default_database_url()}
+    origin: dict[str, str] = {}
+    if env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
+        values["region"] = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    path = _config_path(config_file, env)
+    if path is not None:
+        for name, value in _read_toml(path).items():
+            values[name] = value
+            origin[name] = f"config file {path}"
+    overrides = values.pop("bucket_overrides", None)
+    file_buckets = values.get("buckets")
+    if isinstance(file_buckets, dict):
+        overrides = file_buckets
+        values["buckets"] = ()
+    for name in SETTING_NAMES:
+        if env_name(name) in env:
+            values[name] = env[env_name(name)]
+            origin[name] = f"environment variable {env_name(name)}"
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name] = value
+            origin[name] = f"option --{name.removeprefix('bucket_').replace('_', '-')}"
+    if overrides is not None:
+        values["bucket_overrides"] = overrides
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, values, origin)) from None
+
+
+def _config_path(
+    config_file: str | os.PathLike[str] | None, env: Mapping[str, str]
+) -> Path | None:
+    if config_file is not None:
+        return Path(config_file)
+    if env.get("EDP_CONFIG"):
+        return Path(env["EDP_CONFIG"])
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    # Allow everything under an optional [edp] table, too.
+    if set(data) == {"edp"} and isinstance(data["edp"], dict):
+        data = data["edp"]
+    return data
+
+
+def _describe(exc: ValidationError, values: Mapping[str, Any], origin: Mapping[str, str]) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error["loc"]]
+        if loc and loc[0] == "bucket_overrides" and len(loc) >= 3:
+            name = f'buckets."{loc[1]}".{loc[2]}'
+            where = origin.get("buckets", "config file")
+        else:
+            name = ".".join(loc) or "settings"
+            where = origin.get(loc[0], "") if loc else ""
+        if error["type"] == "extra_forbidden":
+            message = f"{name} is not a known setting"
+        elif error["type"] == "value_error":
+            message = f"{name} {error['ctx']['error']}"
+        else:
+            message = f"{name}: {error['msg']}, got {error.get('input')!r}"
+        lines.append(f"{message} (from {where})" if where else message)
+    return "; ".join(lines)

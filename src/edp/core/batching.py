@@ -1,0 +1,302 @@
+"""The batch lifecycle of SPEC section 3, as a pure in-memory state machine.
+
+:class:`Batcher` holds a *working set*: the open batches, key memories and
+fingerprints that the events at hand can touch, seeded by the engine from a
+store. It applies events and advances the clock, records every change, and
+never does I/O or reads a clock. The engine writes the recorded changes back
+in one transaction.
+"""
+
+from __future__ import annotations
+
+import heapq
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from edp.core.events import BatchReady, EventKind, ObjectEvent, Trigger
+from edp.core.rules import RuleBook, Skip, sequencer_is_newer
+
+#: Namespace of the deterministic batch and event ids.
+ID_NAMESPACE = uuid.UUID("4b1d2f0e-8c7a-5e3b-9d61-0ed9a1c2b3f4")
+
+BatchKey = tuple[str, str]
+"""(bucket, prefix)"""
+ObjectKey = tuple[str, str]
+"""(bucket, key)"""
+
+
+class Outcome(StrEnum):
+    """What applying one event did."""
+
+    COUNTED = "counted"
+    OVERWRITE = "overwrite"
+    DUPLICATE = "duplicate"
+    DELETE = "delete"
+
+
+@dataclass(slots=True)
+class OpenBatch:
+    """The mutable state of one open batch."""
+
+    batch_id: str
+    bucket: str
+    prefix: str
+    generation: int
+    object_count: int
+    first_activity: float
+    last_activity: float
+    first_event_time: float
+    last_event_time: float
+
+
+@dataclass(slots=True)
+class KeyMemory:
+    """What is remembered of one object key: its highest sequencer and its batch."""
+
+    sequencer: str | None
+    seen_at: float
+    batch_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRecord:
+    """One object of a batch, as kept for inspection."""
+
+    batch_id: str
+    key: str
+    size: int | None
+    etag: str | None
+    sequencer: str | None
+    event_time: float
+
+
+@dataclass(slots=True)
+class Changes:
+    """Everything a :class:`Batcher` changed since the last :meth:`Batcher.take_changes`."""
+
+    open_batches: list[OpenBatch] = field(default_factory=list)
+    closed: list[tuple[OpenBatch, BatchReady]] = field(default_factory=list)
+    keys: dict[ObjectKey, KeyMemory] = field(default_factory=dict)
+    fingerprints: dict[str, float] = field(default_factory=dict)
+    objects: dict[tuple[str, str], ObjectRecord] = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        """Whether nothing changed."""
+        return not (self.open_batches or self.closed or self.keys or self.fingerprints)
+
+
+def batch_id_for(bucket: str, prefix: str, generation: int, opener: ObjectEvent) -> str:
+    """A batch id that is the same whenever the same event opens the same generation.
+
+    Deterministic ids make a replay's output reproducible; the opening event's key
+    and time keep ids unique even if a store is wiped and generations restart.
+    """
+    name = f"{bucket}\x00{prefix}\x00{generation}\x00{opener.key}\x00{opener.time!r}"
+    return str(uuid.uuid5(ID_NAMESPACE, name))
+
+
+def event_id_for(batch_id: str) -> str:
+    """The stable EventBridge ``id`` of a batch's ``package-objects-ready`` event."""
+    return str(uuid.uuid5(ID_NAMESPACE, f"package-objects-ready\x00{batch_id}"))
+
+
+class Batcher:
+    """Applies object events to open batches and fires them (SPEC section 3).
+
+    Only batches that were seeded or opened here are known; the caller must seed
+    every open batch that the events can touch or that may fall due before the
+    clock it passes to :meth:`advance`.
+    """
+
+    def __init__(self, rules: RuleBook) -> None:
+        self.rules = rules
+        self._batches: dict[BatchKey, OpenBatch] = {}
+        self._generations: dict[BatchKey, int] = {}
+        self._keys: dict[ObjectKey, KeyMemory] = {}
+        self._fingerprints: set[str] = set()
+        self._heap: list[tuple[float, str, str, str, Trigger]] = []
+        self._changes = Changes()
+        self._dirty: set[BatchKey] = set()
+
+    # -- seeding ------------------------------------------------------------------
+    def seed(
+        self,
+        *,
+        batches: Iterable[OpenBatch] = (),
+        generations: Mapping[BatchKey, int] | None = None,
+        keys: Mapping[ObjectKey, KeyMemory] | None = None,
+        fingerprints: Iterable[str] = (),
+    ) -> None:
+        """Add state loaded from a store to the working set (not recorded as changes)."""
+        for batch in batches:
+            key = (batch.bucket, batch.prefix)
+            if key in self._batches:
+                continue
+            self._batches[key] = batch
+            self._generations[key] = max(self._generations.get(key, 0), batch.generation)
+            self._schedule(batch)
+        for key, generation in (generations or {}).items():
+            self._generations[key] = max(self._generations.get(key, 0), generation)
+        for okey, memory in (keys or {}).items():
+            self._keys.setdefault(okey, memory)
+        self._fingerprints.update(fingerprints)
+
+    def knows_batch(self, bucket: str, prefix: str) -> bool:
+        """Whether the open batch of (bucket, prefix), if any, is in the working set."""
+        return (bucket, prefix) in self._batches
+
+    def open_batch(self, bucket: str, prefix: str) -> OpenBatch | None:
+        """The open batch of (bucket, prefix) in the working set, if any."""
+        return self._batches.get((bucket, prefix))
+
+    # -- time ---------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a known open batch."""
+        while self._heap:
+            deadline, bucket, prefix, batch_id, trigger = self._heap[0]
+            if self._is_current(deadline, bucket, prefix, batch_id, trigger):
+                return deadline
+            heapq.heappop(self._heap)
+        return None
+
+    def advance(self, clock: float) -> list[BatchReady]:
+        """Fire, in deadline order, every known batch whose deadline is <= ``clock``."""
+        fired: list[BatchReady] = []
+        while self._heap and self._heap[0][0] <= clock:
+            deadline, bucket, prefix, batch_id, trigger = heapq.heappop(self._heap)
+            if self._is_current(deadline, bucket, prefix, batch_id, trigger):
+                fired.append(self._fire(self._batches[(bucket, prefix)], trigger, deadline))
+        return fired
+
+    def fire_all(self) -> list[BatchReady]:
+        """Fire every known open batch at its own deadline, in deadline order."""
+        return self.advance(float("inf"))
+
+    # -- events -------------------------------------------------------------------
+    def apply(self, event: ObjectEvent, clock: float) -> Outcome | Skip | BatchReady:
+        """Apply one event at ``clock`` (which the caller has already advanced to).
+
+        Returns why the event was skipped, what it did, or the batch it fired.
+        """
+        if not self.rules.is_watched(event.bucket):
+            return Skip.UNWATCHED
+        rules = self.rules.for_bucket(event.bucket)
+        prefix = rules.prefix_of(event.key)
+        if isinstance(prefix, Skip):
+            return prefix
+        okey = (event.bucket, event.key)
+        memory = self._keys.get(okey)
+        if event.sequencer is not None:
+            if (
+                memory is not None
+                and memory.sequencer is not None
+                and not sequencer_is_newer(event.sequencer, memory.sequencer)
+            ):
+                return Outcome.DUPLICATE
+        else:
+            fingerprint = event.fingerprint()
+            if fingerprint in self._fingerprints:
+                return Outcome.DUPLICATE
+            self._fingerprints.add(fingerprint)
+            self._changes.fingerprints[fingerprint] = clock
+        if memory is None:
+            memory = KeyMemory(sequencer=event.sequencer, seen_at=clock)
+            self._keys[okey] = memory
+        elif event.sequencer is not None:
+            memory.sequencer = event.sequencer
+        memory.seen_at = clock
+        self._changes.keys[okey] = memory
+        if event.kind is EventKind.DELETED:
+            return Outcome.DELETE
+        return self._count(event, prefix, memory, clock)
+
+    def close(self, bucket: str, prefix: str, clock: float) -> BatchReady | None:
+        """Close the open batch of (bucket, prefix) by hand (trigger ``manual``)."""
+        batch = self._batches.get((bucket, prefix))
+        if batch is None:
+            return None
+        return self._fire(batch, Trigger.MANUAL, clock)
+
+    def take_changes(self) -> Changes:
+        """Hand over the changes recorded so far and start recording anew."""
+        changes = self._changes
+        changes.open_batches = [self._batches[k] for k in self._dirty if k in self._batches]
+        self._changes = Changes()
+        self._dirty = set()
+        return changes
+
+    # -- internals ----------------------------------------------------------------
+    def _count(
+        self, event: ObjectEvent, prefix: str, memory: KeyMemory, clock: float
+    ) -> Outcome | BatchReady:
+        bkey = (event.bucket, prefix)
+        batch = self._batches.get(bkey)
+        if batch is None:
+            generation = self._generations.get(bkey, 0) + 1
+            self._generations[bkey] = generation
+            batch = OpenBatch(
+                batch_id=batch_id_for(event.bucket, prefix, generation, event),
+                bucket=event.bucket,
+                prefix=prefix,
+                generation=generation,
+                object_count=0,
+                first_activity=clock,
+                last_activity=clock,
+                first_event_time=event.time,
+                last_event_time=event.time,
+            )
+            self._batches[bkey] = batch
+        outcome = Outcome.OVERWRITE if memory.batch_id == batch.batch_id else Outcome.COUNTED
+        if outcome is Outcome.COUNTED:
+            batch.object_count += 1
+            memory.batch_id = batch.batch_id
+        batch.last_activity = clock
+        batch.last_event_time = event.time
+        self._dirty.add(bkey)
+        self._changes.objects[(batch.batch_id, event.key)] = ObjectRecord(
+            batch.batch_id, event.key, event.size, event.etag, event.sequencer, event.time
+        )
+        rules = self.rules.for_bucket(event.bucket)
+        if rules.is_marker(event.key):
+            return self._fire(batch, Trigger.MARKER, clock)
+        if 0 < rules.threshold_event_count <= batch.object_count:
+            return self._fire(batch, Trigger.COUNT, clock)
+        self._schedule(batch)
+        return outcome
+
+    def _schedule(self, batch: OpenBatch) -> None:
+        rules = self.rules.for_bucket(batch.bucket)
+        deadline, trigger = rules.deadline(batch.first_activity, batch.last_activity)
+        heapq.heappush(
+            self._heap, (deadline, batch.bucket, batch.prefix, batch.batch_id, trigger)
+        )
+
+    def _is_current(
+        self, deadline: float, bucket: str, prefix: str, batch_id: str, trigger: Trigger
+    ) -> bool:
+        batch = self._batches.get((bucket, prefix))
+        if batch is None or batch.batch_id != batch_id:
+            return False
+        rules = self.rules.for_bucket(bucket)
+        return rules.deadline(batch.first_activity, batch.last_activity) == (deadline, trigger)
+
+    def _fire(self, batch: OpenBatch, trigger: Trigger, fired_at: float) -> BatchReady:
+        bkey = (batch.bucket, batch.prefix)
+        del self._batches[bkey]
+        self._dirty.discard(bkey)
+        ready = BatchReady(
+            batch_id=batch.batch_id,
+            event_id=event_id_for(batch.batch_id),
+            bucket=batch.bucket,
+            prefix=batch.prefix,
+            generation=batch.generation,
+            object_count=batch.object_count,
+            trigger=trigger,
+            fired_at=fired_at,
+            first_event_time=batch.first_event_time,
+            last_event_time=batch.last_event_time,
+        )
+        self._changes.closed.append((batch, ready))
+        return ready

@@ -1,0 +1,226 @@
+"""Every input format of SPEC section 1 -> :class:`~edp.core.events.ObjectEvent`.
+
+This is the only module that looks inside raw messages. Formats, outermost first:
+
+* SQS message (``Body``, or ``body`` in a Lambda SQS record) -> the inner body;
+* SNS envelope (``Type: Notification``, ``Message``) -> the inner message;
+* Lambda event of SQS or SNS records (``Records`` with ``eventSource: aws:sqs`` /
+  ``EventSource: aws:sns``) -> each record's inner message;
+* S3 Event Notification (``Records`` with ``eventSource`` ``aws:s3``, ``minio:s3``,
+  ``ceph:s3`` ...) -> one event per record;
+* EventBridge S3 event (``source: aws.s3``) -> one event;
+* S3 test event (``Event: s3:TestEvent``) -> nothing, and not an error.
+
+Object keys are URL-decoded here and nowhere else (:func:`decode_key`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import unquote_plus
+
+import orjson
+
+from edp.core.events import EventKind, ObjectEvent
+from edp.errors import DecodeError
+
+_MAX_NESTING = 5
+
+
+@dataclass(slots=True)
+class Decoded:
+    """What one input message held: object events, and the S3 events it ignored by type."""
+
+    events: list[ObjectEvent] = field(default_factory=list)
+    ignored: Counter[str] = field(default_factory=Counter)
+    errors: list[DecodeError] = field(default_factory=list)
+
+
+def decode_key(raw: str, *, url_encoded: bool = True) -> str:
+    """Decode an S3 object key as producers send it (form-URL-encoding: ``+`` is a space)."""
+    if not url_encoded or ("%" not in raw and "+" not in raw):
+        return raw
+    return unquote_plus(raw)
+
+
+def parse_time(value: Any, *, what: str) -> float:
+    """An ISO 8601 UTC timestamp (``2022-12-08T20:01:34Z``, fractions allowed) -> epoch seconds."""
+    if not isinstance(value, str) or not value:
+        raise DecodeError(f"{what} is missing or not a string: {value!r}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise DecodeError(f"{what} is not an ISO 8601 time: {value!r}") from None
+    if parsed.tzinfo is None:
+        raise DecodeError(f"{what} has no time zone: {value!r}")
+    return parsed.timestamp()
+
+
+def decode_message(
+    body: bytes | str | dict[str, Any],
+    *,
+    location: str = "",
+    eventbridge_keys_encoded: bool = True,
+) -> Decoded:
+    """Decode one input message into object events.
+
+    Raises :class:`DecodeError` (naming ``location``) when the message is not JSON
+    or is of no known format. A malformed record among good ones in a ``Records``
+    list is reported in :attr:`Decoded.errors` while the good records are kept.
+    """
+    if isinstance(body, dict):
+        obj: Any = body
+    else:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError(f"not JSON ({exc})", location=location) from None
+    out = Decoded()
+    try:
+        _dispatch(obj, out, eventbridge_keys_encoded, depth=0)
+    except DecodeError as exc:
+        raise DecodeError(exc.reason, location=location) from None
+    out.errors = [DecodeError(e.reason, location=location) for e in out.errors]
+    return out
+
+
+def _dispatch(obj: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:
+    if depth > _MAX_NESTING:
+        raise DecodeError("envelopes nested too deeply")
+    if not isinstance(obj, dict):
+        raise DecodeError(f"expected a JSON object, got {type(obj).__name__}")
+    source = obj.get("source")
+    if source == "aws.s3" and "detail-type" in obj:
+        _eventbridge(obj, out, eb_encoded)
+    elif "Records" in obj:
+        _records(obj["Records"], out, eb_encoded, depth)
+    elif obj.get("Type") == "Notification" and "Message" in obj:
+        _dispatch(_inner_json(obj["Message"], "SNS Message"), out, eb_encoded, depth + 1)
+    elif "Body" in obj or "body" in obj:
+        inner = obj["Body"] if "Body" in obj else obj["body"]
+        _dispatch(_inner_json(inner, "SQS Body"), out, eb_encoded, depth + 1)
+    elif obj.get("Event") == "s3:TestEvent":
+        out.ignored["s3:TestEvent"] += 1
+    elif "detail-type" in obj:
+        raise DecodeError(
+            f"EventBridge event from source {source!r} with detail-type "
+            f"{obj.get('detail-type')!r} is not an S3 event"
+        )
+    else:
+        keys = ", ".join(sorted(map(str, obj))[:8])
+        raise DecodeError(f"JSON of no known format (top-level keys: {keys or 'none'})")
+
+
+def _inner_json(value: Any, what: str) -> Any:
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise DecodeError(f"{what} is not a JSON string")
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"{what} is not JSON ({exc})") from None
+
+
+def _records(records: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:
+    if not isinstance(records, list):
+        raise DecodeError("Records is not a list")
+    for index, record in enumerate(records):
+        try:
+            _record(record, out, eb_encoded, depth)
+        except DecodeError as exc:
+            out.errors.append(DecodeError(f"record {index}: {exc.reason}"))
+
+
+def _record(record: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:
+    if not isinstance(record, dict):
+        raise DecodeError("record is not a JSON object")
+    event_source = str(record.get("eventSource") or record.get("EventSource") or "")
+    if event_source == "aws:sqs":
+        _dispatch(_inner_json(record.get("body"), "SQS body"), out, eb_encoded, depth + 1)
+        return
+    if event_source == "aws:sns":
+        sns = record.get("Sns")
+        if not isinstance(sns, dict):
+            raise DecodeError("SNS record has no Sns object")
+        _dispatch(_inner_json(sns.get("Message"), "SNS Message"), out, eb_encoded, depth + 1)
+        return
+    if not event_source.endswith(":s3") and "s3" not in record:
+        raise DecodeError(f"record of unknown eventSource {event_source!r}")
+    name = str(record.get("eventName") or "")
+    # MinIO and newer Ceph prefix event names with "s3:".
+    name = name.removeprefix("s3:")
+    if name.startswith("ObjectCreated:"):
+        kind = EventKind.CREATED
+    elif name.startswith(("ObjectRemoved:", "LifecycleExpiration:")):
+        kind = EventKind.DELETED
+    else:
+        out.ignored[name or "unnamed record"] += 1
+        return
+    s3 = _obj(record.get("s3"), "s3")
+    bucket = _obj(s3.get("bucket"), "s3.bucket").get("name")
+    obj = _obj(s3.get("object"), "s3.object")
+    out.events.append(
+        _event(
+            bucket,
+            obj.get("key"),
+            kind,
+            parse_time(record.get("eventTime"), what="eventTime"),
+            obj,
+            url_encoded=True,
+        )
+    )
+
+
+_EVENTBRIDGE_KINDS = {"Object Created": EventKind.CREATED, "Object Deleted": EventKind.DELETED}
+
+
+def _eventbridge(obj: dict[str, Any], out: Decoded, eb_encoded: bool) -> None:
+    detail_type = obj.get("detail-type")
+    kind = _EVENTBRIDGE_KINDS.get(str(detail_type))
+    if kind is None:
+        out.ignored[str(detail_type)] += 1
+        return
+    detail = _obj(obj.get("detail"), "detail")
+    bucket = _obj(detail.get("bucket"), "detail.bucket").get("name")
+    s3obj = _obj(detail.get("object"), "detail.object")
+    out.events.append(
+        _event(
+            bucket,
+            s3obj.get("key"),
+            kind,
+            parse_time(obj.get("time"), what="time"),
+            s3obj,
+            url_encoded=eb_encoded,
+        )
+    )
+
+
+def _obj(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise DecodeError(f"{what} is missing or not an object")
+    return value
+
+
+def _event(
+    bucket: Any, key: Any, kind: EventKind, time: float, obj: dict[str, Any], *, url_encoded: bool
+) -> ObjectEvent:
+    if not isinstance(bucket, str) or not bucket:
+        raise DecodeError("bucket name is missing")
+    if not isinstance(key, str) or not key:
+        raise DecodeError("object key is missing")
+    etag = obj.get("etag", obj.get("eTag"))
+    size = obj.get("size")
+    sequencer = obj.get("sequencer")
+    return ObjectEvent(
+        bucket=bucket,
+        key=decode_key(key, url_encoded=url_encoded),
+        kind=kind,
+        time=time,
+        etag=str(etag).strip('"') if etag not in (None, "") else None,
+        size=int(size) if isinstance(size, int | float) and not isinstance(size, bool) else None,
+        sequencer=str(sequencer) if sequencer not in (None, "") else None,
+    )

@@ -1,0 +1,54 @@
+"""The exceptions edp raises.
+
+Every error edp raises on purpose derives from :class:`EdpError`, so a caller
+can catch the whole family at a boundary::
+
+    EdpError
+    ├── ConfigError          a setting has a bad value, or a config file is broken
+    ├── DecodeError          an input message is not JSON or of no known format
+    ├── StoreError           the store cannot be opened or migrated
+    │   └── NotFound         a batch (or other record) asked for by id does not exist
+    └── SinkError            a sink refused or failed to deliver an event
+        └── PermanentSinkError  retrying will not help (bad request, too large)
+
+Errors carry the context needed to act on them (setting name, line number,
+batch id) in their message.
+"""
+
+from __future__ import annotations
+
+
+class EdpError(Exception):
+    """Root of every error edp raises on purpose."""
+
+
+class ConfigError(EdpError):
+    """A setting has a value that is not allowed, or a config file cannot be read."""
+
+
+class DecodeError(EdpError):
+    """An input message could not be decoded into S3 object events.
+
+    ``location`` names where the message came from (``line 12``, ``message id 1f3...``).
+    """
+
+    def __init__(self, reason: str, *, location: str = "") -> None:
+        self.reason = reason
+        self.location = location
+        super().__init__(f"{location}: {reason}" if location else reason)
+
+
+class StoreError(EdpError):
+    """The store cannot be opened, migrated or used."""
+
+
+class NotFound(StoreError):
+    """A record asked for by id does not exist."""
+
+
+class SinkError(EdpError):
+    """A sink failed to deliver an event; the outbox will retry it."""
+
+
+class PermanentSinkError(SinkError):
+    """A sink refused an event for a reason that retrying will not fix."""

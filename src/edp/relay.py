@@ -1,0 +1,104 @@
+"""The outbox relay: delivers pending outbox events to every sink, at least once.
+
+Each (event, sink) pair is a delivery row. The relay sends pending rows in outbox
+order, marks the delivered ones, and backs off (exponentially, with jitter) on the
+ones that failed; a permanent failure parks the row for an operator to look at
+(``edp status`` shows it; ``edp batches reemit`` sends it again).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from edp.errors import SinkError
+from edp.sinks.base import Failure, Sink
+from edp.store.base import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RelayReport:
+    """What one :meth:`Relay.deliver` call did."""
+
+    delivered: int = 0
+    failed: int = 0
+    parked: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class Relay:
+    """Moves outbox events to sinks."""
+
+    def __init__(
+        self,
+        store: Store,
+        sinks: Sequence[Sink],
+        *,
+        page: int = 500,
+        base_backoff: float = 1.0,
+        max_backoff: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.sinks = list(sinks)
+        self.page = page
+        self.base_backoff = base_backoff
+        self.max_backoff = max_backoff
+        self.clock = clock
+        self._attempts: dict[tuple[str, str], int] = {}
+
+    @property
+    def sink_names(self) -> list[str]:
+        """Names of the sinks, as the outbox knows them."""
+        return [sink.name for sink in self.sinks]
+
+    def deliver(self) -> RelayReport:
+        """Deliver every pending event that is due, sink by sink, until none is left."""
+        report = RelayReport()
+        for sink in self.sinks:
+            while True:
+                now = self.clock()
+                entries = self.store.pending(sink.name, limit=self.page, now=now)
+                if not entries:
+                    break
+                try:
+                    failures = list(sink.send(entries))
+                except SinkError as exc:
+                    failures = [Failure(entry.event_id, str(exc)) for entry in entries]
+                failed_ids = {f.event_id for f in failures}
+                ok = [e.event_id for e in entries if e.event_id not in failed_ids]
+                if ok:
+                    self.store.mark_delivered(sink.name, ok, now=now)
+                    report.delivered += len(ok)
+                    for event_id in ok:
+                        self._attempts.pop((sink.name, event_id), None)
+                for failure in failures:
+                    self._fail(sink.name, failure.event_id, failure.error, failure.permanent, now)
+                    report.errors.append(f"{sink.name}: {failure.event_id}: {failure.error}")
+                    if failure.permanent:
+                        report.parked += 1
+                    else:
+                        report.failed += 1
+                if failures:
+                    break  # keep order per sink: try the rest after the backoff
+        return report
+
+    def _fail(self, sink: str, event_id: str, error: str, permanent: bool, now: float) -> None:
+        attempts = self._attempts.get((sink, event_id), 0) + 1
+        self._attempts[(sink, event_id)] = attempts
+        if permanent:
+            log.error("sink %s refused event %s for good: %s", sink, event_id, error)
+            self.store.mark_failed(sink, event_id, error=error, retry_at=None, now=now)
+            return
+        delay = min(self.max_backoff, self.base_backoff * 2 ** (attempts - 1))
+        delay *= random.uniform(0.5, 1.0)  # jitter: workers do not retry in lockstep
+        log.warning(
+            "sink %s failed event %s (attempt %d), retry in %.1fs: %s",
+            sink, event_id, attempts, delay, error,
+        )
+        self.store.mark_failed(sink, event_id, error=error, retry_at=now + delay, now=now)

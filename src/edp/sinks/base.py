@@ -1,0 +1,31 @@
+"""The sink port."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from edp.store.base import OutboxEntry
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One event a sink did not deliver, and whether retrying can help."""
+
+    event_id: str
+    error: str
+    permanent: bool = False
+
+
+class Sink(Protocol):
+    """Delivers events. ``name`` is stable: the outbox tracks delivery per sink name."""
+
+    name: str
+
+    def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
+        """Deliver ``entries`` in order; return the ones that failed (empty: all delivered).
+
+        Raising :class:`~edp.errors.SinkError` means none was delivered.
+        """
+        ...

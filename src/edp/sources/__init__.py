@@ -1,0 +1,1 @@
+"""Sources of input messages: files (replay), and adapters added per technology."""

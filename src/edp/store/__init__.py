@@ -1,0 +1,30 @@
+"""Stores: where batches, key memories, the outbox and dead letters live.
+
+:mod:`edp.store.base` defines the port; :mod:`edp.store.sqlite` is the embedded
+default (``sqlite:///path``, or ``sqlite:///:memory:`` as the in-memory store for
+tests) and :mod:`edp.store.postgres` the production store (``postgresql://...``).
+"""
+
+from __future__ import annotations
+
+from edp.errors import ConfigError
+from edp.store.base import Store
+
+
+def open_store(url: str, *, fast_unsafe: bool = False) -> Store:
+    """Open (and migrate) the store that ``url`` names.
+
+    ``fast_unsafe`` trades durability for speed; only for throw-away stores such as
+    a replay's temporary database.
+    """
+    if url.startswith("sqlite:"):
+        from edp.store.sqlite import SqliteStore
+
+        return SqliteStore.from_url(url, fast_unsafe=fast_unsafe)
+    raise ConfigError(
+        "database_url must start with sqlite:/// or postgresql://, "
+        f"got {url.split('@')[-1]!r}"
+    )
+
+
+__all__ = ["Store", "open_store"]

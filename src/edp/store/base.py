@@ -1,0 +1,248 @@
+"""The store port: what the engine, the relay and the CLI need from a database.
+
+A store keeps, per (bucket, prefix), the open batch and the last generation; per
+(bucket, key), the highest sequencer seen and the batch the key was counted in;
+every batch with its objects; the outbox of events to deliver, with one delivery
+row per sink; the dead letters; counters; and the workers' clocks.
+
+All writes of one engine step happen in one :class:`Transaction`, so closing a
+batch and recording its event in the outbox commit together or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from edp.core.batching import BatchKey, Changes, KeyMemory, ObjectKey, ObjectRecord, OpenBatch
+
+
+@dataclass(slots=True)
+class LoadRequest:
+    """What the working set of one engine step must contain."""
+
+    batch_keys: set[BatchKey] = field(default_factory=set)
+    object_keys: set[ObjectKey] = field(default_factory=set)
+    fingerprints: set[str] = field(default_factory=set)
+    batch_ids: set[str] = field(default_factory=set)
+    due_until: float | None = None
+    due_limit: int | None = None
+
+
+@dataclass(slots=True)
+class WorkingState:
+    """State loaded for one engine step."""
+
+    batches: list[OpenBatch] = field(default_factory=list)
+    generations: dict[BatchKey, int] = field(default_factory=dict)
+    keys: dict[ObjectKey, KeyMemory] = field(default_factory=dict)
+    fingerprints: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One event to deliver, as stored: ``payload`` is its JSON text."""
+
+    seq: int
+    event_id: str
+    kind: str
+    payload: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An input that could not be decoded, kept with the reason."""
+
+    source: str
+    location: str
+    reason: str
+    body: str
+    received_at: float
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    """A batch as stored, open or closed."""
+
+    batch_id: str
+    bucket: str
+    prefix: str
+    generation: int
+    state: str
+    object_count: int
+    first_activity: float
+    last_activity: float
+    first_event_time: float
+    last_event_time: float
+    deadline: float | None
+    deadline_trigger: str | None
+    trigger: str | None
+    fired_at: float | None
+    event_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SavedBatch:
+    """An open batch to write, with the deadline the engine computed for it."""
+
+    batch: OpenBatch
+    deadline: float
+    deadline_trigger: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedBatch:
+    """A batch that fired in this step, with its outbox event."""
+
+    batch: OpenBatch
+    trigger: str
+    fired_at: float
+    event_id: str
+    payload: str
+
+
+@dataclass(slots=True)
+class StepWrite:
+    """Everything one engine step writes."""
+
+    open_batches: list[SavedBatch] = field(default_factory=list)
+    closed: list[ClosedBatch] = field(default_factory=list)
+    keys: dict[ObjectKey, KeyMemory] = field(default_factory=dict)
+    fingerprints: dict[str, float] = field(default_factory=dict)
+    objects: Sequence[ObjectRecord] = ()
+    outbox_kind: str = "package-objects-ready"
+
+    @classmethod
+    def from_changes(
+        cls, changes: Changes, open_batches: list[SavedBatch], closed: list[ClosedBatch]
+    ) -> StepWrite:
+        """Wrap a batcher's changes with what the engine computed for them."""
+        return cls(
+            open_batches=open_batches,
+            closed=closed,
+            keys=changes.keys,
+            fingerprints=changes.fingerprints,
+            objects=list(changes.objects.values()),
+        )
+
+
+class Transaction(Protocol):
+    """One atomic unit of work on a store."""
+
+    def load(self, request: LoadRequest) -> WorkingState:
+        """Load (and, where the backend can, lock) the state a step needs."""
+        ...
+
+    def save(self, write: StepWrite, *, sinks: Sequence[str], now: float) -> None:
+        """Write a step's changes, its outbox events and one delivery row per sink."""
+        ...
+
+    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        """Keep inputs that could not be decoded."""
+        ...
+
+    def add_counters(self, counts: Mapping[str, int]) -> None:
+        """Add to named counters."""
+        ...
+
+    def add_outbox(
+        self, *, event_id: str, kind: str, payload: str, sinks: Sequence[str], now: float
+    ) -> bool:
+        """Record one event to deliver (not a batch event); False if its id exists."""
+        ...
+
+
+class Store(Protocol):
+    """The store port. Adapters: :mod:`edp.store.sqlite`, :mod:`edp.store.postgres`."""
+
+    url: str
+
+    def transaction(self) -> AbstractContextManager[Transaction]:
+        """A transaction that commits on success and rolls back on error."""
+        ...
+
+    # -- outbox -----------------------------------------------------------------
+    def pending(self, sink: str, *, limit: int, now: float) -> list[OutboxEntry]:
+        """Outbox events not yet delivered to ``sink`` and due for an attempt, oldest first."""
+        ...
+
+    def mark_delivered(self, sink: str, event_ids: Sequence[str], *, now: float) -> None:
+        """Record that ``sink`` accepted these events."""
+        ...
+
+    def mark_failed(
+        self, sink: str, event_id: str, *, error: str, retry_at: float | None, now: float
+    ) -> None:
+        """Record a failed attempt; ``retry_at=None`` parks the event (permanent error)."""
+        ...
+
+    def requeue(self, event_id: str, sinks: Sequence[str]) -> bool:
+        """Make ``event_id`` pending again for ``sinks`` (a re-emit); False if unknown."""
+        ...
+
+    # -- inspection ---------------------------------------------------------------
+    def get_batch(self, batch_id: str) -> BatchRow:
+        """One batch by id, or a unique id prefix; raises :class:`~edp.errors.NotFound`."""
+        ...
+
+    def list_batches(self, *, state: str | None = None, limit: int = 50) -> list[BatchRow]:
+        """Open batches by deadline, or recent closed batches, newest first."""
+        ...
+
+    def batch_objects(self, batch_id: str) -> list[ObjectRecord]:
+        """The objects of one batch, by key."""
+        ...
+
+    def open_batches_by_deadline(self, *, limit: int) -> list[BatchRow]:
+        """The open batches with the earliest deadlines."""
+        ...
+
+    def outbox_events(self, *, limit: int = 50) -> list[OutboxEntry]:
+        """The most recent outbox events, newest first."""
+        ...
+
+    def dead_letters(self, *, limit: int = 50) -> list[DeadLetter]:
+        """The most recent dead letters, newest first."""
+        ...
+
+    def counters(self) -> dict[str, int]:
+        """Every counter."""
+        ...
+
+    def stats(self) -> dict[str, int]:
+        """Open batches, closed batches, pending deliveries, dead letters."""
+        ...
+
+    # -- workers and housekeeping -----------------------------------------------
+    def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
+        """Publish a worker's clock (SPEC section 4)."""
+        ...
+
+    def worker_clock(self, worker_id: str) -> float | None:
+        """The last clock a worker published, to resume after a restart."""
+        ...
+
+    def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
+        """The lowest clock of the *other* live workers (None when there are none)."""
+        ...
+
+    def finish_worker(self, worker_id: str) -> bool:
+        """Mark a replay worker done; True when every worker is done (the caller flushes)."""
+        ...
+
+    def prune(self, *, keys_before: float) -> int:
+        """Forget key memories and fingerprints last seen before ``keys_before``."""
+        ...
+
+    def schema_version(self) -> tuple[int, int]:
+        """(applied, latest) migration versions."""
+        ...
+
+    def close(self) -> None:
+        """Release connections."""
+        ...
+

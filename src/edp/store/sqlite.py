@@ -1,0 +1,486 @@
+"""The embedded store: SQLite, through the standard library's ``sqlite3``.
+
+One :class:`SqliteStore` holds one connection; use one store per thread. Writers
+take SQLite's write lock up front (``BEGIN IMMEDIATE``), so several processes may
+share a file safely, one writer at a time. ``sqlite:///:memory:`` gives a private
+in-memory store, the fake that unit tests use.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from edp.core.batching import BatchKey, KeyMemory, ObjectKey, ObjectRecord, OpenBatch
+from edp.errors import NotFound, StoreError
+from edp.store.base import (
+    BatchRow,
+    DeadLetter,
+    LoadRequest,
+    OutboxEntry,
+    StepWrite,
+    WorkingState,
+)
+from edp.store.migrations import load_migrations
+
+_CHUNK = 900  # stays far below SQLite's bound-variable limit
+_BATCH_COLUMNS = (
+    "batch_id, bucket, prefix, generation, state, object_count, first_activity, last_activity,"
+    " first_event_time, last_event_time, deadline, deadline_trigger, trigger, fired_at, event_id"
+)
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _open_batch(row: Sequence[Any]) -> OpenBatch:
+    return OpenBatch(row[0], row[1], row[2], row[3], row[5], row[6], row[7], row[8], row[9])
+
+
+class SqliteTransaction:
+    """A write transaction on a SQLite store (see :class:`~edp.store.base.Transaction`)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def load(self, request: LoadRequest) -> WorkingState:
+        """Load the open batches, generations, key memories and fingerprints asked for."""
+        state = WorkingState()
+        seen: set[str] = set()
+        by_bucket: dict[str, list[str]] = {}
+        for bucket, prefix in request.batch_keys:
+            by_bucket.setdefault(bucket, []).append(prefix)
+        for bucket, prefixes in by_bucket.items():
+            for part in _chunks(prefixes):
+                marks = ",".join("?" * len(part))
+                for row in self.conn.execute(
+                    f"SELECT {_BATCH_COLUMNS} FROM batches WHERE state = 'open' "  # noqa: S608
+                    f"AND bucket = ? AND prefix IN ({marks})",
+                    (bucket, *part),
+                ):
+                    seen.add(row[0])
+                    state.batches.append(_open_batch(row))
+                for bucket_, prefix, generation in self.conn.execute(
+                    f"SELECT bucket, prefix, last_generation FROM prefixes "  # noqa: S608
+                    f"WHERE bucket = ? AND prefix IN ({marks})",
+                    (bucket, *part),
+                ):
+                    state.generations[(bucket_, prefix)] = generation
+        ids = list(request.batch_ids)
+        for part in _chunks(ids):
+            marks = ",".join("?" * len(part))
+            for row in self.conn.execute(
+                f"SELECT {_BATCH_COLUMNS} FROM batches "  # noqa: S608
+                f"WHERE state = 'open' AND batch_id IN ({marks})",
+                tuple(part),
+            ):
+                if row[0] not in seen:
+                    seen.add(row[0])
+                    state.batches.append(_open_batch(row))
+        if request.due_until is not None:
+            sql = (
+                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE state = 'open' "  # noqa: S608
+                "AND deadline <= ? ORDER BY deadline"
+            )
+            params: tuple[Any, ...] = (request.due_until,)
+            if request.due_limit is not None:
+                sql += " LIMIT ?"
+                params += (request.due_limit,)
+            for row in self.conn.execute(sql, params):
+                if row[0] not in seen:
+                    seen.add(row[0])
+                    state.batches.append(_open_batch(row))
+        keys_by_bucket: dict[str, list[str]] = {}
+        for bucket, key in request.object_keys:
+            keys_by_bucket.setdefault(bucket, []).append(key)
+        for bucket, keys in keys_by_bucket.items():
+            for part in _chunks(keys):
+                marks = ",".join("?" * len(part))
+                for key, sequencer, seen_at, batch_id in self.conn.execute(
+                    f"SELECT key, sequencer, seen_at, batch_id FROM key_memory "  # noqa: S608
+                    f"WHERE bucket = ? AND key IN ({marks})",
+                    (bucket, *part),
+                ):
+                    state.keys[(bucket, key)] = KeyMemory(sequencer, seen_at, batch_id)
+        fingerprints = list(request.fingerprints)
+        for part in _chunks(fingerprints):
+            marks = ",".join("?" * len(part))
+            state.fingerprints.update(
+                row[0]
+                for row in self.conn.execute(
+                    f"SELECT fingerprint FROM fingerprints WHERE fingerprint IN ({marks})",  # noqa: S608
+                    tuple(part),
+                )
+            )
+        return state
+
+    def save(self, write: StepWrite, *, sinks: Sequence[str], now: float) -> None:
+        """Write a step: batches, objects, key memories, outbox and deliveries."""
+        c = self.conn
+        generations: dict[BatchKey, int] = {}
+        rows = []
+        for saved in write.open_batches:
+            b = saved.batch
+            generations[(b.bucket, b.prefix)] = b.generation
+            rows.append((b.batch_id, b.bucket, b.prefix, b.generation, b.object_count,
+                         b.first_activity, b.last_activity, b.first_event_time,
+                         b.last_event_time, saved.deadline, saved.deadline_trigger))
+        for closed in write.closed:
+            b = closed.batch
+            generations[(b.bucket, b.prefix)] = max(
+                generations.get((b.bucket, b.prefix), 0), b.generation
+            )
+        c.executemany(
+            "INSERT INTO batches (batch_id, bucket, prefix, generation, state, object_count,"
+            " first_activity, last_activity, first_event_time, last_event_time, deadline,"
+            " deadline_trigger) VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (batch_id) DO UPDATE SET object_count = excluded.object_count,"
+            " last_activity = excluded.last_activity, last_event_time = excluded.last_event_time,"
+            " deadline = excluded.deadline, deadline_trigger = excluded.deadline_trigger",
+            rows,
+        )
+        c.executemany(
+            "INSERT INTO batches (batch_id, bucket, prefix, generation, state, object_count,"
+            " first_activity, last_activity, first_event_time, last_event_time, trigger,"
+            " fired_at, event_id) VALUES (?, ?, ?, ?, 'closed', ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (batch_id) DO UPDATE SET state = 'closed',"
+            " object_count = excluded.object_count, last_activity = excluded.last_activity,"
+            " last_event_time = excluded.last_event_time, deadline = NULL,"
+            " deadline_trigger = NULL, trigger = excluded.trigger,"
+            " fired_at = excluded.fired_at, event_id = excluded.event_id",
+            [
+                (cb.batch.batch_id, cb.batch.bucket, cb.batch.prefix, cb.batch.generation,
+                 cb.batch.object_count, cb.batch.first_activity, cb.batch.last_activity,
+                 cb.batch.first_event_time, cb.batch.last_event_time, cb.trigger,
+                 cb.fired_at, cb.event_id)
+                for cb in write.closed
+            ],
+        )
+        c.executemany(
+            "INSERT INTO prefixes (bucket, prefix, last_generation) VALUES (?, ?, ?)"
+            " ON CONFLICT (bucket, prefix) DO UPDATE SET"
+            " last_generation = max(last_generation, excluded.last_generation)",
+            [(bucket, prefix, gen) for (bucket, prefix), gen in generations.items()],
+        )
+        c.executemany(
+            "INSERT INTO batch_objects (batch_id, key, size, etag, sequencer, event_time)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (batch_id, key) DO UPDATE SET"
+            " size = excluded.size, etag = excluded.etag, sequencer = excluded.sequencer,"
+            " event_time = excluded.event_time",
+            [(o.batch_id, o.key, o.size, o.etag, o.sequencer, o.event_time)
+             for o in write.objects],
+        )
+        c.executemany(
+            "INSERT INTO key_memory (bucket, key, sequencer, seen_at, batch_id)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (bucket, key) DO UPDATE SET"
+            " sequencer = excluded.sequencer, seen_at = excluded.seen_at,"
+            " batch_id = excluded.batch_id",
+            [(b, k, m.sequencer, m.seen_at, m.batch_id) for (b, k), m in write.keys.items()],
+        )
+        c.executemany(
+            "INSERT OR REPLACE INTO fingerprints (fingerprint, seen_at) VALUES (?, ?)",
+            list(write.fingerprints.items()),
+        )
+        for closed in write.closed:
+            self.add_outbox(
+                event_id=closed.event_id, kind=write.outbox_kind, payload=closed.payload,
+                sinks=sinks, now=now,
+            )
+
+    def add_outbox(
+        self, *, event_id: str, kind: str, payload: str, sinks: Sequence[str], now: float
+    ) -> bool:
+        """Record one event and a pending delivery per sink; False if the id exists."""
+        cur = self.conn.execute(
+            "INSERT INTO outbox (event_id, kind, payload, created_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (event_id) DO NOTHING",
+            (event_id, kind, payload, now),
+        )
+        if cur.rowcount == 0:
+            return False
+        seq = cur.lastrowid
+        self.conn.executemany(
+            "INSERT INTO deliveries (sink, seq, event_id) VALUES (?, ?, ?)",
+            [(sink, seq, event_id) for sink in sinks],
+        )
+        return True
+
+    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        """Keep inputs that could not be decoded."""
+        self.conn.executemany(
+            "INSERT INTO dead_letters (received_at, source, location, reason, body)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(d.received_at, d.source, d.location, d.reason, d.body) for d in letters],
+        )
+
+    def add_counters(self, counts: Mapping[str, int]) -> None:
+        """Add to named counters."""
+        self.conn.executemany(
+            "INSERT INTO counters (name, value) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            [(name, value) for name, value in counts.items() if value],
+        )
+
+
+class SqliteStore:
+    """The SQLite store (see :class:`~edp.store.base.Store`)."""
+
+    def __init__(self, path: str, *, fast_unsafe: bool = False) -> None:
+        self.url = f"sqlite:///{path}"
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite database {path}: {exc}") from None
+        self.conn.execute("PRAGMA foreign_keys = OFF")
+        if fast_unsafe:
+            self.conn.execute("PRAGMA journal_mode = OFF")
+            self.conn.execute("PRAGMA synchronous = OFF")
+            self.conn.execute("PRAGMA cache_size = -65536")
+        elif path != ":memory:":
+            self.conn.execute("PRAGMA journal_mode = WAL")
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.upgrade()
+
+    @classmethod
+    def from_url(cls, url: str, *, fast_unsafe: bool = False) -> SqliteStore:
+        """Open ``sqlite:///relative/path``, ``sqlite:////absolute/path`` or ``sqlite:///:memory:``."""
+        path = url.removeprefix("sqlite:").removeprefix("//")
+        path = path.removeprefix("/") if path.startswith("/") else path
+        if not path:
+            raise StoreError(f"database_url {url!r} names no file")
+        return cls(path, fast_unsafe=fast_unsafe)
+
+    # -- schema -------------------------------------------------------------------
+    def upgrade(self) -> list[int]:
+        """Apply pending migrations; returns the versions applied."""
+        with self._write() as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations"
+                " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+            )
+            current = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+            applied = []
+            for migration in load_migrations("sqlite"):
+                if current is not None and migration.version <= current:
+                    continue
+                for statement in migration.sql.split(";\n"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                    (migration.version, migration.name, time.time()),
+                )
+                applied.append(migration.version)
+        return applied
+
+    def schema_version(self) -> tuple[int, int]:
+        """(applied, latest) migration versions."""
+        current = self.conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+        return int(current or 0), max(m.version for m in load_migrations("sqlite"))
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    @contextmanager
+    def transaction(self) -> Iterator[SqliteTransaction]:
+        """A write transaction: commits on success, rolls back on error."""
+        with self._write() as conn:
+            yield SqliteTransaction(conn)
+
+    # -- outbox -------------------------------------------------------------------
+    def pending(self, sink: str, *, limit: int, now: float) -> list[OutboxEntry]:
+        """Outbox events not yet delivered to ``sink`` and due for an attempt."""
+        rows = self.conn.execute(
+            "SELECT o.seq, o.event_id, o.kind, o.payload, o.created_at FROM deliveries d"
+            " JOIN outbox o ON o.seq = d.seq WHERE d.sink = ? AND d.delivered_at IS NULL"
+            " AND d.parked = 0 AND d.next_attempt <= ? ORDER BY d.seq LIMIT ?",
+            (sink, now, limit),
+        ).fetchall()
+        return [OutboxEntry(*row) for row in rows]
+
+    def mark_delivered(self, sink: str, event_ids: Sequence[str], *, now: float) -> None:
+        """Record that ``sink`` accepted these events."""
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE deliveries SET delivered_at = ?, attempts = attempts + 1,"
+                " last_error = NULL WHERE sink = ? AND event_id = ?",
+                [(now, sink, event_id) for event_id in event_ids],
+            )
+
+    def mark_failed(
+        self, sink: str, event_id: str, *, error: str, retry_at: float | None, now: float
+    ) -> None:
+        """Record a failed attempt; ``retry_at=None`` parks the event."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, last_error = ?,"
+                " next_attempt = ?, parked = ? WHERE sink = ? AND event_id = ?",
+                (error[:2000], retry_at or now, 1 if retry_at is None else 0, sink, event_id),
+            )
+
+    def requeue(self, event_id: str, sinks: Sequence[str]) -> bool:
+        """Make ``event_id`` pending again for ``sinks``; False if it is unknown."""
+        with self._write() as conn:
+            row = conn.execute("SELECT seq FROM outbox WHERE event_id = ?", (event_id,)).fetchone()
+            if row is None:
+                return False
+            conn.executemany(
+                "INSERT INTO deliveries (sink, seq, event_id) VALUES (?, ?, ?)"
+                " ON CONFLICT (sink, seq) DO UPDATE SET delivered_at = NULL, next_attempt = 0,"
+                " parked = 0",
+                [(sink, row[0], event_id) for sink in sinks],
+            )
+        return True
+
+    # -- inspection ---------------------------------------------------------------
+    def get_batch(self, batch_id: str) -> BatchRow:
+        """One batch by id, or by a unique id prefix."""
+        rows = self.conn.execute(
+            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE batch_id >= ? AND batch_id < ?"  # noqa: S608
+            " LIMIT 2",
+            (batch_id, batch_id + "\uffff"),
+        ).fetchall()
+        exact = [row for row in rows if row[0] == batch_id]
+        if exact:
+            return BatchRow(*exact[0])
+        if len(rows) == 1:
+            return BatchRow(*rows[0])
+        if rows:
+            raise NotFound(f"batch id {batch_id!r} is ambiguous: give more characters")
+        raise NotFound(f"no batch with id {batch_id!r}")
+
+    def list_batches(self, *, state: str | None = None, limit: int = 50) -> list[BatchRow]:
+        """Open batches by deadline, then recent closed batches, newest first."""
+        out: list[BatchRow] = []
+        if state in (None, "open"):
+            out += self.open_batches_by_deadline(limit=limit)
+        if state in (None, "closed"):
+            rows = self.conn.execute(
+                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE state = 'closed'"  # noqa: S608
+                " ORDER BY fired_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+            out += [BatchRow(*row) for row in rows]
+        return out
+
+    def open_batches_by_deadline(self, *, limit: int) -> list[BatchRow]:
+        """The open batches with the earliest deadlines."""
+        rows = self.conn.execute(
+            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE state = 'open'"  # noqa: S608
+            " ORDER BY deadline LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [BatchRow(*row) for row in rows]
+
+    def batch_objects(self, batch_id: str) -> list[ObjectRecord]:
+        """The objects of one batch, by key."""
+        rows = self.conn.execute(
+            "SELECT batch_id, key, size, etag, sequencer, event_time FROM batch_objects"
+            " WHERE batch_id = ? ORDER BY key",
+            (batch_id,),
+        ).fetchall()
+        return [ObjectRecord(*row) for row in rows]
+
+    def outbox_events(self, *, limit: int = 50) -> list[OutboxEntry]:
+        """The most recent outbox events, newest first."""
+        rows = self.conn.execute(
+            "SELECT seq, event_id, kind, payload, created_at FROM outbox"
+            " ORDER BY seq DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [OutboxEntry(*row) for row in rows]
+
+    def dead_letters(self, *, limit: int = 50) -> list[DeadLetter]:
+        """The most recent dead letters, newest first."""
+        rows = self.conn.execute(
+            "SELECT source, location, reason, body, received_at, id FROM dead_letters"
+            " ORDER BY id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [DeadLetter(*row) for row in rows]
+
+    def counters(self) -> dict[str, int]:
+        """Every counter."""
+        return dict(self.conn.execute("SELECT name, value FROM counters ORDER BY name"))
+
+    def stats(self) -> dict[str, int]:
+        """Open and closed batches, pending deliveries, dead letters."""
+        one = self.conn.execute
+        return {
+            "open_batches": one("SELECT count(*) FROM batches WHERE state = 'open'").fetchone()[0],
+            "closed_batches": one(
+                "SELECT count(*) FROM batches WHERE state = 'closed'"
+            ).fetchone()[0],
+            "pending_deliveries": one(
+                "SELECT count(*) FROM deliveries WHERE delivered_at IS NULL AND parked = 0"
+            ).fetchone()[0],
+            "parked_deliveries": one(
+                "SELECT count(*) FROM deliveries WHERE delivered_at IS NULL AND parked = 1"
+            ).fetchone()[0],
+            "dead_letters": one("SELECT count(*) FROM dead_letters").fetchone()[0],
+        }
+
+    # -- workers and housekeeping -------------------------------------------------
+    def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
+        """Publish a worker's clock."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO workers (worker_id, clock, heartbeat_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (worker_id) DO UPDATE SET clock = max(clock, excluded.clock),"
+                " heartbeat_at = excluded.heartbeat_at, finished = 0",
+                (worker_id, clock, now),
+            )
+
+    def worker_clock(self, worker_id: str) -> float | None:
+        """The last clock a worker published."""
+        row = self.conn.execute(
+            "SELECT clock FROM workers WHERE worker_id = ?", (worker_id,)
+        ).fetchone()
+        return None if row is None else float(row[0])
+
+    def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
+        """The lowest clock of the other live, unfinished workers."""
+        row = self.conn.execute(
+            "SELECT min(clock) FROM workers WHERE worker_id != ? AND finished = 0"
+            " AND heartbeat_at >= ?",
+            (worker_id, now - timeout),
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def finish_worker(self, worker_id: str) -> bool:
+        """Mark a worker finished; True when no unfinished worker remains."""
+        with self._write() as conn:
+            conn.execute("UPDATE workers SET finished = 1 WHERE worker_id = ?", (worker_id,))
+            row = conn.execute("SELECT count(*) FROM workers WHERE finished = 0").fetchone()
+        return int(row[0]) == 0
+
+    def prune(self, *, keys_before: float) -> int:
+        """Forget key memories and fingerprints last seen before ``keys_before``."""
+        with self._write() as conn:
+            gone = conn.execute("DELETE FROM key_memory WHERE seen_at < ?", (keys_before,)).rowcount
+            gone += conn.execute(
+                "DELETE FROM fingerprints WHERE seen_at < ?", (keys_before,)
+            ).rowcount
+        return int(gone)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+
+__all__ = ["ObjectKey", "SqliteStore", "SqliteTransaction"]
