@@ -1,0 +1,47 @@
+"""The "floor" peer: the least work any consumer of the stream must do.
+
+Usage: ``python bench/peer_floor.py FILE``
+
+Reads FILE line by line, parses each line with orjson, takes the bucket name
+and object key, computes the depth-2 prefix and counts files per prefix in a
+dict.  No batching, no timers, no output besides the summary line::
+
+    {"peer": "floor", "events": N, "prefixes": P, "seconds": S, "events_per_s": R}
+
+``seconds`` covers reading and counting only, not interpreter start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import orjson
+from peer_common import group_key, print_summary
+
+
+def count_prefixes(path: Path) -> tuple[int, dict[str, int]]:
+    """Return the number of events in ``path`` and the file count per prefix."""
+    counts: dict[str, int] = {}
+    events = 0
+    with path.open("rb") as f:
+        for line in f:
+            key = group_key(orjson.loads(line))
+            counts[key] = counts.get(key, 0) + 1
+            events += 1
+    return events, counts
+
+
+def main() -> None:
+    """Count the prefixes of the file named on the command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("file", type=Path, help="JSON Lines stream of S3 events")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    events, counts = count_prefixes(args.file)
+    print_summary("floor", events, time.perf_counter() - started, prefixes=len(counts))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Checks on the CloudFormation templates in ``deploy/``.
+
+Two kinds of checks:
+
+* cfn-lint finds no error and no warning in either template (skipped when
+  cfn-lint is not installed, except in CI where that is a failure);
+* the structure of ``deploy/edp.yaml``: every template parameter that is an
+  edp setting reaches its ``EDP_*`` environment variable in both Lambdas, no
+  password parameter exists, and the few numbers that must agree do.
+
+``PARAMETER_TO_ENV`` is the contract between the template and edp's settings;
+other tests may import it to check that each variable is a real edp setting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import yaml
+
+DEPLOY_DIR = Path(__file__).resolve().parents[2] / "deploy"
+EDP_TEMPLATE = DEPLOY_DIR / "edp.yaml"
+EXAMPLE_TEMPLATE = DEPLOY_DIR / "example-handler.yaml"
+LAMBDAS = ("StoreFunction", "EmitFunction")
+
+#: Template parameter -> the edp setting's environment variable it must set.
+PARAMETER_TO_ENV: dict[str, str] = {
+    "BucketName": "EDP_BUCKETS",
+    "BucketIgnorePrefixes": "EDP_BUCKET_IGNORE_PREFIXES",
+    "BucketPrefixDepth": "EDP_BUCKET_PREFIX_DEPTH",
+    "BucketThresholdDuration": "EDP_BUCKET_THRESHOLD_DURATION",
+    "BucketThresholdEventCount": "EDP_BUCKET_THRESHOLD_EVENT_COUNT",
+    "BucketMaxBatchAge": "EDP_BUCKET_MAX_BATCH_AGE",
+    "BucketCompleteMarkers": "EDP_BUCKET_COMPLETE_MARKERS",
+    "EventBusName": "EDP_EVENTBRIDGE_BUS",
+    "EventSource": "EDP_EVENT_SOURCE",
+}
+
+#: Parameters that configure the infrastructure, not edp. A new parameter
+#: must be added to one of the two tables (test_every_parameter_is_classified).
+INFRASTRUCTURE_PARAMETERS = frozenset(
+    {
+        "VPC",
+        "Subnets",
+        "SecurityGroup",
+        "DBUser",
+        "DBInstanceClass",
+        "DBDeletionProtection",
+        "CreateEventBus",
+        "EmitSchedule",
+        "LambdaCodeBucket",
+        "LambdaCodeKey",
+        "LambdaArchitecture",
+        "LogRetentionDays",
+    }
+)
+
+
+# --------------------------------------------------------------------------
+# Reading templates: a SafeLoader that turns the short CloudFormation tags
+# (!Ref, !Sub, !GetAtt, ...) into their long JSON forms.
+
+
+class _CfnLoader(yaml.SafeLoader):
+    """YAML loader that understands CloudFormation's short-form tags."""
+
+
+def _construct_cfn_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
+    if isinstance(node, yaml.ScalarNode):
+        value: Any = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(cast(yaml.MappingNode, node), deep=True)
+    if suffix == "Ref":
+        return {"Ref": value}
+    if suffix == "GetAtt" and isinstance(value, str):
+        value = value.split(".", 1)
+    return {f"Fn::{suffix}": value}
+
+
+_CfnLoader.add_multi_constructor("!", _construct_cfn_tag)
+
+
+def load_template(path: Path) -> dict[str, Any]:
+    """Parse a CloudFormation YAML template into plain Python data."""
+    with path.open(encoding="utf-8") as stream:
+        # _CfnLoader is a SafeLoader: no arbitrary Python objects.
+        return cast(dict[str, Any], yaml.load(stream, Loader=_CfnLoader))
+
+
+_SUB_NAME = re.compile(r"\$\{(?!!)([^}]+)\}")
+
+
+def referenced_names(value: Any) -> set[str]:
+    """Names that ``value`` refers to via Ref or Fn::Sub, at any depth."""
+    if isinstance(value, list):
+        return set().union(*(referenced_names(item) for item in value))
+    if not isinstance(value, dict):
+        return set()
+    if set(value) == {"Ref"}:
+        return {value["Ref"]}
+    if set(value) == {"Fn::Sub"}:
+        sub = value["Fn::Sub"]
+        if isinstance(sub, str):
+            return set(_SUB_NAME.findall(sub))
+        text, variables = sub
+        return (set(_SUB_NAME.findall(text)) - set(variables)) | referenced_names(variables)
+    return set().union(*(referenced_names(item) for item in value.values()))
+
+
+@pytest.fixture(scope="module")
+def edp() -> dict[str, Any]:
+    return load_template(EDP_TEMPLATE)
+
+
+def lambda_environment(template: dict[str, Any], logical_id: str) -> dict[str, Any]:
+    resource = template["Resources"][logical_id]
+    return cast(dict[str, Any], resource["Properties"]["Environment"]["Variables"])
+
+
+# --------------------------------------------------------------------------
+# cfn-lint
+
+
+@pytest.mark.parametrize("template", [EDP_TEMPLATE, EXAMPLE_TEMPLATE], ids=lambda p: p.name)
+def test_template_passes_cfn_lint(template: Path) -> None:
+    """cfn-lint (default rules, plus the template's own Metadata config) is silent."""
+    try:
+        from cfnlint.api import lint_file  # type: ignore[import-untyped]
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("cfn-lint is not installed: pip install cfn-lint")
+
+    matches = lint_file(template)
+
+    problems = [m for m in matches if m.rule.id[:1] in {"E", "W"}]
+    assert not problems, "\n".join(
+        f"{m.rule.id} {template.name}:{m.linenumber}: {m.message}" for m in problems
+    )
+
+
+# --------------------------------------------------------------------------
+# edp.yaml: settings reach the Lambdas
+
+
+def test_every_parameter_is_classified(edp: dict[str, Any]) -> None:
+    """Each parameter is either an edp setting (mapped to EDP_*) or infrastructure."""
+    parameters = set(edp["Parameters"])
+
+    assert parameters - set(PARAMETER_TO_ENV) - INFRASTRUCTURE_PARAMETERS == set()
+    assert set(PARAMETER_TO_ENV) - parameters == set()
+    assert set(PARAMETER_TO_ENV) & INFRASTRUCTURE_PARAMETERS == set()
+
+
+@pytest.mark.parametrize("function", LAMBDAS)
+@pytest.mark.parametrize(("parameter", "variable"), sorted(PARAMETER_TO_ENV.items()))
+def test_setting_parameter_reaches_lambda_environment(
+    edp: dict[str, Any], function: str, parameter: str, variable: str
+) -> None:
+    environment = lambda_environment(edp, function)
+
+    assert variable in environment, f"{function} lacks {variable}"
+    assert parameter in referenced_names(environment[variable]), (
+        f"{function}: {variable} does not use parameter {parameter}: {environment[variable]!r}"
+    )
+
+
+def test_both_lambdas_share_one_environment(edp: dict[str, Any]) -> None:
+    store, emit = (lambda_environment(edp, name) for name in LAMBDAS)
+
+    assert store == emit
+
+
+def test_environment_variables_have_the_edp_prefix(edp: dict[str, Any]) -> None:
+    environment = lambda_environment(edp, "StoreFunction")
+
+    assert all(name.startswith("EDP_") for name in environment)
+    assert {"EDP_DATABASE_SECRET_ARN", "EDP_REGION", "EDP_ACCOUNT"} <= set(environment)
+    # The bus -> SNS rule forwards events; the Lambdas do not publish to SNS.
+    assert "EDP_SNS_TOPIC" not in environment
+
+
+# --------------------------------------------------------------------------
+# edp.yaml: credentials and wiring
+
+
+def test_no_password_parameter(edp: dict[str, Any]) -> None:
+    for name, spec in edp["Parameters"].items():
+        assert "password" not in name.lower(), name
+        assert "secret" not in name.lower(), name
+        assert not spec.get("NoEcho"), name
+
+
+def test_database_credentials_come_from_the_generated_secret(edp: dict[str, Any]) -> None:
+    resources = edp["Resources"]
+    db = resources["DBInstance"]["Properties"]
+    secret = resources["DBSecret"]["Properties"]["GenerateSecretString"]
+
+    for prop in ("MasterUsername", "MasterUserPassword"):
+        sub = db[prop]["Fn::Sub"]
+        assert sub.startswith("{{resolve:secretsmanager:${DBSecret}:SecretString:"), prop
+    assert secret["GenerateStringKey"] == "password"
+    assert "DBUser" in referenced_names(secret["SecretStringTemplate"])
+    assert db["StorageEncrypted"] is True
+    assert db["PubliclyAccessible"] is False
+    attachment = resources["DBSecretAttachment"]["Properties"]
+    assert attachment["TargetId"] == {"Ref": "DBInstance"}
+
+
+def test_lambdas_run_the_documented_handlers(edp: dict[str, Any]) -> None:
+    resources = edp["Resources"]
+    handlers = {name: resources[name]["Properties"]["Handler"] for name in LAMBDAS}
+
+    assert handlers == {
+        "StoreFunction": "edp.aws.handlers.store_handler",
+        "EmitFunction": "edp.aws.handlers.emit_handler",
+    }
+    assert {resources[name]["Properties"]["Runtime"] for name in LAMBDAS} == {"python3.12"}
+
+
+def test_store_consumes_the_ingest_queue_with_partial_batch_failures(edp: dict[str, Any]) -> None:
+    resources = edp["Resources"]
+    mapping = resources["StoreEventSourceMapping"]["Properties"]
+    queue = resources["IngestQueue"]["Properties"]
+    store_timeout = resources["StoreFunction"]["Properties"]["Timeout"]
+
+    assert mapping["EventSourceArn"] == {"Fn::GetAtt": ["IngestQueue", "Arn"]}
+    assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert mapping["BatchSize"] == 100
+    # AWS's rule for SQS-triggered Lambdas: 6 x timeout + batching window.
+    needed_visibility = 6 * store_timeout + mapping["MaximumBatchingWindowInSeconds"]
+    assert queue["VisibilityTimeout"] >= needed_visibility
+    assert queue["RedrivePolicy"]["maxReceiveCount"] == 5
+
+
+def test_s3_rule_watches_every_bucket_parameter(edp: dict[str, Any]) -> None:
+    pattern = edp["Resources"]["S3EventsRule"]["Properties"]["EventPattern"]
+
+    assert pattern["source"] == ["aws.s3"]
+    assert set(pattern["detail-type"]) == {"Object Created", "Object Deleted"}
+    assert pattern["detail"]["bucket"]["name"] == {"Ref": "BucketName"}
+
+
+# --------------------------------------------------------------------------
+# example-handler.yaml
+
+
+def test_example_handler_matches_the_original_rule() -> None:
+    resources = load_template(EXAMPLE_TEMPLATE)["Resources"]
+    pattern = resources["EventBridgeRule"]["Properties"]["EventPattern"]
+
+    assert pattern["detail-type"] == ["package-objects-ready"]
+    assert pattern["detail"]["bucket"] == [{"Ref": "BucketName"}]
+    assert resources["Lambda"]["Properties"]["Runtime"] == "python3.12"
