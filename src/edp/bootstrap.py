@@ -35,6 +35,7 @@ def build_sinks(settings: Settings, *, stdout: bool = False) -> list[Sink]:
         sinks.append(JsonlSink(settings.jsonl_path))
     if settings.log_events:
         sinks.append(LogSink())
+    # -- network sinks (issue 4) are added below this line, imported lazily
     return sinks
 
 

@@ -176,6 +176,10 @@ class Settings(BaseModel):
     worker_id: OptionalText = None
     worker_timeout: Duration = 60.0
     chunk_size: PositiveInt = 2000
+    # -- postgres and several workers (issue 3): add settings below this line
+    # -- aws runtime: sqs sources, eventbridge/sns/webhook sinks (issue 4): below this line
+    # -- quilt packaging and package-ready (issue 5): below this line
+    # -- local mode, demo, serve, dashboard (issue 6): below this line
 
     def grouping(self, bucket: str | None = None) -> GroupingRules:
         """The effective grouping rules of ``bucket`` (or the global ones)."""

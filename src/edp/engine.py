@@ -21,7 +21,7 @@ import socket
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -39,6 +39,7 @@ from edp.store.base import (
     SavedBatch,
     StepWrite,
     Store,
+    Transaction,
     WorkingState,
 )
 
@@ -68,6 +69,27 @@ class StepReport:
     counts: Counter[str] = field(default_factory=Counter)
 
 
+class StepObserver(Protocol):
+    """Work that rides on the engine's steps, in the same transaction.
+
+    An observer sees every decoded event of a step (also those the batcher skips,
+    such as ``.quilt/`` keys) and may write outbox events and durable timers through
+    the transaction; :meth:`tick` fires its timers. ``clock`` is the engine's clock
+    (SPEC section 4), ``now`` the wall clock.
+    """
+
+    def observe(
+        self, tx: Transaction, events: Sequence[ObjectEvent], *, clock: float, now: float,
+        sinks: Sequence[str],
+    ) -> None:
+        """Look at a step's events."""
+        ...
+
+    def tick(self, tx: Transaction, *, clock: float, now: float, sinks: Sequence[str]) -> int:
+        """Fire what is due at ``clock``; return how many events were emitted."""
+        ...
+
+
 def default_worker_id(prefix: str = "") -> str:
     """``host-pid`` (with an optional prefix): unique among live workers."""
     return f"{prefix}{socket.gethostname()}-{os.getpid()}"
@@ -83,8 +105,10 @@ class Engine:
         *,
         sinks: Sequence[str],
         worker_id: str | None = None,
+        observers: Sequence[StepObserver] = (),
     ) -> None:
         self.store = store
+        self.observers = tuple(observers)
         self.settings = settings
         self.rules = settings.rule_book()
         self.origin = Origin(settings.event_source, settings.account, settings.region)
@@ -151,6 +175,11 @@ class Engine:
             if caught_up:
                 clock = max(clock, now)
                 report.fired += batcher.advance(min(clock, floor))
+            for observer in self.observers:
+                observer.observe(tx, events, clock=clock, now=now, sinks=self.sinks)
+                report.counts["observer.emitted"] += observer.tick(
+                    tx, clock=min(clock, floor), now=now, sinks=self.sinks
+                )
             tx.save(self._write(batcher.take_changes()), sinks=self.sinks, now=now)
             tx.add_dead_letters(report.rejected)
             report.counts["dead_letters"] += len(report.rejected)
@@ -175,6 +204,8 @@ class Engine:
                 batcher = self._batcher(state)
                 page = batcher.advance(limit)
                 tx.save(self._write(batcher.take_changes()), sinks=self.sinks, now=now)
+                for observer in self.observers:
+                    observer.tick(tx, clock=limit, now=now, sinks=self.sinks)
                 tx.add_counters(Counter(f"batches.{r.trigger.value}" for r in page))
             fired += page
             if len(state.batches) < PAGE:
@@ -199,6 +230,8 @@ class Engine:
                 batcher = self._batcher(state)
                 page = batcher.fire_all()
                 tx.save(self._write(batcher.take_changes()), sinks=self.sinks, now=now)
+                for observer in self.observers:
+                    observer.tick(tx, clock=math.inf, now=now, sinks=self.sinks)
                 tx.add_counters(Counter(f"batches.{r.trigger.value}" for r in page))
             fired += page
             if len(state.batches) < PAGE:
@@ -323,4 +356,4 @@ class Engine:
             )
 
 
-__all__ = ["Engine", "Message", "Outcome", "StepReport", "default_worker_id"]
+__all__ = ["Engine", "Message", "Outcome", "StepObserver", "StepReport", "default_worker_id"]

@@ -53,6 +53,16 @@ class OutboxEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class Timer:
+    """A durable timer: ``payload`` is JSON text owned by whoever set it."""
+
+    kind: str
+    key: str
+    due_at: float
+    payload: str
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """An input that could not be decoded, kept with the reason."""
 
@@ -153,6 +163,14 @@ class Transaction(Protocol):
         self, *, event_id: str, kind: str, payload: str, sinks: Sequence[str], now: float
     ) -> bool:
         """Record one event to deliver (not a batch event); False if its id exists."""
+        ...
+
+    def set_timer(self, kind: str, key: str, *, due_at: float, payload: str) -> bool:
+        """Start a durable timer unless (kind, key) already runs; True if started."""
+        ...
+
+    def take_due_timers(self, kind: str, *, until: float, limit: int) -> list[Timer]:
+        """Remove and return the timers of ``kind`` due at or before ``until``, earliest first."""
         ...
 
 

@@ -23,6 +23,7 @@ from edp.store.base import (
     LoadRequest,
     OutboxEntry,
     StepWrite,
+    Timer,
     WorkingState,
 )
 from edp.store.migrations import load_migrations
@@ -210,6 +211,27 @@ class SqliteTransaction:
             [(sink, seq, event_id) for sink in sinks],
         )
         return True
+
+    def set_timer(self, kind: str, key: str, *, due_at: float, payload: str) -> bool:
+        """Start a durable timer unless (kind, key) already runs."""
+        cur = self.conn.execute(
+            "INSERT INTO timers (kind, key, due_at, payload) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (kind, key) DO NOTHING",
+            (kind, key, due_at, payload),
+        )
+        return cur.rowcount > 0
+
+    def take_due_timers(self, kind: str, *, until: float, limit: int) -> list[Timer]:
+        """Remove and return due timers of ``kind``, earliest first."""
+        rows = self.conn.execute(
+            "SELECT kind, key, due_at, payload FROM timers WHERE kind = ? AND due_at <= ?"
+            " ORDER BY due_at, key LIMIT ?",
+            (kind, until, limit),
+        ).fetchall()
+        self.conn.executemany(
+            "DELETE FROM timers WHERE kind = ? AND key = ?", [(r[0], r[1]) for r in rows]
+        )
+        return [Timer(*row) for row in rows]
 
     def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
         """Keep inputs that could not be decoded."""

@@ -98,3 +98,13 @@ CREATE TABLE workers (
     heartbeat_at REAL NOT NULL,
     finished     INTEGER NOT NULL DEFAULT 0
 );
+
+-- Durable timers of other step observers (e.g. package-ready settle delays).
+CREATE TABLE timers (
+    kind    TEXT NOT NULL,
+    key     TEXT NOT NULL,
+    due_at  REAL NOT NULL,
+    payload TEXT NOT NULL,
+    PRIMARY KEY (kind, key)
+) WITHOUT ROWID;
+CREATE INDEX timers_due ON timers (kind, due_at);

@@ -1,0 +1,106 @@
+"""Options and helpers shared by the ``edp`` commands."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import click
+
+from edp.bootstrap import Runtime, build_runtime
+from edp.config import Settings, load_settings
+from edp.errors import ConfigError, EdpError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+GROUPING_FLAGS = {
+    "prefix_depth": "bucket_prefix_depth",
+    "ignore_prefixes": "bucket_ignore_prefixes",
+    "threshold_duration": "bucket_threshold_duration",
+    "threshold_event_count": "bucket_threshold_event_count",
+    "max_batch_age": "bucket_max_batch_age",
+    "complete_markers": "bucket_complete_markers",
+}
+
+def grouping_options(func: F) -> F:
+    """Add the grouping flags of SPEC section 6 (and ``--config``) to a command."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="TOML config file (default: $EDP_CONFIG, else ./edp.toml)."),
+        click.option("--prefix-depth", help="bucket_prefix_depth: directory segments per prefix."),
+        click.option("--ignore-prefixes", help="bucket_ignore_prefixes: comma-separated patterns."),
+        click.option("--threshold-duration", help="bucket_threshold_duration: quiet seconds."),
+        click.option("--threshold-event-count",
+                     help="bucket_threshold_event_count: files per batch (0 = off)."),
+        click.option("--max-batch-age", help="bucket_max_batch_age: seconds (0 = off)."),
+        click.option("--complete-markers",
+                     help="bucket_complete_markers: comma-separated file-name globs."),
+        click.option("--eventbridge-raw-keys", is_flag=True, default=None,
+                     help="Take EventBridge keys as sent (emulators), not URL-decoded."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def settings_from(kwargs: dict[str, Any], **extra: Any) -> Settings:
+    """Pop the grouping flags from ``kwargs`` and load settings with them."""
+    flags: dict[str, Any] = {GROUPING_FLAGS[k]: kwargs.pop(k) for k in GROUPING_FLAGS}
+    flags["eventbridge_raw_keys"] = kwargs.pop("eventbridge_raw_keys")
+    flags.update(extra)
+    return load_settings(config_file=kwargs.pop("config_file"), flags=flags)
+
+
+def handle_errors(func: F) -> F:
+    """Turn edp's errors into a one-line message and exit status 2 (config) or 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            click.echo(f"edp: configuration error: {exc}", err=True)
+            sys.exit(2)
+        except EdpError as exc:
+            click.echo(f"edp: error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+
+
+def open_runtime(config_file: str | None, database_url: str | None) -> Runtime:
+    """Wire the configured store (or ``database_url``), its engine and relay."""
+    settings = load_settings(config_file=config_file, flags={"database_url": database_url})
+    return build_runtime(settings)
+
+
+def store_options(func: F) -> F:
+    """``--config`` and ``--database-url`` for commands that use the configured store."""
+    func = click.option("--database-url", help="Store to use (default: database_url setting).")(
+        func
+    )
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                        help="TOML config file.")(func)
+
+
+def when(epoch: float | None) -> str:
+    """Epoch seconds as a short UTC time, or ``-``."""
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def span(seconds: float) -> str:
+    """A duration in s, m or h."""
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    if seconds < 120:
+        return f"{sign}{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{sign}{seconds / 60:.0f}m"
+    return f"{sign}{seconds / 3600:.1f}h"

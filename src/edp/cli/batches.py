@@ -1,0 +1,120 @@
+"""``edp batches``: list, show, close and re-emit batches."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from edp.cli import main
+from edp.cli._common import handle_errors, open_runtime, span, store_options, when
+
+
+@main.group(invoke_without_command=True)
+@store_options
+@click.option("--state", type=click.Choice(["open", "closed"]), help="Only these batches.")
+@click.option("--limit", default=50, show_default=True, help="Rows per state.")
+@click.pass_context
+@handle_errors
+def batches(
+    ctx: click.Context, config_file: str | None, database_url: str | None,
+    state: str | None, limit: int,
+) -> None:
+    """List open batches (by next deadline) and recent closed ones."""
+    ctx.obj = {"config_file": config_file, "database_url": database_url}
+    if ctx.invoked_subcommand is not None:
+        return
+    runtime = open_runtime(config_file, database_url)
+    now = time.time()
+    table = Table(title=f"batches in {runtime.store.url}")
+    for column in ("id", "state", "bucket", "prefix", "files", "age", "deadline", "trigger"):
+        table.add_column(column)
+    for row in runtime.store.list_batches(state=state, limit=limit):
+        if row.state == "open":
+            deadline = f"{when(row.deadline)} (in {span((row.deadline or now) - now)})"
+            trigger = f"next: {row.deadline_trigger}"
+        else:
+            deadline, trigger = f"fired {when(row.fired_at)}", str(row.trigger)
+        table.add_row(row.batch_id[:8], row.state, row.bucket, row.prefix,
+                      str(row.object_count), span(now - row.first_activity), deadline, trigger)
+    Console(width=160).print(table)
+    runtime.close()
+
+
+def _store_args(ctx: click.Context) -> tuple[str | None, str | None]:
+    obj = ctx.obj or {}
+    return obj.get("config_file"), obj.get("database_url")
+
+
+def _as_dict(row: Any) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in row.__slots__}
+
+
+@batches.command("show")
+@click.argument("batch_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+@handle_errors
+def batches_show(ctx: click.Context, batch_id: str, as_json: bool) -> None:
+    """Show one batch (BATCH_ID or a unique prefix of it) with its objects."""
+    runtime = open_runtime(*_store_args(ctx))
+    row = runtime.store.get_batch(batch_id)
+    objects = runtime.store.batch_objects(row.batch_id)
+    runtime.close()
+    if as_json:
+        data = {"batch": _as_dict(row), "objects": [_as_dict(o) for o in objects]}
+        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+        return
+    console = Console(width=160)
+    console.print(f"batch {row.batch_id} ({row.state})", markup=False)
+    console.print(f"  s3://{row.bucket}/{row.prefix}  generation {row.generation}", markup=False)
+    console.print(f"  files {row.object_count}, first event {when(row.first_event_time)},"
+                  f" last event {when(row.last_event_time)}")
+    if row.state == "open":
+        console.print(f"  next deadline {when(row.deadline)} ({row.deadline_trigger})")
+    else:
+        console.print(f"  fired {when(row.fired_at)} by {row.trigger}, event id {row.event_id}")
+    table = Table()
+    for column in ("key", "size", "etag", "sequencer", "event time"):
+        table.add_column(column)
+    for o in objects:
+        table.add_row(o.key, "-" if o.size is None else str(o.size), o.etag or "-",
+                      o.sequencer or "-", when(o.event_time))
+    console.print(table)
+
+
+@batches.command("close")
+@click.argument("batch_id")
+@click.pass_context
+@handle_errors
+def batches_close(ctx: click.Context, batch_id: str) -> None:
+    """Fire an open batch now (trigger manual) and deliver its event."""
+    runtime = open_runtime(*_store_args(ctx))
+    try:
+        ready = runtime.engine.close_batch(batch_id, now=time.time())
+        report = runtime.relay.deliver()
+    finally:
+        runtime.close()
+    click.echo(f"closed batch {ready.batch_id} (s3://{ready.bucket}/{ready.prefix}, "
+               f"{ready.object_count} files); event {ready.event_id}; "
+               f"{report.delivered} deliveries made, {report.failed} to retry")
+
+
+@batches.command("reemit")
+@click.argument("batch_id")
+@click.pass_context
+@handle_errors
+def batches_reemit(ctx: click.Context, batch_id: str) -> None:
+    """Send a closed batch's event again to every sink, with the same id."""
+    runtime = open_runtime(*_store_args(ctx))
+    try:
+        event_id = runtime.engine.reemit(batch_id)
+        report = runtime.relay.deliver()
+    finally:
+        runtime.close()
+    click.echo(f"re-emitted event {event_id}; {report.delivered} deliveries made, "
+               f"{report.failed} to retry")

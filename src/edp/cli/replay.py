@@ -1,0 +1,35 @@
+"""``edp replay``."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from edp.cli import main
+from edp.cli._common import grouping_options, handle_errors, settings_from
+
+
+@main.command()
+@click.argument("file", type=click.File("rb"))
+@grouping_options
+@click.option("--database-url", help="Replay into this store instead of a temporary SQLite one.")
+@click.option("--strict", is_flag=True, help="Exit 1 when any line was rejected.")
+@handle_errors
+def replay(file: Any, database_url: str | None, strict: bool, **kwargs: Any) -> None:
+    """Replay a JSON Lines file of S3 events (FILE, or - for stdin) deterministically.
+
+    Prints one package-objects-ready event per line on stdout, in firing order;
+    rejected lines and a summary go to stderr. Never touches the configured
+    database unless --database-url names one.
+    """
+    from edp.replay import run_replay
+
+    settings = settings_from(kwargs)
+    summary = run_replay(
+        file, settings, stdout=sys.stdout.buffer, stderr=sys.stderr, database_url=database_url
+    )
+    click.echo(summary.describe(), err=True)
+    if strict and summary.rejected:
+        sys.exit(1)
