@@ -180,6 +180,12 @@ class Settings(BaseModel):
     # -- aws runtime: sqs sources, eventbridge/sns/webhook sinks (issue 4): below this line
     # -- quilt packaging and package-ready (issue 5): below this line
     # -- local mode, demo, serve, dashboard (issue 6): below this line
+    watch_settle_seconds: OptionalAge = 1.0
+    watch_ignore: Csv = ("*.part", "*.tmp", "~$*", ".*.swp")
+    serve_host: Text = "127.0.0.1"
+    serve_port: Count = 8080
+    serve_token: OptionalText = None
+    serve_max_body: PositiveInt = 1_048_576
 
     def grouping(self, bucket: str | None = None) -> GroupingRules:
         """The effective grouping rules of ``bucket`` (or the global ones)."""

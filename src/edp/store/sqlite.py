@@ -137,15 +137,7 @@ class SqliteTransaction:
             generations[(b.bucket, b.prefix)] = max(
                 generations.get((b.bucket, b.prefix), 0), b.generation
             )
-        c.executemany(
-            "INSERT INTO batches (batch_id, bucket, prefix, generation, state, object_count,"
-            " first_activity, last_activity, first_event_time, last_event_time, deadline,"
-            " deadline_trigger) VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (batch_id) DO UPDATE SET object_count = excluded.object_count,"
-            " last_activity = excluded.last_activity, last_event_time = excluded.last_event_time,"
-            " deadline = excluded.deadline, deadline_trigger = excluded.deadline_trigger",
-            rows,
-        )
+        # Close first: a step may close a prefix's batch and open its successor.
         c.executemany(
             "INSERT INTO batches (batch_id, bucket, prefix, generation, state, object_count,"
             " first_activity, last_activity, first_event_time, last_event_time, trigger,"
@@ -162,6 +154,15 @@ class SqliteTransaction:
                  cb.fired_at, cb.event_id)
                 for cb in write.closed
             ],
+        )
+        c.executemany(
+            "INSERT INTO batches (batch_id, bucket, prefix, generation, state, object_count,"
+            " first_activity, last_activity, first_event_time, last_event_time, deadline,"
+            " deadline_trigger) VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (batch_id) DO UPDATE SET object_count = excluded.object_count,"
+            " last_activity = excluded.last_activity, last_event_time = excluded.last_event_time,"
+            " deadline = excluded.deadline, deadline_trigger = excluded.deadline_trigger",
+            rows,
         )
         c.executemany(
             "INSERT INTO prefixes (bucket, prefix, last_generation) VALUES (?, ?, ?)"

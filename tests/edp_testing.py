@@ -1,0 +1,105 @@
+"""Helpers shared by edp's tests: building S3 events and running the engine."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote_plus
+
+import orjson
+
+from edp.config import Settings
+from edp.engine import Engine, Message
+from edp.sinks.base import Failure
+from edp.store import open_store
+from edp.store.base import OutboxEntry
+
+EVENTS_DIR = Path(__file__).parent / "events"
+T0 = 1_700_000_000.0
+
+
+def load_event(name: str) -> dict[str, Any]:
+    """A sample payload from tests/events/."""
+    data: dict[str, Any] = json.loads((EVENTS_DIR / name).read_text(encoding="utf-8"))
+    return data
+
+
+def iso(epoch: float) -> str:
+    """Epoch seconds as an EventBridge time."""
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def eventbridge(
+    key: str,
+    t: float,
+    *,
+    bucket: str = "bucket",
+    kind: str = "Object Created",
+    sequencer: str | None = None,
+    etag: str | None = "e",
+    size: int | None = 1,
+) -> dict[str, Any]:
+    """An EventBridge S3 event as AWS sends it (key URL-encoded)."""
+    obj: dict[str, Any] = {"key": quote_plus(key, safe="/")}
+    if size is not None:
+        obj["size"] = size
+    if etag is not None:
+        obj["etag"] = etag
+    if sequencer is not None:
+        obj["sequencer"] = sequencer
+    return {
+        "version": "0", "id": "x", "detail-type": kind, "source": "aws.s3",
+        "account": "123456789012", "time": iso(t), "region": "us-east-1",
+        "resources": [f"arn:aws:s3:::{bucket}"],
+        "detail": {"version": "0", "bucket": {"name": bucket}, "object": obj,
+                   "reason": "PutObject"},
+    }
+
+
+def jsonl(events: Iterable[dict[str, Any]]) -> bytes:
+    """JSON Lines bytes of events."""
+    return b"".join(orjson.dumps(e) + b"\n" for e in events)
+
+
+def settings(**values: Any) -> Settings:
+    """Settings from defaults plus ``values`` (no file, no environment)."""
+    return Settings(**{"database_url": "sqlite:///:memory:", **values})
+
+
+class ListSink:
+    """A sink that keeps what it was sent (and can be told to fail)."""
+
+    def __init__(self, name: str = "list") -> None:
+        self.name = name
+        self.sent: list[dict[str, Any]] = []
+        self.fail_next = 0
+
+    def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
+        """Keep the events, or fail them while ``fail_next`` > 0."""
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return [Failure(e.event_id, "told to fail") for e in entries]
+        self.sent.extend(orjson.loads(e.payload) for e in entries)
+        return ()
+
+
+def run_engine(
+    events: Sequence[dict[str, Any]], cfg: Settings, *, chunk: int = 1000
+) -> list[dict[str, Any]]:
+    """Run events through a fresh engine on an in-memory store as a replay does."""
+    store = open_store("sqlite:///:memory:")
+    engine = Engine(store, cfg, sinks=["list"], worker_id="test")
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(events), chunk):
+        part = [
+            Message(e, f"line {start + i + 1}")
+            for i, e in enumerate(events[start : start + chunk])
+        ]
+        engine.process(part, now=T0)
+    engine.finish(now=T0)
+    out = [orjson.loads(e.payload) for e in store.pending("list", limit=10**9, now=T0)]
+    store.close()
+    return out

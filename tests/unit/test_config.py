@@ -1,0 +1,114 @@
+"""Settings: precedence flag > environment > file > default, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edp.config import env_name, load_settings
+from edp.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "edp.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_originals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(env={})
+    assert (s.bucket_prefix_depth, s.bucket_threshold_duration, s.bucket_threshold_event_count,
+            s.bucket_max_batch_age, s.bucket_ignore_prefixes, s.bucket_complete_markers) == (
+        2, 300.0, 20, 0.0, (), ())
+    assert s.event_source == "com.quiltdata.edp"
+    assert s.database_url.startswith("sqlite:///")
+
+
+def test_precedence_flag_over_env_over_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "bucket_prefix_depth = 3\nbucket_threshold_duration = 60\n"
+                           "bucket_threshold_event_count = 7\n")
+    env = {"EDP_BUCKET_PREFIX_DEPTH": "4", "EDP_BUCKET_THRESHOLD_DURATION": "90"}
+    s = load_settings(config_file=path, env=env, flags={"bucket_prefix_depth": "5"})
+    assert s.bucket_prefix_depth == 5
+    assert s.bucket_threshold_duration == 90.0
+    assert s.bucket_threshold_event_count == 7
+
+
+def test_config_file_from_environment_and_edp_table(tmp_path: Path) -> None:
+    path = write(tmp_path, "[edp]\nbucket_complete_markers = ['_DONE', '*.ok']\n")
+    s = load_settings(env={"EDP_CONFIG": str(path)})
+    assert s.bucket_complete_markers == ("_DONE", "*.ok")
+
+
+def test_comma_lists_are_trimmed() -> None:
+    s = load_settings(env={"EDP_BUCKET_IGNORE_PREFIXES": " raw/* , scratch/*,, "})
+    assert s.bucket_ignore_prefixes == ("raw/*", "scratch/*")
+
+
+def test_per_bucket_sections_override_grouping(tmp_path: Path) -> None:
+    path = write(tmp_path, 'bucket_threshold_event_count = 20\n'
+                           '[buckets."lab-raw"]\nbucket_threshold_event_count = 5\n'
+                           'bucket_prefix_depth = 1\n[buckets.other]\n')
+    s = load_settings(config_file=path, env={"EDP_BUCKETS": "third"})
+    book = s.rule_book()
+    assert book.for_bucket("lab-raw").threshold_event_count == 5
+    assert book.for_bucket("lab-raw").prefix_depth == 1
+    assert book.for_bucket("other").threshold_event_count == 20
+    assert book.watched == {"lab-raw", "other", "third"}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EDP_BUCKET_PREFIX_DEPTH": "two"},
+         "bucket_prefix_depth must be an integer >= 0, got 'two' "
+         "(from environment variable EDP_BUCKET_PREFIX_DEPTH)"),
+        ({"EDP_BUCKET_PREFIX_DEPTH": "-1"},
+         "bucket_prefix_depth must be an integer >= 0, got '-1'"),
+        ({"EDP_BUCKET_THRESHOLD_DURATION": "0"},
+         "bucket_threshold_duration must be a number of seconds > 0, got '0'"),
+        ({"EDP_BUCKET_THRESHOLD_EVENT_COUNT": "1.5"},
+         "bucket_threshold_event_count must be an integer >= 0, got '1.5'"),
+        ({"EDP_BUCKET_MAX_BATCH_AGE": "soon"},
+         "bucket_max_batch_age must be a number of seconds >= 0, got 'soon'"),
+        ({"EDP_SEQUENCER_RETENTION": "3600"},
+         "sequencer_retention must be a number of seconds >= 86400, got '3600'"),
+        ({"EDP_EVENTBRIDGE_RAW_KEYS": "maybe"}, "eventbridge_raw_keys must be true or false"),
+    ],
+)
+def test_bad_values_name_setting_value_and_what_is_allowed(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env=env)
+    assert message in str(info.value)
+
+
+def test_bad_flag_names_the_option() -> None:
+    with pytest.raises(ConfigError, match=r"got 'x' \(from option --prefix-depth\)"):
+        load_settings(env={}, flags={"bucket_prefix_depth": "x"})
+
+
+def test_bad_per_bucket_value_names_the_bucket(tmp_path: Path) -> None:
+    path = write(tmp_path, '[buckets."lab"]\nbucket_prefix_depth = "deep"\n')
+    with pytest.raises(ConfigError, match=r'buckets."lab".bucket_prefix_depth must be an integer'):
+        load_settings(config_file=path, env={})
+
+
+def test_unknown_setting_in_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "bucket_prefix_dept = 2\n")
+    with pytest.raises(ConfigError, match="bucket_prefix_dept is not a known setting"):
+        load_settings(config_file=path, env={})
+
+
+def test_broken_or_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(config_file=write(tmp_path, "= nope"), env={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(config_file=tmp_path / "missing.toml", env={})
+
+
+def test_env_names() -> None:
+    assert env_name("bucket_prefix_depth") == "EDP_BUCKET_PREFIX_DEPTH"

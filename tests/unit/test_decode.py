@@ -1,0 +1,158 @@
+"""Decoding every input format of SPEC section 1."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edp.core.events import EventKind
+from edp.decode import decode_key, decode_message
+from edp.errors import DecodeError
+from edp_testing import load_event
+
+KEY = "instrument/exp 1 (a)/x+y=z%.tif"
+UKEY = "mikroskop/versuch-ü/bild é.tif"
+
+
+def test_eventbridge_created_key_is_form_decoded() -> None:
+    decoded = decode_message(load_event("eventbridge-object-created.json"))
+    [event] = decoded.events
+    assert event.key == KEY
+    assert event.bucket == "source-bucket"
+    assert event.kind is EventKind.CREATED
+    assert event.size == 1024
+    assert event.etag == "d41d8cd98f00b204e9800998ecf8427e"
+    assert event.sequencer == "0062E99A88DC407460"
+    assert event.time == 1670529694.0
+
+
+def test_eventbridge_unicode_key() -> None:
+    [event] = decode_message(load_event("eventbridge-object-created-unicode.json")).events
+    assert event.key == UKEY
+
+
+def test_eventbridge_deleted_without_size_or_etag() -> None:
+    [event] = decode_message(load_event("eventbridge-object-deleted.json")).events
+    assert event.kind is EventKind.DELETED
+    assert event.size is None and event.etag is None
+    assert event.key == KEY
+
+
+def test_moto_eventbridge_event_with_raw_key_and_etag_spelling() -> None:
+    raw = load_event("eventbridge-object-created-moto.json")
+    [event] = decode_message(raw, eventbridge_keys_encoded=False).events
+    assert event.key == KEY
+    assert event.etag == "d41d8cd98f00b204e9800998ecf8427e"
+    # By default EventBridge keys are URL-decoded, which mangles moto's raw keys.
+    [mangled] = decode_message(raw).events
+    assert mangled.key != KEY
+
+
+def test_other_eventbridge_types_are_ignored_and_counted() -> None:
+    decoded = decode_message(load_event("eventbridge-object-tags-added.json"))
+    assert decoded.events == []
+    assert decoded.ignored == {"Object Tags Added": 1}
+
+
+def test_records_several_per_message() -> None:
+    decoded = decode_message(load_event("s3-notification-created.json"))
+    assert [e.key for e in decoded.events] == [KEY, UKEY]
+    assert decoded.events[0].time == pytest.approx(1670529694.123)
+    assert all(e.kind is EventKind.CREATED for e in decoded.events)
+
+
+def test_records_removed_and_lifecycle_expiration_are_deletes() -> None:
+    decoded = decode_message(load_event("s3-notification-removed.json"))
+    assert [e.kind for e in decoded.events] == [EventKind.DELETED, EventKind.DELETED]
+    assert decoded.events[0].size is None
+
+
+def test_records_other_types_are_ignored_and_missing_sequencer_tolerated() -> None:
+    decoded = decode_message(load_event("s3-notification-mixed-types.json"))
+    assert decoded.ignored == {"ObjectTagging:Put": 1, "ObjectRestore:Completed": 1}
+    [event] = decoded.events
+    assert event.sequencer is None and event.key == "instrument/exp-1/c.tif"
+
+
+def test_minio_notification() -> None:
+    [event] = decode_message(load_event("minio-notification.json")).events
+    assert (event.bucket, event.key) == ("minio-bucket", "lab/run 7/data=1.csv")
+    assert event.kind is EventKind.CREATED
+
+
+def test_ceph_notification() -> None:
+    [event] = decode_message(load_event("ceph-notification.json")).events
+    assert (event.bucket, event.key) == ("ceph-bucket", "lab/run 8/a b.csv")
+
+
+def test_s3_test_event_is_ignored_not_an_error() -> None:
+    decoded = decode_message(load_event("s3-test-event.json"))
+    assert decoded.events == [] and decoded.ignored == {"s3:TestEvent": 1}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["sns-envelope-records.json", "sqs-message-sns-records.json"],
+)
+def test_envelopes_around_records(name: str) -> None:
+    assert [e.key for e in decode_message(load_event(name)).events] == [KEY, UKEY]
+
+
+@pytest.mark.parametrize("name", ["sqs-message-eventbridge.json", "lambda-sqs-event.json"])
+def test_sqs_around_eventbridge(name: str) -> None:
+    assert [e.key for e in decode_message(load_event(name)).events] == [KEY]
+
+
+def test_bytes_and_str_bodies() -> None:
+    raw = json.dumps(load_event("eventbridge-object-created.json"))
+    assert decode_message(raw).events == decode_message(raw.encode()).events
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "expected a JSON object"),
+        (b'{"hello": "world"}', "no known format (top-level keys: hello)"),
+        (b'{"source": "aws.ec2", "detail-type": "EC2 Instance State-change"}', "not an S3 event"),
+        (b'{"Type": "Notification", "Message": "{oops"}', "SNS Message is not JSON"),
+        (b'{"Body": 42}', "SQS Body is not a JSON string"),
+        (b'{"source": "aws.s3", "detail-type": "Object Created", "time": "2022-12-08T20:01:34Z",'
+         b' "detail": {"bucket": {"name": "b"}, "object": {}}}', "object key is missing"),
+        (b'{"source": "aws.s3", "detail-type": "Object Created", "time": "yesterday",'
+         b' "detail": {"bucket": {"name": "b"}, "object": {"key": "a/b/c"}}}', "not an ISO 8601"),
+    ],
+)
+def test_bad_messages_name_what_and_where(body: bytes, reason: str) -> None:
+    with pytest.raises(DecodeError) as info:
+        decode_message(body, location="line 7")
+    assert reason in str(info.value)
+    assert str(info.value).startswith("line 7: ")
+    assert info.value.location == "line 7"
+
+
+def test_a_bad_record_does_not_lose_the_good_ones() -> None:
+    message = load_event("s3-notification-created.json")
+    del message["Records"][0]["s3"]["object"]["key"]
+    decoded = decode_message(message, location="message id m-1")
+    assert [e.key for e in decoded.events] == [UKEY]
+    [error] = decoded.errors
+    assert str(error) == "message id m-1: record 0: object key is missing"
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ("a+b", "a b"),
+        ("a%2Bb", "a+b"),
+        ("100%25", "100%"),
+        ("x%3Dy", "x=y"),
+        ("%28a%29", "(a)"),
+        ("caf%C3%A9", "café"),
+        ("plain/key.txt", "plain/key.txt"),
+    ],
+)
+def test_decode_key(raw: str, key: str) -> None:
+    assert decode_key(raw) == key
+    assert decode_key(raw, url_encoded=False) == raw
