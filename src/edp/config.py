@@ -179,6 +179,34 @@ class Settings(BaseModel):
     # -- postgres and several workers (issue 3): add settings below this line
     # -- aws runtime: sqs sources, eventbridge/sns/webhook sinks (issue 4): below this line
     # -- quilt packaging and package-ready (issue 5): below this line
+    registry: OptionalText = None
+    package_local_root: OptionalText = None
+    package_name_template: Text = "{0}/{1}"
+    package_message: Text = "Created by EDP from {source} ({trigger}, {object_count} objects)"
+    metadata_files: Csv = ("metadata.xlsx", "metadata.json", "metadata.yaml", "metadata.csv")
+    metadata_required: Flag = False
+
+    @staticmethod
+    def _json_object(value: Any) -> Any:
+        """A TOML table as is; a JSON object text (environment variable) parsed."""
+        import json
+
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value) if value.strip() else {}
+        except ValueError:
+            raise ValueError(f"must be a JSON object, got {value!r}") from None
+
+    package_metadata: Annotated[dict[str, Any], BeforeValidator(_json_object)] = {}
+    workflow: OptionalText = None
+    quarantine_registry: OptionalText = None
+    catalog_url: OptionalText = None
+    notify_sns_topic: OptionalText = None
+    notify_webhook_url: OptionalText = None
+    package_ready_delay: OptionalAge = 60.0
+    package_ready_registries: Csv = ()
+    file_gateway_shares: Csv = ()
     # -- local mode, demo, serve, dashboard (issue 6): below this line
     watch_settle_seconds: OptionalAge = 1.0
     watch_ignore: Csv = ("*.part", "*.tmp", "~$*", ".*.swp")

@@ -1,0 +1,148 @@
+"""The ingest endpoint's source: S3-format notifications POSTed by MinIO, Ceph RGW & co.
+
+The web app (:mod:`edp.web.app`) hands each request body to :meth:`HttpSource.submit`
+and awaits the returned future; the daemon's loop takes the queued bodies with
+:meth:`HttpSource.receive`, runs them through the engine in one step and
+acknowledges them, which resolves the futures. So a request is answered only
+after its events are committed (a webhook that gets a 2xx may forget them).
+
+A body of no known format is still processed: the engine keeps it in the
+dead-letter store, and the request is answered 400 with the decoder's message.
+The verdict comes from the same decoder the engine runs, applied once more to the
+body here (it is a pure function), since the daemon's ``ack`` sees no step report.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from edp.daemon import Received
+from edp.decode import decode_message
+from edp.engine import Message
+from edp.errors import DecodeError, EdpError
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def bearer_ok(header: str | None, token: str) -> bool:
+    """Whether an ``Authorization`` header carries ``Bearer <token>`` (constant-time compare)."""
+    if not header:
+        return False
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+@dataclass(slots=True)
+class IngestResult:
+    """The outcome of one ingested body, once the engine committed it."""
+
+    events: int = 0
+    ignored: int = 0
+    rejected: list[str] = field(default_factory=list)
+    error: str | None = None
+    """Set when the whole body was of no known format (answered 400)."""
+
+
+@dataclass(slots=True)
+class _Ticket:
+    message: Message
+    verdict: IngestResult
+    future: Future[IngestResult]
+
+
+class SourceClosed(EdpError):
+    """The ingest source stopped before a body was committed; the sender should retry."""
+
+
+class HttpSource:
+    """A daemon source fed by HTTP requests (thread-safe :meth:`submit`)."""
+
+    def __init__(self, *, name: str = "http", chunk: int = 500, max_queue: int = 10_000) -> None:
+        self.name = name
+        self.chunk = chunk
+        self._queue: queue.Queue[_Ticket] = queue.Queue(maxsize=max_queue)
+        self._closed = threading.Event()
+        self._inflight: Received | None = None
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def submit(self, body: bytes, *, remote: str = "") -> Future[IngestResult]:
+        """Queue one body for the engine; the future resolves once it is committed.
+
+        Raises :class:`SourceClosed` when the source no longer takes bodies, and
+        ``queue.Full`` when too many are waiting (answer 503).
+        """
+        if self._closed.is_set():
+            raise SourceClosed("the ingest source is stopping")
+        with self._lock:
+            self._count += 1
+            number = self._count
+        location = f"request {number}" + (f" from {remote}" if remote else "")
+        verdict = IngestResult()
+        try:
+            decoded = decode_message(body, location=location)
+        except DecodeError as exc:
+            verdict.error = str(exc)
+        else:
+            verdict.events = len(decoded.events)
+            verdict.ignored = sum(decoded.ignored.values())
+            verdict.rejected = [str(error) for error in decoded.errors]
+        ticket = _Ticket(Message(body, location, source=self.name), verdict, Future())
+        self._queue.put_nowait(ticket)
+        return ticket.future
+
+    def receive(self, *, wait: float) -> Received:
+        """The queued bodies (at most ``chunk``), waiting up to ``wait`` for the first."""
+        if self._inflight is not None:  # the last step failed: the same bodies again
+            return self._inflight
+        tickets: list[_Ticket] = []
+        try:
+            tickets.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
+            while len(tickets) < self.chunk:
+                tickets.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        received = Received([t.message for t in tickets], caught_up=self._queue.empty(),
+                            receipts=tickets)
+        if tickets:
+            self._inflight = received
+        return received
+
+    def ack(self, received: Received) -> None:
+        """The engine committed these bodies: answer their requests."""
+        for ticket in received.receipts:
+            if not ticket.future.done():
+                ticket.future.set_result(ticket.verdict)
+        if received is self._inflight:
+            self._inflight = None
+
+    def close(self) -> None:
+        """Take no more bodies; fail the requests still waiting (the sender retries)."""
+        self._closed.set()
+        pending = list(self._inflight.receipts) if self._inflight is not None else []
+        self._inflight = None
+        while True:
+            try:
+                pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for ticket in pending:
+            if not ticket.future.done():
+                ticket.future.set_exception(SourceClosed("edp stopped before committing"))
+
+
+__all__ = ["HttpSource", "IngestResult", "SourceClosed", "bearer_ok", "is_loopback"]

@@ -1,0 +1,110 @@
+"""``edp replay`` end to end, as a user runs it (SPEC section 6)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from edp_testing import eventbridge, jsonl
+
+REPLAY_DIR = Path(__file__).parents[1] / "replay"
+SCENARIOS = sorted(p.stem for p in REPLAY_DIR.glob("*.jsonl") if not p.stem.endswith(".expected"))
+
+
+def edp(*args: str, stdin: bytes | None = None, env: dict[str, str] | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "edp", *args], input=stdin, capture_output=True, timeout=120,
+        env={**os.environ, **(env or {})}, cwd=cwd, check=False,
+    )
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_replay_scenarios_match_their_expected_output(name: str) -> None:
+    # Given a fixed stream and its hand-checked expected events
+    args = (REPLAY_DIR / f"{name}.args").read_text().split()
+    expected = (REPLAY_DIR / f"{name}.expected.jsonl").read_bytes()
+    # When it is replayed
+    result = edp("replay", str(REPLAY_DIR / f"{name}.jsonl"), *args)
+    # Then stdout holds exactly the expected events, in firing order
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == expected
+
+
+def test_replay_reads_stdin_and_reports_rejected_lines_on_stderr() -> None:
+    stream = (REPLAY_DIR / "lifecycle.jsonl").read_bytes()
+    result = edp("replay", "-", "--threshold-event-count", "3", "--threshold-duration", "60",
+                 "--max-batch-age", "200", "--complete-markers", "_DONE", stdin=stream)
+    assert result.returncode == 0
+    assert result.stdout == (REPLAY_DIR / "lifecycle.expected.jsonl").read_bytes()
+    lines = result.stderr.decode().splitlines()
+    assert lines[0].startswith("line 6: not JSON")
+    assert lines[-1].startswith("edp replay: 22 lines, 20 object events, 7 batches")
+    assert "1 rejected" in lines[-1]
+    for line in result.stdout.splitlines():  # stdout holds events and nothing else
+        assert orjson.loads(line)["detail-type"] == "package-objects-ready"
+
+
+def test_strict_fails_on_a_rejected_line_but_still_emits() -> None:
+    stream = jsonl([eventbridge("a/b/c", 0)]) + b"{broken\n"
+    result = edp("replay", "-", "--strict", stdin=stream)
+    assert result.returncode == 1
+    assert len(result.stdout.splitlines()) == 1
+    assert "line 2: not JSON" in result.stderr.decode()
+
+
+def test_usage_errors_exit_non_zero_with_a_clear_message() -> None:
+    result = edp("replay", "-", "--prefix-depth", "two", stdin=b"")
+    assert result.returncode == 2
+    assert ("bucket_prefix_depth must be an integer >= 0, got 'two' (from option --prefix-depth)"
+            in result.stderr.decode())
+    assert edp("replay", "/no/such/file.jsonl").returncode == 2
+
+
+def test_empty_input_is_fine() -> None:
+    result = edp("replay", "-", stdin=b"\n\n")
+    assert result.returncode == 0
+    assert result.stdout == b""
+
+
+def test_flags_override_environment_and_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "edp.toml"
+    config.write_text("bucket_threshold_event_count = 2\nbucket_prefix_depth = 1\n")
+    stream = jsonl([eventbridge(f"i/e/{n}", n) for n in range(4)])
+    result = edp("replay", "-", "--config", str(config), stdin=stream,
+                 env={"EDP_BUCKET_PREFIX_DEPTH": "2"})
+    events = [orjson.loads(line)["detail"] for line in result.stdout.splitlines()]
+    assert [(d["prefix"], d["object-count"]) for d in events] == [("i/e/", 2), ("i/e/", 2)]
+    result = edp("replay", "-", "--config", str(config), "--threshold-event-count", "3",
+                 stdin=stream, env={"EDP_BUCKET_PREFIX_DEPTH": "2"})
+    events = [orjson.loads(line)["detail"] for line in result.stdout.splitlines()]
+    assert [(d["object-count"], d["trigger"]) for d in events] == [(3, "count"), (1, "duration")]
+
+
+def test_replay_never_touches_the_configured_database(tmp_path: Path) -> None:
+    production = tmp_path / "prod.db"
+    stream = jsonl([eventbridge("i/e/a", 0)])
+    result = edp("replay", "-", stdin=stream,
+                 env={"EDP_DATABASE_URL": f"sqlite:///{production}"}, cwd=tmp_path)
+    assert result.returncode == 0
+    assert len(result.stdout.splitlines()) == 1
+    assert not production.exists()
+
+
+def test_replay_into_a_named_database_keeps_the_batches(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'replay.db'}"
+    stream = jsonl([eventbridge("i/e/a", 0), eventbridge("i/e/b", 1)])
+    edp("replay", "-", "--database-url", url, stdin=stream)
+    listing = edp("batches", "--state", "closed", "--database-url", url)
+    assert listing.returncode == 0
+    assert "i/e/" in listing.stdout.decode()
+
+
+def test_same_stream_same_output() -> None:
+    path = str(REPLAY_DIR / "formats.jsonl")
+    assert edp("replay", path).stdout == edp("replay", path).stdout

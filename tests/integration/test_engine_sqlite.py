@@ -1,0 +1,183 @@
+"""The engine on a real SQLite file: outbox, relay, restarts, dead letters, timers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+import pytest
+
+from edp.core.events import ObjectEvent
+from edp.engine import Engine, Message
+from edp.relay import Relay
+from edp.store import open_store
+from edp.store.base import Transaction
+from edp.store.sqlite import SqliteStore
+from edp_testing import T0, ListSink, eventbridge, settings
+
+
+def msgs(*events: dict[str, object]) -> list[Message]:
+    return [Message(e, f"line {i + 1}") for i, e in enumerate(events)]
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'edp.db'}"
+
+
+class Boom:
+    """An observer that fails inside the step's transaction, like a crash would."""
+
+    armed = True
+
+    def observe(self, tx: Transaction, events: Sequence[ObjectEvent], *, clock: float,
+                now: float, sinks: Sequence[str]) -> None:
+        if self.armed:
+            raise RuntimeError("crash in the middle of the step")
+
+    def tick(self, tx: Transaction, *, clock: float, now: float, sinks: Sequence[str]) -> int:
+        return 0
+
+
+def test_a_failed_step_leaves_nothing_behind_and_a_retry_emits_once(url: str) -> None:
+    cfg = settings(bucket_threshold_event_count=2)
+    store = open_store(url)
+    boom = Boom()
+    engine = Engine(store, cfg, sinks=["list"], worker_id="w", observers=[boom])
+    batch = msgs(eventbridge("i/e/a", T0, sequencer="01"), eventbridge("i/e/b", T0 + 1,
+                                                                         sequencer="02"))
+    with pytest.raises(RuntimeError):
+        engine.process(batch, now=T0)
+    # nothing was committed: no batch, no outbox row
+    assert store.stats()["closed_batches"] == 0
+    assert store.outbox_events() == []
+    # the same input again (it was never acknowledged) is processed exactly once
+    boom.armed = False
+    engine.process(batch, now=T0)
+    engine.process(batch, now=T0)  # a re-delivery after success: duplicates
+    [event] = store.outbox_events()
+    assert orjson.loads(event.payload)["detail"]["object-count"] == 2
+    assert store.counters()["events.duplicate"] == 2
+
+
+def test_relay_retries_failed_sinks_and_delivers_each_event_once_per_sink(url: str) -> None:
+    store = open_store(url)
+    good, flaky = ListSink("good"), ListSink("flaky")
+    flaky.fail_next = 1
+    clock = [T0]
+    relay = Relay(store, [good, flaky], base_backoff=10, clock=lambda: clock[0])
+    engine = Engine(store, settings(bucket_threshold_event_count=1), sinks=relay.sink_names,
+                    worker_id="w")
+    engine.process(msgs(eventbridge("i/e/a", T0), eventbridge("i/f/a", T0)), now=T0)
+    first = relay.deliver()
+    assert (first.delivered, first.failed) == (2, 2)
+    assert len(good.sent) == 2 and flaky.sent == []
+    assert relay.deliver().delivered == 0  # backing off: not due yet
+    clock[0] += 11
+    assert relay.deliver().delivered == 2
+    assert [e["id"] for e in flaky.sent] == [e["id"] for e in good.sent]
+    assert relay.deliver().delivered == 0
+    assert store.stats()["pending_deliveries"] == 0
+
+
+def test_reemit_sends_the_same_id_again(url: str) -> None:
+    store = open_store(url)
+    sink = ListSink()
+    relay = Relay(store, [sink])
+    engine = Engine(store, settings(bucket_threshold_event_count=1), sinks=["list"],
+                    worker_id="w")
+    [ready] = engine.process(msgs(eventbridge("i/e/a", T0)), now=T0).fired
+    relay.deliver()
+    assert engine.reemit(ready.batch_id[:6]) == ready.event_id
+    relay.deliver()
+    assert [e["id"] for e in sink.sent] == [ready.event_id, ready.event_id]
+
+
+def test_restart_resumes_the_clock_and_the_open_batches(url: str) -> None:
+    cfg = settings(bucket_threshold_duration=60)
+    stream = [eventbridge(f"i/e/{n}", T0 + n * 10, sequencer=f"{n:04X}") for n in range(10)]
+    stream += [eventbridge("i/z/a", T0 + 500, sequencer="FFFF")]
+
+    def run(parts: list[list[dict[str, object]]]) -> list[tuple[object, ...]]:
+        out: list[tuple[object, ...]] = []
+        for part in parts:  # a new process for every part
+            store = open_store(url)
+            engine = Engine(store, cfg, sinks=["list"], worker_id="w")
+            out += [(r.prefix, r.object_count, r.trigger.value, r.fired_at)
+                    for r in engine.process(msgs(*part), now=T0).fired]
+            store.close()
+        return out
+
+    split = run([stream[:4], stream[4:7], stream[7:]])
+    Path(url.removeprefix("sqlite:///")).unlink()
+    whole = run([stream])
+    assert split == whole == [("i/e/", 10, "duration", T0 + 150)]
+
+
+def test_dead_letters_keep_body_location_and_reason(url: str) -> None:
+    store = open_store(url)
+    engine = Engine(store, settings(), sinks=[], worker_id="w")
+    report = engine.process([Message(b"{oops", "message id m-1", source="sqs:q"),
+                             Message(eventbridge("i/e/a", T0), "message id m-2")], now=T0)
+    assert report.events == 1
+    [letter] = store.dead_letters()
+    assert (letter.source, letter.location, letter.body) == ("sqs:q", "message id m-1", "{oops")
+    assert letter.reason.startswith("not JSON")
+    assert store.stats()["open_batches"] == 1
+
+
+def test_fire_due_uses_the_wall_clock_when_caught_up(url: str) -> None:
+    store = open_store(url)
+    engine = Engine(store, settings(bucket_threshold_duration=30), sinks=["list"],
+                    worker_id="w")
+    # events of the last receive are applied at their own time (so a backlog's tail
+    # never splits a batch), then the clock moves on to the wall clock
+    engine.process(msgs(eventbridge("i/e/a", T0)), now=T0 + 1, caught_up=True)
+    assert engine.clock == T0 + 1
+    assert engine.next_deadline() == T0 + 30
+    assert engine.fire_due(now=T0 + 29.5) == []
+    [ready] = engine.fire_due(now=T0 + 31)
+    assert (ready.trigger.value, ready.fired_at) == ("duration", T0 + 30)
+
+
+def test_batch_objects_are_kept_for_inspection(url: str) -> None:
+    store = open_store(url)
+    engine = Engine(store, settings(), sinks=[], worker_id="w")
+    engine.process(msgs(eventbridge("i/e/a", T0, sequencer="01", size=5),
+                        eventbridge("i/e/a", T0 + 1, sequencer="02", size=7, etag="x")), now=T0)
+    [row] = store.list_batches(state="open")
+    [obj] = store.batch_objects(row.batch_id)
+    assert (obj.key, obj.size, obj.etag, obj.sequencer, obj.event_time) == (
+        "i/e/a", 7, "x", "02", T0 + 1)
+
+
+def test_prune_forgets_old_key_memories(url: str) -> None:
+    store = open_store(url)
+    engine = Engine(store, settings(bucket_threshold_event_count=1), sinks=[], worker_id="w")
+    engine.process(msgs(eventbridge("i/e/a", T0, sequencer="05")), now=T0)
+    assert store.prune(keys_before=T0 + 1) == 1
+    # after the retention an old sequencer is no longer recognised
+    assert len(engine.process(msgs(eventbridge("i/e/a", T0 + 2, sequencer="05")),
+                              now=T0).fired) == 1
+
+
+def test_timers_are_durable_and_taken_once(url: str) -> None:
+    store = open_store(url)
+    with store.transaction() as tx:
+        assert tx.set_timer("k", "a", due_at=10, payload="{}")
+        assert not tx.set_timer("k", "a", due_at=5, payload="{}")
+        tx.set_timer("k", "b", due_at=20, payload='{"x": 1}')
+    store.close()
+    store = open_store(url)
+    with store.transaction() as tx:
+        assert [t.key for t in tx.take_due_timers("k", until=15, limit=10)] == ["a"]
+        assert tx.take_due_timers("k", until=15, limit=10) == []
+        assert [t.payload for t in tx.take_due_timers("k", until=99, limit=10)] == ['{"x": 1}']
+
+
+def test_schema_is_versioned(url: str) -> None:
+    store = open_store(url)
+    assert isinstance(store, SqliteStore)
+    assert store.schema_version() == (1, 1)
+    assert store.upgrade() == []
