@@ -16,9 +16,8 @@ Object keys are URL-decoded here and nowhere else (:func:`decode_key`).
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -30,13 +29,19 @@ from edp.errors import DecodeError
 _MAX_NESTING = 5
 
 
-@dataclass(slots=True)
 class Decoded:
-    """What one input message held: object events, and the S3 events it ignored by type."""
+    """What one input message held: object events, S3 events it ignored (by type), errors."""
 
-    events: list[ObjectEvent] = field(default_factory=list)
-    ignored: Counter[str] = field(default_factory=Counter)
-    errors: list[DecodeError] = field(default_factory=list)
+    __slots__ = ("errors", "events", "ignored")
+
+    def __init__(self) -> None:
+        self.events: list[ObjectEvent] = []
+        self.ignored: dict[str, int] = {}
+        self.errors: list[DecodeError] = []
+
+    def ignore(self, kind: str) -> None:
+        """Count one S3 event ignored for its type."""
+        self.ignored[kind] = self.ignored.get(kind, 0) + 1
 
 
 def decode_key(raw: str, *, url_encoded: bool = True) -> str:
@@ -50,6 +55,11 @@ def parse_time(value: Any, *, what: str) -> float:
     """An ISO 8601 UTC timestamp (``2022-12-08T20:01:34Z``, fractions allowed) -> epoch seconds."""
     if not isinstance(value, str) or not value:
         raise DecodeError(f"{what} is missing or not a string: {value!r}")
+    return _parse_time(value, what)
+
+
+@lru_cache(maxsize=8192)  # event times repeat a lot within a stream (second resolution)
+def _parse_time(value: str, what: str) -> float:
     try:
         parsed = datetime.fromisoformat(value)
     except ValueError:
@@ -103,7 +113,7 @@ def _dispatch(obj: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:
         inner = obj["Body"] if "Body" in obj else obj["body"]
         _dispatch(_inner_json(inner, "SQS Body"), out, eb_encoded, depth + 1)
     elif obj.get("Event") == "s3:TestEvent":
-        out.ignored["s3:TestEvent"] += 1
+        out.ignore("s3:TestEvent")
     elif "detail-type" in obj:
         raise DecodeError(
             f"EventBridge event from source {source!r} with detail-type "
@@ -158,7 +168,7 @@ def _record(record: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:
     elif name.startswith(("ObjectRemoved:", "LifecycleExpiration:")):
         kind = EventKind.DELETED
     else:
-        out.ignored[name or "unnamed record"] += 1
+        out.ignore(name or "unnamed record")
         return
     s3 = _obj(record.get("s3"), "s3")
     bucket = _obj(s3.get("bucket"), "s3.bucket").get("name")
@@ -182,7 +192,7 @@ def _eventbridge(obj: dict[str, Any], out: Decoded, eb_encoded: bool) -> None:
     detail_type = obj.get("detail-type")
     kind = _EVENTBRIDGE_KINDS.get(str(detail_type))
     if kind is None:
-        out.ignored[str(detail_type)] += 1
+        out.ignore(str(detail_type))
         return
     detail = _obj(obj.get("detail"), "detail")
     bucket = _obj(detail.get("bucket"), "detail.bucket").get("name")
@@ -208,19 +218,19 @@ def _obj(value: Any, what: str) -> dict[str, Any]:
 def _event(
     bucket: Any, key: Any, kind: EventKind, time: float, obj: dict[str, Any], *, url_encoded: bool
 ) -> ObjectEvent:
-    if not isinstance(bucket, str) or not bucket:
+    if type(bucket) is not str or not bucket:
         raise DecodeError("bucket name is missing")
-    if not isinstance(key, str) or not key:
+    if type(key) is not str or not key:
         raise DecodeError("object key is missing")
-    etag = obj.get("etag", obj.get("eTag"))
+    if url_encoded and ("%" in key or "+" in key):
+        key = unquote_plus(key)
+    etag = obj.get("etag") or obj.get("eTag") or None
+    if etag is not None:
+        etag = str(etag).strip('"')
     size = obj.get("size")
-    sequencer = obj.get("sequencer")
-    return ObjectEvent(
-        bucket=bucket,
-        key=decode_key(key, url_encoded=url_encoded),
-        kind=kind,
-        time=time,
-        etag=str(etag).strip('"') if etag not in (None, "") else None,
-        size=int(size) if isinstance(size, int | float) and not isinstance(size, bool) else None,
-        sequencer=str(sequencer) if sequencer not in (None, "") else None,
-    )
+    if type(size) is not int:
+        size = int(size) if type(size) is float else None
+    sequencer = obj.get("sequencer") or None
+    if sequencer is not None and type(sequencer) is not str:
+        sequencer = str(sequencer)
+    return ObjectEvent(bucket, key, kind, time, etag, size, sequencer)

@@ -21,7 +21,7 @@ import socket
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -49,8 +49,7 @@ PAGE = 5000
 """Batches fired per transaction when many fall due at once."""
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
     """One raw input message and where it came from (for errors and dead letters)."""
 
     body: bytes | str | dict[str, Any]
@@ -156,15 +155,17 @@ class Engine:
         if caught_up:
             end_clock = max(end_clock, now)
         floor = self._floor(now)
+        classifier = Batcher(self.rules)
+        prefixes = [classifier.classify(event) for event in events]
         with self.store.transaction() as tx:
-            state = tx.load(self._request(events, min(end_clock, floor)))
+            state = tx.load(self._request(events, prefixes, min(end_clock, floor)))
             batcher = self._batcher(state)
             report.fired += batcher.advance(min(clock, floor))
-            for event in events:
+            for event, prefix in zip(events, prefixes, strict=True):
                 if event.time > clock:
                     clock = event.time
                     report.fired += batcher.advance(min(clock, floor))
-                result = batcher.apply(event, clock)
+                result = batcher.apply(event, clock, prefix)
                 if isinstance(result, BatchReady):
                     report.fired.append(result)
                     report.counts["events.counted"] += 1
@@ -277,16 +278,17 @@ class Engine:
         return row.event_id
 
     # -- internals ----------------------------------------------------------------
-    def _request(self, events: Sequence[ObjectEvent], due_until: float) -> LoadRequest:
+    @staticmethod
+    def _request(
+        events: Sequence[ObjectEvent], prefixes: Sequence[str | Skip], due_until: float
+    ) -> LoadRequest:
         request = LoadRequest(due_until=due_until)
-        for event in events:
-            if not self.rules.is_watched(event.bucket):
-                continue
-            prefix = self.rules.for_bucket(event.bucket).prefix_of(event.key)
+        batch_keys, object_keys = request.batch_keys, request.object_keys
+        for event, prefix in zip(events, prefixes, strict=True):
             if isinstance(prefix, Skip):
                 continue
-            request.batch_keys.add((event.bucket, prefix))
-            request.object_keys.add((event.bucket, event.key))
+            batch_keys.add((event.bucket, prefix))
+            object_keys.add((event.bucket, event.key))
             if event.sequencer is None:
                 request.fingerprints.add(event.fingerprint())
         return request

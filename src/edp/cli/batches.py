@@ -51,6 +51,8 @@ def _store_args(ctx: click.Context) -> tuple[str | None, str | None]:
 
 
 def _as_dict(row: Any) -> dict[str, Any]:
+    if hasattr(row, "_asdict"):
+        return dict(row._asdict())
     return {name: getattr(row, name) for name in row.__slots__}
 
 

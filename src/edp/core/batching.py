@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from edp.core.events import BatchReady, EventKind, ObjectEvent, Trigger
 from edp.core.rules import RuleBook, Skip, sequencer_is_newer
@@ -60,8 +61,7 @@ class KeyMemory:
     batch_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectRecord:
+class ObjectRecord(NamedTuple):
     """One object of a batch, as kept for inspection."""
 
     batch_id: str
@@ -152,22 +152,41 @@ class Batcher:
         return self._batches.get((bucket, prefix))
 
     # -- time ---------------------------------------------------------------------
+    # The heap holds at most one entry per open batch, keyed by a deadline that may
+    # be stale: deadlines only move later (activity extends the quiet period), so a
+    # stale entry surfaces too early, is re-pushed with the batch's real deadline,
+    # and the firing order stays the deadline order.
+    def _settle_top(self) -> tuple[float, str, str, str, Trigger] | None:
+        heap = self._heap
+        while heap:
+            deadline, bucket, prefix, batch_id, trigger = heap[0]
+            batch = self._batches.get((bucket, prefix))
+            if batch is None or batch.batch_id != batch_id:
+                heapq.heappop(heap)
+                continue
+            actual = self.rules.for_bucket(bucket).deadline(
+                batch.first_activity, batch.last_activity
+            )
+            if actual == (deadline, trigger):
+                return heap[0]
+            heapq.heapreplace(heap, (actual[0], bucket, prefix, batch_id, actual[1]))
+        return None
+
     def next_deadline(self) -> float | None:
         """The earliest deadline of a known open batch."""
-        while self._heap:
-            deadline, bucket, prefix, batch_id, trigger = self._heap[0]
-            if self._is_current(deadline, bucket, prefix, batch_id, trigger):
-                return deadline
-            heapq.heappop(self._heap)
-        return None
+        top = self._settle_top()
+        return None if top is None else top[0]
 
     def advance(self, clock: float) -> list[BatchReady]:
         """Fire, in deadline order, every known batch whose deadline is <= ``clock``."""
         fired: list[BatchReady] = []
-        while self._heap and self._heap[0][0] <= clock:
-            deadline, bucket, prefix, batch_id, trigger = heapq.heappop(self._heap)
-            if self._is_current(deadline, bucket, prefix, batch_id, trigger):
-                fired.append(self._fire(self._batches[(bucket, prefix)], trigger, deadline))
+        heap = self._heap
+        while heap and heap[0][0] <= clock:
+            top = self._settle_top()
+            if top is None or top[0] > clock:
+                break
+            deadline, bucket, prefix, _, trigger = heapq.heappop(heap)
+            fired.append(self._fire(self._batches[(bucket, prefix)], trigger, deadline))
         return fired
 
     def fire_all(self) -> list[BatchReady]:
@@ -175,15 +194,22 @@ class Batcher:
         return self.advance(float("inf"))
 
     # -- events -------------------------------------------------------------------
-    def apply(self, event: ObjectEvent, clock: float) -> Outcome | Skip | BatchReady:
-        """Apply one event at ``clock`` (which the caller has already advanced to).
-
-        Returns why the event was skipped, what it did, or the batch it fired.
-        """
+    def classify(self, event: ObjectEvent) -> str | Skip:
+        """The batch prefix of an event, or why it is not batched (SPEC section 2)."""
         if not self.rules.is_watched(event.bucket):
             return Skip.UNWATCHED
-        rules = self.rules.for_bucket(event.bucket)
-        prefix = rules.prefix_of(event.key)
+        return self.rules.for_bucket(event.bucket).prefix_of(event.key)
+
+    def apply(
+        self, event: ObjectEvent, clock: float, prefix: str | Skip | None = None
+    ) -> Outcome | Skip | BatchReady:
+        """Apply one event at ``clock`` (which the caller has already advanced to).
+
+        ``prefix`` is :meth:`classify`'s answer when the caller already has it.
+        Returns why the event was skipped, what it did, or the batch it fired.
+        """
+        if prefix is None:
+            prefix = self.classify(event)
         if isinstance(prefix, Skip):
             return prefix
         okey = (event.bucket, event.key)
@@ -248,6 +274,7 @@ class Batcher:
                 last_event_time=event.time,
             )
             self._batches[bkey] = batch
+            self._schedule(batch)
         outcome = Outcome.OVERWRITE if memory.batch_id == batch.batch_id else Outcome.COUNTED
         if outcome is Outcome.COUNTED:
             batch.object_count += 1
@@ -259,11 +286,10 @@ class Batcher:
             batch.batch_id, event.key, event.size, event.etag, event.sequencer, event.time
         )
         rules = self.rules.for_bucket(event.bucket)
-        if rules.is_marker(event.key):
+        if rules.complete_markers and rules.is_marker(event.key):
             return self._fire(batch, Trigger.MARKER, clock)
         if 0 < rules.threshold_event_count <= batch.object_count:
             return self._fire(batch, Trigger.COUNT, clock)
-        self._schedule(batch)
         return outcome
 
     def _schedule(self, batch: OpenBatch) -> None:
@@ -272,15 +298,6 @@ class Batcher:
         heapq.heappush(
             self._heap, (deadline, batch.bucket, batch.prefix, batch.batch_id, trigger)
         )
-
-    def _is_current(
-        self, deadline: float, bucket: str, prefix: str, batch_id: str, trigger: Trigger
-    ) -> bool:
-        batch = self._batches.get((bucket, prefix))
-        if batch is None or batch.batch_id != batch_id:
-            return False
-        rules = self.rules.for_bucket(bucket)
-        return rules.deadline(batch.first_activity, batch.last_activity) == (deadline, trigger)
 
     def _fire(self, batch: OpenBatch, trigger: Trigger, fired_at: float) -> BatchReady:
         bkey = (batch.bucket, batch.prefix)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 
 class EventKind(StrEnum):
@@ -24,9 +25,8 @@ class Trigger(StrEnum):
     MANUAL = "manual"
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectEvent:
-    """One S3 object event, decoded.
+class ObjectEvent(NamedTuple):
+    """One S3 object event, decoded (immutable; a NamedTuple because it is built per event).
 
     ``time`` is the S3 event time in seconds since the epoch (UTC); ``key`` is
     already URL-decoded; ``sequencer`` is the hex string S3 gives (or ``None``).

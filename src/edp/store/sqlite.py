@@ -189,10 +189,16 @@ class SqliteTransaction:
             "INSERT OR REPLACE INTO fingerprints (fingerprint, seen_at) VALUES (?, ?)",
             list(write.fingerprints.items()),
         )
-        for closed in write.closed:
-            self.add_outbox(
-                event_id=closed.event_id, kind=write.outbox_kind, payload=closed.payload,
-                sinks=sinks, now=now,
+        if write.closed:
+            c.executemany(
+                "INSERT INTO outbox (event_id, kind, payload, created_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (event_id) DO NOTHING",
+                [(cb.event_id, write.outbox_kind, cb.payload, now) for cb in write.closed],
+            )
+            c.executemany(
+                "INSERT OR IGNORE INTO deliveries (sink, seq, event_id)"
+                " SELECT ?, seq, event_id FROM outbox WHERE event_id = ?",
+                [(sink, cb.event_id) for cb in write.closed for sink in sinks],
             )
 
     def add_outbox(
