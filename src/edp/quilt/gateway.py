@@ -1,0 +1,221 @@
+"""File Gateway warm-up: ``RefreshCache`` on the shares that expose a new package.
+
+An S3 File Gateway lists its bucket only now and then; clients (Windows
+workstations) see a new package's files only after a refresh. When a package
+revision appears (:mod:`edp.quilt.ready`), the folder ``/<package name>/`` of every
+configured share (``file_gateway_shares``, ARNs) whose location covers it is
+refreshed, recursively, before the ``package-ready`` delay runs. Within the
+gateway's limits:
+
+- **at most 2 in flight** per share: AWS accepts no more than two refreshes per
+  share at a time. A refresh counts as in flight for ``hold`` seconds after it was
+  accepted (the API is asynchronous and reports completion only through CloudWatch);
+- **folders coalesced**: requests queue as durable timers keyed by (share, folder),
+  so a folder waits at most once; one call carries up to 50 folders, and a folder
+  below another queued folder is dropped (the refresh is recursive);
+- **backoff when refused**: ``InvalidGatewayRequestException`` or throttling re-arms
+  the share's folders with exponential backoff (capped), durable across restarts.
+
+The :class:`GatewayApi` port has a boto3 adapter (:func:`boto3_gateway`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from edp.errors import EdpError
+from edp.store.base import Transaction
+
+log = logging.getLogger(__name__)
+
+TIMER_KIND = "gateway-refresh"
+MAX_FOLDERS = 50
+"""RefreshCache takes at most 50 folders per call."""
+
+
+class GatewayBusy(EdpError):
+    """The gateway refused a refresh for now (too many in progress, throttled)."""
+
+
+class GatewayApi(Protocol):
+    """What the warmer needs from Storage Gateway."""
+
+    def share_location(self, share_arn: str) -> tuple[str, str] | None:
+        """(bucket, key prefix) a share exposes, or None when unknown."""
+        ...
+
+    def refresh(self, share_arn: str, folders: Sequence[str]) -> None:
+        """Start a recursive refresh of ``folders``; :class:`GatewayBusy` when refused."""
+        ...
+
+
+def coalesce(folders: Sequence[str]) -> list[str]:
+    """Distinct folders, without those below another one in the list (sorted)."""
+    result: list[str] = []
+    for folder in sorted({f if f.endswith("/") else f + "/" for f in folders}):
+        if not any(folder.startswith(kept) for kept in result):
+            result.append(folder)
+    return result
+
+
+class GatewayWarmer:
+    """Queues and sends RefreshCache calls (see the module docstring)."""
+
+    def __init__(
+        self,
+        api: GatewayApi,
+        shares: Sequence[str],
+        *,
+        max_in_flight: int = 2,
+        hold: float = 60.0,
+        base_backoff: float = 5.0,
+        max_backoff: float = 300.0,
+    ) -> None:
+        self.api = api
+        self.shares = list(shares)
+        self.max_in_flight = max_in_flight
+        self.hold = hold
+        self.base_backoff = base_backoff
+        self.max_backoff = max_backoff
+        self._locations: dict[str, tuple[str, str] | None] = {}
+        self._in_flight: dict[str, list[float]] = defaultdict(list)
+        self.calls = 0
+
+    # -- queueing -------------------------------------------------------------------
+    def request(self, tx: Transaction, bucket: str, folder: str, *, now: float) -> int:
+        """Queue a refresh of ``folder`` (an S3 key prefix of ``bucket``) on every share
+        that exposes it; returns how many shares were asked."""
+        asked = 0
+        for share in self.shares:
+            relative = self._relative(share, bucket, folder)
+            if relative is None:
+                continue
+            payload = json.dumps({"share": share, "folder": relative, "attempts": 0})
+            tx.set_timer(TIMER_KIND, f"{share}|{relative}", due_at=now, payload=payload)
+            asked += 1
+        return asked
+
+    def _relative(self, share: str, bucket: str, folder: str) -> str | None:
+        if share not in self._locations:
+            try:
+                self._locations[share] = self.api.share_location(share)
+            except Exception as exc:  # a boundary: an unknown share is skipped  # noqa: BLE001
+                log.warning("cannot describe file share %s: %s", share, exc)
+                return None
+        location = self._locations[share]
+        if location is None or location[0] != bucket:
+            return None
+        root = location[1]
+        if folder.startswith(root):
+            return "/" + folder[len(root):]
+        if root.startswith(folder):
+            return "/"
+        return None
+
+    # -- sending --------------------------------------------------------------------
+    def tick(self, tx: Transaction, *, now: float) -> int:
+        """Send due refreshes within the limits; returns how many calls were accepted."""
+        due = tx.take_due_timers(TIMER_KIND, until=now, limit=1000)
+        by_share: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for timer in due:
+            data = json.loads(timer.payload)
+            by_share[data["share"]].append(data)
+        accepted = 0
+        for share, items in by_share.items():
+            accepted += self._send(tx, share, items, now)
+        return accepted
+
+    def _send(self, tx: Transaction, share: str, items: list[dict[str, Any]], now: float) -> int:
+        flights = [t for t in self._in_flight[share] if t > now]
+        self._in_flight[share] = flights
+        attempts = max(int(item.get("attempts", 0)) for item in items)
+        folders = coalesce([item["folder"] for item in items])
+        accepted = 0
+        while folders:
+            if len(self._in_flight[share]) >= self.max_in_flight:
+                self._rearm(tx, share, folders, attempts, min(self._in_flight[share]))
+                break
+            chunk, folders = folders[:MAX_FOLDERS], folders[MAX_FOLDERS:]
+            try:
+                self.api.refresh(share, chunk)
+            except GatewayBusy as exc:
+                delay = min(self.base_backoff * 2 ** attempts, self.max_backoff)
+                log.info("file share %s refused a refresh (%s); retrying in %gs", share, exc, delay)
+                self._rearm(tx, share, chunk + folders, attempts + 1, now + delay)
+                break
+            except Exception as exc:  # a boundary: warming is best effort  # noqa: BLE001
+                log.warning("RefreshCache on %s failed for %s: %s", share, chunk, exc)
+                continue
+            self.calls += 1
+            accepted += 1
+            self._in_flight[share].append(now + self.hold)
+            log.info("RefreshCache on %s: %s", share, ", ".join(chunk))
+        return accepted
+
+    @staticmethod
+    def _rearm(tx: Transaction, share: str, folders: Sequence[str], attempts: int,
+               due_at: float) -> None:
+        for folder in folders:
+            payload = json.dumps({"share": share, "folder": folder, "attempts": attempts})
+            tx.set_timer(TIMER_KIND, f"{share}|{folder}", due_at=due_at, payload=payload)
+
+
+class Boto3Gateway:
+    """:class:`GatewayApi` over a boto3 ``storagegateway`` client."""
+
+    REFUSED = frozenset({"InvalidGatewayRequestException", "ThrottlingException",
+                         "ServiceUnavailable", "TooManyRequestsException"})
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def share_location(self, share_arn: str) -> tuple[str, str] | None:
+        """Bucket and prefix from the share's LocationARN (NFS or SMB share)."""
+        for describe, key in ((self.client.describe_nfs_file_shares, "NFSFileShareInfoList"),
+                              (self.client.describe_smb_file_shares, "SMBFileShareInfoList")):
+            try:
+                infos = describe(FileShareARNList=[share_arn]).get(key, [])
+            except self.client.exceptions.InvalidGatewayRequestException:
+                continue
+            for info in infos:
+                return parse_location(str(info.get("LocationARN", "")))
+        return None
+
+    def refresh(self, share_arn: str, folders: Sequence[str]) -> None:
+        """RefreshCache(Recursive=True); a refusal becomes :class:`GatewayBusy`."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.refresh_cache(FileShareARN=share_arn, FolderList=list(folders),
+                                      Recursive=True)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in self.REFUSED:
+                raise GatewayBusy(f"{code}: {exc}") from None
+            raise
+
+
+def parse_location(location_arn: str) -> tuple[str, str] | None:
+    """``arn:aws:s3:::bucket/prefix/`` -> (bucket, ``prefix/``); None for other ARNs."""
+    head = "arn:aws:s3:::"
+    if not location_arn.startswith(head):
+        return None
+    bucket, _, prefix = location_arn[len(head):].partition("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return (bucket, prefix) if bucket else None
+
+
+def boto3_gateway(region: str) -> Boto3Gateway:
+    """The boto3 adapter, with a client for ``region``."""
+    import boto3
+
+    return Boto3Gateway(boto3.client("storagegateway", region_name=region))
+
+
+__all__ = ["MAX_FOLDERS", "TIMER_KIND", "Boto3Gateway", "GatewayApi", "GatewayBusy",
+           "GatewayWarmer", "boto3_gateway", "coalesce", "parse_location"]

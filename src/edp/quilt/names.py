@@ -1,0 +1,101 @@
+"""Package names from a template over the batch prefix's segments.
+
+The template (setting ``package_name_template``, default ``{0}/{1}``) is a Python
+format string: ``{0}``, ``{1}``, ... are the prefix's ``/``-separated segments,
+``{bucket}`` is the bucket and ``{prefix}`` the prefix without its slashes at the ends.
+A segment the prefix does not have renders as an empty string.
+
+Quilt allows names matching ``^[\\w-]+/[\\w-]+$``. A rendered name that already
+matches is used as is. Otherwise it is made valid, never refused:
+
+1. in each ``/``-separated part, every run of other characters becomes one ``-``;
+   ``-`` at the ends of a part is dropped; empty parts are dropped;
+2. three or more parts: the first is the user, the rest are joined with ``-``
+   (``a/b/c`` -> ``a/b-c``);
+3. one part ``p``: ``edp/p``; no part at all: ``edp/<bucket>`` (made valid the same way),
+   and ``edp/package`` when even that is empty.
+
+A template that is not a valid format string, or names a field other than the
+segments, ``bucket`` and ``prefix``, is a :class:`~edp.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from edp.errors import ConfigError
+
+NAME_RULE = re.compile(r"[\w-]+/[\w-]+")
+"""Quilt's package name rule (matched against the whole name)."""
+
+FALLBACK_USER = "edp"
+_INVALID = re.compile(r"[^\w-]+")
+_FIELDS = frozenset({"bucket", "prefix"})
+
+
+class _SegmentFormatter(string.Formatter):
+    """``str.format`` where a missing positional segment renders as ``""``."""
+
+    def get_value(self, key: int | str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        if isinstance(key, int):
+            return args[key] if key < len(args) else ""
+        if key not in _FIELDS:
+            raise KeyError(key)
+        return kwargs[key]
+
+
+_FORMATTER = _SegmentFormatter()
+
+
+def check_template(template: str) -> None:
+    """Raise :class:`ConfigError` unless ``template`` renders for a sample prefix."""
+    try:
+        _FORMATTER.format(template, "a", "b", bucket="bucket", prefix="a/b")
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise ConfigError(
+            f"package_name_template {template!r} is not usable: {exc!r}; use {{0}}, {{1}}, ... "
+            "for prefix segments and {bucket} or {prefix}, e.g. '{0}/{1}'"
+        ) from None
+
+
+def render(template: str, bucket: str, prefix: str) -> str:
+    """The template rendered for (bucket, prefix), before it is made valid."""
+    stripped = prefix.strip("/")
+    segments = [s for s in stripped.split("/") if s] if stripped else []
+    try:
+        return _FORMATTER.format(template, *segments, bucket=bucket, prefix=stripped)
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"package_name_template {template!r} is not usable: {exc!r}") from None
+
+
+def _clean(part: str) -> str:
+    return _INVALID.sub("-", part).strip("-")
+
+
+def make_valid(name: str, *, bucket: str) -> str:
+    """``name`` if Quilt accepts it, else the valid name the rules above give."""
+    if NAME_RULE.fullmatch(name):
+        return name
+    parts = [cleaned for part in name.split("/") if (cleaned := _clean(part))]
+    if len(parts) >= 2:
+        return f"{parts[0]}/{'-'.join(parts[1:])}"
+    if len(parts) == 1:
+        return f"{FALLBACK_USER}/{parts[0]}"
+    return f"{FALLBACK_USER}/{_clean(bucket) or 'package'}"
+
+
+def package_name(template: str, bucket: str, prefix: str) -> str:
+    """The package name of the batch (bucket, prefix): rendered, then made valid."""
+    return make_valid(render(template, bucket, prefix), bucket=bucket)
+
+
+def is_valid(name: str) -> bool:
+    """Whether Quilt accepts ``name``."""
+    return NAME_RULE.fullmatch(name) is not None
+
+
+__all__ = ["FALLBACK_USER", "NAME_RULE", "check_template", "is_valid", "make_valid",
+           "package_name", "render"]

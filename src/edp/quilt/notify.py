@@ -1,0 +1,194 @@
+"""Notifications about packages that did not go where they should (SNS, webhook).
+
+A :class:`Notice` says what failed, where, and links to the package in the
+catalog (``{catalog_url}/b/{bucket}/packages/{name}``) when it landed somewhere.
+:class:`SnsNotifier` publishes text with a subject that SNS accepts (printable
+ASCII, no line breaks, under 100 characters: :func:`sns_subject`);
+:class:`WebhookNotifier` POSTs the notice as JSON. A notifier never raises: a
+failed notification is logged and returned, so a package outcome is never lost
+because a notification could not be sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import unicodedata
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from edp.config import Settings
+from edp.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MAX_SUBJECT = 99
+MAX_ERROR_TEXT = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """What happened to one batch's package."""
+
+    kind: str
+    """``package-quarantined`` or ``package-failed``."""
+    package: str
+    bucket: str
+    prefix: str
+    registry: str
+    error: str
+    landed_in: str | None = None
+    url: str | None = None
+    workflow: str | None = None
+    batch_id: str | None = None
+    event_id: str | None = None
+
+    def subject(self) -> str:
+        """A one-line summary."""
+        verb = "quarantined" if self.kind == "package-quarantined" else "failed"
+        return f"edp: package {self.package} {verb} ({self.bucket}/{self.prefix})"
+
+    def text(self) -> str:
+        """The human-readable body (SNS message, e-mail)."""
+        lines = [
+            f"Package {self.package} from s3://{self.bucket}/{self.prefix} "
+            f"could not be pushed to {self.registry}"
+            + (f" (workflow {self.workflow})" if self.workflow else "") + ".",
+        ]
+        if self.landed_in:
+            lines.append(f"It was pushed to {self.landed_in} instead.")
+        if self.url:
+            lines.append(self.url)
+        if self.batch_id:
+            lines.append(f"Batch: {self.batch_id}")
+        lines += ["", "Error:", self.error[:MAX_ERROR_TEXT]]
+        return "\n".join(lines) + "\n"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The notice as a JSON object (webhook body)."""
+        body = asdict(self)
+        body["error"] = self.error[:MAX_ERROR_TEXT]
+        body["subject"] = self.subject()
+        return body
+
+
+def catalog_link(catalog_url: str | None, bucket: str, package: str) -> str | None:
+    """``{catalog_url}/b/{bucket}/packages/{name}``, or None without a catalog URL."""
+    if not catalog_url:
+        return None
+    return f"{catalog_url.rstrip('/')}/b/{bucket}/packages/{package}"
+
+
+def sns_subject(text: str) -> str:
+    """``text`` as a valid SNS subject: printable ASCII, one line, < 100 characters."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    bare = "".join(c for c in decomposed if not unicodedata.combining(c))
+    ascii_text = bare.encode("ascii", "replace").decode()
+    line = re.sub(r"[^\x20-\x7e]+", " ", ascii_text)
+    line = re.sub(r" {2,}", " ", line).strip()
+    if len(line) > MAX_SUBJECT:
+        line = line[: MAX_SUBJECT - 3].rstrip() + "..."
+    return line or "edp notification"
+
+
+class Notifier(Protocol):
+    """Sends notices; returns the errors of the channels that failed (empty: all sent)."""
+
+    def notify(self, notice: Notice) -> list[str]:
+        """Send ``notice``; never raises."""
+        ...
+
+
+class SnsNotifier:
+    """Publishes notices to an SNS topic."""
+
+    def __init__(self, topic_arn: str, *, client_factory: Callable[[], Any] | None = None) -> None:
+        self.topic_arn = topic_arn
+        self._client_factory = client_factory or (lambda: _sns_client(topic_arn))
+        self._client: Any = None
+
+    def notify(self, notice: Notice) -> list[str]:
+        """Publish the notice's text with a valid subject."""
+        try:
+            if self._client is None:
+                self._client = self._client_factory()
+            self._client.publish(
+                TopicArn=self.topic_arn,
+                Subject=sns_subject(notice.subject()),
+                Message=notice.text(),
+            )
+        except Exception as exc:  # a boundary: the notification is best effort  # noqa: BLE001
+            log.warning("SNS notification to %s failed: %s", self.topic_arn, exc)
+            return [f"sns: {exc}"]
+        return []
+
+
+class WebhookNotifier:
+    """POSTs notices as JSON to a URL (which may hold a token: it is never logged)."""
+
+    def __init__(self, url: str, *, timeout: float = 10.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise ConfigError("notify_webhook_url must be an http:// or https:// URL")
+        self.url = url
+        self.host = parts.hostname or "?"
+        self.timeout = timeout
+
+    def notify(self, notice: Notice) -> list[str]:
+        """POST the notice; any 2xx answer counts as delivered."""
+        request = urllib.request.Request(  # noqa: S310 (the scheme is checked in __init__)
+            self.url,
+            data=json.dumps(notice.as_dict()).encode(),
+            headers={"Content-Type": "application/json", "User-Agent": "edp"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+                status = response.status
+        except Exception as exc:  # a boundary: the notification is best effort  # noqa: BLE001
+            log.warning("webhook notification to %s failed: %s", self.host, type(exc).__name__)
+            return [f"webhook: {type(exc).__name__}"]
+        if not 200 <= status < 300:
+            log.warning("webhook notification to %s answered %d", self.host, status)
+            return [f"webhook: HTTP {status}"]
+        return []
+
+
+class FanOut:
+    """Several notifiers as one."""
+
+    def __init__(self, notifiers: Sequence[Notifier]) -> None:
+        self.notifiers = list(notifiers)
+
+    def notify(self, notice: Notice) -> list[str]:
+        """Send to every notifier; collect their errors."""
+        errors: list[str] = []
+        for notifier in self.notifiers:
+            errors += notifier.notify(notice)
+        return errors
+
+
+def build_notifier(settings: Settings) -> FanOut:
+    """The notifiers the settings ask for (``notify_sns_topic``, ``notify_webhook_url``)."""
+    notifiers: list[Notifier] = []
+    if settings.notify_sns_topic:
+        notifiers.append(SnsNotifier(settings.notify_sns_topic))
+    if settings.notify_webhook_url:
+        notifiers.append(WebhookNotifier(settings.notify_webhook_url))
+    return FanOut(notifiers)
+
+
+def _sns_client(topic_arn: str) -> Any:
+    import boto3
+
+    parts = topic_arn.split(":")  # arn:aws:sns:<region>:<account>:<name>
+    region = parts[3] if len(parts) > 5 and parts[3] else None
+    return boto3.client("sns", region_name=region)
+
+
+__all__ = ["FanOut", "Notice", "Notifier", "SnsNotifier", "WebhookNotifier", "build_notifier",
+           "catalog_link", "sns_subject"]

@@ -1,0 +1,58 @@
+"""``edp package --sqs-queue URL``: package the events of an SQS queue.
+
+A small receive loop (long polling, up to 10 messages a receive): each message is
+packaged on its own and deleted only after its outcome is final (pushed, unchanged,
+quarantined, skipped, or failed for a reason a retry cannot fix). A retryable
+failure leaves the message in the queue: it comes back after the queue's
+visibility timeout (which must exceed the time a package takes) and goes to the
+queue's dead-letter queue after its redrive policy's attempts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from edp.quilt.packager import Packager, PackageResult
+
+log = logging.getLogger(__name__)
+
+
+def consume_queue(
+    packager: Packager,
+    queue_url: str,
+    *,
+    client: Any,
+    on_result: Callable[[PackageResult], None],
+    wait: int = 20,
+    until_empty: bool = False,
+    stop: threading.Event | None = None,
+) -> int:
+    """Receive, package and delete until ``stop`` is set (or the queue is empty, with
+    ``until_empty``); returns the number of messages packaged."""
+    stop = stop or threading.Event()
+    handled = 0
+    while not stop.is_set():
+        response = client.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0 if until_empty else wait,
+        )
+        messages = response.get("Messages", [])
+        if not messages and until_empty:
+            break
+        for message in messages:
+            result = packager.package(message.get("Body", ""))
+            handled += 1
+            on_result(result)
+            if result.ok or not result.retryable:
+                client.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+            else:
+                log.warning("message %s kept in the queue for a retry: %s",
+                            message.get("MessageId"), result.error)
+            if stop.is_set():
+                break
+    return handled
+
+
+__all__ = ["consume_queue"]

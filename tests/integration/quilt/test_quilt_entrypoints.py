@@ -1,0 +1,135 @@
+"""``edp package`` (file, stdin, SQS) and the Lambda handler."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from edp.cli import main
+from edp.quilt import handler
+from integration.quilt.quilt_support import batch_event, local_revisions, put_files, s3_revisions
+
+pytestmark = pytest.mark.timeout(90)
+
+PREFIX = "instrument/exp-1/"
+
+
+def test_edp_package_reads_json_lines_and_prints_one_result_per_event(
+    tmp_path: Path, quilt: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a local root with one batch, and a file with its event and a broken line
+    folder = tmp_path / "lab" / PREFIX
+    folder.mkdir(parents=True)
+    (folder / "a.txt").write_text("a")
+    events = tmp_path / "events.jsonl"
+    events.write_text(json.dumps(batch_event("lab", PREFIX)) + "\n\nnot json\n")
+    registry = tmp_path / "registry"
+    monkeypatch.chdir(tmp_path)
+
+    # When `edp package FILE --local-root DIR --registry DIR` runs
+    result = CliRunner().invoke(main, ["package", str(events), "--local-root", str(tmp_path),
+                                       "--registry", str(registry)])
+
+    # Then stdout has one JSON result per event, the exit status reports the failure
+    assert result.exit_code == 1, result.output
+    first, second = (json.loads(line) for line in result.stdout.splitlines())
+    assert first["status"] == "pushed"
+    assert first["package"] == "instrument/exp-1"
+    assert second["status"] == "failed"
+    assert second["error"].startswith("line 3: ")
+    assert "1 event(s) failed" in result.stderr
+    assert len(local_revisions(registry, "instrument/exp-1")) == 1
+
+
+def test_edp_package_reads_stdin(tmp_path: Path, quilt: Any,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "lab" / PREFIX).mkdir(parents=True)
+    (tmp_path / "lab" / PREFIX / "a.txt").write_text("a")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EDP_PACKAGE_LOCAL_ROOT", str(tmp_path))
+    result = CliRunner().invoke(main, ["package", "-"],
+                                input=json.dumps(batch_event("lab", PREFIX)) + "\n")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["registry"] == (tmp_path / "lab").as_uri()
+
+
+def test_edp_package_needs_exactly_one_input() -> None:
+    result = CliRunner().invoke(main, ["package"])
+    assert result.exit_code == 2
+    assert "either FILE" in result.output
+
+
+def test_edp_package_consumes_an_sqs_queue_and_keeps_what_may_succeed_later(
+    aws: Callable[[str], Any], make_bucket: Callable[[str], str], quilt: Any,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    # Given a queue with a batch event, and one whose bucket does not exist (yet)
+    s3, sqs = aws("s3"), aws("sqs")
+    bucket = make_bucket("sqsrc")
+    put_files(s3, bucket, {f"{PREFIX}a.txt": b"a", f"{PREFIX}b.txt": b"b"})
+    queue = sqs.create_queue(QueueName=f"{bucket}-ready",
+                             Attributes={"VisibilityTimeout": "60"})["QueueUrl"]
+    sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(batch_event(bucket, PREFIX)))
+    sqs.send_message(QueueUrl=queue,
+                     MessageBody=json.dumps(batch_event(f"{bucket}-missing", PREFIX)))
+
+    # When `edp package --sqs-queue URL --once` runs (no edp.toml in its directory)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["package", "--sqs-queue", queue, "--once"])
+
+    # Then the good batch is packaged and deleted; the other stays for a retry
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(line["status"] for line in lines) == ["failed", "pushed"]
+    assert [line["retryable"] for line in lines if line["status"] == "failed"] == [True]
+    assert len(s3_revisions(s3, bucket, "instrument/exp-1")) == 1
+    attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
+    assert attrs["ApproximateNumberOfMessages"] == "0"
+    assert attrs["ApproximateNumberOfMessagesNotVisible"] == "1"
+    assert result.exit_code == 1
+
+
+@pytest.fixture
+def lambda_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A fresh handler configured from EDP_* variables, as in a Lambda function."""
+    monkeypatch.setattr(handler, "_packager", [])
+    monkeypatch.setenv("EDP_PACKAGE_METADATA", '{"Pipeline": "lambda"}')
+    monkeypatch.chdir(tmp_path)
+
+
+def test_the_lambda_handler_packages_an_eventbridge_event(
+    aws: Callable[[str], Any], make_bucket: Callable[[str], str], quilt: Any, lambda_env: None
+) -> None:
+    s3 = aws("s3")
+    bucket = make_bucket("lambda")
+    put_files(s3, bucket, {f"{PREFIX}a.txt": b"a"})
+
+    result = handler.package_handler(batch_event(bucket, PREFIX), None)
+
+    assert result["status"] == "pushed"
+    pkg = quilt.Package.browse("instrument/exp-1", registry=f"s3://{bucket}")
+    assert pkg.meta["Pipeline"] == "lambda"
+
+
+def test_the_lambda_handler_reports_sqs_records_to_retry(
+    aws: Callable[[str], Any], make_bucket: Callable[[str], str], quilt: Any, lambda_env: None
+) -> None:
+    s3 = aws("s3")
+    bucket = make_bucket("lambdasqs")
+    put_files(s3, bucket, {f"{PREFIX}a.txt": b"a"})
+    records = [
+        {"messageId": "ok", "eventSource": "aws:sqs",
+         "body": json.dumps(batch_event(bucket, PREFIX))},
+        {"messageId": "later", "eventSource": "aws:sqs",
+         "body": json.dumps(batch_event(f"{bucket}-missing", PREFIX))},
+        {"messageId": "never", "eventSource": "aws:sqs", "body": "garbage"},
+    ]
+
+    response = handler.package_handler({"Records": records}, None)
+
+    assert response == {"batchItemFailures": [{"itemIdentifier": "later"}]}
+    assert len(s3_revisions(s3, bucket, "instrument/exp-1")) == 1

@@ -1,0 +1,194 @@
+"""File Gateway warm-up and package-ready timing, on the real engine and SQLite store.
+
+Storage Gateway is not in moto: the warmer talks to :class:`FakeGateway`, a stand-in
+for the AWS API (not for edp code); the boto3 adapter is checked with botocore's Stubber.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from edp.config import Settings
+from edp.engine import Engine, Message
+from edp.quilt.gateway import Boto3Gateway, GatewayBusy, GatewayWarmer, coalesce
+from edp.quilt.ready import build_package_ready_observer, local_pointer_reader
+from edp.store import open_store
+from edp_testing import T0, eventbridge
+
+pytestmark = pytest.mark.timeout(30)
+
+SHARE = "arn:aws:storagegateway:us-east-1:111122223333:share/share-AAAA"
+OTHER = "arn:aws:storagegateway:us-east-1:111122223333:share/share-BBBB"
+TOP = "ab" * 32
+
+
+class FakeGateway:
+    """Storage Gateway as the warmer sees it: share locations, accepted refreshes."""
+
+    def __init__(self, refuse: int = 0) -> None:
+        self.locations = {SHARE: ("registry", ""), OTHER: ("other-bucket", "")}
+        self.calls: list[tuple[str, list[str]]] = []
+        self.refuse = refuse
+
+    def share_location(self, share_arn: str) -> tuple[str, str] | None:
+        return self.locations.get(share_arn)
+
+    def refresh(self, share_arn: str, folders: Sequence[str]) -> None:
+        if self.refuse:
+            self.refuse -= 1
+            raise GatewayBusy("InvalidGatewayRequestException: 2 refreshes in progress")
+        self.calls.append((share_arn, list(folders)))
+
+
+def test_folders_are_coalesced() -> None:
+    assert coalesce(["/a/b/", "/a/", "/c", "/a/b/c/", "/c/"]) == ["/a/", "/c/"]
+
+
+def test_refreshes_are_coalesced_per_share_and_limited_to_two_in_flight() -> None:
+    # Given a warmer for two shares, one of which exposes the registry bucket
+    store = open_store("sqlite:///:memory:")
+    api = FakeGateway()
+    warmer = GatewayWarmer(api, [SHARE, OTHER], hold=60)
+
+    # When three folders are asked for at once
+    with store.transaction() as tx:
+        for folder in ("team/a/", "team/a/raw/", "team/b/"):
+            warmer.request(tx, "registry", folder, now=T0)
+        warmer.tick(tx, now=T0)
+    # Then one call carries them, coalesced, on the share of that bucket only
+    assert api.calls == [(SHARE, ["/team/a/", "/team/b/"])]
+
+    # When two more requests come while the first refresh is still in flight
+    for n, folder in enumerate(("team/c/", "team/d/"), start=1):
+        with store.transaction() as tx:
+            warmer.request(tx, "registry", folder, now=T0 + n)
+            warmer.tick(tx, now=T0 + n)
+    # Then only one more is sent (two in flight), the other waits for a slot
+    assert [folders for _, folders in api.calls] == [["/team/a/", "/team/b/"], ["/team/c/"]]
+    with store.transaction() as tx:
+        warmer.tick(tx, now=T0 + 59)
+    assert len(api.calls) == 2
+    with store.transaction() as tx:
+        warmer.tick(tx, now=T0 + 61)
+    assert api.calls[-1] == (SHARE, ["/team/d/"])
+    store.close()
+
+
+def test_a_refused_refresh_is_retried_with_backoff_even_after_a_restart(tmp_path: Path) -> None:
+    # Given a gateway that refuses twice
+    url = f"sqlite:///{tmp_path / 'edp.db'}"
+    store = open_store(url)
+    api = FakeGateway(refuse=2)
+    warmer = GatewayWarmer(api, [SHARE], base_backoff=5)
+    with store.transaction() as tx:
+        warmer.request(tx, "registry", "team/a/", now=T0)
+        warmer.tick(tx, now=T0)
+    store.close()
+
+    # When a new worker takes over: nothing before the backoff, then a second refusal
+    store = open_store(url)
+    warmer = GatewayWarmer(api, [SHARE], base_backoff=5)
+    with store.transaction() as tx:
+        warmer.tick(tx, now=T0 + 4)
+    assert api.refuse == 1
+    with store.transaction() as tx:
+        warmer.tick(tx, now=T0 + 5)
+    assert api.refuse == 0
+    # Then the next try waits twice as long, and succeeds
+    with store.transaction() as tx:
+        warmer.tick(tx, now=T0 + 14)
+    assert api.calls == []
+    with store.transaction() as tx:
+        warmer.tick(tx, now=T0 + 15)
+    assert api.calls == [(SHARE, ["/team/a/"])]
+    store.close()
+
+
+def pointer_event(key: str, t: float) -> Message:
+    return Message(eventbridge(key, t, bucket="registry"), "test")
+
+
+def test_a_new_revision_refreshes_the_share_at_once_and_is_ready_after_the_delay(
+    tmp_path: Path,
+) -> None:
+    # Given an engine watching the registry, with a share to warm and a 30 s delay
+    key = ".quilt/named_packages/team/exp/1700000000"
+    pointer = tmp_path / "registry" / key
+    pointer.parent.mkdir(parents=True)
+    pointer.write_text(TOP)
+    settings = Settings(database_url="sqlite:///:memory:", package_ready_registries=("registry",),
+                        package_ready_delay=30, buckets=("data",))
+    api = FakeGateway()
+    observer = build_package_ready_observer(
+        settings, reader=local_pointer_reader(tmp_path), warmer=GatewayWarmer(api, [SHARE]))
+    store = open_store("sqlite:///:memory:")
+    engine = Engine(store, settings, sinks=["list"], worker_id="w", observers=[observer])
+
+    # When the pointer's S3 event (and the 'latest' one) arrive
+    engine.process([pointer_event(key, T0), pointer_event(key.rsplit("/", 1)[0] + "/latest", T0)],
+                   now=T0)
+
+    # Then the share is refreshed in that same step, and package-ready waits for the delay
+    assert api.calls == [(SHARE, ["/team/exp/"])]
+    assert store.pending("list", limit=10, now=T0) == []
+    engine.fire_due(now=T0 + 30)
+    [entry] = store.pending("list", limit=10, now=T0 + 30)
+    event = orjson.loads(entry.payload)
+    assert event["detail"] == {"version": "0.1", "package-name": "team/exp",
+                               "bucket": "registry", "top-hash": TOP}
+    assert event["time"] == "2023-11-14T22:13:50Z"  # T0 + 30: when the delay ended
+    store.close()
+
+
+def test_an_unreadable_pointer_is_retried_and_a_vanished_one_dropped(tmp_path: Path) -> None:
+    # Given a reader that fails once, then finds the pointer gone
+    answers: list[Any] = [OSError("S3 is down"), None]
+
+    def reader(bucket: str, key: str) -> str | None:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return str(answer) if answer else None
+
+    settings = Settings(database_url="sqlite:///:memory:",
+                        package_ready_registries=("registry",), package_ready_delay=1)
+    observer = build_package_ready_observer(settings, reader=reader)
+    store = open_store("sqlite:///:memory:")
+    engine = Engine(store, settings, sinks=["list"], worker_id="w", observers=[observer])
+    engine.process([pointer_event(".quilt/named_packages/a/b/1700000000", T0)], now=T0)
+
+    # When the timer fires: the read fails and is re-armed; later the pointer is gone
+    engine.fire_due(now=T0 + 1)
+    engine.fire_due(now=T0 + 1 + observer.retry_delay)
+
+    # Then nothing was emitted, and the store counted both
+    assert store.pending("list", limit=10, now=T0 + 100) == []
+    counters = store.counters()
+    assert counters["package_ready.retried"] == 1
+    assert counters["package_ready.dropped"] == 1
+    store.close()
+
+
+def test_the_boto3_adapter_maps_locations_and_refusals() -> None:
+    boto3 = pytest.importorskip("boto3")
+    from botocore.stub import Stubber
+
+    client = boto3.client("storagegateway", region_name="us-east-1",
+                          aws_access_key_id="x", aws_secret_access_key="x")
+    gateway = Boto3Gateway(client)
+    with Stubber(client) as stub:
+        stub.add_response("describe_nfs_file_shares", {"NFSFileShareInfoList": [
+            {"FileShareARN": SHARE, "LocationARN": "arn:aws:s3:::registry/shared"}]},
+            {"FileShareARNList": [SHARE]})
+        assert gateway.share_location(SHARE) == ("registry", "shared/")
+        stub.add_client_error("refresh_cache", "InvalidGatewayRequestException", "busy")
+        with pytest.raises(GatewayBusy):
+            gateway.refresh(SHARE, ["/a/"])
+        stub.add_response("refresh_cache", {"FileShareARN": SHARE, "NotificationId": "n"},
+                          {"FileShareARN": SHARE, "FolderList": ["/a/"], "Recursive": True})
+        gateway.refresh(SHARE, ["/a/"])

@@ -1,0 +1,260 @@
+"""The packager in local mode: files in DIR/<bucket>/<prefix>, local folder registries."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from edp.bootstrap import build_observers, build_runtime
+from edp.config import Settings
+from edp.engine import Message
+from edp.quilt import Packager, PackagerSink, PackageStatus
+from edp_testing import T0, ListSink, eventbridge
+from integration.quilt.quilt_support import (
+    METADATA_ROWS,
+    SCHEMA,
+    batch_event,
+    local_revisions,
+    quilt_settings,
+    workflow_config,
+    xlsx,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+PREFIX = "instrument/exp-1/"
+
+
+def make_files(root: Path, bucket: str, files: dict[str, bytes]) -> None:
+    """Write ``files`` (key -> bytes) under ``root/bucket``."""
+    for key, body in files.items():
+        path = root / bucket / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(body)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A local root with one batch: two files, a metadata.xlsx and Finder junk."""
+    make_files(tmp_path, "lab", {
+        f"{PREFIX}a.csv": b"x,y\n1,2\n", f"{PREFIX}sub/b.bin": b"\x00" * 64,
+        f"{PREFIX}metadata.xlsx": xlsx(METADATA_ROWS), f"{PREFIX}.DS_Store": b"junk",
+    })
+    return tmp_path
+
+
+def test_a_local_batch_is_built_into_a_local_registry_once(root: Path, quilt: Any) -> None:
+    # Given local mode with a local registry folder
+    registry = root / "registry"
+    packager = Packager(quilt_settings(), local_root=root, registry=str(registry))
+
+    # When the same batch is packaged twice
+    first = packager.package(batch_event("lab", PREFIX))
+    second = packager.package(batch_event("lab", PREFIX))
+
+    # Then one revision holds every file and the xlsx metadata; the second run wrote nothing
+    assert first.status is PackageStatus.PUSHED, first.error
+    assert second.status is PackageStatus.UNCHANGED
+    assert second.top_hash == first.top_hash
+    assert len(local_revisions(registry, "instrument/exp-1")) == 1
+    pkg = quilt.Package.browse("instrument/exp-1", registry=registry.as_uri())
+    assert {k for k, _ in pkg.walk()} == {"a.csv", "sub/b.bin", "metadata.xlsx", "README.md",
+                                          "quilt_summarize.json", ".quiltignore"}
+    assert pkg.meta["ComputerName"] == "Genome Lab - 1234"
+    assert pkg.meta["edp"]["metadata-file"] == "metadata.xlsx"
+    # and the source folder holds only the user's files
+    assert sorted(p.name for p in (root / "lab" / PREFIX.rstrip("/")).iterdir()) == [
+        ".DS_Store", "a.csv", "metadata.xlsx", "sub"]
+
+
+def test_without_a_registry_the_batch_goes_to_its_own_bucket_folder(root: Path, quilt: Any
+                                                                  ) -> None:
+    # Given local mode and no registry setting
+    packager = Packager(quilt_settings(package_local_root=str(root)))
+
+    # When a batch is packaged
+    result = packager.package(batch_event("lab", PREFIX))
+
+    # Then the bucket's folder is the registry, and its .quilt/ holds the helper files
+    assert result.status is PackageStatus.PUSHED, result.error
+    assert result.registry == (root / "lab").as_uri()
+    assert len(local_revisions(root / "lab", "instrument/exp-1")) == 1
+    assert list((root / "lab" / ".quilt" / "edp" / "instrument" / "exp-1").glob("*/README.md"))
+
+
+def test_the_prefixs_quiltignore_is_honoured(tmp_path: Path, quilt: Any) -> None:
+    # Given a prefix with its own .quiltignore
+    make_files(tmp_path, "lab", {f"{PREFIX}keep.txt": b"k", f"{PREFIX}run.log": b"l",
+                                 f"{PREFIX}tmp/x.txt": b"t", f"{PREFIX}.quiltignore":
+                                 b"*.log\ntmp/\n"})
+    packager = Packager(quilt_settings(), local_root=tmp_path, registry=str(tmp_path / "reg"))
+
+    # When it is packaged
+    result = packager.package(batch_event("lab", PREFIX))
+
+    # Then ignored files are left out, and the prefix's .quiltignore is kept as is
+    assert result.status is PackageStatus.PUSHED, result.error
+    pkg = quilt.Package.browse("instrument/exp-1", registry=(tmp_path / "reg").as_uri())
+    assert {k for k, _ in pkg.walk()} == {"keep.txt", ".quiltignore", "README.md",
+                                          "quilt_summarize.json"}
+    assert json.loads(pkg["quilt_summarize.json"].get_bytes()) == []
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers["Content-Length"])
+        self.received.append(json.loads(self.rfile.read(length)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A local HTTP endpoint that keeps what is POSTed to it."""
+    received: ClassVar[list[dict[str, Any]]] = []
+    handler = type("Hook", (_Hook,), {"received": received})
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hook?token=secret", received
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_failed_workflow_goes_to_a_local_quarantine_and_calls_the_webhook(
+    root: Path, quilt: Any, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    # Given a local registry with a strict workflow and a local quarantine registry
+    registry, quarantine = root / "registry", root / "quarantine"
+    schema = root / "schema.json"
+    schema.write_text(SCHEMA)
+    config = registry / ".quilt" / "workflows" / "config.yml"
+    config.parent.mkdir(parents=True)
+    config.write_text(workflow_config(schema.as_uri()))
+    url, received = webhook
+    settings = quilt_settings(notify_webhook_url=url, catalog_url="http://catalog",
+                              workflow="strict", quarantine_registry=str(quarantine))
+    packager = Packager(settings, local_root=root, registry=str(registry))
+
+    # When the batch is packaged
+    result = packager.package(batch_event("lab", PREFIX))
+
+    # Then it is quarantined with the error in its README, and the webhook was told
+    assert result.status is PackageStatus.QUARANTINED, result.error
+    assert local_revisions(registry, "instrument/exp-1") == []
+    pkg = quilt.Package.browse("instrument/exp-1", registry=quarantine.as_uri())
+    assert "ProjectID" in pkg["README.md"].get_bytes().decode()
+    [notice] = received
+    assert notice["kind"] == "package-quarantined"
+    assert notice["package"] == "instrument/exp-1"
+    assert notice["registry"] == registry.as_uri()
+    assert notice["landed_in"] == quarantine.as_uri()
+    assert notice["url"] == "http://catalog/b/quarantine/packages/instrument/exp-1"
+    assert "ProjectID" in notice["error"]
+    assert result.notify_errors == []
+
+
+def test_a_required_but_missing_metadata_file_is_a_reported_failure(tmp_path: Path,
+                                                                    quilt: Any) -> None:
+    # Given a batch without metadata file while metadata is required
+    make_files(tmp_path, "lab", {f"{PREFIX}a.txt": b"a"})
+    packager = Packager(quilt_settings(metadata_required=True), local_root=tmp_path,
+                        registry=str(tmp_path / "reg"))
+
+    # When it is packaged
+    result = packager.package(batch_event("lab", PREFIX))
+
+    # Then it fails for good, saying what was looked for, and nothing was built
+    assert result.status is PackageStatus.FAILED
+    assert not result.retryable
+    assert "metadata.xlsx, metadata.json, metadata.yaml, metadata.csv" in (result.error or "")
+    assert local_revisions(tmp_path / "reg", "instrument/exp-1") == []
+
+
+def test_an_empty_or_missing_prefix_is_skipped(tmp_path: Path, quilt: Any) -> None:
+    packager = Packager(quilt_settings(), local_root=tmp_path, registry=str(tmp_path / "reg"))
+    result = packager.package(batch_event("lab", "nothing/here/"))
+    assert result.status is PackageStatus.SKIPPED
+    assert "nothing/here" in (result.error or "")
+
+
+@pytest.mark.parametrize("bucket", ["..", "../etc"])
+def test_a_bucket_that_escapes_the_local_root_is_refused(tmp_path: Path, quilt: Any,
+                                                         bucket: str) -> None:
+    packager = Packager(quilt_settings(), local_root=tmp_path / "root",
+                        registry=str(tmp_path / "reg"))
+    result = packager.package(batch_event(bucket, "a/b/"))
+    assert result.status is PackageStatus.FAILED
+    assert "escapes the local root" in (result.error or "")
+
+
+def test_local_mode_end_to_end_batch_package_and_package_ready(tmp_path: Path,
+                                                               quilt: Any) -> None:
+    # Given local mode: bucket "lab" is the folder tmp/lab, also the registry and watched
+    # for new revisions; the packager is a sink of the engine's outbox
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'edp.db'}", buckets=("lab",),
+                        package_local_root=str(tmp_path), bucket_threshold_event_count=2,
+                        package_ready_registries=("lab",), package_ready_delay=5)
+    sink, results = ListSink(), []
+    rt = build_runtime(settings, sinks=[sink, PackagerSink(Packager(settings),
+                                                           on_result=results.append)],
+                       observers=build_observers(settings))
+    make_files(tmp_path, "lab", {f"{PREFIX}a.txt": b"a", f"{PREFIX}b.txt": b"b"})
+
+    # When the files' events arrive, the batch fires and the relay delivers it
+    rt.engine.process([Message(eventbridge(f"{PREFIX}{n}", T0, bucket="lab"), "watch")
+                       for n in ("a.txt", "b.txt")], now=T0)
+    rt.relay.deliver()
+    [result] = results
+    assert result.status is PackageStatus.PUSHED, result.error
+
+    # and a watcher reports every file the build wrote under tmp/lab
+    written = [p.relative_to(tmp_path / "lab").as_posix()
+               for p in (tmp_path / "lab" / ".quilt").rglob("*") if p.is_file()]
+    rt.engine.process([Message(eventbridge(key, T0 + 1, bucket="lab"), "watch")
+                       for key in written], now=T0 + 1)
+    rt.engine.fire_due(now=T0 + 10)
+    rt.relay.deliver()
+
+    # Then there was one batch, one package, and one package-ready with its top hash
+    kinds = [e["detail-type"] for e in sink.sent]
+    assert kinds == ["package-objects-ready", "package-ready"]
+    assert sink.sent[1]["detail"]["top-hash"] == result.top_hash
+    assert sink.sent[1]["detail"]["package-name"] == "instrument/exp-1"
+    assert len(results) == 1
+    rt.close()
+
+
+def test_a_broken_metadata_file_sends_the_package_to_quarantine_and_notifies(
+    tmp_path: Path, quilt: Any, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    # Given a batch whose metadata.yaml is broken, a quarantine registry and a webhook
+    make_files(tmp_path, "lab", {f"{PREFIX}a.txt": b"a", f"{PREFIX}metadata.yaml": b"a: [1,"})
+    url, received = webhook
+    packager = Packager(quilt_settings(notify_webhook_url=url), local_root=tmp_path,
+                        registry=str(tmp_path / "reg"),
+                        quarantine_registry=str(tmp_path / "quarantine"))
+
+    # When it is packaged
+    result = packager.package(batch_event("lab", PREFIX))
+
+    # Then it is quarantined (nothing in the target registry), and the webhook says why
+    assert result.status is PackageStatus.QUARANTINED
+    assert result.metadata_file == "metadata.yaml"
+    assert "metadata.yaml cannot be read as yaml" in (result.error or "")
+    assert local_revisions(tmp_path / "reg", "instrument/exp-1") == []
+    assert len(local_revisions(tmp_path / "quarantine", "instrument/exp-1")) == 1
+    [notice] = received
+    assert notice["kind"] == "package-quarantined"
+    assert "metadata.yaml" in notice["error"]

@@ -1,0 +1,140 @@
+"""The pure parts of packaging: names, metadata readers, ignore rules, subjects, requests."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+
+import pytest
+
+from edp.config import load_settings
+from edp.errors import ConfigError
+from edp.quilt import InvalidRequest, MetadataError, parse_request
+from edp.quilt.helpers import is_ignored, parse_quiltignore
+from edp.quilt.metadata import json_safe, merge, read_metadata
+from edp.quilt.names import check_template, is_valid, package_name
+from edp.quilt.notify import sns_subject
+from integration.quilt.quilt_support import batch_event, xlsx
+
+
+@pytest.mark.parametrize(("template", "bucket", "prefix", "expected"), [
+    ("{0}/{1}", "b", "instrument/exp-1/", "instrument/exp-1"),
+    ("{0}/{1}", "b", "instrument/exp-1/raw/", "instrument/exp-1"),
+    ("{0}/{1}", "b", "instrument/", "edp/instrument"),
+    ("{0}/{1}", "my.bucket", "", "edp/my-bucket"),
+    ("{0}/{1}", "...", "", "edp/package"),
+    ("{0}/{1}", "b", "Lab Data/run #7 (final)/", "Lab-Data/run-7-final"),
+    ("{0}/{1}/{2}", "b", "a/b/c/", "a/b-c"),
+    ("{bucket}/{0}", "lab.bucket", "exp 1/", "lab-bucket/exp-1"),
+    ("{prefix}", "b", "a/b/", "a/b"),
+    ("team/{1}", "b", "x/y.z/", "team/y-z"),
+])
+def test_package_names_are_valid_whatever_the_prefix(
+    template: str, bucket: str, prefix: str, expected: str
+) -> None:
+    name = package_name(template, bucket, prefix)
+    assert name == expected
+    assert is_valid(name)
+
+
+@pytest.mark.parametrize("template", ["{project}/{0}", "{0", "{0.__class__.x}"])
+def test_an_unusable_name_template_is_a_config_error(template: str) -> None:
+    with pytest.raises(ConfigError, match="package_name_template"):
+        check_template(template)
+
+
+def test_xlsx_metadata_is_key_value_rows_with_json_safe_dates() -> None:
+    data = xlsx([("Key", "Value"), ("Date", dt.datetime(2024, 1, 5, 10, 30)),
+                 ("Time", dt.time(8, 15)), (None, "no key"), ("Count", 2), ("Empty",)])
+    assert read_metadata("metadata.xlsx", data) == {
+        "Date": "2024-01-05T10:30:00", "Time": "08:15:00", "Count": 2, "Empty": None}
+
+
+def test_csv_yaml_and_json_metadata() -> None:
+    assert read_metadata("metadata.csv", "\ufeffkey,value\nA,1\nB,two\n".encode()) == {
+        "A": "1", "B": "two"}
+    assert read_metadata("metadata.yaml", b"when: 2024-01-05\nn: [1, 2]\n") == {
+        "when": "2024-01-05", "n": [1, 2]}
+    assert read_metadata("metadata.json", b'{"a": {"b": 1}}') == {"a": {"b": 1}}
+
+
+@pytest.mark.parametrize(("name", "data", "why"), [
+    ("metadata.json", b"[1, 2]", "not an object"),
+    ("metadata.json", b"{oops", "cannot be read as json"),
+    ("metadata.yaml", b"a: [1,", "cannot be read as yaml"),
+    ("metadata.yaml", b"- 1\n- 2\n", "not a mapping"),
+    ("metadata.xlsx", b"PK not a workbook", "cannot be read as xlsx"),
+    ("metadata.csv", b"\xff\xfe\x00bad", "cannot be read as csv"),
+    ("metadata.toml", b"a = 1", "no reader"),
+])
+def test_broken_metadata_files_say_which_file_and_why(name: str, data: bytes, why: str) -> None:
+    with pytest.raises(MetadataError, match=why) as caught:
+        read_metadata(name, data, where=f"s3://b/p/{name}")
+    assert f"s3://b/p/{name}" in str(caught.value)
+
+
+def test_merge_puts_the_facts_under_edp_and_lets_the_file_win() -> None:
+    merged = merge({"Lab": "L", "Author": "static", "edp": "nope"},
+                   {"Author": "file", "n": math.nan}, {"batch-id": "b1"})
+    assert merged == {"Lab": "L", "Author": "file", "n": None, "edp": {"batch-id": "b1"}}
+    json.dumps(merged, allow_nan=False)
+    assert json_safe({1: {dt.date(2024, 1, 1)}}) == {"1": ["2024-01-01"]}
+
+
+def test_static_metadata_comes_from_a_toml_table_or_json_in_the_environment(tmp_path) -> None:
+    config = tmp_path / "edp.toml"
+    config.write_text('[package_metadata]\nLab = "Genomics"\nYear = 2024\n')
+    assert load_settings(config_file=config, env={}).package_metadata == {
+        "Lab": "Genomics", "Year": 2024}
+    env = {"EDP_PACKAGE_METADATA": '{"Lab": "X"}'}
+    assert load_settings(config_file=config, env=env).package_metadata == {"Lab": "X"}
+    with pytest.raises(ConfigError, match="package_metadata"):
+        load_settings(env={"EDP_PACKAGE_METADATA": "Lab=X"})
+
+
+@pytest.mark.parametrize(("key", "ignored"), [
+    (".DS_Store", True), ("raw/.DS_Store", True), ("raw/._a.tif", True), ("Icon", True),
+    ("tmp/x/y.txt", True), ("tmp", False), ("data/tmp/z", True), ("a.log", True),
+    ("logs/a.txt", False), ("raw/a.tif", False),
+])
+def test_quiltignore_patterns_match_at_any_depth(key: str, ignored: bool) -> None:
+    patterns = parse_quiltignore("# comment\n.DS_*\nIcon\n._*\n*.log\ntmp/\n\n")
+    assert is_ignored(key, patterns) is ignored
+
+
+def test_sns_subjects_are_printable_ascii_under_100_characters() -> None:
+    subject = sns_subject("edp: package ünïcødé/" + "x" * 200 + "\nfailed\t(bucket)")
+    assert len(subject) < 100
+    assert subject.isascii()
+    assert subject.isprintable()
+    assert subject.startswith("edp: package unic?de/xxx")
+    assert subject.endswith("...")
+    assert sns_subject("\n\n") == "edp notification"
+
+
+def test_requests_come_in_every_envelope() -> None:
+    envelope = batch_event("b", "p/q/")
+    sns = {"Type": "Notification", "Message": json.dumps(envelope)}
+    sqs = {"MessageId": "m", "Body": json.dumps(sns)}
+    record = {"messageId": "m", "eventSource": "aws:sqs", "body": json.dumps(envelope)}
+    for message in (envelope, json.dumps(envelope), json.dumps(envelope).encode(), sns, sqs,
+                    record, envelope["detail"]):
+        request = parse_request(message)  # type: ignore[arg-type]
+        assert (request.bucket, request.prefix) == ("b", "p/q/")
+    assert parse_request(sqs).batch_id == "batch-1"
+    assert parse_request(sqs).event_id == envelope["id"]
+
+
+@pytest.mark.parametrize(("message", "why"), [
+    ("not json", "not JSON"),
+    ("[1]", "not an object"),
+    ({"detail-type": "Object Created", "detail": {}}, "not 'package-objects-ready'"),
+    ({"detail-type": "package-objects-ready"}, "no detail"),
+    ({"prefix": "a/"}, "bucket"),
+    ({"bucket": "b", "prefix": "a/../../etc/"}, "'..'"),
+    ({"bucket": "b", "prefix": "a/", "object-count": "3"}, "integer"),
+])
+def test_what_is_not_a_batch_event_is_refused_with_a_reason(message: object, why: str) -> None:
+    with pytest.raises(InvalidRequest, match=why):
+        parse_request(message)  # type: ignore[arg-type]
