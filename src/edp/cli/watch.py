@@ -12,7 +12,10 @@ import click
 
 from edp.cli import main
 from edp.cli._common import grouping_options, handle_errors, settings_from
+from edp.config import Settings
 from edp.errors import ConfigError
+from edp.sinks.base import Sink
+from edp.sources.watch import FolderSource
 
 
 def require_watchfiles() -> None:
@@ -33,6 +36,27 @@ def watch_worker_id(root: Path) -> str:
     return f"watch-{socket.gethostname()}-{digest}"
 
 
+def packager_sink(settings: Settings, source: FolderSource, registry: str) -> Sink:
+    """A sink that packages each batch of the watched folder into ``registry``.
+
+    The packager finds a batch's files at ``<local root>/<bucket>/<prefix>``, so the
+    bucket must be the folder's name; a local registry must lie outside the folder.
+    """
+    from edp.quilt.packager import Packager
+    from edp.quilt.publish import quilt3
+    from edp.quilt.sink import PackagerSink
+
+    quilt3()  # fail now, with the instruction, when the quilt extra is missing
+    if source.bucket != source.root.name:
+        raise ConfigError(f"--registry packages {source.root}/<prefix>: leave --bucket out "
+                          f"(the bucket must be the folder's name, {source.root.name!r})")
+    if "://" not in registry or registry.startswith("file://"):
+        local = Path(registry.removeprefix("file://")).expanduser().resolve()
+        if local == source.root or source.root in local.parents:
+            raise ConfigError(f"the registry {local} must not be inside the watched folder")
+    return PackagerSink(Packager(settings, registry=registry, local_root=source.root.parent))
+
+
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--bucket", help="Bucket name of the events (default: the folder's name).")
@@ -43,9 +67,13 @@ def watch_worker_id(root: Path) -> str:
 @click.option("--database-url", help="Store to use (default: database_url setting).")
 @click.option("--stdout/--no-stdout", default=True, show_default=True,
               help="Also print each package-objects-ready event as a JSON line on stdout.")
+@click.option("--registry",
+              help="Also build a Quilt package of each batch into this registry (a local "
+                   "folder or s3://bucket); needs the quilt extra.")
 @grouping_options
 @handle_errors
-def watch(directory: Path, bucket: str | None, stdout: bool, **kwargs: Any) -> None:
+def watch(directory: Path, bucket: str | None, stdout: bool, registry: str | None,
+          **kwargs: Any) -> None:
     """Watch DIRECTORY as a bucket: complete files become object events, batched as configured.
 
     A file counts once its size has been stable for --settle seconds; names such as
@@ -54,9 +82,8 @@ def watch(directory: Path, bucket: str | None, stdout: bool, **kwargs: Any) -> N
     picked up at start; those already counted are not counted again. Stop with Ctrl-C.
     """
     require_watchfiles()
-    from edp.bootstrap import build_runtime
+    from edp.bootstrap import build_runtime, build_sinks
     from edp.daemon import Daemon
-    from edp.sources.watch import FolderSource
 
     extra = {name: kwargs.pop(name) for name in ("watch_settle_seconds", "watch_ignore",
                                                  "database_url")}
@@ -65,8 +92,11 @@ def watch(directory: Path, bucket: str | None, stdout: bool, **kwargs: Any) -> N
         directory, bucket=bucket, settle=settings.watch_settle_seconds,
         ignore=settings.watch_ignore, chunk=settings.chunk_size,
     )
+    sinks = build_sinks(settings, stdout=stdout)
+    if registry is not None:
+        sinks.append(packager_sink(settings, source, registry))
     runtime = build_runtime(
-        settings, stdout=stdout, worker_id=settings.worker_id or watch_worker_id(directory)
+        settings, sinks=sinks, worker_id=settings.worker_id or watch_worker_id(directory)
     )
     click.echo(f"edp watch: {source.root} as bucket {source.bucket!r}, store "
                f"{runtime.store.url}; Ctrl-C stops", err=True)

@@ -14,11 +14,14 @@ body here (it is a pure function), since the daemon's ``ack`` sees no step repor
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import hmac
 import logging
 import queue
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from edp.daemon import Received
@@ -37,13 +40,23 @@ def is_loopback(host: str) -> bool:
 
 
 def bearer_ok(header: str | None, token: str) -> bool:
-    """Whether an ``Authorization`` header carries ``Bearer <token>`` (constant-time compare)."""
+    """Whether an ``Authorization`` header carries ``token`` (constant-time compare).
+
+    ``Bearer <token>`` (MinIO's ``auth_token``), or ``Basic`` credentials whose password
+    is the token (for stores that can only put ``user:password@`` in an endpoint URL).
+    """
     if not header:
         return False
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer":
+    scheme, _, given = header.strip().partition(" ")
+    given = given.strip()
+    if scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(given, validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
         return False
-    return hmac.compare_digest(given.strip().encode(), token.encode())
+    return hmac.compare_digest(given.encode(), token.encode())
 
 
 @dataclass(slots=True)
@@ -74,7 +87,7 @@ class HttpSource:
     def __init__(self, *, name: str = "http", chunk: int = 500, max_queue: int = 10_000) -> None:
         self.name = name
         self.chunk = chunk
-        self._queue: queue.Queue[_Ticket] = queue.Queue(maxsize=max_queue)
+        self._queue: queue.Queue[_Ticket | None] = queue.Queue(maxsize=max_queue)
         self._closed = threading.Event()
         self._inflight: Received | None = None
         self._count = 0
@@ -109,13 +122,14 @@ class HttpSource:
         """The queued bodies (at most ``chunk``), waiting up to ``wait`` for the first."""
         if self._inflight is not None:  # the last step failed: the same bodies again
             return self._inflight
-        tickets: list[_Ticket] = []
+        taken: list[_Ticket | None] = []
         try:
-            tickets.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
-            while len(tickets) < self.chunk:
-                tickets.append(self._queue.get_nowait())
+            taken.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
+            while len(taken) < self.chunk and taken[-1] is not None:
+                taken.append(self._queue.get_nowait())
         except queue.Empty:
             pass
+        tickets = [t for t in taken if t is not None]
         received = Received([t.message for t in tickets], caught_up=self._queue.empty(),
                             receipts=tickets)
         if tickets:
@@ -125,10 +139,14 @@ class HttpSource:
     def ack(self, received: Received) -> None:
         """The engine committed these bodies: answer their requests."""
         for ticket in received.receipts:
-            if not ticket.future.done():
-                ticket.future.set_result(ticket.verdict)
+            _resolve(ticket.future, ticket.verdict)
         if received is self._inflight:
             self._inflight = None
+
+    def interrupt(self) -> None:
+        """Wake a :meth:`receive` that is waiting (the daemon is stopping)."""
+        with contextlib.suppress(queue.Full):  # a full queue does not wait anyway
+            self._queue.put_nowait(None)
 
     def close(self) -> None:
         """Take no more bodies; fail the requests still waiting (the sender retries)."""
@@ -137,12 +155,24 @@ class HttpSource:
         self._inflight = None
         while True:
             try:
-                pending.append(self._queue.get_nowait())
+                ticket = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if ticket is not None:
+                pending.append(ticket)
         for ticket in pending:
-            if not ticket.future.done():
-                ticket.future.set_exception(SourceClosed("edp stopped before committing"))
+            _resolve(ticket.future, SourceClosed("edp stopped before committing"))
+
+
+def _resolve(future: Future[IngestResult], outcome: IngestResult | Exception) -> None:
+    """Answer a waiting request, unless it gave up meanwhile (timed out, disconnected)."""
+    try:
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+    except InvalidStateError:
+        pass
 
 
 __all__ = ["HttpSource", "IngestResult", "SourceClosed", "bearer_ok", "is_loopback"]

@@ -47,7 +47,6 @@ MD5_LIMIT = 64 * 1024 * 1024
 """Files up to this size get the MD5 of their content as eTag; bigger ones mtime-size."""
 SEQUENCER_WIDTH = 20
 """Hex digits of a sequencer: enough for any nanosecond time, so strings compare as numbers."""
-_RECHECK = 0.25
 
 
 @dataclass(slots=True)
@@ -57,6 +56,7 @@ class _Candidate:
     size: int
     mtime_ns: int
     stable_since: float
+    check_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +144,7 @@ class FolderSource:
         self.force_polling = force_polling
         self.clock = clock
         self._changes: list[tuple[str, str]] = []
+        self._rescan = False
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -233,6 +234,8 @@ class FolderSource:
             except Exception:  # a boundary: keep following, by polling if need be
                 log.exception("watching %s failed; falling back to polling", self.root)
                 polling = True
+                with self._lock:
+                    self._rescan = True  # what changed meanwhile is found by a new scan
                 self._stop.wait(1.0)
             finally:
                 self._watching.set()
@@ -240,6 +243,9 @@ class FolderSource:
     def _apply_changes(self) -> None:
         with self._lock:
             changes, self._changes = self._changes, []
+            rescan, self._rescan = self._rescan, False
+        if rescan:
+            self._rescan_tree()
         for kind, raw in changes:
             key = self._key(Path(raw))
             if key is None:
@@ -251,12 +257,18 @@ class FolderSource:
                 if kind != "modified":  # a folder created or moved in: its files are new
                     for sub, stat in self._walk(path):
                         self._consider(sub, stat)
+            elif (found := self._stat(path)) is None:  # a link out of the root, a fifo...
+                self._gone(key)
             else:
-                stat = self._stat(path)
-                if stat is None:  # now a link out of the root, or not a regular file
-                    self._gone(key)
-                else:
-                    self._consider(key, stat)
+                self._consider(key, found)
+
+    def _rescan_tree(self) -> None:
+        """Find every file again (after the watcher failed and events may be missing)."""
+        present = dict(self._walk(self.root))
+        for gone in [k for k in self._known if k not in present]:
+            self._gone(gone)
+        for key, stat in present.items():
+            self._consider(key, stat)
 
     def _gone(self, key: str) -> None:
         """``key`` (a file or a folder) no longer exists: delete what was reported under it."""
@@ -274,31 +286,45 @@ class FolderSource:
         self._deletes.pop(key, None)
         old = self._candidates.get(key)
         if old is None or (old.size, old.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
-            self._candidates[key] = _Candidate(stat.st_size, stat.st_mtime_ns, time.monotonic())
+            mono = time.monotonic()
+            due = mono if self._old(stat.st_mtime_ns, int(self.clock() * 1e9)) else (
+                mono + self.settle)
+            self._candidates[key] = _Candidate(stat.st_size, stat.st_mtime_ns, mono, due)
 
     def _collect(self) -> tuple[list[_Ready], float]:
-        """Complete candidates and pending deletes; and when to look again."""
+        """Complete candidates and pending deletes; and when to look again.
+
+        Only candidates due for a check are stat'ed: a change reported by the watcher
+        resets a candidate through :meth:`_consider`, so between reports one stat per
+        settle period confirms that a file stayed the same.
+        """
         ready = [_Ready(key, True, seq) for key, seq in self._deletes.items()]
         self._deletes.clear()
         mono, wall_ns = time.monotonic(), int(self.clock() * 1e9)
-        settle_ns = int(self.settle * 1e9)
         next_check = mono + 3600.0
         for key, cand in list(self._candidates.items()):
+            if cand.check_at > mono:
+                next_check = min(next_check, cand.check_at)
+                continue
             stat = self._stat(self.root / key)
             if stat is None:
                 del self._candidates[key]
-                continue
-            if (stat.st_size, stat.st_mtime_ns) != (cand.size, cand.mtime_ns):
-                self._candidates[key] = _Candidate(stat.st_size, stat.st_mtime_ns, mono)
-                next_check = min(next_check, mono + _RECHECK)
-                continue
-            if mono - cand.stable_since >= self.settle or wall_ns - cand.mtime_ns >= settle_ns:
+            elif (stat.st_size, stat.st_mtime_ns) != (cand.size, cand.mtime_ns):
+                self._candidates[key] = _Candidate(stat.st_size, stat.st_mtime_ns, mono,
+                                                   mono + self.settle)
+                next_check = min(next_check, mono + self.settle)
+            elif mono - cand.stable_since >= self.settle or self._old(cand.mtime_ns, wall_ns):
                 del self._candidates[key]
                 if self._known.get(key) != (cand.mtime_ns, cand.size):
                     ready.append(_Ready(key, False, cand.mtime_ns, cand.size))
             else:
-                next_check = min(next_check, cand.stable_since + self.settle, mono + _RECHECK)
+                cand.check_at = cand.stable_since + self.settle
+                next_check = min(next_check, cand.check_at)
         return ready, next_check
+
+    def _old(self, mtime_ns: int, wall_ns: int) -> bool:
+        """Whether a file was last modified longer ago than the settle time."""
+        return wall_ns - mtime_ns >= self.settle * 1e9
 
     def _message(self, item: _Ready) -> Message | None:
         location = f"file {item.key}"

@@ -1,0 +1,207 @@
+"""``edp serve`` put together: the engine's daemon thread, the reader thread, uvicorn.
+
+The daemon thread owns the engine's store and runs :class:`~edp.daemon.Daemon` over
+the ingest endpoint's :class:`~edp.sources.http.HttpSource` (and any other source,
+such as a watched folder); its loop also fires due batches on time and relays the
+outbox, so quiet periods end without traffic. The web app reads through a
+:class:`~edp.web.reader.StoreReader`. Only loopback binds may go without
+``serve_token``; then a random token is made for ``/ingest`` and shown once.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import signal
+import socket
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+import uvicorn
+
+from edp.bootstrap import Runtime, build_runtime
+from edp.config import Settings
+from edp.daemon import Daemon, Source
+from edp.errors import ConfigError, EdpError
+from edp.sinks.base import Sink
+from edp.sources.http import HttpSource, is_loopback
+from edp.web.app import WebContext, create_app
+from edp.web.reader import StoreReader
+
+log = logging.getLogger(__name__)
+
+
+def resolve_token(settings: Settings, host: str) -> tuple[str, bool]:
+    """The bearer token, and whether it was made up now (loopback without ``serve_token``).
+
+    Raises :class:`ConfigError` for a non-loopback bind without ``serve_token``.
+    """
+    if settings.serve_token is not None:
+        return settings.serve_token.get_secret_value(), False
+    if not is_loopback(host):
+        raise ConfigError(
+            f"edp serve: binding {host} exposes the server; set serve_token "
+            "(EDP_SERVE_TOKEN or the config file) to a long random secret, or bind 127.0.0.1"
+        )
+    return secrets.token_urlsafe(24), True
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket (``port`` 0: any free port); ConfigError when it cannot bind."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"edp serve: cannot listen on {host}:{port}: {exc}") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class ServeStack:
+    """Everything ``edp serve`` runs, startable in the foreground or in a background thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        database_url: str | None = None,
+        sinks: Sequence[Sink] | None = None,
+        stdout: bool = False,
+        sources: Sequence[Source] = (),
+        sample_interval: float = 5.0,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.daemon: Daemon | None = None
+        self.host = host or settings.serve_host
+        self.token, self.token_generated = resolve_token(settings, self.host)
+        self.url_db = database_url or settings.database_url
+        self.reader = StoreReader(self.url_db, settings, interval=sample_interval,
+                                  extra_errors=self.step_errors)
+        self.sock = bind(self.host, settings.serve_port if port is None else port)
+        self.port: int = self.sock.getsockname()[1]
+        self.source = HttpSource(chunk=min(500, settings.chunk_size))
+        self.sources: list[Source] = [self.source, *sources]
+        self._sinks, self._stdout = sinks, stdout
+        self.worker_id = worker_id or settings.worker_id or (
+            f"serve-{socket.gethostname()}-{self.port}"
+        )
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._daemon_thread: threading.Thread | None = None
+        self._server_thread: threading.Thread | None = None
+        loopback = is_loopback(self.host)
+        self.app = create_app(WebContext(
+            settings=settings, reader=self.reader, token=self.token, source=self.source,
+            protect_reads=not loopback,
+            allowed_hosts=["127.0.0.1", "localhost", "::1"] if loopback else None,
+            step_errors=self.step_errors,
+        ))
+        self.server = uvicorn.Server(uvicorn.Config(
+            self.app, log_level="warning", access_log=False, lifespan="off",
+            server_header=False, proxy_headers=False,
+        ))
+
+    @property
+    def url(self) -> str:
+        """The base URL of the server."""
+        host = f"[{self.host.strip('[]')}]" if ":" in self.host.strip("[]") else self.host
+        return f"http://{host}:{self.port}"
+
+    def step_errors(self) -> int:
+        """Failed engine steps in this process."""
+        return self.daemon.stats.errors if self.daemon is not None else 0
+
+    # -- life cycle --------------------------------------------------------------------
+    def start_engine(self) -> None:
+        """Start the daemon thread (it opens and migrates the store) and the reader."""
+        self._daemon_thread = threading.Thread(target=self._run_daemon, name="edp-daemon",
+                                               daemon=True)
+        self._daemon_thread.start()
+        self._ready.wait(timeout=120)
+        if self._startup_error is not None:
+            self.sock.close()
+            raise self._startup_error
+        if not self._ready.is_set():
+            raise EdpError("edp serve: the engine did not start within 120 s")
+        self.reader.start()
+
+    def serve_forever(self) -> None:
+        """Start the engine, serve in this thread until SIGINT/SIGTERM, then stop everything."""
+        self.start_engine()
+
+        def exit_gracefully(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %d: stopping", signum)
+            self.server.should_exit = True
+
+        # uvicorn re-raises the signal that stopped it once it restored the handlers it
+        # found; these make that re-raise harmless, so the engine still stops cleanly.
+        previous = {sig: signal.signal(sig, exit_gracefully)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            self._stop_engine()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def start_background(self, timeout: float = 30.0) -> None:
+        """Start the engine and serve from a background thread (tests, the demo)."""
+        self.start_engine()
+        self._server_thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="edp-http", daemon=True
+        )
+        self._server_thread.start()
+        stop = threading.Event()
+        while not self.server.started and self._server_thread.is_alive():
+            stop.wait(0.02)
+            timeout -= 0.02
+            if timeout <= 0:
+                raise EdpError("edp serve: the HTTP server did not start")
+
+    def stop(self) -> None:
+        """Stop serving, finish the current step, flush the outbox, close the stores."""
+        self.server.should_exit = True
+        if self._server_thread is not None:
+            self._server_thread.join(timeout=15)
+        self._stop_engine()
+
+    def _stop_engine(self) -> None:
+        self.sock.close()  # uvicorn closed it if it served; else it was never used
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.source.interrupt()
+        if self._daemon_thread is not None:
+            self._daemon_thread.join(timeout=30)
+            self._daemon_thread = None
+        self.reader.close()
+
+    def _run_daemon(self) -> None:
+        runtime: Runtime | None = None
+        try:
+            runtime = build_runtime(self.settings, database_url=self.url_db, sinks=self._sinks,
+                                    stdout=self._stdout, worker_id=self.worker_id)
+            self.daemon = Daemon(runtime, self.sources, max_wait=1.0)
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the starting thread)
+            self._startup_error = exc
+            if runtime is not None:
+                runtime.close()
+            for source in self.sources:
+                source.close()
+            return
+        finally:
+            self._ready.set()
+        try:
+            self.daemon.run()
+        finally:
+            runtime.close()
+
+
+__all__ = ["ServeStack", "bind", "resolve_token"]

@@ -1,0 +1,43 @@
+"""`edp demo` runs to the end, as a user would run it (own HOME, a subprocess)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_the_demo_runs_to_the_end_and_fires_by_count_and_by_quiet_period(tmp_path: Path) -> None:
+    # Given a fresh HOME, no config, and a folder to keep the demo's work in
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(home / ".local/share"),
+           "QUILT_DISABLE_USAGE_METRICS": "true", "COLUMNS": "120"}
+    env.pop("EDP_CONFIG", None)
+    work = tmp_path / "work"
+    # When the demo runs
+    done = subprocess.run([sys.executable, "-m", "edp", "demo", "--keep", str(work)],
+                          capture_output=True, env=env, cwd=tmp_path, timeout=120, check=False)
+    output = done.stdout.decode()
+    # Then it exits 0 after both batches fired, one by count, one by quiet period
+    assert done.returncode == 0, output + done.stderr.decode()
+    events = [orjson.loads(line) for line in (work / "events.jsonl").read_bytes().splitlines()]
+    fired = {e["detail"]["prefix"]: (e["detail"]["trigger"], e["detail"]["object-count"])
+             for e in events}
+    assert fired == {"microscope/exp-count/": ("count", 5),
+                     "sequencer/run-quiet/": ("duration", 4)}
+    assert "package-objects-ready" in output
+    # And with the quilt extra, each batch became a package in the local registry
+    if importlib.util.find_spec("quilt3") is not None:
+        named = work / "registry" / ".quilt" / "named_packages"
+        assert (named / "microscope" / "exp-count" / "latest").is_file(), output
+        assert (named / "sequencer" / "run-quiet" / "latest").is_file(), output
+    # And nothing was written to the user's own edp store
+    assert not (home / ".local/share/edp").exists()

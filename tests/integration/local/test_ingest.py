@@ -1,0 +1,259 @@
+"""`edp serve`'s POST /ingest: MinIO/Ceph webhook bodies, tokens, size limit, bad bodies."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("starlette", reason="the web extra is not installed")
+pytest.importorskip("httpx2", reason="httpx2 (dev extra) is needed by starlette's TestClient")
+
+from starlette.testclient import TestClient
+
+from edp.config import Settings
+from edp.errors import ConfigError
+from edp.web.server import ServeStack, resolve_token
+from edp_testing import load_event
+
+pytestmark = pytest.mark.timeout(60)
+TOKEN = "t0k3n-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def minio(key: str, sequencer: str, *, bucket: str = "minio-bucket") -> dict[str, Any]:
+    """The MinIO sample notification for another key."""
+    body = copy.deepcopy(load_event("minio-notification.json"))
+    record = body["Records"][0]
+    record["s3"]["bucket"]["name"] = bucket
+    record["s3"]["object"]["key"] = key
+    record["s3"]["object"]["sequencer"] = sequencer
+    body["Key"] = f"{bucket}/{key}"
+    return body
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator[Callable[..., ServeStack]]:
+    stacks: list[ServeStack] = []
+
+    def make(**values: Any) -> ServeStack:
+        config = {"database_url": f"sqlite:///{tmp_path / 'serve.db'}", "serve_token": TOKEN,
+                  "bucket_threshold_event_count": 3, "bucket_threshold_duration": 30.0,
+                  "serve_max_body": 4096, **values}
+        stack = ServeStack(Settings(**config), port=0, sample_interval=0.2)
+        stacks.append(stack)
+        stack.start_engine()
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
+@pytest.fixture
+def client(make_stack: Callable[..., ServeStack]) -> Iterator[TestClient]:
+    with TestClient(make_stack().app, base_url="http://127.0.0.1") as test_client:
+        yield test_client
+
+
+def test_a_minio_notification_is_committed_and_opens_a_batch(client: TestClient) -> None:
+    # When MinIO posts its webhook body with the right token
+    response = client.post("/ingest", content=json.dumps(load_event("minio-notification.json")),
+                           headers={**AUTH, "Content-Type": "application/json"})
+    # Then it is answered after the commit, and the batch is open
+    assert response.status_code == 200, response.text
+    assert response.json() == {"events": 1, "ignored": 0, "rejected": []}
+    [batch] = client.get("/api/batches?state=open").json()["batches"]
+    assert (batch["bucket"], batch["prefix"], batch["object_count"]) == (
+        "minio-bucket", "lab/run 7/", 1)
+
+
+def test_basic_credentials_with_the_token_as_password_are_accepted(client: TestClient) -> None:
+    # Stores that can only put user:password@ in the endpoint URL send Basic credentials
+    basic = base64.b64encode(f"edp:{TOKEN}".encode()).decode()
+    response = client.post("/ingest", content=json.dumps(load_event("ceph-notification.json")),
+                           headers={"Authorization": f"Basic {basic}"})
+    assert response.status_code == 200, response.text
+    wrong = base64.b64encode(b"edp:nope").decode()
+    assert client.post("/ingest", content=b"{}",
+                       headers={"Authorization": f"Basic {wrong}"}).status_code == 401
+
+
+def test_minio_reachability_check_is_answered_without_credentials(client: TestClient) -> None:
+    assert client.head("/ingest").status_code == 200
+
+
+def test_ceph_and_test_events_are_accepted(client: TestClient) -> None:
+    ceph = client.post("/ingest", content=json.dumps(load_event("ceph-notification.json")),
+                       headers=AUTH)
+    test_event = client.post("/ingest", content=json.dumps(load_event("s3-test-event.json")),
+                             headers=AUTH)
+    assert ceph.status_code == 200 and ceph.json()["events"] == 1
+    assert test_event.status_code == 200 and test_event.json()["ignored"] == 1
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
+                                     {"Authorization": f"Basic {TOKEN}"},
+                                     {"Authorization": f"Bearer {TOKEN}x"}])
+def test_without_the_right_token_nothing_is_stored(client: TestClient,
+                                                   headers: dict[str, str]) -> None:
+    response = client.post("/ingest", content=b"{}", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    stats = client.get("/api/stats").json()["stats"]
+    assert stats["dead_letters"] == 0 and stats["open_batches"] == 0
+
+
+def test_an_oversize_body_is_refused_with_413(client: TestClient) -> None:
+    big = b'{"Records": [' + b" " * 5000 + b"]}"
+    declared = client.post("/ingest", content=big, headers=AUTH)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit holds while streaming
+        for _ in range(10):
+            yield b" " * 1000
+
+    streamed = client.post("/ingest", content=chunks(), headers=AUTH)
+    assert declared.status_code == 413 and streamed.status_code == 413
+    assert "serve_max_body" in declared.json()["error"]
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (b"this is not json", "not JSON"),
+    (b'{"hello": "world"}', "JSON of no known format"),
+    (b'{"Records": [{"eventSource": "minio:s3", "eventName": "s3:ObjectCreated:Put"}]}',
+     "record 0"),
+])
+def test_a_body_of_no_known_format_is_400_and_kept_as_a_dead_letter(
+    client: TestClient, body: bytes, reason: str
+) -> None:
+    # When a body the decoder cannot read is posted
+    response = client.post("/ingest", content=body, headers=AUTH)
+    # Then the answer says why, and the body is in the dead-letter store
+    assert response.status_code == 400
+    assert reason in response.json()["error"]
+    [letter] = client.get("/api/dead-letters").json()["dead_letters"]
+    assert letter["body"] == body.decode()
+    assert reason in letter["reason"] and letter["source"] == "http"
+
+
+def test_batches_fire_by_count_and_by_quiet_period_without_traffic(
+    make_stack: Callable[..., ServeStack],
+) -> None:
+    # Given a server with a 1 s quiet period
+    stack = make_stack(bucket_threshold_duration=1.0)
+    with TestClient(stack.app, base_url="http://127.0.0.1") as client:
+        # When three files arrive in one prefix and one in another
+        for i in range(3):
+            assert client.post("/ingest", content=json.dumps(minio(f"a/b/{i}.csv", f"0{i}")),
+                               headers=AUTH).status_code == 200
+        client.post("/ingest", content=json.dumps(minio("a/quiet/x.csv", "10")), headers=AUTH)
+        # Then the first fires by count at once, the second by duration with no more requests
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            events = client.get("/api/events").json()["events"]
+            if len(events) == 2:
+                break
+            time.sleep(0.1)
+        fired = {e["detail"]["prefix"]: e["detail"]["trigger"] for e in events}
+        assert fired == {"a/b/": "count", "a/quiet/": "duration"}
+
+
+def test_a_real_server_on_a_free_loopback_port(make_stack: Callable[..., ServeStack]) -> None:
+    # Given edp serve on 127.0.0.1, port 0 (any free port), run by uvicorn
+    stack = ServeStack(Settings(database_url=make_stack().url_db.replace("serve.db", "real.db"),
+                                serve_token=TOKEN), port=0, sample_interval=0.2)
+    stack.start_background()
+    try:
+        assert stack.url.startswith("http://127.0.0.1:") and stack.port > 0
+        # When MinIO posts a notification over TCP
+        request = urllib.request.Request(
+            f"{stack.url}/ingest", data=json.dumps(load_event("minio-notification.json")).encode(),
+            headers={**AUTH, "Content-Type": "application/json"}, method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+            assert json.loads(response.read())["events"] == 1
+        # And a request without the token is refused
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"{stack.url}/ingest", data=b"{}"),
+                                   timeout=10)
+        assert refused.value.code == 401
+        refused.value.close()
+    finally:
+        stack.stop()
+
+
+def test_exposed_binds_need_a_token_and_loopback_gets_a_made_up_one() -> None:
+    with pytest.raises(ConfigError, match="serve_token"):
+        resolve_token(Settings(), "0.0.0.0")
+    token, made_up = resolve_token(Settings(), "127.0.0.1")
+    assert made_up and len(token) >= 24
+    assert resolve_token(Settings(serve_token="s3cret"), "0.0.0.0") == ("s3cret", False)
+
+
+def test_a_memory_store_cannot_be_served() -> None:
+    with pytest.raises(ConfigError, match="memory"):
+        ServeStack(Settings(database_url="sqlite:///:memory:", serve_token=TOKEN), port=0)
+
+
+def test_other_host_names_are_refused_on_loopback(client: TestClient) -> None:
+    # A DNS-rebinding page would send its own host name
+    response = client.get("/api/stats", headers={"Host": "evil.example"})
+    assert response.status_code == 400
+
+
+def test_edp_serve_cli_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    # Given `edp serve --port 0` in a subprocess, its token from the environment
+    env = {**os.environ, "HOME": str(tmp_path), "EDP_SERVE_TOKEN": TOKEN}
+    env.pop("EDP_CONFIG", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edp", "serve", "--port", "0",
+         "--database-url", f"sqlite:///{tmp_path / 'cli.db'}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+    )
+    try:
+        assert proc.stderr is not None
+        banner = proc.stderr.readline().decode()
+        url = re.search(r"dashboard (http://127\.0\.0\.1:\d+)/", banner)
+        assert url, banner
+        # When a notification is posted (the server may still be starting)
+        body = json.dumps(load_event("minio-notification.json")).encode()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                request = urllib.request.Request(f"{url[1]}/ingest", data=body, headers=AUTH)
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    assert json.loads(response.read())["events"] == 1
+                break
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline, "edp serve did not answer"
+                time.sleep(0.2)
+    finally:
+        # Then SIGTERM stops it cleanly
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert b"edp serve: stopped" in err
+
+
+def test_edp_serve_cli_refuses_an_exposed_bind_without_a_token(tmp_path: Path) -> None:
+    env = {**os.environ, "HOME": str(tmp_path)}
+    for name in ("EDP_CONFIG", "EDP_SERVE_TOKEN"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "-m", "edp", "serve", "--host", "0.0.0.0"],
+                          capture_output=True, env=env, cwd=tmp_path, timeout=60, check=False)
+    assert done.returncode == 2
+    assert b"set serve_token" in done.stderr

@@ -1,0 +1,278 @@
+"""`edp watch`: a local folder as a bucket, through the real watcher, daemon, engine and store."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from edp.decode import decode_message
+from edp.sources.watch import SEQUENCER_WIDTH, FolderSource, notification
+from edp.store import Store
+from edp.store.base import BatchRow
+
+pytestmark = pytest.mark.timeout(60)
+Wait = Callable[..., object]
+
+
+def write_in_pieces(path: Path, *, pieces: int, pause: float, size: int = 4096) -> bytes:
+    """Write ``pieces`` random blocks to ``path``, flushing and pausing after each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = b""
+    with path.open("wb") as handle:
+        for _ in range(pieces):
+            block = os.urandom(size)
+            handle.write(block)
+            handle.flush()
+            data += block
+            time.sleep(pause)
+    return data
+
+
+def open_batch(store: Store, prefix: str) -> BatchRow | None:
+    return next((b for b in store.list_batches(state="open") if b.prefix == prefix), None)
+
+
+def keys_of(store: Store, prefix: str) -> list[str]:
+    batch = open_batch(store, prefix)
+    return [] if batch is None else [o.key for o in store.batch_objects(batch.batch_id)]
+
+
+def test_a_file_written_in_pieces_becomes_one_event_once_complete(
+    watch: Callable[..., Any], root: Path, reader: Callable[[], Store], wait: Wait
+) -> None:
+    # Given a watcher that waits 1 s of stable size
+    watch(watch_settle_seconds=1.0)
+    store = reader()
+    # When a file is written in five pieces under its final name, 0.1 s apart
+    data = write_in_pieces(root / "scope/exp-1/a.bin", pieces=5, pause=0.1)
+    # Then it is counted once, with its full size and the MD5 of its content as eTag
+    wait(lambda: keys_of(store, "scope/exp-1/") == ["scope/exp-1/a.bin"], what="a.bin")
+    [obj] = store.batch_objects(store.list_batches(state="open")[0].batch_id)
+    assert obj.size == len(data)
+    assert obj.etag == hashlib.md5(data).hexdigest()
+    counters = store.counters()
+    assert counters["events.counted"] == 1
+    assert "events.overwrite" not in counters
+
+
+def test_temporary_names_are_ignored_and_the_rename_counts_under_the_final_name(
+    watch: Callable[..., Any], root: Path, reader: Callable[[], Store], wait: Wait
+) -> None:
+    # Given a watcher with the default ignore patterns
+    watch()
+    store = reader()
+    # When an editor's lock file, a swap file and an upload under .part appear, and the
+    # upload is renamed to its final name once complete
+    (root / "scope/exp-1").mkdir(parents=True)
+    (root / "scope/exp-1/~$notes.docx").write_bytes(b"lock")
+    (root / "scope/exp-1/.notes.swp").write_bytes(b"swap")
+    write_in_pieces(root / "scope/exp-1/image.tif.part", pieces=3, pause=0.05)
+    os.rename(root / "scope/exp-1/image.tif.part", root / "scope/exp-1/image.tif")
+    # Then only the final name is ever counted
+    wait(lambda: keys_of(store, "scope/exp-1/"), what="image.tif")
+    time.sleep(0.8)  # longer than the settle time: anything else would be counted by now
+    assert keys_of(store, "scope/exp-1/") == ["scope/exp-1/image.tif"]
+    assert store.counters()["events.counted"] == 1
+
+
+def test_rename_delete_and_rewrite_follow_s3_semantics(
+    watch: Callable[..., Any], root: Path, reader: Callable[[], Store], wait: Wait
+) -> None:
+    # Given a watcher (count threshold 3) and one counted file
+    run = watch()
+    store = reader()
+    prefix = "scope/exp-2/"
+    (root / prefix).mkdir(parents=True)
+    (root / prefix / "a.txt").write_text("first")
+    wait(lambda: keys_of(store, prefix) == [prefix + "a.txt"], what="a.txt")
+    # When it is renamed: a delete of the old key and a create of the new one
+    os.rename(root / prefix / "a.txt", root / prefix / "b.txt")
+    wait(lambda: prefix + "b.txt" in keys_of(store, prefix), what="b.txt")
+    wait(lambda: store.counters().get("events.delete") == 1, what="the delete of a.txt")
+    assert open_batch(store, prefix).object_count == 2  # a delete never uncounts
+    # When b.txt is deleted and written again with new content
+    os.remove(root / prefix / "b.txt")
+    wait(lambda: store.counters().get("events.delete") == 2, what="the delete of b.txt")
+    time.sleep(0.05)
+    (root / prefix / "b.txt").write_text("second version")
+    # Then the rewrite is an overwrite in the open batch: the count stays
+    wait(lambda: store.counters().get("events.overwrite") == 1, what="the overwrite")
+    assert open_batch(store, prefix).object_count == 2
+    # When a third file arrives, the batch fires by count, with exactly one event
+    (root / prefix / "c.txt").write_text("third")
+    wait(lambda: run.sink.sent, what="the batch event")
+    assert run.triggers() == [(prefix, 3, "count")]
+
+
+def test_a_restart_neither_loses_nor_repeats_batches(
+    watch: Callable[..., Any], root: Path, reader: Callable[[], Store], wait: Wait
+) -> None:
+    # Given a first run: exp-1 holds 2 of 3 files, exp-2 fired by count
+    first = watch()
+    store = reader()
+    for name in ("a", "b"):
+        (root / "scope/exp-1").mkdir(parents=True, exist_ok=True)
+        (root / f"scope/exp-1/{name}.dat").write_text(name)
+    for name in ("x", "y", "z"):
+        (root / "scope/exp-2").mkdir(parents=True, exist_ok=True)
+        (root / f"scope/exp-2/{name}.dat").write_text(name)
+    wait(lambda: first.sink.sent and len(keys_of(store, "scope/exp-1/")) == 2,
+               what="the first run's batches")
+    first.stop()
+    assert first.triggers() == [("scope/exp-2/", 3, "count")]
+    # When files arrive while edp is down, and it starts again on the same store
+    (root / "scope/exp-1/c.dat").write_text("c")
+    (root / "scope/exp-3").mkdir()
+    (root / "scope/exp-3/f.dat").write_text("f")
+    time.sleep(0.4)
+    second = watch()
+    # Then the new files are picked up: exp-1 completes and fires once, exp-3 opens
+    wait(lambda: second.sink.sent, what="exp-1's event after the restart")
+    wait(lambda: keys_of(store, "scope/exp-3/") == ["scope/exp-3/f.dat"], what="exp-3")
+    time.sleep(0.5)
+    assert second.triggers() == [("scope/exp-1/", 3, "count")]
+    # and nothing counted before is counted again: five duplicates, two batches in all
+    assert store.counters()["events.duplicate"] == 5
+    assert store.stats()["closed_batches"] == 2
+
+
+def test_symbolic_links_out_of_the_root_are_not_followed(root: Path, tmp_path: Path) -> None:
+    # Given a tree with a link to a file outside, a link to a folder outside, and a real file
+    outside = tmp_path / "outside"
+    (outside / "deep").mkdir(parents=True)
+    (outside / "secret.txt").write_text("secret")
+    (outside / "deep" / "more.txt").write_text("more")
+    (root / "scope/exp").mkdir(parents=True)
+    (root / "scope/exp/link.txt").symlink_to(outside / "secret.txt")
+    (root / "scope/linked").symlink_to(outside / "deep", target_is_directory=True)
+    (root / "scope/exp/real.txt").write_text("real")
+    source = FolderSource(root, bucket="lab", settle=0.1)
+    try:
+        # When the source reports what it found
+        received = source.receive(wait=2.0)
+        source.ack(received)
+        later = source.receive(wait=0.5)
+    finally:
+        source.close()
+    # Then only the real file is an event
+    keys = [m.location for m in received.messages + later.messages]
+    assert keys == ["file scope/exp/real.txt"]
+
+
+def test_unacknowledged_events_come_again(root: Path) -> None:
+    # Given a complete file
+    (root / "scope/exp").mkdir(parents=True)
+    (root / "scope/exp/a.txt").write_text("a")
+    source = FolderSource(root, bucket="lab", settle=0.1)
+    try:
+        first = source.receive(wait=2.0)
+        assert len(first.messages) == 1
+        # When the step is not acknowledged (it failed), the same events come again
+        assert source.receive(wait=0.1) is first
+        # When it is acknowledged, they do not
+        source.ack(first)
+        assert source.receive(wait=0.3).messages == []
+    finally:
+        source.close()
+
+
+def test_local_events_decode_like_s3_notifications() -> None:
+    # Given a key with a space, a plus and non-ASCII characters
+    body = notification("lab", "scope/run 1/a+b é.txt", deleted=False,
+                        mtime_ns=1_700_000_000_123_456_789, size=3, etag="abc")
+    # When the decoder reads the notification
+    [event] = decode_message(orjson.dumps(body)).events
+    # Then the key round-trips, and the sequencer is fixed-width hex of the mtime
+    assert event.key == "scope/run 1/a+b é.txt"
+    assert event.sequencer == f"{1_700_000_000_123_456_789:0{SEQUENCER_WIDTH}X}"
+    assert (event.size, event.etag, event.bucket) == (3, "abc", "lab")
+    assert body["Records"][0]["eventSource"] == "edp:local"
+
+
+def test_edp_watch_cli_prints_events_packages_batches_and_stops_on_ctrl_c(
+    root: Path, tmp_path: Path, wait: Wait
+) -> None:
+    # Given `edp watch` in a subprocess (count threshold 2, settle 0.2 s), packaging into a
+    # local Quilt registry when the quilt extra is installed (it is under CI)
+    packaging = bool(os.environ.get("CI")) or importlib.util.find_spec("quilt3") is not None
+    registry = tmp_path / "registry"
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data"),
+           "QUILT_DISABLE_USAGE_METRICS": "true"}
+    env.pop("EDP_CONFIG", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edp", "watch", str(root),
+         "--database-url", f"sqlite:///{tmp_path / 'cli.db'}", "--settle", "0.2",
+         "--threshold-event-count", "2", *(["--registry", str(registry)] if packaging else [])],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+    )
+    lines: queue.Queue[bytes] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        time.sleep(1.0)
+        # When two files land in one prefix
+        (root / "scope/exp").mkdir(parents=True)
+        (root / "scope/exp/1.txt").write_text("1")
+        (root / "scope/exp/2.txt").write_text("2")
+        # Then one package-objects-ready event is printed on stdout
+        event = orjson.loads(lines.get(timeout=20))
+        assert event["detail-type"] == "package-objects-ready"
+        assert (event["detail"]["bucket"], event["detail"]["prefix"]) == ("lab", "scope/exp/")
+        assert event["detail"]["trigger"] == "count"
+        # And the batch becomes a package in the registry
+        if packaging:
+            latest = registry / ".quilt/named_packages/scope/exp/latest"
+            wait(latest.is_file, timeout=40, what="the package in the local registry")
+    finally:
+        # And Ctrl-C stops it cleanly
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err.decode()
+    assert b"stopped after" in err
+
+
+def test_a_failing_watcher_falls_back_to_polling_and_rescans(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import watchfiles
+
+    # Given a watcher that fails once (as inotify does when its watch limit is reached)
+    real_watch, calls = watchfiles.watch, []
+
+    def failing_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("force_polling"))
+        if len(calls) == 1:
+            raise OSError("inotify watch limit reached")
+        return real_watch(*args, **kwargs)
+
+    monkeypatch.setattr(watchfiles, "watch", failing_once)
+    (root / "scope/exp").mkdir(parents=True)
+    source = FolderSource(root, bucket="lab", settle=0.1)
+    try:
+        source.start()
+        # When a file appears
+        (root / "scope/exp/late.txt").write_text("late")
+        # Then it is still found, by polling after a rescan
+        found: list[str] = []
+        deadline = time.monotonic() + 15
+        while not found and time.monotonic() < deadline:
+            received = source.receive(wait=0.5)
+            source.ack(received)
+            found = [m.location for m in received.messages]
+    finally:
+        source.close()
+    assert found == ["file scope/exp/late.txt"]
+    assert calls[:2] == [None, True]
+    assert "falling back to polling" in caplog.text
