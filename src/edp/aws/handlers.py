@@ -1,0 +1,180 @@
+"""AWS Lambda entry points of the serverless deployment (``deploy/edp.yaml``).
+
+``store_handler`` records S3 object events. It is invoked
+
+* by SQS in batches (``Records`` with ``eventSource: aws:sqs``): each record is
+  one message; the handler returns ``{"batchItemFailures": [...]}`` naming the
+  records whose step failed, so that only those come back. A record that cannot
+  be decoded is *not* a failure: it is kept in the dead-letter store and
+  acknowledged (retrying would not make it decodable);
+* or directly by EventBridge (or with any other single message): the event is
+  one message, and an error is raised if its step fails (Lambda retries).
+
+Its clock is the S3 event time (SPEC section 4): a backlog after an outage never
+splits a batch. ``emit_handler`` runs on a schedule: the clock becomes the wall
+clock, due batches fire, and the outbox is relayed to the sinks. It raises when
+some deliveries failed, so that the Lambda's error metric (and alarm) shows it;
+everything it did is committed either way and failed deliveries are retried.
+
+Settings come from ``EDP_*`` variables; the database URL from ``EDP_DATABASE_URL``
+or the secret named by ``EDP_DATABASE_SECRET_ARN``. The runtime (settings, store
+connection, sinks) is built on the first invocation of a container and reused;
+after an error it is rebuilt, so a rotated password or a dropped connection
+heals on the next invocation. Nothing is done at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+from edp.bootstrap import Runtime, build_observers, build_runtime
+from edp.config import load_settings
+from edp.engine import Message, StepReport
+from edp.errors import EdpError
+
+log = logging.getLogger(__name__)
+
+GIVE_UP_AFTER = 3
+"""Consecutive failed records after which the rest of an SQS batch is not tried."""
+
+_lock = threading.Lock()
+_runtimes: dict[str, Runtime] = {}
+
+
+def runtime(role: str) -> Runtime:
+    """The container's runtime for ``role`` (``store`` or ``emit``), built once."""
+    with _lock:
+        cached = _runtimes.get(role)
+        if cached is None:
+            cached = _build(role)
+            _runtimes[role] = cached
+        return cached
+
+
+def reset_runtime() -> None:
+    """Drop the cached runtimes (closing their stores): the next call rebuilds them."""
+    with _lock:
+        for cached in _runtimes.values():
+            try:
+                cached.close()
+            except Exception:  # a boundary: the connection may be broken already
+                log.debug("closing a broken runtime failed", exc_info=True)
+        _runtimes.clear()
+
+
+def _build(role: str) -> Runtime:
+    from edp.aws.secrets import resolve_database_url
+
+    edp_log = logging.getLogger("edp")
+    if edp_log.level == logging.NOTSET:
+        edp_log.setLevel(logging.INFO)  # batch firings and deliveries belong in CloudWatch
+    settings = load_settings()
+    # One id per container: SPEC 4's floor waits for live containers only, and a
+    # recycled container's row stops counting after worker_timeout.
+    function = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "edp")
+    worker_id = settings.worker_id or f"lambda-{role}-{function}-{uuid.uuid4().hex[:12]}"
+    built = build_runtime(settings, database_url=resolve_database_url(settings),
+                          worker_id=worker_id, observers=build_observers(settings))
+    log.info("edp %s runtime: worker %s, sinks %s", role, worker_id,
+             ", ".join(built.relay.sink_names) or "none")
+    return built
+
+
+def store_handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
+    """Record S3 object events: a batch of SQS records, or one EventBridge event."""
+    records = event.get("Records") if isinstance(event, dict) else None
+    if isinstance(records, list) and records and all(
+        isinstance(r, dict) and r.get("eventSource") == "aws:sqs" for r in records
+    ):
+        return {"batchItemFailures": [{"itemIdentifier": i} for i in _store_sqs(records)]}
+    where = event.get("id", "?") if isinstance(event, dict) else "?"
+    try:
+        report = runtime("store").engine.process(
+            [Message(event, location=f"event id {where}", source="lambda")], now=time.time()
+        )
+    except Exception:
+        reset_runtime()
+        raise
+    return _summary(report)
+
+
+def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
+    """Process SQS records; return the message ids of those whose step failed."""
+    messages = [
+        (str(r.get("messageId")), Message(
+            r.get("body", ""),
+            location=f"message id {r.get('messageId')}",
+            source=f"sqs:{r.get('eventSourceARN', '')}",
+        ))
+        for r in records
+    ]
+    try:
+        report = runtime("store").engine.process([m for _, m in messages], now=time.time())
+    except Exception:  # a boundary: fall back to one step per record
+        log.exception("a batch of %d SQS records failed; trying them one by one", len(records))
+        reset_runtime()
+    else:
+        _log_rejected(report)
+        return []
+    failed: list[str] = []
+    streak = 0
+    for message_id, message in messages:
+        if streak >= GIVE_UP_AFTER:
+            failed.append(message_id)
+            continue
+        try:
+            _log_rejected(runtime("store").engine.process([message], now=time.time()))
+            streak = 0
+        except Exception:  # a boundary: this record comes back, the others go on
+            log.exception("SQS message %s failed; it will come again", message_id)
+            reset_runtime()
+            failed.append(message_id)
+            streak += 1
+    return failed
+
+
+def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:
+    """Fire the batches that are due now, then deliver the outbox to every sink."""
+    try:
+        current = runtime("emit")
+        fired = current.engine.fire_due(now=time.time())
+        report = current.relay.deliver()
+    except Exception:
+        reset_runtime()
+        raise
+    summary = {
+        "fired": len(fired),
+        "delivered": report.delivered,
+        "failed": report.failed,
+        "parked": report.parked,
+    }
+    log.info("edp emit: %s", summary)
+    if report.failed or report.parked:
+        raise EdpError(
+            f"edp emit: {report.failed} deliveries will be retried, {report.parked} were refused "
+            f"for good ({'; '.join(report.errors[:3])})"
+        )
+    return summary
+
+
+def _summary(report: StepReport) -> dict[str, Any]:
+    _log_rejected(report)
+    return {
+        "messages": report.messages,
+        "events": report.events,
+        "fired": len(report.fired),
+        "rejected": len(report.rejected),
+    }
+
+
+def _log_rejected(report: StepReport) -> None:
+    for letter in report.rejected:
+        log.warning("dead letter from %s, %s: %s", letter.source, letter.location, letter.reason)
+
+
+__all__ = ["emit_handler", "reset_runtime", "runtime", "store_handler"]

@@ -1,0 +1,82 @@
+"""The database URL from a Secrets Manager secret (``EDP_DATABASE_SECRET_ARN``).
+
+The secret is the JSON that RDS and ``deploy/edp.yaml`` keep for a database:
+``username``, ``password``, ``host``, ``port`` and ``dbname`` (``engine`` too,
+which must be PostgreSQL when present). The password never appears in a log or
+an error message; user and password are percent-encoded in the URL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+from edp.aws.clients import aws_errors, error_code, region_of_arn
+from edp.aws.clients import client as make_client
+from edp.config import Settings, default_database_url
+from edp.errors import ConfigError
+
+
+def url_from_secret(secret: Mapping[str, Any], *, name: str = "the database secret") -> str:
+    """``postgresql://user:password@host:port/dbname`` from a secret's fields."""
+    missing = [k for k in ("username", "password", "host") if not secret.get(k)]
+    if missing:
+        raise ConfigError(f"{name} lacks {', '.join(missing)} (it needs username, password, "
+                          "host, and optionally port and dbname)")
+    engine = str(secret.get("engine") or "postgres").lower()
+    if not engine.startswith("postgres"):
+        raise ConfigError(f"{name} is for engine {engine!r}; edp needs PostgreSQL")
+    try:
+        port = int(secret.get("port") or 5432)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} has a port that is not a number") from None
+    user = quote(str(secret["username"]), safe="")
+    password = quote(str(secret["password"]), safe="")
+    dbname = quote(str(secret.get("dbname") or "postgres"), safe="")
+    url = f"postgresql://{user}:{password}@{secret['host']}:{port}/{dbname}"
+    if secret.get("sslmode"):
+        url += f"?sslmode={quote(str(secret['sslmode']), safe='')}"
+    return url
+
+
+def read_secret(secret_arn: str, *, secretsmanager: Any = None) -> dict[str, Any]:
+    """The JSON object of a Secrets Manager secret (``SecretString``)."""
+    sm = secretsmanager if secretsmanager is not None else make_client(
+        "secretsmanager", region=region_of_arn(secret_arn)
+    )
+    try:
+        text = sm.get_secret_value(SecretId=secret_arn)["SecretString"]
+    except aws_errors() as exc:
+        raise ConfigError(
+            f"cannot read the database secret {secret_arn}: {error_code(exc) or type(exc).__name__}"
+            " (does it exist, and may this role call secretsmanager:GetSecretValue?)"
+        ) from None
+    try:
+        data = json.loads(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"the database secret {secret_arn} is not a JSON object") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"the database secret {secret_arn} is not a JSON object")
+    return data
+
+
+def resolve_database_url(
+    settings: Settings, *, env: Mapping[str, str] | None = None, secretsmanager: Any = None
+) -> str:
+    """The store URL: ``database_url`` when given, else the secret, else the default.
+
+    ``database_url`` counts as given when it comes from a flag, ``EDP_DATABASE_URL``
+    or the config file (anything but the built-in default).
+    """
+    env = os.environ if env is None else env
+    explicit = bool(env.get("EDP_DATABASE_URL")) or settings.database_url != default_database_url()
+    if explicit or not settings.database_secret_arn:
+        return settings.database_url
+    secret = read_secret(settings.database_secret_arn, secretsmanager=secretsmanager)
+    return url_from_secret(secret, name=f"the database secret {settings.database_secret_arn}")
+
+
+__all__ = ["read_secret", "resolve_database_url", "url_from_secret"]

@@ -1,0 +1,172 @@
+"""The EventBridge sink: ``PutEvents`` to a named bus.
+
+Each outbox event (an EventBridge envelope, SPEC section 5) becomes one
+``PutEvents`` entry: ``Source``, ``DetailType``, ``Detail``, ``Resources`` and
+``Time`` from the envelope, ``EventBusName`` from the ``eventbridge_bus`` setting.
+EventBridge gives every event its own ``id``; the stable id of the envelope is
+added to the detail as ``event-id`` so that consumers can still deduplicate.
+
+Limits (checked before sending): at most 10 entries per call, and an entry, as
+EventBridge sizes it, below 256 KB; calls are also cut so that their total stays
+below 256 KB. Errors:
+
+* a per-entry ``InternalFailure``/``ThrottlingException`` (or a code not known to
+  be final) -> retried by the relay with backoff and jitter;
+* a per-entry validation or permission code, or an entry too large -> permanent:
+  parked in the outbox (``edp batches reemit`` sends it again once fixed);
+* the whole call failing (throttled, network down, bus missing) -> :class:`SinkError`
+  for the entries not yet sent: the relay retries them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from edp.aws.clients import aws_errors, error_code, region_of_arn
+from edp.aws.clients import client as make_client
+from edp.errors import SinkError
+from edp.sinks.base import Failure
+from edp.store.base import OutboxEntry
+
+log = logging.getLogger(__name__)
+
+MAX_ENTRIES = 10
+MAX_SIZE = 256 * 1024
+"""Bytes, for one entry and for one call, as EventBridge counts them."""
+
+PERMANENT_CODES = frozenset({
+    "AccessDeniedException",
+    "InvalidAccountIdException",
+    "InvalidArgument",
+    "MalformedDetail",
+    "RedactionFailure",
+    "NotAuthorizedForSourceException",
+    "NotAuthorizedForDetailTypeException",
+    "ValidationException",
+})
+"""Per-entry error codes that retrying will not fix (the others are retried)."""
+
+
+def entry_size(entry: dict[str, Any]) -> int:
+    """The size of a ``PutEvents`` entry as EventBridge computes it."""
+    size = 14 if entry.get("Time") is not None else 0
+    size += len(entry["Source"].encode()) + len(entry["DetailType"].encode())
+    size += len(entry.get("Detail", "").encode())
+    size += sum(len(r.encode()) for r in entry.get("Resources", ()))
+    return size
+
+
+def to_entry(payload: str, bus: str) -> dict[str, Any]:
+    """The ``PutEvents`` entry of a stored envelope (``OutboxEntry.payload``)."""
+    envelope = orjson.loads(payload)
+    detail = dict(envelope.get("detail") or {})
+    detail.setdefault("event-id", envelope["id"])
+    entry: dict[str, Any] = {
+        "Source": envelope["source"],
+        "DetailType": envelope["detail-type"],
+        "Detail": orjson.dumps(detail).decode(),
+        "EventBusName": bus,
+    }
+    if envelope.get("resources"):
+        entry["Resources"] = list(envelope["resources"])
+    if envelope.get("time"):
+        entry["Time"] = datetime.fromisoformat(envelope["time"])
+    return entry
+
+
+class EventBridgeSink:
+    """Publishes outbox events to an EventBridge bus (name or ARN)."""
+
+    name = "eventbridge"
+
+    def __init__(self, bus: str, *, events: Any = None, fallback_region: str | None = None) -> None:
+        self.bus = bus
+        self._events = events
+        self._fallback_region = fallback_region
+
+    @property
+    def events(self) -> Any:
+        """The boto3 ``events`` client, made on first use."""
+        if self._events is None:
+            self._events = make_client(
+                "events", region=region_of_arn(self.bus), fallback_region=self._fallback_region
+            )
+        return self._events
+
+    def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
+        """Send ``entries`` in calls of at most 10 entries and 256 KB."""
+        failures: list[Failure] = []
+        ready: list[tuple[OutboxEntry, dict[str, Any], int]] = []
+        for outbox in entries:
+            try:
+                entry = to_entry(outbox.payload, self.bus)
+            except (ValueError, KeyError, TypeError) as exc:
+                failures.append(Failure(outbox.event_id, f"not an EventBridge envelope: {exc}",
+                                        permanent=True))
+                continue
+            size = entry_size(entry)
+            if size >= MAX_SIZE:
+                failures.append(Failure(
+                    outbox.event_id, f"entry of {size} bytes exceeds EventBridge's 256 KB",
+                    permanent=True,
+                ))
+                continue
+            ready.append((outbox, entry, size))
+        sent = 0
+        for call in _calls(ready):
+            try:
+                failures += self._put(call)
+            except SinkError as exc:
+                if not sent and not failures:
+                    raise
+                failures += [Failure(o.event_id, str(exc)) for o, _, _ in ready[sent:]]
+                break
+            sent += len(call)
+        return failures
+
+    def _put(self, call: list[tuple[OutboxEntry, dict[str, Any], int]]) -> list[Failure]:
+        try:
+            response = self.events.put_events(Entries=[entry for _, entry, _ in call])
+        except aws_errors() as exc:
+            code = error_code(exc)
+            raise SinkError(
+                f"EventBridge PutEvents to bus {self.bus} failed: {code or type(exc).__name__}: "
+                f"{exc}"
+            ) from exc
+        failures: list[Failure] = []
+        if not response.get("FailedEntryCount"):
+            return failures
+        for (outbox, _, _), result in zip(call, response.get("Entries", []), strict=False):
+            code = result.get("ErrorCode")
+            if not code:
+                continue
+            failures.append(Failure(
+                outbox.event_id,
+                f"EventBridge {code}: {result.get('ErrorMessage', '')}".strip(),
+                permanent=code in PERMANENT_CODES,
+            ))
+        return failures
+
+
+def _calls(
+    ready: list[tuple[OutboxEntry, dict[str, Any], int]],
+) -> Iterator[list[tuple[OutboxEntry, dict[str, Any], int]]]:
+    """Cut entries into calls of at most 10 entries and 256 KB in total."""
+    call: list[tuple[OutboxEntry, dict[str, Any], int]] = []
+    total = 0
+    for item in ready:
+        if call and (len(call) >= MAX_ENTRIES or total + item[2] >= MAX_SIZE):
+            yield call
+            call, total = [], 0
+        call.append(item)
+        total += item[2]
+    if call:
+        yield call
+
+
+__all__ = ["EventBridgeSink", "entry_size", "to_entry"]

@@ -1,0 +1,122 @@
+"""The webhook sink: each outbox event POSTed as JSON to a URL.
+
+The body is the event JSON exactly as stored. Headers:
+
+* ``X-Edp-Event-Id``: the stable event id (the same on every retry), to deduplicate;
+* ``X-Edp-Signature: sha256=<hex>``: HMAC-SHA256 of the body with ``webhook_secret``
+  (absent when no secret is configured). A receiver recomputes it over the raw
+  body and compares with :func:`hmac.compare_digest`.
+
+A 2xx answer delivers. 408, 429 and 5xx answers, timeouts and connection errors
+are retried by the relay (backoff with jitter); any other answer (4xx, or a
+redirect: edp does not follow them) is permanent and parks the event. Neither the
+secret nor credentials or query strings of the URL are ever logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from edp.errors import ConfigError
+from edp.sinks.base import Failure
+from edp.store.base import OutboxEntry
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 429})
+USER_AGENT = "edp-webhook/1"
+
+
+def signature(body: bytes, secret: str) -> str:
+    """The ``X-Edp-Signature`` header value of ``body``."""
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return f"sha256={digest}"
+
+
+def redact(url: str) -> str:
+    """``url`` without user info, query and fragment, for logs and errors."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer, not an instruction: a POST must not turn into a GET."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class WebhookSink:
+    """POSTs outbox events to an HTTP(S) endpoint."""
+
+    name = "webhook"
+
+    def __init__(self, url: str, *, secret: str | None = None, timeout: float = 10.0) -> None:
+        scheme = urlsplit(url).scheme.lower()
+        if scheme not in ("http", "https") or not urlsplit(url).hostname:
+            raise ConfigError(
+                f"webhook_url must be an http:// or https:// URL, got {redact(url)!r}"
+            )
+        self.url = url
+        self.where = redact(url)
+        self._secret = secret
+        self.timeout = timeout
+        self._opener = urllib.request.build_opener(_NoRedirect())
+        if secret is None:
+            log.warning("webhook %s: no webhook_secret set, events are sent unsigned", self.where)
+
+    def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
+        """POST each entry in order; stop at the first failure that a retry may fix."""
+        failures: list[Failure] = []
+        for index, entry in enumerate(entries):
+            failure = self._post(entry)
+            if failure is None:
+                continue
+            failures.append(failure)
+            if not failure.permanent:
+                # Keep the order: the rest waits for this one's retry.
+                failures += [Failure(e.event_id, "not sent: an earlier event failed")
+                             for e in entries[index + 1:]]
+                break
+        return failures
+
+    def _post(self, entry: OutboxEntry) -> Failure | None:
+        body = entry.payload.encode()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "X-Edp-Event-Id": entry.event_id,
+        }
+        if self._secret is not None:
+            headers["X-Edp-Signature"] = signature(body, self._secret)
+        # The scheme was checked in __init__: http or https only, never file:.
+        request = urllib.request.Request(  # noqa: S310
+            self.url, data=body, headers=headers, method="POST"
+        )
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                response.read()
+                status = int(response.status)
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            exc.close()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return Failure(entry.event_id, f"webhook {self.where}: {reason}")
+        if 200 <= status < 300:
+            return None
+        permanent = status < 500 and status not in RETRYABLE_STATUS
+        return Failure(entry.event_id, f"webhook {self.where}: HTTP {status}", permanent=permanent)
+
+
+__all__ = ["WebhookSink", "redact", "signature"]

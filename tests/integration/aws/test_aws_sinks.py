@@ -1,0 +1,205 @@
+"""The network sinks against moto (EventBridge, SNS) and a local HTTP server (webhook)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import uuid
+from typing import Any
+
+import pytest
+
+from edp.errors import ConfigError, SinkError
+from edp.relay import Relay
+from edp.sinks.eventbridge import EventBridgeSink
+from edp.sinks.sns import SnsSink, ascii_subject
+from edp.sinks.webhook import WebhookSink
+from edp.store import open_store
+from edp.store.base import OutboxEntry, Store
+
+
+def envelope(bucket: str, prefix: str, **detail: Any) -> dict[str, Any]:
+    return {
+        "version": "0", "id": str(uuid.uuid4()), "detail-type": "package-objects-ready",
+        "source": "com.quiltdata.edp", "account": "123456789012",
+        "time": "2024-05-02T10:15:00Z", "region": "us-east-1",
+        "resources": [f"arn:aws:s3:::{bucket}"],
+        "detail": {"version": "0.1", "bucket": bucket, "prefix": prefix, "object-count": 3,
+                   "trigger": "count", "batch-id": str(uuid.uuid4()), **detail},
+    }
+
+
+def entry(event: dict[str, Any], seq: int = 1) -> OutboxEntry:
+    return OutboxEntry(seq, event["id"], event["detail-type"], json.dumps(event), 0.0)
+
+
+def outbox(sink: str, events: list[dict[str, Any]]) -> Store:
+    """A real store whose outbox holds ``events`` for ``sink``."""
+    store = open_store("sqlite:///:memory:")
+    with store.transaction() as tx:
+        for event in events:
+            tx.add_outbox(event_id=event["id"], kind=event["detail-type"],
+                          payload=json.dumps(event), sinks=[sink], now=time.time())
+    return store
+
+
+def deliver_until_done(relay: Relay, store: Store, sink: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        relay.deliver()
+        if not store.pending(sink, limit=1, now=time.time() + 3600):
+            return
+        time.sleep(0.05)
+
+
+# -- EventBridge -------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_eventbridge_sends_many_events_in_calls_of_ten(aws: Any) -> None:
+    # Given 23 events for one bucket, and a bus whose rule feeds a queue
+    bucket = aws.bucket()
+    out_url, out_arn = aws.queue("out")
+    bus = aws.edp_bus(bucket, out_arn)
+    events = [envelope(bucket, f"p/{n}/") for n in range(23)]
+
+    # When the sink sends them
+    failures = EventBridgeSink(bus).send([entry(e, n) for n, e in enumerate(events)])
+
+    # Then all arrive, with the envelope's fields and the stable id in the detail
+    assert failures == []
+    received = aws.collect(out_url, 23, linger=0.5)
+    assert sorted(r["detail"]["event-id"] for r in received) == sorted(e["id"] for e in events)
+    sample = next(r for r in received if r["detail"]["event-id"] == events[0]["id"])
+    assert sample["time"] == "2024-05-02T10:15:00Z"
+    assert sample["resources"] == [f"arn:aws:s3:::{bucket}"]
+    assert sample["detail"]["prefix"] == "p/0/"
+
+
+@pytest.mark.timeout(60)
+def test_eventbridge_refuses_an_oversized_entry_for_good_and_sends_the_rest(aws: Any) -> None:
+    bucket = aws.bucket()
+    out_url, out_arn = aws.queue("out")
+    bus = aws.edp_bus(bucket, out_arn)
+    small = [envelope(bucket, "a/b/"), envelope(bucket, "c/d/")]
+    big = envelope(bucket, "e/f/", notes="x" * 300_000)
+
+    failures = EventBridgeSink(bus).send([entry(small[0]), entry(big), entry(small[1])])
+
+    assert [(f.event_id, f.permanent) for f in failures] == [(big["id"], True)]
+    assert "256 KB" in failures[0].error
+    assert len(aws.collect(out_url, 2, linger=0.5)) == 2
+
+
+@pytest.mark.timeout(60)
+def test_eventbridge_raises_when_the_bus_is_missing(aws: Any) -> None:
+    with pytest.raises(SinkError, match="no-such-bus"):
+        EventBridgeSink("no-such-bus").send([entry(envelope("b", "p/"))])
+
+
+# -- SNS ---------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_sns_publishes_every_event_with_a_short_ascii_subject(aws: Any) -> None:
+    # Given a topic with a queue subscribed, and 12 events, one with a long prefix
+    out_url, out_arn = aws.queue("sns-out")
+    topic = aws.sns_to_queue(out_arn)
+    long_prefix = "Überlange Verzeichnisse/" * 8
+    events = [envelope("bkt", f"p/{n}/") for n in range(11)] + [envelope("bkt", long_prefix)]
+
+    # When the sink publishes them
+    failures = SnsSink(topic).send([entry(e, n) for n, e in enumerate(events)])
+
+    # Then each arrives once, whole, with attributes and a subject SNS accepts
+    assert failures == []
+    received = aws.collect(out_url, 12, linger=0.5)
+    assert sorted(json.loads(r["Message"])["id"] for r in received) == sorted(
+        e["id"] for e in events
+    )
+    subjects = [r["Subject"] for r in received]
+    assert all(len(s) < 100 and s.isascii() for s in subjects)
+    assert "edp package-objects-ready bkt/p/0/" in subjects
+    assert any(s.startswith("edp package-objects-ready bkt/Uberlange") and s.endswith("...")
+               for s in subjects)
+    attributes = received[0]["MessageAttributes"]
+    assert attributes["detail-type"]["Value"] == "package-objects-ready"
+    assert attributes["source"]["Value"] == "com.quiltdata.edp"
+
+
+@pytest.mark.timeout(60)
+def test_sns_refuses_an_oversized_message_for_good(aws: Any) -> None:
+    _, out_arn = aws.queue("sns-out")
+    topic = aws.sns_to_queue(out_arn)
+    big = envelope("bkt", "p/", notes="x" * 300_000)
+    [failure] = SnsSink(topic).send([entry(big)])
+    assert failure.permanent and failure.event_id == big["id"]
+
+
+def test_ascii_subject() -> None:
+    assert ascii_subject("edp x  y\nz") == "edp x y z"
+    assert ascii_subject("café 日本") == "cafe ??"
+    assert len(ascii_subject("a" * 300)) == 99
+
+
+# -- webhook -----------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_webhook_signs_and_retries_until_delivered(webhook: Any) -> None:
+    # Given a receiver that answers 503, then 429, then accepts
+    webhook.statuses += [503, 429]
+    events = [envelope("bkt", "a/"), envelope("bkt", "b/")]
+    store = outbox("webhook", events)
+    relay = Relay(store, [WebhookSink(webhook.url, secret=webhook.secret)], base_backoff=0.01)
+
+    # When the relay delivers
+    deliver_until_done(relay, store, "webhook")
+
+    # Then each event arrived signed, in order, once accepted
+    assert [e["id"] for e in webhook.valid()] == [e["id"] for e in events]
+    assert [r["status"] for r in webhook.received][:2] == [503, 429]
+    store.close()
+
+
+@pytest.mark.timeout(30)
+def test_webhook_client_errors_are_permanent(webhook: Any) -> None:
+    # Given a receiver that refuses the first event (400)
+    webhook.statuses += [400]
+    events = [envelope("bkt", "a/"), envelope("bkt", "b/")]
+    store = outbox("webhook", events)
+    relay = Relay(store, [WebhookSink(webhook.url, secret=webhook.secret)], base_backoff=0.01)
+
+    # When the relay delivers
+    report = relay.deliver()
+
+    # Then the refused one is parked (not retried) and the next is delivered
+    assert (report.parked, report.delivered) == (1, 1)
+    assert [e["id"] for e in webhook.valid()] == [events[1]["id"]]
+    assert relay.deliver().delivered == 0
+    store.close()
+
+
+@pytest.mark.timeout(30)
+def test_webhook_unreachable_is_retried_and_logs_no_secret(caplog: Any) -> None:
+    # Given a webhook URL with credentials, on a port where nothing listens
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://user:hunter2@127.0.0.1:{port}/hook?token=abc"
+    sink = WebhookSink(url, secret="top-secret", timeout=2)
+    events = [envelope("bkt", "a/"), envelope("bkt", "b/")]
+
+    # When it sends, with logging on
+    caplog.set_level(logging.DEBUG)
+    failures = sink.send([entry(e) for e in events])
+    store = outbox("webhook", events)
+    Relay(store, [sink]).deliver()
+    store.close()
+
+    # Then both failed for now (retried later), and no secret shows anywhere
+    assert [(f.event_id, f.permanent) for f in failures] == [(e["id"], False) for e in events]
+    shown = caplog.text + " ".join(f.error for f in failures)
+    for secret in ("hunter2", "top-secret", "token=abc"):
+        assert secret not in shown
+
+
+def test_webhook_refuses_other_schemes() -> None:
+    with pytest.raises(ConfigError, match="http"):
+        WebhookSink("file:///etc/passwd")

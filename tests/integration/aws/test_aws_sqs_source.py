@@ -1,0 +1,217 @@
+"""The SQS source on its own: receipts, caught-up, acknowledgement, visibility, checks."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from edp.cli import main
+from edp.config import load_settings
+from edp.errors import ConfigError
+from edp.sources.sqs import SqsSource
+
+
+def counts(aws: Any, url: str) -> tuple[int, int]:
+    attributes = aws.sqs.get_queue_attributes(
+        QueueUrl=url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )["Attributes"]
+    return (int(attributes["ApproximateNumberOfMessages"]),
+            int(attributes["ApproximateNumberOfMessagesNotVisible"]))
+
+
+@pytest.mark.timeout(30)
+def test_receive_names_each_message_and_deletes_only_on_ack(aws: Any) -> None:
+    # Given a queue with 12 messages and a source taking 10 at a time
+    url, _ = aws.queue("src")
+    ids = [aws.sqs.send_message(QueueUrl=url, MessageBody=f'{{"n": {n}}}')["MessageId"]
+           for n in range(12)]
+    source = SqsSource(url, wait_seconds=0, max_messages=10)
+
+    # When it receives
+    first = source.receive(wait=0)
+
+    # Then it got a full batch (so it is not caught up), each message named by its id
+    assert len(first.messages) == 10 and not first.caught_up
+    assert {m.location for m in first.messages} <= {f"message id {i}" for i in ids}
+    assert {m.source for m in first.messages} == {f"sqs:{url}"}
+    assert counts(aws, url) == (2, 10)
+
+    # When the rest is received and both receives are acknowledged
+    second = source.receive(wait=0)
+    assert len(second.messages) == 2 and second.caught_up
+    source.ack(first)
+    source.ack(second)
+
+    # Then the queue is empty
+    assert counts(aws, url) == (0, 0)
+    source.close()
+
+
+@pytest.mark.timeout(30)
+def test_visibility_is_extended_while_a_step_holds_messages(aws: Any) -> None:
+    # Given a source with a 2 s visibility timeout that received a message
+    url, _ = aws.queue("slow")
+    aws.sqs.send_message(QueueUrl=url, MessageBody="{}")
+    source = SqsSource(url, wait_seconds=0, visibility_timeout=2)
+    received = source.receive(wait=0)
+    assert len(received.messages) == 1
+
+    # When the step takes longer than the timeout
+    time.sleep(3.5)
+
+    # Then the message stayed invisible: another consumer does not get it
+    other = aws.sqs.receive_message(QueueUrl=url, WaitTimeSeconds=0)
+    assert other.get("Messages", []) == []
+    assert source.keeper.extensions >= 1
+
+    # And once acknowledged it is gone
+    source.ack(received)
+    assert counts(aws, url) == (0, 0)
+    source.close()
+
+
+@pytest.mark.timeout(30)
+def test_an_abandoned_receive_comes_back_after_its_timeout(aws: Any) -> None:
+    # Given a received message whose step failed (never acknowledged)
+    url, _ = aws.queue("retry")
+    aws.sqs.send_message(QueueUrl=url, MessageBody="{}")
+    source = SqsSource(url, wait_seconds=0, visibility_timeout=2)
+    assert len(source.receive(wait=0).messages) == 1
+
+    # When the source receives again (the previous receive is abandoned: its
+    # visibility is no longer extended), and again after the timeout
+    assert source.receive(wait=0).messages == []
+    time.sleep(2.3)
+    again = source.receive(wait=0)
+
+    # Then the same message is delivered again
+    assert len(again.messages) == 1
+    source.ack(again)
+    source.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_missing_queue_fails_at_start(aws: Any, tmp_path: Path) -> None:
+    # Given a queue URL that does not exist
+    url = aws.sqs.get_queue_url(QueueName=aws.queue("gone")[0].rsplit("/", 1)[1])["QueueUrl"]
+    aws.sqs.delete_queue(QueueUrl=url)
+
+    # When edp run starts on it
+    result = CliRunner().invoke(main, ["run", "--sqs-queue", url, "--database-url",
+                                       f"sqlite:///{tmp_path / 'x.db'}"])
+
+    # Then it stops at once with a configuration error naming the queue
+    assert result.exit_code == 2
+    assert url in result.output and "cannot be used" in result.output
+
+
+def test_edp_run_needs_a_queue(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["run", "--database-url", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert result.exit_code == 2
+    assert "--sqs-queue" in result.output
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("EDP_SQS_MAX_MESSAGES", "11"), ("EDP_SQS_WAIT_SECONDS", "21"),
+     ("EDP_SQS_VISIBILITY_TIMEOUT", "0"), ("EDP_SQS_DELETE_POISON", "maybe")],
+)
+def test_sqs_settings_are_checked(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        load_settings()
+
+
+def test_settings_accept_the_cloudformation_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given the variables deploy/edp.yaml sets on both Lambdas
+    values = {
+        "EDP_DATABASE_SECRET_ARN": "arn:aws:secretsmanager:us-east-1:123:secret:edp-AbC",
+        "EDP_BUCKETS": "b1,b2", "EDP_BUCKET_IGNORE_PREFIXES": "raw/*",
+        "EDP_BUCKET_PREFIX_DEPTH": "2", "EDP_BUCKET_THRESHOLD_DURATION": "300",
+        "EDP_BUCKET_THRESHOLD_EVENT_COUNT": "20", "EDP_BUCKET_MAX_BATCH_AGE": "0",
+        "EDP_BUCKET_COMPLETE_MARKERS": "", "EDP_EVENTBRIDGE_BUS": "quilt-edp",
+        "EDP_EVENT_SOURCE": "com.quiltdata.edp", "EDP_REGION": "eu-west-1",
+        "EDP_ACCOUNT": "123456789012",
+    }
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+    # When settings load, Then every one is taken
+    settings = load_settings()
+    assert settings.database_secret_arn == values["EDP_DATABASE_SECRET_ARN"]
+    assert settings.eventbridge_bus == "quilt-edp"
+    assert (settings.region, settings.account) == ("eu-west-1", "123456789012")
+    assert settings.buckets == ("b1", "b2")
+
+
+def test_the_webhook_secret_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDP_WEBHOOK_SECRET", "s3cr3t-value")
+    result = CliRunner().invoke(main, ["config"])
+    assert result.exit_code == 0
+    assert "webhook_secret" in result.output and "s3cr3t-value" not in result.output
+
+
+@pytest.mark.timeout(30)
+def test_one_daemon_drains_several_queues_into_one_engine(aws: Any, tmp_path: Path) -> None:
+    # Given two queues, one with EventBridge S3 events and one with S3 notifications
+    # for the same prefix, and a daemon on both
+    import threading
+
+    from edp.bootstrap import build_runtime
+    from edp.daemon import Daemon
+    from edp_testing import ListSink, eventbridge, settings
+
+    first, _ = aws.queue("a")
+    second, _ = aws.queue("b")
+    now = time.time()
+    for n in range(2):
+        aws.sqs.send_message(QueueUrl=first, MessageBody=json.dumps(
+            eventbridge(f"lab/run 1/eb{n}.csv", now, bucket="bkt", sequencer=f"0{n}")))
+        aws.sqs.send_message(QueueUrl=second, MessageBody=json.dumps(notification(
+            "bkt", f"lab/run 1/s3 {n}.csv", now)))
+    sink = ListSink()
+    cfg = settings(bucket_threshold_event_count=4, database_url=f"sqlite:///{tmp_path / 'd.db'}")
+    sources = [SqsSource(url, wait_seconds=1) for url in (first, second)]
+    daemons: list[Daemon] = []
+
+    def work() -> None:  # SQLite connections belong to the thread that made them
+        runtime = build_runtime(cfg, sinks=[sink])
+        daemons.append(Daemon(runtime, sources, max_wait=1))
+        try:
+            daemons[0].run()
+        finally:
+            runtime.close()
+
+    # When it runs until the batch is out
+    thread = threading.Thread(target=work)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not sink.sent and time.monotonic() < deadline:
+        time.sleep(0.1)
+    daemons[0].stop()
+    thread.join(timeout=10)
+
+    # Then the four files from both queues made one batch, and both queues are empty
+    assert [(e["detail"]["prefix"], e["detail"]["object-count"], e["detail"]["trigger"])
+            for e in sink.sent] == [("lab/run 1/", 4, "count")]
+    assert counts(aws, first) == counts(aws, second) == (0, 0)
+
+
+def notification(bucket: str, key: str, t: float) -> dict[str, Any]:
+    from urllib.parse import quote_plus
+
+    from edp_testing import iso
+
+    return {"Records": [{
+        "eventSource": "aws:s3", "eventName": "ObjectCreated:Put", "eventTime": iso(t),
+        "s3": {"bucket": {"name": bucket},
+               "object": {"key": quote_plus(key, safe="/"), "size": 1, "eTag": "e"}},
+    }]}
