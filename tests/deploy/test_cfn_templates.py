@@ -171,6 +171,16 @@ def test_setting_parameter_reaches_lambda_environment(
     )
 
 
+@pytest.mark.parametrize(("parameter", "variable"), sorted(PARAMETER_TO_ENV.items()))
+def test_parameter_variable_is_an_edp_setting(parameter: str, variable: str) -> None:
+    """Each variable a parameter sets is read by edp (not a typo nor a retired setting)."""
+    from edp.config import SETTING_NAMES, env_name
+
+    variables = {env_name(setting) for setting in SETTING_NAMES}
+
+    assert variable in variables, f"{parameter} sets {variable}, which is no edp setting"
+
+
 def test_both_lambdas_share_one_environment(edp: dict[str, Any]) -> None:
     store, emit = (lambda_environment(edp, name) for name in LAMBDAS)
 
