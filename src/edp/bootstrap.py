@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from edp.config import Settings
-from edp.engine import Engine
+from edp.engine import Engine, StepObserver
 from edp.relay import Relay
 from edp.sinks import JsonlSink, LogSink, Sink, StdoutSink
 from edp.store import Store, open_store
@@ -36,7 +36,35 @@ def build_sinks(settings: Settings, *, stdout: bool = False) -> list[Sink]:
     if settings.log_events:
         sinks.append(LogSink())
     # -- network sinks (issue 4) are added below this line, imported lazily
+    if settings.eventbridge_bus:
+        from edp.sinks.eventbridge import EventBridgeSink
+
+        sinks.append(EventBridgeSink(settings.eventbridge_bus, fallback_region=settings.region))
+    if settings.sns_topic:
+        from edp.sinks.sns import SnsSink
+
+        sinks.append(SnsSink(settings.sns_topic, fallback_region=settings.region))
+    if settings.webhook_url:
+        from edp.sinks.webhook import WebhookSink
+
+        secret = settings.webhook_secret
+        sinks.append(WebhookSink(
+            settings.webhook_url, secret=secret.get_secret_value() if secret else None
+        ))
     return sinks
+
+
+def build_observers(settings: Settings) -> list[StepObserver]:
+    """Engine observers the settings ask for: ``package-ready`` detection (issue 5).
+
+    Empty unless ``package_ready_registries`` names buckets; quilt/boto3 load lazily.
+    Pass the list to :func:`build_runtime` (``observers=``) in long-running workers.
+    """
+    if not settings.package_ready_registries:
+        return []
+    from edp.quilt.ready import build_package_ready_observer
+
+    return [build_package_ready_observer(settings)]
 
 
 def build_runtime(
@@ -47,11 +75,13 @@ def build_runtime(
     stdout: bool = False,
     worker_id: str | None = None,
     fast_unsafe: bool = False,
+    observers: Sequence[StepObserver] = (),
 ) -> Runtime:
     """Open the store and wire an engine and a relay to it."""
     store = open_store(database_url or settings.database_url, fast_unsafe=fast_unsafe)
     chosen = list(sinks) if sinks is not None else build_sinks(settings, stdout=stdout)
     engine = Engine(
-        store, settings, sinks=[s.name for s in chosen], worker_id=worker_id
+        store, settings, sinks=[s.name for s in chosen], worker_id=worker_id,
+        observers=observers,
     )
     return Runtime(settings, store, engine, Relay(store, chosen))

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 
 from edp.core.rules import GroupingRules, RuleBook
 from edp.errors import ConfigError
@@ -177,7 +177,26 @@ class Settings(BaseModel):
     worker_timeout: Duration = 60.0
     chunk_size: PositiveInt = 2000
     # -- postgres and several workers (issue 3): add settings below this line
+    replay_workers: PositiveInt = 1
     # -- aws runtime: sqs sources, eventbridge/sns/webhook sinks (issue 4): below this line
+    sqs_queues: Csv = ()
+    sqs_wait_seconds: Annotated[int, BeforeValidator(_int(0)), Field(le=20)] = 20
+    sqs_max_messages: Annotated[int, BeforeValidator(_int(1)), Field(le=10)] = 10
+    sqs_visibility_timeout: Annotated[int, BeforeValidator(_int(1)), Field(le=43200)] = 60
+    sqs_delete_poison: Flag = True
+    eventbridge_bus: OptionalText = None
+    sns_topic: OptionalText = None
+    webhook_url: OptionalText = None
+
+    @staticmethod
+    def _secret(value: Any) -> Any:
+        """Secrets are kept as SecretStr: ``edp config`` and reprs show ``**********``."""
+        if isinstance(value, str):
+            return SecretStr(value.strip()) if value.strip() else None
+        return value
+
+    webhook_secret: Annotated[SecretStr | None, BeforeValidator(_secret)] = None
+    database_secret_arn: OptionalText = None
     # -- quilt packaging and package-ready (issue 5): below this line
     registry: OptionalText = None
     package_local_root: OptionalText = None
@@ -212,7 +231,7 @@ class Settings(BaseModel):
     watch_ignore: Csv = ("*.part", "*.tmp", "~$*", ".*.swp")
     serve_host: Text = "127.0.0.1"
     serve_port: Count = 8080
-    serve_token: OptionalText = None
+    serve_token: Annotated[SecretStr | None, BeforeValidator(_optional_text)] = None
     serve_max_body: PositiveInt = 1_048_576
 
     def grouping(self, bucket: str | None = None) -> GroupingRules:

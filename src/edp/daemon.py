@@ -18,7 +18,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 from edp.bootstrap import Runtime
-from edp.engine import Message
+from edp.engine import Message, StepReport
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ class Received:
     messages: list[Message]
     caught_up: bool
     receipts: list[Any] = field(default_factory=list)
+    report: StepReport | None = None
+    """What the engine made of ``messages`` (set before :meth:`Source.ack`)."""
 
 
 class Source(Protocol):
@@ -80,6 +82,7 @@ class Daemon:
         self.stop_event = threading.Event()
         self.stats = DaemonStats()
         self._caught_up = {source.name: False for source in self.sources}
+        self._last_prune = -float("inf")
 
     def stop(self) -> None:
         """Ask the loop to finish its current step and exit."""
@@ -121,6 +124,7 @@ class Daemon:
                 report = engine.process(
                     received.messages, now=self.clock(), caught_up=self._all_caught_up()
                 )
+                received.report = report
                 self.stats.steps += 1
                 self.stats.messages += len(received.messages)
                 self.stats.fired += len(report.fired)
@@ -129,20 +133,41 @@ class Daemon:
                 break
         if self._all_caught_up():
             self.stats.fired += len(engine.fire_due(now=self.clock()))
+            self._prune()
         self._relay()
 
     def _all_caught_up(self) -> bool:
         return all(self._caught_up.values())
 
     def _wait(self) -> float:
-        """How long a receive may block: never past the next deadline."""
+        """How long a receive may block: never past the next deadline.
+
+        A deadline already passed but held back by another worker's clock (SPEC
+        section 4) must not make the loop spin: it then waits a short tick.
+        """
         if not self._all_caught_up():
             return 0.0
         wait = self.max_wait / max(1, len(self.sources))
         deadline = self.runtime.engine.next_deadline()
         if deadline is not None:
-            wait = min(wait, max(0.0, deadline - self.clock()))
+            remaining = deadline - self.clock()
+            wait = min(wait, remaining if remaining > 0 else self.HELD_BACK_TICK)
         return wait
+
+    HELD_BACK_TICK = 0.5
+    """Seconds between checks while a passed deadline waits for other workers."""
+
+    PRUNE_EVERY = 600.0
+    """Seconds between prunings of key memories older than ``sequencer_retention``."""
+
+    def _prune(self) -> None:
+        now = self.clock()
+        if now - self._last_prune < self.PRUNE_EVERY:
+            return
+        self._last_prune = now
+        forgotten = self.runtime.engine.prune()
+        if forgotten:
+            log.info("pruned %d key memories older than the retention", forgotten)
 
     def _relay(self) -> None:
         report = self.runtime.relay.deliver()

@@ -240,6 +240,15 @@ class Engine:
         self._log_fired(fired)
         return fired
 
+    def prune(self) -> int:
+        """Forget key memories last seen more than ``sequencer_retention`` before the clock.
+
+        Long-running workers call this now and then; a replay never does (it keeps all).
+        """
+        if not math.isfinite(self.clock):
+            return 0
+        return self.store.prune(keys_before=self.clock - self.settings.sequencer_retention)
+
     def next_deadline(self) -> float | None:
         """The earliest deadline of any open batch, for a timer to wake the worker."""
         rows = self.store.open_batches_by_deadline(limit=1)

@@ -90,3 +90,15 @@ def test_unknown_batch_id_is_a_clear_error(tmp_path: Path) -> None:
     result = edp("batches", "show", "deadbeef", home=tmp_path)
     assert result.returncode == 1
     assert "no batch with id 'deadbeef'" in result.stderr
+
+
+def test_config_shows_settings_without_secrets(tmp_path: Path) -> None:
+    env = {**os.environ, "EDP_DATABASE_URL": "postgresql://edp:s3cret@db.example:5432/edp",
+           "EDP_WEBHOOK_SECRET": "hush", "EDP_BUCKET_PREFIX_DEPTH": "3"}
+    result = subprocess.run([sys.executable, "-m", "edp", "config"], capture_output=True,
+                            text=True, env=env, timeout=60, check=False, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "bucket_prefix_depth = 3" in result.stdout
+    assert "postgresql://edp:***@db.example:5432/edp" in result.stdout
+    assert "s3cret" not in result.stdout
+    assert "hush" not in result.stdout

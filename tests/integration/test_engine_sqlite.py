@@ -181,3 +181,17 @@ def test_schema_is_versioned(url: str) -> None:
     assert isinstance(store, SqliteStore)
     assert store.schema_version() == (1, 1)
     assert store.upgrade() == []
+
+
+def test_engine_prune_keeps_the_retention_window(url: str) -> None:
+    store = open_store(url)
+    engine = Engine(store, settings(bucket_threshold_event_count=1), sinks=[], worker_id="w")
+    day = 86400.0
+    engine.process(msgs(eventbridge("i/e/old", T0, sequencer="01"),
+                        eventbridge("i/e/new", T0 + day, sequencer="02")), now=T0)
+    engine.process(msgs(eventbridge("i/e/x", T0 + day + 10, sequencer="03")), now=T0)
+    assert engine.prune() == 1  # only the key last seen more than a day before the clock
+    # the remembered key still recognises its duplicate; the forgotten one does not
+    report = engine.process(msgs(eventbridge("i/e/new", T0 + day, sequencer="02"),
+                                 eventbridge("i/e/old", T0, sequencer="01")), now=T0)
+    assert report.counts["events.duplicate"] == 1

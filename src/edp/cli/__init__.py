@@ -29,6 +29,15 @@ from edp.cli import replay as _replay  # noqa: E402
 from edp.cli import store as _store  # noqa: E402
 
 # -- further command modules: one import line each, below this line
+# isort: split
+from edp.cli import backfill as _backfill  # noqa: E402, F401
+from edp.cli import bundle as _bundle  # noqa: E402, F401
+from edp.cli import demo as _demo  # noqa: E402, F401
+from edp.cli import package as _package  # noqa: E402, F401
+from edp.cli import run as _run  # noqa: E402, F401
+from edp.cli import serve as _serve  # noqa: E402, F401
+from edp.cli import status as _status  # noqa: E402, F401
+from edp.cli import watch as _watch  # noqa: E402, F401
 
 __all__ = ["main"]
 _ = (_batches, _replay, _store)

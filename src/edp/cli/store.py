@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import click
@@ -69,4 +70,11 @@ def config_show(**kwargs: Any) -> None:
     """Print the effective settings (after file, environment and flags)."""
     settings = settings_from(kwargs)
     for name, value in settings.model_dump().items():
+        if isinstance(value, str):
+            value = redact_url(value)
         click.echo(f"{name} = {value!r}")
+
+
+def redact_url(text: str) -> str:
+    """Hide the password of a URL (``scheme://user:password@host`` -> ``user:***@host``)."""
+    return re.sub(r"(//[^/:@\s]*):[^@/\s]*@", r"\1:***@", text)
