@@ -21,7 +21,7 @@ below 256 KB. Errors:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +30,7 @@ import orjson
 from edp.aws.clients import aws_errors, error_code, region_of_arn
 from edp.aws.clients import client as make_client
 from edp.errors import SinkError
+from edp.sinks._calls import Prepared, send_in_calls
 from edp.sinks.base import Failure
 from edp.store.base import OutboxEntry
 
@@ -100,36 +101,13 @@ class EventBridgeSink:
 
     def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
         """Send ``entries`` in calls of at most 10 entries and 256 KB."""
-        failures: list[Failure] = []
-        ready: list[tuple[OutboxEntry, dict[str, Any], int]] = []
-        for outbox in entries:
-            try:
-                entry = to_entry(outbox.payload, self.bus)
-            except (ValueError, KeyError, TypeError) as exc:
-                failures.append(Failure(outbox.event_id, f"not an EventBridge envelope: {exc}",
-                                        permanent=True))
-                continue
-            size = entry_size(entry)
-            if size >= MAX_SIZE:
-                failures.append(Failure(
-                    outbox.event_id, f"entry of {size} bytes exceeds EventBridge's 256 KB",
-                    permanent=True,
-                ))
-                continue
-            ready.append((outbox, entry, size))
-        sent = 0
-        for call in _calls(ready):
-            try:
-                failures += self._put(call)
-            except SinkError as exc:
-                if not sent and not failures:
-                    raise
-                failures += [Failure(o.event_id, str(exc)) for o, _, _ in ready[sent:]]
-                break
-            sent += len(call)
-        return failures
+        return send_in_calls(
+            entries, prepare=lambda outbox: to_entry(outbox.payload, self.bus),
+            size_of=entry_size, call=self._put, service="EventBridge",
+            max_entries=MAX_ENTRIES, max_size=MAX_SIZE,
+        )
 
-    def _put(self, call: list[tuple[OutboxEntry, dict[str, Any], int]]) -> list[Failure]:
+    def _put(self, call: list[Prepared]) -> list[Failure]:
         try:
             response = self.events.put_events(Entries=[entry for _, entry, _ in call])
         except aws_errors() as exc:
@@ -152,21 +130,6 @@ class EventBridgeSink:
             ))
         return failures
 
-
-def _calls(
-    ready: list[tuple[OutboxEntry, dict[str, Any], int]],
-) -> Iterator[list[tuple[OutboxEntry, dict[str, Any], int]]]:
-    """Cut entries into calls of at most 10 entries and 256 KB in total."""
-    call: list[tuple[OutboxEntry, dict[str, Any], int]] = []
-    total = 0
-    for item in ready:
-        if call and (len(call) >= MAX_ENTRIES or total + item[2] >= MAX_SIZE):
-            yield call
-            call, total = [], 0
-        call.append(item)
-        total += item[2]
-    if call:
-        yield call
 
 
 __all__ = ["EventBridgeSink", "entry_size", "to_entry"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -24,6 +24,7 @@ import orjson
 from edp.aws.clients import aws_errors, error_code, region_of_arn
 from edp.aws.clients import client as make_client
 from edp.errors import SinkError
+from edp.sinks._calls import Prepared, send_in_calls
 from edp.sinks.base import Failure
 from edp.store.base import OutboxEntry
 
@@ -87,32 +88,10 @@ class SnsSink:
 
     def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
         """Publish ``entries``, 10 (and at most 256 KB) per call."""
-        failures: list[Failure] = []
-        ready: list[tuple[OutboxEntry, dict[str, Any], int]] = []
-        for outbox in entries:
-            try:
-                request = self._request(outbox)
-            except (ValueError, TypeError) as exc:
-                failures.append(Failure(outbox.event_id, f"not an event envelope: {exc}",
-                                        permanent=True))
-                continue
-            size = _size(request)
-            if size > MAX_SIZE:
-                failures.append(Failure(outbox.event_id, f"message of {size} bytes exceeds "
-                                        "SNS's 256 KB", permanent=True))
-                continue
-            ready.append((outbox, request, size))
-        sent = 0
-        for call in _calls(ready):
-            try:
-                failures += self._publish(call)
-            except SinkError as exc:
-                if not sent and not failures:
-                    raise
-                failures += [Failure(o.event_id, str(exc)) for o, _, _ in ready[sent:]]
-                break
-            sent += len(call)
-        return failures
+        return send_in_calls(
+            entries, prepare=self._request, size_of=_size, call=self._publish, service="SNS",
+            max_entries=MAX_ENTRIES, max_size=MAX_SIZE,
+        )
 
     def _request(self, outbox: OutboxEntry) -> dict[str, Any]:
         envelope = orjson.loads(outbox.payload)
@@ -137,7 +116,7 @@ class SnsSink:
             request["MessageDeduplicationId"] = outbox.event_id
         return request
 
-    def _publish(self, call: list[tuple[OutboxEntry, dict[str, Any], int]]) -> list[Failure]:
+    def _publish(self, call: list[Prepared]) -> list[Failure]:
         try:
             response = self.sns.publish_batch(
                 TopicArn=self.topic_arn,
@@ -166,21 +145,6 @@ def _size(request: dict[str, Any]) -> int:
     for name, value in request["MessageAttributes"].items():
         size += len(name.encode()) + len(value["DataType"]) + len(value["StringValue"].encode())
     return size
-
-
-def _calls(
-    ready: list[tuple[OutboxEntry, dict[str, Any], int]],
-) -> Iterator[list[tuple[OutboxEntry, dict[str, Any], int]]]:
-    call: list[tuple[OutboxEntry, dict[str, Any], int]] = []
-    total = 0
-    for item in ready:
-        if call and (len(call) >= MAX_ENTRIES or total + item[2] > MAX_SIZE):
-            yield call
-            call, total = [], 0
-        call.append(item)
-        total += item[2]
-    if call:
-        yield call
 
 
 __all__ = ["SnsSink", "ascii_subject", "subject_for"]
