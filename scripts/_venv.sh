@@ -13,12 +13,16 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "creating $VENV" >&2
     "$PYTHON" -m venv "$VENV"
 fi
+# One stamp line per set of extras installed from this pyproject.toml: run-demo and
+# run-tests share the venv without reinstalling each other's extras every time.
 stamp="$VENV/.edp-installed"
-want="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16) $extras"
+want="$(sha256sum < "$ROOT/pyproject.toml" | cut -c1-16) $extras"
 if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
     echo "installing edp[$extras] into $VENV" >&2
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
     "$VENV/bin/python" -m pip install --quiet -e "$ROOT[$extras]" >&2
-    echo "$want" > "$stamp"
+    hash="${want%% *}"
+    { grep -F "$hash " "$stamp" 2>/dev/null || true; echo "$want"; } > "$stamp.new"
+    mv "$stamp.new" "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -222,8 +222,7 @@ def _event(
         raise DecodeError("bucket name is missing")
     if type(key) is not str or not key:
         raise DecodeError("object key is missing")
-    if url_encoded and ("%" in key or "+" in key):
-        key = unquote_plus(key)
+    key = decode_key(key, url_encoded=url_encoded)
     etag = obj.get("etag") or obj.get("eTag") or None
     if etag is not None:
         etag = str(etag).strip('"')

@@ -136,8 +136,13 @@ class Engine:
             events.extend(decoded.events)
             for kind, count in decoded.ignored.items():
                 report.counts[f"ignored.{kind}"] += count
-            for error in decoded.errors:
-                report.rejected.append(self._dead(message, error, now))
+            if decoded.errors:
+                # One dead letter (and one reported line) per input message, however
+                # many of its records were bad; the good records go on.
+                reason = "; ".join(error.reason for error in decoded.errors)
+                report.rejected.append(
+                    self._dead(message, DecodeError(reason, location=message.location), now)
+                )
         report.events = len(events)
         return events, report
 
@@ -263,13 +268,14 @@ class Engine:
                 f"batch {row.batch_id} ({row.bucket}/{row.prefix}) is already closed "
                 f"(trigger {row.trigger}); use `edp batches reemit` to send its event again"
             )
+        sinks = self._operator_sinks()
         with self.store.transaction() as tx:
             state = tx.load(LoadRequest(batch_ids={row.batch_id}))
             batcher = self._batcher(state)
             ready = batcher.close(row.bucket, row.prefix, now)
             if ready is None:
                 raise EdpError(f"batch {row.batch_id} was closed by another worker meanwhile")
-            tx.save(self._write(batcher.take_changes()), sinks=self.sinks, now=now)
+            tx.save(self._write(batcher.take_changes()), sinks=sinks, now=now)
             tx.add_counters({"batches.manual": 1})
         self._log_fired([ready])
         return ready
@@ -282,11 +288,26 @@ class Engine:
                 f"batch {row.batch_id} ({row.bucket}/{row.prefix}) is still open: "
                 "close it first with `edp batches close`"
             )
-        if not self.store.requeue(row.event_id, self.sinks):
+        if not self.store.requeue(row.event_id, self._operator_sinks()):
             raise EdpError(f"the event of batch {row.batch_id} is not in the outbox")
         return row.event_id
 
     # -- internals ----------------------------------------------------------------
+    def _operator_sinks(self) -> tuple[str, ...]:
+        """Sinks for an operator's close or re-emit: ours, else those the store knows.
+
+        An operator's command often runs without the workers' sink settings; its
+        event must still reach the sinks the workers relay to.
+        """
+        sinks = self.sinks or tuple(self.store.known_sinks())
+        if not sinks:
+            raise EdpError(
+                "no sink is configured and the store knows none: configure one "
+                "(jsonl_path, eventbridge_bus, sns_topic, webhook_url, log_events) "
+                "so that the event is delivered"
+            )
+        return sinks
+
     @staticmethod
     def _request(
         events: Sequence[ObjectEvent], prefixes: Sequence[str | Skip], due_until: float

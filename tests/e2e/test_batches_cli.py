@@ -102,3 +102,55 @@ def test_config_shows_settings_without_secrets(tmp_path: Path) -> None:
     assert "postgresql://edp:***@db.example:5432/edp" in result.stdout
     assert "s3cret" not in result.stdout
     assert "hush" not in result.stdout
+
+
+def test_an_operator_close_without_sink_settings_reaches_the_workers_sinks(
+    tmp_path: Path,
+) -> None:
+    # Given a store whose workers relay to a JSONL sink, with one open batch
+    from edp.bootstrap import build_runtime
+    from edp.config import load_settings
+    from edp.engine import Message
+
+    url = f"sqlite:///{tmp_path / 'data' / 'edp' / 'edp.db'}"
+    worker = load_settings(env={"EDP_JSONL_PATH": str(tmp_path / "events.jsonl")},
+                           flags={"database_url": url})
+    runtime = build_runtime(worker)
+    runtime.engine.process([Message(eventbridge("lab/e/a", 1), "line 1"),
+                            Message(eventbridge("lab/e2/a", 1), "line 2")], now=5)
+    [first_id, _] = [r.batch_id for r in runtime.store.list_batches(state="open")]
+    runtime.engine.close_batch(first_id, now=6)
+    runtime.relay.deliver()
+    [second] = runtime.store.list_batches(state="open")
+    runtime.close()
+
+    # When an operator closes the other batch from a shell with no sink configured
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data")}
+    env.pop("EDP_JSONL_PATH", None)
+    closed = subprocess.run([sys.executable, "-m", "edp", "batches", "close", second.batch_id],
+                            capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert closed.returncode == 0, closed.stderr
+
+    # Then the workers' relay delivers its event to their sink
+    runtime = build_runtime(worker)
+    assert runtime.relay.deliver().delivered == 1
+    runtime.close()
+    assert [e["detail"]["trigger"] for e in events(tmp_path)] == ["manual", "manual"]  # type: ignore[index]
+
+
+def test_an_operator_close_with_no_sink_anywhere_is_refused(tmp_path: Path) -> None:
+    from edp.bootstrap import build_runtime
+    from edp.config import load_settings
+    from edp.engine import Message
+
+    url = f"sqlite:///{tmp_path / 'data' / 'edp' / 'edp.db'}"
+    runtime = build_runtime(load_settings(env={}, flags={"database_url": url}))
+    runtime.engine.process([Message(eventbridge("lab/e/a", 1), "line 1")], now=5)
+    [row] = runtime.store.list_batches(state="open")
+    runtime.close()
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data")}
+    env.pop("EDP_JSONL_PATH", None)
+    closed = subprocess.run([sys.executable, "-m", "edp", "batches", "close", row.batch_id],
+                            capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert closed.returncode == 1
+    assert "no sink is configured" in closed.stderr

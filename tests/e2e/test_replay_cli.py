@@ -108,3 +108,19 @@ def test_replay_into_a_named_database_keeps_the_batches(tmp_path: Path) -> None:
 def test_same_stream_same_output() -> None:
     path = str(REPLAY_DIR / "formats.jsonl")
     assert edp("replay", path).stdout == edp("replay", path).stdout
+
+
+def test_one_stderr_line_per_rejected_input_line() -> None:
+    # Given a line whose Records hold two bad records and one good one
+    record = {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+              "eventTime": "2024-01-01T00:00:00Z",
+              "s3": {"bucket": {"name": "b"}, "object": {"key": "i/e/a", "size": 1}}}
+    line = orjson.dumps({"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put"},
+                                     record, {**record, "eventTime": "soon"}]}) + b"\n"
+    result = edp("replay", "-", stdin=line)
+    lines = result.stderr.decode().splitlines()
+    assert lines[0].startswith("line 1: record 0: ")
+    assert "record 2: " in lines[0]
+    assert len(lines) == 2  # the line, then the summary
+    assert "1 rejected" in lines[1]
+    assert len(result.stdout.splitlines()) == 1  # the good record still made its batch

@@ -64,14 +64,35 @@ def package(
                 emit(result)
     else:
         assert sqs_queue is not None
-        _consume(packager, sqs_queue, emit, once=once, wait=wait, region=settings.region)
+        _consume(packager, sqs_queue, emit, once=once, wait=wait, region=settings.region,
+                 dead_letter=_dead_letter_keeper(settings, sqs_queue))
     if failed:
         click.echo(f"edp: {failed} event(s) failed", err=True)
         sys.exit(1)
 
 
+def _dead_letter_keeper(settings: Any, queue_url: str) -> Any:
+    """Keep messages that failed for good in the configured store's dead-letter table."""
+
+    def keep(body: str, location: str, reason: str) -> None:
+        import time
+
+        from edp.store import open_store
+        from edp.store.base import DeadLetter
+
+        store = open_store(settings.database_url)
+        try:
+            with store.transaction() as tx:
+                tx.add_dead_letters([DeadLetter(f"package:{queue_url}", location, reason, body,
+                                                time.time())])
+        finally:
+            store.close()
+
+    return keep
+
+
 def _consume(packager: Any, queue_url: str, emit: Any, *, once: bool, wait: int,
-             region: str) -> None:
+             region: str, dead_letter: Any = None) -> None:
     import boto3
 
     from edp.quilt.queue import consume_queue
@@ -84,7 +105,7 @@ def _consume(packager: Any, queue_url: str, emit: Any, *, once: bool, wait: int,
     try:
         client = boto3.client("sqs", region_name=_queue_region(queue_url) or region)
         consume_queue(packager, queue_url, client=client, on_result=emit, wait=wait,
-                      until_empty=once, stop=stop)
+                      until_empty=once, stop=stop, dead_letter=dead_letter)
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)

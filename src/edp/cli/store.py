@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import click
@@ -16,6 +15,7 @@ from edp.cli._common import (
     store_options,
     when,
 )
+from edp.redact import redact_text
 
 
 @main.group()
@@ -71,10 +71,6 @@ def config_show(**kwargs: Any) -> None:
     settings = settings_from(kwargs)
     for name, value in settings.model_dump().items():
         if isinstance(value, str):
-            value = redact_url(value)
+            value = redact_text(value)
         click.echo(f"{name} = {value!r}")
 
-
-def redact_url(text: str) -> str:
-    """Hide the password of a URL (``scheme://user:password@host`` -> ``user:***@host``)."""
-    return re.sub(r"(//[^/:@\s]*):[^@/\s]*@", r"\1:***@", text)

@@ -211,10 +211,21 @@ class Packager:
             pkg = q.Package().set_dir(".", str(source) if isinstance(source, Path) else source)
         except Exception as exc:  # S3 or file system errors: retry later  # noqa: BLE001
             raise PublishError(f"cannot list {source}: {type(exc).__name__}: {exc}") from None
+        if isinstance(source, Path):
+            self._drop_links_out_of(pkg, source)
         patterns = self._ignore_patterns(pkg, source)
         for key in [k for k, _ in pkg.walk() if helper_text.is_ignored(k, patterns)]:
             pkg.delete(key)
         return pkg
+
+    @staticmethod
+    def _drop_links_out_of(pkg: Any, source: Path) -> None:
+        """Leave out files whose real path is outside the prefix (symlinks out of the root)."""
+        for key, entry in list(pkg.walk()):
+            real = Path(entry.physical_key.path).resolve()
+            if real != source and source not in real.parents:
+                log.warning("left out %s: it links to %s, outside %s", key, real, source)
+                pkg.delete(key)
 
     def _ignore_patterns(self, pkg: Any, source: Path | str) -> list[str]:
         if ".quiltignore" not in pkg:

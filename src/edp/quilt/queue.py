@@ -5,7 +5,9 @@ packaged on its own and deleted only after its outcome is final (pushed, unchang
 quarantined, skipped, or failed for a reason a retry cannot fix). A retryable
 failure leaves the message in the queue: it comes back after the queue's
 visibility timeout (which must exceed the time a package takes) and goes to the
-queue's dead-letter queue after its redrive policy's attempts.
+queue's dead-letter queue after its redrive policy's attempts. A message that
+fails for good (not JSON, not a batch event) is handed to ``dead_letter`` (the CLI
+keeps it in the store's dead-letter table) before it is deleted, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def consume_queue(
     wait: int = 20,
     until_empty: bool = False,
     stop: threading.Event | None = None,
+    dead_letter: Callable[[str, str, str], None] | None = None,
 ) -> int:
     """Receive, package and delete until ``stop`` is set (or the queue is empty, with
     ``until_empty``); returns the number of messages packaged."""
@@ -45,6 +48,9 @@ def consume_queue(
             result = packager.package(message.get("Body", ""))
             handled += 1
             on_result(result)
+            if not result.ok and not result.retryable and dead_letter is not None:
+                dead_letter(str(message.get("Body", "")),
+                            f"message id {message.get('MessageId')}", result.error or "failed")
             if result.ok or not result.retryable:
                 client.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
             else:

@@ -22,9 +22,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from edp.errors import ConfigError
+from edp.redact import redact_url
 from edp.sinks.base import Failure
 from edp.store.base import OutboxEntry
 
@@ -38,15 +39,6 @@ def signature(body: bytes, secret: str) -> str:
     """The ``X-Edp-Signature`` header value of ``body``."""
     digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     return f"sha256={digest}"
-
-
-def redact(url: str) -> str:
-    """``url`` without user info, query and fragment, for logs and errors."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -65,10 +57,10 @@ class WebhookSink:
         scheme = urlsplit(url).scheme.lower()
         if scheme not in ("http", "https") or not urlsplit(url).hostname:
             raise ConfigError(
-                f"webhook_url must be an http:// or https:// URL, got {redact(url)!r}"
+                f"webhook_url must be an http:// or https:// URL, got {redact_url(url)!r}"
             )
         self.url = url
-        self.where = redact(url)
+        self.where = redact_url(url)
         self._secret = secret
         self.timeout = timeout
         self._opener = urllib.request.build_opener(_NoRedirect())
@@ -119,4 +111,4 @@ class WebhookSink:
         return Failure(entry.event_id, f"webhook {self.where}: HTTP {status}", permanent=permanent)
 
 
-__all__ = ["WebhookSink", "redact", "signature"]
+__all__ = ["WebhookSink", "signature"]

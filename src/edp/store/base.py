@@ -198,6 +198,10 @@ class Store(Protocol):
         """Record a failed attempt; ``retry_at=None`` parks the event (permanent error)."""
         ...
 
+    def known_sinks(self) -> list[str]:
+        """Names of every sink that has delivery rows (the sinks workers relay to)."""
+        ...
+
     def requeue(self, event_id: str, sinks: Sequence[str]) -> bool:
         """Make ``event_id`` pending again for ``sinks`` (a re-emit); False if unknown."""
         ...

@@ -362,6 +362,12 @@ class SqliteStore:
                 (error[:2000], retry_at or now, 1 if retry_at is None else 0, sink, event_id),
             )
 
+    def known_sinks(self) -> list[str]:
+        """Names of every sink that has delivery rows."""
+        return [row[0] for row in self.conn.execute(
+            "SELECT DISTINCT sink FROM deliveries ORDER BY sink"
+        )]
+
     def requeue(self, event_id: str, sinks: Sequence[str]) -> bool:
         """Make ``event_id`` pending again for ``sinks``; False if it is unknown."""
         with self._write() as conn:

@@ -133,3 +133,32 @@ def test_the_lambda_handler_reports_sqs_records_to_retry(
 
     assert response == {"batchItemFailures": [{"itemIdentifier": "later"}]}
     assert len(s3_revisions(s3, bucket, "instrument/exp-1")) == 1
+
+
+def test_edp_package_keeps_a_message_that_fails_for_good_as_a_dead_letter(
+    aws: Callable[[str], Any], quilt: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    # Given a queue holding a message that is not a batch event at all
+    sqs = aws("sqs")
+    queue = sqs.create_queue(QueueName="poison-ready")["QueueUrl"]
+    sqs.send_message(QueueUrl=queue, MessageBody="this is not json")
+    url = f"sqlite:///{tmp_path / 'edp.db'}"
+    monkeypatch.setenv("EDP_DATABASE_URL", url)
+    monkeypatch.chdir(tmp_path)
+
+    # When `edp package --sqs-queue URL --once` runs
+    result = CliRunner().invoke(main, ["package", "--sqs-queue", queue, "--once"])
+
+    # Then the message leaves the queue but is kept, with why, in the dead-letter table
+    assert result.exit_code == 1
+    attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
+    assert attrs["ApproximateNumberOfMessages"] == "0"
+    assert attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
+    from edp.store import open_store
+
+    store = open_store(url)
+    [letter] = store.dead_letters()
+    store.close()
+    assert letter.body == "this is not json"
+    assert letter.location.startswith("message id ")
+    assert letter.source == f"package:{queue}"

@@ -19,6 +19,7 @@ from edp.quilt.gateway import Boto3Gateway, GatewayBusy, GatewayWarmer, coalesce
 from edp.quilt.ready import build_package_ready_observer, local_pointer_reader
 from edp.store import open_store
 from edp_testing import T0, eventbridge
+from integration.quilt.conftest import need
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -175,7 +176,7 @@ def test_an_unreadable_pointer_is_retried_and_a_vanished_one_dropped(tmp_path: P
 
 
 def test_the_boto3_adapter_maps_locations_and_refusals() -> None:
-    boto3 = pytest.importorskip("boto3")
+    boto3 = need("boto3")
     from botocore.stub import Stubber
 
     client = boto3.client("storagegateway", region_name="us-east-1",

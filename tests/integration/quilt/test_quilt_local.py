@@ -258,3 +258,19 @@ def test_a_broken_metadata_file_sends_the_package_to_quarantine_and_notifies(
     [notice] = received
     assert notice["kind"] == "package-quarantined"
     assert "metadata.yaml" in notice["error"]
+
+
+def test_files_linking_out_of_the_local_root_are_left_out(root: Path, quilt: Any) -> None:
+    # Given a batch folder with a symlink to a file outside the local root
+    secret = root.parent / f"{root.name}-outside.txt"
+    secret.write_text("not for the package")
+    (root / "lab" / PREFIX / "link.txt").symlink_to(secret)
+    registry = root / "registry"
+    # When it is packaged
+    result = Packager(quilt_settings(), local_root=root, registry=str(registry)).package(
+        batch_event("lab", PREFIX))
+    # Then the package holds the batch's own files, not the linked one
+    assert result.status is PackageStatus.PUSHED
+    pkg = quilt.Package.browse(result.package, registry=f"file://{registry}")
+    assert "link.txt" not in pkg
+    assert "a.csv" in pkg
