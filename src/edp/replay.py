@@ -9,17 +9,20 @@ lines and a summary to stderr.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import BinaryIO, Protocol, TextIO, cast
 
-from edp.bootstrap import build_runtime
+from edp.bootstrap import Runtime, build_runtime
 from edp.config import Settings
-from edp.engine import Message, default_worker_id
+from edp.decode import decode_message
+from edp.engine import Message, StepReport, default_worker_id
+from edp.errors import ConfigError, DecodeError, EdpError
 from edp.sinks import StdoutSink
 
 
@@ -32,6 +35,15 @@ class ReplaySummary:
     rejected: int = 0
     fired: Counter[str] = field(default_factory=Counter)
     counts: Counter[str] = field(default_factory=Counter)
+
+    def record(self, report: StepReport, stderr: TextIO) -> None:
+        """Add one step's figures; report its rejected lines on ``stderr``."""
+        self.events += report.events
+        self.counts.update(report.counts)
+        for letter in report.rejected:
+            self.rejected += 1
+            stderr.write(f"{letter.location}: {letter.reason}\n")
+        self.fired.update(r.trigger.value for r in report.fired)
 
     def describe(self) -> str:
         """One line for stderr."""
@@ -69,27 +81,31 @@ def run_replay(
     stderr: TextIO,
     database_url: str | None = None,
 ) -> ReplaySummary:
-    """Replay ``stream`` and return its summary (the CLI chooses the exit status)."""
+    """Replay ``stream`` and return its summary (the CLI chooses the exit status).
+
+    With ``replay_workers`` > 1 this process is one of several replaying parts of
+    one stream into one shared database (see :func:`run_part`).
+    """
     with tempfile.TemporaryDirectory(prefix="edp-replay-") as tmp:
         url = database_url or f"sqlite:///{Path(tmp) / 'replay.db'}"
         runtime = build_runtime(
             settings,
             database_url=url,
             sinks=[StdoutSink(stdout)],
-            worker_id=default_worker_id("replay-"),
+            # A stable worker_id matters only to a worker of several (to restart it);
+            # a lone replay never borrows a daemon's.
+            worker_id=(settings.worker_id if settings.replay_workers > 1 else None)
+            or default_worker_id("replay-"),
             fast_unsafe=database_url is None,
         )
         summary = ReplaySummary()
         try:
+            if settings.replay_workers > 1:
+                run_part(runtime, stream, summary, stderr)
+                return summary
             for chunk in read_chunks(stream, settings.chunk_size):
                 summary.lines += len(chunk)
-                report = runtime.engine.process(chunk, now=time.time())
-                summary.events += report.events
-                summary.counts.update(report.counts)
-                for letter in report.rejected:
-                    summary.rejected += 1
-                    stderr.write(f"{letter.location}: {letter.reason}\n")
-                summary.fired.update(r.trigger.value for r in report.fired)
+                summary.record(runtime.engine.process(chunk, now=time.time()), stderr)
                 runtime.relay.deliver()
             for ready in runtime.engine.finish(now=time.time()):
                 summary.fired[ready.trigger.value] += 1
@@ -97,3 +113,195 @@ def run_replay(
         finally:
             runtime.close()
         return summary
+
+
+# -- several workers, one stream ----------------------------------------------------------
+# Each of N processes replays one part of a stream (any split, each part in the
+# stream's order) into one shared database; together they must emit what one
+# replay of the whole stream emits. A batch's fate depends only on the events of
+# its prefix and their times, so it is enough that events are applied in time
+# order across workers and that nothing fires before every event that could
+# still extend it was applied. Conservative synchronisation gives both:
+#
+# - a worker's *clock* is the effective time of its next unapplied event (the
+#   running maximum of its part's event times), published with store.heartbeat;
+# - a worker applies an event only when its effective time is <= every other live,
+#   unfinished worker's clock (store.fire_floor), else it waits for a heartbeat;
+# - the engine fires only up to that same floor, so no batch fires early;
+# - a finished worker no longer holds the others back; the last one flushes.
+#
+# Ties: events of equal time in different parts may be applied in either order.
+# That changes nothing unless they belong to one prefix and their order matters
+# (a marker, or the count threshold, between them): strictly increasing event
+# times (per prefix) make the result exact. Duplicates (re-deliveries later in the
+# stream) are fine: they carry their original's time and change nothing.
+
+
+class WorkerRoster(Protocol):
+    """What a shared store offers replay workers beyond the Store port."""
+
+    def live_workers(self, *, now: float, timeout: float) -> int:
+        """Workers (finished or not) with a heartbeat within ``timeout``."""
+        ...
+
+    def worker_clocks(self, *, now: float, timeout: float) -> dict[str, float]:
+        """The clocks of the live, unfinished workers."""
+        ...
+
+    def listen_workers(self, worker_id: str) -> None:
+        """Start receiving the wake-ups of ``worker_id``."""
+        ...
+
+    def wait_for_workers(self, timeout: float) -> bool:
+        """Wait until woken by another worker's progress (True) or ``timeout`` (False)."""
+        ...
+
+
+class _Floor:
+    """The lowest clock of the other live, unfinished workers, as last read.
+
+    It is re-read when this worker is woken (a heartbeat wakes the workers that
+    hold the lowest clock: only they may be able to go on) or after a while
+    without news (so a silent worker stops counting after ``worker_timeout``).
+    Clocks only rise, so a value read earlier is never above the store's
+    ``fire_floor`` that the engine uses.
+    """
+
+    def __init__(self, roster: WorkerRoster, me: str, timeout: float) -> None:
+        self.roster, self.me, self.timeout = roster, me, timeout
+        self.value = math.inf
+        self.refresh()
+
+    def refresh(self) -> None:
+        clocks = self.roster.worker_clocks(now=time.time(), timeout=self.timeout)
+        clocks.pop(self.me, None)
+        self.value = min(clocks.values(), default=math.inf)
+
+    def wait(self, seconds: float) -> None:
+        """Wait to be woken (or ``seconds``), then re-read."""
+        self.roster.wait_for_workers(seconds)
+        self.refresh()
+
+
+@dataclass(slots=True)
+class _Timed:
+    message: Message
+    time: float  # effective: the running maximum of event times up to this line
+
+
+class _Part:
+    """The lines of one part with their effective times, read ahead lazily."""
+
+    def __init__(self, stream: BinaryIO, *, clock: float, encoded: bool, ahead: int) -> None:
+        self.lines = enumerate(stream, start=1)
+        self.clock = clock
+        self.encoded = encoded
+        self.ahead = ahead
+        self.queue: deque[_Timed] = deque()
+        self.done = False
+
+    def fill(self) -> None:
+        while not self.done and len(self.queue) < self.ahead:
+            item = next(self.lines, None)
+            if item is None:
+                self.done = True
+                break
+            number, line = item
+            if not line.strip():
+                continue
+            location = f"line {number}"
+            try:
+                decoded = decode_message(
+                    line, location=location, eventbridge_keys_encoded=self.encoded
+                )
+            except DecodeError:
+                pass  # the engine rejects it again and reports it
+            else:
+                self.clock = max([self.clock, *(e.time for e in decoded.events)])
+            self.queue.append(_Timed(Message(line, location, source="replay"), self.clock))
+
+    def next_time(self) -> float:
+        """Effective time of the next line (+inf when none is left)."""
+        self.fill()
+        return self.queue[0].time if self.queue else math.inf
+
+    def take(self, until: float, limit: int) -> list[Message]:
+        """Up to ``limit`` next lines whose effective time is <= ``until``."""
+        chunk: list[Message] = []
+        while len(chunk) < limit:
+            self.fill()
+            if not self.queue or self.queue[0].time > until:
+                break
+            chunk.append(self.queue.popleft().message)
+        return chunk
+
+
+def _publishable(clock: float) -> float:
+    # Finite stand-ins: nothing seen yet, or nothing left.
+    return min(max(clock, -1e18), 1e18)
+
+
+def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr: TextIO) -> None:
+    """Replay one part of a stream as one of ``replay_workers`` processes on one store.
+
+    Every worker registers (publishes its clock) and waits until all
+    ``replay_workers`` have, so that none runs ahead of a late starter. A worker
+    killed and restarted with the same ``worker_id`` within ``worker_timeout``
+    re-reads its part: what it had committed comes back as duplicates.
+    """
+    settings, engine, store = runtime.settings, runtime.engine, runtime.store
+    if not all(hasattr(store, name) for name in ("live_workers", "worker_clocks",
+                                                 "listen_workers", "wait_for_workers")):
+        raise ConfigError(
+            "replay_workers > 1 needs a shared PostgreSQL store: pass --database-url "
+            "postgresql://..."
+        )
+    roster = cast(WorkerRoster, store)
+    me, timeout = engine.worker_id, settings.worker_timeout
+    part = _Part(stream, clock=engine.clock, encoded=not settings.eventbridge_raw_keys,
+                 ahead=2 * settings.chunk_size)
+
+    def publish() -> None:
+        store.heartbeat(me, clock=_publishable(part.next_time()), now=time.time())
+
+    roster.listen_workers(me)
+    publish()
+    started = time.monotonic()
+    while roster.live_workers(now=time.time(), timeout=timeout) < settings.replay_workers:
+        if time.monotonic() - started > timeout:
+            raise EdpError(
+                f"replay worker {me}: fewer than {settings.replay_workers} workers "
+                f"registered within worker_timeout ({timeout:g}s)"
+            )
+        roster.wait_for_workers(0.2)
+        publish()
+    floor = _Floor(roster, me, timeout)
+    beat = delivered = time.monotonic()
+    while part.next_time() < math.inf:
+        chunk = part.take(floor.value, settings.chunk_size)
+        if not chunk:
+            if time.monotonic() - beat > timeout / 4:
+                publish()  # still alive, merely waiting
+                beat = time.monotonic()
+            floor.wait(min(1.0, timeout / 4))
+            continue
+        summary.lines += len(chunk)
+        summary.record(engine.process(chunk, now=time.time()), stderr)
+        publish()
+        beat = time.monotonic()
+        if beat - delivered > 0.5:  # delivery is not on the critical path of the others
+            runtime.relay.deliver()
+            delivered = time.monotonic()
+    for ready in engine.finish(now=time.time()):
+        summary.fired[ready.trigger.value] += 1
+    runtime.relay.deliver()
+    if store.fire_floor(me, now=time.time(), timeout=math.inf) is None:
+        _drain(runtime)
+
+
+def _drain(runtime: Runtime) -> None:
+    """The last worker waits until every event was delivered (by anyone)."""
+    give_up = time.monotonic() + 120.0
+    while runtime.store.stats()["pending_deliveries"] and time.monotonic() < give_up:
+        runtime.relay.deliver()
+        time.sleep(0.05)

@@ -21,6 +21,15 @@ def open_store(url: str, *, fast_unsafe: bool = False) -> Store:
         from edp.store.sqlite import SqliteStore
 
         return SqliteStore.from_url(url, fast_unsafe=fast_unsafe)
+    if url.startswith(("postgresql:", "postgres:")):
+        try:
+            from edp.store.postgres import PostgresStore
+        except ImportError as exc:
+            raise ConfigError(
+                f"database_url is a PostgreSQL URL but psycopg 3 is not installed ({exc}): "
+                "run `pip install 'edp[postgres]'`"
+            ) from None
+        return PostgresStore.from_url(url, fast_unsafe=fast_unsafe)
     raise ConfigError(
         "database_url must start with sqlite:/// or postgresql://, "
         f"got {url.split('@')[-1]!r}"

@@ -1,0 +1,369 @@
+"""The production store: PostgreSQL through psycopg 3 and a connection pool.
+
+Any number of worker processes may share one database; see
+:mod:`edp.store.postgres_tx` for how a step locks what it touches. Lost
+connections, deadlocks and serialization failures are retried with backoff:
+a write transaction is retried *whole* (see :class:`RetryingTransaction`), and
+nothing is acknowledged to a source before its transaction committed.
+
+``postgresql://user:pass@host:port/db?sslmode=...`` (any libpq URL) opens it;
+opening migrates the schema under an advisory lock, so workers that start at
+once do not migrate twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool
+from tenacity import (
+    Retrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from edp.core.batching import ObjectRecord
+from edp.errors import NotFound, StoreError
+from edp.store.base import BatchRow, DeadLetter, OutboxEntry, Transaction
+from edp.store.migrations import load_migrations
+from edp.store.postgres_retry import RetryingTransaction
+from edp.store.postgres_tx import BATCH_COLUMNS
+from edp.store.postgres_workers import WorkerClocks
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MIGRATION_LOCK = 0x65647001  # pg_advisory_xact_lock key of schema migrations ("edp" 1)
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages and ``store.url``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
+class PostgresStore(WorkerClocks):
+    """The PostgreSQL store (see :class:`~edp.store.base.Store`).
+
+    ``retry_seconds`` bounds how long an operation is retried on lost connections,
+    deadlocks and serialization failures; ``delivery_lease`` is how long a relay
+    holds the outbox rows it took (a lease also ends when its connection is gone).
+    ``fast_unsafe`` turns off ``synchronous_commit`` (a crash may lose the last
+    commits, never corrupt the store).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        fast_unsafe: bool = False,
+        pool_size: int = 4,
+        retry_seconds: float = 30.0,
+        delivery_lease: float = 60.0,
+    ) -> None:
+        self.url = redact(url)
+        self._dsn = url
+        self._listener: psycopg.Connection[Any] | None = None
+        self.retry_seconds = retry_seconds
+        self.delivery_lease = delivery_lease
+        # Counter rows are sharded per store so that workers do not queue on them.
+        self.shard = random.randrange(64)
+        try:
+            params = conninfo_to_dict(url)
+        except psycopg.ProgrammingError as exc:
+            raise StoreError(f"database_url {self.url!r} is not a valid libpq URL: {exc}") from None
+        kwargs: dict[str, Any] = {"autocommit": False}
+        if "application_name" not in params:
+            kwargs["application_name"] = "edp"
+
+        def configure(conn: psycopg.Connection[Any]) -> None:
+            # Statements are prepared (psycopg does it after a few runs), but planned
+            # for every run: a generic plan made while a table was small (a seq scan
+            # of an empty key_memory) would stay for the connection's life where
+            # statistics lag (autovacuum off or behind), and a step of 1 key and one
+            # of 2,000 keys want different plans anyway.
+            conn.execute("SET plan_cache_mode = force_custom_plan")
+            if fast_unsafe:
+                conn.execute("SET synchronous_commit = off")
+            conn.commit()
+
+        self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            url, min_size=1, max_size=pool_size, kwargs=kwargs, configure=configure,
+            open=False, timeout=retry_seconds, name="edp",
+        )
+        try:
+            self.pool.open(wait=True, timeout=retry_seconds)
+            self.upgrade()
+        except (psycopg.Error, OSError) as exc:
+            self.pool.close()
+            raise StoreError(f"cannot open PostgreSQL database {self.url}: {exc}") from None
+
+    @classmethod
+    def from_url(cls, url: str, *, fast_unsafe: bool = False) -> PostgresStore:
+        """Open ``postgresql://...`` (or ``postgres://...``)."""
+        return cls(url, fast_unsafe=fast_unsafe)
+
+    # -- plumbing -------------------------------------------------------------------
+    def retrying(self) -> Retrying:
+        """The retry policy: lost connections, deadlocks, serialization failures."""
+        return Retrying(
+            retry=retry_if_exception_type(psycopg.OperationalError),
+            wait=wait_random_exponential(multiplier=0.05, max=2.0),
+            stop=stop_after_delay(self.retry_seconds),
+            before_sleep=before_sleep_log(log, logging.WARNING),
+            reraise=True,
+        )
+
+    def _run(self, work: Callable[[psycopg.Connection[Any]], T], *, pipeline: bool = True) -> T:
+        """Run ``work`` in its own transaction, retried whole on transient errors.
+
+        ``work`` runs in pipeline mode, with the COMMIT queued after it: a ``work``
+        that only sends statements costs one round trip.
+        """
+        for attempt in self.retrying():
+            with attempt, self.pool.connection() as conn:
+                if not pipeline:
+                    return work(conn)
+                with conn.pipeline():
+                    result = work(conn)
+                    conn.commit()
+                return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        cur = self._run(lambda conn: conn.execute(sql, params))
+        return cur.fetchall()
+
+    # -- schema -------------------------------------------------------------------------
+    def upgrade(self) -> list[int]:
+        """Apply pending migrations under an advisory lock; returns the versions applied."""
+
+        def work(conn: psycopg.Connection[Any]) -> list[int]:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY,"
+                " name text NOT NULL, applied_at double precision NOT NULL)"
+            )
+            row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+            current = row[0] if row else None
+            applied = []
+            for migration in load_migrations("postgres"):
+                if current is not None and migration.version <= current:
+                    continue
+                conn.execute(migration.sql.encode())
+                conn.execute(
+                    "INSERT INTO schema_migrations VALUES (%s, %s, %s)",
+                    (migration.version, migration.name, time.time()),
+                )
+                log.info("applied migration %s to %s", migration.name, self.url)
+                applied.append(migration.version)
+            return applied
+
+        return self._run(work, pipeline=False)
+
+    def schema_version(self) -> tuple[int, int]:
+        """(applied, latest) migration versions."""
+        current = self._rows("SELECT max(version) FROM schema_migrations")[0][0]
+        return int(current or 0), max(m.version for m in load_migrations("postgres"))
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """A write transaction: commits on success, rolls back on error, retried whole."""
+        tx = RetryingTransaction(self.pool, self.retrying, shard=self.shard)
+        try:
+            yield tx
+        except BaseException:
+            tx.rollback()
+            raise
+        tx.commit()
+
+    # -- outbox -------------------------------------------------------------------------
+    def pending(self, sink: str, *, limit: int, now: float) -> list[OutboxEntry]:
+        """Take (lease) outbox events not yet delivered to ``sink``, oldest first.
+
+        Unlike SQLite's, these rows are then held for ``delivery_lease`` seconds, or
+        until the taking connection is gone, so that concurrent relays do not send
+        the same event twice; a later call returns the next ones.
+        """
+        rows = self._rows(
+            "WITH picked AS (SELECT d.sink, d.seq FROM deliveries d"
+            " WHERE d.sink = %s AND d.delivered_at IS NULL AND NOT d.parked"
+            " AND d.next_attempt <= %s AND (d.claimed_until IS NULL OR d.claimed_until <= %s"
+            " OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = d.claimed_by))"
+            " ORDER BY d.seq LIMIT %s FOR UPDATE OF d SKIP LOCKED)"
+            " UPDATE deliveries d SET claimed_by = pg_backend_pid(), claimed_until = %s"
+            " FROM picked JOIN outbox o ON o.seq = picked.seq"
+            " WHERE d.sink = picked.sink AND d.seq = picked.seq"
+            " RETURNING o.seq, o.event_id, o.kind, o.payload, o.created_at",
+            (sink, now, now, limit, now + self.delivery_lease),
+        )
+        return [OutboxEntry(*row) for row in sorted(rows)]
+
+    def mark_delivered(self, sink: str, event_ids: Sequence[str], *, now: float) -> None:
+        """Record that ``sink`` accepted these events."""
+        self._run(lambda conn: conn.execute(
+            "UPDATE deliveries SET delivered_at = %s, attempts = attempts + 1,"
+            " last_error = NULL, claimed_by = NULL, claimed_until = NULL"
+            " WHERE sink = %s AND event_id = ANY(%s::text[])",
+            (now, sink, list(event_ids)),
+        ))
+
+    def mark_failed(
+        self, sink: str, event_id: str, *, error: str, retry_at: float | None, now: float
+    ) -> None:
+        """Record a failed attempt; ``retry_at=None`` parks the event."""
+        self._run(lambda conn: conn.execute(
+            "UPDATE deliveries SET attempts = attempts + 1, last_error = %s,"
+            " next_attempt = %s, parked = %s, claimed_by = NULL, claimed_until = NULL"
+            " WHERE sink = %s AND event_id = %s",
+            (error[:2000], retry_at or now, retry_at is None, sink, event_id),
+        ))
+
+    def known_sinks(self) -> list[str]:
+        """Names of every sink that has delivery rows."""
+        return [row[0] for row in self._rows(
+            "SELECT DISTINCT sink FROM deliveries ORDER BY sink", ()
+        )]
+
+    def requeue(self, event_id: str, sinks: Sequence[str]) -> bool:
+        """Make ``event_id`` pending again for ``sinks``; False if it is unknown."""
+
+        def work(conn: psycopg.Connection[Any]) -> bool:
+            row = conn.execute("SELECT seq FROM outbox WHERE event_id = %s", (event_id,)).fetchone()
+            if row is None:
+                return False
+            conn.execute(
+                "INSERT INTO deliveries (sink, seq, event_id)"
+                " SELECT s, %s, %s FROM unnest(%s::text[]) AS s"
+                " ON CONFLICT (sink, seq) DO UPDATE SET delivered_at = NULL, next_attempt = 0,"
+                " parked = false, claimed_by = NULL, claimed_until = NULL",
+                (row[0], event_id, list(sinks)),
+            )
+            return True
+
+        return self._run(work)
+
+    # -- inspection -----------------------------------------------------------------------
+    def get_batch(self, batch_id: str) -> BatchRow:
+        """One batch by id, or by a unique id prefix."""
+        pattern = batch_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self._rows(
+            f"SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id = %s"  # noqa: S608
+            f" UNION ALL (SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id LIKE %s"
+            " AND batch_id <> %s ORDER BY batch_id LIMIT 2)",
+            (batch_id, pattern, batch_id),
+        )
+        exact = [row for row in rows if row[0] == batch_id]
+        if exact:
+            return BatchRow(*exact[0])
+        if len(rows) == 1:
+            return BatchRow(*rows[0])
+        if rows:
+            raise NotFound(f"batch id {batch_id!r} is ambiguous: give more characters")
+        raise NotFound(f"no batch with id {batch_id!r}")
+
+    def list_batches(self, *, state: str | None = None, limit: int = 50) -> list[BatchRow]:
+        """Open batches by deadline, then recent closed batches, newest first."""
+        out: list[BatchRow] = []
+        if state in (None, "open"):
+            out += self.open_batches_by_deadline(limit=limit)
+        if state in (None, "closed"):
+            rows = self._rows(
+                f"SELECT {BATCH_COLUMNS} FROM batches WHERE state = 'closed'"  # noqa: S608
+                " ORDER BY fired_at DESC, batch_id LIMIT %s",
+                (limit,),
+            )
+            out += [BatchRow(*row) for row in rows]
+        return out
+
+    def open_batches_by_deadline(self, *, limit: int) -> list[BatchRow]:
+        """The open batches with the earliest deadlines."""
+        rows = self._rows(
+            f"SELECT {BATCH_COLUMNS} FROM batches WHERE state = 'open'"  # noqa: S608
+            " ORDER BY deadline, batch_id LIMIT %s",
+            (limit,),
+        )
+        return [BatchRow(*row) for row in rows]
+
+    def batch_objects(self, batch_id: str) -> list[ObjectRecord]:
+        """The objects of one batch, by key."""
+        rows = self._rows(
+            "SELECT batch_id, key, size, etag, sequencer, event_time FROM batch_objects"
+            " WHERE batch_id = %s ORDER BY key",
+            (batch_id,),
+        )
+        return [ObjectRecord(*row) for row in rows]
+
+    def outbox_events(self, *, limit: int = 50) -> list[OutboxEntry]:
+        """The most recent outbox events, newest first."""
+        rows = self._rows(
+            "SELECT seq, event_id, kind, payload, created_at FROM outbox"
+            " ORDER BY seq DESC LIMIT %s",
+            (limit,),
+        )
+        return [OutboxEntry(*row) for row in rows]
+
+    def dead_letters(self, *, limit: int = 50) -> list[DeadLetter]:
+        """The most recent dead letters, newest first."""
+        rows = self._rows(
+            "SELECT source, location, reason, body, received_at, id FROM dead_letters"
+            " ORDER BY id DESC LIMIT %s",
+            (limit,),
+        )
+        return [DeadLetter(*row) for row in rows]
+
+    def counters(self) -> dict[str, int]:
+        """Every counter (the sum of its shards)."""
+        rows = self._rows("SELECT name, sum(value) FROM counters GROUP BY name ORDER BY name")
+        return {name: int(value) for name, value in rows}
+
+    def stats(self) -> dict[str, int]:
+        """Open and closed batches, pending and parked deliveries, dead letters."""
+        row = self._rows(
+            "SELECT (SELECT count(*) FROM batches WHERE state = 'open'),"
+            " (SELECT count(*) FROM batches WHERE state = 'closed'),"
+            " (SELECT count(*) FROM deliveries WHERE delivered_at IS NULL AND NOT parked),"
+            " (SELECT count(*) FROM deliveries WHERE delivered_at IS NULL AND parked),"
+            " (SELECT count(*) FROM dead_letters)"
+        )[0]
+        names = ("open_batches", "closed_batches", "pending_deliveries", "parked_deliveries",
+                 "dead_letters")
+        return {name: int(value) for name, value in zip(names, row, strict=True)}
+
+    # -- housekeeping (the workers' clocks: see WorkerClocks) ------------------------------
+    def prune(self, *, keys_before: float) -> int:
+        """Forget key memories and fingerprints last seen before ``keys_before``."""
+
+        def work(conn: psycopg.Connection[Any]) -> int:
+            gone = conn.execute(
+                "DELETE FROM key_memory WHERE seen_at < %s", (keys_before,)
+            ).rowcount
+            gone += conn.execute(
+                "DELETE FROM fingerprints WHERE seen_at < %s", (keys_before,)
+            ).rowcount
+            return gone
+
+        return self._run(work, pipeline=False)
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        if self._listener is not None:
+            self._listener.close()
+        self.pool.close()
+
+
+__all__ = ["PostgresStore", "redact"]

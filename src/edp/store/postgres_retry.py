@@ -1,0 +1,182 @@
+"""A write transaction that survives lost connections and deadlocks by running again.
+
+The engine drives a transaction call by call (``load``, then ``save``, ...), and
+computes each call's arguments from the results of the previous ones, so the
+store cannot simply re-run the engine's code. Instead
+:class:`RetryingTransaction` records every call with everything it read. When a
+call or the commit fails with a transient error (lost connection, deadlock,
+serialization failure, admin shutdown), it takes a fresh connection, replays the
+recorded calls and compares what they read now with what they read then:
+
+- the same: the engine's decisions still hold, so the failed call (or the commit)
+  is tried again and the caller never notices;
+- different: another worker changed that state meanwhile; the step fails with a
+  :class:`~edp.errors.StoreError` and nothing of it is committed, so the caller
+  does not acknowledge its input and the step runs again later (re-delivered
+  events are duplicates, which change nothing).
+
+A connection lost *during* COMMIT leaves the outcome unknown; replaying then sees
+the committed state (different, so the step fails and is retried by its source)
+or not (the same, so it commits once). Only counters can be added twice, in the
+rare case of a committed step whose reads are unchanged by its own writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+from tenacity import Retrying
+
+from edp.errors import StoreError
+from edp.store.base import DeadLetter, LoadRequest, StepWrite, Timer, WorkingState
+from edp.store.postgres_tx import PostgresTransaction
+
+log = logging.getLogger(__name__)
+
+
+class TransactionConflict(StoreError):
+    """A transaction could not be replayed after a lost connection: its reads changed."""
+
+
+class RetryingTransaction:
+    """A :class:`~edp.store.base.Transaction` on a pooled connection, retried whole."""
+
+    def __init__(
+        self,
+        pool: ConnectionPool[psycopg.Connection[Any]],
+        retrying: Callable[[], Retrying],
+        *,
+        shard: int,
+    ) -> None:
+        self.pool = pool
+        self.retrying = retrying
+        self.shard = shard
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any], int]] = []
+        self.conn: psycopg.Connection[Any] | None = None
+        self.tx: PostgresTransaction | None = None
+        self.replays = 0
+        self._old_reads: list[Any] = []
+
+    # -- the Transaction protocol -------------------------------------------------------
+    def load(self, request: LoadRequest) -> WorkingState:
+        """Lock and load the step's working set."""
+        result: WorkingState = self._call("load", request)
+        return result
+
+    def save(self, write: StepWrite, *, sinks: Sequence[str], now: float) -> None:
+        """Write the step's changes and outbox events."""
+        self._call("save", write, sinks=sinks, now=now)
+
+    def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        """Keep inputs that could not be decoded."""
+        self._call("add_dead_letters", letters)
+
+    def add_counters(self, counts: Mapping[str, int]) -> None:
+        """Add to named counters."""
+        self._call("add_counters", dict(counts))
+
+    def add_outbox(
+        self, *, event_id: str, kind: str, payload: str, sinks: Sequence[str], now: float
+    ) -> bool:
+        """Record one event to deliver; False if its id exists."""
+        result: bool = self._call(
+            "add_outbox", event_id=event_id, kind=kind, payload=payload, sinks=sinks, now=now
+        )
+        return result
+
+    def set_timer(self, kind: str, key: str, *, due_at: float, payload: str) -> bool:
+        """Start a durable timer unless (kind, key) already runs."""
+        result: bool = self._call("set_timer", kind, key, due_at=due_at, payload=payload)
+        return result
+
+    def take_due_timers(self, kind: str, *, until: float, limit: int) -> list[Timer]:
+        """Remove and return due timers of ``kind``."""
+        result: list[Timer] = self._call("take_due_timers", kind, until=until, limit=limit)
+        return result
+
+    # -- end --------------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Commit, replaying the transaction on a new connection if the link broke."""
+        for attempt in self.retrying():
+            with attempt:
+                conn = self._connection()
+                assert self.tx is not None
+                try:
+                    with conn.pipeline():  # the queued writes and COMMIT: one round trip
+                        self.tx.send_queued()
+                        conn.commit()
+                except psycopg.OperationalError:
+                    self._drop()
+                    raise
+        self._release()
+
+    def rollback(self) -> None:
+        """Roll back and give the connection back to the pool."""
+        if self.conn is not None:
+            try:
+                self.conn.rollback()
+            except psycopg.Error:
+                log.debug("rollback failed; the connection is dropped", exc_info=True)
+        self._release()
+
+    # -- internals --------------------------------------------------------------------------
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        for attempt in self.retrying():
+            with attempt:
+                self._connection()
+                assert self.tx is not None
+                try:
+                    result = getattr(self.tx, name)(*args, **kwargs)
+                except psycopg.OperationalError:
+                    self._drop()
+                    raise
+        assert self.tx is not None
+        self.calls.append((name, args, kwargs, len(self.tx.reads)))
+        return result
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The transaction's connection; a new one replays the calls made so far."""
+        if self.conn is not None:
+            return self.conn
+        conn = self.pool.getconn()
+        tx = PostgresTransaction(conn, shard=self.shard)
+        self.conn, self.tx = conn, tx
+        if not self.calls:
+            return conn
+        before = self._old_reads
+        self.replays += 1
+        log.warning("replaying a transaction of %d calls after a transient error",
+                    len(self.calls))
+        try:
+            for name, args, kwargs, _ in self.calls:
+                getattr(tx, name)(*args, **kwargs)
+        except psycopg.OperationalError:
+            self.rollback()  # keeps the reads of the first run to compare with
+            raise
+        if tx.reads != before:
+            self.rollback()
+            raise TransactionConflict(
+                "the store changed while a step was being retried after a lost connection;"
+                " the step was rolled back and must run again"
+            )
+        return conn
+
+    def _drop(self) -> None:
+        """Forget the failed connection (the pool discards it if it is broken)."""
+        if self.tx is not None and self.calls:
+            self._old_reads = self.tx.reads[: self.calls[-1][3]]
+        elif self.tx is not None:
+            self._old_reads = []
+        self.rollback()
+
+    def _release(self) -> None:
+        if self.conn is not None:
+            conn, self.conn, self.tx = self.conn, None, None
+            self.pool.putconn(conn)
+
+
+__all__ = ["RetryingTransaction", "TransactionConflict"]

@@ -1,0 +1,202 @@
+"""What only the PostgreSQL store does: migrate once, lock, lease, survive lost connections."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from edp.errors import StoreError
+from edp.store import open_store
+from edp.store.base import LoadRequest, StepWrite
+from edp.store.postgres import PostgresStore
+from edp.store.postgres_retry import RetryingTransaction, TransactionConflict
+from integration.store_contract.contract_helpers import T0, batch, saved, write_closed, write_open
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def store(pg_url: str) -> Iterator[PostgresStore]:
+    opened = PostgresStore(pg_url, retry_seconds=10)
+    yield opened
+    opened.close()
+
+
+def terminate(pg_url: str, pid: int) -> None:
+    """Kill one server backend, as a network cut or a failover would."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def test_an_unreachable_server_is_reported_without_the_password() -> None:
+    # When a store is opened on a port where nothing listens
+    with pytest.raises(StoreError) as caught:
+        PostgresStore("postgresql://edp:s3cret@127.0.0.1:9/nope", retry_seconds=0.5)
+    # Then the error names the database but not the password
+    assert "127.0.0.1:9/nope" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_workers_starting_at_once_migrate_once(pg_url: str) -> None:
+    # Given four stores opened on a fresh database at the same moment
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        try:
+            open_store(pg_url).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Then all succeed and every migration is recorded once
+    assert errors == []
+    with psycopg.connect(pg_url) as conn:
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
+    assert versions == [1]
+
+
+def test_db_commands_show_the_schema_version(pg_url: str) -> None:
+    # When `edp db upgrade` then `edp db status` run on the database
+    for command in ("upgrade", "status"):
+        done = subprocess.run(
+            [sys.executable, "-m", "edp", "db", command, "--database-url", pg_url],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        # Then each says the schema is at the latest version
+        assert done.returncode == 0, done.stderr
+        assert "schema version 1 (latest 1)" in done.stdout
+    assert "open_batches: 0" in done.stdout
+
+
+def test_a_relay_leases_what_it_takes_until_its_connection_is_gone(
+    store: PostgresStore, pg_url: str
+) -> None:
+    # Given two events pending for s1, taken by another worker's relay
+    write_closed(store, batch("b-1", prefix="1/"), batch("b-2", prefix="2/"))
+    other = PostgresStore(pg_url)
+    taken = other.pending("s1", limit=10, now=T0)
+    # Then this worker gets nothing while that lease holds
+    assert [e.event_id for e in taken] == ["ev-b-1", "ev-b-2"]
+    assert store.pending("s1", limit=10, now=T0) == []
+    # When the other worker dies (its connections close) before marking them
+    other.close()
+    # Then the events are pending again here; and a lease also runs out in time
+    assert [e.event_id for e in store.pending("s1", limit=10, now=T0)] == ["ev-b-1", "ev-b-2"]
+    assert [e.event_id for e in store.pending("s1", limit=1, now=T0 + 3600)] == ["ev-b-1"]
+
+
+def test_a_lost_connection_mid_transaction_is_replayed_unnoticed(
+    store: PostgresStore, pg_url: str
+) -> None:
+    # Given a step that loaded its working set
+    with store.transaction() as tx:
+        assert isinstance(tx, RetryingTransaction)
+        tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
+        assert tx.conn is not None
+        # When its connection is cut before it writes and commits
+        terminate(pg_url, tx.conn.info.backend_pid)
+        tx.save(StepWrite(open_batches=[saved(batch())]), sinks=[], now=T0)
+        tx.add_counters({"events.counted": 1})
+    # Then the step was replayed on a new connection and committed once
+    assert tx.replays == 1
+    assert store.get_batch("b-1").state == "open"
+    assert store.counters() == {"events.counted": 1}
+
+
+def test_a_lost_connection_after_the_state_changed_fails_the_step(
+    store: PostgresStore, pg_url: str
+) -> None:
+    def step() -> None:
+        # Given a step that loaded the prefix a/b/, then lost its connection
+        with store.transaction() as tx:
+            tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
+            assert isinstance(tx, RetryingTransaction) and tx.conn is not None
+            terminate(pg_url, tx.conn.info.backend_pid)
+            # ... while another worker opened a batch there
+            write_open(store, batch("b-other"))
+            # When the step writes its own view and commits
+            tx.save(StepWrite(open_batches=[saved(batch("b-mine"))]), sinks=[], now=T0)
+
+    with pytest.raises(TransactionConflict):
+        step()
+    # Then it fails instead of overwriting the other worker's batch
+    assert [b.batch_id for b in store.list_batches(state="open")] == ["b-other"]
+
+
+def test_a_step_on_a_prefix_waits_for_the_step_holding_it(
+    store: PostgresStore, pg_url: str
+) -> None:
+    # Given a step of worker A holding prefix a/b/
+    other = PostgresStore(pg_url)
+    seen: list[list[str]] = []
+
+    def worker_b() -> None:
+        with other.transaction() as tx:
+            state = tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
+            seen.append([b.batch_id for b in state.batches])
+
+    with store.transaction() as tx:
+        tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
+        # When worker B starts a step on the same prefix
+        thread = threading.Thread(target=worker_b)
+        thread.start()
+        time.sleep(0.5)
+        # Then B waits
+        assert seen == []
+        tx.save(StepWrite(open_batches=[saved(batch())]), sinks=[], now=T0)
+    thread.join(timeout=30)
+    other.close()
+    # And, once A committed, B sees A's batch
+    assert seen == [["b-1"]]
+
+
+def test_due_batches_that_another_step_holds_are_skipped(
+    store: PostgresStore, pg_url: str
+) -> None:
+    # Given two due batches, and worker A's step holding the prefix of one
+    write_open(store, batch("b-held", prefix="h/"), batch("b-free", prefix="f/"), deadline=T0)
+    other = PostgresStore(pg_url)
+    with store.transaction() as tx:
+        tx.load(LoadRequest(batch_keys={("bkt", "h/")}))
+        # When worker B looks for due batches
+        with other.transaction() as tx_b:
+            due = tx_b.load(LoadRequest(due_until=T0 + 1))
+    other.close()
+    # Then B takes only the free one: the held one is A's to fire or extend
+    assert [b.batch_id for b in due.batches] == ["b-free"]
+
+
+def test_the_due_batch_query_is_an_index_scan(store: PostgresStore, pg_url: str) -> None:
+    # Given 50,000 open batches
+    with psycopg.connect(pg_url) as conn:
+        conn.execute(
+            "INSERT INTO batches (batch_id, bucket, prefix, generation, state, object_count,"
+            " first_activity, last_activity, first_event_time, last_event_time, deadline,"
+            " deadline_trigger) SELECT 'b' || i, 'bkt', 'p' || i || '/', 1, 'open', 1,"
+            " i, i, i, i, i + 300, 'duration' FROM generate_series(1, 50000) AS i"
+        )
+        conn.execute("INSERT INTO prefixes SELECT 'bkt', 'p' || i || '/', 1"
+                     " FROM generate_series(1, 50000) AS i")
+        conn.execute("ANALYZE")
+        conn.commit()
+        # When the due-batch query is planned
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN SELECT p.bucket, p.prefix FROM batches b JOIN prefixes p"
+            " ON p.bucket = b.bucket AND p.prefix = b.prefix"
+            " WHERE b.state = 'open' AND b.deadline <= 1000 ORDER BY b.deadline, b.batch_id"
+            " LIMIT 5000 FOR UPDATE OF p SKIP LOCKED"
+        ))
+    # Then it reads the partial deadline index, not the table
+    assert "batches_due" in plan, plan
+    with store.transaction() as tx:
+        assert len(tx.load(LoadRequest(due_until=1000, due_limit=5000)).batches) == 700

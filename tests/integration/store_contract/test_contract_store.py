@@ -1,0 +1,177 @@
+"""The Store protocol outside transactions, case by case, on every backend."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from edp.config import Settings
+from edp.engine import Engine, Message
+from edp.errors import NotFound
+from edp.store.base import LoadRequest, StepWrite, Store
+from edp_testing import eventbridge
+from integration.store_contract.contract_helpers import T0, batch, write_closed, write_open
+
+pytestmark = pytest.mark.timeout(60)
+
+def test_pending_gives_undelivered_events_oldest_first(store: Store) -> None:
+    # Given three fired batches, delivered to sinks s1 and s2
+    write_closed(store, batch("b-1", prefix="1/"), batch("b-2", prefix="2/"), sinks=("s1", "s2"))
+    write_closed(store, batch("b-3", prefix="3/"), sinks=("s1", "s2"))
+    # When s1 accepts the first one
+    store.mark_delivered("s1", ["ev-b-1"], now=T0)
+    # Then s1 still has the others, oldest first, and s2 all three
+    assert [e.event_id for e in store.pending("s1", limit=10, now=T0)] == ["ev-b-2", "ev-b-3"]
+    s2 = store.pending("s2", limit=2, now=T0)
+    assert [e.event_id for e in s2] == ["ev-b-1", "ev-b-2"]
+    assert s2[0].payload == '{"id": "ev-b-1"}' and s2[0].kind == "package-objects-ready"
+
+
+def test_a_failed_delivery_waits_for_its_retry_and_a_parked_one_for_an_operator(
+    store: Store,
+) -> None:
+    # Given two events for s1
+    write_closed(store, batch("b-1", prefix="1/"), batch("b-2", prefix="2/"))
+    # When one fails until +60 and the other for good
+    store.mark_failed("s1", "ev-b-1", error="503", retry_at=T0 + 60, now=T0)
+    store.mark_failed("s1", "ev-b-2", error="400", retry_at=None, now=T0)
+    # Then neither is pending now; the first is again at +60; the second is parked
+    assert store.pending("s1", limit=10, now=T0) == []
+    assert [e.event_id for e in store.pending("s1", limit=10, now=T0 + 60)] == ["ev-b-1"]
+    assert store.stats()["parked_deliveries"] == 1
+
+
+def test_requeue_sends_a_delivered_event_again(store: Store) -> None:
+    # Given an event delivered to s1
+    write_closed(store, batch())
+    store.mark_delivered("s1", ["ev-b-1"], now=T0)
+    # When it is requeued for s1 and a new sink s3
+    assert store.requeue("ev-b-1", ["s1", "s3"]) is True
+    # Then both have it pending; an unknown id is refused
+    assert [e.event_id for e in store.pending("s1", limit=5, now=T0)] == ["ev-b-1"]
+    assert [e.event_id for e in store.pending("s3", limit=5, now=T0)] == ["ev-b-1"]
+    assert store.requeue("nope", ["s1"]) is False
+
+
+def test_get_batch_by_id_or_unique_prefix(store: Store) -> None:
+    # Given batches whose ids share prefixes
+    write_open(store, batch("abc-1", prefix="1/"), batch("abc-2", prefix="2/"),
+               batch("abd_%", prefix="3/"))
+    # Then a full id or unique prefix finds one; an ambiguous or unknown one does not
+    assert store.get_batch("abc-1").prefix == "1/"
+    assert store.get_batch("abd").batch_id == "abd_%"
+    assert store.get_batch("abd_").batch_id == "abd_%"
+    with pytest.raises(NotFound, match="ambiguous"):
+        store.get_batch("abc")
+    with pytest.raises(NotFound, match="no batch"):
+        store.get_batch("ab_")
+    with pytest.raises(NotFound, match="no batch"):
+        store.get_batch("zzz")
+
+
+def test_list_batches_open_by_deadline_then_closed_newest_first(store: Store) -> None:
+    # Given two open batches and two closed ones
+    write_open(store, batch("o-late", prefix="1/", last=T0 + 50))
+    write_open(store, batch("o-soon", prefix="2/"))
+    write_closed(store, batch("c-old", prefix="3/", last=T0))
+    write_closed(store, batch("c-new", prefix="4/", last=T0 + 9))
+    # Then the listings follow the contract
+    assert [b.batch_id for b in store.list_batches()] == ["o-soon", "o-late", "c-new", "c-old"]
+    assert [b.batch_id for b in store.list_batches(state="closed", limit=1)] == ["c-new"]
+    assert [b.batch_id for b in store.open_batches_by_deadline(limit=1)] == ["o-soon"]
+    row = store.get_batch("o-soon")
+    assert (row.deadline, row.deadline_trigger, row.trigger) == (T0 + 300, "duration", None)
+
+
+def test_outbox_events_newest_first(store: Store) -> None:
+    # Given two fired batches
+    write_closed(store, batch("b-1", prefix="1/"))
+    write_closed(store, batch("b-2", prefix="2/"))
+    # Then the outbox lists the newest first
+    events = store.outbox_events(limit=5)
+    assert [e.event_id for e in events] == ["ev-b-2", "ev-b-1"]
+    assert events[0].seq > events[1].seq
+
+
+def test_stats_count_batches_deliveries_and_dead_letters(store: Store) -> None:
+    # Given one open and one closed batch delivered to two sinks, one of them parked
+    write_open(store, batch("b-1", prefix="1/"))
+    write_closed(store, batch("b-2", prefix="2/"), sinks=("s1", "s2"))
+    store.mark_failed("s2", "ev-b-2", error="no", retry_at=None, now=T0)
+    # Then the figures say so
+    assert store.stats() == {"open_batches": 1, "closed_batches": 1, "pending_deliveries": 1,
+                             "parked_deliveries": 1, "dead_letters": 0}
+
+
+def test_heartbeats_publish_a_clock_that_never_goes_back(store: Store) -> None:
+    # Given a worker that published 100, then 50
+    store.heartbeat("w1", clock=100.0, now=T0)
+    store.heartbeat("w1", clock=50.0, now=T0 + 1)
+    # Then its clock is 100; an unknown worker has none
+    assert store.worker_clock("w1") == 100.0
+    assert store.worker_clock("w2") is None
+
+
+def test_fire_floor_is_the_lowest_clock_of_the_other_live_unfinished_workers(
+    store: Store,
+) -> None:
+    # Given me, a live worker at 200, a live one at 150 that finished, a silent one at 10
+    store.heartbeat("me", clock=1.0, now=T0)
+    store.heartbeat("live", clock=200.0, now=T0)
+    store.heartbeat("done", clock=150.0, now=T0)
+    store.finish_worker("done")
+    store.heartbeat("silent", clock=10.0, now=T0 - 120)
+    # Then only the live, unfinished other counts (silent for longer than the timeout)
+    assert store.fire_floor("me", now=T0, timeout=60) == 200.0
+    assert store.fire_floor("live", now=T0, timeout=60) == 1.0
+    assert store.fire_floor("live", now=T0, timeout=600) == 1.0
+    assert store.fire_floor("me", now=T0, timeout=600) == 10.0
+
+
+def test_the_last_worker_to_finish_is_told_so(store: Store) -> None:
+    # Given two workers
+    store.heartbeat("a", clock=1.0, now=T0)
+    store.heartbeat("b", clock=1.0, now=T0)
+    # Then only the second to finish is the last; a heartbeat makes one unfinished again
+    assert store.finish_worker("a") is False
+    assert store.finish_worker("b") is True
+    store.heartbeat("a", clock=2.0, now=T0)
+    assert store.fire_floor("b", now=T0, timeout=60) == 2.0
+
+
+def test_prune_forgets_old_keys_and_fingerprints(store: Store) -> None:
+    # Given key memories and fingerprints seen at T0 and T0 + 100
+    from edp.core.batching import KeyMemory
+
+    with store.transaction() as tx:
+        tx.save(StepWrite(keys={("bkt", "old"): KeyMemory("01", T0), ("bkt", "new"): KeyMemory(
+            "02", T0 + 100)}, fingerprints={"f-old": T0, "f-new": T0 + 100}), sinks=[], now=T0)
+    # When what was seen before T0 + 50 is pruned
+    gone = store.prune(keys_before=T0 + 50)
+    # Then two rows went, and the recent ones remain
+    with store.transaction() as tx:
+        state = tx.load(LoadRequest(object_keys={("bkt", "old"), ("bkt", "new")},
+                                    fingerprints={"f-old", "f-new"}))
+    assert gone == 2
+    assert set(state.keys) == {("bkt", "new")} and state.fingerprints == {"f-new"}
+
+
+def test_the_engine_emits_the_same_batches_on_every_backend(store: Store) -> None:
+    # Given a small stream: a count batch, a re-delivery, quiet remainders
+    cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=3)
+    events = [eventbridge(f"i/e/f{i % 4}", T0 + i, sequencer=f"{i:04x}") for i in range(5)]
+    events.append(eventbridge("i/e/f1", T0 + 1, sequencer="0001"))  # a re-delivery
+    events.append(eventbridge("j/k/x", T0 + 2000, sequencer="9999"))
+    engine = Engine(store, cfg, sinks=["out"], worker_id="w")
+    # When it is processed in two steps, then finished
+    engine.process([Message(e, f"line {i}") for i, e in enumerate(events[:3])], now=T0)
+    engine.process([Message(e, f"line {i}") for i, e in enumerate(events[3:])], now=T0)
+    engine.finish(now=T0)
+    # Then the batches are these, whatever the backend
+    got = [(b.prefix, b.object_count, b.trigger, b.fired_at)
+           for b in store.list_batches(state="closed")]
+    assert sorted(got) == [("i/e/", 2, "duration", T0 + 304), ("i/e/", 3, "count", T0 + 2),
+                           ("j/k/", 1, "duration", T0 + 2300)]
+    assert store.counters()["events.duplicate"] == 1
+    assert math.isfinite(store.worker_clock("w") or math.inf)
