@@ -35,6 +35,8 @@ class ReplaySummary:
     rejected: int = 0
     fired: Counter[str] = field(default_factory=Counter)
     counts: Counter[str] = field(default_factory=Counter)
+    undelivered: int = 0
+    output_error: str = ""
 
     def record(self, report: StepReport, stderr: TextIO) -> None:
         """Add one step's figures; report its rejected lines on ``stderr``."""
@@ -109,7 +111,13 @@ def run_replay(
                 runtime.relay.deliver()
             for ready in runtime.engine.finish(now=time.time()):
                 summary.fired[ready.trigger.value] += 1
-            runtime.relay.deliver()
+            report = runtime.relay.deliver()
+            if report.errors:
+                # stdout could not take the events (closed pipe, full disk): say so,
+                # rather than exit 0 with events that exist nowhere.
+                stats = runtime.store.stats()
+                summary.undelivered = stats["pending_deliveries"] + stats["parked_deliveries"]
+                summary.output_error = report.errors[-1]
         finally:
             runtime.close()
         return summary

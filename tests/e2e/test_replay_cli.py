@@ -124,3 +124,16 @@ def test_one_stderr_line_per_rejected_input_line() -> None:
     assert len(lines) == 2  # the line, then the summary
     assert "1 rejected" in lines[1]
     assert len(result.stdout.splitlines()) == 1  # the good record still made its batch
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_events_that_cannot_be_written_make_replay_fail() -> None:
+    # Given standard output that refuses every write
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "edp", "replay", str(REPLAY_DIR / "formats.jsonl")],
+            stdout=full, stderr=subprocess.PIPE, timeout=120, check=False,
+        )
+    # Then the replay says so and exits non-zero instead of losing the events quietly
+    assert result.returncode == 1
+    assert b"4 batch event(s) could not be written to standard output" in result.stderr

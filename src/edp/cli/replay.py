@@ -35,5 +35,9 @@ def replay(file: Any, database_url: str | None, strict: bool, workers: str | Non
         file, settings, stdout=sys.stdout.buffer, stderr=sys.stderr, database_url=database_url
     )
     click.echo(summary.describe(), err=True)
+    if summary.undelivered:
+        click.echo(f"edp: error: {summary.undelivered} batch event(s) could not be written to "
+                   f"standard output ({summary.output_error})", err=True)
+        sys.exit(1)
     if strict and summary.rejected:
         sys.exit(1)

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -34,6 +33,7 @@ from tenacity import (
 
 from edp.core.batching import ObjectRecord
 from edp.errors import NotFound, StoreError
+from edp.redact import redact_url
 from edp.store.base import BatchRow, DeadLetter, OutboxEntry, Transaction
 from edp.store.migrations import load_migrations
 from edp.store.postgres_retry import RetryingTransaction
@@ -44,16 +44,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIGRATION_LOCK = 0x65647001  # pg_advisory_xact_lock key of schema migrations ("edp" 1)
-
-
-def redact(url: str) -> str:
-    """``url`` without its password, for messages and ``store.url``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
 
 
 class PostgresStore(WorkerClocks):
@@ -75,7 +65,7 @@ class PostgresStore(WorkerClocks):
         retry_seconds: float = 30.0,
         delivery_lease: float = 60.0,
     ) -> None:
-        self.url = redact(url)
+        self.url = redact_url(url)
         self._dsn = url
         self._listener: psycopg.Connection[Any] | None = None
         self.retry_seconds = retry_seconds
@@ -366,4 +356,4 @@ class PostgresStore(WorkerClocks):
         self.pool.close()
 
 
-__all__ = ["PostgresStore", "redact"]
+__all__ = ["PostgresStore"]
