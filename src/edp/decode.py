@@ -17,7 +17,6 @@ Object keys are URL-decoded here and nowhere else (:func:`decode_key`).
 from __future__ import annotations
 
 from datetime import datetime
-from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -51,14 +50,25 @@ def decode_key(raw: str, *, url_encoded: bool = True) -> str:
     return unquote_plus(raw)
 
 
+_TIMES: dict[str, float] = {}
+"""Parsed times: event times repeat a lot within a stream (second resolution)."""
+_TIMES_MAX = 65536
+
+
 def parse_time(value: Any, *, what: str) -> float:
     """An ISO 8601 UTC timestamp (``2022-12-08T20:01:34Z``, fractions allowed) -> epoch seconds."""
+    cached = _TIMES.get(value) if type(value) is str else None
+    if cached is not None:
+        return cached
     if not isinstance(value, str) or not value:
         raise DecodeError(f"{what} is missing or not a string: {value!r}")
-    return _parse_time(value, what)
+    parsed = _parse_time(value, what)
+    if len(_TIMES) >= _TIMES_MAX:
+        _TIMES.clear()
+    _TIMES[value] = parsed
+    return parsed
 
 
-@lru_cache(maxsize=8192)  # event times repeat a lot within a stream (second resolution)
 def _parse_time(value: str, what: str) -> float:
     try:
         parsed = datetime.fromisoformat(value)
@@ -194,18 +204,18 @@ def _eventbridge(obj: dict[str, Any], out: Decoded, eb_encoded: bool) -> None:
     if kind is None:
         out.ignore(str(detail_type))
         return
-    detail = _obj(obj.get("detail"), "detail")
-    bucket = _obj(detail.get("bucket"), "detail.bucket").get("name")
-    s3obj = _obj(detail.get("object"), "detail.object")
+    detail = obj.get("detail")
+    if type(detail) is not dict:
+        detail = _obj(detail, "detail")
+    bucket = detail.get("bucket")
+    if type(bucket) is not dict:
+        bucket = _obj(bucket, "detail.bucket")
+    s3obj = detail.get("object")
+    if type(s3obj) is not dict:
+        s3obj = _obj(s3obj, "detail.object")
     out.events.append(
-        _event(
-            bucket,
-            s3obj.get("key"),
-            kind,
-            parse_time(obj.get("time"), what="time"),
-            s3obj,
-            url_encoded=eb_encoded,
-        )
+        _event(bucket.get("name"), s3obj.get("key"), kind, parse_time(obj.get("time"), what="time"),
+               s3obj, url_encoded=eb_encoded)
     )
 
 

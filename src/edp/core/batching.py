@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from edp.core.events import BatchReady, EventKind, ObjectEvent, Trigger
-from edp.core.rules import RuleBook, Skip, sequencer_is_newer
+from edp.core.rules import GroupingRules, RuleBook, Skip, sequencer_is_newer
 
 #: Namespace of the deterministic batch and event ids.
 ID_NAMESPACE = uuid.UUID("4b1d2f0e-8c7a-5e3b-9d61-0ed9a1c2b3f4")
@@ -119,6 +119,7 @@ class Batcher:
         self._heap: list[tuple[float, str, str, str, Trigger]] = []
         self._changes = Changes()
         self._dirty: set[BatchKey] = set()
+        self._rules_of: dict[str, GroupingRules | None] = {}
 
     # -- seeding ------------------------------------------------------------------
     def seed(
@@ -196,9 +197,19 @@ class Batcher:
     # -- events -------------------------------------------------------------------
     def classify(self, event: ObjectEvent) -> str | Skip:
         """The batch prefix of an event, or why it is not batched (SPEC section 2)."""
-        if not self.rules.is_watched(event.bucket):
+        rules = self._bucket_rules(event.bucket)
+        if rules is None:
             return Skip.UNWATCHED
-        return self.rules.for_bucket(event.bucket).prefix_of(event.key)
+        return rules.prefix_of(event.key)
+
+    def _bucket_rules(self, bucket: str) -> GroupingRules | None:
+        """The bucket's rules (``None``: not watched), looked up once per bucket."""
+        try:
+            return self._rules_of[bucket]
+        except KeyError:
+            rules = self.rules.for_bucket(bucket) if self.rules.is_watched(bucket) else None
+            self._rules_of[bucket] = rules
+            return rules
 
     def apply(
         self, event: ObjectEvent, clock: float, prefix: str | Skip | None = None
@@ -285,7 +296,7 @@ class Batcher:
         self._changes.objects[(batch.batch_id, event.key)] = ObjectRecord(
             batch.batch_id, event.key, event.size, event.etag, event.sequencer, event.time
         )
-        rules = self.rules.for_bucket(event.bucket)
+        rules = self._rules_of.get(event.bucket) or self.rules.for_bucket(event.bucket)
         if rules.complete_markers and rules.is_marker(event.key):
             return self._fire(batch, Trigger.MARKER, clock)
         if 0 < rules.threshold_event_count <= batch.object_count:

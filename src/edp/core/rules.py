@@ -55,7 +55,7 @@ class GroupingRules:
             return Skip.FOLDER
         if key.startswith(".quilt/"):
             return Skip.QUILT
-        if self.is_ignored(key):
+        if self.ignore_prefixes and self.is_ignored(key):
             return Skip.IGNORED
         depth = self.prefix_depth
         if depth == 0:
@@ -75,6 +75,8 @@ class GroupingRules:
         """
         if self._literal_prefixes and key.startswith(self._literal_prefixes):
             return True
+        if not self._globs:
+            return False
         return any(fnmatchcase(key, pattern) for pattern in self._globs)
 
     def is_marker(self, key: str) -> bool:
