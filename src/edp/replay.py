@@ -101,6 +101,15 @@ def run_replay(
             fast_unsafe=database_url is None,
         )
         summary = ReplaySummary()
+        if database_url is not None and settings.replay_workers == 1:
+            others = runtime.store.fire_floor(
+                runtime.engine.worker_id, now=time.time(), timeout=settings.worker_timeout
+            )
+            if others is not None:
+                stderr.write(
+                    "edp replay: warning: other workers are live on this database; replays "
+                    "side by side coordinate only with --workers N and --worker-id\n"
+                )
         try:
             if settings.replay_workers > 1:
                 run_part(runtime, stream, summary, stderr)

@@ -137,3 +137,21 @@ def test_events_that_cannot_be_written_make_replay_fail() -> None:
     # Then the replay says so and exits non-zero instead of losing the events quietly
     assert result.returncode == 1
     assert b"4 batch event(s) could not be written to standard output" in result.stderr
+
+
+def test_a_replay_into_a_database_with_live_workers_warns(tmp_path: Path) -> None:
+    # Given a database where another worker is live
+    import time
+
+    from edp.store import open_store
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    store = open_store(url)
+    store.heartbeat("someone-else", clock=0.0, now=time.time())
+    store.close()
+    # When a plain replay (no --workers) writes into it, it says they do not coordinate
+    result = edp("replay", "-", "--database-url", url, stdin=jsonl([eventbridge("a/b/c", 0)]))
+    assert result.returncode == 0
+    assert b"other workers are live on this database" in result.stderr
+    # and a replay into its own database says nothing of the kind
+    assert b"other workers" not in edp("replay", "-", stdin=jsonl([eventbridge("a/b/c", 0)])).stderr

@@ -32,13 +32,24 @@ from edp.web.reader import StoreReader
 log = logging.getLogger(__name__)
 
 
+MIN_EXPOSED_TOKEN = 16
+"""Shortest ``serve_token`` accepted when the server is reachable from other hosts."""
+
+
 def resolve_token(settings: Settings, host: str) -> tuple[str, bool]:
     """The bearer token, and whether it was made up now (loopback without ``serve_token``).
 
     Raises :class:`ConfigError` for a non-loopback bind without ``serve_token``.
     """
     if settings.serve_token is not None:
-        return settings.serve_token.get_secret_value(), False
+        token = settings.serve_token.get_secret_value()
+        if not is_loopback(host) and len(token) < MIN_EXPOSED_TOKEN:
+            raise ConfigError(
+                f"edp serve: binding {host} exposes the server; serve_token must be at least "
+                f"{MIN_EXPOSED_TOKEN} characters, got {len(token)} (use a long random secret, "
+                "e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+            )
+        return token, False
     if not is_loopback(host):
         raise ConfigError(
             f"edp serve: binding {host} exposes the server; set serve_token "

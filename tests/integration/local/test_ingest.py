@@ -30,7 +30,7 @@ from edp.web.server import ServeStack, resolve_token
 from edp_testing import load_event
 
 pytestmark = pytest.mark.timeout(60)
-TOKEN = "t0k3n-for-tests"
+TOKEN = "t0k3n-for-the-ingest-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -201,7 +201,10 @@ def test_exposed_binds_need_a_token_and_loopback_gets_a_made_up_one() -> None:
         resolve_token(Settings(), "0.0.0.0")
     token, made_up = resolve_token(Settings(), "127.0.0.1")
     assert made_up and len(token) >= 24
-    assert resolve_token(Settings(serve_token="s3cret"), "0.0.0.0") == ("s3cret", False)
+    assert resolve_token(Settings(serve_token=TOKEN), "0.0.0.0") == (TOKEN, False)
+    with pytest.raises(ConfigError, match="at least 16 characters, got 6"):
+        resolve_token(Settings(serve_token="s3cret"), "0.0.0.0")
+    assert resolve_token(Settings(serve_token="s3cret"), "127.0.0.1") == ("s3cret", False)
 
 
 def test_a_memory_store_cannot_be_served() -> None:
