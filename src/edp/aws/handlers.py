@@ -139,11 +139,13 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
 
 
 def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:
-    """Fire the batches that are due now, then deliver the outbox to every sink."""
+    """Fire the batches that are due now, deliver the outbox to every sink, and forget
+    key memories older than ``sequencer_retention`` (cheap when there are none)."""
     try:
         current = runtime("emit")
         fired = current.engine.fire_due(now=time.time())
         report = current.relay.deliver()
+        pruned = current.engine.prune()
     except Exception:
         reset_runtime()
         raise
@@ -152,6 +154,7 @@ def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:
         "delivered": report.delivered,
         "failed": report.failed,
         "parked": report.parked,
+        "pruned": pruned,
     }
     log.info("edp emit: %s", summary)
     if report.failed or report.parked:

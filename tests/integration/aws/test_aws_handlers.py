@@ -85,7 +85,9 @@ def test_sqs_batch_then_eventbridge_event_then_schedule(
     summary = handlers.emit_handler(load_event("aws-scheduled-event.json"), None)
 
     # Then the event reaches the bus, and a rule with the seeds' pattern forwards it
-    assert summary == {"fired": 0, "delivered": 1, "failed": 0, "parked": 0}
+    # (the sample events are from 2022: their three key memories are past the 24 h
+    # retention of the emit function's clock, which is now, so it forgets them)
+    assert summary == {"fired": 0, "delivered": 1, "failed": 0, "parked": 0, "pruned": 3}
     [event] = aws.collect(lambda_env["OUT_QUEUE"], 1)
     assert event["detail"]["prefix"] == PREFIX
     assert event["detail"]["object-count"] == 3
