@@ -255,9 +255,14 @@ class Engine:
         return self.store.prune(keys_before=self.clock - self.settings.sequencer_retention)
 
     def next_deadline(self) -> float | None:
-        """The earliest deadline of any open batch, for a timer to wake the worker."""
+        """The earliest deadline of any open batch or observer timer, to wake the worker."""
         rows = self.store.open_batches_by_deadline(limit=1)
-        return rows[0].deadline if rows else None
+        candidates = [rows[0].deadline] if rows and rows[0].deadline is not None else []
+        if self.observers:
+            due = self.store.next_timer_due()
+            if due is not None:
+                candidates.append(due)
+        return min(candidates, default=None)
 
     # -- operators ----------------------------------------------------------------
     def close_batch(self, batch_id: str, *, now: float) -> BatchReady:

@@ -195,3 +195,28 @@ def test_engine_prune_keeps_the_retention_window(url: str) -> None:
     report = engine.process(msgs(eventbridge("i/e/new", T0 + day, sequencer="02"),
                                  eventbridge("i/e/old", T0, sequencer="01")), now=T0)
     assert report.counts["events.duplicate"] == 1
+
+
+class SettleTimer:
+    """An observer with a durable timer, like package-ready detection."""
+
+    def observe(self, tx: Transaction, events: Sequence[ObjectEvent], *, clock: float,
+                now: float, sinks: Sequence[str]) -> None:
+        for event in events:
+            tx.set_timer("settle", event.key, due_at=now + 5, payload="{}")
+
+    def tick(self, tx: Transaction, *, clock: float, now: float, sinks: Sequence[str]) -> int:
+        return len(tx.take_due_timers("settle", until=now, limit=100))
+
+
+def test_observer_timers_wake_the_worker_too(url: str) -> None:
+    store = open_store(url)
+    engine = Engine(store, settings(bucket_threshold_duration=300), sinks=[],
+                    worker_id="w", observers=[SettleTimer()])
+    engine.process(msgs(eventbridge(".quilt/named_packages/u/p/1", T0)), now=T0 + 1,
+                   caught_up=True)
+    # nothing is batched (a .quilt/ key), but the observer's timer is the next wake-up
+    assert store.stats()["open_batches"] == 0
+    assert engine.next_deadline() == T0 + 6
+    engine.process(msgs(eventbridge("i/e/a", T0 + 2)), now=T0 + 2, caught_up=True)
+    assert engine.next_deadline() == T0 + 6  # earlier than the batch's T0 + 302

@@ -198,6 +198,10 @@ class Store(Protocol):
         """Record a failed attempt; ``retry_at=None`` parks the event (permanent error)."""
         ...
 
+    def next_timer_due(self) -> float | None:
+        """The earliest ``due_at`` of any durable timer (None when there is none)."""
+        ...
+
     def known_sinks(self) -> list[str]:
         """Names of every sink that has delivery rows (the sinks workers relay to)."""
         ...

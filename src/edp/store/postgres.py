@@ -223,6 +223,11 @@ class PostgresStore(WorkerClocks):
             (error[:2000], retry_at or now, retry_at is None, sink, event_id),
         ))
 
+    def next_timer_due(self) -> float | None:
+        """The earliest ``due_at`` of any durable timer."""
+        [(due,)] = self._rows("SELECT min(due_at) FROM timers", ())
+        return None if due is None else float(due)
+
     def known_sinks(self) -> list[str]:
         """Names of every sink that has delivery rows."""
         return [row[0] for row in self._rows(

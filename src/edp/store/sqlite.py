@@ -130,6 +130,11 @@ class SqliteStore:
                 (error[:2000], retry_at or now, 1 if retry_at is None else 0, sink, event_id),
             )
 
+    def next_timer_due(self) -> float | None:
+        """The earliest ``due_at`` of any durable timer."""
+        row = self.conn.execute("SELECT min(due_at) FROM timers").fetchone()
+        return None if row[0] is None else float(row[0])
+
     def known_sinks(self) -> list[str]:
         """Names of every sink that has delivery rows."""
         return [row[0] for row in self.conn.execute(

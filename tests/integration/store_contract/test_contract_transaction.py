@@ -160,12 +160,14 @@ def test_add_outbox_refuses_an_existing_event_id(store: Store) -> None:
 
 def test_timers_start_once_and_are_taken_when_due(store: Store) -> None:
     # Given three timers of one kind and one of another
+    assert store.next_timer_due() is None
     with store.transaction() as tx:
         assert tx.set_timer("k", "late", due_at=T0 + 30, payload="3")
         assert tx.set_timer("k", "soon", due_at=T0 + 10, payload="1")
         assert tx.set_timer("k", "mid", due_at=T0 + 20, payload="2")
         assert tx.set_timer("other", "x", due_at=T0, payload="0")
         assert not tx.set_timer("k", "soon", due_at=T0 + 99, payload="again")
+    assert store.next_timer_due() == T0  # the earliest of any kind: what wakes a worker
     # When the due ones are taken at +25, at most 5, then again
     with store.transaction() as tx:
         taken = tx.take_due_timers("k", until=T0 + 25, limit=5)
@@ -176,6 +178,14 @@ def test_timers_start_once_and_are_taken_when_due(store: Store) -> None:
     assert [(t.key, t.due_at, t.payload) for t in taken] == [
         ("soon", T0 + 10, "1"), ("mid", T0 + 20, "2")]
     assert again == [] and limited == []
+    assert store.next_timer_due() == T0
+
+
+def test_known_sinks_are_those_with_delivery_rows(store: Store) -> None:
+    assert store.known_sinks() == []
+    with store.transaction() as tx:
+        tx.add_outbox(event_id="e1", kind="k", payload="{}", sinks=["sns", "eventbridge"], now=T0)
+    assert store.known_sinks() == ["eventbridge", "sns"]
 
 
 def test_dead_letters_are_kept_newest_first(store: Store) -> None:
