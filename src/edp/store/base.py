@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from edp.core.batching import BatchKey, Changes, KeyMemory, ObjectKey, ObjectRecord, OpenBatch
+from edp.errors import NotFound
 
 
 @dataclass(slots=True)
@@ -138,6 +139,22 @@ class StepWrite:
             fingerprints=changes.fingerprints,
             objects=list(changes.objects.values()),
         )
+
+
+def pick_batch(batch_id: str, rows: Sequence[Sequence[Any]]) -> BatchRow:
+    """The batch that ``batch_id`` names among rows whose id starts with it.
+
+    An exact id wins; else a unique prefix; else :class:`~edp.errors.NotFound` says
+    whether the prefix matched several batches or none.
+    """
+    exact = [row for row in rows if row[0] == batch_id]
+    if exact:
+        return BatchRow(*exact[0])
+    if len(rows) == 1:
+        return BatchRow(*rows[0])
+    if rows:
+        raise NotFound(f"batch id {batch_id!r} is ambiguous: give more characters")
+    raise NotFound(f"no batch with id {batch_id!r}")
 
 
 class Transaction(Protocol):

@@ -32,9 +32,9 @@ from tenacity import (
 )
 
 from edp.core.batching import ObjectRecord
-from edp.errors import NotFound, StoreError
+from edp.errors import StoreError
 from edp.redact import redact_url
-from edp.store.base import BatchRow, DeadLetter, OutboxEntry, Transaction
+from edp.store.base import BatchRow, DeadLetter, OutboxEntry, Transaction, pick_batch
 from edp.store.migrations import load_migrations
 from edp.store.postgres_retry import RetryingTransaction
 from edp.store.postgres_tx import BATCH_COLUMNS
@@ -262,14 +262,7 @@ class PostgresStore(WorkerClocks):
             " AND batch_id <> %s ORDER BY batch_id LIMIT 2)",
             (batch_id, pattern, batch_id),
         )
-        exact = [row for row in rows if row[0] == batch_id]
-        if exact:
-            return BatchRow(*exact[0])
-        if len(rows) == 1:
-            return BatchRow(*rows[0])
-        if rows:
-            raise NotFound(f"batch id {batch_id!r} is ambiguous: give more characters")
-        raise NotFound(f"no batch with id {batch_id!r}")
+        return pick_batch(batch_id, rows)
 
     def list_batches(self, *, state: str | None = None, limit: int = 50) -> list[BatchRow]:
         """Open batches by deadline, then recent closed batches, newest first."""

@@ -15,11 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edp.core.batching import ObjectKey, ObjectRecord
-from edp.errors import NotFound, StoreError
+from edp.errors import StoreError
 from edp.store.base import (
     BatchRow,
     DeadLetter,
     OutboxEntry,
+    pick_batch,
 )
 from edp.store.migrations import load_migrations
 from edp.store.sqlite_tx import BATCH_COLUMNS, SqliteTransaction
@@ -163,14 +164,7 @@ class SqliteStore:
             " LIMIT 2",
             (batch_id, batch_id + "\uffff"),
         ).fetchall()
-        exact = [row for row in rows if row[0] == batch_id]
-        if exact:
-            return BatchRow(*exact[0])
-        if len(rows) == 1:
-            return BatchRow(*rows[0])
-        if rows:
-            raise NotFound(f"batch id {batch_id!r} is ambiguous: give more characters")
-        raise NotFound(f"no batch with id {batch_id!r}")
+        return pick_batch(batch_id, rows)
 
     def list_batches(self, *, state: str | None = None, limit: int = 50) -> list[BatchRow]:
         """Open batches by deadline, then recent closed batches, newest first."""
