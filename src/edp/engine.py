@@ -160,11 +160,11 @@ class Engine:
         if caught_up:
             end_clock = max(end_clock, now)
         floor = self._floor(now)
-        classifier = Batcher(self.rules)
-        prefixes = [classifier.classify(event) for event in events]
+        batcher = Batcher(self.rules)
+        prefixes = [batcher.classify(event) for event in events]
         with self.store.transaction() as tx:
             state = tx.load(self._request(events, prefixes, min(end_clock, floor)))
-            batcher = self._batcher(state)
+            self._batcher(state, into=batcher)
             report.fired += batcher.advance(min(clock, floor))
             for event, prefix in zip(events, prefixes, strict=True):
                 if event.time > clock:
@@ -202,22 +202,8 @@ class Engine:
     def fire_due(self, *, now: float) -> list[BatchReady]:
         """The source is caught up: the clock becomes ``now``; fire what is due."""
         self.clock = max(self.clock, now)
-        limit = min(self.clock, self._floor(now))
-        fired: list[BatchReady] = []
-        while True:
-            with self.store.transaction() as tx:
-                state = tx.load(LoadRequest(due_until=limit, due_limit=PAGE))
-                batcher = self._batcher(state)
-                page = batcher.advance(limit)
-                tx.save(self._write(batcher.take_changes()), sinks=self.sinks, now=now)
-                for observer in self.observers:
-                    observer.tick(tx, clock=limit, now=now, sinks=self.sinks)
-                tx.add_counters(Counter(f"batches.{r.trigger.value}" for r in page))
-            fired += page
-            if len(state.batches) < PAGE:
-                break
+        fired = self._fire_until(min(self.clock, self._floor(now)), now=now)
         self.store.heartbeat(self.worker_id, clock=self._published(self.clock), now=now)
-        self._log_fired(fired)
         return fired
 
     def finish(self, *, now: float) -> list[BatchReady]:
@@ -229,15 +215,19 @@ class Engine:
         self.store.heartbeat(self.worker_id, clock=self._published(self.clock), now=now)
         if not self.store.finish_worker(self.worker_id):
             return []
+        return self._fire_until(math.inf, now=now)
+
+    def _fire_until(self, limit: float, *, now: float) -> list[BatchReady]:
+        """Fire every batch due at ``limit``, in deadline order, a page per transaction."""
         fired: list[BatchReady] = []
         while True:
             with self.store.transaction() as tx:
-                state = tx.load(LoadRequest(due_until=math.inf, due_limit=PAGE))
+                state = tx.load(LoadRequest(due_until=limit, due_limit=PAGE))
                 batcher = self._batcher(state)
-                page = batcher.fire_all()
+                page = batcher.advance(limit)
                 tx.save(self._write(batcher.take_changes()), sinks=self.sinks, now=now)
                 for observer in self.observers:
-                    observer.tick(tx, clock=math.inf, now=now, sinks=self.sinks)
+                    observer.tick(tx, clock=limit, now=now, sinks=self.sinks)
                 tx.add_counters(Counter(f"batches.{r.trigger.value}" for r in page))
             fired += page
             if len(state.batches) < PAGE:
@@ -328,8 +318,9 @@ class Engine:
                 request.fingerprints.add(event.fingerprint())
         return request
 
-    def _batcher(self, state: WorkingState) -> Batcher:
-        batcher = Batcher(self.rules)
+    def _batcher(self, state: WorkingState, *, into: Batcher | None = None) -> Batcher:
+        """A batcher (``into``, or a new one) seeded with a step's working set."""
+        batcher = into if into is not None else Batcher(self.rules)
         batcher.seed(
             batches=state.batches,
             generations=state.generations,

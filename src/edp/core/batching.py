@@ -190,10 +190,6 @@ class Batcher:
             fired.append(self._fire(self._batches[(bucket, prefix)], trigger, deadline))
         return fired
 
-    def fire_all(self) -> list[BatchReady]:
-        """Fire every known open batch at its own deadline, in deadline order."""
-        return self.advance(float("inf"))
-
     # -- events -------------------------------------------------------------------
     def classify(self, event: ObjectEvent) -> str | Skip:
         """The batch prefix of an event, or why it is not batched (SPEC section 2)."""

@@ -9,13 +9,11 @@ only the worker(s) now holding the lowest clock: the only ones that may go on.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 from psycopg import sql
-
-T = TypeVar("T")
 
 FINISH_LOCK = 0x65647002  # pg_advisory_xact_lock key of workers finishing
 
@@ -47,14 +45,11 @@ _HEARTBEAT = (
 class WorkerClocks:
     """The worker methods of :class:`~edp.store.postgres.PostgresStore`."""
 
+    # Provided by PostgresStore, which mixes this class in.
     _dsn: str
     _listener: psycopg.Connection[Any] | None
-
-    def _run(self, work: Callable[[psycopg.Connection[Any]], T], *, pipeline: bool = True) -> T:
-        raise NotImplementedError  # pragma: no cover
-
-    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        raise NotImplementedError  # pragma: no cover
+    _run: Callable[..., Any]
+    _rows: Callable[..., list[Any]]
 
     def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
         """Publish a worker's clock (it never goes back).
@@ -133,7 +128,7 @@ class WorkerClocks:
             row = conn.execute("SELECT count(*) FROM workers WHERE NOT finished").fetchone()
             return row is not None and int(row[0]) == 0
 
-        return self._run(work)
+        return bool(self._run(work))
 
 
 __all__ = ["WorkerClocks"]
