@@ -147,19 +147,31 @@ class Engine:
         return events, report
 
     def process(
-        self, messages: Iterable[Message], *, now: float, caught_up: bool = False
+        self,
+        messages: Iterable[Message],
+        *,
+        now: float,
+        caught_up: bool = False,
+        floor: float | None = None,
+        publish: float | None = None,
     ) -> StepReport:
         """Run one step: decode, apply, fire what is due, commit.
 
         ``now`` is the wall clock (used for bookkeeping, and as the clock when
-        ``caught_up`` says the source has no backlog).
+        ``caught_up`` says the source has no backlog). The step publishes the
+        worker's clock (heartbeat) in its own transaction: the engine's clock, or
+        ``publish`` when the caller knows better (a replay worker publishes the time
+        of its next line). ``floor`` is the other workers' lowest clock when the
+        caller has just read it (it must not be above :meth:`Store.fire_floor`);
+        otherwise the engine reads it.
         """
         events, report = self.decode(messages, now)
         clock = self.clock
         end_clock = max([clock, *(e.time for e in events)])
         if caught_up:
             end_clock = max(end_clock, now)
-        floor = self._floor(now)
+        if floor is None:
+            floor = self._floor(now)
         batcher = Batcher(self.rules)
         prefixes = [batcher.classify(event) for event in events]
         with self.store.transaction() as tx:
@@ -193,8 +205,12 @@ class Engine:
             for ready in report.fired:
                 report.counts[f"batches.{ready.trigger.value}"] += 1
             tx.add_counters(report.counts)
+            tx.heartbeat(
+                self.worker_id,
+                clock=self._published(clock if publish is None else max(clock, publish)),
+                now=now,
+            )
         self.clock = clock
-        self.store.heartbeat(self.worker_id, clock=self._published(clock), now=now)
         self._log_fired(report.fired)
         return report
 

@@ -98,7 +98,12 @@ def run_replay(
             # a lone replay never borrows a daemon's.
             worker_id=(settings.worker_id if settings.replay_workers > 1 else None)
             or default_worker_id("replay-"),
-            fast_unsafe=database_url is None,
+            # A temporary store needs no durability at all. A PostgreSQL database keeps
+            # its integrity with asynchronous commits (synchronous_commit off: a server
+            # crash may forget the last steps, which a re-run replays with the same
+            # ids), so replays into it do not wait for each step's WAL flush.
+            fast_unsafe=database_url is None
+            or database_url.startswith(("postgresql:", "postgres:")),
         )
         summary = ReplaySummary()
         if database_url is not None and settings.replay_workers == 1:
@@ -303,8 +308,11 @@ def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr:
             floor.wait(min(1.0, timeout / 4))
             continue
         summary.lines += len(chunk)
-        summary.record(engine.process(chunk, now=time.time()), stderr)
-        publish()
+        # The step publishes the time of this part's next line (its heartbeat rides
+        # on the step's commit) and fires up to the floor just read: one commit a turn.
+        report = engine.process(chunk, now=time.time(), floor=floor.value,
+                                publish=_publishable(part.next_time()))
+        summary.record(report, stderr)
         beat = time.monotonic()
         if beat - delivered > 0.5:  # delivery is not on the critical path of the others
             runtime.relay.deliver()

@@ -190,6 +190,14 @@ class Transaction(Protocol):
         """Remove and return the timers of ``kind`` due at or before ``until``, earliest first."""
         ...
 
+    def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
+        """Publish a worker's clock when this transaction commits (as :meth:`Store.heartbeat`).
+
+        Other workers see the clock and the step's changes at the same moment, and
+        the step costs no extra commit.
+        """
+        ...
+
 
 class Store(Protocol):
     """The store port. Adapters: :mod:`edp.store.sqlite`, :mod:`edp.store.postgres`."""

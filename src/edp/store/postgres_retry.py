@@ -98,6 +98,10 @@ class RetryingTransaction:
         result: list[Timer] = self._call("take_due_timers", kind, until=until, limit=limit)
         return result
 
+    def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
+        """Publish a worker's clock with the commit."""
+        self._call("heartbeat", worker_id, clock=clock, now=now)
+
     # -- end --------------------------------------------------------------------------------
     def commit(self) -> None:
         """Commit, replaying the transaction on a new connection if the link broke."""

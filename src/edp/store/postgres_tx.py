@@ -37,6 +37,7 @@ from edp.store.base import (
     Timer,
     WorkingState,
 )
+from edp.store.postgres_workers import HEARTBEAT_SQL, heartbeat_params
 
 BATCH_COLUMNS = (
     "batch_id, bucket, prefix, generation, state, object_count, first_activity, last_activity,"
@@ -344,6 +345,10 @@ class PostgresTransaction:
             f" {_rows_of('float8', 'text', 'text', 'text', 'text')}",
             (_json((d.received_at, d.source, d.location, d.reason, d.body) for d in letters),),
         )
+
+    def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
+        """Publish a worker's clock (and wake who may go on) with this transaction's commit."""
+        self.queue(HEARTBEAT_SQL, heartbeat_params(worker_id, clock, now))
 
     def add_counters(self, counts: Mapping[str, int]) -> None:
         """Add to named counters (in this store's shard, names in sorted order)."""

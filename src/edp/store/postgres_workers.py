@@ -30,7 +30,7 @@ _WAKE_LOWEST = (
     " WHERE NOT w.finished AND w.worker_id <> %s AND w.clock = (SELECT min(clock)"
     " FROM workers WHERE NOT finished AND worker_id <> %s)"
 )
-_HEARTBEAT = (
+HEARTBEAT_SQL = (
     "WITH old AS (SELECT clock, finished FROM workers WHERE worker_id = %s),"  # noqa: S608
     " up AS (INSERT INTO workers (worker_id, clock, heartbeat_at) VALUES (%s, %s, %s)"
     " ON CONFLICT (worker_id) DO UPDATE SET"
@@ -40,6 +40,11 @@ _HEARTBEAT = (
     + " AND EXISTS (SELECT 1 FROM up WHERE NOT EXISTS"
     " (SELECT 1 FROM old WHERE old.clock = up.clock AND NOT old.finished))"
 )
+
+
+def heartbeat_params(worker_id: str, clock: float, now: float) -> tuple[Any, ...]:
+    """The parameters of :data:`HEARTBEAT_SQL`."""
+    return (worker_id, worker_id, clock, now, worker_id, worker_id)
 
 
 class WorkerClocks:
@@ -59,7 +64,7 @@ class WorkerClocks:
         the only ones that may be able to go on. One statement, one round trip.
         """
         self._run(lambda conn: conn.execute(
-            _HEARTBEAT, (worker_id, worker_id, clock, now, worker_id, worker_id)
+            HEARTBEAT_SQL, heartbeat_params(worker_id, clock, now)
         ))
 
     def listen_workers(self, worker_id: str) -> None:
@@ -131,4 +136,4 @@ class WorkerClocks:
         return bool(self._run(work))
 
 
-__all__ = ["WorkerClocks"]
+__all__ = ["HEARTBEAT_SQL", "WorkerClocks", "heartbeat_params"]

@@ -240,13 +240,8 @@ class SqliteStore:
     # -- workers and housekeeping -------------------------------------------------
     def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
         """Publish a worker's clock."""
-        with self._write() as conn:
-            conn.execute(
-                "INSERT INTO workers (worker_id, clock, heartbeat_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (worker_id) DO UPDATE SET clock = max(clock, excluded.clock),"
-                " heartbeat_at = excluded.heartbeat_at, finished = 0",
-                (worker_id, clock, now),
-            )
+        with self.transaction() as tx:
+            tx.heartbeat(worker_id, clock=clock, now=now)
 
     def worker_clock(self, worker_id: str) -> float | None:
         """The last clock a worker published."""

@@ -16,6 +16,11 @@ from edp.store.base import (
 )
 
 _CHUNK = 900  # stays far below SQLite's bound-variable limit
+HEARTBEAT_SQL = (
+    "INSERT INTO workers (worker_id, clock, heartbeat_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (worker_id) DO UPDATE SET clock = max(clock, excluded.clock),"
+    " heartbeat_at = excluded.heartbeat_at, finished = 0"
+)
 BATCH_COLUMNS = (
     "batch_id, bucket, prefix, generation, state, object_count, first_activity, last_activity,"
     " first_event_time, last_event_time, deadline, deadline_trigger, trigger, fired_at, event_id"
@@ -234,6 +239,10 @@ class SqliteTransaction:
             " VALUES (?, ?, ?, ?, ?)",
             [(d.received_at, d.source, d.location, d.reason, d.body) for d in letters],
         )
+
+    def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
+        """Publish a worker's clock with this transaction."""
+        self.conn.execute(HEARTBEAT_SQL, (worker_id, clock, now))
 
     def add_counters(self, counts: Mapping[str, int]) -> None:
         """Add to named counters."""

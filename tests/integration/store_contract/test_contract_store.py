@@ -113,6 +113,42 @@ def test_heartbeats_publish_a_clock_that_never_goes_back(store: Store) -> None:
     assert store.worker_clock("w2") is None
 
 
+def test_a_heartbeat_in_a_transaction_is_published_only_if_it_commits(store: Store) -> None:
+    # Given a worker at 100
+    store.heartbeat("w1", clock=100.0, now=T0)
+    # When a step that publishes 300 fails, and then one that publishes 200 commits
+    def failing_step() -> None:
+        with store.transaction() as tx:
+            tx.heartbeat("w1", clock=300.0, now=T0 + 1)
+            raise RuntimeError("the step failed")
+
+    with pytest.raises(RuntimeError):
+        failing_step()
+    assert store.worker_clock("w1") == 100.0
+    with store.transaction() as tx:
+        tx.heartbeat("w1", clock=200.0, now=T0 + 2)
+        tx.heartbeat("w2", clock=50.0, now=T0 + 2)
+    # Then the committed clocks count, and they never go back
+    assert (store.worker_clock("w1"), store.worker_clock("w2")) == (200.0, 50.0)
+    with store.transaction() as tx:
+        tx.heartbeat("w1", clock=150.0, now=T0 + 3)
+    assert store.worker_clock("w1") == 200.0
+    assert store.fire_floor("w2", now=T0 + 3, timeout=60) == 200.0
+
+
+def test_a_step_publishes_its_clock_with_its_commit(store: Store) -> None:
+    # Given an engine
+    engine = Engine(store, Settings(), sinks=["s1"], worker_id="w1")
+    # When it runs a step of one event at T0 + 5 (and one told to publish T0 + 9)
+    engine.process([Message(eventbridge("a/b/c.txt", T0 + 5), "m1")], now=T0 + 100)
+    assert store.worker_clock("w1") == T0 + 5
+    engine.process([Message(eventbridge("a/b/d.txt", T0 + 6), "m2")], now=T0 + 100,
+                   publish=T0 + 9)
+    # Then the clocks it published are the event time, then the one it was told
+    assert store.worker_clock("w1") == T0 + 9
+    assert engine.clock == T0 + 6
+
+
 def test_fire_floor_is_the_lowest_clock_of_the_other_live_unfinished_workers(
     store: Store,
 ) -> None:
