@@ -1,4 +1,4 @@
-"""Replay one generated stream through the floor, bytewax and edp; print Markdown.
+"""Replay one generated stream through the floor, bytewax, a bare batcher and edp.
 
 Usage (from the repository root, with the peers' virtualenv, see README.md)::
 
@@ -10,6 +10,8 @@ file:
 
 * floor:   ``<python> bench/peer_floor.py FILE``
 * bytewax: ``<python> bench/peer_bytewax.py FILE``
+* in-memory batcher: ``<python> bench/peer_ceiling.py FILE`` (a yardstick, not a
+  product: the same batching rules in one bare loop, nothing persisted)
 * edp:     ``$EDP_BIN replay FILE > /dev/null``
   (``EDP_BIN`` defaults to ``/work/main/.venv/bin/edp``)
 
@@ -60,7 +62,11 @@ from gen_stream import StreamSpec, generate, positive_int
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_EDP_BIN = "/work/main/.venv/bin/edp"
 GNU_TIME = "/usr/bin/time"
-PEER_SCRIPTS = (("floor", "peer_floor.py"), ("bytewax", "peer_bytewax.py"))
+PEER_SCRIPTS = (
+    ("floor", "peer_floor.py"),
+    ("bytewax", "peer_bytewax.py"),
+    ("in-memory batcher", "peer_ceiling.py"),
+)
 SCALING_FRACTIONS = (4, 2, 1)  # run on 1/4, 1/2 and all of the stream
 
 
@@ -176,7 +182,7 @@ def machine_info(edp_bin: str | None) -> list[str]:
         f"- Date: {now}",
         f"- CPU: {cpu_model()}, {os.cpu_count()} cores; memory {memory_gib()}",
         f"- OS: {platform.system()} {platform.release()}",
-        f"- Python (floor, bytewax): {platform.python_version()}"
+        f"- Python (floor, bytewax, in-memory batcher): {platform.python_version()}"
         f" ({sys.executable}); bytewax {package_version('bytewax')},"
         f" orjson {package_version('orjson')}",
     ]
@@ -235,7 +241,7 @@ def expected_batches(gen_summary: dict[str, object]) -> list[str]:
 
 
 def compare(path: Path, events: int, edp_bin: str | None) -> list[Run]:
-    """Run the floor, bytewax and (unless ``edp_bin`` is None) edp on ``path``."""
+    """Run the peers and (unless ``edp_bin`` is None) edp on ``path``, one after another."""
     runs = [
         measure(peer, events, [sys.executable, str(BENCH_DIR / script), str(path)], True)
         for peer, script in PEER_SCRIPTS

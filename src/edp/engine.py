@@ -177,19 +177,22 @@ class Engine:
         with self.store.transaction() as tx:
             state = tx.load(self._request(events, prefixes, min(end_clock, floor)))
             self._batcher(state, into=batcher)
-            report.fired += batcher.advance(min(clock, floor))
+            fired = report.fired
+            fired += batcher.advance(min(clock, floor))
+            outcomes: Counter[Outcome | Skip] = Counter()
             for event, prefix in zip(events, prefixes, strict=True):
                 if event.time > clock:
                     clock = event.time
-                    report.fired += batcher.advance(min(clock, floor))
+                    fired += batcher.advance(min(clock, floor))
                 result = batcher.apply(event, clock, prefix)
                 if isinstance(result, BatchReady):
-                    report.fired.append(result)
-                    report.counts["events.counted"] += 1
-                elif isinstance(result, Skip):
-                    report.counts[f"skipped.{result.value}"] += 1
+                    fired.append(result)
+                    outcomes[Outcome.COUNTED] += 1
                 else:
-                    report.counts[f"events.{result.value}"] += 1
+                    outcomes[result] += 1
+            for result, count in outcomes.items():
+                kind = "skipped" if isinstance(result, Skip) else "events"
+                report.counts[f"{kind}.{result.value}"] += count
             if caught_up:
                 clock = max(clock, now)
                 report.fired += batcher.advance(min(clock, floor))
