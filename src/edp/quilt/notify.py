@@ -4,7 +4,8 @@ A :class:`Notice` says what failed, where, and links to the package in the
 catalog (``{catalog_url}/b/{bucket}/packages/{name}``) when it landed somewhere.
 :class:`SnsNotifier` publishes text with a subject that SNS accepts (printable
 ASCII, no line breaks, under 100 characters: :func:`sns_subject`);
-:class:`WebhookNotifier` POSTs the notice as JSON. A notifier never raises: a
+:class:`WebhookNotifier` POSTs the notice as JSON, signed and retried like the
+webhook sink's events. A notifier never raises: a
 failed notification is logged and returned, so a package outcome is never lost
 because a notification could not be sent.
 """
@@ -15,14 +16,18 @@ import json
 import logging
 import re
 import unicodedata
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
 from edp.config import Settings
 from edp.errors import ConfigError
+from edp.sinks.webhook import is_retryable, post_opener, signature
 
 log = logging.getLogger(__name__)
 
@@ -128,34 +133,71 @@ class SnsNotifier:
 
 
 class WebhookNotifier:
-    """POSTs notices as JSON to a URL (which may hold a token: it is never logged)."""
+    """POSTs notices as JSON to a URL (which may hold a token: it is never logged).
 
-    def __init__(self, url: str, *, timeout: float = 10.0) -> None:
+    Signed like the webhook sink's events (``X-Edp-Signature: sha256=<hex HMAC of the
+    body>`` with ``webhook_secret``) when a secret is set. A connection error, a 5xx,
+    408 or 429 answer is tried again, ``attempts`` times in all with a short
+    exponential back-off; a redirect is an answer, not followed.
+    """
+
+    def __init__(
+        self, url: str, *, secret: str | None = None, timeout: float = 10.0,
+        attempts: int = 3, backoff: float = 0.5,
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in {"http", "https"} or not parts.netloc:
             raise ConfigError("notify_webhook_url must be an http:// or https:// URL")
         self.url = url
         self.host = parts.hostname or "?"
         self.timeout = timeout
+        self._secret = secret
+        self._opener = post_opener()
+        self._retrying = Retrying(
+            retry=retry_if_exception_type(_Transient),
+            stop=stop_after_attempt(max(1, attempts)),
+            wait=wait_exponential(multiplier=backoff, max=10 * backoff),
+            reraise=True,
+        )
 
     def notify(self, notice: Notice) -> list[str]:
         """POST the notice; any 2xx answer counts as delivered."""
-        request = urllib.request.Request(  # noqa: S310 (the scheme is checked in __init__)
-            self.url,
-            data=json.dumps(notice.as_dict()).encode(),
-            headers={"Content-Type": "application/json", "User-Agent": "edp"},
-            method="POST",
-        )
+        body = json.dumps(notice.as_dict()).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": "edp"}
+        if self._secret is not None:
+            headers["X-Edp-Signature"] = signature(body, self._secret)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
-                status = response.status
-        except Exception as exc:  # a boundary: the notification is best effort  # noqa: BLE001
-            log.warning("webhook notification to %s failed: %s", self.host, type(exc).__name__)
-            return [f"webhook: {type(exc).__name__}"]
+            status = self._retrying(self._post, body, headers)
+        except _Transient as exc:
+            log.warning("webhook notification to %s failed: %s", self.host, exc)
+            return [f"webhook: {exc}"]
         if not 200 <= status < 300:
             log.warning("webhook notification to %s answered %d", self.host, status)
             return [f"webhook: HTTP {status}"]
         return []
+
+    def _post(self, body: bytes, headers: dict[str, str]) -> int:
+        """One attempt: the HTTP status, or :class:`_Transient` when another may succeed."""
+        request = urllib.request.Request(  # noqa: S310 (the scheme is checked in __init__)
+            self.url, data=body, headers=headers, method="POST"
+        )
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                response.read()
+                status = int(response.status)
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            exc.close()
+        except (urllib.error.URLError, OSError) as exc:
+            # The reason names the failure, never the URL (it may hold a token).
+            raise _Transient(type(getattr(exc, "reason", exc)).__name__) from None
+        if is_retryable(status):
+            raise _Transient(f"HTTP {status}")
+        return status
+
+
+class _Transient(Exception):
+    """An attempt that a later one may fix."""
 
 
 class FanOut:
@@ -178,7 +220,11 @@ def build_notifier(settings: Settings) -> FanOut:
     if settings.notify_sns_topic:
         notifiers.append(SnsNotifier(settings.notify_sns_topic))
     if settings.notify_webhook_url:
-        notifiers.append(WebhookNotifier(settings.notify_webhook_url))
+        secret = settings.webhook_secret
+        notifiers.append(WebhookNotifier(
+            settings.notify_webhook_url,
+            secret=secret.get_secret_value() if secret is not None else None,
+        ))
     return FanOut(notifiers)
 
 

@@ -48,6 +48,16 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def post_opener() -> urllib.request.OpenerDirector:
+    """An opener for webhook POSTs: redirects are answers (3xx), never followed."""
+    return urllib.request.build_opener(_NoRedirect())
+
+
+def is_retryable(status: int) -> bool:
+    """Whether an HTTP answer may go away on a later attempt (5xx, 408, 429)."""
+    return status >= 500 or status in RETRYABLE_STATUS
+
+
 class WebhookSink:
     """POSTs outbox events to an HTTP(S) endpoint."""
 
@@ -63,7 +73,7 @@ class WebhookSink:
         self.where = redact_url(url)
         self._secret = secret
         self.timeout = timeout
-        self._opener = urllib.request.build_opener(_NoRedirect())
+        self._opener = post_opener()
         if secret is None:
             log.warning("webhook %s: no webhook_secret set, events are sent unsigned", self.where)
 
@@ -107,8 +117,8 @@ class WebhookSink:
             return Failure(entry.event_id, f"webhook {self.where}: {reason}")
         if 200 <= status < 300:
             return None
-        permanent = status < 500 and status not in RETRYABLE_STATUS
+        permanent = not is_retryable(status)
         return Failure(entry.event_id, f"webhook {self.where}: HTTP {status}", permanent=permanent)
 
 
-__all__ = ["WebhookSink", "signature"]
+__all__ = ["WebhookSink", "is_retryable", "post_opener", "signature"]

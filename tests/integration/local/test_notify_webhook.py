@@ -1,0 +1,111 @@
+"""Packaging notifications over a real HTTP endpoint on 127.0.0.1: signed, retried."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+import pytest
+
+from edp.config import Settings
+from edp.quilt.notify import Notice, WebhookNotifier, build_notifier
+
+pytestmark = pytest.mark.timeout(60)
+
+NOTICE = Notice(kind="package-quarantined", package="instrument/exp-1", bucket="lab",
+                prefix="instrument/exp-1/", registry="s3://reg", error="ProjectID missing")
+
+
+class Endpoint(BaseHTTPRequestHandler):
+    """Answers each POST with the next status of ``answers`` (then 200), keeps it all."""
+
+    answers: list[int]
+    seen: list[tuple[int, dict[str, str], bytes]]
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        status = self.answers.pop(0) if self.answers else 200
+        self.seen.append((status, dict(self.headers), body))
+        self.send_response(status)
+        if status == 302:
+            self.send_header("Location", "/elsewhere")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def endpoint() -> Iterator[tuple[str, type[Endpoint]]]:
+    handler = type("E", (Endpoint,), {"answers": [], "seen": []})
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hook?token=t0ken", handler
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_notice_is_signed_and_a_transient_failure_is_tried_again(
+    endpoint: tuple[str, type[Endpoint]],
+) -> None:
+    # Given an endpoint that answers 503, then 200, and a secret
+    url, handler = endpoint
+    handler.answers = [503]
+    settings = Settings(notify_webhook_url=url, webhook_secret="s3cret-key")
+    # When a notice is sent
+    errors = build_notifier(settings).notify(NOTICE)
+    # Then it arrived on the second attempt, signed with the secret, as JSON
+    assert errors == []
+    assert [status for status, _, _ in handler.seen] == [503, 200]
+    _, headers, body = handler.seen[-1]
+    expected = hmac.new(b"s3cret-key", body, hashlib.sha256).hexdigest()
+    assert headers["X-Edp-Signature"] == f"sha256={expected}"
+    assert json.loads(body)["package"] == "instrument/exp-1"
+
+
+def test_a_permanent_answer_or_a_redirect_is_not_retried_and_is_reported(
+    endpoint: tuple[str, type[Endpoint]], caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given an endpoint that answers 400, then 302
+    url, handler = endpoint
+    handler.answers = [400, 302]
+    notifier = WebhookNotifier(url, backoff=0.01)
+    # When two notices are sent
+    first, second = notifier.notify(NOTICE), notifier.notify(NOTICE)
+    # Then each was tried once, reported, unsigned, and the URL's token is never logged
+    assert (first, second) == (["webhook: HTTP 400"], ["webhook: HTTP 302"])
+    assert [status for status, _, _ in handler.seen] == [400, 302]
+    assert "X-Edp-Signature" not in handler.seen[0][1]
+    assert "t0ken" not in caplog.text
+
+
+def test_an_endpoint_that_keeps_failing_is_given_up_after_the_attempts(
+    endpoint: tuple[str, type[Endpoint]],
+) -> None:
+    # Given an endpoint that answers 429 and 500 and 502
+    url, handler = endpoint
+    handler.answers = [429, 500, 502]
+    # When a notice is sent with 3 attempts
+    errors = WebhookNotifier(url, attempts=3, backoff=0.01).notify(NOTICE)
+    # Then all three were used and the last answer is reported
+    assert errors == ["webhook: HTTP 502"]
+    assert len(handler.seen) == 3
+
+
+def test_a_refused_connection_is_reported_without_the_url() -> None:
+    # Given a port nobody listens on
+    with HTTPServer(("127.0.0.1", 0), Endpoint) as probe:
+        port = probe.server_port
+    # When a notice is sent there
+    errors = WebhookNotifier(f"http://127.0.0.1:{port}/x?token=t0ken", attempts=2,
+                             backoff=0.01).notify(NOTICE)
+    # Then the error names the failure, not the URL
+    assert len(errors) == 1 and errors[0].startswith("webhook: ")
+    assert "t0ken" not in errors[0]
