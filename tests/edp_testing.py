@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
@@ -103,3 +106,51 @@ def run_engine(
     out = [orjson.loads(e.payload) for e in store.pending("list", limit=10**9, now=T0)]
     store.close()
     return out
+
+
+@contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve ``handler`` on 127.0.0.1 (a free port) in a thread; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+class RecordingEndpoint(BaseHTTPRequestHandler):
+    """Answers each POST with the next of ``answers`` (then 200) and keeps every request.
+
+    Subclass it per test (``type("E", (RecordingEndpoint,), {"answers": [], "seen": []})``)
+    so that tests do not share the lists.
+    """
+
+    answers: list[int]
+    seen: list[tuple[int, dict[str, str], bytes]]
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        status = self.answers.pop(0) if self.answers else 200
+        self.seen.append((status, dict(self.headers), body))
+        self.send_response(status)
+        if status in (301, 302, 303, 307, 308):
+            self.send_header("Location", "/elsewhere")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    @classmethod
+    def bodies(cls) -> list[Any]:
+        """The JSON bodies received, in order."""
+        return [json.loads(body) for _, _, body in cls.seen]
+
+    @classmethod
+    def fresh(cls) -> type[RecordingEndpoint]:
+        """A subclass with lists of its own."""
+        return type("Endpoint", (cls,), {"answers": [], "seen": []})

@@ -17,7 +17,6 @@ import logging
 import re
 import unicodedata
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -27,7 +26,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from edp.config import Settings
 from edp.errors import ConfigError
-from edp.sinks.webhook import is_retryable, post_opener, signature
+from edp.sinks.webhook import is_retryable, post, post_opener, signature
 
 log = logging.getLogger(__name__)
 
@@ -178,16 +177,8 @@ class WebhookNotifier:
 
     def _post(self, body: bytes, headers: dict[str, str]) -> int:
         """One attempt: the HTTP status, or :class:`_Transient` when another may succeed."""
-        request = urllib.request.Request(  # noqa: S310 (the scheme is checked in __init__)
-            self.url, data=body, headers=headers, method="POST"
-        )
         try:
-            with self._opener.open(request, timeout=self.timeout) as response:
-                response.read()
-                status = int(response.status)
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-            exc.close()
+            status = post(self._opener, self.url, body, headers, self.timeout)
         except (urllib.error.URLError, OSError) as exc:
             # The reason names the failure, never the URL (it may hold a token).
             raise _Transient(type(getattr(exc, "reason", exc)).__name__) from None

@@ -53,6 +53,25 @@ def post_opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(_NoRedirect())
 
 
+def post(
+    opener: urllib.request.OpenerDirector, url: str, body: bytes, headers: dict[str, str],
+    timeout: float,
+) -> int:
+    """POST ``body`` once and return the HTTP status (an error status too).
+
+    Raises :class:`urllib.error.URLError` or :class:`OSError` when no answer came.
+    ``url`` must be http(s) (callers check it once, up front).
+    """
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            response.read()
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return exc.code
+
+
 def is_retryable(status: int) -> bool:
     """Whether an HTTP answer may go away on a later attempt (5xx, 408, 429)."""
     return status >= 500 or status in RETRYABLE_STATUS
@@ -101,17 +120,9 @@ class WebhookSink:
         }
         if self._secret is not None:
             headers["X-Edp-Signature"] = signature(body, self._secret)
-        # The scheme was checked in __init__: http or https only, never file:.
-        request = urllib.request.Request(  # noqa: S310
-            self.url, data=body, headers=headers, method="POST"
-        )
         try:
-            with self._opener.open(request, timeout=self.timeout) as response:
-                response.read()
-                status = int(response.status)
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-            exc.close()
+            # The scheme was checked in __init__: http or https only, never file:.
+            status = post(self._opener, self.url, body, headers, self.timeout)
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             return Failure(entry.event_id, f"webhook {self.where}: {reason}")
@@ -121,4 +132,4 @@ class WebhookSink:
         return Failure(entry.event_id, f"webhook {self.where}: HTTP {status}", permanent=permanent)
 
 
-__all__ = ["WebhookSink", "is_retryable", "post_opener", "signature"]
+__all__ = ["WebhookSink", "is_retryable", "post", "post_opener", "signature"]

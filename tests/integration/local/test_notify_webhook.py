@@ -5,15 +5,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any
 
 import pytest
 
 from edp.config import Settings
 from edp.quilt.notify import Notice, WebhookNotifier, build_notifier
+from edp_testing import RecordingEndpoint, http_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -21,39 +19,15 @@ NOTICE = Notice(kind="package-quarantined", package="instrument/exp-1", bucket="
                 prefix="instrument/exp-1/", registry="s3://reg", error="ProjectID missing")
 
 
-class Endpoint(BaseHTTPRequestHandler):
-    """Answers each POST with the next status of ``answers`` (then 200), keeps it all."""
-
-    answers: list[int]
-    seen: list[tuple[int, dict[str, str], bytes]]
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        status = self.answers.pop(0) if self.answers else 200
-        self.seen.append((status, dict(self.headers), body))
-        self.send_response(status)
-        if status == 302:
-            self.send_header("Location", "/elsewhere")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def endpoint() -> Iterator[tuple[str, type[Endpoint]]]:
-    handler = type("E", (Endpoint,), {"answers": [], "seen": []})
-    server = HTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/hook?token=t0ken", handler
-    server.shutdown()
-    server.server_close()
+def endpoint() -> Iterator[tuple[str, type[RecordingEndpoint]]]:
+    handler = RecordingEndpoint.fresh()
+    with http_server(handler) as base:
+        yield f"{base}/hook?token=t0ken", handler
 
 
 def test_a_notice_is_signed_and_a_transient_failure_is_tried_again(
-    endpoint: tuple[str, type[Endpoint]],
+    endpoint: tuple[str, type[RecordingEndpoint]],
 ) -> None:
     # Given an endpoint that answers 503, then 200, and a secret
     url, handler = endpoint
@@ -71,7 +45,7 @@ def test_a_notice_is_signed_and_a_transient_failure_is_tried_again(
 
 
 def test_a_permanent_answer_or_a_redirect_is_not_retried_and_is_reported(
-    endpoint: tuple[str, type[Endpoint]], caplog: pytest.LogCaptureFixture,
+    endpoint: tuple[str, type[RecordingEndpoint]], caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given an endpoint that answers 400, then 302
     url, handler = endpoint
@@ -87,7 +61,7 @@ def test_a_permanent_answer_or_a_redirect_is_not_retried_and_is_reported(
 
 
 def test_an_endpoint_that_keeps_failing_is_given_up_after_the_attempts(
-    endpoint: tuple[str, type[Endpoint]],
+    endpoint: tuple[str, type[RecordingEndpoint]],
 ) -> None:
     # Given an endpoint that answers 429 and 500 and 502
     url, handler = endpoint
@@ -101,8 +75,8 @@ def test_an_endpoint_that_keeps_failing_is_given_up_after_the_attempts(
 
 def test_a_refused_connection_is_reported_without_the_url() -> None:
     # Given a port nobody listens on
-    with HTTPServer(("127.0.0.1", 0), Endpoint) as probe:
-        port = probe.server_port
+    with http_server(RecordingEndpoint.fresh()) as base:
+        port = int(base.rsplit(":", 1)[1])
     # When a notice is sent there
     errors = WebhookNotifier(f"http://127.0.0.1:{port}/x?token=t0ken", attempts=2,
                              backoff=0.01).notify(NOTICE)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
@@ -15,7 +13,7 @@ from edp.bootstrap import build_observers, build_runtime
 from edp.config import Settings
 from edp.engine import Message
 from edp.quilt import Packager, PackagerSink, PackageStatus
-from edp_testing import T0, ListSink, eventbridge
+from edp_testing import T0, ListSink, RecordingEndpoint, eventbridge, http_server
 from integration.quilt.quilt_support import (
     METADATA_ROWS,
     SCHEMA,
@@ -106,34 +104,16 @@ def test_the_prefixs_quiltignore_is_honoured(tmp_path: Path, quilt: Any) -> None
     assert json.loads(pkg["quilt_summarize.json"].get_bytes()) == []
 
 
-class _Hook(BaseHTTPRequestHandler):
-    received: ClassVar[list[dict[str, Any]]] = []
-
-    def do_POST(self) -> None:
-        length = int(self.headers["Content-Length"])
-        self.received.append(json.loads(self.rfile.read(length)))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+def webhook() -> Iterator[tuple[str, type[RecordingEndpoint]]]:
     """A local HTTP endpoint that keeps what is POSTed to it."""
-    received: ClassVar[list[dict[str, Any]]] = []
-    handler = type("Hook", (_Hook,), {"received": received})
-    server = HTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/hook?token=secret", received
-    server.shutdown()
-    server.server_close()
+    handler = RecordingEndpoint.fresh()
+    with http_server(handler) as base:
+        yield f"{base}/hook?token=secret", handler
 
 
 def test_a_failed_workflow_goes_to_a_local_quarantine_and_calls_the_webhook(
-    root: Path, quilt: Any, webhook: tuple[str, list[dict[str, Any]]]
+    root: Path, quilt: Any, webhook: tuple[str, type[RecordingEndpoint]]
 ) -> None:
     # Given a local registry with a strict workflow and a local quarantine registry
     registry, quarantine = root / "registry", root / "quarantine"
@@ -142,7 +122,7 @@ def test_a_failed_workflow_goes_to_a_local_quarantine_and_calls_the_webhook(
     config = registry / ".quilt" / "workflows" / "config.yml"
     config.parent.mkdir(parents=True)
     config.write_text(workflow_config(schema.as_uri()))
-    url, received = webhook
+    url, hook = webhook
     settings = quilt_settings(notify_webhook_url=url, catalog_url="http://catalog",
                               workflow="strict", quarantine_registry=str(quarantine))
     packager = Packager(settings, local_root=root, registry=str(registry))
@@ -155,7 +135,7 @@ def test_a_failed_workflow_goes_to_a_local_quarantine_and_calls_the_webhook(
     assert local_revisions(registry, "instrument/exp-1") == []
     pkg = quilt.Package.browse("instrument/exp-1", registry=quarantine.as_uri())
     assert "ProjectID" in pkg["README.md"].get_bytes().decode()
-    [notice] = received
+    [notice] = hook.bodies()
     assert notice["kind"] == "package-quarantined"
     assert notice["package"] == "instrument/exp-1"
     assert notice["registry"] == registry.as_uri()
@@ -237,11 +217,11 @@ def test_local_mode_end_to_end_batch_package_and_package_ready(tmp_path: Path,
 
 
 def test_a_broken_metadata_file_sends_the_package_to_quarantine_and_notifies(
-    tmp_path: Path, quilt: Any, webhook: tuple[str, list[dict[str, Any]]]
+    tmp_path: Path, quilt: Any, webhook: tuple[str, type[RecordingEndpoint]]
 ) -> None:
     # Given a batch whose metadata.yaml is broken, a quarantine registry and a webhook
     make_files(tmp_path, "lab", {f"{PREFIX}a.txt": b"a", f"{PREFIX}metadata.yaml": b"a: [1,"})
-    url, received = webhook
+    url, hook = webhook
     packager = Packager(quilt_settings(notify_webhook_url=url), local_root=tmp_path,
                         registry=str(tmp_path / "reg"),
                         quarantine_registry=str(tmp_path / "quarantine"))
@@ -255,7 +235,7 @@ def test_a_broken_metadata_file_sends_the_package_to_quarantine_and_notifies(
     assert "metadata.yaml cannot be read as yaml" in (result.error or "")
     assert local_revisions(tmp_path / "reg", "instrument/exp-1") == []
     assert len(local_revisions(tmp_path / "quarantine", "instrument/exp-1")) == 1
-    [notice] = received
+    [notice] = hook.bodies()
     assert notice["kind"] == "package-quarantined"
     assert "metadata.yaml" in notice["error"]
 
