@@ -103,7 +103,8 @@ def decode_message(
         _dispatch(obj, out, eventbridge_keys_encoded, depth=0)
     except DecodeError as exc:
         raise DecodeError(exc.reason, location=location) from None
-    out.errors = [DecodeError(e.reason, location=location) for e in out.errors]
+    if out.errors:
+        out.errors = [DecodeError(e.reason, location=location) for e in out.errors]
     return out
 
 

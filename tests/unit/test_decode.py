@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from edp.core.events import EventKind
-from edp.decode import decode_key, decode_message
+from edp.decode import decode_key, decode_message, parse_time
 from edp.errors import DecodeError
 from edp_testing import load_event
 
@@ -156,3 +159,41 @@ def test_a_bad_record_does_not_lose_the_good_ones() -> None:
 def test_decode_key(raw: str, key: str) -> None:
     assert decode_key(raw) == key
     assert decode_key(raw, url_encoded=False) == raw
+
+
+_CLOCKISH = st.text(alphabet="0123456789-T:Z.+²٣ ", min_size=18, max_size=22)
+
+
+@given(
+    st.one_of(
+        st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1)).map(
+            lambda d: d.strftime("%Y-%m-%dT%H:%M:%SZ")
+        ),
+        _CLOCKISH,
+        _CLOCKISH.map(lambda t: "2024-01-01T" + t[:8] + "Z"),
+    )
+)
+@example("2024-01-01T00:00:60Z")
+@example("2024-01-01T24:00:00Z")
+@example("2024-01-01T00:60:00Z")
+@example("2023-02-29T00:00:00Z")
+@example("2024-01-01T0²:00:00Z")
+@example("2024-01-01T00:00:01.5Z")
+@example("2024-01-01T00:00:01+00:00")
+@example("2024-01-01T00:00:01")
+def test_event_times_parse_as_datetime_reads_them(text: str) -> None:
+    # Given any text shaped like an S3 event time (valid or not)
+    try:
+        expected: float | None = datetime.fromisoformat(text).timestamp()
+        if datetime.fromisoformat(text).tzinfo is None:
+            expected = None
+    except ValueError:
+        expected = None
+    # When edp parses it (twice: the second read may come from its caches)
+    # Then it gives datetime's answer, or a DecodeError where datetime has none
+    for _ in range(2):
+        if expected is None:
+            with pytest.raises(DecodeError):
+                parse_time(text, what="time")
+        else:
+            assert parse_time(text, what="time") == expected
