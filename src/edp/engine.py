@@ -74,7 +74,9 @@ class StepObserver(Protocol):
     An observer sees every decoded event of a step (also those the batcher skips,
     such as ``.quilt/`` keys) and may write outbox events and durable timers through
     the transaction; :meth:`tick` fires its timers. ``clock`` is the engine's clock
-    (SPEC section 4), ``now`` the wall clock.
+    (SPEC section 4), ``now`` the wall clock. Slow I/O (network calls) belongs in
+    :meth:`after_commit`, which runs once the step's transaction, and the locks it
+    held, are gone.
     """
 
     def observe(
@@ -86,6 +88,11 @@ class StepObserver(Protocol):
 
     def tick(self, tx: Transaction, *, clock: float, now: float, sinks: Sequence[str]) -> int:
         """Fire what is due at ``clock``; return how many events were emitted."""
+        ...
+
+    def after_commit(self, store: Store, *, now: float, sinks: Sequence[str]) -> int:
+        """After a step committed: do I/O outside any transaction, record its outcome in a
+        transaction of its own; return how many events were emitted."""
         ...
 
 
@@ -214,6 +221,8 @@ class Engine:
                 now=now,
             )
         self.clock = clock
+        if self.observers:
+            report.counts["observer.emitted"] += self._after_commit(now)
         self._log_fired(report.fired)
         return report
 
@@ -248,6 +257,7 @@ class Engine:
                 for observer in self.observers:
                     observer.tick(tx, clock=limit, now=now, sinks=self.sinks)
                 tx.add_counters(Counter(f"batches.{r.trigger.value}" for r in page))
+            self._after_commit(now)
             fired += page
             if len(state.batches) < PAGE:
                 break
@@ -307,6 +317,13 @@ class Engine:
         return row.event_id
 
     # -- internals ----------------------------------------------------------------
+    def _after_commit(self, now: float) -> int:
+        """Let the observers do their I/O now that the step's transaction is over."""
+        return sum(
+            observer.after_commit(self.store, now=now, sinks=self.sinks)
+            for observer in self.observers
+        )
+
     def _operator_sinks(self) -> tuple[str, ...]:
         """Sinks for an operator's close or re-emit: ours, else those the store knows.
 

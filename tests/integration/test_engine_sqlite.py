@@ -12,7 +12,7 @@ from edp.core.events import ObjectEvent
 from edp.engine import Engine, Message
 from edp.relay import Relay
 from edp.store import open_store
-from edp.store.base import Transaction
+from edp.store.base import Store, Transaction
 from edp.store.sqlite import SqliteStore
 from edp_testing import T0, ListSink, eventbridge, settings
 
@@ -37,6 +37,9 @@ class Boom:
             raise RuntimeError("crash in the middle of the step")
 
     def tick(self, tx: Transaction, *, clock: float, now: float, sinks: Sequence[str]) -> int:
+        return 0
+
+    def after_commit(self, store: Store, *, now: float, sinks: Sequence[str]) -> int:
         return 0
 
 
@@ -208,6 +211,9 @@ class SettleTimer:
     def tick(self, tx: Transaction, *, clock: float, now: float, sinks: Sequence[str]) -> int:
         return len(tx.take_due_timers("settle", until=now, limit=100))
 
+    def after_commit(self, store: Store, *, now: float, sinks: Sequence[str]) -> int:
+        return 0
+
 
 def test_observer_timers_wake_the_worker_too(url: str) -> None:
     store = open_store(url)
@@ -220,3 +226,54 @@ def test_observer_timers_wake_the_worker_too(url: str) -> None:
     assert engine.next_deadline() == T0 + 6
     engine.process(msgs(eventbridge("i/e/a", T0 + 2)), now=T0 + 2, caught_up=True)
     assert engine.next_deadline() == T0 + 6  # earlier than the batch's T0 + 302
+
+
+def test_package_ready_reads_pointers_outside_the_steps_transaction(tmp_path: Path) -> None:
+    from edp.core.envelopes import Origin
+    from edp.quilt.ready import PackageReadyObserver
+
+    # Given a registry folder with one revision pointer, and an observer whose reader
+    # notes whether a transaction is open on the store while it reads
+    top_hash = "a" * 64
+    pointer = ".quilt/named_packages/instrument/exp-1/1700000000"
+    (tmp_path / "lab" / pointer).parent.mkdir(parents=True)
+    (tmp_path / "lab" / pointer).write_text(top_hash)
+    store = SqliteStore(str(tmp_path / "edp.db"))
+    in_transaction: list[bool] = []
+
+    def reader(bucket: str, key: str) -> str | None:
+        in_transaction.append(store.conn.in_transaction)
+        return (tmp_path / bucket / key).read_text()
+
+    def observer() -> PackageReadyObserver:
+        return PackageReadyObserver(registries=["lab"], delay=10, origin=Origin("s", "a", "r"),
+                                    reader=reader, lease=60)
+
+    engine = Engine(store, settings(), sinks=["list"], worker_id="w", observers=[observer()])
+    # When the pointer's S3 event arrives, and the settle delay passes
+    engine.process(msgs(eventbridge(pointer, T0, bucket="lab")), now=T0)
+    engine.fire_due(now=T0 + 11)
+    # Then the pointer was read once, with no transaction open, and package-ready recorded
+    assert in_transaction == [False]
+    [event] = [orjson.loads(e.payload) for e in store.outbox_events()
+               if orjson.loads(e.payload)["detail-type"] == "package-ready"]
+    assert event["detail"]["top-hash"] == top_hash
+    assert store.next_timer_due() is None  # the lease was cleared
+
+    # Given a worker that leased a due revision and died before reading it
+    other = ".quilt/named_packages/instrument/exp-1/1700000100"
+    (tmp_path / "lab" / other).write_text("b" * 64)
+    dying = observer()
+    engine = Engine(store, settings(), sinks=["list"], worker_id="w", observers=[dying])
+    engine.process(msgs(eventbridge(other, T0 + 20, bucket="lab")), now=T0 + 20)
+    with store.transaction() as tx:
+        dying.tick(tx, clock=T0 + 31, now=T0 + 31, sinks=["list"])
+    # When a new worker looks before the lease ends, and after
+    engine = Engine(store, settings(), sinks=["list"], worker_id="w2", observers=[observer()])
+    engine.fire_due(now=T0 + 31 + 59)
+    before = len(store.outbox_events())
+    engine.fire_due(now=T0 + 31 + 61)
+    # Then the revision is emitted once, after the lease
+    kinds = [orjson.loads(e.payload)["detail-type"] for e in store.outbox_events()]
+    assert (before, kinds.count("package-ready")) == (1, 2)
+    store.close()

@@ -10,11 +10,15 @@ so it sees the same S3 events the batcher does, from the same sources:
   (and other caches) settle, which happens in real time, also while edp works
   through a backlog. With file shares configured, a RefreshCache of the package's
   folder is queued first (:mod:`edp.quilt.gateway`).
-- ``tick``: takes the due timers, reads each revision's pointer object (its content
-  *is* the top hash) and records one ``package-ready`` event in the outbox, in the
-  same transaction. The read happens here, after the delay, when the object surely
-  exists; a failed read re-arms the timer with backoff. It is a single small GET per
-  revision, done inside the step's transaction (the observer port has no other hook).
+- ``tick``: takes the due timers and leases them (re-armed ``lease`` seconds ahead),
+  in the step's transaction;
+- ``after_commit``: once that transaction committed (its locks released), reads each
+  leased revision's pointer object (its content *is* the top hash), with no
+  transaction open, then, in a transaction of its own, records one ``package-ready``
+  event in the outbox and clears the lease. The read happens after the delay, when
+  the object surely exists; a failed read re-arms the timer with backoff. A worker
+  that dies between the two leaves the lease, which falls due again: the revision is
+  read again later (its event id is stable, so it is never emitted twice).
 
 Timers live in the store, so a pending ``package-ready`` survives a restart. The
 event id is a UUIDv5 of (bucket, package, pointer, top hash): a re-delivered S3
@@ -35,7 +39,7 @@ import orjson
 
 from edp.core.envelopes import Origin, package_event
 from edp.core.events import EventKind, ObjectEvent, PackageReady
-from edp.store.base import Timer, Transaction
+from edp.store.base import Store, Timer, Transaction
 
 if TYPE_CHECKING:
     from edp.config import Settings
@@ -72,6 +76,7 @@ class PackageReadyObserver:
         page: int = 200,
         retry_delay: float = 15.0,
         max_attempts: int = 8,
+        lease: float = 120.0,
     ) -> None:
         self.registries = frozenset(registries)
         self.delay = delay
@@ -81,6 +86,8 @@ class PackageReadyObserver:
         self.page = page
         self.retry_delay = retry_delay
         self.max_attempts = max_attempts
+        self.lease = lease
+        self._leased: list[Timer] = []
 
     def observe(
         self, tx: Transaction, events: Sequence[ObjectEvent], *, clock: float, now: float,
@@ -108,25 +115,48 @@ class PackageReadyObserver:
                     self.warmer.request(tx, event.bucket, f"{name}/", now=now)
 
     def tick(self, tx: Transaction, *, clock: float, now: float, sinks: Sequence[str]) -> int:
-        """Emit ``package-ready`` for every timer due by the wall clock (or ``clock``)."""
+        """Lease every timer due by the wall clock (or ``clock``); :meth:`after_commit` reads."""
         if self.warmer is not None:
             self.warmer.tick(tx, now=now)
         until = max(clock, now)
-        emitted = 0
         while True:
             timers = tx.take_due_timers(TIMER_KIND, until=until, limit=self.page)
             for timer in timers:
-                emitted += self._fire(tx, timer, now=now, sinks=sinks)
+                tx.set_timer(TIMER_KIND, timer.key, due_at=now + self.lease,
+                             payload=timer.payload)
+            self._leased += timers
             if len(timers) < self.page:
-                return emitted
+                return 0
 
-    def _fire(self, tx: Transaction, timer: Timer, *, now: float, sinks: Sequence[str]) -> int:
+    def after_commit(self, store: Store, *, now: float, sinks: Sequence[str]) -> int:
+        """Read the leased revisions' pointers (no transaction open), then emit and clear."""
+        leased, self._leased = self._leased, []
+        if not leased:
+            return 0
+        reads = [(timer, self._read(timer)) for timer in leased]
+        emitted = 0
+        with store.transaction() as tx:
+            for timer, text in reads:
+                tx.clear_timer(TIMER_KIND, timer.key)
+                emitted += self._fire(tx, timer, text, now=now, sinks=sinks)
+            tx.add_counters({"observer.emitted": emitted})
+        return emitted
+
+    def _read(self, timer: Timer) -> str | Exception | None:
+        data = json.loads(timer.payload)
+        try:
+            return self.reader(data["bucket"], data["pointer"])
+        except Exception as exc:  # a boundary: S3 errors re-arm the timer  # noqa: BLE001
+            return exc
+
+    def _fire(
+        self, tx: Transaction, timer: Timer, text: str | Exception | None, *, now: float,
+        sinks: Sequence[str],
+    ) -> int:
         data = json.loads(timer.payload)
         bucket, name, pointer = data["bucket"], data["package"], data["pointer"]
-        try:
-            text = self.reader(bucket, pointer)
-        except Exception as exc:  # a boundary: S3 errors re-arm the timer  # noqa: BLE001
-            self._retry(tx, timer, data, now, f"{type(exc).__name__}: {exc}")
+        if isinstance(text, Exception):
+            self._retry(tx, timer, data, now, f"{type(text).__name__}: {text}")
             return 0
         top_hash = (text or "").strip()
         if text is None or not TOP_HASH.fullmatch(top_hash):

@@ -190,6 +190,10 @@ class Transaction(Protocol):
         """Remove and return the timers of ``kind`` due at or before ``until``, earliest first."""
         ...
 
+    def clear_timer(self, kind: str, key: str) -> None:
+        """Remove the timer (kind, key) if it exists."""
+        ...
+
     def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
         """Publish a worker's clock when this transaction commits (as :meth:`Store.heartbeat`).
 

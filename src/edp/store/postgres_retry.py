@@ -98,6 +98,10 @@ class RetryingTransaction:
         result: list[Timer] = self._call("take_due_timers", kind, until=until, limit=limit)
         return result
 
+    def clear_timer(self, kind: str, key: str) -> None:
+        """Remove the timer (kind, key) if it exists."""
+        self._call("clear_timer", kind, key)
+
     def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
         """Publish a worker's clock with the commit."""
         self._call("heartbeat", worker_id, clock=clock, now=now)

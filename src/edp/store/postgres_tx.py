@@ -324,6 +324,10 @@ class PostgresTransaction:
         self.reads.append(cur.rowcount)
         return cur.rowcount > 0
 
+    def clear_timer(self, kind: str, key: str) -> None:
+        """Remove the timer (kind, key) if it exists (sent with the next round trip)."""
+        self.queue("DELETE FROM timers WHERE kind = %s AND key = %s", (kind, key))
+
     def take_due_timers(self, kind: str, *, until: float, limit: int) -> list[Timer]:
         """Remove and return due timers of ``kind``, earliest first (skipping locked ones)."""
         self.flush()

@@ -232,6 +232,10 @@ class SqliteTransaction:
         )
         return [Timer(*row) for row in rows]
 
+    def clear_timer(self, kind: str, key: str) -> None:
+        """Remove the timer (kind, key) if it exists."""
+        self.conn.execute("DELETE FROM timers WHERE kind = ? AND key = ?", (kind, key))
+
     def add_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
         """Keep inputs that could not be decoded."""
         self.conn.executemany(

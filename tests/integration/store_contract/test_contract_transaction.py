@@ -181,6 +181,23 @@ def test_timers_start_once_and_are_taken_when_due(store: Store) -> None:
     assert store.next_timer_due() == T0
 
 
+def test_a_cleared_timer_is_gone_and_clearing_a_missing_one_is_harmless(store: Store) -> None:
+    # Given two timers of kind k and one of another kind with the same key
+    with store.transaction() as tx:
+        tx.set_timer("k", "a", due_at=T0, payload="a")
+        tx.set_timer("k", "b", due_at=T0, payload="b")
+        tx.set_timer("other", "a", due_at=T0, payload="o")
+    # When (k, a) is cleared, and a timer that does not exist
+    with store.transaction() as tx:
+        tx.clear_timer("k", "a")
+        tx.clear_timer("k", "nope")
+    # Then only (k, a) is gone; it can be started again
+    with store.transaction() as tx:
+        assert [t.key for t in tx.take_due_timers("k", until=T0, limit=9)] == ["b"]
+        assert [t.payload for t in tx.take_due_timers("other", until=T0, limit=9)] == ["o"]
+        assert tx.set_timer("k", "a", due_at=T0, payload="again")
+
+
 def test_known_sinks_are_those_with_delivery_rows(store: Store) -> None:
     assert store.known_sinks() == []
     with store.transaction() as tx:
