@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -211,3 +212,35 @@ def test_the_engine_emits_the_same_batches_on_every_backend(store: Store) -> Non
                            ("j/k/", 1, "duration", T0 + 2300)]
     assert store.counters()["events.duplicate"] == 1
     assert math.isfinite(store.worker_clock("w") or math.inf)
+
+
+def test_package_ready_leases_reads_after_commit_and_emits_once(
+    store: Store, tmp_path: Path
+) -> None:
+    from edp.core.envelopes import Origin
+    from edp.quilt.ready import PackageReadyObserver, local_pointer_reader
+
+    # Given a registry folder with a revision pointer, and two workers' observers
+    pointer = ".quilt/named_packages/team/pkg/1700000000"
+    (tmp_path / "reg" / pointer).parent.mkdir(parents=True)
+    (tmp_path / "reg" / pointer).write_text("c" * 64)
+
+    def engine(worker: str) -> Engine:
+        observer = PackageReadyObserver(
+            registries=["reg"], delay=10, origin=Origin("s", "a", "r"),
+            reader=local_pointer_reader(tmp_path), lease=60,
+        )
+        return Engine(store, Settings(), sinks=["s1"], worker_id=worker, observers=[observer])
+
+    first, second = engine("w1"), engine("w2")
+    # When the pointer's event reaches one, and both look after the delay
+    first.process([Message(eventbridge(pointer, T0, bucket="reg"), "m1")], now=T0)
+    second.fire_due(now=T0 + 11)
+    first.fire_due(now=T0 + 12)
+    second.fire_due(now=T0 + 200)
+    # Then one package-ready was recorded, and no timer is left
+    events = [e for e in store.outbox_events() if e.kind == "package-ready"]
+    assert len(events) == 1
+    assert '"top-hash":"' + "c" * 64 + '"' in events[0].payload.replace(" ", "")
+    assert store.next_timer_due() is None
+    assert store.counters()["observer.emitted"] == 1
