@@ -146,7 +146,8 @@ def run_replay(
 # still extend it was applied. Conservative synchronisation gives both:
 #
 # - a worker's *clock* is the effective time of its next unapplied event (the
-#   running maximum of its part's event times), published with store.heartbeat;
+#   running maximum of its part's event times), published by each step's commit
+#   (Transaction.heartbeat; store.heartbeat while it waits);
 # - a worker applies an event only when its effective time is <= every other live,
 #   unfinished worker's clock (store.fire_floor), else it waits for a heartbeat;
 # - the engine fires only up to that same floor, so no batch fires early;
