@@ -127,6 +127,35 @@ class StepWrite:
     objects: Sequence[ObjectRecord] = ()
     outbox_kind: str = "package-objects-ready"
 
+    def closed_rows(self) -> list[tuple[Any, ...]]:
+        """The closed batches as ``batches`` rows: id, bucket, prefix, generation, count,
+        first/last activity, first/last event time, trigger, fired_at, event_id."""
+        return [
+            (c.batch.batch_id, c.batch.bucket, c.batch.prefix, c.batch.generation,
+             c.batch.object_count, c.batch.first_activity, c.batch.last_activity,
+             c.batch.first_event_time, c.batch.last_event_time, c.trigger, c.fired_at,
+             c.event_id)
+            for c in self.closed
+        ]
+
+    def open_rows(self) -> list[tuple[Any, ...]]:
+        """The open batches as ``batches`` rows: id, bucket, prefix, generation, count,
+        first/last activity, first/last event time, deadline, deadline trigger."""
+        return [
+            (s.batch.batch_id, s.batch.bucket, s.batch.prefix, s.batch.generation,
+             s.batch.object_count, s.batch.first_activity, s.batch.last_activity,
+             s.batch.first_event_time, s.batch.last_event_time, s.deadline, s.deadline_trigger)
+            for s in self.open_batches
+        ]
+
+    def generations(self) -> list[tuple[str, str, int]]:
+        """(bucket, prefix, highest generation written) per prefix, sorted."""
+        highest: dict[BatchKey, int] = {}
+        for batch in [c.batch for c in self.closed] + [s.batch for s in self.open_batches]:
+            key = (batch.bucket, batch.prefix)
+            highest[key] = max(highest.get(key, 0), batch.generation)
+        return [(bucket, prefix, gen) for (bucket, prefix), gen in sorted(highest.items())]
+
     @classmethod
     def from_changes(
         cls, changes: Changes, open_batches: list[SavedBatch], closed: list[ClosedBatch]

@@ -219,14 +219,6 @@ class PostgresTransaction:
     # -- save -----------------------------------------------------------------------
     def save(self, write: StepWrite, *, sinks: Sequence[str], now: float) -> None:
         """Write a step: batches, objects, key memories, outbox and deliveries."""
-        generations: dict[BatchKey, int] = {}
-        for closed in write.closed:
-            b = closed.batch
-            key = (b.bucket, b.prefix)
-            generations[key] = max(generations.get(key, 0), b.generation)
-        for saved in write.open_batches:
-            key = (saved.batch.bucket, saved.batch.prefix)
-            generations[key] = max(generations.get(key, 0), saved.batch.generation)
         if write.closed:
             # Closed first: the next generation's open row may take the prefix's slot
             # in batches_one_open within the same step.
@@ -240,12 +232,7 @@ class PostgresTransaction:
                 " last_event_time = excluded.last_event_time, deadline = NULL,"
                 " deadline_trigger = NULL, trigger = excluded.trigger,"
                 " fired_at = excluded.fired_at, event_id = excluded.event_id",
-                (_json(
-                    (c.batch.batch_id, c.batch.bucket, c.batch.prefix, c.batch.generation,
-                     c.batch.object_count, c.batch.first_activity, c.batch.last_activity,
-                     c.batch.first_event_time, c.batch.last_event_time, c.trigger,
-                     c.fired_at, c.event_id) for c in write.closed
-                ),),
+                (_json(write.closed_rows()),),
             )
         if write.open_batches:
             self.queue(
@@ -257,20 +244,16 @@ class PostgresTransaction:
                 " last_activity = excluded.last_activity,"
                 " last_event_time = excluded.last_event_time, deadline = excluded.deadline,"
                 " deadline_trigger = excluded.deadline_trigger",
-                (_json(
-                    (s.batch.batch_id, s.batch.bucket, s.batch.prefix, s.batch.generation,
-                     s.batch.object_count, s.batch.first_activity, s.batch.last_activity,
-                     s.batch.first_event_time, s.batch.last_event_time, s.deadline,
-                     s.deadline_trigger) for s in write.open_batches
-                ),),
+                (_json(write.open_rows()),),
             )
+        generations = write.generations()
         if generations:
             self.queue(
                 "INSERT INTO prefixes (bucket, prefix, last_generation)"
                 f" {_rows_of('text', 'text', 'int')}"
                 " ON CONFLICT (bucket, prefix) DO UPDATE SET"
                 " last_generation = greatest(prefixes.last_generation, excluded.last_generation)",
-                (_json((b, p, g) for (b, p), g in sorted(generations.items())),),
+                (_json(generations),),
             )
         if write.objects:
             self.queue(

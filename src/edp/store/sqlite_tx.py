@@ -6,7 +6,7 @@ import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from edp.core.batching import BatchKey, KeyMemory, OpenBatch
+from edp.core.batching import KeyMemory, OpenBatch
 from edp.store.base import (
     DeadLetter,
     LoadRequest,
@@ -116,19 +116,6 @@ class SqliteTransaction:
     def save(self, write: StepWrite, *, sinks: Sequence[str], now: float) -> None:
         """Write a step: batches, objects, key memories, outbox and deliveries."""
         c = self.conn
-        generations: dict[BatchKey, int] = {}
-        rows = []
-        for saved in write.open_batches:
-            b = saved.batch
-            generations[(b.bucket, b.prefix)] = b.generation
-            rows.append((b.batch_id, b.bucket, b.prefix, b.generation, b.object_count,
-                         b.first_activity, b.last_activity, b.first_event_time,
-                         b.last_event_time, saved.deadline, saved.deadline_trigger))
-        for closed in write.closed:
-            b = closed.batch
-            generations[(b.bucket, b.prefix)] = max(
-                generations.get((b.bucket, b.prefix), 0), b.generation
-            )
         # Close first: a step may close a prefix's batch and open its successor.
         c.executemany(
             "INSERT INTO batches (batch_id, bucket, prefix, generation, state, object_count,"
@@ -139,13 +126,7 @@ class SqliteTransaction:
             " last_event_time = excluded.last_event_time, deadline = NULL,"
             " deadline_trigger = NULL, trigger = excluded.trigger,"
             " fired_at = excluded.fired_at, event_id = excluded.event_id",
-            [
-                (cb.batch.batch_id, cb.batch.bucket, cb.batch.prefix, cb.batch.generation,
-                 cb.batch.object_count, cb.batch.first_activity, cb.batch.last_activity,
-                 cb.batch.first_event_time, cb.batch.last_event_time, cb.trigger,
-                 cb.fired_at, cb.event_id)
-                for cb in write.closed
-            ],
+            write.closed_rows(),
         )
         c.executemany(
             "INSERT INTO batches (batch_id, bucket, prefix, generation, state, object_count,"
@@ -154,13 +135,13 @@ class SqliteTransaction:
             " ON CONFLICT (batch_id) DO UPDATE SET object_count = excluded.object_count,"
             " last_activity = excluded.last_activity, last_event_time = excluded.last_event_time,"
             " deadline = excluded.deadline, deadline_trigger = excluded.deadline_trigger",
-            rows,
+            write.open_rows(),
         )
         c.executemany(
             "INSERT INTO prefixes (bucket, prefix, last_generation) VALUES (?, ?, ?)"
             " ON CONFLICT (bucket, prefix) DO UPDATE SET"
             " last_generation = max(last_generation, excluded.last_generation)",
-            [(bucket, prefix, gen) for (bucket, prefix), gen in generations.items()],
+            write.generations(),
         )
         c.executemany(
             "INSERT INTO batch_objects (batch_id, key, size, etag, sequencer, event_time)"
