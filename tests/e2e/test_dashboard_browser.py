@@ -32,6 +32,7 @@ else:
 
 from edp.config import Settings
 from edp.web.server import ServeStack
+from edp_testing import missing
 
 pytestmark = pytest.mark.timeout(120)
 TOKEN = "browser-test-token"
@@ -43,10 +44,7 @@ def chromium_path() -> str:
     """Debian's chromium, or skip (fail under CI)."""
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     if path is None:
-        message = "chromium is not installed (apt-get install -y chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("chromium is not installed (apt-get install -y chromium)")
     return path
 
 

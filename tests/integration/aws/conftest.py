@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import importlib.util
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -27,33 +27,19 @@ from typing import Any
 
 import pytest
 
-from edp_testing import http_server
+from edp_testing import fake_aws_environment, http_server, missing, moto_server, unique
 
 REGION = "us-east-1"
 SEEDS_SOURCE = "com.quiltdata.edp"
 
 
-def _need(what: str) -> None:
-    message = f"{what} is not installed (pip install -e '.[aws,dev]')"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """A moto server for the whole session: ``http://127.0.0.1:PORT``."""
-    try:
-        import boto3  # noqa: F401
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        _need("moto[server] or boto3")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    if importlib.util.find_spec("boto3") is None:
+        missing("boto3 is not installed (pip install -e '.[aws,dev]')")
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
@@ -67,14 +53,7 @@ def aws_env(
         if name.startswith(("EDP_", "AWS_")):
             monkeypatch.delenv(name)
     values = {
-        "AWS_ENDPOINT_URL": moto_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_REGION": REGION,
-        "AWS_CONFIG_FILE": str(home / "aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials"),
-        "HOME": str(home),
+        **fake_aws_environment(moto_endpoint, home, REGION),
         "XDG_DATA_HOME": str(home / "data"),
         "QUILT_DISABLE_USAGE_METRICS": "true",
     }
@@ -82,11 +61,6 @@ def aws_env(
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
     return values
-
-
-def unique(prefix: str) -> str:
-    """A resource name no other test uses."""
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 @dataclass

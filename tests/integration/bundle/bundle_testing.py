@@ -3,36 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
+from edp_testing import unique
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
 LOCAL_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def need(reason: str) -> None:
-    """Skip for ``reason``, or fail when running under CI."""
-    if os.environ.get("CI"):
-        pytest.fail(f"CI needs this: {reason}")
-    pytest.skip(reason)
-
-
 def wheelhouse(root: Path, arch: str, python_version: str) -> Path:
     """The wheelhouse of one target inside the session's root."""
     return root / f"{arch}-cp{python_version.replace('.', '')}"
-
-
-def unique(prefix: str) -> str:
-    """A resource name no other test uses."""
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 @dataclass

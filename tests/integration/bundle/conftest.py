@@ -5,7 +5,8 @@ build shares (pip's own HTTP cache makes later sessions quick as well). The
 handler tests run the built zip the way Lambda does: unpacked into a "task"
 directory, boto3 in a separate "runtime" directory (Lambda's /var/task and
 /var/runtime), imported by a Python from a fresh virtual environment that has
-no edp, against a moto server and, for PostgreSQL, a database of their own.
+no edp, against a moto server and, for PostgreSQL, a database of their own
+(``integration.postgres.pg_testing``).
 
 A missing service (PostgreSQL, moto) fails under ``CI`` and skips otherwise.
 """
@@ -15,21 +16,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import pytest
 
 from edp.aws.bundle import Bundle, BundleOptions, build_bundle
-from integration.bundle.bundle_testing import LOCAL_PYTHON, REGION, Aws, need, wheelhouse
-
-ADMIN_URL = os.environ.get(
-    "EDP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+from edp_testing import fake_aws_environment, moto_server
+from integration.bundle.bundle_testing import LOCAL_PYTHON, REGION, Aws, wheelhouse
+from integration.postgres.pg_testing import fresh_database, require_server
 
 
 # -- building ----------------------------------------------------------------------
@@ -91,15 +89,8 @@ def clean_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """A moto server for the session: ``http://127.0.0.1:PORT``."""
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        need("moto[server] is not installed (pip install -e '.[aws,dev]')")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture
@@ -107,16 +98,7 @@ def aws_environment(moto_endpoint: str, tmp_path: Path) -> dict[str, str]:
     """AWS variables of a Lambda on the moto server: fake credentials, own HOME."""
     home = tmp_path / "home"
     home.mkdir()
-    return {
-        "AWS_ENDPOINT_URL": moto_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_REGION": REGION,
-        "AWS_CONFIG_FILE": str(home / "aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials"),
-        "HOME": str(home),
-    }
+    return fake_aws_environment(moto_endpoint, home, REGION)
 
 
 @pytest.fixture
@@ -141,39 +123,20 @@ def aws(aws_environment: dict[str, str]) -> Aws:
 def database_kind(request: pytest.FixtureRequest) -> str:
     """The store the handlers use; PostgreSQL is checked before anything is built."""
     if request.param == "postgres":
-        try:
-            import psycopg
-        except ImportError:
-            need("psycopg is not installed: pip install -e '.[postgres]'")
-        try:
-            with psycopg.connect(ADMIN_URL, connect_timeout=3) as conn:
-                conn.execute("SELECT 1")
-        except psycopg.Error as exc:
-            need(f"no PostgreSQL server at {ADMIN_URL}: {exc}".strip())
+        require_server()
     return str(request.param)
 
 
 @pytest.fixture
 def pg_database() -> Iterator[dict[str, Any]]:
     """A database of our own: the fields of an RDS secret (plus ``url``); dropped after."""
-    try:
-        import psycopg
-    except ImportError:
-        need("psycopg is not installed: pip install -e '.[postgres]'")
-    try:
-        with psycopg.connect(ADMIN_URL, connect_timeout=3, autocommit=True) as conn:
-            name = f"edp_test_bundle_{uuid.uuid4().hex[:10]}"
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.Error as exc:
-        need(f"no PostgreSQL server at {ADMIN_URL}: {exc}".strip())
-    parts = urlsplit(ADMIN_URL)
-    url = urlunsplit(parts._replace(path=f"/{name}"))
-    yield {
-        "engine": "postgres", "username": parts.username or "postgres",
-        # Trust authentication ignores it; it is here because a real secret has one.
-        "password": parts.password or "not-used-with-trust-auth",
-        "host": parts.hostname or "127.0.0.1", "port": parts.port or 5432,
-        "dbname": name, "url": url,
-    }
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    require_server()
+    with fresh_database("bundle") as url:
+        parts = urlsplit(url)
+        yield {
+            "engine": "postgres", "username": parts.username or "postgres",
+            # Trust authentication ignores it; it is here because a real secret has one.
+            "password": parts.password or "not-used-with-trust-auth",
+            "host": parts.hostname or "127.0.0.1", "port": parts.port or 5432,
+            "dbname": parts.path.lstrip("/"), "url": url,
+        }

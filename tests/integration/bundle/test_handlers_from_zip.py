@@ -30,7 +30,8 @@ import pytest
 
 from deploy.test_cfn_templates import EDP_TEMPLATE, lambda_environment, load_template
 from edp.config import SETTING_NAMES, env_name
-from integration.bundle.bundle_testing import ACCOUNT, REGION, Aws, unique
+from edp_testing import unique
+from integration.bundle.bundle_testing import ACCOUNT, REGION, Aws
 
 INVOKE = Path(__file__).with_name("lambda_invoke.py")
 SEEDS_SOURCE = "com.quiltdata.edp"

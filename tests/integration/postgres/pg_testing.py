@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
-import pytest
+from edp_testing import missing
 
 ADMIN_URL = os.environ.get(
     "EDP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -37,11 +37,8 @@ def server_problem() -> str | None:
 def require_server() -> None:
     """Skip (or fail under CI) when the server is missing."""
     problem = server_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"CI needs PostgreSQL: {problem}")
-    pytest.skip(problem)
+    if problem is not None:
+        missing(problem)
 
 
 def database_url(name: str) -> str:

@@ -7,8 +7,6 @@ skip locally and fail in CI (``CI`` set).
 from __future__ import annotations
 
 import importlib
-import logging
-import os
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,16 +15,15 @@ from typing import Any
 
 import pytest
 
+from edp_testing import missing, moto_server
+
 
 def need(module: str) -> Any:
     """Import ``module``, or skip (fail in CI) with a clear reason."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        message = f"{module} is not installed: pip install -e '.[quilt,dev]'"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{module} is not installed: pip install -e '.[quilt,dev]'")
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -55,17 +52,10 @@ def quilt_env() -> Iterator[Path]:
 @pytest.fixture(scope="package")
 def moto_url(quilt_env: Path) -> Iterator[str]:
     """A moto server on 127.0.0.1 for S3, SNS and SQS; ``AWS_ENDPOINT_URL`` points at it."""
-    server_mod = need("moto.server")
     need("quilt3")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    with pytest.MonkeyPatch.context() as mp:
+    with moto_server() as url, pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_ENDPOINT_URL", url)
         yield url
-    server.stop()
 
 
 @pytest.fixture
