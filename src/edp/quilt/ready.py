@@ -133,27 +133,28 @@ class PackageReadyObserver:
         leased, self._leased = self._leased, []
         if not leased:
             return 0
-        reads = [(timer, self._read(timer)) for timer in leased]
+        reads = []
+        for timer in leased:
+            data = json.loads(timer.payload)
+            reads.append((timer, data, self._read(data["bucket"], data["pointer"])))
         emitted = 0
         with store.transaction() as tx:
-            for timer, text in reads:
+            for timer, data, text in reads:
                 tx.clear_timer(TIMER_KIND, timer.key)
-                emitted += self._fire(tx, timer, text, now=now, sinks=sinks)
+                emitted += self._fire(tx, timer, data, text, now=now, sinks=sinks)
             tx.add_counters({"observer.emitted": emitted})
         return emitted
 
-    def _read(self, timer: Timer) -> str | Exception | None:
-        data = json.loads(timer.payload)
+    def _read(self, bucket: str, pointer: str) -> str | Exception | None:
         try:
-            return self.reader(data["bucket"], data["pointer"])
+            return self.reader(bucket, pointer)
         except Exception as exc:  # a boundary: S3 errors re-arm the timer  # noqa: BLE001
             return exc
 
     def _fire(
-        self, tx: Transaction, timer: Timer, text: str | Exception | None, *, now: float,
-        sinks: Sequence[str],
+        self, tx: Transaction, timer: Timer, data: dict[str, Any], text: str | Exception | None,
+        *, now: float, sinks: Sequence[str],
     ) -> int:
-        data = json.loads(timer.payload)
         bucket, name, pointer = data["bucket"], data["package"], data["pointer"]
         if isinstance(text, Exception):
             self._retry(tx, timer, data, now, f"{type(text).__name__}: {text}")
