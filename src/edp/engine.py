@@ -230,9 +230,7 @@ class Engine:
     def fire_due(self, *, now: float) -> list[BatchReady]:
         """The source is caught up: the clock becomes ``now``; fire what is due."""
         self.clock = max(self.clock, now)
-        fired = self._fire_until(min(self.clock, self._floor(now)), now=now)
-        self.store.heartbeat(self.worker_id, clock=self._published(self.clock), now=now)
-        return fired
+        return self._fire_until(min(self.clock, self._floor(now)), now=now, publish=True)
 
     def finish(self, *, now: float) -> list[BatchReady]:
         """End of input (replay): fire every open batch at its own deadline.
@@ -245,8 +243,14 @@ class Engine:
             return []
         return self._fire_until(math.inf, now=now)
 
-    def _fire_until(self, limit: float, *, now: float) -> list[BatchReady]:
-        """Fire every batch due at ``limit``, in deadline order, a page per transaction."""
+    def _fire_until(
+        self, limit: float, *, now: float, publish: bool = False
+    ) -> list[BatchReady]:
+        """Fire every batch due at ``limit``, in deadline order, a page per transaction.
+
+        With ``publish`` each page also publishes the worker's clock (a finished replay
+        worker flushing must not: a heartbeat would mark it unfinished again).
+        """
         fired: list[BatchReady] = []
         while True:
             with self.store.transaction() as tx:
@@ -257,6 +261,8 @@ class Engine:
                 for observer in self.observers:
                     observer.tick(tx, clock=limit, now=now, sinks=self.sinks)
                 tx.add_counters(Counter(f"batches.{r.trigger.value}" for r in page))
+                if publish:
+                    tx.heartbeat(self.worker_id, clock=self._published(self.clock), now=now)
             self._after_commit(now)
             fired += page
             if len(state.batches) < PAGE:

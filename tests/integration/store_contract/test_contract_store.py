@@ -150,6 +150,17 @@ def test_a_step_publishes_its_clock_with_its_commit(store: Store) -> None:
     assert engine.clock == T0 + 6
 
 
+def test_a_timer_tick_publishes_the_wall_clock_it_fired_at(store: Store) -> None:
+    # Given an engine that has seen an event at T0 + 5
+    engine = Engine(store, Settings(), sinks=["s1"], worker_id="w1")
+    engine.process([Message(eventbridge("a/b/c.txt", T0 + 5), "m1")], now=T0 + 5)
+    # When the caught-up worker ticks at T0 + 400 (the batch's quiet period is over)
+    [fired] = engine.fire_due(now=T0 + 400)
+    # Then the batch fired and the worker's published clock is T0 + 400
+    assert fired.trigger.value == "duration"
+    assert store.worker_clock("w1") == T0 + 400
+
+
 def test_fire_floor_is_the_lowest_clock_of_the_other_live_unfinished_workers(
     store: Store,
 ) -> None:
