@@ -53,8 +53,9 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 
 from edp.config import Settings
-from edp.engine import Engine, Message
+from edp.engine import Engine
 from edp.relay import Relay
+from edp.replay import read_chunks
 from edp.sinks.base import Failure
 from edp.store import open_store
 from edp.store.base import LoadRequest, OutboxEntry
@@ -107,19 +108,6 @@ def prefix_of(line: bytes) -> bytes:
 
 
 # -- workers ----------------------------------------------------------------------------
-def read_chunks(path: Path, chunk: int) -> Iterator[list[Message]]:
-    """The lines of ``path`` as messages, ``chunk`` at a time (streamed, not held)."""
-    batch: list[Message] = []
-    with path.open("rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            batch.append(Message(line, f"line {number}", source="bench"))
-            if len(batch) >= chunk:
-                yield batch
-                batch = []
-    if batch:
-        yield batch
-
-
 def ingest(url: str, path: Path, chunk: int, worker: str) -> dict[str, float]:
     """Feed the lines of ``path`` to an engine in steps of ``chunk``; the seconds it took."""
     store = open_store(url)
@@ -127,10 +115,11 @@ def ingest(url: str, path: Path, chunk: int, worker: str) -> dict[str, float]:
     relay = Relay(store, [NullSink()])
     events = 0
     started = time.perf_counter()
-    for messages in read_chunks(path, chunk):
-        engine.process(messages, now=time.time())
-        relay.deliver()
-        events += len(messages)
+    with path.open("rb") as stream:
+        for messages in read_chunks(stream, chunk):  # replay's reader: streamed, not held
+            engine.process(messages, now=time.time())
+            relay.deliver()
+            events += len(messages)
     seconds = time.perf_counter() - started
     store.close()
     return {"events": events, "seconds": seconds, "rss_mib": peak_rss_mib()}
