@@ -14,7 +14,13 @@ gateway's limits:
   so a folder waits at most once; one call carries up to 50 folders, and a folder
   below another queued folder is dropped (the refresh is recursive);
 - **backoff when refused**: ``InvalidGatewayRequestException`` or throttling re-arms
-  the share's folders with exponential backoff (capped), durable across restarts.
+  the share's folders with exponential backoff (capped), durable across restarts;
+- **no call inside a transaction**: a step's transaction plans the calls and leases
+  them (durable timers due ``lease`` seconds ahead); the calls are made after it
+  committed (``after_commit``), then the leases are cleared. A worker that dies in
+  between leaves its leases, which fall due again: the folders are refreshed again
+  (a refresh is idempotent). A request that arrives while its folder's refresh is
+  leased queues anew, so files written after a refresh was planned are refreshed too.
 
 The :class:`GatewayApi` port has a boto3 adapter (:func:`boto3_gateway`).
 """
@@ -23,12 +29,14 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from edp.errors import EdpError
-from edp.store.base import Transaction
+from edp.store.base import Store, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +82,7 @@ class GatewayWarmer:
         hold: float = 60.0,
         base_backoff: float = 5.0,
         max_backoff: float = 300.0,
+        lease: float = 120.0,
     ) -> None:
         self.api = api
         self.shares = list(shares)
@@ -81,8 +90,10 @@ class GatewayWarmer:
         self.hold = hold
         self.base_backoff = base_backoff
         self.max_backoff = max_backoff
+        self.lease = lease
         self._locations: dict[str, tuple[str, str] | None] = {}
         self._in_flight: dict[str, list[float]] = defaultdict(list)
+        self._planned: list[_Call] = []
         self.calls = 0
 
     # -- queueing -------------------------------------------------------------------
@@ -117,51 +128,108 @@ class GatewayWarmer:
         return None
 
     # -- sending --------------------------------------------------------------------
+    # ``tick`` runs in a step's transaction: it takes the due requests, plans the calls
+    # that fit the in-flight limit and *leases* them (a timer per call, due ``lease``
+    # seconds ahead, under a key of its own so that a new request for the same folder
+    # queues again instead of being absorbed). ``after_commit`` makes the calls with no
+    # transaction open, then clears the leases (or re-arms refused folders) in a
+    # transaction of its own. A worker that dies in between leaves the lease, which
+    # falls due again and is planned anew.
     def tick(self, tx: Transaction, *, now: float) -> int:
-        """Send due refreshes within the limits; returns how many calls were accepted."""
+        """Plan and lease the due refreshes within the limits; returns how many calls were
+        planned (:meth:`after_commit` makes them)."""
         due = tx.take_due_timers(TIMER_KIND, until=now, limit=1000)
         by_share: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for timer in due:
             data = json.loads(timer.payload)
             by_share[data["share"]].append(data)
-        accepted = 0
+        planned = 0
         for share, items in by_share.items():
-            accepted += self._send(tx, share, items, now)
-        return accepted
+            planned += self._plan(tx, share, items, now)
+        return planned
 
-    def _send(self, tx: Transaction, share: str, items: list[dict[str, Any]], now: float) -> int:
+    def _plan(self, tx: Transaction, share: str, items: list[dict[str, Any]], now: float) -> int:
         flights = [t for t in self._in_flight[share] if t > now]
         self._in_flight[share] = flights
         attempts = max(int(item.get("attempts", 0)) for item in items)
-        folders = coalesce([item["folder"] for item in items])
-        accepted = 0
+        folders = coalesce([f for item in items for f in item.get("folders", [item.get("folder")])
+                            if isinstance(f, str)])
+        planned = 0
         while folders:
-            if len(self._in_flight[share]) >= self.max_in_flight:
-                self._rearm(tx, share, folders, attempts, min(self._in_flight[share]))
+            if len(flights) >= self.max_in_flight:
+                self._rearm(tx, share, folders, attempts, min(flights))
                 break
             chunk, folders = folders[:MAX_FOLDERS], folders[MAX_FOLDERS:]
+            key = f"lease|{share}|{uuid.uuid4().hex}"
+            payload = json.dumps({"share": share, "folders": chunk, "attempts": attempts})
+            tx.set_timer(TIMER_KIND, key, due_at=now + self.lease, payload=payload)
+            slot = now + self.hold
+            flights.append(slot)
+            self._planned.append(_Call(key, share, chunk, attempts, slot))
+            planned += 1
+        return planned
+
+    def after_commit(self, store: Store, *, now: float) -> int:
+        """Make the calls :meth:`tick` leased (no transaction open); returns how many the
+        gateway accepted."""
+        calls, self._planned = self._planned, []
+        if not calls:
+            return 0
+        refused: dict[str, tuple[list[str], int, float]] = {}
+        accepted = 0
+        for call in calls:
+            if call.share in refused:  # the share said no: the rest of its calls wait too
+                refused[call.share][0].extend(call.folders)
+                self._release(call)
+                continue
             try:
-                self.api.refresh(share, chunk)
+                self.api.refresh(call.share, call.folders)
             except GatewayBusy as exc:
-                delay = min(self.base_backoff * 2 ** attempts, self.max_backoff)
-                log.info("file share %s refused a refresh (%s); retrying in %gs", share, exc, delay)
-                self._rearm(tx, share, chunk + folders, attempts + 1, now + delay)
-                break
+                delay = min(self.base_backoff * 2 ** call.attempts, self.max_backoff)
+                log.info("file share %s refused a refresh (%s); retrying in %gs", call.share,
+                         exc, delay)
+                refused[call.share] = (list(call.folders), call.attempts + 1, now + delay)
+                self._release(call)
+                continue
             except Exception as exc:  # a boundary: warming is best effort  # noqa: BLE001
-                log.warning("RefreshCache on %s failed for %s: %s", share, chunk, exc)
+                log.warning("RefreshCache on %s failed for %s: %s", call.share, call.folders, exc)
+                self._release(call)
                 continue
             self.calls += 1
             accepted += 1
-            self._in_flight[share].append(now + self.hold)
-            log.info("RefreshCache on %s: %s", share, ", ".join(chunk))
+            log.info("RefreshCache on %s: %s", call.share, ", ".join(call.folders))
+        with store.transaction() as tx:
+            for call in calls:
+                tx.clear_timer(TIMER_KIND, call.key)
+            for share, (folders, attempts, due_at) in refused.items():
+                self._rearm(tx, share, folders, attempts, due_at)
         return accepted
+
+    def _release(self, call: _Call) -> None:
+        """A call that was not accepted does not hold an in-flight slot."""
+        flights = self._in_flight[call.share]
+        if call.slot in flights:
+            flights.remove(call.slot)
 
     @staticmethod
     def _rearm(tx: Transaction, share: str, folders: Sequence[str], attempts: int,
                due_at: float) -> None:
+        # Insert-if-absent: a newer request for a folder that is already queued keeps its
+        # own (earlier) due time.
         for folder in folders:
             payload = json.dumps({"share": share, "folder": folder, "attempts": attempts})
             tx.set_timer(TIMER_KIND, f"{share}|{folder}", due_at=due_at, payload=payload)
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """A RefreshCache call planned (and leased) in a step, made after its commit."""
+
+    key: str
+    share: str
+    folders: list[str]
+    attempts: int
+    slot: float
 
 
 class Boto3Gateway:

@@ -9,7 +9,8 @@ so it sees the same S3 events the batcher does, from the same sources:
   seconds after the observation, by the **wall clock**: the delay lets a File Gateway
   (and other caches) settle, which happens in real time, also while edp works
   through a backlog. With file shares configured, a RefreshCache of the package's
-  folder is queued first (:mod:`edp.quilt.gateway`).
+  folder is queued first (:mod:`edp.quilt.gateway`; planned in ``tick``, called in
+  ``after_commit``).
 - ``tick``: takes the due timers and leases them (re-armed ``lease`` seconds ahead),
   in the step's transaction;
 - ``after_commit``: once that transaction committed (its locks released), reads each
@@ -130,6 +131,8 @@ class PackageReadyObserver:
 
     def after_commit(self, store: Store, *, now: float, sinks: Sequence[str]) -> int:
         """Read the leased revisions' pointers (no transaction open), then emit and clear."""
+        if self.warmer is not None:
+            self.warmer.after_commit(store, now=now)
         leased, self._leased = self._leased, []
         if not leased:
             return 0

@@ -6,7 +6,7 @@ for the AWS API (not for edp code); the boto3 adapter is checked with botocore's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from edp.engine import Engine, Message
 from edp.quilt.gateway import Boto3Gateway, GatewayBusy, GatewayWarmer, coalesce
 from edp.quilt.ready import build_package_ready_observer, local_pointer_reader
 from edp.store import open_store
+from edp.store.base import Store
 from edp_testing import T0, eventbridge
 from integration.quilt.conftest import need
 
@@ -31,10 +32,11 @@ TOP = "ab" * 32
 class FakeGateway:
     """Storage Gateway as the warmer sees it: share locations, accepted refreshes."""
 
-    def __init__(self, refuse: int = 0) -> None:
+    def __init__(self, refuse: int = 0, during: Callable[[], None] | None = None) -> None:
         self.locations = {SHARE: ("registry", ""), OTHER: ("other-bucket", "")}
         self.calls: list[tuple[str, list[str]]] = []
         self.refuse = refuse
+        self.during = during
 
     def share_location(self, share_arn: str) -> tuple[str, str] | None:
         return self.locations.get(share_arn)
@@ -43,11 +45,24 @@ class FakeGateway:
         if self.refuse:
             self.refuse -= 1
             raise GatewayBusy("InvalidGatewayRequestException: 2 refreshes in progress")
+        if self.during is not None:
+            self.during()
         self.calls.append((share_arn, list(folders)))
 
 
 def test_folders_are_coalesced() -> None:
     assert coalesce(["/a/b/", "/a/", "/c", "/a/b/c/", "/c/"]) == ["/a/", "/c/"]
+
+
+def step(store: Store, warmer: GatewayWarmer, now: float,
+         requests: Sequence[str] = ()) -> None:
+    """What an engine step does with the warmer: queue and plan in the step's
+    transaction, call once it committed."""
+    with store.transaction() as tx:
+        for folder in requests:
+            warmer.request(tx, "registry", folder, now=now)
+        warmer.tick(tx, now=now)
+    warmer.after_commit(store, now=now)
 
 
 def test_refreshes_are_coalesced_per_share_and_limited_to_two_in_flight() -> None:
@@ -57,26 +72,21 @@ def test_refreshes_are_coalesced_per_share_and_limited_to_two_in_flight() -> Non
     warmer = GatewayWarmer(api, [SHARE, OTHER], hold=60)
 
     # When three folders are asked for at once
-    with store.transaction() as tx:
-        for folder in ("team/a/", "team/a/raw/", "team/b/"):
-            warmer.request(tx, "registry", folder, now=T0)
-        warmer.tick(tx, now=T0)
+    step(store, warmer, T0, ["team/a/", "team/a/raw/", "team/b/"])
     # Then one call carries them, coalesced, on the share of that bucket only
     assert api.calls == [(SHARE, ["/team/a/", "/team/b/"])]
 
     # When two more requests come while the first refresh is still in flight
     for n, folder in enumerate(("team/c/", "team/d/"), start=1):
-        with store.transaction() as tx:
-            warmer.request(tx, "registry", folder, now=T0 + n)
-            warmer.tick(tx, now=T0 + n)
+        step(store, warmer, T0 + n, [folder])
     # Then only one more is sent (two in flight), the other waits for a slot
     assert [folders for _, folders in api.calls] == [["/team/a/", "/team/b/"], ["/team/c/"]]
-    with store.transaction() as tx:
-        warmer.tick(tx, now=T0 + 59)
+    step(store, warmer, T0 + 59)
     assert len(api.calls) == 2
-    with store.transaction() as tx:
-        warmer.tick(tx, now=T0 + 61)
+    step(store, warmer, T0 + 61)
     assert api.calls[-1] == (SHARE, ["/team/d/"])
+    # And no lease is left behind
+    assert store.next_timer_due() is None
     store.close()
 
 
@@ -86,27 +96,85 @@ def test_a_refused_refresh_is_retried_with_backoff_even_after_a_restart(tmp_path
     store = open_store(url)
     api = FakeGateway(refuse=2)
     warmer = GatewayWarmer(api, [SHARE], base_backoff=5)
-    with store.transaction() as tx:
-        warmer.request(tx, "registry", "team/a/", now=T0)
-        warmer.tick(tx, now=T0)
+    step(store, warmer, T0, ["team/a/"])
     store.close()
 
     # When a new worker takes over: nothing before the backoff, then a second refusal
     store = open_store(url)
     warmer = GatewayWarmer(api, [SHARE], base_backoff=5)
-    with store.transaction() as tx:
-        warmer.tick(tx, now=T0 + 4)
+    step(store, warmer, T0 + 4)
     assert api.refuse == 1
-    with store.transaction() as tx:
-        warmer.tick(tx, now=T0 + 5)
+    step(store, warmer, T0 + 5)
     assert api.refuse == 0
-    # Then the next try waits twice as long, and succeeds
-    with store.transaction() as tx:
-        warmer.tick(tx, now=T0 + 14)
+    # Then the next try waits twice as long, and succeeds (a refusal held no slot)
+    step(store, warmer, T0 + 14)
     assert api.calls == []
-    with store.transaction() as tx:
-        warmer.tick(tx, now=T0 + 15)
+    step(store, warmer, T0 + 15)
     assert api.calls == [(SHARE, ["/team/a/"])]
+    store.close()
+
+
+def test_the_call_is_made_after_the_step_committed_and_a_request_meanwhile_queues_again(
+    tmp_path: Path,
+) -> None:
+    # Given a warmer on a file store, and a gateway that, during its call, looks at the
+    # store through another connection and lets another worker ask for the same folder
+    url = f"sqlite:///{tmp_path / 'edp.db'}"
+    store, other = open_store(url), open_store(url)
+    seen: list[float | None] = []
+
+    def meanwhile() -> None:
+        seen.append(other.next_timer_due())
+        with other.transaction() as tx:  # "database is locked" if a step's tx were open
+            GatewayWarmer(FakeGateway(), [SHARE]).request(tx, "registry", "team/a/",
+                                                          now=T0 + 1)
+
+    api = FakeGateway(during=meanwhile)
+    warmer = GatewayWarmer(api, [SHARE], hold=60, lease=120)
+
+    # When a step asks for the folder
+    step(store, warmer, T0, ["team/a/"])
+
+    # Then the call saw its lease committed (a crash during it would not lose the refresh)
+    assert api.calls == [(SHARE, ["/team/a/"])]
+    assert seen == [T0 + 120]
+    # And the request made during the call was not absorbed by the lease: it is sent
+    # once a slot is free, and then nothing is left
+    api.during = None
+    assert other.next_timer_due() == T0 + 1
+    step(store, warmer, T0 + 2)
+    assert api.calls == [(SHARE, ["/team/a/"])] * 2
+    assert store.next_timer_due() is None
+    store.close()
+    other.close()
+
+
+def test_a_worker_dying_between_commit_and_call_leaves_a_lease_that_falls_due(
+    tmp_path: Path,
+) -> None:
+    # Given a step that planned a refresh and committed, and a worker that died before
+    # making the call
+    url = f"sqlite:///{tmp_path / 'edp.db'}"
+    store = open_store(url)
+    api = FakeGateway()
+    with store.transaction() as tx:
+        dead = GatewayWarmer(api, [SHARE], lease=120)
+        dead.request(tx, "registry", "team/a/", now=T0)
+        dead.tick(tx, now=T0)
+    store.close()
+
+    # When another worker ticks before and after the lease ran out
+    store = open_store(url)
+    warmer = GatewayWarmer(api, [SHARE], lease=120)
+    step(store, warmer, T0 + 119)
+    assert api.calls == []
+    step(store, warmer, T0 + 120)
+
+    # Then the folder is refreshed, once, and nothing is left
+    assert api.calls == [(SHARE, ["/team/a/"])]
+    step(store, warmer, T0 + 500)
+    assert len(api.calls) == 1
+    assert store.next_timer_due() is None
     store.close()
 
 
