@@ -4,11 +4,17 @@ A :class:`Source` hands out messages; the daemon feeds them to the engine, then
 acknowledges them (only after the step committed), relays the outbox, and fires
 due batches on time: when every source is caught up, the clock is the wall clock
 and the loop never waits past the next deadline (SPEC section 4).
+
+With several sources (queues), each is received from in a thread of its own
+(:class:`_Feed`), so a long poll on one never delays another's messages; the engine,
+its store and the acknowledgements stay on the daemon's thread, and a source is
+received from again only after its last delivery was acknowledged (or abandoned).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import threading
 import time
@@ -83,6 +89,8 @@ class Daemon:
         self.stats = DaemonStats()
         self._caught_up = {source.name: False for source in self.sources}
         self._last_prune = -float("inf")
+        self.inbox: queue.Queue[tuple[_Feed, Received]] = queue.Queue()
+        self._feeds: list[_Feed] = []
 
     def stop(self) -> None:
         """Ask the loop to finish its current step and exit."""
@@ -100,18 +108,31 @@ class Daemon:
 
     def run(self) -> DaemonStats:
         """Loop until :meth:`stop`; then flush the outbox and close the sources."""
+        fanned = len(self.sources) > 1
+        if fanned:
+            self._feeds = [_Feed(self, source) for source in self.sources]
+            for feed in self._feeds:
+                feed.thread.start()
         try:
             while not self.stop_event.is_set():
                 try:
-                    self.run_once()
+                    if fanned:
+                        self.run_fanned_once()
+                    else:
+                        self.run_once()
                 except Exception:  # a boundary: log, back off, keep the worker alive
                     self.stats.errors += 1
                     log.exception("step failed; unacknowledged input will come again")
                     self.stop_event.wait(self.error_backoff)
             self._relay()
         finally:
+            self.stop_event.set()
             for source in self.sources:
-                source.close()
+                source.close()  # also ends a receive a feed is waiting in, where it can
+            for feed in self._feeds:
+                # A feed still in a long poll (SQS) ends with it; what it then received
+                # is not acknowledged and comes again. It is a daemon thread.
+                feed.thread.join(timeout=2)
         return self.stats
 
     def run_once(self) -> None:
@@ -136,18 +157,69 @@ class Daemon:
             self._prune()
         self._relay()
 
+    def run_fanned_once(self) -> None:
+        """One round with several sources: work on what any of them delivered (waiting
+        for the first delivery, never past the next deadline), then fire and relay."""
+        engine = self.runtime.engine
+        delivery = self._next_delivery(self._fanned_wait())
+        while delivery is not None:
+            feed, received = delivery
+            try:
+                self._caught_up[feed.source.name] = received.caught_up
+                if received.messages:
+                    report = engine.process(
+                        received.messages, now=self.clock(), caught_up=self._all_caught_up()
+                    )
+                    received.report = report
+                    self.stats.steps += 1
+                    self.stats.messages += len(received.messages)
+                    self.stats.fired += len(report.fired)
+                feed.source.ack(received)
+            finally:
+                feed.delivered()  # acknowledged, or abandoned: it may receive again
+            if self.stop_event.is_set():
+                return
+            delivery = self._next_delivery(0.0)
+        if self._all_caught_up():
+            self.stats.fired += len(engine.fire_due(now=self.clock()))
+            self._prune()
+        self._relay()
+
+    def _next_delivery(self, wait: float) -> tuple[_Feed, Received] | None:
+        """The next delivery of any feed, waiting up to ``wait`` (in short slices, so
+        that :meth:`stop` is noticed)."""
+        end = time.monotonic() + wait
+        while True:
+            try:
+                return self.inbox.get(timeout=max(0.0, min(end - time.monotonic(), 0.5)))
+            except queue.Empty:
+                if time.monotonic() >= end or self.stop_event.is_set():
+                    return None
+
+    def _fanned_wait(self) -> float:
+        """How long to wait for a delivery: while some source has a backlog its
+        deliveries come at once; otherwise never past the next deadline."""
+        if not self._all_caught_up():
+            return self.max_wait
+        wait = self.max_wait
+        deadline = self.runtime.engine.next_deadline()
+        if deadline is not None:
+            remaining = deadline - self.clock()
+            wait = min(wait, remaining if remaining > 0 else self.HELD_BACK_TICK)
+        return wait
+
     def _all_caught_up(self) -> bool:
         return all(self._caught_up.values())
 
     def _wait(self) -> float:
-        """How long a receive may block: never past the next deadline.
+        """How long a receive may block (one source): never past the next deadline.
 
         A deadline already passed but held back by another worker's clock (SPEC
         section 4) must not make the loop spin: it then waits a short tick.
         """
         if not self._all_caught_up():
             return 0.0
-        wait = self.max_wait / max(1, len(self.sources))
+        wait = self.max_wait
         deadline = self.runtime.engine.next_deadline()
         if deadline is not None:
             remaining = deadline - self.clock()
@@ -173,3 +245,39 @@ class Daemon:
         report = self.runtime.relay.deliver()
         if report.errors:
             log.warning("outbox: %d deliveries failed, will retry", report.failed)
+
+
+class _Feed:
+    """Receives from one source in a thread of its own and hands each delivery to the
+    daemon's inbox; receives again only after the daemon is done with the last one."""
+
+    def __init__(self, daemon: Daemon, source: Source) -> None:
+        self.daemon = daemon
+        self.source = source
+        self._done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"edp-receive:{source.name}",
+                                       daemon=True)
+
+    def delivered(self) -> None:
+        """The daemon acknowledged (or abandoned) the last delivery."""
+        self._done.set()
+
+    def _run(self) -> None:
+        daemon, stop = self.daemon, self.daemon.stop_event
+        while not stop.is_set():
+            try:
+                received = self.source.receive(wait=daemon.max_wait)
+            except Exception:  # a boundary: log, back off, keep receiving
+                if stop.is_set():
+                    return
+                daemon.stats.errors += 1
+                log.exception("receive from %s failed; retrying", self.source.name)
+                stop.wait(daemon.error_backoff)
+                continue
+            if stop.is_set():
+                return  # not acknowledged: it comes again
+            self._done.clear()
+            daemon.inbox.put((self, received))
+            while not self._done.wait(0.5):
+                if stop.is_set():
+                    return
