@@ -106,6 +106,18 @@ def run_replay(
             or database_url.startswith(("postgresql:", "postgres:")),
         )
         summary = ReplaySummary()
+        if database_url is not None:
+            # Checked before this worker registers: with several workers none has
+            # applied anything before all registered, so only earlier runs count here.
+            stats = runtime.store.stats()
+            held = stats["open_batches"] + stats["closed_batches"]
+            if held:
+                stderr.write(
+                    f"edp replay: warning: the database already holds {held} batch(es) of an "
+                    "earlier run; this replay continues from them (their key memories make "
+                    "re-sent events duplicates), so its output is not that of the stream "
+                    "alone: use a fresh database for that\n"
+                )
         if database_url is not None and settings.replay_workers == 1:
             others = runtime.store.fire_floor(
                 runtime.engine.worker_id, now=time.time(), timeout=settings.worker_timeout

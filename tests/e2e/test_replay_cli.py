@@ -155,3 +155,19 @@ def test_a_replay_into_a_database_with_live_workers_warns(tmp_path: Path) -> Non
     assert b"other workers are live on this database" in result.stderr
     # and a replay into its own database says nothing of the kind
     assert b"other workers" not in edp("replay", "-", stdin=jsonl([eventbridge("a/b/c", 0)])).stderr
+
+
+def test_a_replay_into_a_database_of_an_earlier_run_warns(tmp_path: Path) -> None:
+    # Given a database that one replay of a stream has filled
+    url = f"sqlite:///{tmp_path / 'kept.db'}"
+    stream = jsonl([eventbridge(f"lab/run/{n}.csv", n, sequencer=f"0{n}") for n in range(3)])
+    first = edp("replay", "-", "--database-url", url, stdin=stream)
+    assert len(first.stdout.splitlines()) == 1 and b"warning" not in first.stderr
+
+    # When the same stream is replayed into it again
+    again = edp("replay", "-", "--database-url", url, stdin=stream)
+
+    # Then it still runs (the events are duplicates now: no batch), and says why
+    assert again.returncode == 0
+    assert again.stdout == b""
+    assert b"already holds 1 batch(es) of an earlier run" in again.stderr
