@@ -138,6 +138,12 @@ class GatewayWarmer:
     def tick(self, tx: Transaction, *, now: float) -> int:
         """Plan and lease the due refreshes within the limits; returns how many calls were
         planned (:meth:`after_commit` makes them)."""
+        # A plan still here was made in a step whose transaction rolled back (every
+        # committed step is followed by after_commit): its leases do not exist and
+        # its requests are queued again, so it is dropped.
+        for call in self._planned:
+            self._release(call)
+        self._planned = []
         due = tx.take_due_timers(TIMER_KIND, until=now, limit=1000)
         by_share: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for timer in due:

@@ -119,6 +119,8 @@ class PackageReadyObserver:
         """Lease every timer due by the wall clock (or ``clock``); :meth:`after_commit` reads."""
         if self.warmer is not None:
             self.warmer.tick(tx, now=now)
+        # Leases still here were taken in a step that rolled back: they do not exist.
+        self._leased = []
         until = max(clock, now)
         while True:
             timers = tx.take_due_timers(TIMER_KIND, until=until, limit=self.page)

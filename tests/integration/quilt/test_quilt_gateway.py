@@ -18,7 +18,7 @@ from edp.engine import Engine, Message
 from edp.quilt.gateway import Boto3Gateway, GatewayBusy, GatewayWarmer, coalesce
 from edp.quilt.ready import build_package_ready_observer, local_pointer_reader
 from edp.store import open_store
-from edp.store.base import Store
+from edp.store.base import Store, Transaction
 from edp_testing import T0, eventbridge
 from integration.quilt.conftest import need
 
@@ -63,6 +63,13 @@ def step(store: Store, warmer: GatewayWarmer, now: float,
             warmer.request(tx, "registry", folder, now=now)
         warmer.tick(tx, now=now)
     warmer.after_commit(store, now=now)
+
+
+def failed_step(store: Store, work: Callable[[Transaction], object]) -> None:
+    """A step that does ``work`` in its transaction, then fails (rolled back)."""
+    with store.transaction() as tx:
+        work(tx)
+        raise RuntimeError("the step failed")
 
 
 def test_refreshes_are_coalesced_per_share_and_limited_to_two_in_flight() -> None:
@@ -147,6 +154,28 @@ def test_the_call_is_made_after_the_step_committed_and_a_request_meanwhile_queue
     assert store.next_timer_due() is None
     store.close()
     other.close()
+
+
+def test_a_plan_of_a_step_that_rolled_back_is_not_called() -> None:
+    # Given a step that planned a refresh, then failed (its transaction rolled back)
+    store = open_store("sqlite:///:memory:")
+    api = FakeGateway()
+    warmer = GatewayWarmer(api, [SHARE])
+
+    def plan(tx: Transaction) -> None:
+        warmer.request(tx, "registry", "team/a/", now=T0)
+        warmer.tick(tx, now=T0)
+
+    with pytest.raises(RuntimeError):
+        failed_step(store, plan)
+
+    # When the input comes again and the next step commits
+    step(store, warmer, T0 + 1, ["team/a/"])
+
+    # Then the folder is refreshed once, not once for each plan
+    assert api.calls == [(SHARE, ["/team/a/"])]
+    assert store.next_timer_due() is None
+    store.close()
 
 
 def test_a_worker_dying_between_commit_and_call_leaves_a_lease_that_falls_due(
@@ -261,3 +290,30 @@ def test_the_boto3_adapter_maps_locations_and_refusals() -> None:
         stub.add_response("refresh_cache", {"FileShareARN": SHARE, "NotificationId": "n"},
                           {"FileShareARN": SHARE, "FolderList": ["/a/"], "Recursive": True})
         gateway.refresh(SHARE, ["/a/"])
+
+
+def test_package_ready_forgets_leases_of_a_step_that_rolled_back(tmp_path: Path) -> None:
+    # Given a due revision whose lease was taken in a step that then failed
+    reads: list[str] = []
+
+    def reader(bucket: str, key: str) -> str | None:
+        reads.append(key)
+        return TOP
+
+    settings = Settings(database_url="sqlite:///:memory:",
+                        package_ready_registries=("registry",), package_ready_delay=1)
+    observer = build_package_ready_observer(settings, reader=reader)
+    store = open_store("sqlite:///:memory:")
+    engine = Engine(store, settings, sinks=["list"], worker_id="w", observers=[observer])
+    engine.process([pointer_event(".quilt/named_packages/a/b/1700000000", T0)], now=T0)
+    with pytest.raises(RuntimeError):
+        failed_step(store, lambda tx: observer.tick(tx, clock=T0 + 1, now=T0 + 1,
+                                                    sinks=["list"]))
+
+    # When the next tick commits
+    engine.fire_due(now=T0 + 2)
+
+    # Then the pointer is read once and one event is out
+    assert len(reads) == 1
+    assert len(store.pending("list", limit=10, now=T0 + 2)) == 1
+    store.close()
