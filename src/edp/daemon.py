@@ -129,10 +129,11 @@ class Daemon:
             self.stop_event.set()
             for source in self.sources:
                 source.close()  # also ends a receive a feed is waiting in, where it can
+            give_up = time.monotonic() + 2.0
             for feed in self._feeds:
                 # A feed still in a long poll (SQS) ends with it; what it then received
                 # is not acknowledged and comes again. It is a daemon thread.
-                feed.thread.join(timeout=2)
+                feed.thread.join(timeout=max(0.0, give_up - time.monotonic()))
         return self.stats
 
     def run_once(self) -> None:
@@ -158,11 +159,14 @@ class Daemon:
         self._relay()
 
     def run_fanned_once(self) -> None:
-        """One round with several sources: work on what any of them delivered (waiting
-        for the first delivery, never past the next deadline), then fire and relay."""
+        """One round with several sources: work on what they delivered (waiting for the
+        first delivery, never past the next deadline), at most one delivery per source,
+        then fire and relay (so that busy sources never hold the relay back)."""
         engine = self.runtime.engine
         delivery = self._next_delivery(self._fanned_wait())
-        while delivery is not None:
+        for _ in self._feeds:
+            if delivery is None:
+                break
             feed, received = delivery
             try:
                 self._caught_up[feed.source.name] = received.caught_up
@@ -176,10 +180,12 @@ class Daemon:
                     self.stats.fired += len(report.fired)
                 feed.source.ack(received)
             finally:
-                feed.delivered()  # acknowledged, or abandoned: it may receive again
+                feed.delivered(received.caught_up)  # acknowledged, or abandoned
             if self.stop_event.is_set():
                 return
             delivery = self._next_delivery(0.0)
+        if delivery is not None:  # a feed's next delivery already: first in the next round
+            self.inbox.put(delivery)
         if self._all_caught_up():
             self.stats.fired += len(engine.fire_due(now=self.clock()))
             self._prune()
@@ -255,18 +261,23 @@ class _Feed:
         self.daemon = daemon
         self.source = source
         self._done = threading.Event()
+        self._caught_up = False
         self.thread = threading.Thread(target=self._run, name=f"edp-receive:{source.name}",
                                        daemon=True)
 
-    def delivered(self) -> None:
+    def delivered(self, caught_up: bool) -> None:
         """The daemon acknowledged (or abandoned) the last delivery."""
+        self._caught_up = caught_up
         self._done.set()
 
     def _run(self) -> None:
         daemon, stop = self.daemon, self.daemon.stop_event
         while not stop.is_set():
             try:
-                received = self.source.receive(wait=daemon.max_wait)
+                # Until the source says it is caught up it is polled without waiting
+                # (as the one-source loop does): the daemon's clock stays the event time
+                # until every source is, so a long poll here would hold back due batches.
+                received = self.source.receive(wait=daemon.max_wait if self._caught_up else 0.0)
             except Exception:  # a boundary: log, back off, keep receiving
                 if stop.is_set():
                     return

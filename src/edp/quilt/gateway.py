@@ -41,6 +41,12 @@ from edp.store.base import Store, Transaction
 log = logging.getLogger(__name__)
 
 TIMER_KIND = "gateway-refresh"
+"""Timers of folders waiting for a refresh, keyed ``<share>|<folder>``."""
+LEASE_KIND = "gateway-refresh-lease"
+"""Timers of planned calls (a kind of their own, so that a version that knows no
+leases ignores them), keyed ``<share>|<random>``."""
+DESCRIBE_RETRY = 60.0
+"""Seconds before a share whose location could not be looked up is tried again."""
 MAX_FOLDERS = 50
 """RefreshCache takes at most 50 folders per call."""
 
@@ -92,6 +98,7 @@ class GatewayWarmer:
         self.max_backoff = max_backoff
         self.lease = lease
         self._locations: dict[str, tuple[str, str] | None] = {}
+        self._unknown_until: dict[str, float] = {}
         self._in_flight: dict[str, list[float]] = defaultdict(list)
         self._planned: list[_Call] = []
         self.calls = 0
@@ -102,7 +109,7 @@ class GatewayWarmer:
         that exposes it; returns how many shares were asked."""
         asked = 0
         for share in self.shares:
-            relative = self._relative(share, bucket, folder)
+            relative = self._relative(share, bucket, folder, now)
             if relative is None:
                 continue
             payload = json.dumps({"share": share, "folder": relative, "attempts": 0})
@@ -110,14 +117,31 @@ class GatewayWarmer:
             asked += 1
         return asked
 
-    def _relative(self, share: str, bucket: str, folder: str) -> str | None:
-        if share not in self._locations:
-            try:
-                self._locations[share] = self.api.share_location(share)
-            except Exception as exc:  # a boundary: an unknown share is skipped  # noqa: BLE001
-                log.warning("cannot describe file share %s: %s", share, exc)
-                return None
-        location = self._locations[share]
+    def locate(self, *, now: float) -> None:
+        """Look up the location of every share not known yet (and not failed lately).
+
+        :meth:`after_commit` calls it, outside any transaction, so that a step's
+        :meth:`request` rarely has to (only before a worker's first step ended).
+        """
+        for share in self.shares:
+            self._location(share, now)
+
+    def _location(self, share: str, now: float) -> tuple[str, str] | None:
+        if share in self._locations:
+            return self._locations[share]
+        if self._unknown_until.get(share, -float("inf")) > now:
+            return None
+        try:
+            self._locations[share] = self.api.share_location(share)
+        except Exception as exc:  # a boundary: an unknown share is skipped  # noqa: BLE001
+            log.warning("cannot describe file share %s (next try in %gs): %s", share,
+                        DESCRIBE_RETRY, exc)
+            self._unknown_until[share] = now + DESCRIBE_RETRY
+            return None
+        return self._locations[share]
+
+    def _relative(self, share: str, bucket: str, folder: str, now: float) -> str | None:
+        location = self._location(share, now)
         if location is None or location[0] != bucket:
             return None
         root = location[1]
@@ -144,7 +168,8 @@ class GatewayWarmer:
         for call in self._planned:
             self._release(call)
         self._planned = []
-        due = tx.take_due_timers(TIMER_KIND, until=now, limit=1000)
+        due = tx.take_due_timers(LEASE_KIND, until=now, limit=1000)  # their workers died
+        due += tx.take_due_timers(TIMER_KIND, until=now, limit=1000)
         by_share: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for timer in due:
             data = json.loads(timer.payload)
@@ -168,7 +193,7 @@ class GatewayWarmer:
             chunk, folders = folders[:MAX_FOLDERS], folders[MAX_FOLDERS:]
             key = f"lease|{share}|{uuid.uuid4().hex}"
             payload = json.dumps({"share": share, "folders": chunk, "attempts": attempts})
-            tx.set_timer(TIMER_KIND, key, due_at=now + self.lease, payload=payload)
+            tx.set_timer(LEASE_KIND, key, due_at=now + self.lease, payload=payload)
             slot = now + self.hold
             flights.append(slot)
             self._planned.append(_Call(key, share, chunk, attempts, slot))
@@ -178,6 +203,7 @@ class GatewayWarmer:
     def after_commit(self, store: Store, *, now: float) -> int:
         """Make the calls :meth:`tick` leased (no transaction open); returns how many the
         gateway accepted."""
+        self.locate(now=now)
         calls, self._planned = self._planned, []
         if not calls:
             return 0
@@ -204,11 +230,15 @@ class GatewayWarmer:
             self.calls += 1
             accepted += 1
             log.info("RefreshCache on %s: %s", call.share, ", ".join(call.folders))
-        with store.transaction() as tx:
-            for call in calls:
-                tx.clear_timer(TIMER_KIND, call.key)
-            for share, (folders, attempts, due_at) in refused.items():
-                self._rearm(tx, share, folders, attempts, due_at)
+        try:
+            with store.transaction() as tx:
+                for call in calls:
+                    tx.clear_timer(LEASE_KIND, call.key)
+                for share, (folders, attempts, due_at) in refused.items():
+                    self._rearm(tx, share, folders, attempts, due_at)
+        except Exception as exc:  # a boundary: warming is best effort  # noqa: BLE001
+            # The leases stay and fall due again: those folders are refreshed once more.
+            log.warning("cannot record %d RefreshCache calls: %s", len(calls), exc)
         return accepted
 
     def _release(self, call: _Call) -> None:
@@ -287,9 +317,12 @@ def parse_location(location_arn: str) -> tuple[str, str] | None:
 def boto3_gateway(region: str) -> Boto3Gateway:
     """The boto3 adapter, with a client for ``region``."""
     import boto3
+    from botocore.config import Config
 
-    return Boto3Gateway(boto3.client("storagegateway", region_name=region))
+    # Short timeouts: a lookup may run inside a step's transaction (see locate).
+    config = Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2})
+    return Boto3Gateway(boto3.client("storagegateway", region_name=region, config=config))
 
 
-__all__ = ["MAX_FOLDERS", "TIMER_KIND", "Boto3Gateway", "GatewayApi", "GatewayBusy",
+__all__ = ["LEASE_KIND", "MAX_FOLDERS", "TIMER_KIND", "Boto3Gateway", "GatewayApi", "GatewayBusy",
            "GatewayWarmer", "boto3_gateway", "coalesce", "parse_location"]

@@ -160,7 +160,7 @@ class FolderSource:
     # -- the Source protocol ---------------------------------------------------------
     def start(self) -> None:
         """Start following the tree, then scan it (changes during the scan are not lost)."""
-        if self._thread is not None:
+        if self._thread is not None or self._stop.is_set():  # running, or closed for good
             return
         self._thread = threading.Thread(target=self._follow, name=self.name, daemon=True)
         self._thread.start()

@@ -1,67 +1,148 @@
 """One daemon, several sources: each is received from at once, none waits for another's poll.
 
-Two real folder sources (the local watcher) stand in for two queues: one stays empty,
-so a receive on it waits the daemon's whole ``max_wait``.
+Real folder sources (the local watcher) stand in for queues: an empty one makes a
+receive wait the daemon's whole ``max_wait``, a full one always has a backlog.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from edp.bootstrap import build_runtime
-from edp.daemon import Daemon
+from edp.daemon import Daemon, Source
+from edp.sinks.base import Failure
 from edp.sources.watch import FolderSource
+from edp.store.base import OutboxEntry
 from edp_testing import ListSink, settings
 from integration.local.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 MAX_WAIT = 60.0
-"""Long enough that a source polled in turn behind the empty one would wait 30 s or more."""
+"""Long enough that a source polled behind the empty one would wait 30 s or more."""
+
+
+class DaemonRun:
+    """The real daemon, engine and SQLite store in a thread, on ``sources``."""
+
+    def __init__(self, tmp_path: Path, sources: Sequence[Source], sink: ListSink,
+                 **values: Any) -> None:
+        self.cfg = settings(database_url=f"sqlite:///{tmp_path / 'd.db'}", **values)
+        self.sources, self.sink = sources, sink
+        self.daemon: Daemon | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._work, daemon=True)
+
+    def _work(self) -> None:  # SQLite connections belong to the thread that made them
+        runtime = build_runtime(self.cfg, sinks=[self.sink], worker_id="fan-in")
+        self.daemon = Daemon(runtime, self.sources, max_wait=MAX_WAIT)
+        self._started.set()
+        try:
+            self.daemon.run()
+        finally:
+            runtime.close()
+
+    def __enter__(self) -> DaemonRun:
+        self._thread.start()
+        assert self._started.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.daemon is not None
+        stopping = time.monotonic()
+        self.daemon.stop()
+        self._thread.join(timeout=15)
+        assert not self._thread.is_alive(), "the daemon did not stop"
+        self.stop_seconds = time.monotonic() - stopping
+
+
+def folders(tmp_path: Path, *names: str) -> list[Path]:
+    paths = [tmp_path / name for name in names]
+    for path in paths:
+        path.mkdir()
+    return paths
 
 
 def test_a_file_on_one_source_is_batched_while_another_source_waits(tmp_path: Path) -> None:
     # Given a daemon on two watched folders (the idle one first), one file per batch
-    idle, busy = tmp_path / "idle", tmp_path / "busy"
-    idle.mkdir()
-    busy.mkdir()
-    sources = [FolderSource(idle, bucket="idle", settle=0.1),
-               FolderSource(busy, bucket="busy", settle=0.1)]
+    idle, busy = folders(tmp_path, "idle", "busy")
     sink = ListSink()
-    cfg = settings(bucket_threshold_event_count=1, database_url=f"sqlite:///{tmp_path / 'd.db'}")
-    started = threading.Event()
-    daemons: list[Daemon] = []
+    run = DaemonRun(tmp_path, [FolderSource(idle, bucket="idle", settle=0.1),
+                               FolderSource(busy, bucket="busy", settle=0.1)],
+                    sink, bucket_threshold_event_count=1)
+    with run:
+        time.sleep(1.0)  # both sources have reported themselves caught up and wait
 
-    def work() -> None:  # SQLite connections belong to the thread that made them
-        runtime = build_runtime(cfg, sinks=[sink], worker_id="fan-in")
-        daemons.append(Daemon(runtime, sources, max_wait=MAX_WAIT))
-        started.set()
-        try:
-            daemons[0].run()
-        finally:
-            runtime.close()
+        # When a file lands in the busy folder
+        (busy / "lab" / "run-1").mkdir(parents=True)
+        (busy / "lab" / "run-1" / "a.csv").write_text("x")
 
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    time.sleep(1.0)  # both sources have reported themselves caught up and wait
+        # Then its batch is out long before the idle source's wait could end
+        wait_until(lambda: sink.sent, timeout=10, what="the busy folder's batch")
+        assert [(e["detail"]["bucket"], e["detail"]["prefix"]) for e in sink.sent] == [
+            ("busy", "lab/run-1/")]
+    # And the daemon stopped promptly although a receive was still waiting
+    assert run.stop_seconds < 10
 
-    # When a file lands in the busy folder
+
+def test_a_quiet_batch_fires_on_time_while_another_source_is_idle(tmp_path: Path) -> None:
+    # Given a file written before the daemon starts, a 1 s quiet period, and an idle
+    # second source whose receive may wait a minute
+    busy, idle = folders(tmp_path, "busy", "idle")
     (busy / "lab" / "run-1").mkdir(parents=True)
     (busy / "lab" / "run-1" / "a.csv").write_text("x")
+    sink = ListSink()
+    run = DaemonRun(tmp_path, [FolderSource(busy, bucket="busy", settle=0.1),
+                               FolderSource(idle, bucket="idle", settle=0.1)],
+                    sink, bucket_threshold_duration=1)
+    with run:
+        # Then the batch fires by its quiet period, not after the idle source's long poll
+        wait_until(lambda: sink.sent, timeout=10, what="the quiet batch")
+    assert [(e["detail"]["prefix"], e["detail"]["trigger"]) for e in sink.sent] == [
+        ("lab/run-1/", "duration")]
 
-    # Then its batch is out long before the idle source's wait could end
-    wait_until(lambda: sink.sent, timeout=10, what="the busy folder's batch")
-    assert [(e["detail"]["bucket"], e["detail"]["prefix"]) for e in sink.sent] == [
-        ("busy", "lab/run-1/")]
 
-    # And the daemon stops promptly although a receive is still waiting
-    stopping = time.monotonic()
-    daemons[0].stop()
-    thread.join(timeout=15)
-    assert not thread.is_alive()
-    assert time.monotonic() - stopping < 10
+class CountingSink(ListSink):
+    """Records how many messages the daemon had taken at each send."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: list[DaemonRun] = []
+        self.messages_at_send: list[int] = []
+
+    def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
+        daemon = self.runs[0].daemon
+        assert daemon is not None
+        self.messages_at_send.append(daemon.stats.messages)
+        return super().send(entries)
+
+
+def test_events_go_out_while_several_sources_have_a_backlog(tmp_path: Path) -> None:
+    # Given two folders full of files (a backlog that takes 60 steps of 10 files) and
+    # batches of 10 files
+    first, second = folders(tmp_path, "first", "second")
+    for root in (first, second):
+        for run_number in range(30):
+            folder = root / "lab" / f"run-{run_number:02d}"
+            folder.mkdir(parents=True)
+            for n in range(10):
+                (folder / f"{n}.csv").write_text("x")
+    time.sleep(0.2)  # settled
+    sink = CountingSink()
+    run = DaemonRun(tmp_path, [FolderSource(first, bucket="first", settle=0.1, chunk=10),
+                               FolderSource(second, bucket="second", settle=0.1, chunk=10)],
+                    sink, bucket_threshold_event_count=10)
+    sink.runs.append(run)
+    with run:
+        wait_until(lambda: len(sink.sent) == 60, timeout=30, what="all 60 batches")
+    # Then events went out all along (after every round of a delivery per source),
+    # not once both backlogs were drained
+    assert {e["detail"]["object-count"] for e in sink.sent} == {10}
+    during = [m for m in sink.messages_at_send if m < 600]
+    assert len(during) >= 20, sink.messages_at_send

@@ -15,7 +15,13 @@ import pytest
 
 from edp.config import Settings
 from edp.engine import Engine, Message
-from edp.quilt.gateway import Boto3Gateway, GatewayBusy, GatewayWarmer, coalesce
+from edp.quilt.gateway import (
+    TIMER_KIND,
+    Boto3Gateway,
+    GatewayBusy,
+    GatewayWarmer,
+    coalesce,
+)
 from edp.quilt.ready import build_package_ready_observer, local_pointer_reader
 from edp.store import open_store
 from edp.store.base import Store, Transaction
@@ -32,13 +38,20 @@ TOP = "ab" * 32
 class FakeGateway:
     """Storage Gateway as the warmer sees it: share locations, accepted refreshes."""
 
-    def __init__(self, refuse: int = 0, during: Callable[[], None] | None = None) -> None:
+    def __init__(self, refuse: int = 0, during: Callable[[], None] | None = None,
+                 unreachable: int = 0) -> None:
         self.locations = {SHARE: ("registry", ""), OTHER: ("other-bucket", "")}
         self.calls: list[tuple[str, list[str]]] = []
         self.refuse = refuse
         self.during = during
+        self.unreachable = unreachable
+        self.describes = 0
 
     def share_location(self, share_arn: str) -> tuple[str, str] | None:
+        self.describes += 1
+        if self.unreachable:
+            self.unreachable -= 1
+            raise OSError("connect timeout")
         return self.locations.get(share_arn)
 
     def refresh(self, share_arn: str, folders: Sequence[str]) -> None:
@@ -194,12 +207,15 @@ def test_a_worker_dying_between_commit_and_call_leaves_a_lease_that_falls_due(
 
     # When another worker ticks before and after the lease ran out
     store = open_store(url)
+    with store.transaction() as tx:  # takes nothing, so changes nothing
+        assert tx.take_due_timers(TIMER_KIND, until=T0 + 1000, limit=10) == []
     warmer = GatewayWarmer(api, [SHARE], lease=120)
     step(store, warmer, T0 + 119)
     assert api.calls == []
     step(store, warmer, T0 + 120)
 
-    # Then the folder is refreshed, once, and nothing is left
+    # Then the folder is refreshed, once, and nothing is left (the lease was a timer of
+    # its own kind, which a version without leases would not take for a request)
     assert api.calls == [(SHARE, ["/team/a/"])]
     step(store, warmer, T0 + 500)
     assert len(api.calls) == 1
@@ -316,4 +332,25 @@ def test_package_ready_forgets_leases_of_a_step_that_rolled_back(tmp_path: Path)
     # Then the pointer is read once and one event is out
     assert len(reads) == 1
     assert len(store.pending("list", limit=10, now=T0 + 2)) == 1
+    store.close()
+
+
+def test_a_share_that_cannot_be_described_is_tried_again_a_minute_later() -> None:
+    # Given a gateway API that cannot be reached for the first lookup
+    store = open_store("sqlite:///:memory:")
+    api = FakeGateway(unreachable=1)
+    warmer = GatewayWarmer(api, [SHARE])
+
+    # When revisions come at once, half a minute later, and after a minute
+    step(store, warmer, T0, ["team/a/"])
+    step(store, warmer, T0 + 30, ["team/b/"])
+    assert (api.describes, api.calls) == (1, [])  # no lookup under every step's locks
+    step(store, warmer, T0 + 61)
+
+    # Then the share was looked up again after the commit (not in a step), and later
+    # requests are refreshed
+    assert api.describes == 2
+    step(store, warmer, T0 + 62, ["team/c/"])
+    assert api.calls == [(SHARE, ["/team/c/"])]
+    assert api.describes == 2
     store.close()
