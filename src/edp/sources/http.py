@@ -132,8 +132,14 @@ class HttpSource:
         tickets = [t for t in taken if t is not None]
         received = Received([t.message for t in tickets], caught_up=self._queue.empty(),
                             receipts=tickets)
-        if tickets:
-            self._inflight = received
+        with self._lock:  # against close() from another thread (several sources)
+            closed = self._closed.is_set()
+            if tickets and not closed:
+                self._inflight = received
+        if closed:
+            for ticket in tickets:
+                _resolve(ticket.future, SourceClosed("edp stopped before committing"))
+            return Received([], caught_up=True)
         return received
 
     def ack(self, received: Received) -> None:
@@ -150,9 +156,10 @@ class HttpSource:
 
     def close(self) -> None:
         """Take no more bodies; fail the requests still waiting (the sender retries)."""
-        self._closed.set()
-        pending = list(self._inflight.receipts) if self._inflight is not None else []
-        self._inflight = None
+        with self._lock:
+            self._closed.set()
+            pending = list(self._inflight.receipts) if self._inflight is not None else []
+            self._inflight = None
         while True:
             try:
                 ticket = self._queue.get_nowait()
