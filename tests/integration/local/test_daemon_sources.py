@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from edp.bootstrap import build_runtime
-from edp.daemon import Daemon, Source
+from edp.daemon import Daemon, Received, Source
 from edp.sinks.base import Failure
 from edp.sources.watch import FolderSource
 from edp.store.base import OutboxEntry
@@ -146,3 +146,45 @@ def test_events_go_out_while_several_sources_have_a_backlog(tmp_path: Path) -> N
     assert {e["detail"]["object-count"] for e in sink.sent} == {10}
     during = [m for m in sink.messages_at_send if m < 600]
     assert len(during) >= 20, sink.messages_at_send
+
+
+class FlakySource(FolderSource):
+    """A folder source whose first receive and first acknowledgement fail (a queue
+    that is unreachable for a moment)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.receive_failures = self.ack_failures = 1
+
+    def receive(self, *, wait: float) -> Received:
+        if self.receive_failures:
+            self.receive_failures -= 1
+            raise OSError("queue unreachable")
+        return super().receive(wait=wait)
+
+    def ack(self, received: Received) -> None:
+        if received.messages and self.ack_failures:
+            self.ack_failures -= 1
+            raise OSError("delete failed")
+        super().ack(received)
+
+
+def test_a_failing_receive_and_acknowledgement_lose_and_double_nothing(tmp_path: Path) -> None:
+    # Given a source that fails its first receive and its first acknowledgement, beside
+    # an idle one, and three files that make one batch
+    flaky_root, idle = folders(tmp_path, "flaky", "idle")
+    (flaky_root / "lab" / "run-1").mkdir(parents=True)
+    for n in range(3):
+        (flaky_root / "lab" / "run-1" / f"{n}.csv").write_text("x")
+    flaky = FlakySource(flaky_root, bucket="flaky", settle=0.1)
+    sink = ListSink()
+    run = DaemonRun(tmp_path, [flaky, FolderSource(idle, bucket="idle", settle=0.1)], sink,
+                    bucket_threshold_event_count=3)
+    with run:
+        # Then the files come again after each failure and make one batch, once
+        wait_until(lambda: sink.sent, timeout=20, what="the batch")
+        time.sleep(0.5)
+    assert [(e["detail"]["object-count"], e["detail"]["trigger"]) for e in sink.sent] == [
+        (3, "count")]
+    assert run.daemon is not None and run.daemon.stats.errors == 2
+    assert (flaky.receive_failures, flaky.ack_failures) == (0, 0)
