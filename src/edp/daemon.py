@@ -138,47 +138,25 @@ class Daemon:
 
     def run_once(self) -> None:
         """One round: receive from every source, process, acknowledge, fire, relay."""
-        engine = self.runtime.engine
         for source in self.sources:
-            received = source.receive(wait=self._wait())
-            self._caught_up[source.name] = received.caught_up
-            if received.messages:
-                report = engine.process(
-                    received.messages, now=self.clock(), caught_up=self._all_caught_up()
-                )
-                received.report = report
-                self.stats.steps += 1
-                self.stats.messages += len(received.messages)
-                self.stats.fired += len(report.fired)
-            source.ack(received)
+            self._work(source, source.receive(wait=self._wait()))
             if self.stop_event.is_set():
                 break
-        if self._all_caught_up():
-            self.stats.fired += len(engine.fire_due(now=self.clock()))
-            self._prune()
-        self._relay()
+        self._end_round()
 
     def run_fanned_once(self) -> None:
         """One round with several sources: work on what they delivered (waiting for the
         first delivery, never past the next deadline), at most one delivery per source,
         then fire and relay (so that busy sources never hold the relay back)."""
-        engine = self.runtime.engine
-        delivery = self._next_delivery(self._fanned_wait())
+        # A source with a backlog delivers at once (its feed does not wait), so waiting
+        # the whole max_wait then costs nothing.
+        delivery = self._next_delivery(self._wait(backlog=self.max_wait))
         for _ in self._feeds:
             if delivery is None:
                 break
             feed, received = delivery
             try:
-                self._caught_up[feed.source.name] = received.caught_up
-                if received.messages:
-                    report = engine.process(
-                        received.messages, now=self.clock(), caught_up=self._all_caught_up()
-                    )
-                    received.report = report
-                    self.stats.steps += 1
-                    self.stats.messages += len(received.messages)
-                    self.stats.fired += len(report.fired)
-                feed.source.ack(received)
+                self._work(feed.source, received)
             finally:
                 feed.delivered(received.caught_up)  # acknowledged, or abandoned
             if self.stop_event.is_set():
@@ -186,8 +164,25 @@ class Daemon:
             delivery = self._next_delivery(0.0)
         if delivery is not None:  # a feed's next delivery already: first in the next round
             self.inbox.put(delivery)
+        self._end_round()
+
+    def _work(self, source: Source, received: Received) -> None:
+        """Run what a source delivered through the engine (one step), then acknowledge."""
+        self._caught_up[source.name] = received.caught_up
+        if received.messages:
+            report = self.runtime.engine.process(
+                received.messages, now=self.clock(), caught_up=self._all_caught_up()
+            )
+            received.report = report
+            self.stats.steps += 1
+            self.stats.messages += len(received.messages)
+            self.stats.fired += len(report.fired)
+        source.ack(received)
+
+    def _end_round(self) -> None:
+        """Fire what is due once every source is caught up; relay the outbox."""
         if self._all_caught_up():
-            self.stats.fired += len(engine.fire_due(now=self.clock()))
+            self.stats.fired += len(self.runtime.engine.fire_due(now=self.clock()))
             self._prune()
         self._relay()
 
@@ -202,29 +197,18 @@ class Daemon:
                 if time.monotonic() >= end or self.stop_event.is_set():
                     return None
 
-    def _fanned_wait(self) -> float:
-        """How long to wait for a delivery: while some source has a backlog its
-        deliveries come at once; otherwise never past the next deadline."""
-        if not self._all_caught_up():
-            return self.max_wait
-        wait = self.max_wait
-        deadline = self.runtime.engine.next_deadline()
-        if deadline is not None:
-            remaining = deadline - self.clock()
-            wait = min(wait, remaining if remaining > 0 else self.HELD_BACK_TICK)
-        return wait
-
     def _all_caught_up(self) -> bool:
         return all(self._caught_up.values())
 
-    def _wait(self) -> float:
-        """How long a receive may block (one source): never past the next deadline.
+    def _wait(self, backlog: float = 0.0) -> float:
+        """How long to wait (for a receive, or with several sources for a delivery):
+        ``backlog`` while a source is not caught up, else never past the next deadline.
 
         A deadline already passed but held back by another worker's clock (SPEC
         section 4) must not make the loop spin: it then waits a short tick.
         """
         if not self._all_caught_up():
-            return 0.0
+            return backlog
         wait = self.max_wait
         deadline = self.runtime.engine.next_deadline()
         if deadline is not None:

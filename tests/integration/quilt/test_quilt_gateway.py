@@ -22,7 +22,12 @@ from edp.quilt.gateway import (
     GatewayWarmer,
     coalesce,
 )
-from edp.quilt.ready import build_package_ready_observer, local_pointer_reader
+from edp.quilt.ready import (
+    PackageReadyObserver,
+    PointerReader,
+    build_package_ready_observer,
+    local_pointer_reader,
+)
 from edp.store import open_store
 from edp.store.base import Store, Transaction
 from edp_testing import T0, eventbridge
@@ -227,6 +232,18 @@ def pointer_event(key: str, t: float) -> Message:
     return Message(eventbridge(key, t, bucket="registry"), "test")
 
 
+def revision_seen(reader: PointerReader) -> tuple[PackageReadyObserver, Store, Engine]:
+    """An engine with package-ready on registry ``registry`` (1 s delay) that has just
+    seen one new revision pointer at T0."""
+    settings = Settings(database_url="sqlite:///:memory:",
+                        package_ready_registries=("registry",), package_ready_delay=1)
+    observer = build_package_ready_observer(settings, reader=reader)
+    store = open_store("sqlite:///:memory:")
+    engine = Engine(store, settings, sinks=["list"], worker_id="w", observers=[observer])
+    engine.process([pointer_event(".quilt/named_packages/a/b/1700000000", T0)], now=T0)
+    return observer, store, engine
+
+
 def test_a_new_revision_refreshes_the_share_at_once_and_is_ready_after_the_delay(
     tmp_path: Path,
 ) -> None:
@@ -269,12 +286,7 @@ def test_an_unreadable_pointer_is_retried_and_a_vanished_one_dropped(tmp_path: P
             raise answer
         return str(answer) if answer else None
 
-    settings = Settings(database_url="sqlite:///:memory:",
-                        package_ready_registries=("registry",), package_ready_delay=1)
-    observer = build_package_ready_observer(settings, reader=reader)
-    store = open_store("sqlite:///:memory:")
-    engine = Engine(store, settings, sinks=["list"], worker_id="w", observers=[observer])
-    engine.process([pointer_event(".quilt/named_packages/a/b/1700000000", T0)], now=T0)
+    observer, store, engine = revision_seen(reader)
 
     # When the timer fires: the read fails and is re-armed; later the pointer is gone
     engine.fire_due(now=T0 + 1)
@@ -316,12 +328,7 @@ def test_package_ready_forgets_leases_of_a_step_that_rolled_back(tmp_path: Path)
         reads.append(key)
         return TOP
 
-    settings = Settings(database_url="sqlite:///:memory:",
-                        package_ready_registries=("registry",), package_ready_delay=1)
-    observer = build_package_ready_observer(settings, reader=reader)
-    store = open_store("sqlite:///:memory:")
-    engine = Engine(store, settings, sinks=["list"], worker_id="w", observers=[observer])
-    engine.process([pointer_event(".quilt/named_packages/a/b/1700000000", T0)], now=T0)
+    observer, store, engine = revision_seen(reader)
     with pytest.raises(RuntimeError):
         failed_step(store, lambda tx: observer.tick(tx, clock=T0 + 1, now=T0 + 1,
                                                     sinks=["list"]))
