@@ -272,10 +272,13 @@ def load_settings(
     config_file: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> Settings:
     """Build :class:`Settings` from defaults, the file, the environment and flags.
 
     ``flags`` maps setting names to values; ``None`` values are ignored (flag not given).
+    ``flag_names`` maps setting names to the command-line options that set them, for
+    error messages (default: ``--`` and the setting's name without ``bucket_``).
     Raises :class:`ConfigError` naming the setting, the value and its origin.
     """
     env = os.environ if env is None else env
@@ -300,7 +303,8 @@ def load_settings(
     for name, value in (flags or {}).items():
         if value is not None:
             values[name] = value
-            origin[name] = f"option --{name.removeprefix('bucket_').replace('_', '-')}"
+            flag = (flag_names or {}).get(name)
+            origin[name] = f"option {flag or '--' + name.removeprefix('bucket_').replace('_', '-')}"
     if overrides is not None:
         values["bucket_overrides"] = overrides
     try:

@@ -66,6 +66,20 @@ def test_usage_errors_exit_non_zero_with_a_clear_message() -> None:
     assert edp("replay", "/no/such/file.jsonl").returncode == 2
 
 
+@pytest.mark.parametrize(("args", "names"), [
+    (("replay", "-", "--workers", "x"), "replay_workers must be an integer >= 1, got 'x' "
+     "(from option --workers)"),
+    (("replay", "-", "--threshold-duration", "soon"), "(from option --threshold-duration)"),
+    (("watch", ".", "--settle", "x"), "(from option --settle)"),
+])
+def test_a_bad_option_value_names_the_option_as_spelled(args: tuple[str, ...],
+                                                        names: str) -> None:
+    # The setting's name and the command's option differ (replay_workers, --workers)
+    result = edp(*args, stdin=b"")
+    assert result.returncode == 2
+    assert names in result.stderr.decode()
+
+
 def test_empty_input_is_fine() -> None:
     result = edp("replay", "-", stdin=b"\n\n")
     assert result.returncode == 0

@@ -47,11 +47,30 @@ def grouping_options(func: F) -> F:
 
 
 def settings_from(kwargs: dict[str, Any], **extra: Any) -> Settings:
-    """Pop the grouping flags from ``kwargs`` and load settings with them."""
+    """Pop the grouping flags from ``kwargs`` and load settings with them and ``extra``
+    (setting names; an option whose parameter has the setting's name is named after it
+    in error messages)."""
     flags: dict[str, Any] = {GROUPING_FLAGS[k]: kwargs.pop(k) for k in GROUPING_FLAGS}
     flags["eventbridge_raw_keys"] = kwargs.pop("eventbridge_raw_keys")
     flags.update(extra)
-    return load_settings(config_file=kwargs.pop("config_file"), flags=flags)
+    return load_settings(config_file=kwargs.pop("config_file"), flags=flags,
+                         flag_names=_option_names())
+
+
+def _option_names() -> dict[str, str]:
+    """Setting name -> the option of the running command that sets it."""
+    context = click.get_current_context(silent=True)
+    if context is None:
+        return {}
+    options = {
+        param.name: max(param.opts, key=len)
+        for param in context.command.params
+        if isinstance(param, click.Option) and param.name
+    }
+    names = {setting: options[param] for param, setting in GROUPING_FLAGS.items()
+             if param in options}
+    names.update((name, flag) for name, flag in options.items() if name not in GROUPING_FLAGS)
+    return names
 
 
 def handle_errors(func: F) -> F:

@@ -16,11 +16,12 @@ from edp.cli._common import grouping_options, handle_errors, settings_from
 @grouping_options
 @click.option("--database-url", help="Replay into this store instead of a temporary SQLite one.")
 @click.option("--strict", is_flag=True, help="Exit 1 when any line was rejected.")
-@click.option("--workers", help="replay_workers: processes replaying parts of one stream into "
+@click.option("--workers", "replay_workers",
+              help="replay_workers: processes replaying parts of one stream into "
               "the shared --database-url (each waits for all to register).")
 @click.option("--worker-id", help="worker_id: this process's name among --workers.")
 @handle_errors
-def replay(file: Any, database_url: str | None, strict: bool, workers: str | None,
+def replay(file: Any, database_url: str | None, strict: bool, replay_workers: str | None,
            worker_id: str | None, **kwargs: Any) -> None:
     """Replay a JSON Lines file of S3 events (FILE, or - for stdin) deterministically.
 
@@ -30,7 +31,7 @@ def replay(file: Any, database_url: str | None, strict: bool, workers: str | Non
     """
     from edp.replay import run_replay
 
-    settings = settings_from(kwargs, replay_workers=workers, worker_id=worker_id)
+    settings = settings_from(kwargs, replay_workers=replay_workers, worker_id=worker_id)
     summary = run_replay(
         file, settings, stdout=sys.stdout.buffer, stderr=sys.stderr, database_url=database_url
     )
