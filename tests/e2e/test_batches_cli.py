@@ -55,6 +55,12 @@ def test_operator_workflow(tmp_path: Path) -> None:
     [row] = store.list_batches(state="open")
     store.close()
     shown = edp("batches", "show", row.batch_id[:8], "--json", home=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    # (the store can be named after the subcommand too, as with every other command)
+    elsewhere = edp("batches", "show", row.batch_id[:8], "--json", "--database-url", url,
+                    home=tmp_path / "elsewhere")
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert orjson.loads(elsewhere.stdout) == orjson.loads(shown.stdout)
     data = orjson.loads(shown.stdout)
     assert [o["key"] for o in data["objects"]] == ["lab/exp 1/a.tif", "lab/exp 1/b.tif"]
     assert data["batch"]["object_count"] == 2

@@ -45,9 +45,12 @@ def batches(
     runtime.close()
 
 
-def _store_args(ctx: click.Context) -> tuple[str | None, str | None]:
+def _store_args(
+    ctx: click.Context, config_file: str | None, database_url: str | None
+) -> tuple[str | None, str | None]:
+    """The store options given after the subcommand, else those given before it."""
     obj = ctx.obj or {}
-    return obj.get("config_file"), obj.get("database_url")
+    return config_file or obj.get("config_file"), database_url or obj.get("database_url")
 
 
 def _as_dict(row: Any) -> dict[str, Any]:
@@ -59,11 +62,13 @@ def _as_dict(row: Any) -> dict[str, Any]:
 @batches.command("show")
 @click.argument("batch_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@store_options
 @click.pass_context
 @handle_errors
-def batches_show(ctx: click.Context, batch_id: str, as_json: bool) -> None:
+def batches_show(ctx: click.Context, batch_id: str, as_json: bool, config_file: str | None,
+                 database_url: str | None) -> None:
     """Show one batch (BATCH_ID or a unique prefix of it) with its objects."""
-    runtime = open_runtime(*_store_args(ctx))
+    runtime = open_runtime(*_store_args(ctx, config_file, database_url))
     row = runtime.store.get_batch(batch_id)
     objects = runtime.store.batch_objects(row.batch_id)
     runtime.close()
@@ -91,11 +96,13 @@ def batches_show(ctx: click.Context, batch_id: str, as_json: bool) -> None:
 
 @batches.command("close")
 @click.argument("batch_id")
+@store_options
 @click.pass_context
 @handle_errors
-def batches_close(ctx: click.Context, batch_id: str) -> None:
+def batches_close(ctx: click.Context, batch_id: str, config_file: str | None,
+                   database_url: str | None) -> None:
     """Fire an open batch now (trigger manual) and deliver its event."""
-    runtime = open_runtime(*_store_args(ctx))
+    runtime = open_runtime(*_store_args(ctx, config_file, database_url))
     try:
         ready = runtime.engine.close_batch(batch_id, now=time.time())
         report = runtime.relay.deliver()
@@ -108,11 +115,13 @@ def batches_close(ctx: click.Context, batch_id: str) -> None:
 
 @batches.command("reemit")
 @click.argument("batch_id")
+@store_options
 @click.pass_context
 @handle_errors
-def batches_reemit(ctx: click.Context, batch_id: str) -> None:
+def batches_reemit(ctx: click.Context, batch_id: str, config_file: str | None,
+                   database_url: str | None) -> None:
     """Send a closed batch's event again to every sink, with the same id."""
-    runtime = open_runtime(*_store_args(ctx))
+    runtime = open_runtime(*_store_args(ctx, config_file, database_url))
     try:
         event_id = runtime.engine.reemit(batch_id)
         report = runtime.relay.deliver()
