@@ -359,9 +359,13 @@ class FolderSource:
         return Path(os.path.realpath(path)).is_relative_to(self.root)
 
     def _stat(self, path: Path) -> os.stat_result | None:
-        """Stat of a regular file under the root (through links that stay inside), or None."""
+        """Stat of a regular file under the root (through links that stay inside), or None.
+
+        The whole path is resolved, not only its last part: a watcher may report a file
+        under a linked folder that leads out of the root.
+        """
         try:
-            if path.is_symlink() and not self._inside(path):
+            if not self._inside(path):
                 return None
             stat = path.stat()
         except OSError:

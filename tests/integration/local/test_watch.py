@@ -172,6 +172,34 @@ def test_symbolic_links_out_of_the_root_are_not_followed(root: Path, tmp_path: P
     assert keys == ["file scope/exp/real.txt"]
 
 
+def test_files_written_through_a_linked_folder_out_of_the_root_are_not_events(
+    root: Path, tmp_path: Path
+) -> None:
+    # Given a watched tree with a link to a folder outside it
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "scope").mkdir()
+    (root / "scope/linked").symlink_to(outside, target_is_directory=True)
+    source = FolderSource(root, bucket="lab", settle=0.1)
+    try:
+        assert source.receive(wait=0.5).messages == []
+        # When files are written in the outside folder (a watcher may report them under
+        # the link's path), and one in the tree
+        (outside / "id_rsa").write_text("private")
+        (outside / "sub").mkdir()
+        (outside / "sub" / "more.txt").write_text("more")
+        (root / "scope/real.txt").write_text("real")
+        time.sleep(0.5)
+        received = source.receive(wait=2.0)
+        source.ack(received)
+        later = source.receive(wait=0.5)
+    finally:
+        source.close()
+    # Then only the file in the tree is an event
+    keys = [m.location for m in received.messages + later.messages]
+    assert keys == ["file scope/real.txt"]
+
+
 def test_unacknowledged_events_come_again(root: Path) -> None:
     # Given a complete file
     (root / "scope/exp").mkdir(parents=True)
