@@ -340,6 +340,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return data
 
 
+SECRET_SETTINGS = frozenset(
+    name for name, field in Settings.model_fields.items() if "SecretStr" in str(field.annotation)
+)
+"""Settings whose values error messages never show (the secrets)."""
+
+
 def _describe(exc: ValidationError, values: Mapping[str, Any], origin: Mapping[str, str]) -> str:
     lines = []
     for error in exc.errors():
@@ -352,6 +358,8 @@ def _describe(exc: ValidationError, values: Mapping[str, Any], origin: Mapping[s
             where = origin.get(loc[0], "") if loc else ""
         if error["type"] == "extra_forbidden":
             message = f"{name} is not a known setting"
+        elif loc and loc[0] in SECRET_SETTINGS:  # never echo a secret, even a bad one
+            message = f"{name} must be a string (the value is not shown: it is a secret)"
         elif error["type"] == "value_error":
             message = f"{name} {error['ctx']['error']}"
         else:

@@ -12,10 +12,12 @@ import orjson
 from edp_testing import eventbridge
 
 
-def edp(*args: str, home: Path, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(home / "data"),
-           "EDP_JSONL_PATH": str(home / "events.jsonl"), "COLUMNS": "200"}
-    env.pop("EDP_DATABASE_URL", None)
+def edp(*args: str, home: Path, stdin: bytes | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(home / "data"),
+            "EDP_JSONL_PATH": str(home / "events.jsonl"), "COLUMNS": "200"}
+    base.pop("EDP_DATABASE_URL", None)
+    env = {**base, **(env or {})}
     return subprocess.run([sys.executable, "-m", "edp", *args], input=stdin,
                           capture_output=True, timeout=60, env=env, check=False,
                           text=stdin is None)
@@ -160,3 +162,23 @@ def test_an_operator_close_with_no_sink_anywhere_is_refused(tmp_path: Path) -> N
                             capture_output=True, text=True, env=env, timeout=60, check=False)
     assert closed.returncode == 1
     assert "no sink is configured" in closed.stderr
+
+
+def test_database_passwords_are_never_shown(tmp_path: Path) -> None:
+    # A keyword connection string, and a URL whose password libpq cannot decode
+    # (libpq quotes the bad part in its own message)
+    keyword = edp("status", "--database-url", "host=db password=s3cret-kw", home=tmp_path)
+    assert keyword.returncode == 2 and "s3cret-kw" not in keyword.stderr
+    assert "password=***" in keyword.stderr
+    shown = edp("config", home=tmp_path, env={"EDP_DATABASE_URL": "host=db password=s3cret-kw"})
+    assert "s3cret-kw" not in shown.stdout and "password=***" in shown.stdout
+    bad = edp("status", "--database-url", "postgresql://u:s3cr%zzet@127.0.0.1:9/x",
+              home=tmp_path)
+    assert bad.returncode == 1 and "zzet" not in bad.stderr
+
+
+def test_config_shows_only_the_host_of_webhook_urls(tmp_path: Path) -> None:
+    shown = edp("config", home=tmp_path,
+                env={"EDP_WEBHOOK_URL": "https://hooks.example.com/services/T0/B0/t0k3n"})
+    assert "webhook_url = 'https://hooks.example.com/...'" in shown.stdout
+    assert "t0k3n" not in shown.stdout

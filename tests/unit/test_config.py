@@ -112,3 +112,16 @@ def test_broken_or_missing_file(tmp_path: Path) -> None:
 
 def test_env_names() -> None:
     assert env_name("bucket_prefix_depth") == "EDP_BUCKET_PREFIX_DEPTH"
+
+
+def test_a_bad_secret_is_named_but_never_shown(tmp_path: Path) -> None:
+    # Given secrets of the wrong type in a config file
+    path = tmp_path / "edp.toml"
+    path.write_text("serve_token = 123456789012345678\nwebhook_secret = 987654321\n")
+    # Then the error names both settings and the file, and shows neither value
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_file=path, env={})
+    message = str(caught.value)
+    assert "serve_token must be a string" in message and "webhook_secret" in message
+    assert str(path) in message
+    assert "123456789012345678" not in message and "987654321" not in message

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edp.redact import redact_text, redact_url
+from edp.redact import redact_endpoint, redact_text, redact_url
 
 
 @pytest.mark.parametrize(
@@ -15,6 +15,7 @@ from edp.redact import redact_text, redact_url
         ("https://user:pw@hooks.example/p#frag", "https://user:***@hooks.example/p"),
         ("sqlite:////tmp/edp.db", "sqlite:////tmp/edp.db"),
         ("https://hooks.example/plain", "https://hooks.example/plain"),
+        ("https://t0k3n@hooks.example/in", "https://***@hooks.example/in"),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:
@@ -24,3 +25,21 @@ def test_redact_url(url: str, shown: str) -> None:
 def test_redact_text_finds_urls_inside_messages() -> None:
     text = "cannot reach postgresql://a:b@h/db (timeout); retry https://x/y?key=k"
     assert redact_text(text) == "cannot reach postgresql://a:***@h/db (timeout); retry https://x/y?key=***"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://hooks.slack.example/services/T0/B0/S3CRET", "https://hooks.slack.example/..."),
+        ("http://127.0.0.1:8080/", "http://127.0.0.1:8080"),
+        ("https://user:pw@h.example:444/p?q=1", "https://h.example:444/..."),
+    ],
+)
+def test_an_endpoint_shows_only_scheme_and_host(url: str, shown: str) -> None:
+    assert redact_endpoint(url) == shown
+
+
+def test_a_keyword_connection_string_hides_its_password() -> None:
+    text = "cannot open host=db user=edp password=s3cret dbname=edp; or password = 'a b'"
+    assert redact_text(text) == (
+        "cannot open host=db user=edp password=*** dbname=edp; or password = ***")

@@ -15,7 +15,7 @@ from edp.cli._common import (
     store_options,
     when,
 )
-from edp.redact import redact_text
+from edp.redact import redact_endpoint, redact_text
 
 
 @main.group()
@@ -70,7 +70,9 @@ def config_show(**kwargs: Any) -> None:
     """Print the effective settings (after file, environment and flags)."""
     settings = settings_from(kwargs)
     for name, value in settings.model_dump().items():
-        if isinstance(value, str):
+        if isinstance(value, str) and name.endswith("webhook_url"):
+            value = redact_endpoint(value)  # a chat webhook's path is its token
+        elif isinstance(value, str):
             value = redact_text(value)
         click.echo(f"{name} = {value!r}")
 

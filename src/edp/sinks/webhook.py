@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edp.errors import ConfigError
-from edp.redact import redact_url
+from edp.redact import redact_endpoint
 from edp.sinks.base import Failure
 from edp.store.base import OutboxEntry
 
@@ -86,10 +86,10 @@ class WebhookSink:
         scheme = urlsplit(url).scheme.lower()
         if scheme not in ("http", "https") or not urlsplit(url).hostname:
             raise ConfigError(
-                f"webhook_url must be an http:// or https:// URL, got {redact_url(url)!r}"
+                f"webhook_url must be an http:// or https:// URL, got {redact_endpoint(url)!r}"
             )
         self.url = url
-        self.where = redact_url(url)
+        self.where = redact_endpoint(url)  # a chat webhook's path is its token
         self._secret = secret
         self.timeout = timeout
         self._opener = post_opener()

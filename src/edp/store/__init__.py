@@ -8,6 +8,7 @@ tests) and :mod:`edp.store.postgres` the production store (``postgresql://...``)
 from __future__ import annotations
 
 from edp.errors import ConfigError
+from edp.redact import redact_text
 from edp.store.base import Store
 
 
@@ -34,7 +35,7 @@ def open_store(url: str, *, fast_unsafe: bool = False) -> Store:
         return PostgresStore.from_url(url, fast_unsafe=fast_unsafe)
     raise ConfigError(
         "database_url must start with sqlite:/// or postgresql://, "
-        f"got {url.split('@')[-1]!r}"
+        f"got {redact_text(url)!r}"
     )
 
 

@@ -33,7 +33,7 @@ from tenacity import (
 
 from edp.core.batching import ObjectRecord
 from edp.errors import StoreError
-from edp.redact import redact_url
+from edp.redact import redact_text
 from edp.store.base import BatchRow, DeadLetter, OutboxEntry, Transaction, pick_batch
 from edp.store.migrations import load_migrations
 from edp.store.postgres_retry import RetryingTransaction
@@ -65,7 +65,7 @@ class PostgresStore(WorkerClocks):
         retry_seconds: float = 30.0,
         delivery_lease: float = 60.0,
     ) -> None:
-        self.url = redact_url(url)
+        self.url = redact_text(url)
         self._dsn = url
         self._listener: psycopg.Connection[Any] | None = None
         self.retry_seconds = retry_seconds
@@ -74,8 +74,12 @@ class PostgresStore(WorkerClocks):
         self.shard = random.randrange(64)
         try:
             params = conninfo_to_dict(url)
-        except psycopg.ProgrammingError as exc:
-            raise StoreError(f"database_url {self.url!r} is not a valid libpq URL: {exc}") from None
+        except psycopg.ProgrammingError:
+            # libpq's message quotes the offending part, which may be the password.
+            raise StoreError(
+                f"database_url {self.url!r} is not a valid libpq URL or connection string"
+                " (check the percent-encoding of its user name and password)"
+            ) from None
         kwargs: dict[str, Any] = {"autocommit": False}
         if "application_name" not in params:
             kwargs["application_name"] = "edp"
@@ -100,7 +104,9 @@ class PostgresStore(WorkerClocks):
             self.upgrade()
         except (psycopg.Error, OSError) as exc:
             self.pool.close()
-            raise StoreError(f"cannot open PostgreSQL database {self.url}: {exc}") from None
+            raise StoreError(
+                f"cannot open PostgreSQL database {self.url}: {redact_text(str(exc))}"
+            ) from None
 
     @classmethod
     def from_url(cls, url: str, *, fast_unsafe: bool = False) -> PostgresStore:
