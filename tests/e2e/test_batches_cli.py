@@ -182,3 +182,34 @@ def test_config_shows_only_the_host_of_webhook_urls(tmp_path: Path) -> None:
                 env={"EDP_WEBHOOK_URL": "https://hooks.example.com/services/T0/B0/t0k3n"})
     assert "webhook_url = 'https://hooks.example.com/...'" in shown.stdout
     assert "t0k3n" not in shown.stdout
+
+
+def test_outside_text_cannot_drive_the_terminal(tmp_path: Path) -> None:
+    # Given a batch whose key holds an escape sequence (URL-encoded in the event, as S3
+    # sends it) and a dead letter whose body holds one raw
+    from edp.bootstrap import build_runtime
+    from edp.config import load_settings
+    from edp.engine import Message
+
+    url = f"sqlite:///{tmp_path / 'data' / 'edp' / 'edp.db'}"
+    runtime = build_runtime(load_settings(env={}, flags={"database_url": url}))
+    runtime.engine.process([
+        Message(eventbridge("lab/exp/\x1b]0;pwned\x07.txt", 100), "line 1"),
+        Message(b"\x1b[2Jgarbage", "line 2"),
+    ], now=200)
+    [row] = runtime.store.list_batches(state="open")
+    runtime.close()
+
+    # Then the operator commands print it escaped, never raw
+    for args in (("batches",), ("batches", "show", row.batch_id), ("dead-letters",),
+                 ("status",)):
+        result = edp(*args, home=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "\x1b" not in result.stdout and "\x07" not in result.stdout, args
+    shown = edp("batches", "show", row.batch_id, home=tmp_path).stdout
+    assert "\\x1b" in shown and "pwned" in shown  # escaped (the table may wrap the key)
+    assert "\\x1b[2Jgarbage" in edp("dead-letters", home=tmp_path).stdout
+
+
+def test_no_dead_letters_is_said(tmp_path: Path) -> None:
+    assert edp("dead-letters", home=tmp_path).stdout.strip() == "no dead letters"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import click
+from rich.text import Text
 
 from edp.bootstrap import Runtime, build_runtime
 from edp.config import Settings, load_settings
@@ -123,3 +125,17 @@ def span(seconds: float) -> str:
     if seconds < 7200:
         return f"{sign}{seconds / 60:.0f}m"
     return f"{sign}{seconds / 3600:.1f}h"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\x1b``): object keys, bucket names
+    and dead-letter bodies come from outside and must not drive the terminal."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
+def cell(text: object) -> Text:
+    """A table cell of outside text: printable, and never read as rich markup."""
+    return Text(printable(str(text)))

@@ -11,7 +11,15 @@ from rich.console import Console
 from rich.table import Table
 
 from edp.cli import main
-from edp.cli._common import handle_errors, open_runtime, span, store_options, when
+from edp.cli._common import (
+    cell,
+    handle_errors,
+    open_runtime,
+    printable,
+    span,
+    store_options,
+    when,
+)
 
 
 @main.group(invoke_without_command=True)
@@ -39,7 +47,7 @@ def batches(
             trigger = f"next: {row.deadline_trigger}"
         else:
             deadline, trigger = f"fired {when(row.fired_at)}", str(row.trigger)
-        table.add_row(row.batch_id[:8], row.state, row.bucket, row.prefix,
+        table.add_row(row.batch_id[:8], row.state, cell(row.bucket), cell(row.prefix),
                       str(row.object_count), span(now - row.first_activity), deadline, trigger)
     Console(width=160).print(table)
     runtime.close()
@@ -78,7 +86,8 @@ def batches_show(ctx: click.Context, batch_id: str, as_json: bool, config_file: 
         return
     console = Console(width=160)
     console.print(f"batch {row.batch_id} ({row.state})", markup=False)
-    console.print(f"  s3://{row.bucket}/{row.prefix}  generation {row.generation}", markup=False)
+    console.print(printable(f"  s3://{row.bucket}/{row.prefix}  generation {row.generation}"),
+                  markup=False)
     console.print(f"  files {row.object_count}, first event {when(row.first_event_time)},"
                   f" last event {when(row.last_event_time)}")
     if row.state == "open":
@@ -89,8 +98,8 @@ def batches_show(ctx: click.Context, batch_id: str, as_json: bool, config_file: 
     for column in ("key", "size", "etag", "sequencer", "event time"):
         table.add_column(column)
     for o in objects:
-        table.add_row(o.key, "-" if o.size is None else str(o.size), o.etag or "-",
-                      o.sequencer or "-", when(o.event_time))
+        table.add_row(cell(o.key), "-" if o.size is None else str(o.size), cell(o.etag or "-"),
+                      cell(o.sequencer or "-"), when(o.event_time))
     console.print(table)
 
 
@@ -108,9 +117,9 @@ def batches_close(ctx: click.Context, batch_id: str, config_file: str | None,
         report = runtime.relay.deliver()
     finally:
         runtime.close()
-    click.echo(f"closed batch {ready.batch_id} (s3://{ready.bucket}/{ready.prefix}, "
-               f"{ready.object_count} files); event {ready.event_id}; "
-               f"{report.delivered} deliveries made, {report.failed} to retry")
+    click.echo(printable(f"closed batch {ready.batch_id} (s3://{ready.bucket}/{ready.prefix}, "
+                         f"{ready.object_count} files); event {ready.event_id}; "
+                         f"{report.delivered} deliveries made, {report.failed} to retry"))
 
 
 @batches.command("reemit")

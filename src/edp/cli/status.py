@@ -9,10 +9,9 @@ import click
 import orjson
 from rich.console import Console, Group
 from rich.table import Table
-from rich.text import Text
 
 from edp.cli import main
-from edp.cli._common import handle_errors, open_runtime, span, store_options, when
+from edp.cli._common import cell, handle_errors, open_runtime, span, store_options, when
 from edp.config import Settings
 from edp.store.base import Store
 from edp.web import figures
@@ -52,7 +51,7 @@ def status_tables(data: dict[str, Any]) -> Group:
         files = str(b["object_count"])
         if b["count_threshold"]:
             files += f"/{b['count_threshold']}"
-        batches.add_row(b["batch_id"][:8], Text(b["bucket"]), Text(b["prefix"]), files,
+        batches.add_row(b["batch_id"][:8], cell(b["bucket"]), cell(b["prefix"]), files,
                         span(b["age"]),
                         span(b["deadline_in"] or 0.0), str(b["deadline_trigger"]))
     events = Table(title="recent events")
@@ -60,8 +59,8 @@ def status_tables(data: dict[str, Any]) -> Group:
         events.add_column(column)
     for e in data["events"]:
         d = e["detail"]
-        events.add_row(when(e["created_at"]), e["kind"], Text(str(d.get("bucket", ""))),
-                       Text(str(d.get("prefix", d.get("package-name", "")))),
+        events.add_row(when(e["created_at"]), e["kind"], cell(d.get("bucket", "")),
+                       cell(d.get("prefix", d.get("package-name", ""))),
                        str(d.get("object-count", "")), str(d.get("trigger", "")))
     for table in (batches, events):
         if not table.row_count:
@@ -72,8 +71,8 @@ def status_tables(data: dict[str, Any]) -> Group:
         for column in ("received", "where", "reason"):
             dead.add_column(column)
         for d in data["dead_letters"]:
-            dead.add_row(when(d["received_at"]), Text(f"{d['source']} {d['location']}"),
-                         Text(d["reason"]))
+            dead.add_row(when(d["received_at"]), cell(f"{d['source']} {d['location']}"),
+                         cell(d["reason"]))
         parts.append(dead)
     parts.append(f"as of {when(now)}")
     return Group(*parts)

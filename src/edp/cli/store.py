@@ -11,6 +11,7 @@ from edp.cli._common import (
     grouping_options,
     handle_errors,
     open_runtime,
+    printable,
     settings_from,
     store_options,
     when,
@@ -57,10 +58,12 @@ def dead_letters(config_file: str | None, database_url: str | None, limit: int) 
     runtime = open_runtime(config_file, database_url)
     letters = runtime.store.dead_letters(limit=limit)
     runtime.close()
+    if not letters:
+        click.echo("no dead letters")
     for letter in letters:
-        click.echo(f"#{letter.id} {when(letter.received_at)} {letter.source} "
-                   f"{letter.location}: {letter.reason}")
-        click.echo(f"    {letter.body[:200]}")
+        click.echo(printable(f"#{letter.id} {when(letter.received_at)} {letter.source} "
+                             f"{letter.location}: {letter.reason}"))
+        click.echo(f"    {printable(letter.body[:200])}")
 
 
 @main.command("config")
