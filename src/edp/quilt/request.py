@@ -120,6 +120,9 @@ def parse_request(body: bytes | str | dict[str, Any]) -> BatchRequest:
     prefix = detail.get("prefix")
     if not isinstance(bucket, str) or not bucket:
         raise InvalidRequest("detail.bucket is missing or not a string")
+    if bucket in {".", ".."} or any(c in bucket for c in "/\\\x00"):
+        # A bucket is one folder of a local registry root: it must not name another place.
+        raise InvalidRequest(f"detail.bucket {bucket!r} is not a bucket name")
     if not isinstance(prefix, str):
         raise InvalidRequest(f"detail.prefix is missing or not a string (bucket {bucket})")
     if any(part in {".", ".."} for part in prefix.split("/")):

@@ -18,6 +18,7 @@ import base64
 import binascii
 import contextlib
 import hmac
+import ipaddress
 import logging
 import queue
 import threading
@@ -35,8 +36,17 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine."""
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    """Whether binding ``host`` only accepts connections from this machine.
+
+    Only ``localhost`` and loopback IP literals count: a name is not resolved, so a
+    name such as ``127.example.com`` is not loopback (it may point anywhere).
+    """
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def bearer_ok(header: str | None, token: str) -> bool:

@@ -284,7 +284,8 @@ class _Handlers:
 
 def _limit(request: Request, default: int = 50, maximum: int = 1000) -> int:
     raw = request.query_params.get("limit", "")
-    return min(maximum, max(1, int(raw))) if raw.isdigit() else default
+    # isascii: str.isdigit() also accepts digits such as '²' that int() refuses
+    return min(maximum, max(1, int(raw))) if raw.isascii() and raw.isdigit() else default
 
 
 async def _read_limited(request: Request, limit: int) -> bytes | None:

@@ -68,6 +68,10 @@ def test_batches_api_lists_open_and_closed_batches_with_deadlines(client: TestCl
     assert [b["prefix"] for b in client.get("/api/batches?state=open").json()["batches"]] == [
         "lab/exp-2/"]
     assert client.get("/api/batches?state=nonsense").status_code == 400
+    # a limit that is not a plain number is ignored, not a server error
+    odd = client.get("/api/batches?limit=%C2%B2")
+    assert odd.status_code == 200
+    assert [b["prefix"] for b in odd.json()["batches"]] == list(by_prefix)
 
 
 def test_batch_detail_has_its_files_and_unknown_ids_are_404(client: TestClient) -> None:

@@ -133,6 +133,8 @@ def test_requests_come_in_every_envelope() -> None:
     ({"detail-type": "package-objects-ready"}, "no detail"),
     ({"prefix": "a/"}, "bucket"),
     ({"bucket": "b", "prefix": "a/../../etc/"}, "'..'"),
+    ({"bucket": "..", "prefix": "a/"}, "not a bucket name"),
+    ({"bucket": "lab/../other", "prefix": "a/"}, "not a bucket name"),
     ({"bucket": "b", "prefix": "a/", "object-count": "3"}, "integer"),
 ])
 def test_what_is_not_a_batch_event_is_refused_with_a_reason(message: object, why: str) -> None:
