@@ -39,8 +39,30 @@ class Decoded:
         self.errors: list[DecodeError] = []
 
     def ignore(self, kind: str) -> None:
-        """Count one S3 event ignored for its type."""
+        """Count one S3 event ignored for its type (a type S3 does not send: ``other``)."""
+        kind = kind if kind in _KNOWN_IGNORED else _known_family(kind)
         self.ignored[kind] = self.ignored.get(kind, 0) + 1
+
+
+_KNOWN_IGNORED = frozenset({
+    "s3:TestEvent",
+    # EventBridge detail-types of S3 other than Object Created / Object Deleted
+    "Object Restore Initiated", "Object Restore Completed", "Object Restore Expired",
+    "Object Tags Added", "Object Tags Deleted", "Object ACL Updated",
+    "Object Storage Class Changed", "Object Access Tier Changed",
+})
+_KNOWN_FAMILIES = frozenset({
+    # S3 Event Notification names (``Family:Detail``) other than created and removed
+    "ObjectRestore", "Replication", "LifecycleTransition", "IntelligentTiering",
+    "ObjectTagging", "ObjectAcl", "ReducedRedundancyLostObject",
+})
+
+
+def _known_family(kind: str) -> str:
+    """A notification's family (``ObjectTagging:Put`` -> ``ObjectTagging``), or ``other``:
+    counter names (and metric labels) must not grow with whatever a sender makes up."""
+    family = kind.split(":", 1)[0]
+    return family if family in _KNOWN_FAMILIES else "other"
 
 
 def decode_key(raw: str, *, url_encoded: bool = True) -> str:
