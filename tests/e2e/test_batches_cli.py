@@ -95,6 +95,7 @@ def test_operator_workflow(tmp_path: Path) -> None:
 
 
 def test_unknown_batch_id_is_a_clear_error(tmp_path: Path) -> None:
+    assert edp("db", "upgrade", home=tmp_path).returncode == 0  # creates the store
     result = edp("batches", "show", "deadbeef", home=tmp_path)
     assert result.returncode == 1
     assert "no batch with id 'deadbeef'" in result.stderr
@@ -212,4 +213,20 @@ def test_outside_text_cannot_drive_the_terminal(tmp_path: Path) -> None:
 
 
 def test_no_dead_letters_is_said(tmp_path: Path) -> None:
+    assert edp("db", "upgrade", home=tmp_path).returncode == 0
     assert edp("dead-letters", home=tmp_path).stdout.strip() == "no dead letters"
+
+
+def test_a_mistyped_store_path_is_an_error_not_a_new_empty_store(tmp_path: Path) -> None:
+    # Given a path where no store exists
+    missing = tmp_path / "no" / "such" / "edp.db"
+    url = f"sqlite:///{missing}"
+    # Then read-only commands say so, and create nothing
+    for args in (("status",), ("db", "status"), ("batches",), ("dead-letters",)):
+        result = edp(*args, "--database-url", url, home=tmp_path)
+        assert result.returncode == 1, args
+        assert f"no edp database at {missing}" in result.stderr
+    assert not missing.parent.parent.exists()
+    # while `edp db upgrade` creates it
+    assert edp("db", "upgrade", "--database-url", url, home=tmp_path).returncode == 0
+    assert edp("db", "status", "--database-url", url, home=tmp_path).returncode == 0

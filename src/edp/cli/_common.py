@@ -7,6 +7,7 @@ import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -94,9 +95,25 @@ def handle_errors(func: F) -> F:
 
 
 
-def open_runtime(config_file: str | None, database_url: str | None) -> Runtime:
-    """Wire the configured store (or ``database_url``), its engine and relay."""
+def open_runtime(
+    config_file: str | None, database_url: str | None, *, create: bool = False
+) -> Runtime:
+    """Wire the configured store (or ``database_url``), its engine and relay.
+
+    An SQLite file that does not exist is an error unless ``create``: an operator's
+    command on a mistyped path must say so, not report an empty store it just made.
+    """
     settings = load_settings(config_file=config_file, flags={"database_url": database_url})
+    url = settings.database_url
+    if not create and url.startswith("sqlite:"):
+        from edp.store.sqlite import sqlite_path
+
+        path = sqlite_path(url)
+        if path and path != ":memory:" and not Path(path).exists():
+            raise EdpError(
+                f"no edp database at {path}: nothing has run with this database_url yet "
+                "(check --database-url / EDP_DATABASE_URL; `edp db upgrade` creates one)"
+            )
     return build_runtime(settings)
 
 

@@ -28,8 +28,9 @@ def db() -> None:
 @store_options
 @handle_errors
 def db_upgrade(config_file: str | None, database_url: str | None) -> None:
-    """Apply pending schema migrations (opening a store also does this)."""
-    runtime = open_runtime(config_file, database_url)
+    """Create the store, or apply its pending schema migrations (opening a store for
+    work also does this)."""
+    runtime = open_runtime(config_file, database_url, create=True)
     applied, latest = runtime.store.schema_version()
     runtime.close()
     click.echo(f"{runtime.store.url}: schema version {applied} (latest {latest})")

@@ -26,6 +26,13 @@ from edp.store.migrations import load_migrations
 from edp.store.sqlite_tx import BATCH_COLUMNS, SqliteTransaction
 
 
+def sqlite_path(url: str) -> str:
+    """The file of ``sqlite:///relative/path`` or ``sqlite:////absolute/path`` (or
+    ``:memory:``)."""
+    path = url.removeprefix("sqlite:").removeprefix("//")
+    return path.removeprefix("/") if path.startswith("/") else path
+
+
 class SqliteStore:
     """The SQLite store (see :class:`~edp.store.base.Store`)."""
 
@@ -50,8 +57,7 @@ class SqliteStore:
     @classmethod
     def from_url(cls, url: str, *, fast_unsafe: bool = False) -> SqliteStore:
         """Open ``sqlite:///relative/path``, ``sqlite:////absolute/path`` or ``sqlite:///:memory:``."""
-        path = url.removeprefix("sqlite:").removeprefix("//")
-        path = path.removeprefix("/") if path.startswith("/") else path
+        path = sqlite_path(url)
         if not path:
             raise StoreError(f"database_url {url!r} names no file")
         return cls(path, fast_unsafe=fast_unsafe)
