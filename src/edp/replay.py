@@ -51,12 +51,15 @@ class ReplaySummary:
         """One line for stderr."""
         batches = sum(self.fired.values())
         by_trigger = ", ".join(f"{k} {v}" for k, v in sorted(self.fired.items()))
-        skipped = sum(v for k, v in self.counts.items() if k.startswith("skipped."))
+        skipped = {k.removeprefix("skipped."): v for k, v in sorted(self.counts.items())
+                   if k.startswith("skipped.") and v}
         ignored = sum(v for k, v in self.counts.items() if k.startswith("ignored."))
+        why = ", ".join(f"{reason} {count}" for reason, count in skipped.items())
         return (
             f"edp replay: {self.lines} lines, {self.events} object events, "
-            f"{batches} batches ({by_trigger or 'none'}), {self.rejected} rejected, "
-            f"{self.counts['events.duplicate']} duplicates, {skipped} not batched, "
+            f"{batches} {'batch' if batches == 1 else 'batches'} ({by_trigger or 'none'}), "
+            f"{self.rejected} rejected, {self.counts['events.duplicate']} duplicates, "
+            f"{sum(skipped.values())} not batched{f' ({why})' if why else ''}, "
             f"{ignored} ignored by type"
         )
 

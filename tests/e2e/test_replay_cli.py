@@ -185,3 +185,14 @@ def test_a_replay_into_a_database_of_an_earlier_run_warns(tmp_path: Path) -> Non
     assert again.returncode == 0
     assert again.stdout == b""
     assert b"already holds 1 batch(es) of an earlier run" in again.stderr
+
+
+def test_the_summary_says_why_events_were_not_batched() -> None:
+    # Given one event of an unwatched bucket and one shallow key, with only bucket b watched
+    stream = jsonl([eventbridge("a/b/c.txt", 0, bucket="other"),
+                    eventbridge("top.txt", 0, bucket="b")])
+    result = edp("replay", "-", stdin=stream, env={"EDP_BUCKETS": "b"})
+    # Then the summary counts both, by reason
+    summary = result.stderr.decode().splitlines()[-1]
+    assert "0 batches (none)" in summary
+    assert "2 not batched (shallow-key 1, unwatched-bucket 1)" in summary
