@@ -255,7 +255,9 @@ class Settings(BaseModel):
         return RuleBook(
             default=self.grouping(),
             overrides={name: self.grouping(name) for name in self.bucket_overrides},
-            watched=frozenset(self.buckets) | frozenset(self.bucket_overrides),
+            # An empty list watches every bucket, whatever tables exist (a table alone
+            # is an override, not a watch list); a bucket with a table adds to a list.
+            watched=frozenset(self.buckets),
         )
 
 

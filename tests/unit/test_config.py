@@ -56,7 +56,17 @@ def test_per_bucket_sections_override_grouping(tmp_path: Path) -> None:
     assert book.for_bucket("lab-raw").threshold_event_count == 5
     assert book.for_bucket("lab-raw").prefix_depth == 1
     assert book.for_bucket("other").threshold_event_count == 20
-    assert book.watched == {"lab-raw", "other", "third"}
+    assert all(book.is_watched(b) for b in ("lab-raw", "other", "third"))
+    assert not book.is_watched("fourth")
+
+
+def test_a_bucket_table_alone_does_not_narrow_the_watch_list(tmp_path: Path) -> None:
+    # Given no buckets list (every bucket is watched) and one per-bucket table
+    path = write(tmp_path, '[buckets."lab-raw"]\nbucket_threshold_event_count = 5\n')
+    book = load_settings(config_file=path, env={}).rule_book()
+    # Then the table overrides its bucket's rules and every bucket is still watched
+    assert book.for_bucket("lab-raw").threshold_event_count == 5
+    assert book.is_watched("lab-raw") and book.is_watched("any-other-bucket")
 
 
 @pytest.mark.parametrize(
