@@ -37,6 +37,7 @@ class ReplaySummary:
     counts: Counter[str] = field(default_factory=Counter)
     undelivered: int = 0
     output_error: str = ""
+    not_json: int = 0
 
     def record(self, report: StepReport, stderr: TextIO) -> None:
         """Add one step's figures; report its rejected lines on ``stderr``."""
@@ -44,6 +45,7 @@ class ReplaySummary:
         self.counts.update(report.counts)
         for letter in report.rejected:
             self.rejected += 1
+            self.not_json += letter.reason.startswith("not JSON")
             stderr.write(f"{letter.location}: {letter.reason}\n")
         self.fired.update(r.trigger.value for r in report.fired)
 
@@ -55,12 +57,16 @@ class ReplaySummary:
                    if k.startswith("skipped.") and v}
         ignored = sum(v for k, v in self.counts.items() if k.startswith("ignored."))
         why = ", ".join(f"{reason} {count}" for reason, count in skipped.items())
+        lines = self.lines
+        fragments = lines > 1 and self.rejected == lines and 2 * self.not_json >= lines
+        hint = ("; every line was rejected, most as not JSON: the input must be JSON Lines, "
+                "one whole message per line" if fragments else "")
         return (
             f"edp replay: {self.lines} lines, {self.events} object events, "
             f"{batches} {'batch' if batches == 1 else 'batches'} ({by_trigger or 'none'}), "
             f"{self.rejected} rejected, {self.counts['events.duplicate']} duplicates, "
             f"{sum(skipped.values())} not batched{f' ({why})' if why else ''}, "
-            f"{ignored} ignored by type"
+            f"{ignored} ignored by type{hint}"
         )
 
 

@@ -196,3 +196,15 @@ def test_the_summary_says_why_events_were_not_batched() -> None:
     summary = result.stderr.decode().splitlines()[-1]
     assert "0 batches (none)" in summary
     assert "2 not batched (shallow-key 1, unwatched-bucket 1)" in summary
+
+
+def test_a_pretty_printed_file_gets_a_hint_about_json_lines() -> None:
+    # Given one message pretty-printed over many lines instead of one per line
+    pretty = orjson.dumps(eventbridge("a/b/c.txt", 0), option=orjson.OPT_INDENT_2)
+    result = edp("replay", "-", stdin=pretty)
+    # Then every line is rejected, and the summary says what the input must be
+    assert result.returncode == 0
+    assert "the input must be JSON Lines" in result.stderr.decode().splitlines()[-1]
+    # while a stream with a few bad lines among good ones gets no such hint
+    mixed = edp("replay", "-", stdin=jsonl([eventbridge("a/b/c.txt", 0)]) + b"{oops\n")
+    assert "JSON Lines" not in mixed.stderr.decode().splitlines()[-1]

@@ -16,7 +16,7 @@ from edp.cli._common import grouping_options, handle_errors, settings_from
 @grouping_options
 @click.option("--database-url", help="Replay into this store instead of a temporary SQLite one.")
 @click.option("--strict", is_flag=True, help="Exit 1 when any line was rejected.")
-@click.option("--workers", "replay_workers",
+@click.option("--workers", "replay_workers", metavar="N",
               help="replay_workers: processes replaying parts of one stream into "
               "the shared --database-url (each waits for all to register).")
 @click.option("--worker-id", help="worker_id: this process's name among --workers.")

@@ -76,7 +76,7 @@ def watch(directory: Path, bucket: str | None, stdout: bool, registry: str | Non
           **kwargs: Any) -> None:
     """Watch DIRECTORY as a bucket: complete files become object events, batched as configured.
 
-    A file counts once its size has been stable for --settle seconds; names such as
+    A file counts once its size and mtime have not changed for --settle seconds; names such as
     *.part, *.tmp and ~$* are ignored, a rename is a delete plus a create. Events go to
     the configured sinks (and stdout). Files that appeared while edp was down are
     picked up at start; those already counted are not counted again. Stop with Ctrl-C.
