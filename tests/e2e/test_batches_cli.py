@@ -230,3 +230,22 @@ def test_a_mistyped_store_path_is_an_error_not_a_new_empty_store(tmp_path: Path)
     # while `edp db upgrade` creates it
     assert edp("db", "upgrade", "--database-url", url, home=tmp_path).returncode == 0
     assert edp("db", "status", "--database-url", url, home=tmp_path).returncode == 0
+
+
+def test_a_reemit_without_a_sink_here_says_where_the_event_waits(tmp_path: Path) -> None:
+    # Given a store filled by a replay (its only sink was the replay's stdout)
+    url = f"sqlite:///{tmp_path / 'replayed.db'}"
+    stream = b"".join(orjson.dumps(eventbridge(f"lab/run/{n}.csv", n)) + b"\n" for n in range(2))
+    replayed = edp("replay", "-", "--database-url", url, home=tmp_path, stdin=stream)
+    assert replayed.returncode == 0
+    batch_id = orjson.loads(replayed.stdout.splitlines()[0])["detail"]["batch-id"]
+
+    # When an operator with no sink configured re-emits its event
+    result = edp("batches", "reemit", batch_id, "--database-url", url, home=tmp_path,
+                 env={"EDP_JSONL_PATH": ""})
+
+    # Then the command says the event waits in the outbox, and for which sinks
+    assert result.returncode == 0, result.stderr
+    assert "0 deliveries made" in result.stdout
+    assert "no sink is configured for this command" in result.stdout
+    assert "(stdout)" in result.stdout

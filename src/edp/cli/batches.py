@@ -10,6 +10,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from edp.bootstrap import Runtime
 from edp.cli import main
 from edp.cli._common import (
     cell,
@@ -115,11 +116,14 @@ def batches_close(ctx: click.Context, batch_id: str, config_file: str | None,
     try:
         ready = runtime.engine.close_batch(batch_id, now=time.time())
         report = runtime.relay.deliver()
+        waiting = _waiting_note(runtime)
     finally:
         runtime.close()
     click.echo(printable(f"closed batch {ready.batch_id} (s3://{ready.bucket}/{ready.prefix}, "
                          f"{ready.object_count} files); event {ready.event_id}; "
                          f"{report.delivered} deliveries made, {report.failed} to retry"))
+    if waiting:
+        click.echo(waiting)
 
 
 @batches.command("reemit")
@@ -134,7 +138,20 @@ def batches_reemit(ctx: click.Context, batch_id: str, config_file: str | None,
     try:
         event_id = runtime.engine.reemit(batch_id)
         report = runtime.relay.deliver()
+        waiting = _waiting_note(runtime)
     finally:
         runtime.close()
     click.echo(f"re-emitted event {event_id}; {report.delivered} deliveries made, "
                f"{report.failed} to retry")
+    if waiting:
+        click.echo(waiting)
+
+
+def _waiting_note(runtime: Runtime) -> str:
+    """What to tell an operator whose command has no sink to deliver the event itself."""
+    if runtime.relay.sinks:
+        return ""
+    known = ", ".join(runtime.store.known_sinks()) or "none"
+    return (f"note: no sink is configured for this command, so the event waits in the "
+            f"outbox for a worker that delivers to its sinks ({known}); a replay's 'stdout' "
+            "sink has no such worker")
