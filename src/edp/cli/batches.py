@@ -27,17 +27,24 @@ from edp.cli._common import (
 @store_options
 @click.option("--state", type=click.Choice(["open", "closed"]), help="Only these batches.")
 @click.option("--limit", default=50, show_default=True, help="Rows per state.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 @handle_errors
 def batches(
     ctx: click.Context, config_file: str | None, database_url: str | None,
-    state: str | None, limit: int,
+    state: str | None, limit: int, as_json: bool,
 ) -> None:
     """List open batches (by next deadline) and recent closed ones."""
     ctx.obj = {"config_file": config_file, "database_url": database_url}
     if ctx.invoked_subcommand is not None:
         return
     runtime = open_runtime(config_file, database_url)
+    if as_json:
+        rows = runtime.store.list_batches(state=state, limit=limit)
+        runtime.close()
+        data = {"batches": [_as_dict(row) for row in rows]}
+        click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+        return
     now = time.time()
     table = Table(title=f"batches in {runtime.store.url}")
     for column in ("id", "state", "bucket", "prefix", "files", "age", "deadline", "trigger"):
