@@ -175,8 +175,9 @@ def test_a_bucket_that_escapes_the_local_root_is_refused(tmp_path: Path, quilt: 
     packager = Packager(quilt_settings(), local_root=tmp_path / "root",
                         registry=str(tmp_path / "reg"))
     result = packager.package(batch_event(bucket, "a/b/"))
-    assert result.status is PackageStatus.FAILED
-    assert "escapes the local root" in (result.error or "")
+    assert result.status is PackageStatus.FAILED and not result.retryable
+    assert f"detail.bucket {bucket!r} is not a bucket name" in (result.error or "")
+    assert not (tmp_path / "reg").exists() or not any((tmp_path / "reg").iterdir())
 
 
 def test_local_mode_end_to_end_batch_package_and_package_ready(tmp_path: Path,
@@ -254,3 +255,19 @@ def test_files_linking_out_of_the_local_root_are_left_out(root: Path, quilt: Any
     pkg = quilt.Package.browse(result.package, registry=f"file://{registry}")
     assert "link.txt" not in pkg
     assert "a.csv" in pkg
+
+
+def test_a_bucket_folder_linked_out_of_the_local_root_is_refused(tmp_path: Path,
+                                                                 quilt: Any) -> None:
+    # Given a bucket folder of the local root that is a link to a folder elsewhere
+    outside = tmp_path / "outside" / "a" / "b"
+    outside.mkdir(parents=True)
+    (outside / "secret.txt").write_text("x")
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "linked").symlink_to(tmp_path / "outside", target_is_directory=True)
+    packager = Packager(quilt_settings(), local_root=tmp_path / "root",
+                        registry=str(tmp_path / "reg"))
+    # Then its batch is refused, not packaged from outside the root
+    result = packager.package(batch_event("linked", "a/b/"))
+    assert result.status is PackageStatus.FAILED
+    assert "escapes the local root" in (result.error or "")
