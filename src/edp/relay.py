@@ -70,6 +70,13 @@ class Relay:
                     failures = list(sink.send(entries))
                 except SinkError as exc:
                     failures = [Failure(entry.event_id, str(exc)) for entry in entries]
+                except Exception as exc:  # a boundary: an odd answer or a sink's bug
+                    # must not stop the relay, nor leave the page unmarked (sent again
+                    # at once, every round): the page is retried after a backoff.
+                    log.exception("sink %s raised while sending %d events", sink.name,
+                                  len(entries))
+                    reason = f"{type(exc).__name__}: {exc}"
+                    failures = [Failure(entry.event_id, reason) for entry in entries]
                 failed_ids = {f.event_id for f in failures}
                 ok = [e.event_id for e in entries if e.event_id not in failed_ids]
                 if ok:
@@ -77,8 +84,13 @@ class Relay:
                     report.delivered += len(ok)
                     for event_id in ok:
                         self._attempts.pop((sink.name, event_id), None)
+                # One backoff for the page's failures: an event that waits keeps the
+                # events behind it waiting too (the store returns none past it), and
+                # they become due together, in order.
+                retry_at = self._retry_at(sink.name, failures, now)
                 for failure in failures:
-                    self._fail(sink.name, failure.event_id, failure.error, failure.permanent, now)
+                    self._fail(sink.name, failure.event_id, failure.error, failure.permanent,
+                               now, retry_at)
                     report.errors.append(f"{sink.name}: {failure.event_id}: {failure.error}")
                     if failure.permanent:
                         report.parked += 1
@@ -88,17 +100,24 @@ class Relay:
                     break  # keep order per sink: try the rest after the backoff
         return report
 
-    def _fail(self, sink: str, event_id: str, error: str, permanent: bool, now: float) -> None:
+    def _retry_at(self, sink: str, failures: Sequence[Failure], now: float) -> float:
+        """When the page's retryable failures are tried again: backoff by the attempts
+        of its first one (the event the others wait behind), with jitter."""
+        first = next((f for f in failures if not f.permanent), None)
+        attempts = 1 if first is None else self._attempts.get((sink, first.event_id), 0) + 1
+        delay: float = min(self.max_backoff, self.base_backoff * 2.0 ** (attempts - 1))
+        return now + delay * random.uniform(0.5, 1.0)  # jitter: workers not in lockstep
+
+    def _fail(self, sink: str, event_id: str, error: str, permanent: bool, now: float,
+              retry_at: float) -> None:
         attempts = self._attempts.get((sink, event_id), 0) + 1
         self._attempts[(sink, event_id)] = attempts
         if permanent:
             log.error("sink %s refused event %s for good: %s", sink, event_id, error)
             self.store.mark_failed(sink, event_id, error=error, retry_at=None, now=now)
             return
-        delay = min(self.max_backoff, self.base_backoff * 2 ** (attempts - 1))
-        delay *= random.uniform(0.5, 1.0)  # jitter: workers do not retry in lockstep
         log.warning(
             "sink %s failed event %s (attempt %d), retry in %.1fs: %s",
-            sink, event_id, attempts, delay, error,
+            sink, event_id, attempts, retry_at - now, error,
         )
-        self.store.mark_failed(sink, event_id, error=error, retry_at=now + delay, now=now)
+        self.store.mark_failed(sink, event_id, error=error, retry_at=retry_at, now=now)

@@ -25,8 +25,7 @@ from urllib.parse import urlsplit
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from edp.config import Settings
-from edp.errors import ConfigError
-from edp.sinks.webhook import is_retryable, post, post_opener, signature
+from edp.sinks.webhook import check_url, is_retryable, post, post_opener, signature
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +143,8 @@ class WebhookNotifier:
         self, url: str, *, secret: str | None = None, timeout: float = 10.0,
         attempts: int = 3, backoff: float = 0.5,
     ) -> None:
+        check_url(url, "notify_webhook_url")
         parts = urlsplit(url)
-        if parts.scheme not in {"http", "https"} or not parts.netloc:
-            raise ConfigError("notify_webhook_url must be an http:// or https:// URL")
         self.url = url
         self.host = parts.hostname or "?"
         self.timeout = timeout

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import logging
 import urllib.error
 import urllib.request
@@ -59,8 +60,9 @@ def post(
 ) -> int:
     """POST ``body`` once and return the HTTP status (an error status too).
 
-    Raises :class:`urllib.error.URLError` or :class:`OSError` when no answer came.
-    ``url`` must be http(s) (callers check it once, up front).
+    Raises :class:`urllib.error.URLError` or :class:`OSError` when no usable answer came
+    (no connection, a timeout, or an answer that is not HTTP). ``url`` must be http(s)
+    (callers check it once, up front, with :func:`check_url`).
     """
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
     try:
@@ -70,6 +72,20 @@ def post(
     except urllib.error.HTTPError as exc:
         exc.close()
         return exc.code
+    except http.client.HTTPException as exc:  # a garbled or cut answer: try again later
+        raise urllib.error.URLError(type(exc).__name__) from None
+
+
+def check_url(url: str, setting: str) -> None:
+    """Refuse, at start, a URL that ``post`` could never use."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{setting} must be an http:// or https:// URL, got {redact_endpoint(url)!r}"
+        )
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        raise ConfigError(f"{setting} must not contain spaces or control characters "
+                          "(percent-encode them)")
 
 
 def is_retryable(status: int) -> bool:
@@ -83,11 +99,7 @@ class WebhookSink:
     name = "webhook"
 
     def __init__(self, url: str, *, secret: str | None = None, timeout: float = 10.0) -> None:
-        scheme = urlsplit(url).scheme.lower()
-        if scheme not in ("http", "https") or not urlsplit(url).hostname:
-            raise ConfigError(
-                f"webhook_url must be an http:// or https:// URL, got {redact_endpoint(url)!r}"
-            )
+        check_url(url, "webhook_url")
         self.url = url
         self.where = redact_endpoint(url)  # a chat webhook's path is its token
         self._secret = secret
@@ -132,4 +144,4 @@ class WebhookSink:
         return Failure(entry.event_id, f"webhook {self.where}: HTTP {status}", permanent=permanent)
 
 
-__all__ = ["WebhookSink", "is_retryable", "post", "post_opener", "signature"]
+__all__ = ["WebhookSink", "check_url", "is_retryable", "post", "post_opener", "signature"]

@@ -243,7 +243,8 @@ class Store(Protocol):
 
     # -- outbox -----------------------------------------------------------------
     def pending(self, sink: str, *, limit: int, now: float) -> list[OutboxEntry]:
-        """Outbox events not yet delivered to ``sink`` and due for an attempt, oldest first."""
+        """Outbox events not yet delivered to ``sink`` and due for an attempt, oldest first;
+        none past an undelivered, unparked one that is not due yet (order per sink)."""
         ...
 
     def mark_delivered(self, sink: str, event_ids: Sequence[str], *, now: float) -> None:

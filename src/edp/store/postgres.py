@@ -189,7 +189,8 @@ class PostgresStore(WorkerClocks):
 
     # -- outbox -------------------------------------------------------------------------
     def pending(self, sink: str, *, limit: int, now: float) -> list[OutboxEntry]:
-        """Take (lease) outbox events not yet delivered to ``sink``, oldest first.
+        """Take (lease) outbox events not yet delivered to ``sink``, oldest first, none
+        past an undelivered one that waits for its retry (order per sink).
 
         Unlike SQLite's, these rows are then held for ``delivery_lease`` seconds, or
         until the taking connection is gone, so that concurrent relays do not send
@@ -198,14 +199,17 @@ class PostgresStore(WorkerClocks):
         rows = self._rows(
             "WITH picked AS (SELECT d.sink, d.seq FROM deliveries d"
             " WHERE d.sink = %s AND d.delivered_at IS NULL AND NOT d.parked"
-            " AND d.next_attempt <= %s AND (d.claimed_until IS NULL OR d.claimed_until <= %s"
+            " AND d.next_attempt <= %s AND d.seq < coalesce((SELECT min(w.seq)"
+            " FROM deliveries w WHERE w.sink = d.sink AND w.delivered_at IS NULL"
+            " AND NOT w.parked AND w.next_attempt > %s), 9223372036854775807)"
+            " AND (d.claimed_until IS NULL OR d.claimed_until <= %s"
             " OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = d.claimed_by))"
             " ORDER BY d.seq LIMIT %s FOR UPDATE OF d SKIP LOCKED)"
             " UPDATE deliveries d SET claimed_by = pg_backend_pid(), claimed_until = %s"
             " FROM picked JOIN outbox o ON o.seq = picked.seq"
             " WHERE d.sink = picked.sink AND d.seq = picked.seq"
             " RETURNING o.seq, o.event_id, o.kind, o.payload, o.created_at",
-            (sink, now, now, limit, now + self.delivery_lease),
+            (sink, now, now, now, limit, now + self.delivery_lease),
         )
         return [OutboxEntry(*row) for row in sorted(rows)]
 

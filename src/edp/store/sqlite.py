@@ -108,12 +108,16 @@ class SqliteStore:
 
     # -- outbox -------------------------------------------------------------------
     def pending(self, sink: str, *, limit: int, now: float) -> list[OutboxEntry]:
-        """Outbox events not yet delivered to ``sink`` and due for an attempt."""
+        """Outbox events not yet delivered to ``sink`` and due for an attempt, oldest
+        first, none past an undelivered one that waits for its retry (order per sink)."""
         rows = self.conn.execute(
             "SELECT o.seq, o.event_id, o.kind, o.payload, o.created_at FROM deliveries d"
             " JOIN outbox o ON o.seq = d.seq WHERE d.sink = ? AND d.delivered_at IS NULL"
-            " AND d.parked = 0 AND d.next_attempt <= ? ORDER BY d.seq LIMIT ?",
-            (sink, now, limit),
+            " AND d.parked = 0 AND d.next_attempt <= ? AND d.seq < coalesce((SELECT"
+            " min(w.seq) FROM deliveries w WHERE w.sink = d.sink AND w.delivered_at IS NULL"
+            " AND w.parked = 0 AND w.next_attempt > ?), 9223372036854775807)"
+            " ORDER BY d.seq LIMIT ?",
+            (sink, now, now, limit),
         ).fetchall()
         return [OutboxEntry(*row) for row in rows]
 

@@ -7,6 +7,7 @@ import logging
 import socket
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from edp.sinks.sns import SnsSink, ascii_subject
 from edp.sinks.webhook import WebhookSink
 from edp.store import open_store
 from edp.store.base import OutboxEntry, Store
+from edp_testing import RecordingEndpoint, http_server
 
 
 def envelope(bucket: str, prefix: str, **detail: Any) -> dict[str, Any]:
@@ -203,3 +205,60 @@ def test_webhook_unreachable_is_retried_and_logs_no_secret(caplog: Any) -> None:
 def test_webhook_refuses_other_schemes() -> None:
     with pytest.raises(ConfigError, match="http"):
         WebhookSink("file:///etc/passwd")
+    with pytest.raises(ConfigError, match="spaces"):  # would fail every POST, for ever
+        WebhookSink("https://hooks.example.com/a b")
+
+
+class GarbageEndpoint(BaseHTTPRequestHandler):
+    """Answers every POST with something that is not HTTP."""
+
+    posts = 0
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        type(self).posts += 1
+        self.wfile.write(b"garbage\r\n\r\n")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_a_garbled_answer_is_a_retry_later_not_a_crash_or_a_resend_loop() -> None:
+    # Given a webhook endpoint that answers with garbage
+    events = [envelope("bkt", "a/"), envelope("bkt", "b/")]
+    store = outbox("webhook", events)
+    endpoint = type("Garbage", (GarbageEndpoint,), {"posts": 0})
+    with http_server(endpoint) as url:
+        relay = Relay(store, [WebhookSink(f"{url}/hook", timeout=2)])
+        # When the relay delivers, twice in a row
+        first = relay.deliver()
+        second = relay.deliver()
+    # Then it neither raised nor sent again at once: one attempt, retried after a backoff
+    assert (first.delivered, first.failed) == (0, 2)
+    assert (second.delivered, second.failed, endpoint.posts) == (0, 0, 1)
+    assert store.stats()["pending_deliveries"] == 2
+    store.close()
+
+
+def test_after_a_failure_no_later_event_overtakes_the_failed_one() -> None:
+    # Given a webhook that fails the first event once (503), then takes everything
+    events = [envelope("bkt", f"{n}/") for n in range(4)]
+    store = outbox("webhook", events[:2])
+    endpoint = RecordingEndpoint.fresh()
+    endpoint.answers.append(503)
+    clock = [1000.0]
+    with http_server(endpoint) as url:
+        relay = Relay(store, [WebhookSink(f"{url}/hook", timeout=2)], clock=lambda: clock[0])
+        relay.deliver()
+        # When more events arrive while the first waits for its retry, and time passes
+        with store.transaction() as tx:
+            for event in events[2:]:
+                tx.add_outbox(event_id=event["id"], kind=event["detail-type"],
+                              payload=json.dumps(event), sinks=["webhook"], now=clock[0])
+        relay.deliver()
+        clock[0] += 400  # past any backoff
+        relay.deliver()
+    # Then the endpoint received every event once after the failure, in order
+    ids = [body["id"] for body in endpoint.bodies()]
+    assert ids == [events[0]["id"], *(e["id"] for e in events)]
+    store.close()

@@ -43,6 +43,33 @@ def test_a_failed_delivery_waits_for_its_retry_and_a_parked_one_for_an_operator(
     assert store.stats()["parked_deliveries"] == 1
 
 
+def three_events_the_first_failed_until(store: Store, retry_at: float) -> None:
+    write_closed(store, batch("b-1", prefix="1/"), batch("b-2", prefix="2/"),
+                 batch("b-3", prefix="3/"), sinks=("s1", "s2"))
+    store.mark_failed("s1", "ev-b-1", error="503", retry_at=retry_at, now=T0)
+
+
+def test_no_event_goes_out_past_one_that_waits_for_its_retry(store: Store) -> None:
+    # Given three events for s1 and s2, the first of which failed on s1 until +60
+    three_events_the_first_failed_until(store, T0 + 60)
+    # Then on s1 the ones behind it wait too (order per sink); s2 is not held back
+    assert store.pending("s1", limit=10, now=T0 + 1) == []
+    assert [e.event_id for e in store.pending("s2", limit=10, now=T0 + 1)] == [
+        "ev-b-1", "ev-b-2", "ev-b-3"]
+    # And at +60 they go, in order
+    assert [e.event_id for e in store.pending("s1", limit=10, now=T0 + 60)] == [
+        "ev-b-1", "ev-b-2", "ev-b-3"]
+
+
+def test_a_parked_event_holds_nothing_back(store: Store) -> None:
+    # Given three events, the first of which failed, then was refused for good
+    three_events_the_first_failed_until(store, T0 + 60)
+    store.mark_failed("s1", "ev-b-1", error="400", retry_at=None, now=T0 + 1)
+    # Then the others go at once
+    assert [e.event_id for e in store.pending("s1", limit=10, now=T0 + 1)] == [
+        "ev-b-2", "ev-b-3"]
+
+
 def test_requeue_sends_a_delivered_event_again(store: Store) -> None:
     # Given an event delivered to s1
     write_closed(store, batch())
