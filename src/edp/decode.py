@@ -256,6 +256,10 @@ def _event(
     if type(key) is not str or not key:
         raise DecodeError("object key is missing")
     key = decode_key(key, url_encoded=url_encoded)
+    if "\x00" in key:
+        # S3 does not make such keys; PostgreSQL cannot store them (a step would fail
+        # whole, again and again): refuse it here, as a dead letter.
+        raise DecodeError(f"object key contains a NUL character: {key!r}")
     etag = obj.get("etag") or obj.get("eTag") or None
     if etag is not None:
         etag = str(etag).strip('"')

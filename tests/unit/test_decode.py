@@ -211,3 +211,21 @@ def test_made_up_event_types_are_counted_as_other() -> None:
     assert ignored == {"other": 6}
     tags = decode_message(eventbridge("a/b/c", 0, kind="Object Tags Added"))
     assert tags.ignored == {"Object Tags Added": 1}
+
+
+def test_a_key_with_a_nul_character_is_refused() -> None:
+    # PostgreSQL cannot store it; a store error would fail the step with every message
+    # received alongside, again and again: it must be a dead letter instead
+    with pytest.raises(DecodeError, match="NUL"):
+        decode_message(eventbridge("a/b/bad\x00.txt", 0))
+    records = {"Records": [
+        {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+         "eventTime": "2024-01-01T00:00:00Z",
+         "s3": {"bucket": {"name": "b"}, "object": {"key": "a/b/bad%00.txt"}}},
+        {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+         "eventTime": "2024-01-01T00:00:00Z",
+         "s3": {"bucket": {"name": "b"}, "object": {"key": "a/b/good.txt"}}},
+    ]}
+    decoded = decode_message(records)
+    assert [e.key for e in decoded.events] == ["a/b/good.txt"]
+    assert "NUL" in decoded.errors[0].reason

@@ -252,6 +252,24 @@ def test_the_engine_emits_the_same_batches_on_every_backend(store: Store) -> Non
     assert math.isfinite(store.worker_clock("w") or math.inf)
 
 
+def test_a_key_no_backend_can_store_is_a_dead_letter_and_the_rest_goes_on(
+    store: Store,
+) -> None:
+    # Given a step with a key holding a NUL character (PostgreSQL cannot store it) among
+    # good events
+    cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=2)
+    engine = Engine(store, cfg, sinks=["out"], worker_id="w")
+    messages = [Message(eventbridge("i/e/a", T0), "m1"),
+                Message(eventbridge("i/e/bad\x00", T0), "m2"),
+                Message(eventbridge("i/e/b", T0), "m3")]
+    # When it is processed
+    report = engine.process(messages, now=T0)
+    # Then the step committed: the good events made their batch, the bad one is kept
+    assert [(r.prefix, r.object_count) for r in report.fired] == [("i/e/", 2)]
+    [letter] = store.dead_letters(limit=10)
+    assert letter.location == "m2" and "NUL" in letter.reason
+
+
 def test_package_ready_leases_reads_after_commit_and_emits_once(
     store: Store, tmp_path: Path
 ) -> None:
