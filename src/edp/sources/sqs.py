@@ -227,10 +227,17 @@ class SqsSource:
                 location=f"message id {item['MessageId']}",
                 source=self.name,
             )
-            poison = not self.delete_poison and self._is_poison(message)
-            receipts.append(SqsReceipt(item["MessageId"], item["ReceiptHandle"], poison))
-            if poison and int(item.get("Attributes", {}).get("ApproximateReceiveCount", "1")) > 1:
-                # Dead-lettered on its first receive; now it only waits for the redrive.
+            poison = None if self.delete_poison else self._poison(message)
+            receipts.append(SqsReceipt(item["MessageId"], item["ReceiptHandle"],
+                                       poison is not None))
+            if poison == "whole" and int(
+                item.get("Attributes", {}).get("ApproximateReceiveCount", "1")
+            ) > 1:
+                # Nothing in it can be batched: it was dead-lettered on its first receive
+                # (unless that step failed: SQS's own dead-letter queue keeps it anyway),
+                # now it only waits for the redrive. A message with good records among
+                # bad ones always goes to the engine: its good records must not be lost
+                # to a first step that failed (a re-delivery counts them once).
                 continue
             messages.append(message)
         self.keeper.hold(receipts)
@@ -281,8 +288,9 @@ class SqsSource:
         if callable(closer):
             closer()
 
-    def _is_poison(self, message: Message) -> bool:
-        """Whether the engine will dead-letter (part of) this message.
+    def _poison(self, message: Message) -> str | None:
+        """Whether the engine will dead-letter this message: ``whole``, in ``part`` (bad
+        records among good ones), or not at all (None).
 
         Only asked when poison is left to the redrive policy; decoding is pure, so
         this agrees with what the engine does with the same message.
@@ -293,8 +301,10 @@ class SqsSource:
                 eventbridge_keys_encoded=self.eventbridge_keys_encoded,
             )
         except DecodeError:
-            return True
-        return bool(decoded.errors)
+            return "whole"
+        if not decoded.errors:
+            return None
+        return "part" if decoded.events else "whole"
 
 
 def _chunks(items: Sequence[SqsReceipt], size: int) -> Iterator[Sequence[SqsReceipt]]:

@@ -96,6 +96,35 @@ def test_an_abandoned_receive_comes_back_after_its_timeout(aws: Any) -> None:
     source.close()
 
 
+def test_a_partly_bad_message_left_to_the_redrive_comes_again_after_a_failed_step(
+    aws: Any,
+) -> None:
+    # Given poison left to the redrive policy, a message with a good record and a bad
+    # one, and a message with nothing good in it
+    from edp_testing import iso
+
+    url, _ = aws.queue("partly")
+    good = {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put", "eventTime": iso(0),
+            "s3": {"bucket": {"name": "b"}, "object": {"key": "a/b/c.csv"}}}
+    aws.sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"Records": [good, {"x": 1}]}))
+    aws.sqs.send_message(QueueUrl=url, MessageBody="this is not JSON")
+    source = SqsSource(url, wait_seconds=0, visibility_timeout=1, delete_poison=False)
+    first = source.receive(wait=0)
+    assert len(first.messages) == 2
+
+    # When the step that read them failed (never acknowledged: the next receive abandons
+    # them) and they come back after their visibility timeout
+    assert source.receive(wait=0).messages == []
+    time.sleep(1.3)
+    again = source.receive(wait=0)
+
+    # Then the partly bad one is handed to the engine again (its good record must not be
+    # lost), while the wholly bad one only waits for the redrive
+    assert [m.body for m in again.messages] == [json.dumps({"Records": [good, {"x": 1}]})]
+    assert len(again.receipts) == 2
+    source.close()
+
+
 @pytest.mark.timeout(30)
 def test_a_missing_queue_fails_at_start(aws: Any, tmp_path: Path) -> None:
     # Given a queue URL that does not exist
