@@ -118,10 +118,28 @@ class Engine:
         self.settings = settings
         self.rules = settings.rule_book()
         self.origin = Origin(settings.event_source, settings.account, settings.region)
-        self.sinks = tuple(sinks)
+        self.own_sinks = tuple(sinks)
+        self._known_sinks: tuple[str, ...] = ()
+        self._warned_no_sink = False
         self.worker_id = worker_id or settings.worker_id or default_worker_id()
         resumed = store.worker_clock(self.worker_id)
         self.clock = resumed if resumed is not None else -math.inf
+
+    @property
+    def sinks(self) -> tuple[str, ...]:
+        """The sinks this engine's events get delivery rows for: its own, else (a process
+        run without sink settings, such as a backfill from a laptop) those the store
+        knows, that is those the workers relay to. Events with no delivery row at all
+        would never be sent by anyone."""
+        if self.own_sinks:
+            return self.own_sinks
+        if not self._known_sinks:
+            self._known_sinks = tuple(self.store.known_sinks())
+            if not self._known_sinks and not self._warned_no_sink:
+                self._warned_no_sink = True
+                log.warning("no sink is configured and the store knows none: events of "
+                            "fired batches are kept in the outbox for no sink")
+        return self._known_sinks
 
     # -- input --------------------------------------------------------------------
     def decode(
@@ -181,6 +199,7 @@ class Engine:
             floor = self._floor(now)
         batcher = Batcher(self.rules)
         prefixes = [batcher.classify(event) for event in events]
+        sinks = self.sinks
         with self.store.transaction() as tx:
             state = tx.load(self._request(events, prefixes, min(end_clock, floor)))
             self._batcher(state, into=batcher)
@@ -204,11 +223,11 @@ class Engine:
                 clock = max(clock, now)
                 report.fired += batcher.advance(min(clock, floor))
             for observer in self.observers:
-                observer.observe(tx, events, clock=clock, now=now, sinks=self.sinks)
+                observer.observe(tx, events, clock=clock, now=now, sinks=sinks)
                 report.counts["observer.emitted"] += observer.tick(
-                    tx, clock=min(clock, floor), now=now, sinks=self.sinks
+                    tx, clock=min(clock, floor), now=now, sinks=sinks
                 )
-            tx.save(self._write(batcher.take_changes()), sinks=self.sinks, now=now)
+            tx.save(self._write(batcher.take_changes()), sinks=sinks, now=now)
             tx.add_dead_letters(report.rejected)
             report.counts["dead_letters"] += len(report.rejected)
             report.counts["messages"] += report.messages
@@ -252,14 +271,15 @@ class Engine:
         worker flushing must not: a heartbeat would mark it unfinished again).
         """
         fired: list[BatchReady] = []
+        sinks = self.sinks
         while True:
             with self.store.transaction() as tx:
                 state = tx.load(LoadRequest(due_until=limit, due_limit=PAGE))
                 batcher = self._batcher(state)
                 page = batcher.advance(limit)
-                tx.save(self._write(batcher.take_changes()), sinks=self.sinks, now=now)
+                tx.save(self._write(batcher.take_changes()), sinks=sinks, now=now)
                 for observer in self.observers:
-                    observer.tick(tx, clock=limit, now=now, sinks=self.sinks)
+                    observer.tick(tx, clock=limit, now=now, sinks=sinks)
                 tx.add_counters(Counter(f"batches.{r.trigger.value}" for r in page))
                 if publish:
                     tx.heartbeat(self.worker_id, clock=self._published(self.clock), now=now)
@@ -331,12 +351,11 @@ class Engine:
         )
 
     def _operator_sinks(self) -> tuple[str, ...]:
-        """Sinks for an operator's close or re-emit: ours, else those the store knows.
-
-        An operator's command often runs without the workers' sink settings; its
+        """Sinks for an operator's close or re-emit (:attr:`sinks`), which must exist:
+        an operator's command often runs without the workers' sink settings, and its
         event must still reach the sinks the workers relay to.
         """
-        sinks = self.sinks or tuple(self.store.known_sinks())
+        sinks = self.sinks
         if not sinks:
             raise EdpError(
                 "no sink is configured and the store knows none: configure one "

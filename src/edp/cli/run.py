@@ -67,10 +67,13 @@ def run(
         settings, database_url=resolve_database_url(settings), stdout=stdout,
         observers=build_observers(settings),
     )
-    sinks = runtime.relay.sink_names
+    sinks = ", ".join(runtime.relay.sink_names)
+    if not sinks:
+        others = ", ".join(runtime.engine.sinks) or "none known"
+        sinks = f"none of its own (events wait in the outbox for other workers' sinks: {others})"
     click.echo(
-        f"edp run: worker {runtime.engine.worker_id}, {len(sources)} queue(s), "
-        f"sinks: {', '.join(sinks) or 'none (events stay in the outbox)'}", err=True,
+        f"edp run: worker {runtime.engine.worker_id}, {len(sources)} queue(s), sinks: {sinks}",
+        err=True,
     )
     daemon = Daemon(runtime, sources, max_wait=float(settings.sqs_wait_seconds))
     daemon.install_signal_handlers()

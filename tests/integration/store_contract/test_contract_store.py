@@ -252,6 +252,21 @@ def test_the_engine_emits_the_same_batches_on_every_backend(store: Store) -> Non
     assert math.isfinite(store.worker_clock("w") or math.inf)
 
 
+def test_a_worker_without_sinks_records_its_events_for_the_sinks_others_relay_to(
+    store: Store,
+) -> None:
+    # Given a store where a worker with an EventBridge sink emitted an event
+    cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=1)
+    Engine(store, cfg, sinks=["eventbridge"], worker_id="w1").process(
+        [Message(eventbridge("i/e/a", T0), "m1")], now=T0)
+    # When a process with no sink settings (a backfill from a laptop) fires a batch
+    engine = Engine(store, cfg, sinks=[], worker_id="laptop")
+    [ready] = engine.process([Message(eventbridge("j/k/b", T0), "m2")], now=T0).fired
+    # Then its event waits for the workers' sink, instead of for no sink at all
+    pending = [e.event_id for e in store.pending("eventbridge", limit=10, now=T0 + 1)]
+    assert ready.event_id in pending
+
+
 def test_a_key_no_backend_can_store_is_a_dead_letter_and_the_rest_goes_on(
     store: Store,
 ) -> None:
