@@ -209,10 +209,19 @@ class Packager:
             if isinstance(source, Path) and not source.is_dir():
                 return q.Package()
             pkg = q.Package().set_dir(".", str(source) if isinstance(source, Path) else source)
+        except q.util.QuiltException as exc:
+            # quilt3 refuses what no retry changes: a key it cannot hold (``a//b``, a
+            # ``.`` segment). Fail the batch for good (and say so), do not retry forever.
+            raise PublishError(f"cannot package {source}: {exc}", retryable=False) from None
         except Exception as exc:  # S3 or file system errors: retry later  # noqa: BLE001
             raise PublishError(f"cannot list {source}: {type(exc).__name__}: {exc}") from None
         if isinstance(source, Path):
             self._drop_links_out_of(pkg, source)
+        if not request.prefix.strip("/"):
+            # A whole bucket (prefix depth 0) holds the registry's own .quilt/ folder
+            # when it is its own registry: never package it (it changes with each push).
+            for key in [k for k, _ in pkg.walk() if k.startswith(".quilt/")]:
+                pkg.delete(key)
         patterns = self._ignore_patterns(pkg, source)
         for key in [k for k, _ in pkg.walk() if helper_text.is_ignored(k, patterns)]:
             pkg.delete(key)

@@ -165,3 +165,43 @@ def test_a_broken_metadata_file_without_quarantine_fails_clearly_and_writes_noth
     assert f"s3://{bucket}/{PREFIX}metadata.json" in (result.error or "")
     assert "cannot be read as json" in (result.error or "")
     assert s3_revisions(s3, bucket, "instrument/exp-1") == []
+
+
+def test_a_whole_bucket_batch_never_packages_the_registry_s_own_folder(
+    aws: Callable[[str], Any], make_bucket: Callable[[str], str], quilt: Any
+) -> None:
+    # Given prefix depth 0 (the whole bucket is one batch) and the bucket as its own
+    # registry, packaged once
+    s3 = aws("s3")
+    bucket = make_bucket("whole")
+    put_files(s3, bucket, {"a.csv": b"1", "b/c.csv": b"2"})
+    packager = Packager(quilt_settings(package_name_template="lab/whole"))
+    first = packager.package(batch_event(bucket, ""))
+    assert first.status is PackageStatus.PUSHED, first.error
+
+    # When the same event comes again (the bucket now holds .quilt/ of that push)
+    second = packager.package(batch_event(bucket, ""))
+
+    # Then nothing new is written, and the package holds the user's files only
+    assert second.status is PackageStatus.UNCHANGED, second.error
+    assert len(s3_revisions(s3, bucket, "lab/whole")) == 1
+    pkg = quilt.Package.browse("lab/whole", registry=f"s3://{bucket}")
+    assert not [k for k, _ in pkg.walk() if k.startswith(".quilt/")]
+    assert {"a.csv", "b/c.csv"} <= {k for k, _ in pkg.walk()}
+
+
+def test_a_key_quilt_cannot_hold_fails_the_batch_for_good_and_says_why(
+    aws: Callable[[str], Any], make_bucket: Callable[[str], str], quilt: Any
+) -> None:
+    # Given a batch with a key quilt3 refuses (an empty path segment)
+    s3 = aws("s3")
+    bucket = make_bucket("slashes")
+    put_files(s3, bucket, {f"{PREFIX}ok.csv": b"1", f"{PREFIX}sub//b.txt": b"2"})
+    packager = Packager(quilt_settings())
+    # When it is packaged
+    result = packager.package(batch_event(bucket, PREFIX))
+    # Then it fails for good (no endless retries) with the reason, and nothing is written
+    assert result.status is PackageStatus.FAILED
+    assert not result.retryable
+    assert "sub//b.txt" in (result.error or "")
+    assert s3_revisions(s3, bucket, "instrument/exp-1") == []
