@@ -36,6 +36,9 @@ FACTS_KEY = "edp"
 """The metadata key that holds the batch facts."""
 
 MAX_METADATA_BYTES = 10 * 1024 * 1024
+MAX_PACKAGE_METADATA_BYTES = 900_000
+"""Package metadata read from a file, as JSON: quilt3 refuses a manifest record of
+1,000,000 bytes or more, and the record also holds edp's facts and the message."""
 """A metadata file larger than this is refused (10 MiB)."""
 
 
@@ -84,6 +87,9 @@ def read_xlsx(data: bytes) -> dict[str, Any]:
     workbook = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
     try:
         sheet = workbook[workbook.sheetnames[0]]
+        # Read-only mode trusts the sheet's stored <dimension>, which some writers leave
+        # stale ("A1"): rows past it would be dropped without a word.
+        sheet.reset_dimensions()
         return _pairs(tuple(row) for row in sheet.iter_rows(values_only=True))
     finally:
         workbook.close()
@@ -107,7 +113,16 @@ def read_yaml(data: bytes) -> dict[str, Any]:
     """One YAML mapping (safe loader: no arbitrary objects)."""
     import yaml
 
-    value = yaml.safe_load(data.decode("utf-8-sig"))
+    class NoAliases(yaml.SafeLoader):
+        """Anchors and aliases refused: a few bytes of them can expand to gigabytes, or
+        to a structure that refers to itself."""
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.YAMLError("anchors and aliases (&name, *name) are not allowed")
+            return super().compose_node(parent, index)
+
+    value = yaml.load(data.decode("utf-8-sig"), Loader=NoAliases)  # noqa: S506 (a SafeLoader)
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -142,13 +157,18 @@ def read_metadata(name: str, data: bytes, *, where: str = "") -> dict[str, Any]:
             f"metadata file {location} is {len(data)} bytes; the limit is {MAX_METADATA_BYTES}"
         )
     try:
-        meta = reader(data)
+        safe: dict[str, Any] = json_safe(reader(data))
+        size = len(json.dumps(safe, ensure_ascii=False, allow_nan=False).encode())
     except Exception as exc:  # an untrusted file: any parser failure means "broken"  # noqa: BLE001
         raise MetadataError(
             f"metadata file {location} cannot be read as {suffix[1:]}: "
             f"{type(exc).__name__}: {exc}"
         ) from None
-    safe: dict[str, Any] = json_safe(meta)
+    if size > MAX_PACKAGE_METADATA_BYTES:
+        raise MetadataError(
+            f"metadata file {location} makes {size} bytes of package metadata; Quilt keeps "
+            f"at most {MAX_PACKAGE_METADATA_BYTES} (a manifest record is at most 1 MB)"
+        )
     return safe
 
 
@@ -161,5 +181,6 @@ def merge(
     return merged
 
 
-__all__ = ["FACTS_KEY", "MAX_METADATA_BYTES", "READERS", "json_safe", "merge", "read_csv",
-           "read_json", "read_metadata", "read_xlsx", "read_yaml"]
+__all__ = ["FACTS_KEY", "MAX_METADATA_BYTES", "MAX_PACKAGE_METADATA_BYTES", "READERS",
+           "json_safe", "merge", "read_csv", "read_json", "read_metadata", "read_xlsx",
+           "read_yaml"]

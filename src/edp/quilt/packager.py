@@ -367,7 +367,13 @@ class Packager:
             url=result.url, workflow=self._wf_text(), batch_id=request.batch_id,
             event_id=request.event_id,
         )
-        result.notify_errors += self.notifier.notify(notice)
+        try:
+            result.notify_errors += self.notifier.notify(notice)
+        except Exception as exc:  # a boundary: the package's outcome stands
+            # A notifier must not raise; should one (an odd answer it did not expect),
+            # the package or its quarantine is written already: redoing it is worse.
+            log.exception("notifying %s for package %s failed", kind, result.package)
+            result.notify_errors.append(f"{type(exc).__name__}: {exc}")
 
     @staticmethod
     def _log(result: PackageResult) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -83,3 +84,23 @@ def test_a_refused_connection_is_reported_without_the_url() -> None:
     # Then the error names the failure, not the URL
     assert len(errors) == 1 and errors[0].startswith("webhook: ")
     assert "t0ken" not in errors[0]
+
+
+class Garbage(BaseHTTPRequestHandler):
+    """Answers every POST with something that is not HTTP."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.wfile.write(b"garbage\r\n\r\n")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_an_answer_that_is_not_http_is_retried_and_reported_not_raised() -> None:
+    # Given an endpoint that answers garbage
+    with http_server(Garbage) as base:
+        # When a notice is sent there
+        errors = WebhookNotifier(f"{base}/hook", attempts=2, backoff=0.01).notify(NOTICE)
+    # Then the notifier reports it (a notifier never raises: the package stands)
+    assert len(errors) == 1 and errors[0].startswith("webhook: ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import math
 
@@ -51,6 +52,23 @@ def test_xlsx_metadata_is_key_value_rows_with_json_safe_dates() -> None:
         "Date": "2024-01-05T10:30:00", "Time": "08:15:00", "Count": 2, "Empty": None}
 
 
+def test_xlsx_rows_past_a_stale_stored_dimension_are_read() -> None:
+    # Given a workbook whose sheet claims to span only A1 (some writers leave it so)
+    import re
+    import zipfile
+
+    data = xlsx([("Author", "EDP"), ("Count", 3)])
+    source, target = io.BytesIO(data), io.BytesIO()
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for item in zin.infolist():
+            body = zin.read(item.filename)
+            if item.filename == "xl/worksheets/sheet1.xml":
+                body = re.sub(rb'<dimension ref="[^"]*"', b'<dimension ref="A1"', body)
+            zout.writestr(item, body)
+    # Then every row is read
+    assert read_metadata("metadata.xlsx", target.getvalue()) == {"Author": "EDP", "Count": 3}
+
+
 def test_csv_yaml_and_json_metadata() -> None:
     assert read_metadata("metadata.csv", "\ufeffkey,value\nA,1\nB,two\n".encode()) == {
         "A": "1", "B": "two"}
@@ -67,6 +85,9 @@ def test_csv_yaml_and_json_metadata() -> None:
     ("metadata.xlsx", b"PK not a workbook", "cannot be read as xlsx"),
     ("metadata.csv", b"\xff\xfe\x00bad", "cannot be read as csv"),
     ("metadata.toml", b"a = 1", "no reader"),
+    ("metadata.yaml", b"a: &a [*a]\n", "aliases"),  # refers to itself: no RecursionError
+    ("metadata.yaml", b"a: &x [1, 2]\nb: [*x, *x, *x]\n", "aliases"),  # expansion bombs
+    ("metadata.json", b'{"big": "' + b"x" * 950_000 + b'"}', "at most 900000"),
 ])
 def test_broken_metadata_files_say_which_file_and_why(name: str, data: bytes, why: str) -> None:
     with pytest.raises(MetadataError, match=why) as caught:
