@@ -1,10 +1,12 @@
 """``edp package --sqs-queue URL``: package the events of an SQS queue.
 
-A small receive loop (long polling, up to 10 messages a receive): each message is
-packaged on its own and deleted only after its outcome is final (pushed, unchanged,
-quarantined, skipped, or failed for a reason a retry cannot fix). A retryable
-failure leaves the message in the queue: it comes back after the queue's
-visibility timeout (which must exceed the time a package takes) and goes to the
+A small receive loop (long polling, one message a receive: a message's visibility
+timeout runs from its receive, so messages received together would wait for each
+other's packages and could come back, to be packaged twice, while still waiting):
+each message is packaged on its own and deleted only after its outcome is final
+(pushed, unchanged, quarantined, skipped, or failed for a reason a retry cannot
+fix). A retryable failure leaves the message in the queue: it comes back after the
+queue's visibility timeout (which must exceed the time a package takes) and goes to the
 queue's dead-letter queue after its redrive policy's attempts. A message that
 fails for good (not JSON, not a batch event) is handed to ``dead_letter`` (the CLI
 keeps it in the store's dead-letter table) before it is deleted, so nothing is lost.
@@ -39,7 +41,7 @@ def consume_queue(
     handled = 0
     while not stop.is_set():
         response = client.receive_message(
-            QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0 if until_empty else wait,
+            QueueUrl=queue_url, MaxNumberOfMessages=1, WaitTimeSeconds=0 if until_empty else wait,
         )
         messages = response.get("Messages", [])
         if not messages and until_empty:

@@ -162,3 +162,34 @@ def test_edp_package_keeps_a_message_that_fails_for_good_as_a_dead_letter(
     assert letter.body == "this is not json"
     assert letter.location.startswith("message id ")
     assert letter.source == f"package:{queue}"
+
+
+def test_the_queue_consumer_holds_one_message_at_a_time(
+    aws: Callable[[str], Any], quilt: Any, tmp_path: Path,
+) -> None:
+    # Given two batch events in a queue (local mode: the files are folders)
+    from edp.quilt.packager import Packager
+    from edp.quilt.queue import consume_queue
+    from integration.quilt.quilt_support import quilt_settings
+
+    sqs = aws("sqs")
+    queue = sqs.create_queue(QueueName="one-at-a-time",
+                             Attributes={"VisibilityTimeout": "60"})["QueueUrl"]
+    for prefix in ("inst/exp-1/", "inst/exp-2/"):
+        (tmp_path / "lab" / prefix).mkdir(parents=True)
+        (tmp_path / "lab" / prefix / "a.txt").write_text(prefix)
+        sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(batch_event("lab", prefix)))
+    packager = Packager(quilt_settings(), local_root=tmp_path, registry=str(tmp_path / "reg"))
+    in_flight: list[str] = []
+
+    def seen(result: Any) -> None:
+        attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
+        in_flight.append(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+    # When the consumer packages them
+    handled = consume_queue(packager, queue, client=sqs, on_result=seen, until_empty=True)
+
+    # Then while one was packaged the other was still in the queue, not waiting in hand
+    # (its visibility timeout would run while it waits: it could come back, twice packaged)
+    assert handled == 2
+    assert in_flight == ["1", "1"]
