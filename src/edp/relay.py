@@ -63,7 +63,11 @@ class Relay:
         for sink in self.sinks:
             while True:
                 now = self.clock()
-                entries = self.store.pending(sink.name, limit=self.page, now=now)
+                # A sink that sends one event per request (a webhook: up to its timeout
+                # each) takes smaller pages, so that a page is sent well within the
+                # store's delivery lease and no other relay takes it meanwhile.
+                limit = min(self.page, getattr(sink, "max_page", self.page))
+                entries = self.store.pending(sink.name, limit=limit, now=now)
                 if not entries:
                     break
                 try:

@@ -101,6 +101,9 @@ class WebhookSink:
     def __init__(self, url: str, *, secret: str | None = None, timeout: float = 10.0) -> None:
         check_url(url, "webhook_url")
         self.url = url
+        # One POST per event, each up to ``timeout``: a page must fit in the PostgreSQL
+        # store's delivery lease (60 s by default), or another relay would take it too.
+        self.max_page = max(1, int(45 // max(timeout, 0.001)))
         self.where = redact_endpoint(url)  # a chat webhook's path is its token
         self._secret = secret
         self.timeout = timeout

@@ -262,3 +262,37 @@ def test_after_a_failure_no_later_event_overtakes_the_failed_one() -> None:
     ids = [body["id"] for body in endpoint.bodies()]
     assert ids == [events[0]["id"], *(e["id"] for e in events)]
     store.close()
+
+
+class PagedSink:
+    """A destination that takes at most ``max_page`` events per send (and records sends)."""
+
+    name = "paged"
+    max_page = 2
+
+    def __init__(self) -> None:
+        self.sends: list[int] = []
+
+    def send(self, entries: list[OutboxEntry]) -> list[Any]:
+        self.sends.append(len(entries))
+        return []
+
+
+def test_a_sink_s_page_limit_bounds_what_the_relay_hands_it() -> None:
+    # Given five events for a sink that wants pages of two
+    store = outbox("paged", [envelope("bkt", f"{n}/") for n in range(5)])
+    sink = PagedSink()
+    # When the relay delivers
+    report = Relay(store, [sink]).deliver()
+    # Then it did, two at a time
+    assert report.delivered == 5 and sink.sends == [2, 2, 1]
+    store.close()
+
+
+@pytest.mark.parametrize("timeout", [0.5, 2.0, 10.0, 30.0, 120.0])
+def test_a_webhook_page_fits_in_the_delivery_lease(timeout: float) -> None:
+    # One POST per event, each up to the timeout: a page must be sent within the
+    # PostgreSQL store's delivery lease (60 s), or another relay takes it too
+    sink = WebhookSink("https://hooks.example.com/x", timeout=timeout)
+    assert sink.max_page >= 1
+    assert sink.max_page == 1 or sink.max_page * timeout < 60
