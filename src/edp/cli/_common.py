@@ -28,23 +28,25 @@ GROUPING_FLAGS = {
     "complete_markers": "bucket_complete_markers",
 }
 
+_GROUPING_HELP = (  # flag, metavar, help (the setting's name first)
+    ("--prefix-depth", "N", "bucket_prefix_depth: directory segments per prefix."),
+    ("--ignore-prefixes", "PATTERNS", "bucket_ignore_prefixes: comma-separated patterns."),
+    ("--threshold-duration", "SECONDS", "bucket_threshold_duration: quiet seconds."),
+    ("--threshold-event-count", "N",
+     "bucket_threshold_event_count: files per batch (0 = off)."),
+    ("--max-batch-age", "SECONDS", "bucket_max_batch_age: seconds (0 = off)."),
+    ("--complete-markers", "GLOBS",
+     "bucket_complete_markers: comma-separated file-name globs."),
+)
+
+
 def grouping_options(func: F) -> F:
     """Add the grouping flags of SPEC section 6 (and ``--config``) to a command."""
     options = [
         click.option("--config", "config_file", type=click.Path(dir_okay=False),
                      help="TOML config file (default: $EDP_CONFIG, else ./edp.toml)."),
-        click.option("--prefix-depth", metavar="N",
-                     help="bucket_prefix_depth: directory segments per prefix."),
-        click.option("--ignore-prefixes", metavar="PATTERNS",
-                     help="bucket_ignore_prefixes: comma-separated patterns."),
-        click.option("--threshold-duration", metavar="SECONDS",
-                     help="bucket_threshold_duration: quiet seconds."),
-        click.option("--threshold-event-count", metavar="N",
-                     help="bucket_threshold_event_count: files per batch (0 = off)."),
-        click.option("--max-batch-age", metavar="SECONDS",
-                     help="bucket_max_batch_age: seconds (0 = off)."),
-        click.option("--complete-markers", metavar="GLOBS",
-                     help="bucket_complete_markers: comma-separated file-name globs."),
+        *(click.option(flag, metavar=metavar, help=text)
+          for flag, metavar, text in _GROUPING_HELP),
         click.option("--eventbridge-raw-keys", is_flag=True, default=None,
                      help="Take EventBridge keys as sent (emulators), not URL-decoded."),
     ]
