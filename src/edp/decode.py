@@ -16,6 +16,7 @@ Object keys are URL-decoded here and nowhere else (:func:`decode_key`).
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote_plus
@@ -265,7 +266,10 @@ def _event(
         etag = str(etag).strip('"')
     size = obj.get("size")
     if type(size) is not int:
-        size = int(size) if type(size) is float else None
+        size = int(size) if type(size) is float and math.isfinite(size) else None
+    if size is not None and not 0 <= size < 2**63:
+        # No store column holds it (a step would fail whole, again and again).
+        raise DecodeError(f"object size out of range: {size}")
     sequencer = obj.get("sequencer") or None
     if sequencer is not None and type(sequencer) is not str:
         sequencer = str(sequencer)

@@ -14,6 +14,7 @@ clock, passed in by the caller as ``now``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -424,9 +425,13 @@ class Engine:
     @staticmethod
     def _dead(message: Message, error: DecodeError, now: float) -> DeadLetter:
         body = message.body
-        text = orjson.dumps(body).decode() if isinstance(body, dict) else (
-            body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-        )
+        if isinstance(body, dict):
+            try:
+                text = orjson.dumps(body).decode()
+            except TypeError:  # what orjson cannot write (an integer past 64 bits...)
+                text = json.dumps(body, default=repr)
+        else:
+            text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
         return DeadLetter(
             source=message.source,
             location=error.location or message.location,

@@ -229,3 +229,20 @@ def test_a_key_with_a_nul_character_is_refused() -> None:
     decoded = decode_message(records)
     assert [e.key for e in decoded.events] == ["a/b/good.txt"]
     assert "NUL" in decoded.errors[0].reason
+
+
+@pytest.mark.parametrize("size", [10**20, -1, 2**63, 1e300])
+def test_a_size_no_store_can_hold_is_refused(size: float) -> None:
+    event = eventbridge("a/b/c.txt", 0)
+    event["detail"]["object"]["size"] = size
+    with pytest.raises(DecodeError, match="size out of range"):
+        decode_message(event)
+
+
+def test_a_size_that_is_not_a_number_is_no_size() -> None:
+    # (a Lambda event parsed by Python's json may hold NaN or Infinity)
+    for odd in (float("nan"), float("inf")):
+        event = eventbridge("a/b/c.txt", 0)
+        event["detail"]["object"]["size"] = odd
+        [decoded] = decode_message(event).events
+        assert decoded.size is None
