@@ -257,6 +257,10 @@ def _event(
     if type(key) is not str or not key:
         raise DecodeError("object key is missing")
     key = decode_key(key, url_encoded=url_encoded)
+    if len(key) > 1024 and len(key.encode("utf-8", "surrogatepass")) > 1024:
+        # S3's own limit; a longer key would also not fit PostgreSQL's index entries (the
+        # step would fail whole, again and again).
+        raise DecodeError(f"object key longer than 1024 bytes: {key[:60]!r}...")
     if "\x00" in key:
         # S3 does not make such keys; PostgreSQL cannot store them (a step would fail
         # whole, again and again): refuse it here, as a dead letter.

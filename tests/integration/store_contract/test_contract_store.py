@@ -273,8 +273,9 @@ def _oversized(key: str) -> dict[str, object]:
     return event
 
 
-@pytest.mark.parametrize("bad", [eventbridge("i/e/bad\x00", T0), _oversized("i/e/big")],
-                         ids=["nul-in-key", "size-out-of-range"])
+@pytest.mark.parametrize("bad", [eventbridge("i/e/bad\x00", T0), _oversized("i/e/big"),
+                                 eventbridge("i/e/" + "k" * 3000, T0)],
+                         ids=["nul-in-key", "size-out-of-range", "key-over-1024-bytes"])
 def test_an_event_no_backend_can_store_is_a_dead_letter_and_the_rest_goes_on(
     store: Store, bad: dict[str, object]
 ) -> None:
