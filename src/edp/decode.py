@@ -254,6 +254,8 @@ def _event(
 ) -> ObjectEvent:
     if type(bucket) is not str or not bucket:
         raise DecodeError("bucket name is missing")
+    if len(bucket) > 255 or "\x00" in bucket:  # S3 allows 63; a folder name 255
+        raise DecodeError(f"bucket name is not one: {bucket[:60]!r}")
     if type(key) is not str or not key:
         raise DecodeError("object key is missing")
     key = decode_key(key, url_encoded=url_encoded)

@@ -274,8 +274,10 @@ def _oversized(key: str) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("bad", [eventbridge("i/e/bad\x00", T0), _oversized("i/e/big"),
-                                 eventbridge("i/e/" + "k" * 3000, T0)],
-                         ids=["nul-in-key", "size-out-of-range", "key-over-1024-bytes"])
+                                 eventbridge("i/e/" + "k" * 3000, T0),
+                                 eventbridge("i/e/x", T0, bucket="b" * 3000)],
+                         ids=["nul-in-key", "size-out-of-range", "key-over-1024-bytes",
+                              "bucket-name-too-long"])
 def test_an_event_no_backend_can_store_is_a_dead_letter_and_the_rest_goes_on(
     store: Store, bad: dict[str, object]
 ) -> None:
