@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,7 +125,8 @@ def test_emit_fires_quiet_batches_once_the_store_is_quiet(
 
 @pytest.mark.timeout(60)
 def test_records_fail_while_the_database_is_unreachable_then_heal(
-    lambda_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    lambda_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given a warm container whose database connection broke, and a database that
     # cannot be reached again for now
@@ -135,11 +137,16 @@ def test_records_fail_while_the_database_is_unreachable_then_heal(
     monkeypatch.setenv("EDP_DATABASE_URL", f"sqlite:///{tmp_path / 'not-a-dir' / 'x.db'}")
 
     # When a batch arrives
+    caplog.set_level(logging.INFO)
     result = handlers.store_handler(sqs_event, None)
 
     # Then every record is reported failed (none is lost; the poison one too, as
     # its dead letter could not be committed either), and the handler did not raise
     assert {f["itemIdentifier"] for f in result["batchItemFailures"]} == ids
+    # as soon as the store proves unreachable: trying every record on its own would
+    # wait for the database each time (30 s on PostgreSQL), past the function's timeout
+    assert "the store is unreachable" in caplog.text
+    assert "SQS message" not in caplog.text  # no record was given up on its own
 
     # When the database is back and SQS delivers the records again
     monkeypatch.setenv("EDP_DATABASE_URL", lambda_env["EDP_DATABASE_URL"])
