@@ -129,13 +129,17 @@ class Engine:
     @property
     def sinks(self) -> tuple[str, ...]:
         """The sinks this engine's events get delivery rows for: its own, else (a process
-        run without sink settings, such as a backfill from a laptop) those the store
-        knows, that is those the workers relay to. Events with no delivery row at all
-        would never be sent by anyone."""
+        run without sink settings, such as a backfill from a laptop) the shared ones the
+        store knows, that is those the workers relay to. Events with no delivery row at
+        all would never be sent by anyone."""
         if self.own_sinks:
             return self.own_sinks
         if not self._known_sinks:
-            self._known_sinks = tuple(self.store.known_sinks())
+            # stdout and log belong to the process that printed them: nobody else
+            # relays to them, so they are no destination for another process's events.
+            self._known_sinks = tuple(
+                name for name in self.store.known_sinks() if name not in ("stdout", "log")
+            )
             if not self._known_sinks and not self._warned_no_sink:
                 self._warned_no_sink = True
                 log.warning("no sink is configured and the store knows none: events of "

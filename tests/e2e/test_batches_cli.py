@@ -235,8 +235,9 @@ def test_a_mistyped_store_path_is_an_error_not_a_new_empty_store(tmp_path: Path)
     assert edp("db", "status", "--database-url", url, home=tmp_path).returncode == 0
 
 
-def test_a_reemit_without_a_sink_here_says_where_the_event_waits(tmp_path: Path) -> None:
-    # Given a store filled by a replay (its only sink was the replay's stdout)
+def test_a_reemit_with_no_sink_anywhere_is_a_clear_error(tmp_path: Path) -> None:
+    # Given a store filled by a replay (its only sink was the replay's own stdout, which
+    # no worker relays to)
     url = f"sqlite:///{tmp_path / 'replayed.db'}"
     stream = b"".join(orjson.dumps(eventbridge(f"lab/run/{n}.csv", n)) + b"\n" for n in range(2))
     replayed = edp("replay", "-", "--database-url", url, home=tmp_path, stdin=stream)
@@ -247,8 +248,32 @@ def test_a_reemit_without_a_sink_here_says_where_the_event_waits(tmp_path: Path)
     result = edp("batches", "reemit", batch_id, "--database-url", url, home=tmp_path,
                  env={"EDP_JSONL_PATH": ""})
 
-    # Then the command says the event waits in the outbox, and for which sinks
+    # Then nothing is queued for nobody: the command says to configure a sink
+    assert result.returncode == 1
+    assert "no sink is configured and the store knows none" in result.stderr
+
+
+def test_a_reemit_without_a_sink_here_waits_for_the_workers_sinks(tmp_path: Path) -> None:
+    # Given a store where a worker delivers to a JSON Lines file
+    from edp.bootstrap import build_runtime
+    from edp.config import load_settings
+    from edp.engine import Message
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    worker = load_settings(env={"EDP_JSONL_PATH": str(tmp_path / "worker.jsonl")},
+                           flags={"database_url": url, "bucket_threshold_event_count": 1})
+    runtime = build_runtime(worker)
+    [ready] = runtime.engine.process([Message(eventbridge("lab/run/a.csv", 0), "m1")],
+                                     now=10).fired
+    runtime.relay.deliver()
+    runtime.close()
+
+    # When an operator with no sink configured re-emits its event
+    result = edp("batches", "reemit", ready.batch_id, "--database-url", url, home=tmp_path,
+                 env={"EDP_JSONL_PATH": ""})
+
+    # Then the command says the event waits in the outbox, and for which sink
     assert result.returncode == 0, result.stderr
     assert "0 deliveries made" in result.stdout
     assert "no sink is configured for this command" in result.stdout
-    assert "(stdout)" in result.stdout
+    assert "(jsonl)" in result.stdout

@@ -158,7 +158,6 @@ def _waiting_note(runtime: Runtime) -> str:
     """What to tell an operator whose command has no sink to deliver the event itself."""
     if runtime.relay.sinks:
         return ""
-    known = ", ".join(runtime.store.known_sinks()) or "none"
+    known = ", ".join(runtime.engine.sinks) or "none"
     return (f"note: no sink is configured for this command, so the event waits in the "
-            f"outbox for a worker that delivers to its sinks ({known}); a replay's 'stdout' "
-            "sink has no such worker")
+            f"outbox for a worker that delivers to its sinks ({known})")
