@@ -254,8 +254,9 @@ def _event(
 ) -> ObjectEvent:
     if type(bucket) is not str or not bucket:
         raise DecodeError("bucket name is missing")
-    if len(bucket) > 255 or "\x00" in bucket:  # S3 allows 63; a folder name 255
+    if len(bucket) > 255:  # S3 allows 63; a folder name 255
         raise DecodeError(f"bucket name is not one: {bucket[:60]!r}")
+    _storable(bucket, "bucket name")
     if type(key) is not str or not key:
         raise DecodeError("object key is missing")
     key = decode_key(key, url_encoded=url_encoded)
@@ -263,13 +264,10 @@ def _event(
         # S3's own limit; a longer key would also not fit PostgreSQL's index entries (the
         # step would fail whole, again and again).
         raise DecodeError(f"object key longer than 1024 bytes: {key[:60]!r}...")
-    if "\x00" in key:
-        # S3 does not make such keys; PostgreSQL cannot store them (a step would fail
-        # whole, again and again): refuse it here, as a dead letter.
-        raise DecodeError(f"object key contains a NUL character: {key!r}")
+    _storable(key, "object key")
     etag = obj.get("etag") or obj.get("eTag") or None
     if etag is not None:
-        etag = str(etag).strip('"')
+        etag = _storable(str(etag).strip('"'), "etag")
     size = obj.get("size")
     if type(size) is not int:
         size = int(size) if type(size) is float and math.isfinite(size) else None
@@ -277,6 +275,23 @@ def _event(
         # No store column holds it (a step would fail whole, again and again).
         raise DecodeError(f"object size out of range: {size}")
     sequencer = obj.get("sequencer") or None
-    if sequencer is not None and type(sequencer) is not str:
-        sequencer = str(sequencer)
+    if sequencer is not None:
+        sequencer = _storable(sequencer if type(sequencer) is str else str(sequencer),
+                              "sequencer")
     return ObjectEvent(bucket, key, kind, time, etag, size, sequencer)
+
+
+def _storable(text: str, what: str) -> str:
+    """``text`` if every store can hold it, else :class:`DecodeError`: S3 sends neither a
+    NUL character (PostgreSQL refuses it) nor a lone surrogate (not UTF-8; a Lambda
+    runtime's JSON parser lets one through), and such a value would fail its whole step
+    again and again."""
+    if "\x00" in text:
+        raise DecodeError(f"{what} contains a NUL character: {text[:80]!r}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DecodeError(f"{what} is not valid Unicode (a lone surrogate): "
+                              f"{text[:80]!r}") from None
+    return text

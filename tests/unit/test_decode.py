@@ -246,3 +246,18 @@ def test_a_size_that_is_not_a_number_is_no_size() -> None:
         event["detail"]["object"]["size"] = odd
         [decoded] = decode_message(event).events
         assert decoded.size is None
+
+
+@pytest.mark.parametrize(("field", "value", "why"), [
+    ("key", "a/b/\ud800.txt", "lone surrogate"), ("bucket", "b\udfff", "lone surrogate"),
+    ("etag", "e\x00", "NUL"), ("sequencer", "0\x00", "NUL"),
+])
+def test_values_no_store_can_hold_are_refused(field: str, value: str, why: str) -> None:
+    # (a Lambda runtime's JSON parser lets lone surrogates through; PostgreSQL refuses NUL)
+    event = eventbridge("a/b/c.txt", 0, sequencer="01")
+    if field == "bucket":
+        event["detail"]["bucket"]["name"] = value
+    else:
+        event["detail"]["object"][field] = value
+    with pytest.raises(DecodeError, match=why):
+        decode_message(event, eventbridge_keys_encoded=False)
