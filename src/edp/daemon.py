@@ -160,7 +160,8 @@ class Daemon:
             finally:
                 feed.delivered(received.caught_up)  # acknowledged, or abandoned
             if self.stop_event.is_set():
-                return
+                delivery = None
+                break
             delivery = self._next_delivery(0.0)
         if delivery is not None:  # a feed's next delivery already: first in the next round
             self.inbox.put(delivery)

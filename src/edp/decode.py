@@ -56,6 +56,7 @@ _KNOWN_FAMILIES = frozenset({
     # S3 Event Notification names (``Family:Detail``) other than created and removed
     "ObjectRestore", "Replication", "LifecycleTransition", "IntelligentTiering",
     "ObjectTagging", "ObjectAcl", "ReducedRedundancyLostObject",
+    "ObjectAccessed",  # MinIO's GET/HEAD notifications
 })
 
 
@@ -260,7 +261,7 @@ def _event(
     if type(key) is not str or not key:
         raise DecodeError("object key is missing")
     key = decode_key(key, url_encoded=url_encoded)
-    if len(key) > 1024 and len(key.encode("utf-8", "surrogatepass")) > 1024:
+    if len(key) > 256 and len(key.encode("utf-8", "surrogatepass")) > 1024:  # 4 bytes a char
         # S3's own limit; a longer key would also not fit PostgreSQL's index entries (the
         # step would fail whole, again and again).
         raise DecodeError(f"object key longer than 1024 bytes: {key[:60]!r}...")

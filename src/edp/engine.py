@@ -363,9 +363,10 @@ class Engine:
         sinks = self.sinks
         if not sinks:
             raise EdpError(
-                "no sink is configured and the store knows none: configure one "
-                "(jsonl_path, eventbridge_bus, sns_topic, webhook_url, log_events) "
-                "so that the event is delivered"
+                "no sink is configured here and the store knows no shared one (stdout and "
+                "log belong to the process that prints them, so they do not count): "
+                "configure one (jsonl_path, eventbridge_bus, sns_topic, webhook_url) so "
+                "that the event is delivered"
             )
         return sinks
 

@@ -14,7 +14,6 @@ other tests may import it to check that each variable is a real edp setting.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -218,9 +217,6 @@ def test_database_credentials_come_from_the_generated_secret(edp: dict[str, Any]
         assert sub.startswith("{{resolve:secretsmanager:${DBSecret}:SecretString:"), prop
     assert secret["GenerateStringKey"] == "password"
     assert "DBUser" in referenced_names(secret["SecretStringTemplate"])
-    # the secret names the database the instance creates (the attachment does not add it)
-    template = json.loads(secret["SecretStringTemplate"]["Fn::Sub"].replace("${DBUser}", "u"))
-    assert template["dbname"] == db["DBName"]
     assert db["StorageEncrypted"] is True
     assert db["PubliclyAccessible"] is False
     attachment = resources["DBSecretAttachment"]["Properties"]

@@ -250,7 +250,7 @@ def test_a_reemit_with_no_sink_anywhere_is_a_clear_error(tmp_path: Path) -> None
 
     # Then nothing is queued for nobody: the command says to configure a sink
     assert result.returncode == 1
-    assert "no sink is configured and the store knows none" in result.stderr
+    assert "the store knows no shared one (stdout and log belong to the process" in result.stderr
 
 
 def test_a_reemit_without_a_sink_here_waits_for_the_workers_sinks(tmp_path: Path) -> None:

@@ -36,10 +36,10 @@ FACTS_KEY = "edp"
 """The metadata key that holds the batch facts."""
 
 MAX_METADATA_BYTES = 10 * 1024 * 1024
+"""A metadata file larger than this is refused (10 MiB)."""
 MAX_PACKAGE_METADATA_BYTES = 900_000
 """Package metadata read from a file, as JSON: quilt3 refuses a manifest record of
 1,000,000 bytes or more, and the record also holds edp's facts and the message."""
-"""A metadata file larger than this is refused (10 MiB)."""
 
 
 def json_safe(value: Any) -> Any:

@@ -200,7 +200,7 @@ class PostgresStore(WorkerClocks):
             "WITH picked AS (SELECT d.sink, d.seq FROM deliveries d"
             " WHERE d.sink = %s AND d.delivered_at IS NULL AND NOT d.parked"
             " AND d.next_attempt <= %s AND d.seq < coalesce((SELECT min(w.seq)"
-            " FROM deliveries w WHERE w.sink = d.sink AND w.delivered_at IS NULL"
+            " FROM deliveries w WHERE w.sink = %s AND w.delivered_at IS NULL"
             " AND NOT w.parked AND w.next_attempt > %s), 9223372036854775807)"
             " AND (d.claimed_until IS NULL OR d.claimed_until <= %s"
             " OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = d.claimed_by))"
@@ -209,7 +209,7 @@ class PostgresStore(WorkerClocks):
             " FROM picked JOIN outbox o ON o.seq = picked.seq"
             " WHERE d.sink = picked.sink AND d.seq = picked.seq"
             " RETURNING o.seq, o.event_id, o.kind, o.payload, o.created_at",
-            (sink, now, now, now, limit, now + self.delivery_lease),
+            (sink, now, sink, now, now, limit, now + self.delivery_lease),
         )
         return [OutboxEntry(*row) for row in sorted(rows)]
 

@@ -114,10 +114,10 @@ class SqliteStore:
             "SELECT o.seq, o.event_id, o.kind, o.payload, o.created_at FROM deliveries d"
             " JOIN outbox o ON o.seq = d.seq WHERE d.sink = ? AND d.delivered_at IS NULL"
             " AND d.parked = 0 AND d.next_attempt <= ? AND d.seq < coalesce((SELECT"
-            " min(w.seq) FROM deliveries w WHERE w.sink = d.sink AND w.delivered_at IS NULL"
+            " min(w.seq) FROM deliveries w WHERE w.sink = ? AND w.delivered_at IS NULL"
             " AND w.parked = 0 AND w.next_attempt > ?), 9223372036854775807)"
             " ORDER BY d.seq LIMIT ?",
-            (sink, now, now, limit),
+            (sink, now, sink, now, limit),
         ).fetchall()
         return [OutboxEntry(*row) for row in rows]
 

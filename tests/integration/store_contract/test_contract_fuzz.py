@@ -28,7 +28,10 @@ NASTY = st.sampled_from(["\x00", "\ud800", "\udfff", "\x1b", "\u2028", "%00", "%
                          "%", "+", " ", "/", ".", "..", "\\", "'", '"', "é", "\U0001f600"])
 SHORT = st.lists(st.characters(exclude_categories=()) | NASTY, max_size=12).map("".join)
 ANY_TEXT = SHORT | st.builds(lambda text, times: text * times,  # and long ones, cheaply
-                             st.text(min_size=1, max_size=3), st.integers(300, 3000))
+                             st.text(min_size=1, max_size=3), st.integers(300, 3000)) | (
+    st.builds(lambda start, count: "".join(chr(0x4E00 + (start + n * 7) % 20000)  # varied:
+                                           for n in range(count)),  # no compression
+              st.integers(0, 20000), st.integers(200, 1200)))
 KEYS = st.builds(lambda a, b, c: f"{a}/{b}/{c}", SHORT, SHORT, ANY_TEXT) | ANY_TEXT
 SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | ANY_TEXT
 VALID_TIMES = st.datetimes(min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30),
