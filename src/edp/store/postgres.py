@@ -46,6 +46,30 @@ T = TypeVar("T")
 MIGRATION_LOCK = 0x65647001  # pg_advisory_xact_lock key of schema migrations ("edp" 1)
 
 
+PENDING_SQL = (
+    "WITH picked AS (SELECT d.sink, d.seq FROM deliveries d"
+    " WHERE d.sink = %s AND d.delivered_at IS NULL AND NOT d.parked"
+    " AND d.next_attempt <= %s AND d.seq < coalesce((SELECT min(w.seq)"
+    # The barrier (the first undelivered event that waits for its retry) names the sink
+    # by parameter, not as d.sink: computed once, not once per candidate row.
+    " FROM deliveries w WHERE w.sink = %s AND w.delivered_at IS NULL"
+    " AND NOT w.parked AND w.next_attempt > %s), 9223372036854775807)"
+    " AND (d.claimed_until IS NULL OR d.claimed_until <= %s"
+    " OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = d.claimed_by))"
+    " ORDER BY d.seq LIMIT %s FOR UPDATE OF d SKIP LOCKED)"
+    " UPDATE deliveries d SET claimed_by = pg_backend_pid(), claimed_until = %s"
+    " FROM picked JOIN outbox o ON o.seq = picked.seq"
+    " WHERE d.sink = picked.sink AND d.seq = picked.seq"
+    " RETURNING o.seq, o.event_id, o.kind, o.payload, o.created_at"
+)
+"""Lease the next pending deliveries of a sink (see :meth:`PostgresStore.pending`)."""
+
+
+def pending_params(sink: str, *, limit: int, now: float, lease: float) -> tuple[Any, ...]:
+    """The parameters of :data:`PENDING_SQL`."""
+    return (sink, now, sink, now, now, limit, now + lease)
+
+
 class PostgresStore(WorkerClocks):
     """The PostgreSQL store (see :class:`~edp.store.base.Store`).
 
@@ -196,21 +220,8 @@ class PostgresStore(WorkerClocks):
         until the taking connection is gone, so that concurrent relays do not send
         the same event twice; a later call returns the next ones.
         """
-        rows = self._rows(
-            "WITH picked AS (SELECT d.sink, d.seq FROM deliveries d"
-            " WHERE d.sink = %s AND d.delivered_at IS NULL AND NOT d.parked"
-            " AND d.next_attempt <= %s AND d.seq < coalesce((SELECT min(w.seq)"
-            " FROM deliveries w WHERE w.sink = %s AND w.delivered_at IS NULL"
-            " AND NOT w.parked AND w.next_attempt > %s), 9223372036854775807)"
-            " AND (d.claimed_until IS NULL OR d.claimed_until <= %s"
-            " OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = d.claimed_by))"
-            " ORDER BY d.seq LIMIT %s FOR UPDATE OF d SKIP LOCKED)"
-            " UPDATE deliveries d SET claimed_by = pg_backend_pid(), claimed_until = %s"
-            " FROM picked JOIN outbox o ON o.seq = picked.seq"
-            " WHERE d.sink = picked.sink AND d.seq = picked.seq"
-            " RETURNING o.seq, o.event_id, o.kind, o.payload, o.created_at",
-            (sink, now, sink, now, now, limit, now + self.delivery_lease),
-        )
+        rows = self._rows(PENDING_SQL, pending_params(sink, limit=limit, now=now,
+                                                      lease=self.delivery_lease))
         return [OutboxEntry(*row) for row in sorted(rows)]
 
     def mark_delivered(self, sink: str, event_ids: Sequence[str], *, now: float) -> None:

@@ -200,3 +200,25 @@ def test_the_due_batch_query_is_an_index_scan(store: PostgresStore, pg_url: str)
     assert "batches_due" in plan, plan
     with store.transaction() as tx:
         assert len(tx.load(LoadRequest(due_until=1000, due_limit=5000)).batches) == 700
+
+
+def test_the_pending_query_finds_its_order_barrier_once(store: PostgresStore,
+                                                        pg_url: str) -> None:
+    # Given a backlog of 20,000 deliveries for one sink
+    from edp.store.postgres import PENDING_SQL, pending_params
+
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("INSERT INTO outbox (event_id, kind, payload, created_at)"
+                     " SELECT 'e' || i, 'k', '{}', 0 FROM generate_series(1, 20000) AS i")
+        conn.execute("INSERT INTO deliveries (sink, seq, event_id)"
+                     " SELECT 's', seq, event_id FROM outbox")
+        conn.execute("ANALYZE")
+        conn.commit()
+        # When the relay's query is planned
+        plan = "\n".join(r[0] for r in conn.execute(
+            "EXPLAIN " + PENDING_SQL, pending_params("s", limit=500, now=10.0, lease=60.0)))
+        conn.rollback()
+    # Then the first event that waits for its retry is looked up once (an InitPlan), not
+    # once per candidate row (a correlated SubPlan: seconds per page at 100k pending)
+    assert "InitPlan" in plan, plan
+    assert len(store.pending("s", limit=500, now=10.0)) == 500
