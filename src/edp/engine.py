@@ -246,7 +246,7 @@ class Engine:
             )
         self.clock = clock
         if self.observers:
-            report.counts["observer.emitted"] += self._after_commit(now)
+            report.counts["observer.emitted"] += self._after_commit(now, sinks)
         self._log_fired(report.fired)
         return report
 
@@ -288,7 +288,7 @@ class Engine:
                 tx.add_counters(Counter(f"batches.{r.trigger.value}" for r in page))
                 if publish:
                     tx.heartbeat(self.worker_id, clock=self._published(self.clock), now=now)
-            self._after_commit(now)
+            self._after_commit(now, sinks)
             fired += page
             if len(state.batches) < PAGE:
                 break
@@ -348,10 +348,11 @@ class Engine:
         return row.event_id
 
     # -- internals ----------------------------------------------------------------
-    def _after_commit(self, now: float) -> int:
-        """Let the observers do their I/O now that the step's transaction is over."""
+    def _after_commit(self, now: float, sinks: Sequence[str]) -> int:
+        """Let the observers do their I/O now that the step's transaction is over
+        (``sinks``: the step's, read once for it)."""
         return sum(
-            observer.after_commit(self.store, now=now, sinks=self.sinks)
+            observer.after_commit(self.store, now=now, sinks=sinks)
             for observer in self.observers
         )
 

@@ -63,9 +63,7 @@ class Relay:
         for sink in self.sinks:
             while True:
                 now = self.clock()
-                # A sink that sends one event per request (a webhook: up to its timeout
-                # each) takes smaller pages, so that a page is sent well within the
-                # store's delivery lease and no other relay takes it meanwhile.
+                # A sink's optional max_page (see Sink): pages sent within the lease.
                 limit = min(self.page, getattr(sink, "max_page", self.page))
                 entries = self.store.pending(sink.name, limit=limit, now=now)
                 if not entries:

@@ -19,7 +19,12 @@ class Failure:
 
 
 class Sink(Protocol):
-    """Delivers events. ``name`` is stable: the outbox tracks delivery per sink name."""
+    """Delivers events. ``name`` is stable: the outbox tracks delivery per sink name.
+
+    A sink may also set ``max_page`` (an int): the most events the relay hands it at
+    once, for sinks whose sends take long per event (the webhook sink: one POST each),
+    so that a page is sent within the store's delivery lease.
+    """
 
     name: str
 
