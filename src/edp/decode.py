@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
+from functools import partial
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -76,20 +77,34 @@ def decode_key(raw: str, *, url_encoded: bool = True) -> str:
 
 _TIMES: dict[str, float] = {}
 """Parsed times: event times repeat a lot within a stream (second resolution)."""
+_MINUTES: dict[str, float] = {}
+"""Epoch seconds of ``YYYY-MM-DDTHH:MM``: a stream's times share their minute 60 at a time."""
 _TIMES_MAX = 65536
+_SECONDS = {f"{n:02d}": float(n) for n in range(60)}
 
 
 def parse_time(value: Any, *, what: str) -> float:
     """An ISO 8601 UTC timestamp (``2022-12-08T20:01:34Z``, fractions allowed) -> epoch seconds."""
-    cached = _TIMES.get(value) if type(value) is str else None
-    if cached is not None:
-        return cached
+    if type(value) is str:
+        cached = _TIMES.get(value)
+        if cached is not None:
+            return cached
+        # S3's own form, YYYY-MM-DDTHH:MM:SSZ: the minute from a cache, the seconds added
+        # (the minute was parsed by datetime once; "60" is no second, as for datetime).
+        if len(value) == 20 and value[19] == "Z" and value[16] == ":":
+            second = _SECONDS.get(value[17:19])
+            minute = _MINUTES.get(value[:16])
+            if second is not None and minute is not None:
+                return minute + second
     if not isinstance(value, str) or not value:
         raise DecodeError(f"{what} is missing or not a string: {value!r}")
     parsed = _parse_time(value, what)
     if len(_TIMES) >= _TIMES_MAX:
         _TIMES.clear()
+        _MINUTES.clear()
     _TIMES[value] = parsed
+    if len(value) == 20 and value[19] == "Z" and value[16] == ":" and value[17:19] in _SECONDS:
+        _MINUTES[value[:16]] = parsed - _SECONDS[value[17:19]]
     return parsed
 
 
@@ -250,14 +265,19 @@ def _obj(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
+_object_event = partial(tuple.__new__, ObjectEvent)
+"""``ObjectEvent`` from one tuple, without the keyword handling of its constructor."""
+
+_BUCKETS: set[str] = set()
+"""Bucket names already found good: a stream names few buckets, many times."""
+
+
 def _event(
     bucket: Any, key: Any, kind: EventKind, time: float, obj: dict[str, Any], *, url_encoded: bool
 ) -> ObjectEvent:
-    if type(bucket) is not str or not bucket:
-        raise DecodeError("bucket name is missing")
-    if len(bucket) > 255:  # S3 allows 63; a folder name 255
-        raise DecodeError(f"bucket name is not one: {bucket[:60]!r}")
-    _storable(bucket, "bucket name")
+    # The checks of the common case (ASCII text without NUL) are inline: this runs per event.
+    if type(bucket) is not str or bucket not in _BUCKETS:
+        _good_bucket(bucket)
     if type(key) is not str or not key:
         raise DecodeError("object key is missing")
     key = decode_key(key, url_encoded=url_encoded)
@@ -265,10 +285,13 @@ def _event(
         # S3's own limit; a longer key would also not fit PostgreSQL's index entries (the
         # step would fail whole, again and again).
         raise DecodeError(f"object key longer than 1024 bytes: {key[:60]!r}...")
-    _storable(key, "object key")
+    if "\x00" in key or not key.isascii():
+        _storable(key, "object key")
     etag = obj.get("etag") or obj.get("eTag") or None
     if etag is not None:
-        etag = _storable(str(etag).strip('"'), "etag")
+        etag = (etag if type(etag) is str else str(etag)).strip('"')
+        if "\x00" in etag or not etag.isascii():
+            _storable(etag, "etag")
     size = obj.get("size")
     if type(size) is not int:
         size = int(size) if type(size) is float and math.isfinite(size) else None
@@ -277,9 +300,22 @@ def _event(
         raise DecodeError(f"object size out of range: {size}")
     sequencer = obj.get("sequencer") or None
     if sequencer is not None:
-        sequencer = _storable(sequencer if type(sequencer) is str else str(sequencer),
-                              "sequencer")
-    return ObjectEvent(bucket, key, kind, time, etag, size, sequencer)
+        if type(sequencer) is not str:
+            sequencer = str(sequencer)
+        if "\x00" in sequencer or not sequencer.isascii():
+            _storable(sequencer, "sequencer")
+    return _object_event((bucket, key, kind, time, etag, size, sequencer))
+
+
+def _good_bucket(bucket: Any) -> None:
+    if type(bucket) is not str or not bucket:
+        raise DecodeError("bucket name is missing")
+    if len(bucket) > 255:  # S3 allows 63; a folder name 255
+        raise DecodeError(f"bucket name is not one: {bucket[:60]!r}")
+    _storable(bucket, "bucket name")
+    if len(_BUCKETS) >= 1024:
+        _BUCKETS.clear()
+    _BUCKETS.add(bucket)
 
 
 def _storable(text: str, what: str) -> str:

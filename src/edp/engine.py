@@ -46,6 +46,8 @@ from edp.store.base import (
 
 log = logging.getLogger(__name__)
 
+_COUNTED = Outcome.COUNTED
+
 PAGE = 5000
 """Batches fired per transaction when many fall due at once."""
 
@@ -210,17 +212,19 @@ class Engine:
             self._batcher(state, into=batcher)
             fired = report.fired
             fired += batcher.advance(min(clock, floor))
-            outcomes: Counter[Outcome | Skip] = Counter()
+            outcomes: dict[Outcome | Skip, int] = {}
+            apply, advance = batcher.apply, batcher.advance
             for event, prefix in zip(events, prefixes, strict=True):
                 if event.time > clock:
                     clock = event.time
-                    fired += batcher.advance(min(clock, floor))
-                result = batcher.apply(event, clock, prefix)
-                if isinstance(result, BatchReady):
+                    fired += advance(min(clock, floor))
+                result = apply(event, clock, prefix)
+                if isinstance(result, BatchReady):  # (a plain class: a cheap check)
                     fired.append(result)
-                    outcomes[Outcome.COUNTED] += 1
+                    outcome: Outcome | Skip = _COUNTED
                 else:
-                    outcomes[result] += 1
+                    outcome = result
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
             for result, count in outcomes.items():
                 kind = "skipped" if isinstance(result, Skip) else "events"
                 report.counts[f"{kind}.{result.value}"] += count
@@ -378,7 +382,7 @@ class Engine:
         request = LoadRequest(due_until=due_until)
         batch_keys, object_keys = request.batch_keys, request.object_keys
         for event, prefix in zip(events, prefixes, strict=True):
-            if isinstance(prefix, Skip):
+            if type(prefix) is Skip:
                 continue
             batch_keys.add((event.bucket, prefix))
             object_keys.add((event.bucket, event.key))

@@ -155,6 +155,25 @@ def test_batch_objects_are_kept_for_inspection(url: str) -> None:
         "i/e/a", 7, "x", "02", T0 + 1)
 
 
+def test_a_throw_away_store_batches_alike_without_object_rows(tmp_path: Path) -> None:
+    # Given the same events on a kept store and on a throw-away one (a replay's scratch)
+    stream = msgs(*(eventbridge(f"i/e/{n}", T0 + n, sequencer=f"{n + 1:02d}")
+                    for n in range(5)),
+                  eventbridge("i/e/0", T0 + 9, sequencer="01"))  # a duplicate
+    kept = open_store(f"sqlite:///{tmp_path / 'kept.db'}")
+    scratch = open_store(f"sqlite:///{tmp_path / 'scratch.db'}", fast_unsafe=True)
+    reports = [Engine(s, settings(bucket_threshold_event_count=3), sinks=[], worker_id="w")
+               .process(stream, now=T0) for s in (kept, scratch)]
+    # Then both decide the same (key memories included: the duplicate is one on both)
+    assert reports[0].fired == reports[1].fired
+    assert reports[0].counts == reports[1].counts
+    assert reports[1].counts["events.duplicate"] == 1
+    # and only the kept store writes the rows that `edp batches show` reads
+    [closed] = kept.list_batches(state="closed")
+    assert len(kept.batch_objects(closed.batch_id)) == 3
+    assert scratch.batch_objects(closed.batch_id) == []
+
+
 def test_prune_forgets_old_key_memories(url: str) -> None:
     store = open_store(url)
     engine = Engine(store, settings(bucket_threshold_event_count=1), sinks=[], worker_id="w")

@@ -9,11 +9,13 @@ in one transaction.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from typing import NamedTuple
 
 from edp.core.events import BatchReady, EventKind, ObjectEvent, Trigger
@@ -21,6 +23,19 @@ from edp.core.rules import GroupingRules, RuleBook, Skip, sequencer_is_newer
 
 #: Namespace of the deterministic batch and event ids.
 ID_NAMESPACE = uuid.UUID("4b1d2f0e-8c7a-5e3b-9d61-0ed9a1c2b3f4")
+_NAMESPACE_BYTES = ID_NAMESPACE.bytes
+
+
+def _uuid5(name: str) -> str:
+    """``str(uuid.uuid5(ID_NAMESPACE, name))`` without building a UUID object (per batch)."""
+    digest = bytearray(
+        hashlib.sha1(_NAMESPACE_BYTES + name.encode(), usedforsecurity=False).digest()[:16]
+    )
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
 
 BatchKey = tuple[str, str]
 """(bucket, prefix)"""
@@ -72,6 +87,14 @@ class ObjectRecord(NamedTuple):
     event_time: float
 
 
+# Enum members are slow to look up on their class (~0.1 us): the per-event paths use these.
+_DELETED = EventKind.DELETED
+_COUNTED, _OVERWRITE, _DUPLICATE = Outcome.COUNTED, Outcome.OVERWRITE, Outcome.DUPLICATE
+
+_record = partial(tuple.__new__, ObjectRecord)
+"""``ObjectRecord`` from one tuple, without the keyword handling of its constructor."""
+
+
 @dataclass(slots=True)
 class Changes:
     """Everything a :class:`Batcher` changed since the last :meth:`Batcher.take_changes`."""
@@ -94,12 +117,12 @@ def batch_id_for(bucket: str, prefix: str, generation: int, opener: ObjectEvent)
     and time keep ids unique even if a store is wiped and generations restart.
     """
     name = f"{bucket}\x00{prefix}\x00{generation}\x00{opener.key}\x00{opener.time!r}"
-    return str(uuid.uuid5(ID_NAMESPACE, name))
+    return _uuid5(name)
 
 
 def event_id_for(batch_id: str) -> str:
     """The stable EventBridge ``id`` of a batch's ``package-objects-ready`` event."""
-    return str(uuid.uuid5(ID_NAMESPACE, f"package-objects-ready\x00{batch_id}"))
+    return _uuid5(f"package-objects-ready\x00{batch_id}")
 
 
 class Batcher:
@@ -217,31 +240,33 @@ class Batcher:
         """
         if prefix is None:
             prefix = self.classify(event)
-        if isinstance(prefix, Skip):
+        if type(prefix) is Skip:  # (isinstance on an enum class is slow; Skip has no subclass)
             return prefix
-        okey = (event.bucket, event.key)
+        bucket, key, kind, _, _, _, sequencer = event
+        okey = (bucket, key)
         memory = self._keys.get(okey)
-        if event.sequencer is not None:
+        if sequencer is not None:
             if (
                 memory is not None
                 and memory.sequencer is not None
-                and not sequencer_is_newer(event.sequencer, memory.sequencer)
+                and not sequencer_is_newer(sequencer, memory.sequencer)
             ):
-                return Outcome.DUPLICATE
+                return _DUPLICATE
         else:
             fingerprint = event.fingerprint()
             if fingerprint in self._fingerprints:
-                return Outcome.DUPLICATE
+                return _DUPLICATE
             self._fingerprints.add(fingerprint)
             self._changes.fingerprints[fingerprint] = clock
         if memory is None:
-            memory = KeyMemory(sequencer=event.sequencer, seen_at=clock)
+            memory = KeyMemory(sequencer, clock)
             self._keys[okey] = memory
-        elif event.sequencer is not None:
-            memory.sequencer = event.sequencer
-        memory.seen_at = clock
+        else:
+            if sequencer is not None:
+                memory.sequencer = sequencer
+            memory.seen_at = clock
         self._changes.keys[okey] = memory
-        if event.kind is EventKind.DELETED:
+        if kind is _DELETED:
             return Outcome.DELETE
         return self._count(event, prefix, memory, clock)
 
@@ -264,40 +289,42 @@ class Batcher:
     def _count(
         self, event: ObjectEvent, prefix: str, memory: KeyMemory, clock: float
     ) -> Outcome | BatchReady:
-        bkey = (event.bucket, prefix)
+        bucket, key, _, time, etag, size, sequencer = event
+        bkey = (bucket, prefix)
         batch = self._batches.get(bkey)
         if batch is None:
             generation = self._generations.get(bkey, 0) + 1
             self._generations[bkey] = generation
             batch = OpenBatch(
-                batch_id=batch_id_for(event.bucket, prefix, generation, event),
-                bucket=event.bucket,
+                batch_id=batch_id_for(bucket, prefix, generation, event),
+                bucket=bucket,
                 prefix=prefix,
                 generation=generation,
                 object_count=0,
                 first_activity=clock,
                 last_activity=clock,
-                first_event_time=event.time,
-                last_event_time=event.time,
+                first_event_time=time,
+                last_event_time=time,
             )
             self._batches[bkey] = batch
             self._schedule(batch)
-        outcome = Outcome.OVERWRITE if memory.batch_id == batch.batch_id else Outcome.COUNTED
-        if outcome is Outcome.COUNTED:
+        batch_id = batch.batch_id
+        counted = memory.batch_id != batch_id
+        if counted:
             batch.object_count += 1
-            memory.batch_id = batch.batch_id
+            memory.batch_id = batch_id
         batch.last_activity = clock
-        batch.last_event_time = event.time
+        batch.last_event_time = time
         self._dirty.add(bkey)
-        self._changes.objects[(batch.batch_id, event.key)] = ObjectRecord(
-            batch.batch_id, event.key, event.size, event.etag, event.sequencer, event.time
+        self._changes.objects[(batch_id, key)] = _record(
+            (batch_id, key, size, etag, sequencer, time)
         )
-        rules = self._rules_of.get(event.bucket) or self.rules.for_bucket(event.bucket)
-        if rules.complete_markers and rules.is_marker(event.key):
+        rules = self._rules_of.get(bucket) or self.rules.for_bucket(bucket)
+        if rules.complete_markers and rules.is_marker(key):
             return self._fire(batch, Trigger.MARKER, clock)
         if 0 < rules.threshold_event_count <= batch.object_count:
             return self._fire(batch, Trigger.COUNT, clock)
-        return outcome
+        return _COUNTED if counted else _OVERWRITE
 
     def _schedule(self, batch: OpenBatch) -> None:
         rules = self.rules.for_bucket(batch.bucket)

@@ -15,8 +15,9 @@ from edp.store.base import Store
 def open_store(url: str, *, fast_unsafe: bool = False) -> Store:
     """Open (and migrate) the store that ``url`` names.
 
-    ``fast_unsafe`` trades durability for speed. SQLite: no journal, no sync: only for
-    throw-away stores such as a replay's temporary database. PostgreSQL: asynchronous
+    ``fast_unsafe`` trades durability for speed. SQLite: no journal, no sync, and no
+    per-object rows or prune index (nobody would read them): only for throw-away stores
+    such as a replay's temporary database. PostgreSQL: asynchronous
     commits (``synchronous_commit = off``): the database stays consistent, a server
     crash may forget the last commits; replays into PostgreSQL use it.
     """

@@ -39,8 +39,9 @@ def _open_batch(row: Sequence[Any]) -> OpenBatch:
 class SqliteTransaction:
     """A write transaction on a SQLite store (see :class:`~edp.store.base.Transaction`)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, keep_objects: bool = True) -> None:
         self.conn = conn
+        self.keep_objects = keep_objects
 
     def load(self, request: LoadRequest) -> WorkingState:
         """Load the open batches, generations, key memories and fingerprints asked for."""
@@ -143,14 +144,14 @@ class SqliteTransaction:
             " last_generation = max(last_generation, excluded.last_generation)",
             write.generations(),
         )
-        c.executemany(
-            "INSERT INTO batch_objects (batch_id, key, size, etag, sequencer, event_time)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (batch_id, key) DO UPDATE SET"
-            " size = excluded.size, etag = excluded.etag, sequencer = excluded.sequencer,"
-            " event_time = excluded.event_time",
-            [(o.batch_id, o.key, o.size, o.etag, o.sequencer, o.event_time)
-             for o in write.objects],
-        )
+        if self.keep_objects:
+            c.executemany(
+                "INSERT INTO batch_objects (batch_id, key, size, etag, sequencer, event_time)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (batch_id, key) DO UPDATE SET"
+                " size = excluded.size, etag = excluded.etag, sequencer = excluded.sequencer,"
+                " event_time = excluded.event_time",
+                write.objects,  # ObjectRecord tuples, in the columns' order
+            )
         c.executemany(
             "INSERT INTO key_memory (bucket, key, sequencer, seen_at, batch_id)"
             " VALUES (?, ?, ?, ?, ?) ON CONFLICT (bucket, key) DO UPDATE SET"
