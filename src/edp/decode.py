@@ -37,13 +37,27 @@ class Decoded:
 
     def __init__(self) -> None:
         self.events: list[ObjectEvent] = []
-        self.ignored: dict[str, int] = {}
-        self.errors: list[DecodeError] = []
+        # Shared empty values until something is ignored or fails (most messages): read
+        # them, never change them in place; ignore() and fail() make them the message's own.
+        self.ignored: dict[str, int] = _NONE_IGNORED
+        self.errors: list[DecodeError] = _NO_ERRORS
 
     def ignore(self, kind: str) -> None:
         """Count one S3 event ignored for its type (a type S3 does not send: ``other``)."""
         kind = kind if kind in _KNOWN_IGNORED else _known_family(kind)
+        if self.ignored is _NONE_IGNORED:
+            self.ignored = {}
         self.ignored[kind] = self.ignored.get(kind, 0) + 1
+
+    def fail(self, error: DecodeError) -> None:
+        """Keep the error of one bad record among others."""
+        if self.errors is _NO_ERRORS:
+            self.errors = []
+        self.errors.append(error)
+
+
+_NONE_IGNORED: dict[str, int] = {}
+_NO_ERRORS: list[DecodeError] = []
 
 
 _KNOWN_IGNORED = frozenset({
@@ -192,7 +206,7 @@ def _records(records: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:
         try:
             _record(record, out, eb_encoded, depth)
         except DecodeError as exc:
-            out.errors.append(DecodeError(f"record {index}: {exc.reason}"))
+            out.fail(DecodeError(f"record {index}: {exc.reason}"))
 
 
 def _record(record: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:

@@ -156,8 +156,9 @@ class Engine:
         report = StepReport()
         events: list[ObjectEvent] = []
         encoded = not self.settings.eventbridge_raw_keys
+        count_messages = 0
         for message in messages:
-            report.messages += 1
+            count_messages += 1
             try:
                 decoded = decode_message(
                     message.body, location=message.location, eventbridge_keys_encoded=encoded
@@ -165,9 +166,10 @@ class Engine:
             except DecodeError as exc:
                 report.rejected.append(self._dead(message, exc, now))
                 continue
-            events.extend(decoded.events)
-            for kind, count in decoded.ignored.items():
-                report.counts[f"ignored.{kind}"] += count
+            events += decoded.events
+            if decoded.ignored:
+                for kind, count in decoded.ignored.items():
+                    report.counts[f"ignored.{kind}"] += count
             if decoded.errors:
                 # One dead letter (and one reported line) per input message, however
                 # many of its records were bad; the good records go on.
@@ -175,6 +177,7 @@ class Engine:
                 report.rejected.append(
                     self._dead(message, DecodeError(reason, location=message.location), now)
                 )
+        report.messages += count_messages
         report.events = len(events)
         return events, report
 
