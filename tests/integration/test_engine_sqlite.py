@@ -296,3 +296,24 @@ def test_package_ready_reads_pointers_outside_the_steps_transaction(tmp_path: Pa
     kinds = [orjson.loads(e.payload)["detail-type"] for e in store.outbox_events()]
     assert (before, kinds.count("package-ready")) == (1, 2)
     store.close()
+
+
+def test_the_relay_query_reads_pending_deliveries_only(url: str) -> None:
+    # Given a store whose sink has a long history of delivered events and a few pending
+    # (and no ANALYZE statistics: edp never runs ANALYZE on its SQLite file)
+    from edp.store.sqlite import PENDING_SQL
+
+    store = SqliteStore.from_url(url)
+    store.conn.executemany("INSERT INTO outbox (event_id, kind, payload, created_at)"
+                           " VALUES (?, 'k', '{}', 0)", [(f"e{i}",) for i in range(5000)])
+    store.conn.execute("INSERT INTO deliveries (sink, seq, event_id, delivered_at)"
+                       " SELECT 's', seq, event_id, CASE WHEN seq > 4990 THEN NULL ELSE 1 END"
+                       " FROM outbox")
+    # When the relay's query is planned
+    plan = [row[3] for row in store.conn.execute(
+        "EXPLAIN QUERY PLAN " + PENDING_SQL, ("s", 10.0, "s", 10.0, 500))]
+    # Then both the page and its order barrier search the pending index, never the
+    # whole history (a relay round grew with every delivery ever made)
+    searches = [step for step in plan if step.startswith(("SEARCH d", "SEARCH w", "SCAN"))]
+    assert searches and all("deliveries_pending" in step for step in searches), plan
+    assert len(store.pending("s", limit=500, now=10.0)) == 10

@@ -33,6 +33,21 @@ def sqlite_path(url: str) -> str:
     return path.removeprefix("/") if path.startswith("/") else path
 
 
+PENDING_SQL = (
+    "SELECT o.seq, o.event_id, o.kind, o.payload, o.created_at FROM deliveries d"
+    " JOIN outbox o ON o.seq = d.seq WHERE d.sink = ? AND d.delivered_at IS NULL"
+    " AND d.parked = 0 AND d.next_attempt <= ? AND d.seq < coalesce((SELECT"
+    # The order barrier: the first undelivered event that waits for its retry. Without
+    # the hint SQLite walks the primary key, i.e. every delivery ever made to the sink,
+    # and a relay round grew with the store's history (1 ms a call at 14k deliveries).
+    " min(w.seq) FROM deliveries w INDEXED BY deliveries_pending"
+    " WHERE w.sink = ? AND w.delivered_at IS NULL"
+    " AND w.parked = 0 AND w.next_attempt > ?), 9223372036854775807)"
+    " ORDER BY d.seq LIMIT ?"
+)
+"""Parameters: sink, now, sink, now, limit."""
+
+
 class SqliteStore:
     """The SQLite store (see :class:`~edp.store.base.Store`)."""
 
@@ -116,15 +131,7 @@ class SqliteStore:
     def pending(self, sink: str, *, limit: int, now: float) -> list[OutboxEntry]:
         """Outbox events not yet delivered to ``sink`` and due for an attempt, oldest
         first, none past an undelivered one that waits for its retry (order per sink)."""
-        rows = self.conn.execute(
-            "SELECT o.seq, o.event_id, o.kind, o.payload, o.created_at FROM deliveries d"
-            " JOIN outbox o ON o.seq = d.seq WHERE d.sink = ? AND d.delivered_at IS NULL"
-            " AND d.parked = 0 AND d.next_attempt <= ? AND d.seq < coalesce((SELECT"
-            " min(w.seq) FROM deliveries w WHERE w.sink = ? AND w.delivered_at IS NULL"
-            " AND w.parked = 0 AND w.next_attempt > ?), 9223372036854775807)"
-            " ORDER BY d.seq LIMIT ?",
-            (sink, now, sink, now, limit),
-        ).fetchall()
+        rows = self.conn.execute(PENDING_SQL, (sink, now, sink, now, limit)).fetchall()
         return [OutboxEntry(*row) for row in rows]
 
     def mark_delivered(self, sink: str, event_ids: Sequence[str], *, now: float) -> None:
