@@ -18,13 +18,14 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
 
 from edp.bootstrap import Runtime
 from edp.engine import Message, StepReport
+from edp.store import is_outage
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,24 @@ class Received:
     receipts: list[Any] = field(default_factory=list)
     report: StepReport | None = None
     """What the engine made of ``messages`` (set before :meth:`Source.ack`)."""
+    message_receipts: list[Any] | None = None
+    """The receipt of each message (aligned with ``messages``), from a source that can
+    acknowledge part of a delivery (see :meth:`without`); ``None`` if it cannot."""
+
+    def without(self, indices: Collection[int]) -> Received:
+        """This delivery less the messages at ``indices``: acknowledging it leaves those
+        to come again. Only for a source that gives :attr:`message_receipts`."""
+        if self.message_receipts is None:
+            raise ValueError("this source cannot acknowledge part of a delivery")
+        dropped = {id(self.message_receipts[i]) for i in indices}
+        kept = [i for i in range(len(self.messages)) if i not in indices]
+        return Received(
+            [self.messages[i] for i in kept],
+            self.caught_up,
+            receipts=[r for r in self.receipts if id(r) not in dropped],
+            report=self.report,
+            message_receipts=[self.message_receipts[i] for i in kept],
+        )
 
 
 class Source(Protocol):
@@ -171,14 +190,46 @@ class Daemon:
         """Run what a source delivered through the engine (one step), then acknowledge."""
         self._caught_up[source.name] = received.caught_up
         if received.messages:
-            report = self.runtime.engine.process(
-                received.messages, now=self.clock(), caught_up=self._all_caught_up()
-            )
-            received.report = report
-            self.stats.steps += 1
-            self.stats.messages += len(received.messages)
-            self.stats.fired += len(report.fired)
+            try:
+                received.report = self._step(received.messages)
+            except Exception as exc:
+                if (len(received.messages) < 2 or received.message_receipts is None
+                        or is_outage(exc)):
+                    raise  # all of it comes again
+                # A step that fails for a reason a retry does not fix must not hold back
+                # the messages received with the one that causes it (they would come
+                # back together, fail together, and reach the queue's DLQ together).
+                log.exception("a step of %d messages from %s failed; trying them one by one",
+                              len(received.messages), source.name)
+                source.ack(received.without(self._one_by_one(received.messages)))
+                return
         source.ack(received)
+
+    def _step(self, messages: list[Message]) -> StepReport:
+        report = self.runtime.engine.process(
+            messages, now=self.clock(), caught_up=self._all_caught_up()
+        )
+        self.stats.steps += 1
+        self.stats.messages += len(messages)
+        self.stats.fired += len(report.fired)
+        return report
+
+    def _one_by_one(self, messages: list[Message]) -> list[int]:
+        """One step per message; returns the indices of those whose step failed (they
+        are not acknowledged: they come again, until the queue's redrive policy moves
+        them to its DLQ). An outage raises: nothing more is acknowledged."""
+        failed = []
+        for index, message in enumerate(messages):
+            try:
+                self._step([message])
+            except Exception as exc:
+                if is_outage(exc):
+                    raise
+                self.stats.errors += 1
+                log.exception("%s (%s) failed a step of its own; it will come again",
+                              message.location, message.source)
+                failed.append(index)
+        return failed
 
     def _end_round(self) -> None:
         """Fire what is due once every source is caught up; relay the outbox."""

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
-import sys
 import threading
 import time
 import uuid
@@ -37,7 +35,8 @@ from typing import Any
 from edp.bootstrap import Runtime, build_observers, build_runtime
 from edp.config import load_settings
 from edp.engine import Message, StepReport
-from edp.errors import EdpError, StoreError
+from edp.errors import EdpError
+from edp.store import is_outage
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
         report = runtime("store").engine.process([m for _, m in messages], now=time.time())
     except Exception as exc:  # a boundary: fall back to one step per record
         reset_runtime()
-        if _is_outage(exc):
+        if is_outage(exc):
             # The database is unreachable: one step per record would only wait for it
             # again, record after record, past the function's timeout. All come again.
             log.exception("the store is unreachable; all %d SQS records come again",
@@ -140,7 +139,7 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
             streak = 0
         except Exception as exc:  # a boundary: this record comes back, the others go on
             reset_runtime()
-            if _is_outage(exc):
+            if is_outage(exc):
                 log.exception("the store is unreachable; the %d remaining SQS records come "
                               "again", len(messages) - index)
                 return failed + [mid for mid, _ in messages[index:]]
@@ -148,15 +147,6 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
             failed.append(message_id)
             streak += 1
     return failed
-
-
-def _is_outage(exc: BaseException) -> bool:
-    """Whether a failed step means the store is unreachable or unusable (a lost
-    connection, a file that cannot be opened), not that a record is bad."""
-    psycopg = sys.modules.get("psycopg")
-    lost = getattr(psycopg, "OperationalError", None) if psycopg is not None else None
-    return isinstance(exc, StoreError | OSError | sqlite3.OperationalError) or (
-        lost is not None and isinstance(exc, lost))
 
 
 def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:

@@ -221,6 +221,7 @@ class SqsSource:
         raw: list[dict[str, Any]] = response.get("Messages", [])
         messages: list[Message] = []
         receipts: list[SqsReceipt] = []
+        of_message: list[SqsReceipt] = []
         for item in raw:
             message = Message(
                 body=item.get("Body", ""),
@@ -240,8 +241,10 @@ class SqsSource:
                 # to a first step that failed (a re-delivery counts them once).
                 continue
             messages.append(message)
+            of_message.append(receipts[-1])
         self.keeper.hold(receipts)
-        return Received(messages, caught_up=len(raw) < self.max_messages, receipts=list(receipts))
+        return Received(messages, caught_up=len(raw) < self.max_messages, receipts=list(receipts),
+                        message_receipts=of_message)
 
     def ack(self, received: Received) -> None:
         """Delete what the engine committed (poison too, unless left to the redrive policy)."""

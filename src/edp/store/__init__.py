@@ -7,7 +7,10 @@ tests) and :mod:`edp.store.postgres` the production store (``postgresql://...``)
 
 from __future__ import annotations
 
-from edp.errors import ConfigError
+import sqlite3
+import sys
+
+from edp.errors import ConfigError, StoreError
 from edp.redact import redact_text
 from edp.store.base import Store
 
@@ -40,4 +43,16 @@ def open_store(url: str, *, fast_unsafe: bool = False) -> Store:
     )
 
 
-__all__ = ["Store", "open_store"]
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether a failed step means the store is unreachable or unusable (a lost
+    connection, a file that cannot be opened, a transient conflict), not that its input
+    is bad: input of such a step must come again whole, not be tried piece by piece."""
+    psycopg = sys.modules.get("psycopg")
+    lost = getattr(psycopg, "OperationalError", None) if psycopg is not None else None
+    return isinstance(exc, StoreError | OSError | sqlite3.OperationalError) or (
+        lost is not None and isinstance(exc, lost))
+
+
+__all__ = ["Store", "is_outage", "open_store"]

@@ -244,3 +244,89 @@ def notification(bucket: str, key: str, t: float) -> dict[str, Any]:
         "s3": {"bucket": {"name": bucket},
                "object": {"key": quote_plus(key, safe="/"), "size": 1, "eTag": "e"}},
     }]}
+
+
+class FailsOnKey:
+    """A step observer that fails every step holding one key: a message that no retry
+    can get through (the engine's own checks refuse every such input known today)."""
+
+    def __init__(self, key: str, error: type[Exception] = RuntimeError) -> None:
+        self.key = key
+        self.error = error
+
+    def observe(self, tx: Any, events: Any, *, clock: float, now: float, sinks: Any) -> None:
+        if any(event.key == self.key for event in events):
+            raise self.error(f"step fails on {self.key}")
+
+    def tick(self, tx: Any, *, clock: float, now: float, sinks: Any) -> int:
+        return 0
+
+    def after_commit(self, store: Any, *, now: float, sinks: Any) -> int:
+        return 0
+
+
+@pytest.mark.timeout(30)
+def test_a_message_that_fails_every_step_does_not_hold_back_the_others(
+    aws: Any, tmp_path: Path
+) -> None:
+    # Given a queue holding two good S3 events around one whose step always fails
+    from edp.bootstrap import build_runtime
+    from edp.daemon import Daemon
+    from edp_testing import ListSink, eventbridge, settings
+
+    url, _ = aws.queue("mixed")
+    now = time.time()
+    keys = ["lab/run/a.csv", "lab/run/poison.csv", "lab/run/b.csv"]
+    for n, key in enumerate(keys):
+        aws.sqs.send_message(QueueUrl=url, MessageBody=json.dumps(
+            eventbridge(key, now, bucket="bkt", sequencer=f"0{n}")))
+    cfg = settings(bucket_threshold_event_count=2, database_url=f"sqlite:///{tmp_path / 'd.db'}")
+    sink = ListSink()
+    runtime = build_runtime(cfg, sinks=[sink], observers=[FailsOnKey("lab/run/poison.csv")])
+    source = SqsSource(url, wait_seconds=0, visibility_timeout=2)
+    daemon = Daemon(runtime, [source], max_wait=0)
+    try:
+        # When the daemon receives all three at once
+        daemon.run_once()
+
+        # Then the two good ones made their batch and were deleted; the other one was
+        # not acknowledged: it is invisible now and comes again (for the queue's redrive)
+        assert [(e["detail"]["object-count"], e["detail"]["trigger"]) for e in sink.sent] == [
+            (2, "count")]
+        assert counts(aws, url) == (0, 1)
+        assert daemon.stats.errors == 1
+        time.sleep(2.5)
+        again = source.receive(wait=0)
+        assert [m.body for m in again.messages] and "poison" in str(again.messages[0].body)
+    finally:
+        source.close()
+        runtime.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_store_outage_acknowledges_nothing(aws: Any, tmp_path: Path) -> None:
+    # Given three messages and a store that fails (as when it is unreachable)
+    from edp.bootstrap import build_runtime
+    from edp.daemon import Daemon
+    from edp.errors import StoreError
+    from edp_testing import ListSink, eventbridge, settings
+
+    url, _ = aws.queue("outage")
+    for n, key in enumerate(["lab/run/a.csv", "lab/run/x.csv", "lab/run/b.csv"]):
+        aws.sqs.send_message(QueueUrl=url, MessageBody=json.dumps(
+            eventbridge(key, time.time(), bucket="bkt", sequencer=f"0{n}")))
+    cfg = settings(database_url=f"sqlite:///{tmp_path / 'd.db'}")
+    runtime = build_runtime(cfg, sinks=[ListSink()],
+                            observers=[FailsOnKey("lab/run/x.csv", StoreError)])
+    source = SqsSource(url, wait_seconds=0, visibility_timeout=30)
+    daemon = Daemon(runtime, [source], max_wait=0)
+    try:
+        # When a step fails for that reason, Then it is not tried message by message
+        # (each would wait for the store again): all three come again, none is deleted
+        with pytest.raises(StoreError):
+            daemon.run_once()
+        assert counts(aws, url) == (0, 3)
+        assert daemon.stats.steps == 0
+    finally:
+        source.close()
+        runtime.close()
