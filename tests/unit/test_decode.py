@@ -261,3 +261,18 @@ def test_values_no_store_can_hold_are_refused(field: str, value: str, why: str) 
         event["detail"]["object"][field] = value
     with pytest.raises(DecodeError, match=why):
         decode_message(event, eventbridge_keys_encoded=False)
+
+
+@given(
+    st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1)),
+    st.integers(min_value=0, max_value=59),
+)
+def test_times_of_a_minute_already_seen_parse_as_datetime_reads_them(
+    first: datetime, second: int
+) -> None:
+    # Given a time of S3's form that edp has parsed (its minute is now cached)
+    parse_time(first.strftime("%Y-%m-%dT%H:%M:%SZ"), what="time")
+    # When another second of that same minute comes
+    other = first.replace(second=second).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # Then it reads as datetime reads it (UTC)
+    assert parse_time(other, what="time") == datetime.fromisoformat(other).timestamp()
