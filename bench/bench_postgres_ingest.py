@@ -55,8 +55,8 @@ import psycopg
 from edp.config import Settings
 from edp.engine import Engine
 from edp.relay import Relay
-from edp.replay import read_chunks
 from edp.sinks.base import Failure
+from edp.sources.files import read_chunks
 from edp.store import open_store
 from edp.store.base import LoadRequest, OutboxEntry
 

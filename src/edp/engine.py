@@ -104,6 +104,60 @@ def default_worker_id(prefix: str = "") -> str:
     return f"{prefix}{socket.gethostname()}-{os.getpid()}"
 
 
+def decode_messages(
+    messages: Iterable[Message], *, now: float, eventbridge_keys_encoded: bool = True
+) -> tuple[list[ObjectEvent], StepReport]:
+    """Decode a step's messages: their object events, and a report holding a dead letter
+    for each message that could not be decoded (whole or in part) and the counts of S3
+    events ignored for their type. Pure: any process may run it for an engine."""
+    report = StepReport()
+    events: list[ObjectEvent] = []
+    count_messages = 0
+    for message in messages:
+        count_messages += 1
+        try:
+            decoded = decode_message(
+                message.body, location=message.location,
+                eventbridge_keys_encoded=eventbridge_keys_encoded,
+            )
+        except DecodeError as exc:
+            report.rejected.append(dead_letter(message, exc, now))
+            continue
+        events += decoded.events
+        if decoded.ignored:
+            for kind, count in decoded.ignored.items():
+                report.counts[f"ignored.{kind}"] += count
+        if decoded.errors:
+            # One dead letter (and one reported line) per input message, however
+            # many of its records were bad; the good records go on.
+            reason = "; ".join(error.reason for error in decoded.errors)
+            report.rejected.append(
+                dead_letter(message, DecodeError(reason, location=message.location), now)
+            )
+    report.messages += count_messages
+    report.events = len(events)
+    return events, report
+
+
+def dead_letter(message: Message, error: DecodeError, now: float) -> DeadLetter:
+    """The dead letter of a message that could not be decoded."""
+    body = message.body
+    if isinstance(body, dict):
+        try:
+            text = orjson.dumps(body).decode()
+        except TypeError:  # what orjson cannot write (an integer past 64 bits...)
+            text = json.dumps(body, default=repr)
+    else:
+        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    return DeadLetter(
+        source=message.source,
+        location=error.location or message.location,
+        reason=error.reason,
+        body=text,
+        received_at=now,
+    )
+
+
 class Engine:
     """Drives the pure core against a store. One engine per worker process."""
 
@@ -153,33 +207,9 @@ class Engine:
         self, messages: Iterable[Message], now: float
     ) -> tuple[list[ObjectEvent], StepReport]:
         """Decode messages; undecodable ones become dead letters in the report."""
-        report = StepReport()
-        events: list[ObjectEvent] = []
-        encoded = not self.settings.eventbridge_raw_keys
-        count_messages = 0
-        for message in messages:
-            count_messages += 1
-            try:
-                decoded = decode_message(
-                    message.body, location=message.location, eventbridge_keys_encoded=encoded
-                )
-            except DecodeError as exc:
-                report.rejected.append(self._dead(message, exc, now))
-                continue
-            events += decoded.events
-            if decoded.ignored:
-                for kind, count in decoded.ignored.items():
-                    report.counts[f"ignored.{kind}"] += count
-            if decoded.errors:
-                # One dead letter (and one reported line) per input message, however
-                # many of its records were bad; the good records go on.
-                reason = "; ".join(error.reason for error in decoded.errors)
-                report.rejected.append(
-                    self._dead(message, DecodeError(reason, location=message.location), now)
-                )
-        report.messages += count_messages
-        report.events = len(events)
-        return events, report
+        return decode_messages(
+            messages, now=now, eventbridge_keys_encoded=not self.settings.eventbridge_raw_keys
+        )
 
     def process(
         self,
@@ -201,6 +231,21 @@ class Engine:
         otherwise the engine reads it.
         """
         events, report = self.decode(messages, now)
+        return self.process_decoded(events, report, now=now, caught_up=caught_up, floor=floor,
+                                    publish=publish)
+
+    def process_decoded(
+        self,
+        events: list[ObjectEvent],
+        report: StepReport,
+        *,
+        now: float,
+        caught_up: bool = False,
+        floor: float | None = None,
+        publish: float | None = None,
+    ) -> StepReport:
+        """:meth:`process` of messages already decoded (by :func:`decode_messages`,
+        possibly in another process): ``report`` holds their dead letters and counts."""
         clock = self.clock
         end_clock = max([clock, *(e.time for e in events)])
         if caught_up:
@@ -436,24 +481,6 @@ class Engine:
         return clock if math.isfinite(clock) else -1e18
 
     @staticmethod
-    def _dead(message: Message, error: DecodeError, now: float) -> DeadLetter:
-        body = message.body
-        if isinstance(body, dict):
-            try:
-                text = orjson.dumps(body).decode()
-            except TypeError:  # what orjson cannot write (an integer past 64 bits...)
-                text = json.dumps(body, default=repr)
-        else:
-            text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-        return DeadLetter(
-            source=message.source,
-            location=error.location or message.location,
-            reason=error.reason,
-            body=text,
-            received_at=now,
-        )
-
-    @staticmethod
     def _log_fired(fired: Sequence[BatchReady]) -> None:
         for ready in fired:
             log.info(
@@ -463,4 +490,13 @@ class Engine:
             )
 
 
-__all__ = ["Engine", "Message", "Outcome", "StepObserver", "StepReport", "default_worker_id"]
+__all__ = [
+    "Engine",
+    "Message",
+    "Outcome",
+    "StepObserver",
+    "StepReport",
+    "dead_letter",
+    "decode_messages",
+    "default_worker_id",
+]

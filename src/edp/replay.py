@@ -13,9 +13,7 @@ import math
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Protocol, TextIO, cast
 
@@ -25,9 +23,7 @@ from edp.decode import decode_message
 from edp.engine import Message, StepReport, default_worker_id
 from edp.errors import ConfigError, DecodeError, EdpError
 from edp.sinks import StdoutSink
-
-_message = partial(tuple.__new__, Message)
-"""``Message`` from one tuple, without the keyword handling of its constructor (per line)."""
+from edp.sources.files import decoded_chunks
 
 
 @dataclass(slots=True)
@@ -72,20 +68,6 @@ class ReplaySummary:
             f"{sum(skipped.values())} not batched{f' ({why})' if why else ''}, "
             f"{ignored} ignored by type{hint}"
         )
-
-
-def read_chunks(stream: BinaryIO, size: int) -> Iterator[list[Message]]:
-    """Non-blank lines of ``stream`` as messages located by line number, ``size`` at a time."""
-    chunk: list[Message] = []
-    for number, line in enumerate(stream, start=1):
-        if line.isspace() or not line:  # (strip() would copy every line)
-            continue
-        chunk.append(_message((line, f"line {number}", "replay")))
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def run_replay(
@@ -144,9 +126,14 @@ def run_replay(
             if settings.replay_workers > 1:
                 run_part(runtime, stream, summary, stderr)
                 return summary
-            for chunk in read_chunks(stream, settings.chunk_size):
-                summary.lines += len(chunk)
-                summary.record(runtime.engine.process(chunk, now=time.time()), stderr)
+            # Lines are decoded one chunk ahead, on the other core where it can be forked.
+            for lines, events, decoded in decoded_chunks(
+                stream, size=settings.chunk_size, encoded=not settings.eventbridge_raw_keys
+            ):
+                summary.lines += lines
+                summary.record(
+                    runtime.engine.process_decoded(events, decoded, now=time.time()), stderr
+                )
                 runtime.relay.deliver()
             for ready in runtime.engine.finish(now=time.time()):
                 summary.fired[ready.trigger.value] += 1
