@@ -105,11 +105,9 @@ def parse_time(value: Any, *, what: str) -> float:
             return cached
         # S3's own form, YYYY-MM-DDTHH:MM:SSZ: the minute from a cache, the seconds added
         # (the minute was parsed by datetime once; "60" is no second, as for datetime).
-        if len(value) == 20 and value[19] == "Z" and value[16] == ":":
-            second = _SECONDS.get(value[17:19])
-            minute = _MINUTES.get(value[:16])
-            if second is not None and minute is not None:
-                return minute + second
+        split = _s3_minute(value)
+        if split is not None and split[0] in _MINUTES:
+            return _MINUTES[split[0]] + split[1]
     if not isinstance(value, str) or not value:
         raise DecodeError(f"{what} is missing or not a string: {value!r}")
     parsed = _parse_time(value, what)
@@ -117,9 +115,18 @@ def parse_time(value: Any, *, what: str) -> float:
         _TIMES.clear()
         _MINUTES.clear()
     _TIMES[value] = parsed
-    if len(value) == 20 and value[19] == "Z" and value[16] == ":" and value[17:19] in _SECONDS:
-        _MINUTES[value[:16]] = parsed - _SECONDS[value[17:19]]
+    split = _s3_minute(value)
+    if split is not None:
+        _MINUTES[split[0]] = parsed - split[1]
     return parsed
+
+
+def _s3_minute(value: str) -> tuple[str, float] | None:
+    """``YYYY-MM-DDTHH:MM:SSZ`` as (its minute, its seconds), or None for another form."""
+    if len(value) != 20 or value[19] != "Z" or value[16] != ":":
+        return None
+    second = _SECONDS.get(value[17:19])
+    return None if second is None else (value[:16], second)
 
 
 def _parse_time(value: str, what: str) -> float:

@@ -43,8 +43,6 @@ def open_store(url: str, *, fast_unsafe: bool = False) -> Store:
     )
 
 
-
-
 def is_outage(exc: BaseException) -> bool:
     """Whether a failed step means the store is unreachable or unusable (a lost
     connection, a file that cannot be opened, a transient conflict), not that its input
