@@ -22,7 +22,7 @@ import socket
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
 import orjson
 
@@ -37,6 +37,7 @@ from edp.store.base import (
     ClosedBatch,
     DeadLetter,
     LoadRequest,
+    QueueTransaction,
     SavedBatch,
     StepWrite,
     Store,
@@ -246,59 +247,125 @@ class Engine:
     ) -> StepReport:
         """:meth:`process` of messages already decoded (by :func:`decode_messages`,
         possibly in another process): ``report`` holds their dead letters and counts."""
+        if floor is None:
+            floor = self._floor(now)
+        with self.store.transaction() as tx:
+            clock = self._apply(tx, events, report, now=now, caught_up=caught_up, floor=floor,
+                                publish=publish)
+        return self._applied(clock, report, now)
+
+    # -- several replay workers on one stream (see edp.replay) ----------------------
+    def enqueue(
+        self,
+        events: Sequence[tuple[int, float, ObjectEvent]],
+        report: StepReport,
+        *,
+        now: float,
+        clock: float,
+    ) -> None:
+        """Queue decoded events, as (seq in this worker's part, effective time, event), for
+        whichever worker applies them (:meth:`process_queued`); the messages' dead
+        letters and counts commit with them, and the worker publishes ``clock``."""
+        with self.store.transaction() as tx:
+            cast(QueueTransaction, tx).queue_events(self.worker_id, events)
+            tx.add_dead_letters(report.rejected)
+            report.counts["dead_letters"] += len(report.rejected)
+            report.counts["messages"] += report.messages
+            tx.add_counters(report.counts)
+            tx.heartbeat(self.worker_id, clock=self._published(clock), now=now)
+
+    def process_queued(
+        self, *, now: float, limit: int, publish: float | None = None, beat: bool = True
+    ) -> tuple[int, StepReport] | None:
+        """Apply up to ``limit`` queued events, in the queue's order, below the lowest
+        clock of the live workers (and fire nothing due after it): how many were
+        applied, and the step's report (whose ``events`` is 0: they were decoded, and
+        counted, by whoever queued them). None when another worker holds the apply
+        lock. ``beat=False``: the step publishes no clock (a finished worker draining
+        the queue stays finished).
+        """
+        with self.store.transaction() as tx:
+            queued = cast(QueueTransaction, tx).take_queued(
+                limit=limit, now=now, timeout=self.settings.worker_timeout
+            )
+            if queued is None:
+                return None
+            # The workers' engines share one clock: the newest effective time applied.
+            # (This engine's own may be ahead: a worker publishes how far it queued.)
+            self.clock = queued.clock
+            report = StepReport()
+            clock = self._apply(tx, queued.events, report, now=now, floor=queued.floor,
+                                publish=publish, beat=beat)
+        return len(queued.events), self._applied(clock, report, now)
+
+    def _apply(
+        self,
+        tx: Transaction,
+        events: list[ObjectEvent],
+        report: StepReport,
+        *,
+        now: float,
+        floor: float,
+        caught_up: bool = False,
+        publish: float | None = None,
+        beat: bool = True,
+    ) -> float:
+        """The body of a step, in its transaction: returns the clock it ends at."""
         clock = self.clock
         end_clock = max([clock, *(e.time for e in events)])
         if caught_up:
             end_clock = max(end_clock, now)
-        if floor is None:
-            floor = self._floor(now)
         batcher = Batcher(self.rules)
         prefixes = [batcher.classify(event) for event in events]
         sinks = self.sinks
-        with self.store.transaction() as tx:
-            state = tx.load(self._request(events, prefixes, min(end_clock, floor)))
-            self._batcher(state, into=batcher)
-            fired = report.fired
-            fired += batcher.advance(min(clock, floor))
-            outcomes: dict[Outcome | Skip, int] = {}
-            apply, advance = batcher.apply, batcher.advance
-            for event, prefix in zip(events, prefixes, strict=True):
-                if event.time > clock:
-                    clock = event.time
-                    fired += advance(min(clock, floor))
-                result = apply(event, clock, prefix)
-                if isinstance(result, BatchReady):  # (a plain class: a cheap check)
-                    fired.append(result)
-                    outcome: Outcome | Skip = _COUNTED
-                else:
-                    outcome = result
-                outcomes[outcome] = outcomes.get(outcome, 0) + 1
-            for result, count in outcomes.items():
-                kind = "skipped" if isinstance(result, Skip) else "events"
-                report.counts[f"{kind}.{result.value}"] += count
-            if caught_up:
-                clock = max(clock, now)
-                report.fired += batcher.advance(min(clock, floor))
-            for observer in self.observers:
-                observer.observe(tx, events, clock=clock, now=now, sinks=sinks)
-                report.counts["observer.emitted"] += observer.tick(
-                    tx, clock=min(clock, floor), now=now, sinks=sinks
-                )
-            tx.save(self._write(batcher.take_changes()), sinks=sinks, now=now)
-            tx.add_dead_letters(report.rejected)
-            report.counts["dead_letters"] += len(report.rejected)
-            report.counts["messages"] += report.messages
-            for ready in report.fired:
-                report.counts[f"batches.{ready.trigger.value}"] += 1
-            tx.add_counters(report.counts)
+        state = tx.load(self._request(events, prefixes, min(end_clock, floor)))
+        self._batcher(state, into=batcher)
+        fired = report.fired
+        fired += batcher.advance(min(clock, floor))
+        outcomes: dict[Outcome | Skip, int] = {}
+        apply, advance = batcher.apply, batcher.advance
+        for event, prefix in zip(events, prefixes, strict=True):
+            if event.time > clock:
+                clock = event.time
+                fired += advance(min(clock, floor))
+            result = apply(event, clock, prefix)
+            if isinstance(result, BatchReady):  # (a plain class: a cheap check)
+                fired.append(result)
+                outcome: Outcome | Skip = _COUNTED
+            else:
+                outcome = result
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        for result, count in outcomes.items():
+            kind = "skipped" if isinstance(result, Skip) else "events"
+            report.counts[f"{kind}.{result.value}"] += count
+        if caught_up:
+            clock = max(clock, now)
+            report.fired += batcher.advance(min(clock, floor))
+        for observer in self.observers:
+            observer.observe(tx, events, clock=clock, now=now, sinks=sinks)
+            report.counts["observer.emitted"] += observer.tick(
+                tx, clock=min(clock, floor), now=now, sinks=sinks
+            )
+        tx.save(self._write(batcher.take_changes()), sinks=sinks, now=now)
+        tx.add_dead_letters(report.rejected)
+        report.counts["dead_letters"] += len(report.rejected)
+        report.counts["messages"] += report.messages
+        for ready in report.fired:
+            report.counts[f"batches.{ready.trigger.value}"] += 1
+        tx.add_counters(report.counts)
+        if beat:
             tx.heartbeat(
                 self.worker_id,
                 clock=self._published(clock if publish is None else max(clock, publish)),
                 now=now,
             )
+        return clock
+
+    def _applied(self, clock: float, report: StepReport, now: float) -> StepReport:
+        """After a step committed."""
         self.clock = clock
         if self.observers:
-            report.counts["observer.emitted"] += self._after_commit(now, sinks)
+            report.counts["observer.emitted"] += self._after_commit(now, self.sinks)
         self._log_fired(report.fired)
         return report
 
@@ -317,6 +384,10 @@ class Engine:
         self.store.heartbeat(self.worker_id, clock=self._published(self.clock), now=now)
         if not self.store.finish_worker(self.worker_id):
             return []
+        return self.flush(now=now)
+
+    def flush(self, *, now: float) -> list[BatchReady]:
+        """Fire every open batch at its own deadline (the end of all input)."""
         return self._fire_until(math.inf, now=now)
 
     def _fire_until(

@@ -12,16 +12,15 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol, TextIO, cast
 
 from edp.bootstrap import Runtime, build_runtime
 from edp.config import Settings
-from edp.decode import decode_message
-from edp.engine import Message, StepReport, default_worker_id
-from edp.errors import ConfigError, DecodeError, EdpError
+from edp.engine import StepReport, default_worker_id
+from edp.errors import ConfigError, EdpError
 from edp.sinks import StdoutSink
 from edp.sources.files import decoded_chunks
 
@@ -155,125 +154,43 @@ def run_replay(
 # replay of the whole stream emits. A batch's fate depends only on the events of
 # its prefix and their times, so it is enough that events are applied in time
 # order across workers and that nothing fires before every event that could
-# still extend it was applied. Conservative synchronisation gives both:
+# still extend it was applied. A shared queue gives both:
 #
-# - a worker's *clock* is the effective time of its next unapplied event (the
-#   running maximum of its part's event times), published by each step's commit
-#   (Transaction.heartbeat; store.heartbeat while it waits);
-# - a worker applies an event only when its effective time is <= every other live,
-#   unfinished worker's clock (store.fire_floor), else it waits for a heartbeat;
-# - the engine fires only up to that same floor, so no batch fires early;
-# - a finished worker no longer holds the others back; the last one flushes.
+# - each worker decodes its part and queues its events (Engine.enqueue), each
+#   stamped with its *effective time*: the running maximum of the part's event
+#   times up to it. Its *clock*, published with each chunk queued, is the
+#   effective time of the last event it queued: the next one's is not lower;
+# - whoever holds the apply lock (a PostgreSQL advisory lock; the others go on
+#   queueing) takes the queued events whose effective time is below the lowest
+#   clock of the live, unfinished workers (the floor), in (effective time, worker,
+#   seq) order, and applies them as one engine step that fires nothing due after
+#   the floor (Engine.process_queued): events of all parts, merged in time order;
+# - a worker whose part is queued is finished and no longer holds the floor back;
+#   the last to finish applies what is left and fires every open batch.
 #
-# Ties: events of equal time in different parts may be applied in either order.
-# That changes nothing unless they belong to one prefix and their order matters
-# (a marker, or the count threshold, between them): strictly increasing event
-# times (per prefix) make the result exact. Duplicates (re-deliveries later in the
-# stream) are fine: they carry their original's time and change nothing.
+# Ties: events of equal effective time in different parts are applied in the
+# order of their workers' ids, not necessarily the stream's. That changes nothing
+# unless they belong to one prefix and their order matters (a marker, or the
+# count threshold, between them): strictly increasing event times (per prefix)
+# make the result exact. Duplicates (re-deliveries later in the stream) are fine:
+# they carry their original's time and change nothing.
 
 
-class WorkerRoster(Protocol):
+class ReplayRoster(Protocol):
     """What a shared store offers replay workers beyond the Store port."""
 
     def live_workers(self, *, now: float, timeout: float) -> int:
         """Workers (finished or not) with a heartbeat within ``timeout``."""
         ...
 
-    def worker_clocks(self, *, now: float, timeout: float) -> dict[str, float]:
-        """The clocks of the live, unfinished workers."""
+    def applied_seq(self, worker_id: str) -> int:
+        """The last of ``worker_id``'s queued events applied (-1: none)."""
         ...
-
-    def listen_workers(self, worker_id: str) -> None:
-        """Start receiving the wake-ups of ``worker_id``."""
-        ...
-
-    def wait_for_workers(self, timeout: float) -> bool:
-        """Wait until woken by another worker's progress (True) or ``timeout`` (False)."""
-        ...
-
-
-class _Floor:
-    """The lowest clock of the other live, unfinished workers, as last read.
-
-    It is re-read when this worker is woken (a heartbeat wakes the workers that
-    hold the lowest clock: only they may be able to go on) or after a while
-    without news (so a silent worker stops counting after ``worker_timeout``).
-    Clocks only rise, so a value read earlier is never above the store's
-    ``fire_floor`` that the engine uses.
-    """
-
-    def __init__(self, roster: WorkerRoster, me: str, timeout: float) -> None:
-        self.roster, self.me, self.timeout = roster, me, timeout
-        self.value = math.inf
-        self.refresh()
-
-    def refresh(self) -> None:
-        clocks = self.roster.worker_clocks(now=time.time(), timeout=self.timeout)
-        clocks.pop(self.me, None)
-        self.value = min(clocks.values(), default=math.inf)
-
-    def wait(self, seconds: float) -> None:
-        """Wait to be woken (or ``seconds``), then re-read."""
-        self.roster.wait_for_workers(seconds)
-        self.refresh()
-
-
-@dataclass(slots=True)
-class _Timed:
-    message: Message
-    time: float  # effective: the running maximum of event times up to this line
-
-
-class _Part:
-    """The lines of one part with their effective times, read ahead lazily."""
-
-    def __init__(self, stream: BinaryIO, *, clock: float, encoded: bool, ahead: int) -> None:
-        self.lines = enumerate(stream, start=1)
-        self.clock = clock
-        self.encoded = encoded
-        self.ahead = ahead
-        self.queue: deque[_Timed] = deque()
-        self.done = False
-
-    def fill(self) -> None:
-        while not self.done and len(self.queue) < self.ahead:
-            item = next(self.lines, None)
-            if item is None:
-                self.done = True
-                break
-            number, line = item
-            if not line.strip():
-                continue
-            location = f"line {number}"
-            try:
-                decoded = decode_message(
-                    line, location=location, eventbridge_keys_encoded=self.encoded
-                )
-            except DecodeError:
-                pass  # the engine rejects it again and reports it
-            else:
-                self.clock = max([self.clock, *(e.time for e in decoded.events)])
-            self.queue.append(_Timed(Message(line, location, source="replay"), self.clock))
-
-    def next_time(self) -> float:
-        """Effective time of the next line (+inf when none is left)."""
-        self.fill()
-        return self.queue[0].time if self.queue else math.inf
-
-    def take(self, until: float, limit: int) -> list[Message]:
-        """Up to ``limit`` next lines whose effective time is <= ``until``."""
-        chunk: list[Message] = []
-        while len(chunk) < limit:
-            self.fill()
-            if not self.queue or self.queue[0].time > until:
-                break
-            chunk.append(self.queue.popleft().message)
-        return chunk
 
 
 def _publishable(clock: float) -> float:
-    # Finite stand-ins: nothing seen yet, or nothing left.
-    return min(max(clock, -1e18), 1e18)
+    # A finite stand-in for "nothing queued yet".
+    return max(clock, -1e18)
 
 
 def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr: TextIO) -> None:
@@ -282,25 +199,17 @@ def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr:
     Every worker registers (publishes its clock) and waits until all
     ``replay_workers`` have, so that none runs ahead of a late starter. A worker
     killed and restarted with the same ``worker_id`` within ``worker_timeout``
-    re-reads its part: what it had committed comes back as duplicates.
+    reads its part again and queues what it had not queued, nor seen applied.
     """
     settings, engine, store = runtime.settings, runtime.engine, runtime.store
-    if not all(hasattr(store, name) for name in ("live_workers", "worker_clocks",
-                                                 "listen_workers", "wait_for_workers")):
+    if not all(hasattr(store, name) for name in ("live_workers", "applied_seq")):
         raise ConfigError(
             "replay_workers > 1 needs a shared PostgreSQL store: pass --database-url "
             "postgresql://..."
         )
-    roster = cast(WorkerRoster, store)
-    me, timeout = engine.worker_id, settings.worker_timeout
-    part = _Part(stream, clock=engine.clock, encoded=not settings.eventbridge_raw_keys,
-                 ahead=2 * settings.chunk_size)
-
-    def publish() -> None:
-        store.heartbeat(me, clock=_publishable(part.next_time()), now=time.time())
-
-    roster.listen_workers(me)
-    publish()
+    roster = cast(ReplayRoster, store)
+    me, timeout, size = engine.worker_id, settings.worker_timeout, settings.chunk_size
+    store.heartbeat(me, clock=_publishable(-math.inf), now=time.time())
     started = time.monotonic()
     while roster.live_workers(now=time.time(), timeout=timeout) < settings.replay_workers:
         if time.monotonic() - started > timeout:
@@ -308,33 +217,48 @@ def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr:
                 f"replay worker {me}: fewer than {settings.replay_workers} workers "
                 f"registered within worker_timeout ({timeout:g}s)"
             )
-        roster.wait_for_workers(0.2)
-        publish()
-    floor = _Floor(roster, me, timeout)
-    beat = delivered = time.monotonic()
-    while part.next_time() < math.inf:
-        chunk = part.take(floor.value, settings.chunk_size)
-        if not chunk:
-            if time.monotonic() - beat > timeout / 4:
-                publish()  # still alive, merely waiting
-                beat = time.monotonic()
-            floor.wait(min(1.0, timeout / 4))
-            continue
-        summary.lines += len(chunk)
-        # The step publishes the time of this part's next line (its heartbeat rides
-        # on the step's commit) and fires up to the floor just read: one commit a turn.
-        report = engine.process(chunk, now=time.time(), floor=floor.value,
-                                publish=_publishable(part.next_time()))
-        summary.record(report, stderr)
-        beat = time.monotonic()
-        if beat - delivered > 0.5:  # delivery is not on the critical path of the others
+        time.sleep(0.1)
+        store.heartbeat(me, clock=_publishable(-math.inf), now=time.time())
+    applied = roster.applied_seq(me)  # a restarted worker: what it queued and saw applied
+    clock, seq = -math.inf, 0
+    delivered = time.monotonic()
+    for lines, events, decoded in decoded_chunks(
+        stream, size=size, encoded=not settings.eventbridge_raw_keys
+    ):
+        summary.lines += lines
+        rows = []
+        for event in events:
+            if event.time > clock:
+                clock = event.time
+            if seq > applied:
+                rows.append((seq, clock, event))
+            seq += 1
+        engine.enqueue(rows, decoded, now=time.time(), clock=clock)
+        summary.record(decoded, stderr)
+        # Apply a chunk when the lock is free (the others queue meanwhile).
+        taken = engine.process_queued(now=time.time(), limit=size, publish=_publishable(clock))
+        if taken is not None:
+            summary.record(taken[1], stderr)
+        if time.monotonic() - delivered > 0.5:  # delivery is not on the others' path
             runtime.relay.deliver()
             delivered = time.monotonic()
-    for ready in engine.finish(now=time.time()):
-        summary.fired[ready.trigger.value] += 1
-    runtime.relay.deliver()
-    if store.fire_floor(me, now=time.time(), timeout=math.inf) is None:
+    store.heartbeat(me, clock=_publishable(clock), now=time.time())
+    if store.finish_worker(me):
+        # The last one: nobody holds the floor back any more; apply what is left.
+        while True:
+            taken = engine.process_queued(now=time.time(), limit=size, beat=False)
+            if taken is None:
+                time.sleep(0.02)  # a finished worker's last step still holds the lock
+                continue
+            summary.record(taken[1], stderr)
+            if not taken[0]:
+                break
+        for ready in engine.flush(now=time.time()):
+            summary.fired[ready.trigger.value] += 1
+        runtime.relay.deliver()
         _drain(runtime)
+    else:
+        runtime.relay.deliver()
 
 
 def _drain(runtime: Runtime) -> None:

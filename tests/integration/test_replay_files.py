@@ -6,6 +6,9 @@ from __future__ import annotations
 import io
 import multiprocessing
 import os
+import select
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +61,42 @@ def test_a_decoding_process_that_dies_fails_the_replay() -> None:
                 next(chunks)
     finally:
         os.close(write_end)
+
+
+CHILD_OF_KILLED = """
+import os, sys, time
+from edp.sources.files import decoded_chunks
+with open(sys.argv[1], "rb") as stream:
+    chunks = decoded_chunks(stream, size=10, encoded=True)
+    next(chunks)
+    print("ready", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_child_of_a_killed_replay_keeps_none_of_its_descriptors(tmp_path: Path) -> None:
+    # Given a replay holding a descriptor of its own (as its database connections are)
+    # and a decoding child blocked ahead of it on a long input
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(FORMATS.read_bytes() * 2000)
+    read_end, write_end = os.pipe()
+    replay = subprocess.Popen([sys.executable, "-c", CHILD_OF_KILLED, str(big)],
+                              stdout=subprocess.PIPE, pass_fds=[write_end])
+    os.close(write_end)
+    try:
+        assert replay.stdout is not None
+        assert replay.stdout.readline() == b"ready\n"
+        # When the replay is killed
+        replay.kill()
+        replay.wait(timeout=10)
+        # Then nobody holds its descriptor any more: the child closed it (a database
+        # connection would end with its transaction, instead of holding its locks)
+        ready, _, _ = select.select([read_end], [], [], 10)
+        assert ready and os.read(read_end, 1) == b"", "the decoding child kept the descriptor"
+    finally:
+        os.close(read_end)
+        replay.kill()
+        replay.wait(timeout=10)
+        if replay.stdout is not None:
+            replay.stdout.close()

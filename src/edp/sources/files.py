@@ -109,6 +109,7 @@ def _ahead(fd: int, size: int, encoded: bool) -> Iterator[Decoded]:
 def _decode_into(fd: int, sender: Connection, size: int, encoded: bool) -> None:
     """The child: decode chunk after chunk, hand each over; ``None`` at the end, or the
     error's traceback as text."""
+    _close_inherited(keep={fd, sender.fileno()})
     try:
         with os.fdopen(fd, "rb") as stream:
             for lines, events, report in _here(stream, size, encoded):
@@ -120,6 +121,19 @@ def _decode_into(fd: int, sender: Connection, size: int, encoded: bool) -> None:
         sender.send_bytes(marshal.dumps(traceback.format_exc(limit=5)))
     finally:
         sender.close()
+
+
+def _close_inherited(keep: set[int]) -> None:
+    """Close every descriptor the child inherited but does not use (standard streams
+    aside). Above all the parent's database connections: if the parent is killed they
+    must close with it, or its open transaction (and the locks it holds) would live on
+    in the child; and the pipe's reading end, so that the child's next send fails
+    (and it ends) once the parent is gone."""
+    low = 3
+    for fd in [*sorted(keep), os.sysconf("SC_OPEN_MAX")]:
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
 
 
 def _plain(lines: int, events: list[ObjectEvent], report: StepReport) -> Any:

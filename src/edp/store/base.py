@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from edp.core.batching import BatchKey, Changes, KeyMemory, ObjectKey, ObjectRecord, OpenBatch
+from edp.core.events import ObjectEvent
 from edp.errors import NotFound
 
 
@@ -229,6 +230,33 @@ class Transaction(Protocol):
         Other workers see the clock and the step's changes at the same moment, and
         the step costs no extra commit.
         """
+        ...
+
+
+class Queued(NamedTuple):
+    """Events taken from a shared queue of replay workers (see :mod:`edp.replay`)."""
+
+    events: list[ObjectEvent]
+    floor: float
+    """The lowest clock of the live, unfinished workers: nothing due after it may fire."""
+    clock: float
+    """The newest effective time applied before these events (by any worker)."""
+
+
+class QueueTransaction(Transaction, Protocol):
+    """A transaction of a store shared by replay workers (PostgreSQL)."""
+
+    def queue_events(
+        self, worker_id: str, events: Sequence[tuple[int, float, ObjectEvent]]
+    ) -> None:
+        """Queue a worker's events as (seq in its part, effective time, event); an event
+        queued before (same worker and seq) is not queued again."""
+        ...
+
+    def take_queued(self, *, limit: int, now: float, timeout: float) -> Queued | None:
+        """Take the apply lock (None when another transaction holds it), then remove and
+        return up to ``limit`` queued events whose effective time is below the lowest
+        clock of the workers with a heartbeat within ``timeout``, in queue order."""
         ...
 
 

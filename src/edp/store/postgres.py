@@ -90,8 +90,6 @@ class PostgresStore(WorkerClocks):
         delivery_lease: float = 60.0,
     ) -> None:
         self.url = redact_text(url)
-        self._dsn = url
-        self._listener: psycopg.Connection[Any] | None = None
         self.retry_seconds = retry_seconds
         self.delivery_lease = delivery_lease
         # Counter rows are sharded per store so that workers do not queue on them.
@@ -370,8 +368,6 @@ class PostgresStore(WorkerClocks):
 
     def close(self) -> None:
         """Close every pooled connection."""
-        if self._listener is not None:
-            self._listener.close()
         self.pool.close()
 
 

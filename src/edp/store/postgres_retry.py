@@ -31,8 +31,9 @@ import psycopg
 from psycopg_pool import ConnectionPool
 from tenacity import Retrying
 
+from edp.core.events import ObjectEvent
 from edp.errors import StoreError
-from edp.store.base import DeadLetter, LoadRequest, StepWrite, Timer, WorkingState
+from edp.store.base import DeadLetter, LoadRequest, Queued, StepWrite, Timer, WorkingState
 from edp.store.postgres_tx import PostgresTransaction
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,17 @@ class RetryingTransaction:
     def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
         """Publish a worker's clock with the commit."""
         self._call("heartbeat", worker_id, clock=clock, now=now)
+
+    def queue_events(
+        self, worker_id: str, events: Sequence[tuple[int, float, ObjectEvent]]
+    ) -> None:
+        """Queue a replay worker's events."""
+        self._call("queue_events", worker_id, events)
+
+    def take_queued(self, *, limit: int, now: float, timeout: float) -> Queued | None:
+        """Take the apply lock and the next queued events below the workers' floor."""
+        result: Queued | None = self._call("take_queued", limit=limit, now=now, timeout=timeout)
+        return result
 
     # -- end --------------------------------------------------------------------------------
     def commit(self) -> None:

@@ -30,14 +30,18 @@ import orjson
 import psycopg
 
 from edp.core.batching import BatchKey, KeyMemory, OpenBatch
+from edp.core.events import EventKind, ObjectEvent
 from edp.store.base import (
     DeadLetter,
     LoadRequest,
+    Queued,
     StepWrite,
     Timer,
     WorkingState,
 )
 from edp.store.postgres_workers import HEARTBEAT_SQL, heartbeat_params
+
+APPLY_LOCK = 0x65647003  # pg_advisory_xact_lock key of the replay workers' applier
 
 BATCH_COLUMNS = (
     "batch_id, bucket, prefix, generation, state, object_count, first_activity, last_activity,"
@@ -58,6 +62,21 @@ def _json(rows: Iterable[Sequence[Any]]) -> str:
 
 
 _PAIRS = _rows_of("text", "text")
+_QUEUED = _rows_of("bigint", "float8", "text", "text", "bool", "float8", "text", "bigint", "text")
+# Takes the first queued events below the floor, in queue order, and records how far
+# each worker's events (and the effective times) have been applied.
+_TAKE = (
+    "WITH taken AS (DELETE FROM replay_queue q USING (SELECT worker_id, seq FROM replay_queue"
+    " WHERE eff_time < %s ORDER BY eff_time, worker_id, seq LIMIT %s) t"
+    " WHERE q.worker_id = t.worker_id AND q.seq = t.seq RETURNING q.eff_time, q.worker_id,"
+    " q.seq, q.bucket, q.key, q.deleted, q.event_time, q.etag, q.size, q.sequencer),"
+    " progress AS (INSERT INTO replay_progress (worker_id, applied_seq, applied_clock)"
+    " SELECT worker_id, max(seq), max(eff_time) FROM taken GROUP BY worker_id"
+    " ON CONFLICT (worker_id) DO UPDATE SET"
+    " applied_seq = greatest(replay_progress.applied_seq, excluded.applied_seq),"
+    " applied_clock = greatest(replay_progress.applied_clock, excluded.applied_clock))"
+    " SELECT * FROM taken"
+)
 _OPEN = _rows_of("text", "text", "text", "int", "int", "float8", "float8", "float8", "float8",
                  "float8", "text")
 _CLOSED = _rows_of("text", "text", "text", "int", "int", "float8", "float8", "float8", "float8",
@@ -333,8 +352,52 @@ class PostgresTransaction:
             (_json((d.received_at, d.source, d.location, d.reason, d.body) for d in letters),),
         )
 
+    # -- the replay workers' queue (see edp.replay) ------------------------------------
+    def queue_events(
+        self, worker_id: str, events: Sequence[tuple[int, float, ObjectEvent]]
+    ) -> None:
+        """Queue a worker's events (sent with the commit); known (worker, seq) are kept."""
+        if not events:
+            return
+        self.queue(
+            "INSERT INTO replay_queue (worker_id, seq, eff_time, bucket, key, deleted,"  # noqa: S608
+            " event_time, etag, size, sequencer) SELECT %s, s, t, b, k, d, et, e, z, q"
+            f" FROM ({_QUEUED}) AS r(s, t, b, k, d, et, e, z, q) ON CONFLICT DO NOTHING",
+            (worker_id, _json(
+                (seq, eff, e.bucket, e.key, e.kind is EventKind.DELETED, e.time, e.etag,
+                 e.size, e.sequencer) for seq, eff, e in events
+            )),
+        )
+
+    def take_queued(self, *, limit: int, now: float, timeout: float) -> Queued | None:
+        """The apply lock, then up to ``limit`` queued events below the workers' floor."""
+        self.flush()
+        with self.conn.pipeline():
+            lock = self._send("SELECT pg_try_advisory_xact_lock(%s)", (APPLY_LOCK,))
+            # Read once the lock is held (a pipeline runs in order): what the last
+            # holder applied is committed and visible by then.
+            floor = self._send(
+                "SELECT min(clock) FROM workers WHERE NOT finished AND heartbeat_at >= %s",
+                (now - timeout,),
+            )
+            clock = self._send("SELECT max(applied_clock) FROM replay_progress", ())
+        if not self._rows(lock)[0][0]:
+            return None
+        low = self._rows(floor)[0][0]
+        high = self._rows(clock)[0][0]
+        floor_value = math.inf if low is None else float(low)
+        rows = self._rows(self._send(_TAKE, (floor_value, limit)))
+        rows.sort(key=lambda r: (r[0], r[1], r[2]))
+        created, deleted = EventKind.CREATED, EventKind.DELETED
+        return Queued(
+            events=[ObjectEvent(r[3], r[4], deleted if r[5] else created, r[6], r[7], r[8],
+                                r[9]) for r in rows],
+            floor=floor_value,
+            clock=-math.inf if high is None else float(high),
+        )
+
     def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
-        """Publish a worker's clock (and wake who may go on) with this transaction's commit."""
+        """Publish a worker's clock with this transaction's commit."""
         self.queue(HEARTBEAT_SQL, heartbeat_params(worker_id, clock, now))
 
     def add_counters(self, counts: Mapping[str, int]) -> None:

@@ -14,6 +14,7 @@ import pytest
 from edp.errors import StoreError
 from edp.store import open_store
 from edp.store.base import LoadRequest, StepWrite
+from edp.store.migrations import load_migrations
 from edp.store.postgres import PostgresStore
 from edp.store.postgres_retry import RetryingTransaction, TransactionConflict
 from integration.store_contract.contract_helpers import T0, batch, saved, write_closed, write_open
@@ -62,7 +63,29 @@ def test_workers_starting_at_once_migrate_once(pg_url: str) -> None:
     assert errors == []
     with psycopg.connect(pg_url) as conn:
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
-    assert versions == [1]
+    assert versions == [1, 2]
+
+
+def test_a_database_at_version_1_upgrades_to_the_replay_queue(pg_url: str) -> None:
+    # Given a database created by the first schema only
+    [first] = [m for m in load_migrations("postgres") if m.version == 1]
+    with psycopg.connect(pg_url) as conn:
+        conn.execute(first.sql.encode())
+        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+                     " name text NOT NULL, applied_at double precision NOT NULL)")
+        conn.execute("INSERT INTO schema_migrations VALUES (1, %s, 0)", (first.name,))
+    # When a store opens it
+    store = open_store(pg_url)
+    try:
+        # Then it is at the latest version, with the replay workers' tables
+        assert store.schema_version() == (2, 2)
+        assert store.stats()["open_batches"] == 0
+    finally:
+        store.close()
+    with psycopg.connect(pg_url) as conn:
+        tables = {r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert {"replay_queue", "replay_progress", "batches"} <= tables
 
 
 def test_db_commands_show_the_schema_version(pg_url: str) -> None:
@@ -74,7 +97,7 @@ def test_db_commands_show_the_schema_version(pg_url: str) -> None:
         )
         # Then each says the schema is at the latest version
         assert done.returncode == 0, done.stderr
-        assert "schema version 1 (latest 1)" in done.stdout
+        assert "schema version 2 (latest 2)" in done.stdout
     assert "open_batches: 0" in done.stdout
 
 

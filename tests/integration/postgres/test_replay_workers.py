@@ -88,7 +88,7 @@ def four_workers(tmp_path: Path, pg_url: str, events: int) -> None:
     # When 4 processes replay the parts into one database at once
     started = time.monotonic()
     procs = [start_worker(tmp_path, pg_url, i, 4) for i in range(4)]
-    wait_all(procs, tmp_path, timeout=3000)
+    wait_all(procs, tmp_path, timeout=600)
     print(f"{len(lines)} lines, 4 workers: {time.monotonic() - started:.1f}s")
     # Then together they emitted exactly what one replay of the whole stream emits
     check_union(tmp_path, expected)
@@ -101,9 +101,7 @@ def test_four_workers_emit_what_one_replay_emits(tmp_path: Path, pg_url: str) ->
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("EDP_TEST_FULL_SCALE"),
-                    reason="takes minutes: set EDP_TEST_FULL_SCALE=1 to run it")
-@pytest.mark.timeout(3600)
+@pytest.mark.timeout(900)
 def test_four_workers_on_200k_events_emit_what_one_replay_emits(
     tmp_path: Path, pg_url: str
 ) -> None:
@@ -125,13 +123,13 @@ def test_a_worker_killed_mid_transaction_and_restarted_changes_nothing(
     tmp_path: Path, pg_url: str
 ) -> None:
     # Given three workers replaying parts of one stream
-    lines = make_stream(1500, seed=3)
+    lines = make_stream(30_000, seed=3)
     expected = single_replay(tmp_path, lines)
     run_parts(tmp_path, pg_url, lines, 3)
     procs = [start_worker(tmp_path, pg_url, i, 3) for i in range(3)]
     # When worker 1 is killed with SIGKILL while inside a transaction, after a while
     victim = procs[1]
-    time.sleep(3)
+    time.sleep(0.5)
     deadline = time.monotonic() + 60
     while True:
         assert victim.poll() is None, "worker 1 ended before it could be killed"
