@@ -183,8 +183,8 @@ class ReplayRoster(Protocol):
         """Workers (finished or not) with a heartbeat within ``timeout``."""
         ...
 
-    def applied_seq(self, worker_id: str) -> int:
-        """The last of ``worker_id``'s queued events applied (-1: none)."""
+    def resume_seq(self, worker_id: str) -> int:
+        """The last of ``worker_id``'s queued events applied, when it restarts (else -1)."""
         ...
 
 
@@ -202,13 +202,15 @@ def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr:
     reads its part again and queues what it had not queued, nor seen applied.
     """
     settings, engine, store = runtime.settings, runtime.engine, runtime.store
-    if not all(hasattr(store, name) for name in ("live_workers", "applied_seq")):
+    if not all(hasattr(store, name) for name in ("live_workers", "resume_seq")):
         raise ConfigError(
             "replay_workers > 1 needs a shared PostgreSQL store: pass --database-url "
             "postgresql://..."
         )
     roster = cast(ReplayRoster, store)
     me, timeout, size = engine.worker_id, settings.worker_timeout, settings.chunk_size
+    # Read before registering: a heartbeat marks this worker unfinished.
+    applied = roster.resume_seq(me)  # a restarted worker: what it queued and saw applied
     store.heartbeat(me, clock=_publishable(-math.inf), now=time.time())
     started = time.monotonic()
     while roster.live_workers(now=time.time(), timeout=timeout) < settings.replay_workers:
@@ -219,7 +221,6 @@ def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr:
             )
         time.sleep(0.1)
         store.heartbeat(me, clock=_publishable(-math.inf), now=time.time())
-    applied = roster.applied_seq(me)  # a restarted worker: what it queued and saw applied
     clock, seq = -math.inf, 0
     delivered = time.monotonic()
     for lines, events, decoded in decoded_chunks(

@@ -60,12 +60,25 @@ class WorkerClocks:
             "SELECT count(*) FROM workers WHERE heartbeat_at >= %s", (now - timeout,)
         )[0][0])
 
-    def applied_seq(self, worker_id: str) -> int:
-        """The last of a replay worker's queued events applied (-1: none)."""
-        rows = self._rows(
-            "SELECT applied_seq FROM replay_progress WHERE worker_id = %s", (worker_id,)
-        )
-        return -1 if not rows else int(rows[0][0])
+    def resume_seq(self, worker_id: str) -> int:
+        """Where a replay worker starting now resumes: the last of its queued events
+        applied when it is an unfinished worker restarted (-1: none), else -1: a new
+        run under an old name starts afresh (the earlier run's progress and clock are
+        forgotten)."""
+
+        def work(conn: psycopg.Connection[Any]) -> int:
+            row = conn.execute(
+                "SELECT p.applied_seq FROM workers w JOIN replay_progress p USING (worker_id)"
+                " WHERE w.worker_id = %s AND NOT w.finished", (worker_id,)
+            ).fetchone()
+            if row is not None:
+                return int(row[0])
+            conn.execute("DELETE FROM replay_progress WHERE worker_id = %s", (worker_id,))
+            conn.execute("UPDATE workers SET clock = %s WHERE worker_id = %s AND finished",
+                         (-1e18, worker_id))
+            return -1
+
+        return int(self._run(work, pipeline=False))
 
     def finish_worker(self, worker_id: str) -> bool:
         """Mark a worker finished; True when no unfinished worker remains."""

@@ -149,3 +149,24 @@ def test_a_worker_killed_mid_transaction_and_restarted_changes_nothing(
     got = batches(emitted(tmp_path))
     assert sorted(set(got)) == expected
     assert len({row[-1] for row in got}) == len(expected)
+
+
+@pytest.mark.timeout(600)
+def test_a_second_run_under_the_same_worker_ids_replays_its_own_stream_whole(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # Given two workers that replayed a stream into a database
+    first = make_stream(2000, seed=5)
+    run_parts(tmp_path, pg_url, first, 2)
+    wait_all([start_worker(tmp_path, pg_url, i, 2) for i in range(2)], tmp_path, timeout=300)
+    for out in tmp_path.glob("out*"):
+        out.unlink()
+    # When two workers with the same ids replay another stream (another bucket) into it
+    second = [line.replace(b'"lab"', b'"lab-2"') for line in make_stream(2000, seed=6)]
+    expected = single_replay(tmp_path, second)
+    run_parts(tmp_path, pg_url, second, 2)
+    wait_all([start_worker(tmp_path, pg_url, i, 2, run=1) for i in range(2)], tmp_path,
+             timeout=300)
+    # Then they emit every batch of the second stream: none of its events was taken
+    # for one of the first run's, already applied
+    check_union(tmp_path, expected)
