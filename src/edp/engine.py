@@ -213,45 +213,27 @@ class Engine:
         )
 
     def process(
-        self,
-        messages: Iterable[Message],
-        *,
-        now: float,
-        caught_up: bool = False,
-        floor: float | None = None,
-        publish: float | None = None,
+        self, messages: Iterable[Message], *, now: float, caught_up: bool = False
     ) -> StepReport:
         """Run one step: decode, apply, fire what is due, commit.
 
         ``now`` is the wall clock (used for bookkeeping, and as the clock when
         ``caught_up`` says the source has no backlog). The step publishes the
-        worker's clock (heartbeat) in its own transaction: the engine's clock, or
-        ``publish`` when the caller knows better (a replay worker publishes the time
-        of its next line). ``floor`` is the other workers' lowest clock when the
-        caller has just read it (it must not be above :meth:`Store.fire_floor`);
-        otherwise the engine reads it.
+        worker's clock (heartbeat) in its own transaction, and fires nothing due
+        after the other workers' lowest clock (:meth:`Store.fire_floor`).
         """
         events, report = self.decode(messages, now)
-        return self.process_decoded(events, report, now=now, caught_up=caught_up, floor=floor,
-                                    publish=publish)
+        return self.process_decoded(events, report, now=now, caught_up=caught_up)
 
     def process_decoded(
-        self,
-        events: list[ObjectEvent],
-        report: StepReport,
-        *,
-        now: float,
+        self, events: list[ObjectEvent], report: StepReport, *, now: float,
         caught_up: bool = False,
-        floor: float | None = None,
-        publish: float | None = None,
     ) -> StepReport:
         """:meth:`process` of messages already decoded (by :func:`decode_messages`,
         possibly in another process): ``report`` holds their dead letters and counts."""
-        if floor is None:
-            floor = self._floor(now)
+        floor = self._floor(now)
         with self.store.transaction() as tx:
-            clock = self._apply(tx, events, report, now=now, caught_up=caught_up, floor=floor,
-                                publish=publish)
+            clock = self._apply(tx, events, report, now=now, caught_up=caught_up, floor=floor)
         return self._applied(clock, report, now)
 
     # -- several replay workers on one stream (see edp.replay) ----------------------
