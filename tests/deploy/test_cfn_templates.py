@@ -38,6 +38,9 @@ PARAMETER_TO_ENV: dict[str, str] = {
     "BucketCompleteMarkers": "EDP_BUCKET_COMPLETE_MARKERS",
     "EventBusName": "EDP_EVENTBRIDGE_BUS",
     "EventSource": "EDP_EVENT_SOURCE",
+    "PackageReadyRegistries": "EDP_PACKAGE_READY_REGISTRIES",
+    "PackageReadyDelay": "EDP_PACKAGE_READY_DELAY",
+    "FileGatewayShares": "EDP_FILE_GATEWAY_SHARES",
 }
 
 #: Parameters that configure the infrastructure, not edp. A new parameter
@@ -97,13 +100,15 @@ _SUB_NAME = re.compile(r"\$\{(?!!)([^}]+)\}")
 
 
 def referenced_names(value: Any) -> set[str]:
-    """Names that ``value`` refers to via Ref or Fn::Sub, at any depth."""
+    """Names that ``value`` refers to via Ref, Fn::GetAtt or Fn::Sub, at any depth."""
     if isinstance(value, list):
         return set().union(*(referenced_names(item) for item in value))
     if not isinstance(value, dict):
         return set()
     if set(value) == {"Ref"}:
         return {value["Ref"]}
+    if set(value) == {"Fn::GetAtt"}:
+        return {value["Fn::GetAtt"][0]}
     if set(value) == {"Fn::Sub"}:
         sub = value["Fn::Sub"]
         if isinstance(sub, str):
@@ -256,6 +261,49 @@ def test_s3_rule_watches_every_bucket_parameter(edp: dict[str, Any]) -> None:
     assert pattern["source"] == ["aws.s3"]
     assert set(pattern["detail-type"]) == {"Object Created", "Object Deleted"}
     assert pattern["detail"]["bucket"]["name"] == {"Ref": "BucketName"}
+
+
+def test_registry_rule_sends_only_pointer_keys_of_the_registries(edp: dict[str, Any]) -> None:
+    resources = edp["Resources"]
+    rule = resources["RegistryPointersRule"]
+    pattern = rule["Properties"]["EventPattern"]
+
+    assert rule["Condition"] == "HasPackageReady"
+    assert pattern["source"] == ["aws.s3"]
+    assert pattern["detail-type"] == ["Object Created"]
+    assert pattern["detail"]["bucket"]["name"] == {"Ref": "PackageReadyRegistries"}
+    assert pattern["detail"]["object"]["key"] == [{"prefix": ".quilt/named_packages/"}]
+    assert rule["Properties"]["Targets"][0]["Arn"] == {"Fn::GetAtt": ["IngestQueue", "Arn"]}
+    # ... and the ingest queue (and its DLQ) accept what that rule sends
+    for queue_policy in ("IngestQueuePolicy", "DeadLetterQueuePolicy"):
+        statement = resources[queue_policy]["Properties"]["PolicyDocument"]["Statement"][0]
+        assert "RegistryPointersRule" in referenced_names(statement["Condition"])
+
+
+@pytest.mark.parametrize("role", ["StoreRole", "EmitRole"])
+def test_both_roles_may_read_the_registries_pointers(edp: dict[str, Any], role: str) -> None:
+    """Whichever Lambda finds a revision's timer due reads its pointer."""
+    statements = edp["Resources"][role]["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+    conditional = {s["Fn::If"][1]["Sid"]: s["Fn::If"] for s in statements if "Fn::If" in s}
+
+    condition, pointers, otherwise = conditional["RegistryPointers"]
+    assert condition == "HasPackageReady" and otherwise == {"Ref": "AWS::NoValue"}
+    assert pointers["Action"] == "s3:GetObject"
+    partition, in_aws, elsewhere = pointers["Resource"]["Fn::If"]
+    assert partition == "InAwsPartition"
+    assert elsewhere == {"Fn::Sub": "arn:${AWS::Partition}:s3:::*/.quilt/named_packages/*"}
+    # In the aws partition: one ARN per registry, as CloudFormation renders it
+    separator, sub = in_aws["Fn::Split"]
+    text, variables = sub["Fn::Sub"]
+    joiner, registries = variables["Joined"]["Fn::Join"]
+    assert registries == {"Ref": "PackageReadyRegistries"}
+    rendered = text.replace("${Joined}", joiner.join(["reg-a", "reg-b"])).split(separator)
+    assert rendered == ["arn:aws:s3:::reg-a/.quilt/named_packages/*",
+                        "arn:aws:s3:::reg-b/.quilt/named_packages/*"]
+    condition, refresh, _ = conditional["FileGatewayRefresh"]
+    assert condition == "HasFileGateway"
+    assert "storagegateway:RefreshCache" in refresh["Action"]
+    assert refresh["Resource"] == {"Ref": "FileGatewayShares"}
 
 
 # --------------------------------------------------------------------------

@@ -42,10 +42,15 @@ EXPECTED = {("lab/run-1/", 2, "count"), ("lab/run-2/", 1, "duration")}
 
 
 def render(value: Any, refs: dict[str, Any], conditions: dict[str, bool]) -> Any:
-    """A template value with Ref, Fn::Join and Fn::If resolved (all that Environment uses)."""
+    """A template value with Ref, Fn::Join and Fn::If resolved (all that Environment and
+    the rules' event patterns use); other mappings are rendered key by key."""
     if isinstance(value, list):
         return [render(item, refs, conditions) for item in value]
-    if isinstance(value, dict) and len(value) == 1:
+    if isinstance(value, dict) and not (
+        len(value) == 1 and next(iter(value)).startswith(("Ref", "Fn::"))
+    ):
+        return {key: render(item, refs, conditions) for key, item in value.items()}
+    if isinstance(value, dict):
         ((function, argument),) = value.items()
         if function == "Ref":
             found = refs[argument]
@@ -211,6 +216,85 @@ def test_handlers_from_the_zip_turn_uploads_into_batch_events(
            else base_env["EDP_DATABASE_URL"])
     assert count_rows(url, "batches") == 2
     assert count_rows(url, "dead_letters") == 1
+
+
+REVISION_POINTER = ".quilt/named_packages/lab/run-1/1733400000"
+TOP_HASH = "0123456789abcdef" * 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_stack_turns_a_new_package_revision_into_one_package_ready_event(
+    aws: Aws, aws_environment: dict[str, str], task_dir: Path, runtime_dir: Path,
+    clean_python: Path, tmp_path: Path,
+) -> None:
+    # Given a registry whose S3 events reach the ingest queue through the template's
+    # RegistryPointersRule (rendered for PackageReadyRegistries = that registry),
+    source, registry = aws.bucket(), aws.bucket()
+    ingest_url, ingest_arn = aws.queue("ingest")
+    template = load_template(EDP_TEMPLATE)
+    pattern = render(template["Resources"]["RegistryPointersRule"]["Properties"]["EventPattern"],
+                     {"PackageReadyRegistries": [registry]}, {})
+    rule = unique("registry-pointers")
+    aws.events.put_rule(Name=rule, EventPattern=json.dumps(pattern))
+    aws.events.put_targets(Rule=rule, Targets=[{"Id": "ingest", "Arn": ingest_arn}])
+    # ... an edp bus whose rule takes package-ready events to a queue,
+    bus = unique("quilt-edp")
+    aws.events.create_event_bus(Name=bus)
+    out_url, out_arn = aws.queue("out")
+    aws.events.put_rule(Name=rule, EventBusName=bus, EventPattern=json.dumps(
+        {"detail-type": ["package-ready"], "source": [SEEDS_SOURCE]}))
+    aws.events.put_targets(Rule=rule, EventBusName=bus, Targets=[{"Id": "out", "Arn": out_arn}])
+    # ... and the Lambdas' environment as deploy/edp.yaml renders it (a 1 s delay)
+    edp_env = stack_environment(
+        {"BucketName": [source], "PackageReadyRegistries": [registry],
+         "PackageReadyDelay": "1", "EventBusName": bus},
+        {"DBSecret": f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:unused",
+         "EventBus": bus},
+    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
+        "PYTHONPATH": f"{task_dir}{os.pathsep}{runtime_dir}", "PYTHONNOUSERSITE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1", **aws_environment, **edp_env,
+        "EDP_DATABASE_URL": f"sqlite:///{tmp_path / 'edp.db'}",
+        "EDP_EVENTBRIDGE_RAW_KEYS": "true", "EDP_WORKER_TIMEOUT": "1",
+    }
+    assert edp_env["EDP_PACKAGE_READY_REGISTRIES"] == registry
+
+    # When quilt3 pushes a revision (files, manifest, then the pointer holding the top hash)
+    aws.s3.put_object(Bucket=registry, Key="lab/run-1/a.csv", Body=b"data")
+    aws.s3.put_object(Bucket=registry, Key=f".quilt/packages/{TOP_HASH}", Body=b"{}")
+    aws.s3.put_object(Bucket=registry, Key=REVISION_POINTER, Body=TOP_HASH.encode())
+    messages = aws.receive(ingest_url, 3, timeout=3)
+    # ... only the pointer's event reaches the queue,
+    assert [json.loads(m["Body"])["detail"]["object"]["key"] for m in messages] == [
+        REVISION_POINTER]
+    # ... the store Lambda records it (a timer starts), and once the delay is over the
+    # emit Lambda runs on its schedule
+    stored = invoke(clean_python, "edp.aws.handlers.store_handler",
+                    sqs_lambda_event(messages, ingest_arn),
+                    env={**env, "AWS_LAMBDA_FUNCTION_NAME": "edp-store"}, work=tmp_path)
+    time.sleep(1.3)
+    emitted = invoke(clean_python, "edp.aws.handlers.emit_handler", scheduled_event(),
+                     env={**env, "AWS_LAMBDA_FUNCTION_NAME": "edp-emit"}, work=tmp_path)
+    again = invoke(clean_python, "edp.aws.handlers.emit_handler", scheduled_event(),
+                   env={**env, "AWS_LAMBDA_FUNCTION_NAME": "edp-emit"}, work=tmp_path)
+
+    # Then the emit Lambda read the pointer and published one package-ready event,
+    assert stored["result"] == {"batchItemFailures": []}
+    assert emitted["result"]["delivered"] == 1
+    assert again["result"]["delivered"] == 0
+    events = [json.loads(m["Body"]) for m in aws.receive(out_url, 2, timeout=3)]
+    assert len(events) == 1
+    (event,) = events
+    assert event["detail-type"] == "package-ready"
+    assert event["source"] == SEEDS_SOURCE
+    assert event["resources"] == [f"arn:aws:s3:::{registry}"]
+    assert event["detail"]["package-name"] == "lab/run-1"
+    assert event["detail"]["bucket"] == registry
+    assert event["detail"]["top-hash"] == TOP_HASH
+    # ... and no batch: the registry is not a watched bucket, the pointer is Quilt's own
+    assert count_rows(env["EDP_DATABASE_URL"], "batches") == 0
 
 
 def count_rows(url: str, table: str) -> int:
