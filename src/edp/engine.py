@@ -32,7 +32,7 @@ from edp.core.envelopes import Origin, batch_event
 from edp.core.events import BatchReady, ObjectEvent
 from edp.core.rules import Skip
 from edp.decode import decode_message
-from edp.errors import DecodeError, EdpError
+from edp.errors import DecodeError, EdpError, TransactionConflict
 from edp.store.base import (
     ClosedBatch,
     DeadLetter,
@@ -263,21 +263,31 @@ class Engine:
         clock of the live workers (and fire nothing due after it): how many were
         applied, and the step's report (whose ``events`` is 0: they were decoded, and
         counted, by whoever queued them). None when another worker holds the apply
-        lock. ``beat=False``: the step publishes no clock (a finished worker draining
-        the queue stays finished).
+        lock, or when the step lost its connection and could not be retried as it was
+        (the events stay queued: the caller tries again). ``beat=False``: the step
+        publishes no clock (a finished worker draining the queue stays finished).
         """
-        with self.store.transaction() as tx:
-            queued = cast(QueueTransaction, tx).take_queued(
-                limit=limit, now=now, timeout=self.settings.worker_timeout
-            )
-            if queued is None:
-                return None
-            # The workers' engines share one clock: the newest effective time applied.
-            # (This engine's own may be ahead: a worker publishes how far it queued.)
-            self.clock = queued.clock
-            report = StepReport()
-            clock = self._apply(tx, queued.events, report, now=now, floor=queued.floor,
-                                publish=publish, beat=beat)
+        before = self.clock
+        try:
+            with self.store.transaction() as tx:
+                queued = cast(QueueTransaction, tx).take_queued(
+                    limit=limit, now=now, timeout=self.settings.worker_timeout
+                )
+                if queued is None:
+                    return None
+                # The workers' engines share one clock: the newest effective time
+                # applied. (This engine's own may be ahead: a worker publishes how far
+                # it queued.)
+                self.clock = queued.clock
+                report = StepReport()
+                clock = self._apply(tx, queued.events, report, now=now, floor=queued.floor,
+                                    publish=publish, beat=beat)
+        except TransactionConflict:
+            # Retried on a new connection, the lock or the floor read otherwise (the
+            # other workers went on meanwhile): nothing was applied.
+            self.clock = before
+            log.warning("a replay step lost its connection and was rolled back; retrying")
+            return None
         return len(queued.events), self._applied(clock, report, now)
 
     def _apply(
@@ -358,13 +368,17 @@ class Engine:
         return self._fire_until(min(self.clock, self._floor(now)), now=now, publish=True)
 
     def finish(self, *, now: float) -> list[BatchReady]:
-        """End of input (replay): fire every open batch at its own deadline.
-
-        With several replay workers on one database only the last one to finish
-        flushes; the others return nothing.
+        """End of input (a single replay): fire every open batch at its own deadline,
+        unless other workers are live on the store (their batches are not this
+        replay's to close: it returns nothing). A worker silent for longer than
+        ``worker_timeout`` does not count: its batches would never fire otherwise.
         """
         self.store.heartbeat(self.worker_id, clock=self._published(self.clock), now=now)
-        if not self.store.finish_worker(self.worker_id):
+        self.store.finish_worker(self.worker_id)
+        others = self.store.fire_floor(
+            self.worker_id, now=now, timeout=self.settings.worker_timeout
+        )
+        if others is not None:
             return []
         return self.flush(now=now)
 

@@ -7,6 +7,7 @@ can catch the whole family at a boundary::
     ├── ConfigError          a setting has a bad value, or a config file is broken
     ├── DecodeError          an input message is not JSON or of no known format
     ├── StoreError           the store cannot be opened or migrated
+    │   ├── TransactionConflict  a step's retry found its reads changed (nothing committed)
     │   └── NotFound         a batch (or other record) asked for by id does not exist
     └── SinkError            a sink refused or failed to deliver an event
         └── PermanentSinkError  retrying will not help (bad request, too large)
@@ -40,6 +41,11 @@ class DecodeError(EdpError):
 
 class StoreError(EdpError):
     """The store cannot be opened, migrated or used."""
+
+
+class TransactionConflict(StoreError):
+    """A step could not be retried after a lost connection: what it read had changed
+    meanwhile. Nothing of it was committed; running it again is safe."""
 
 
 class NotFound(StoreError):

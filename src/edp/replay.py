@@ -100,9 +100,11 @@ def run_replay(
             or database_url.startswith(("postgresql:", "postgres:")),
         )
         summary = ReplaySummary()
-        if database_url is not None:
-            # Checked before this worker registers: with several workers none has
-            # applied anything before all registered, so only earlier runs count here.
+        # A worker joining a run in progress (a late starter, or one restarted) finds
+        # that run's batches: those are no earlier run's.
+        joining = settings.replay_workers > 1 and getattr(runtime.store, "run_members",
+                                                          lambda: 0)() > 0
+        if database_url is not None and not joining:
             stats = runtime.store.stats()
             held = stats["open_batches"] + stats["closed_batches"]
             if held:
@@ -119,7 +121,8 @@ def run_replay(
             if others is not None:
                 stderr.write(
                     "edp replay: warning: other workers are live on this database; replays "
-                    "side by side coordinate only with --workers N and --worker-id\n"
+                    "side by side coordinate only with --workers N and --worker-id (while "
+                    "they are live, the batches left open at the end stay open for them)\n"
                 )
         try:
             if settings.replay_workers > 1:
@@ -171,21 +174,45 @@ def run_replay(
 # Ties: events of equal effective time in different parts are applied in the
 # order of their workers' ids, not necessarily the stream's. That changes nothing
 # unless they belong to one prefix and their order matters (a marker, or the
-# count threshold, between them): strictly increasing event times (per prefix)
-# make the result exact. Duplicates (re-deliveries later in the stream) are fine:
-# they carry their original's time and change nothing.
+# count threshold, between them). Time order: nobody knows the stream's order
+# across parts, so a late event (earlier time than events before it in the
+# stream, not a re-delivery) may be applied before them; event times that never
+# decrease along the stream make the result exact. Duplicates (re-deliveries later
+# in the stream) are fine: they carry their original's time and change nothing.
+#
+# Runs: the workers of one run are those with a replay_progress row (join_run);
+# the run ends when its last worker has applied and fired everything (end_run), so
+# a later run on the same database starts with fresh clocks. A member restarted
+# rejoins and resumes after the last event it had queued (queued or applied, read
+# in one snapshot).
 
 
 class ReplayRoster(Protocol):
     """What a shared store offers replay workers beyond the Store port."""
 
-    def live_workers(self, *, now: float, timeout: float) -> int:
-        """Workers (finished or not) with a heartbeat within ``timeout``."""
+    def join_run(self, worker_id: str, *, now: float) -> tuple[bool, int]:
+        """Join the run in progress (or begin one): whether this worker was a member
+        already, and the last of its events queued or applied (-1: none)."""
         ...
 
-    def resume_seq(self, worker_id: str) -> int:
-        """The last of ``worker_id``'s queued events applied, when it restarts (else -1)."""
+    def run_members(self) -> int:
+        """How many workers joined the run in progress."""
         ...
+
+    def stalled_members(self, *, now: float, timeout: float) -> list[str]:
+        """Unfinished members silent for longer than ``timeout``."""
+        ...
+
+    def finish_replay_worker(self, worker_id: str) -> bool:
+        """Mark a member finished; True for the run's last."""
+        ...
+
+    def end_run(self) -> None:
+        """The run is complete."""
+        ...
+
+
+ROSTER_METHODS = ("join_run", "run_members", "stalled_members", "finish_replay_worker", "end_run")
 
 
 def _publishable(clock: float) -> float:
@@ -196,28 +223,30 @@ def _publishable(clock: float) -> float:
 def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr: TextIO) -> None:
     """Replay one part of a stream as one of ``replay_workers`` processes on one store.
 
-    Every worker registers (publishes its clock) and waits until all
-    ``replay_workers`` have, so that none runs ahead of a late starter. A worker
-    killed and restarted with the same ``worker_id`` within ``worker_timeout``
-    reads its part again and queues what it had not queued, nor seen applied.
+    Every worker joins the run and waits until ``replay_workers`` have, so that none
+    runs ahead of a late starter. A member killed and restarted with the same
+    ``worker_id`` reads its part again and queues only what it had not queued yet.
+    The run ends when its last member has applied everything and fired every open
+    batch; the next worker to join then begins a new run.
     """
     settings, engine, store = runtime.settings, runtime.engine, runtime.store
-    if not all(hasattr(store, name) for name in ("live_workers", "resume_seq")):
+    if not all(hasattr(store, name) for name in ROSTER_METHODS):
         raise ConfigError(
             "replay_workers > 1 needs a shared PostgreSQL store: pass --database-url "
             "postgresql://..."
         )
     roster = cast(ReplayRoster, store)
     me, timeout, size = engine.worker_id, settings.worker_timeout, settings.chunk_size
-    # Read before registering: a heartbeat marks this worker unfinished.
-    applied = roster.resume_seq(me)  # a restarted worker: what it queued and saw applied
-    store.heartbeat(me, clock=_publishable(-math.inf), now=time.time())
+    rejoined, done = roster.join_run(me, now=time.time())  # done: what it queued before
+    if rejoined:
+        stderr.write(f"edp replay: worker {me} rejoins the run in progress on this database; "
+                     f"its part resumes after its event {done + 1}\n")
     started = time.monotonic()
-    while roster.live_workers(now=time.time(), timeout=timeout) < settings.replay_workers:
+    while roster.run_members() < settings.replay_workers:
         if time.monotonic() - started > timeout:
             raise EdpError(
                 f"replay worker {me}: fewer than {settings.replay_workers} workers "
-                f"registered within worker_timeout ({timeout:g}s)"
+                f"joined within worker_timeout ({timeout:g}s)"
             )
         time.sleep(0.1)
         store.heartbeat(me, clock=_publishable(-math.inf), now=time.time())
@@ -231,7 +260,7 @@ def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr:
         for event in events:
             if event.time > clock:
                 clock = event.time
-            if seq > applied:
+            if seq > done:
                 rows.append((seq, clock, event))
             seq += 1
         engine.enqueue(rows, decoded, now=time.time(), clock=clock)
@@ -244,22 +273,40 @@ def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr:
             runtime.relay.deliver()
             delivered = time.monotonic()
     store.heartbeat(me, clock=_publishable(clock), now=time.time())
-    if store.finish_worker(me):
-        # The last one: nobody holds the floor back any more; apply what is left.
-        while True:
-            taken = engine.process_queued(now=time.time(), limit=size, beat=False)
-            if taken is None:
-                time.sleep(0.02)  # a finished worker's last step still holds the lock
-                continue
-            summary.record(taken[1], stderr)
-            if not taken[0]:
-                break
-        for ready in engine.flush(now=time.time()):
-            summary.fired[ready.trigger.value] += 1
+    if not roster.finish_replay_worker(me):
         runtime.relay.deliver()
-        _drain(runtime)
-    else:
-        runtime.relay.deliver()
+        stalled = roster.stalled_members(now=time.time(), timeout=timeout)
+        if stalled:
+            stderr.write(
+                f"edp replay: warning: worker(s) {', '.join(stalled)} of this run have been "
+                f"silent for over worker_timeout ({timeout:g}s) without finishing: the run "
+                "completes (its last batches fire) only once each is restarted with its "
+                "--worker-id and part\n"
+            )
+        return
+    # The last one: nobody holds the floor back any more; apply what is left.
+    waiting = time.monotonic()
+    while True:
+        taken = engine.process_queued(now=time.time(), limit=size, beat=False)
+        if taken is None:
+            # A finished worker's last step still holds the lock (or a step was retried).
+            if time.monotonic() - waiting > max(60.0, timeout):
+                raise EdpError(
+                    f"replay worker {me}: the replay apply lock has been held elsewhere "
+                    f"for over {max(60.0, timeout):g}s (a stopped process?); restart this "
+                    "worker once it is gone"
+                )
+            time.sleep(0.02)
+            continue
+        waiting = time.monotonic()
+        summary.record(taken[1], stderr)
+        if not taken[0]:
+            break
+    for ready in engine.flush(now=time.time()):
+        summary.fired[ready.trigger.value] += 1
+    runtime.relay.deliver()
+    _drain(runtime)
+    roster.end_run()
 
 
 def _drain(runtime: Runtime) -> None:

@@ -171,6 +171,29 @@ def test_a_replay_into_a_database_with_live_workers_warns(tmp_path: Path) -> Non
     assert b"other workers" not in edp("replay", "-", stdin=jsonl([eventbridge("a/b/c", 0)])).stderr
 
 
+def test_a_replay_fires_its_batches_at_the_end_unless_a_worker_is_live(tmp_path: Path) -> None:
+    # Given a database where a worker is unfinished but silent for longer than the
+    # worker timeout (a daemon that crashed), and another with a live one
+    import time
+
+    from edp.store import open_store
+
+    urls = {}
+    for name, seen in (("crashed", time.time() - 3600), ("live", time.time())):
+        urls[name] = f"sqlite:///{tmp_path / name}.db"
+        store = open_store(urls[name])
+        store.heartbeat(f"{name}-daemon", clock=0.0, now=seen)
+        store.close()
+    stream = jsonl([eventbridge("a/b/c", 0)])
+    # When a plain replay of one event ends on each
+    crashed = edp("replay", "-", "--database-url", urls["crashed"], stdin=stream)
+    live = edp("replay", "-", "--database-url", urls["live"], stdin=stream)
+    # Then the silent worker does not keep the replay's batch from firing at the end,
+    # while the live one does (its batches are not the replay's to close)
+    assert len(crashed.stdout.splitlines()) == 1
+    assert live.stdout == b""
+
+
 def test_a_replay_into_a_database_of_an_earlier_run_warns(tmp_path: Path) -> None:
     # Given a database that one replay of a stream has filled
     url = f"sqlite:///{tmp_path / 'kept.db'}"

@@ -32,15 +32,11 @@ from psycopg_pool import ConnectionPool
 from tenacity import Retrying
 
 from edp.core.events import ObjectEvent
-from edp.errors import StoreError
+from edp.errors import TransactionConflict
 from edp.store.base import DeadLetter, LoadRequest, Queued, StepWrite, Timer, WorkingState
 from edp.store.postgres_tx import PostgresTransaction
 
 log = logging.getLogger(__name__)
-
-
-class TransactionConflict(StoreError):
-    """A transaction could not be replayed after a lost connection: its reads changed."""
 
 
 class RetryingTransaction:

@@ -376,8 +376,10 @@ class PostgresTransaction:
             lock = self._send("SELECT pg_try_advisory_xact_lock(%s)", (APPLY_LOCK,))
             # Read once the lock is held (a pipeline runs in order): what the last
             # holder applied is committed and visible by then.
+            # The run's live, unfinished members (not other workers on the database).
             floor = self._send(
-                "SELECT min(clock) FROM workers WHERE NOT finished AND heartbeat_at >= %s",
+                "SELECT min(w.clock) FROM workers w JOIN replay_progress p USING (worker_id)"
+                " WHERE NOT w.finished AND w.heartbeat_at >= %s",
                 (now - timeout,),
             )
             clock = self._send("SELECT max(applied_clock) FROM replay_progress", ())

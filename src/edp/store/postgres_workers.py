@@ -54,31 +54,71 @@ class WorkerClocks:
         )[0][0]
         return None if value is None else float(value)
 
-    def live_workers(self, *, now: float, timeout: float) -> int:
-        """How many workers (finished or not) sent a heartbeat within ``timeout``."""
-        return int(self._rows(
-            "SELECT count(*) FROM workers WHERE heartbeat_at >= %s", (now - timeout,)
-        )[0][0])
+    # -- replay workers (see edp.replay): a run is the set of workers with a
+    # replay_progress row; it begins with the first to join and ends when its last
+    # worker has applied and fired everything (end_run).
+    def join_run(self, worker_id: str, *, now: float) -> tuple[bool, int]:
+        """Join the replay run in progress (or begin one): whether this worker was a
+        member already (restarted), and where its part resumes: after the last of its
+        events queued or applied (-1: from the start; a new member's clock starts
+        afresh)."""
 
-    def resume_seq(self, worker_id: str) -> int:
-        """Where a replay worker starting now resumes: the last of its queued events
-        applied when it is an unfinished worker restarted (-1: none), else -1: a new
-        run under an old name starts afresh (the earlier run's progress and clock are
-        forgotten)."""
-
-        def work(conn: psycopg.Connection[Any]) -> int:
+        def work(conn: psycopg.Connection[Any]) -> tuple[bool, int]:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (FINISH_LOCK,))
+            # One statement, one snapshot: an applying step moves events from the
+            # queue to applied_seq atomically, so none is missed nor queued twice.
             row = conn.execute(
-                "SELECT p.applied_seq FROM workers w JOIN replay_progress p USING (worker_id)"
-                " WHERE w.worker_id = %s AND NOT w.finished", (worker_id,)
+                "SELECT greatest(p.applied_seq, (SELECT max(q.seq) FROM replay_queue q"
+                " WHERE q.worker_id = p.worker_id)) FROM replay_progress p"
+                " WHERE p.worker_id = %s", (worker_id,)
             ).fetchone()
             if row is not None:
-                return int(row[0])
-            conn.execute("DELETE FROM replay_progress WHERE worker_id = %s", (worker_id,))
-            conn.execute("UPDATE workers SET clock = %s WHERE worker_id = %s AND finished",
-                         (-1e18, worker_id))
-            return -1
+                conn.execute(HEARTBEAT_SQL, heartbeat_params(worker_id, -1e18, now))
+                return True, int(row[0])
+            conn.execute(
+                "INSERT INTO replay_progress (worker_id, applied_seq, applied_clock)"
+                " VALUES (%s, -1, %s)", (worker_id, -1e18)
+            )
+            conn.execute(
+                "INSERT INTO workers (worker_id, clock, heartbeat_at) VALUES (%s, %s, %s)"
+                " ON CONFLICT (worker_id) DO UPDATE SET clock = excluded.clock,"
+                " heartbeat_at = excluded.heartbeat_at, finished = false",
+                (worker_id, -1e18, now),
+            )
+            return False, -1
 
-        return int(self._run(work, pipeline=False))
+        rejoined, done = self._run(work, pipeline=False)
+        return bool(rejoined), int(done)
+
+    def run_members(self) -> int:
+        """How many workers joined the replay run in progress."""
+        return int(self._rows("SELECT count(*) FROM replay_progress")[0][0])
+
+    def stalled_members(self, *, now: float, timeout: float) -> list[str]:
+        """Unfinished members of the run silent for longer than ``timeout``."""
+        return [str(r[0]) for r in self._rows(
+            "SELECT worker_id FROM replay_progress JOIN workers USING (worker_id)"
+            " WHERE NOT finished AND heartbeat_at < %s ORDER BY worker_id", (now - timeout,)
+        )]
+
+    def finish_replay_worker(self, worker_id: str) -> bool:
+        """Mark a run member finished; True when it is the run's last (it applies what
+        is left, fires every open batch, then calls :meth:`end_run`)."""
+
+        def work(conn: psycopg.Connection[Any]) -> bool:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (FINISH_LOCK,))
+            conn.execute("UPDATE workers SET finished = true WHERE worker_id = %s", (worker_id,))
+            row = conn.execute(
+                "SELECT count(*) FROM replay_progress JOIN workers USING (worker_id)"
+                " WHERE NOT finished"
+            ).fetchone()
+            return row is not None and int(row[0]) == 0
+
+        return bool(self._run(work))
+
+    def end_run(self) -> None:
+        """The run is complete: the next worker to join begins a new one."""
+        self._run(lambda conn: conn.execute("DELETE FROM replay_progress"))
 
     def finish_worker(self, worker_id: str) -> bool:
         """Mark a worker finished; True when no unfinished worker remains."""

@@ -27,8 +27,10 @@ ARGS = [  # grouping settings of the stream: every trigger fires
 ]
 
 
-def make_stream(events: int, *, seed: int = 7, dup_rate: float = 0.05) -> list[bytes]:
-    """JSON lines of ``events`` distinct events plus re-deliveries."""
+def make_stream(
+    events: int, *, seed: int = 7, dup_rate: float = 0.05, t0: int = T0
+) -> list[bytes]:
+    """JSON lines of ``events`` distinct events (from ``t0`` on) plus re-deliveries."""
     rng = random.Random(seed)
     prefixes = [f"inst-{i % 7}/exp-{i:04d}/" for i in range(60)]
     weights = [rng.choice([1, 1, 1, 3, 8]) for _ in prefixes]
@@ -36,7 +38,7 @@ def make_stream(events: int, *, seed: int = 7, dup_rate: float = 0.05) -> list[b
     lines: list[bytes] = []
     later: list[tuple[int, bytes]] = []
     for n in range(events):
-        t = T0 + n
+        t = t0 + n
         prefix = rng.choices(prefixes, weights)[0]
         roll = rng.random()
         kind = "Object Created"

@@ -13,7 +13,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from integration.postgres.streams import ARGS, batches, deal, make_stream, write_lines
+from edp.store.postgres_tx import APPLY_LOCK
+from integration.postgres.streams import ARGS, T0, batches, deal, make_stream, write_lines
 
 pytestmark = pytest.mark.postgres
 
@@ -39,13 +40,13 @@ def single_replay(tmp_path: Path, lines: list[bytes]) -> list[tuple[Any, ...]]:
 
 
 def start_worker(
-    tmp_path: Path, url: str, index: int, workers: int, *, run: int = 0
+    tmp_path: Path, url: str, index: int, workers: int, *, run: int = 0, timeout: int = 60
 ) -> subprocess.Popen[bytes]:
     """Start replay worker ``index`` of ``workers`` on part ``index``."""
     part = tmp_path / f"part{index}.jsonl"
     named = f"{url}?application_name=edp-w{index}"
     env = clean_env(EDP_REPLAY_WORKERS=str(workers), EDP_WORKER_ID=f"w{index}",
-                    EDP_WORKER_TIMEOUT="60")
+                    EDP_WORKER_TIMEOUT=str(timeout))
     with (tmp_path / f"out{index}-{run}").open("wb") as out, \
             (tmp_path / f"err{index}-{run}").open("wb") as err:
         return subprocess.Popen(replay_command(part, named), stdout=out, stderr=err,
@@ -68,6 +69,43 @@ def wait_all(procs: list[subprocess.Popen[bytes]], tmp_path: Path, timeout: floa
 def run_parts(tmp_path: Path, url: str, lines: list[bytes], workers: int) -> None:
     for index, part in enumerate(deal(lines, workers)):
         write_lines(tmp_path / f"part{index}.jsonl", part)
+
+
+def single_duplicates(tmp_path: Path, lines: list[bytes]) -> int:
+    """How many events one replay of the whole stream finds to be duplicates."""
+    whole = write_lines(tmp_path / "whole.jsonl", lines)
+    done = subprocess.run(replay_command(whole), capture_output=True, cwd=tmp_path,
+                          env=clean_env(), timeout=300, check=True)
+    summary = done.stderr.decode().splitlines()[-1]
+    return int(summary.split(" duplicates")[0].rsplit(" ", 1)[-1])
+
+
+def counter(pg_url: str, name: str) -> int:
+    """A counter of the shared database, summed over its shards."""
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute("SELECT coalesce(sum(value), 0) FROM counters WHERE name = %s",
+                           (name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def heartbeat_at(pg_url: str, worker: str) -> float:
+    """When a worker last published its clock (0 before it did)."""
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute("SELECT heartbeat_at FROM workers WHERE worker_id = %s",
+                           (worker,)).fetchone()
+    return float(row[0]) if row else 0.0
+
+
+def queued(pg_url: str, worker: str) -> int:
+    """How many of a worker's events wait in the replay queue (0 before the workers
+    created it)."""
+    with psycopg.connect(pg_url) as conn:
+        try:
+            row = conn.execute("SELECT count(*) FROM replay_queue WHERE worker_id = %s",
+                               (worker,)).fetchone()
+        except psycopg.errors.UndefinedTable:
+            return 0
+    return int(row[0]) if row else 0
 
 
 def check_union(tmp_path: Path, expected: list[tuple[Any, ...]]) -> None:
@@ -155,18 +193,137 @@ def test_a_worker_killed_mid_transaction_and_restarted_changes_nothing(
 def test_a_second_run_under_the_same_worker_ids_replays_its_own_stream_whole(
     tmp_path: Path, pg_url: str
 ) -> None:
-    # Given two workers that replayed a stream into a database
+    # Given three workers that replayed a stream into a database
     first = make_stream(2000, seed=5)
-    run_parts(tmp_path, pg_url, first, 2)
-    wait_all([start_worker(tmp_path, pg_url, i, 2) for i in range(2)], tmp_path, timeout=300)
+    run_parts(tmp_path, pg_url, first, 3)
+    wait_all([start_worker(tmp_path, pg_url, i, 3) for i in range(3)], tmp_path, timeout=300)
     for out in tmp_path.glob("out*"):
         out.unlink()
-    # When two workers with the same ids replay another stream (another bucket) into it
-    second = [line.replace(b'"lab"', b'"lab-2"') for line in make_stream(2000, seed=6)]
+    # When two of the same ids replay another stream (another bucket), of earlier times
+    second = [line.replace(b'"lab"', b'"lab-2"')
+              for line in make_stream(2000, seed=6, t0=T0 - 1_000_000)]
     expected = single_replay(tmp_path, second)
     run_parts(tmp_path, pg_url, second, 2)
     wait_all([start_worker(tmp_path, pg_url, i, 2, run=1) for i in range(2)], tmp_path,
              timeout=300)
-    # Then they emit every batch of the second stream: none of its events was taken
-    # for one of the first run's, already applied
+    # Then they emit every batch of the second stream, fired on its own clock: none of
+    # its events was taken for one of the first run's, nor the first run's clock for its
+    check_union(tmp_path, expected)
+
+
+def start_piped(
+    tmp_path: Path, url: str, worker: str, workers: int, *, run: int = 0, timeout: int = 60
+) -> subprocess.Popen[bytes]:
+    """Start a replay worker reading its part from a pipe (the test feeds it)."""
+    env = clean_env(EDP_REPLAY_WORKERS=str(workers), EDP_WORKER_ID=worker,
+                    EDP_WORKER_TIMEOUT=str(timeout))
+    with (tmp_path / f"out-{worker}-{run}").open("wb") as out, \
+            (tmp_path / f"err-{worker}-{run}").open("wb") as err:
+        return subprocess.Popen(replay_command(Path("-"), url), stdin=subprocess.PIPE,
+                                stdout=out, stderr=err, cwd=tmp_path, env=env)
+
+
+def feed(proc: subprocess.Popen[bytes], lines: list[bytes], *, close: bool = True) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(b"".join(line + b"\n" for line in lines))
+    proc.stdin.flush()
+    if close:
+        proc.stdin.close()
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a worker (its pipe too)."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    if proc.stdin is not None:
+        proc.stdin.close()
+
+
+def wait_for(what: str, ready: Any, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.mark.timeout(600)
+def test_a_restarted_worker_queues_nothing_twice(tmp_path: Path, pg_url: str) -> None:
+    # Given two workers, w1 with the first half of a stream and w0 with the second
+    lines = make_stream(10_000, seed=8)
+    expected = single_replay(tmp_path, lines)
+    duplicates = single_duplicates(tmp_path, lines)
+    first, second = lines[:10_000], lines[10_000:]
+    w0, w1 = (start_piped(tmp_path, pg_url, f"w{i}", 2) for i in range(2))
+    # ... w1 has queued its part (w0 nothing yet, so nothing is applied)
+    feed(w1, first, close=False)
+    wait_for("w1's events", lambda: queued(pg_url, "w1") == len(first))
+    # When w1 is killed and restarted, and w0's part lets w1's queued events be applied
+    # before the restarted w1 reads its part again
+    kill(w1)
+    killed = time.time()
+    again = start_piped(tmp_path, pg_url, "w1", 2, run=1)
+    wait_for("w1 to rejoin", lambda: heartbeat_at(pg_url, "w1") > killed)
+    feed(w0, second)
+    assert w0.wait(timeout=120) == 0
+    assert queued(pg_url, "w1") < len(first)  # w0 applied some of them
+    feed(again, first)
+    assert again.wait(timeout=120) == 0
+    # Then every event was applied once (one queued again would count as one more
+    # duplicate) and the batches are one replay's
+    assert counter(pg_url, "events.duplicate") == duplicates
+    assert b"its part resumes after its event 10000" in (tmp_path / "err-w1-1").read_bytes()
+    check_union(tmp_path, expected)
+
+
+@pytest.mark.timeout(600)
+def test_a_worker_restarted_long_after_another_finished_completes_the_run(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # Given two workers with a 2 s worker_timeout, each with half a stream
+    lines = make_stream(6000, seed=9)
+    expected = single_replay(tmp_path, lines)
+    parts = deal(lines, 2)
+    w0, w1 = (start_piped(tmp_path, pg_url, f"w{i}", 2, timeout=2) for i in range(2))
+    # When w0 finishes its part, w1 is killed halfway through its own, and restarted
+    # after more than the timeout
+    feed(w1, parts[1][: len(parts[1]) // 2], close=False)
+    feed(w0, parts[0])
+    assert w0.wait(timeout=120) == 0
+    kill(w1)
+    time.sleep(2.5)
+    again = start_piped(tmp_path, pg_url, "w1", 2, run=1, timeout=2)
+    feed(again, parts[1])
+    # Then the restarted worker rejoined the run (w0 still counts as a member) and
+    # completed it: the batches are one replay's
+    assert again.wait(timeout=120) == 0, (tmp_path / "err-w1-1").read_text()
+    assert b"rejoins the run in progress" in (tmp_path / "err-w1-1").read_bytes()
+    check_union(tmp_path, expected)
+
+
+@pytest.mark.timeout(600)
+def test_a_lost_connection_while_applying_changes_nothing(tmp_path: Path, pg_url: str) -> None:
+    # Given three workers replaying parts of one stream
+    lines = make_stream(60_000, seed=4)
+    expected = single_replay(tmp_path, lines)
+    run_parts(tmp_path, pg_url, lines, 3)
+    procs = [start_worker(tmp_path, pg_url, i, 3) for i in range(3)]
+    # When the connection of whoever holds the apply lock is cut, mid-step, five times
+    cuts, deadline = 0, time.monotonic() + 60
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        while cuts < 5 and any(p.poll() is None for p in procs):
+            assert time.monotonic() < deadline, "nobody was caught holding the apply lock"
+            row = admin.execute(
+                "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                " WHERE l.locktype = 'advisory' AND l.objid = %s AND l.granted"
+                " AND a.application_name LIKE 'edp-w%%'", (APPLY_LOCK,)
+            ).fetchone()
+            if row is not None and admin.execute(
+                "SELECT pg_terminate_backend(%s)", (row[0],)
+            ).fetchone() == (True,):
+                cuts += 1
+                time.sleep(0.2)
+            time.sleep(0.005)
+    assert cuts >= 1
+    # Then every worker ends well (the step was retried) and the batches are one replay's
+    wait_all(procs, tmp_path, timeout=500)
     check_union(tmp_path, expected)
