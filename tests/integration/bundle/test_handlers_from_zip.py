@@ -131,6 +131,21 @@ def invoke(
     return outcome
 
 
+def store_then_emit(
+    python: Path, messages: list[dict[str, Any]], queue_arn: str, *, env: dict[str, str],
+    wait: float, work: Path,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The store Lambda gets ``messages`` as one SQS batch (plus a poison message);
+    ``wait`` seconds later the emit Lambda runs on its schedule: both outcomes."""
+    stored = invoke(python, "edp.aws.handlers.store_handler",
+                    sqs_lambda_event(messages, queue_arn),
+                    env={**env, "AWS_LAMBDA_FUNCTION_NAME": "edp-store"}, work=work)
+    time.sleep(wait)
+    emitted = invoke(python, "edp.aws.handlers.emit_handler", scheduled_event(),
+                     env={**env, "AWS_LAMBDA_FUNCTION_NAME": "edp-emit"}, work=work)
+    return stored, emitted
+
+
 def database(request: pytest.FixtureRequest, kind: str, aws: Aws, tmp_path: Path) -> dict[str, str]:
     """Variables that point the handlers at the test's database, and the secret's ARN."""
     if kind == "sqlite":
@@ -179,13 +194,9 @@ def test_handlers_from_the_zip_turn_uploads_into_batch_events(
     assert len(messages) == 3
 
     # When the store Lambda gets them as one SQS batch (plus a message that is not JSON)
-    stored = invoke(clean_python, "edp.aws.handlers.store_handler",
-                    sqs_lambda_event(messages, ingest_arn),
-                    env={**base_env, "AWS_LAMBDA_FUNCTION_NAME": "edp-store"}, work=tmp_path)
     # ... and the emit Lambda runs on its schedule once the quiet period is over
-    time.sleep(1.6)
-    emitted = invoke(clean_python, "edp.aws.handlers.emit_handler", scheduled_event(),
-                     env={**base_env, "AWS_LAMBDA_FUNCTION_NAME": "edp-emit"}, work=tmp_path)
+    stored, emitted = store_then_emit(clean_python, messages, ingest_arn, env=base_env,
+                                      wait=1.6, work=tmp_path)
 
     # Then no record is reported as failed (the poison one became a dead letter)
     assert stored["result"] == {"batchItemFailures": []}
@@ -271,12 +282,8 @@ def test_the_stack_turns_a_new_package_revision_into_one_package_ready_event(
         REVISION_POINTER]
     # ... the store Lambda records it (a timer starts), and once the delay is over the
     # emit Lambda runs on its schedule
-    stored = invoke(clean_python, "edp.aws.handlers.store_handler",
-                    sqs_lambda_event(messages, ingest_arn),
-                    env={**env, "AWS_LAMBDA_FUNCTION_NAME": "edp-store"}, work=tmp_path)
-    time.sleep(1.3)
-    emitted = invoke(clean_python, "edp.aws.handlers.emit_handler", scheduled_event(),
-                     env={**env, "AWS_LAMBDA_FUNCTION_NAME": "edp-emit"}, work=tmp_path)
+    stored, emitted = store_then_emit(clean_python, messages, ingest_arn, env=env, wait=1.3,
+                                      work=tmp_path)
     again = invoke(clean_python, "edp.aws.handlers.emit_handler", scheduled_event(),
                    env={**env, "AWS_LAMBDA_FUNCTION_NAME": "edp-emit"}, work=tmp_path)
 
