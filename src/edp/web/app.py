@@ -4,7 +4,7 @@ Routes::
 
     POST /ingest                 S3-format notifications (MinIO, Ceph RGW ... webhooks)
     GET  /                       the dashboard          GET /batches/{id}  a batch's page
-    GET  /api/batches            ?state=open|closed&limit=N
+    GET  /api/batches            ?state=open|closed&limit=N (N per state, 1-1000, default 50)
     GET  /api/batches/{id}       a batch and its files
     GET  /api/events             ?limit=N, the recent package-objects-ready (and other) events
     GET  /api/stats              figures, counters, the time series of the charts, dead letters
@@ -13,7 +13,8 @@ Routes::
 
 ``/ingest`` always needs ``Authorization: Bearer <token>``. The read-only routes need
 the token too (header, or the cookie that ``?token=...`` on a page sets) unless the
-server is bound to a loopback address. Every store access goes through the
+server is bound to a loopback address. A query parameter out of range (``limit=abc``)
+is refused with 400 and a message saying which and why. Every store access goes through the
 :class:`~edp.web.reader.StoreReader` thread or the engine's daemon thread.
 """
 
@@ -151,7 +152,10 @@ class _Handlers:
         async def guarded(request: Request) -> Response:
             if not self._read_allowed(request):
                 return self._unauthorized()
-            return await handler(request)
+            try:
+                return await handler(request)
+            except BadQuery as exc:
+                return json_response({"error": str(exc)}, 400)
 
         return guarded
 
@@ -182,7 +186,7 @@ class _Handlers:
     async def api_batches(self, request: Request) -> Response:
         state = request.query_params.get("state")
         if state not in (None, "open", "closed"):
-            return json_response({"error": "state must be open or closed"}, 400)
+            raise BadQuery(f"state must be open or closed, got {state[:40]!r}")
         limit = _limit(request)
         settings, now = self.ctx.settings, time.time()
         rows = await self._query(
@@ -282,10 +286,18 @@ class _Handlers:
                               "rejected": result.rejected})
 
 
+class BadQuery(ValueError):
+    """A query parameter the API cannot use (answered with 400 and this message)."""
+
+
 def _limit(request: Request, default: int = 50, maximum: int = 1000) -> int:
-    raw = request.query_params.get("limit", "")
+    raw = request.query_params.get("limit")
+    if raw is None:
+        return default
     # isascii: str.isdigit() also accepts digits such as '²' that int() refuses
-    return min(maximum, max(1, int(raw))) if raw.isascii() and raw.isdigit() else default
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= maximum):
+        raise BadQuery(f"limit must be an integer from 1 to {maximum}, got {raw[:40]!r}")
+    return int(raw)
 
 
 async def _read_limited(request: Request, limit: int) -> bytes | None:

@@ -67,11 +67,19 @@ def test_batches_api_lists_open_and_closed_batches_with_deadlines(client: TestCl
     assert (closed["state"], closed["trigger"], closed["object_count"]) == ("closed", "count", 2)
     assert [b["prefix"] for b in client.get("/api/batches?state=open").json()["batches"]] == [
         "lab/exp-2/"]
-    assert client.get("/api/batches?state=nonsense").status_code == 400
-    # a limit that is not a plain number is ignored, not a server error
-    odd = client.get("/api/batches?limit=%C2%B2")
-    assert odd.status_code == 200
-    assert [b["prefix"] for b in odd.json()["batches"]] == list(by_prefix)
+    refused = client.get("/api/batches?state=nonsense")
+    assert refused.status_code == 400
+    assert refused.json() == {"error": "state must be open or closed, got 'nonsense'"}
+    # a limit must be a plain number in range: anything else is refused, saying why
+    # (per state: up to N open, then up to N closed)
+    assert [b["prefix"] for b in client.get("/api/batches?limit=1").json()["batches"]] == [
+        "lab/exp-2/", "lab/exp-1/"]
+    for odd in ("abc", "%C2%B2", "0", "1001", "-5"):
+        answer = client.get(f"/api/batches?limit={odd}")
+        assert answer.status_code == 400, odd
+        assert answer.json()["error"].startswith("limit must be an integer from 1 to 1000")
+    assert client.get("/api/events?limit=x").status_code == 400
+    assert client.get("/api/dead-letters?limit=x").status_code == 400
 
 
 def test_batch_detail_has_its_files_and_unknown_ids_are_404(client: TestClient) -> None:
