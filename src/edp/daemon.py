@@ -79,12 +79,19 @@ class Source(Protocol):
 
 @dataclass(slots=True)
 class DaemonStats:
-    """Running totals, for logs and tests."""
+    """Running totals, for logs and tests (feed threads count errors too: see
+    :meth:`error`)."""
 
     steps: int = 0
     messages: int = 0
     fired: int = 0
     errors: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def error(self) -> None:
+        """Count one error (from any thread)."""
+        with self._lock:
+            self.errors += 1
 
 
 class Daemon:
@@ -140,7 +147,7 @@ class Daemon:
                     else:
                         self.run_once()
                 except Exception:  # a boundary: log, back off, keep the worker alive
-                    self.stats.errors += 1
+                    self.stats.error()
                     log.exception("step failed; unacknowledged input will come again")
                     self.stop_event.wait(self.error_backoff)
             self._relay()
@@ -225,7 +232,7 @@ class Daemon:
             except Exception as exc:
                 if is_outage(exc):
                     raise
-                self.stats.errors += 1
+                self.stats.error()
                 log.exception("%s (%s) failed a step of its own; it will come again",
                               message.location, message.source)
                 failed.append(index)
@@ -317,7 +324,7 @@ class _Feed:
             except Exception:  # a boundary: log, back off, keep receiving
                 if stop.is_set():
                     return
-                daemon.stats.errors += 1
+                daemon.stats.error()
                 log.exception("receive from %s failed; retrying", self.source.name)
                 stop.wait(daemon.error_backoff)
                 continue
