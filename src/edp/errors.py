@@ -45,7 +45,10 @@ class StoreError(EdpError):
 
 class TransactionConflict(StoreError):
     """A step could not be retried after a lost connection: what it read had changed
-    meanwhile. Nothing of it was committed; running it again is safe."""
+    meanwhile. The retry committed nothing, and running the step again is safe; if
+    the connection was lost during COMMIT, the first attempt may have committed (its
+    own writes are then what changed the reads): running it again then finds its
+    work done."""
 
 
 class NotFound(StoreError):

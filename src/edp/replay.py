@@ -69,6 +69,18 @@ class ReplaySummary:
         )
 
 
+def _warn_of_earlier_batches(runtime: Runtime, stderr: TextIO) -> None:
+    stats = runtime.store.stats()
+    held = stats["open_batches"] + stats["closed_batches"]
+    if held:
+        stderr.write(
+            f"edp replay: warning: the database already holds {held} batch(es) of an "
+            "earlier run; this replay continues from them (their key memories make "
+            "re-sent events duplicates), so its output is not that of the stream "
+            "alone: use a fresh database for that\n"
+        )
+
+
 def run_replay(
     stream: BinaryIO,
     settings: Settings,
@@ -100,20 +112,9 @@ def run_replay(
             or database_url.startswith(("postgresql:", "postgres:")),
         )
         summary = ReplaySummary()
-        # A worker joining a run in progress (a late starter, or one restarted) finds
-        # that run's batches: those are no earlier run's.
-        joining = settings.replay_workers > 1 and getattr(runtime.store, "run_members",
-                                                          lambda: 0)() > 0
-        if database_url is not None and not joining:
-            stats = runtime.store.stats()
-            held = stats["open_batches"] + stats["closed_batches"]
-            if held:
-                stderr.write(
-                    f"edp replay: warning: the database already holds {held} batch(es) of an "
-                    "earlier run; this replay continues from them (their key memories make "
-                    "re-sent events duplicates), so its output is not that of the stream "
-                    "alone: use a fresh database for that\n"
-                )
+        # (Several workers check once they know whether they begin a run: run_part.)
+        if database_url is not None and settings.replay_workers == 1:
+            _warn_of_earlier_batches(runtime, stderr)
         if database_url is not None and settings.replay_workers == 1:
             others = runtime.store.fire_floor(
                 runtime.engine.worker_id, now=time.time(), timeout=settings.worker_timeout
@@ -190,9 +191,9 @@ def run_replay(
 class ReplayRoster(Protocol):
     """What a shared store offers replay workers beyond the Store port."""
 
-    def join_run(self, worker_id: str, *, now: float) -> tuple[bool, int]:
-        """Join the run in progress (or begin one): whether this worker was a member
-        already, and the last of its events queued or applied (-1: none)."""
+    def join_run(self, worker_id: str, *, now: float, workers: int) -> tuple[str, int]:
+        """Join the run in progress or begin one: how (new, joined, rejoined, or
+        ending: try again), and the last of its events queued or applied (-1: none)."""
         ...
 
     def run_members(self) -> int:
@@ -203,16 +204,25 @@ class ReplayRoster(Protocol):
         """Unfinished members silent for longer than ``timeout``."""
         ...
 
+    def queued_events(self) -> int:
+        """How many events wait in the queue."""
+        ...
+
     def finish_replay_worker(self, worker_id: str) -> bool:
-        """Mark a member finished; True for the run's last."""
+        """Mark a member finished; True for the one that ends the run."""
         ...
 
     def end_run(self) -> None:
-        """The run is complete."""
+        """The run is complete (releases the ending lock)."""
+        ...
+
+    def release_ending(self) -> None:
+        """Give up ending the run (a restarted member will)."""
         ...
 
 
-ROSTER_METHODS = ("join_run", "run_members", "stalled_members", "finish_replay_worker", "end_run")
+ROSTER_METHODS = ("join_run", "run_members", "stalled_members", "queued_events",
+                  "finish_replay_worker", "end_run", "release_ending")
 
 
 def _publishable(clock: float) -> float:
@@ -226,8 +236,9 @@ def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr:
     Every worker joins the run and waits until ``replay_workers`` have, so that none
     runs ahead of a late starter. A member killed and restarted with the same
     ``worker_id`` reads its part again and queues only what it had not queued yet.
-    The run ends when its last member has applied everything and fired every open
-    batch; the next worker to join then begins a new run.
+    The run ends when its last member has applied everything, fired every open
+    batch and seen every event delivered; the next worker to join then begins a new
+    run (one arriving while a run ends waits for that).
     """
     settings, engine, store = runtime.settings, runtime.engine, runtime.store
     if not all(hasattr(store, name) for name in ROSTER_METHODS):
@@ -237,10 +248,21 @@ def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr:
         )
     roster = cast(ReplayRoster, store)
     me, timeout, size = engine.worker_id, settings.worker_timeout, settings.chunk_size
-    rejoined, done = roster.join_run(me, now=time.time())  # done: what it queued before
-    if rejoined:
+    patience = max(60.0, timeout)
+    started = time.monotonic()
+    while True:
+        how, done = roster.join_run(me, now=time.time(), workers=settings.replay_workers)
+        if how != "ending":
+            break
+        if time.monotonic() - started > patience:
+            raise EdpError(f"replay worker {me}: the previous run on this database has been "
+                           f"ending for over {patience:g}s")
+        time.sleep(0.2)
+    if how == "rejoined":
         stderr.write(f"edp replay: worker {me} rejoins the run in progress on this database; "
                      f"its part resumes after its event {done + 1}\n")
+    elif how == "new":
+        _warn_of_earlier_batches(runtime, stderr)
     started = time.monotonic()
     while roster.run_members() < settings.replay_workers:
         if time.monotonic() - started > timeout:
@@ -284,34 +306,56 @@ def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr:
                 "--worker-id and part\n"
             )
         return
-    # The last one: nobody holds the floor back any more; apply what is left.
+    try:
+        _end_run(runtime, roster, summary, stderr, patience)
+    finally:
+        roster.release_ending()  # (a no-op once end_run has released it)
+
+
+def _end_run(runtime: Runtime, roster: ReplayRoster, summary: ReplaySummary, stderr: TextIO,
+             patience: float) -> None:
+    """The last worker: every member finished, nobody holds the floor back any more:
+    apply what is queued, fire every open batch, deliver, end the run."""
+    engine, size, me = runtime.engine, runtime.settings.chunk_size, runtime.engine.worker_id
     waiting = time.monotonic()
     while True:
         taken = engine.process_queued(now=time.time(), limit=size, beat=False)
-        if taken is None:
-            # A finished worker's last step still holds the lock (or a step was retried).
-            if time.monotonic() - waiting > max(60.0, timeout):
-                raise EdpError(
-                    f"replay worker {me}: the replay apply lock has been held elsewhere "
-                    f"for over {max(60.0, timeout):g}s (a stopped process?); restart this "
-                    "worker once it is gone"
-                )
-            time.sleep(0.02)
-            continue
-        waiting = time.monotonic()
-        summary.record(taken[1], stderr)
-        if not taken[0]:
-            break
+        if taken is not None:
+            summary.record(taken[1], stderr)
+            if taken[0]:
+                waiting = time.monotonic()
+                continue
+            if not roster.queued_events():
+                break
+        # A finished worker's last step still holds the apply lock, or a step was
+        # rolled back: try again.
+        if time.monotonic() - waiting > patience:
+            raise EdpError(
+                f"replay worker {me}: queued events could not be applied for over "
+                f"{patience:g}s (the apply lock held by a stopped process?); restart this "
+                "worker once it is gone"
+            )
+        time.sleep(0.02)
     for ready in engine.flush(now=time.time()):
         summary.fired[ready.trigger.value] += 1
     runtime.relay.deliver()
-    _drain(runtime)
+    pending = _drain(runtime)
+    if pending:
+        summary.undelivered = pending
+        summary.output_error = ("the run stays open: restart this worker to deliver them "
+                                "and end it")
+        return
     roster.end_run()
 
 
-def _drain(runtime: Runtime) -> None:
-    """The last worker waits until every event was delivered (by anyone)."""
+def _drain(runtime: Runtime) -> int:
+    """The last worker waits until every event was delivered (by anyone): how many
+    were not, after two minutes."""
     give_up = time.monotonic() + 120.0
-    while runtime.store.stats()["pending_deliveries"] and time.monotonic() < give_up:
+    while True:
+        stats = runtime.store.stats()
+        if not stats["pending_deliveries"] or time.monotonic() > give_up:
+            # (parked deliveries were refused for good: waiting does not help them)
+            return stats["pending_deliveries"] + stats["parked_deliveries"]
         runtime.relay.deliver()
         time.sleep(0.05)

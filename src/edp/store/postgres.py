@@ -367,7 +367,8 @@ class PostgresStore(WorkerClocks):
         return self._run(work, pipeline=False)
 
     def close(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection (a replay run's ending lock is given up)."""
+        self.release_ending()
         self.pool.close()
 
 

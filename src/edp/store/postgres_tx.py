@@ -64,17 +64,18 @@ def _json(rows: Iterable[Sequence[Any]]) -> str:
 _PAIRS = _rows_of("text", "text")
 _QUEUED = _rows_of("bigint", "float8", "text", "text", "bool", "float8", "text", "bigint", "text")
 # Takes the first queued events below the floor, in queue order, and records how far
-# each worker's events (and the effective times) have been applied.
+# each member's events (and the effective times) have been applied (only members
+# queue, and their rows exist from join_run to end_run).
 _TAKE = (
     "WITH taken AS (DELETE FROM replay_queue q USING (SELECT worker_id, seq FROM replay_queue"
     " WHERE eff_time < %s ORDER BY eff_time, worker_id, seq LIMIT %s) t"
     " WHERE q.worker_id = t.worker_id AND q.seq = t.seq RETURNING q.eff_time, q.worker_id,"
     " q.seq, q.bucket, q.key, q.deleted, q.event_time, q.etag, q.size, q.sequencer),"
-    " progress AS (INSERT INTO replay_progress (worker_id, applied_seq, applied_clock)"
-    " SELECT worker_id, max(seq), max(eff_time) FROM taken GROUP BY worker_id"
-    " ON CONFLICT (worker_id) DO UPDATE SET"
-    " applied_seq = greatest(replay_progress.applied_seq, excluded.applied_seq),"
-    " applied_clock = greatest(replay_progress.applied_clock, excluded.applied_clock))"
+    " progress AS (UPDATE replay_progress p SET"
+    " applied_seq = greatest(p.applied_seq, t.seq),"
+    " applied_clock = greatest(p.applied_clock, t.eff)"
+    " FROM (SELECT worker_id, max(seq) AS seq, max(eff_time) AS eff FROM taken"
+    " GROUP BY worker_id) t WHERE p.worker_id = t.worker_id)"
     " SELECT * FROM taken"
 )
 _OPEN = _rows_of("text", "text", "text", "int", "int", "float8", "float8", "float8", "float8",

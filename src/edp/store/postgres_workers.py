@@ -11,8 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+from psycopg_pool import ConnectionPool
+from tenacity import Retrying
+
+from edp.errors import EdpError
 
 FINISH_LOCK = 0x65647002  # pg_advisory_xact_lock key of workers finishing
+ENDING_LOCK = 0x65647004  # pg_advisory_lock key held by the worker ending a replay run
 
 HEARTBEAT_SQL = (
     "INSERT INTO workers (worker_id, clock, heartbeat_at) VALUES (%s, %s, %s)"
@@ -55,26 +60,52 @@ class WorkerClocks:
         return None if value is None else float(value)
 
     # -- replay workers (see edp.replay): a run is the set of workers with a
-    # replay_progress row; it begins with the first to join and ends when its last
-    # worker has applied and fired everything (end_run).
-    def join_run(self, worker_id: str, *, now: float) -> tuple[bool, int]:
-        """Join the replay run in progress (or begin one): whether this worker was a
-        member already (restarted), and where its part resumes: after the last of its
-        events queued or applied (-1: from the start; a new member's clock starts
-        afresh)."""
+    # replay_progress row. It begins with the first to join; once every member has
+    # finished, the last one *ends* it (holding ENDING_LOCK, a session lock: it dies
+    # with its process) by applying what is left, firing every open batch and
+    # deleting the rows (end_run). Nobody joins a run that is ending.
+    _ending: psycopg.Connection[Any] | None = None
+    pool: ConnectionPool[psycopg.Connection[Any]]
+    retrying: Callable[[], Retrying]
 
-        def work(conn: psycopg.Connection[Any]) -> tuple[bool, int]:
+    def join_run(self, worker_id: str, *, now: float, workers: int) -> tuple[str, int]:
+        """Join the replay run in progress, or begin one: how (``new``: began a run,
+        ``joined``, ``rejoined``: a member restarted, ``ending``: the last run is being
+        ended, try again shortly), and where this worker's part resumes: after the last
+        of its events queued or applied (-1: from the start). Raises
+        :class:`~edp.errors.EdpError` when the run in progress cannot take it."""
+
+        def work(conn: psycopg.Connection[Any]) -> tuple[str, int]:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (FINISH_LOCK,))
             # One statement, one snapshot: an applying step moves events from the
             # queue to applied_seq atomically, so none is missed nor queued twice.
-            row = conn.execute(
-                "SELECT greatest(p.applied_seq, (SELECT max(q.seq) FROM replay_queue q"
-                " WHERE q.worker_id = p.worker_id)) FROM replay_progress p"
-                " WHERE p.worker_id = %s", (worker_id,)
-            ).fetchone()
-            if row is not None:
+            members = {str(r[0]): (bool(r[1]), int(r[2])) for r in conn.execute(
+                "SELECT p.worker_id, w.finished, greatest(p.applied_seq, (SELECT max(q.seq)"
+                " FROM replay_queue q WHERE q.worker_id = p.worker_id))"
+                " FROM replay_progress p JOIN workers w USING (worker_id)"
+            ).fetchall()}
+            if members and all(finished for finished, _ in members.values()):
+                row = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (ENDING_LOCK,)
+                                   ).fetchone()
+                if not (row and row[0]):
+                    return "ending", -1  # its last worker is at work
+                if worker_id not in members:
+                    raise EdpError(
+                        f"a replay run on this database did not end: its last worker "
+                        f"stopped while finishing it. Restart one of its workers "
+                        f"({', '.join(sorted(members))}) with its --worker-id and part to "
+                        "complete it, or use another database"
+                    )
+            if worker_id in members:
                 conn.execute(HEARTBEAT_SQL, heartbeat_params(worker_id, -1e18, now))
-                return True, int(row[0])
+                return "rejoined", members[worker_id][1]
+            if len(members) >= workers:
+                raise EdpError(
+                    f"the replay run in progress on this database already has "
+                    f"{len(members)} workers ({', '.join(sorted(members))}) for "
+                    f"--workers {workers}: restart one of those with its --worker-id, or "
+                    "use another database"
+                )
             conn.execute(
                 "INSERT INTO replay_progress (worker_id, applied_seq, applied_clock)"
                 " VALUES (%s, -1, %s)", (worker_id, -1e18)
@@ -85,10 +116,10 @@ class WorkerClocks:
                 " heartbeat_at = excluded.heartbeat_at, finished = false",
                 (worker_id, -1e18, now),
             )
-            return False, -1
+            return ("joined" if members else "new"), -1
 
-        rejoined, done = self._run(work, pipeline=False)
-        return bool(rejoined), int(done)
+        how, done = self._run(work, pipeline=False)
+        return str(how), int(done)
 
     def run_members(self) -> int:
         """How many workers joined the replay run in progress."""
@@ -101,24 +132,77 @@ class WorkerClocks:
             " WHERE NOT finished AND heartbeat_at < %s ORDER BY worker_id", (now - timeout,)
         )]
 
+    def queued_events(self) -> int:
+        """How many events wait in the replay queue."""
+        return int(self._rows("SELECT count(*) FROM replay_queue")[0][0])
+
     def finish_replay_worker(self, worker_id: str) -> bool:
-        """Mark a run member finished; True when it is the run's last (it applies what
-        is left, fires every open batch, then calls :meth:`end_run`)."""
-
-        def work(conn: psycopg.Connection[Any]) -> bool:
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (FINISH_LOCK,))
-            conn.execute("UPDATE workers SET finished = true WHERE worker_id = %s", (worker_id,))
-            row = conn.execute(
-                "SELECT count(*) FROM replay_progress JOIN workers USING (worker_id)"
-                " WHERE NOT finished"
-            ).fetchone()
-            return row is not None and int(row[0]) == 0
-
-        return bool(self._run(work))
+        """Mark a run member finished; True when it is the one to end the run: every
+        member finished, and it took the ending lock (in the same transaction, so a
+        worker joining meanwhile sees either an unfinished run or an ending one)."""
+        for attempt in self.retrying():
+            with attempt:
+                conn = self.pool.getconn()
+                try:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (FINISH_LOCK,))
+                    conn.execute("UPDATE workers SET finished = true WHERE worker_id = %s",
+                                 (worker_id,))
+                    row = conn.execute(
+                        "SELECT count(*) FROM replay_progress JOIN workers USING (worker_id)"
+                        " WHERE NOT finished"
+                    ).fetchone()
+                    ends = False
+                    if row is not None and int(row[0]) == 0:
+                        # A member restarted after finishing may end it instead: then
+                        # this one has nothing left to do.
+                        got = conn.execute("SELECT pg_try_advisory_lock(%s)",
+                                           (ENDING_LOCK,)).fetchone()
+                        ends = bool(got and got[0])
+                    conn.commit()
+                except BaseException:
+                    conn.close()  # a session lock taken before the failure goes with it
+                    self.pool.putconn(conn)
+                    raise
+                if ends:
+                    self._ending = conn
+                    return True
+                self.pool.putconn(conn)
+                return False
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def end_run(self) -> None:
-        """The run is complete: the next worker to join begins a new one."""
-        self._run(lambda conn: conn.execute("DELETE FROM replay_progress"))
+        """The run is complete (every member finished, the queue empty): the next worker
+        to join begins a new one. Releases the ending lock."""
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (FINISH_LOCK,))
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM replay_progress JOIN workers USING (worker_id)"
+                " WHERE NOT finished), (SELECT count(*) FROM replay_queue)"
+            ).fetchone()
+            if row is None or row[0] or row[1]:
+                raise EdpError(
+                    f"the replay run cannot end: {row and row[0]} worker(s) unfinished, "
+                    f"{row and row[1]} event(s) still queued"
+                )
+            conn.execute("DELETE FROM replay_progress")
+
+        try:
+            self._run(work, pipeline=False)
+        finally:
+            self.release_ending()
+
+    def release_ending(self) -> None:
+        """Give up the ending lock (the run stays to be ended by a restarted member)."""
+        conn, self._ending = self._ending, None
+        if conn is None:
+            return
+        try:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (ENDING_LOCK,))
+            conn.commit()
+        except psycopg.Error:
+            conn.close()  # a lost connection released the lock anyway
+        self.pool.putconn(conn)
 
     def finish_worker(self, worker_id: str) -> bool:
         """Mark a worker finished; True when no unfinished worker remains."""

@@ -300,6 +300,94 @@ def test_a_worker_restarted_long_after_another_finished_completes_the_run(
     check_union(tmp_path, expected)
 
 
+def finished(pg_url: str, worker: str) -> bool:
+    """Whether a worker has marked itself finished."""
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute("SELECT finished FROM workers WHERE worker_id = %s",
+                           (worker,)).fetchone()
+    return bool(row and row[0])
+
+
+def members(pg_url: str) -> list[str]:
+    """The workers of the replay run in progress."""
+    with psycopg.connect(pg_url) as conn:
+        try:
+            rows = conn.execute("SELECT worker_id FROM replay_progress ORDER BY 1").fetchall()
+        except psycopg.errors.UndefinedTable:
+            return []
+    return [str(row[0]) for row in rows]
+
+
+@pytest.mark.timeout(600)
+def test_the_next_run_waits_until_the_last_one_has_ended(tmp_path: Path, pg_url: str) -> None:
+    # Given a run of two workers whose last one is ending it (nothing applied yet: the
+    # test holds the apply lock)
+    first = make_stream(4000, seed=12)
+    second = [line.replace(b'"lab"', b'"lab-2"') for line in make_stream(3000, seed=13)]
+    expected_first = single_replay(tmp_path, first)
+    (tmp_path / "next").mkdir()
+    expected_second = single_replay(tmp_path / "next", second)
+    w0, w1 = (start_piped(tmp_path, pg_url, f"w{i}", 2) for i in range(2))
+    wait_for("both to join", lambda: members(pg_url) == ["w0", "w1"])
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_advisory_lock(%s)", (APPLY_LOCK,))
+        parts = deal(first, 2)
+        feed(w0, parts[0])
+        assert w0.wait(timeout=120) == 0
+        feed(w1, parts[1])
+        wait_for("w1 to finish its part", lambda: finished(pg_url, "w1"))
+        # When the next run's workers start meanwhile
+        x0, x1 = (start_piped(tmp_path / "next", pg_url, f"x{i}", 2) for i in range(2))
+        time.sleep(2.0)
+        # Then they wait: they joined no run yet
+        assert members(pg_url) == ["w0", "w1"]
+        assert x0.poll() is None and x1.poll() is None
+        admin.execute("SELECT pg_advisory_unlock(%s)", (APPLY_LOCK,))
+    # ... the ending run applies everything and ends; then the next one runs on its own
+    assert w1.wait(timeout=120) == 0
+    check_union(tmp_path, expected_first)
+    next_parts = deal(second, 2)
+    feed(x0, next_parts[0])
+    feed(x1, next_parts[1])
+    assert x0.wait(timeout=120) == 0 and x1.wait(timeout=120) == 0
+    check_union(tmp_path / "next", expected_second)
+    assert members(pg_url) == []
+
+
+@pytest.mark.timeout(600)
+def test_a_run_whose_last_worker_died_refuses_strangers_and_a_member_completes_it(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # Given a run of two workers whose last one is killed while ending it
+    lines = make_stream(4000, seed=14)
+    expected = single_replay(tmp_path, lines)
+    parts = deal(lines, 2)
+    w0, w1 = (start_piped(tmp_path, pg_url, f"w{i}", 2) for i in range(2))
+    wait_for("both to join", lambda: members(pg_url) == ["w0", "w1"])
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_advisory_lock(%s)", (APPLY_LOCK,))
+        feed(w0, parts[0])
+        assert w0.wait(timeout=120) == 0
+        feed(w1, parts[1])
+        wait_for("w1 to finish its part", lambda: finished(pg_url, "w1"))
+        kill(w1)
+        admin.execute("SELECT pg_advisory_unlock(%s)", (APPLY_LOCK,))
+    # When a worker of another run starts on the database
+    (tmp_path / "other").mkdir()
+    stranger = start_piped(tmp_path / "other", pg_url, "x0", 2)
+    feed(stranger, [])
+    # Then it is refused, with the members to restart
+    assert stranger.wait(timeout=60) == 1
+    error = (tmp_path / "other" / "err-x0-0").read_text()
+    assert "did not end" in error and "w0, w1" in error
+    # ... and a member restarted with its part completes the run: one replay's batches
+    again = start_piped(tmp_path, pg_url, "w0", 2, run=1)
+    feed(again, parts[0])
+    assert again.wait(timeout=120) == 0, (tmp_path / "err-w0-1").read_text()
+    check_union(tmp_path, expected)
+    assert members(pg_url) == [] and queued(pg_url, "w1") == 0
+
+
 @pytest.mark.timeout(600)
 def test_a_lost_connection_while_applying_changes_nothing(tmp_path: Path, pg_url: str) -> None:
     # Given three workers replaying parts of one stream
