@@ -196,8 +196,12 @@ class ReplayRoster(Protocol):
         ending: try again), and the last of its events queued or applied (-1: none)."""
         ...
 
-    def run_members(self) -> int:
-        """How many workers joined the run in progress."""
+    def run_members(self, *, now: float, timeout: float) -> int:
+        """How many workers of the run in progress are live or finished."""
+        ...
+
+    def leave_run(self, worker_id: str) -> None:
+        """Leave the run, if nothing of this worker was queued or applied."""
         ...
 
     def stalled_members(self, *, now: float, timeout: float) -> list[str]:
@@ -221,7 +225,7 @@ class ReplayRoster(Protocol):
         ...
 
 
-ROSTER_METHODS = ("join_run", "run_members", "stalled_members", "queued_events",
+ROSTER_METHODS = ("join_run", "run_members", "leave_run", "stalled_members", "queued_events",
                   "finish_replay_worker", "end_run", "release_ending")
 
 
@@ -246,6 +250,11 @@ def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr:
             "replay_workers > 1 needs a shared PostgreSQL store: pass --database-url "
             "postgresql://..."
         )
+    if not settings.worker_id:
+        raise ConfigError(
+            "replay_workers > 1 needs a worker_id for each worker (--worker-id): a name "
+            "that stays the same when the worker is restarted"
+        )
     roster = cast(ReplayRoster, store)
     me, timeout, size = engine.worker_id, settings.worker_timeout, settings.chunk_size
     patience = max(60.0, timeout)
@@ -264,8 +273,9 @@ def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr:
     elif how == "new":
         _warn_of_earlier_batches(runtime, stderr)
     started = time.monotonic()
-    while roster.run_members() < settings.replay_workers:
+    while roster.run_members(now=time.time(), timeout=timeout) < settings.replay_workers:
         if time.monotonic() - started > timeout:
+            roster.leave_run(me)  # (a restarted member with events queued stays one)
             raise EdpError(
                 f"replay worker {me}: fewer than {settings.replay_workers} workers "
                 f"joined within worker_timeout ({timeout:g}s)"

@@ -39,7 +39,7 @@ from edp.store.base import (
     Timer,
     WorkingState,
 )
-from edp.store.postgres_workers import HEARTBEAT_SQL, heartbeat_params
+from edp.store.postgres_workers import FINISH_LOCK, HEARTBEAT_SQL, heartbeat_params
 
 APPLY_LOCK = 0x65647003  # pg_advisory_xact_lock key of the replay workers' applier
 
@@ -375,6 +375,9 @@ class PostgresTransaction:
         self.flush()
         with self.conn.pipeline():
             lock = self._send("SELECT pg_try_advisory_xact_lock(%s)", (APPLY_LOCK,))
+            # Shared with other steps, exclusive for a worker joining a run: a joiner
+            # sees whether the run has applied anything, and no step applies meanwhile.
+            self._send("SELECT pg_advisory_xact_lock_shared(%s)", (FINISH_LOCK,))
             # Read once the lock is held (a pipeline runs in order): what the last
             # holder applied is committed and visible by then.
             # The run's live, unfinished members (not other workers on the database).

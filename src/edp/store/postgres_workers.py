@@ -99,6 +99,14 @@ class WorkerClocks:
             if worker_id in members:
                 conn.execute(HEARTBEAT_SQL, heartbeat_params(worker_id, -1e18, now))
                 return "rejoined", members[worker_id][1]
+            row = conn.execute("SELECT max(applied_clock) FROM replay_progress").fetchone()
+            if members and row is not None and row[0] is not None and row[0] > -1e18:
+                raise EdpError(
+                    f"the replay run in progress on this database has applied events "
+                    f"already (workers {', '.join(sorted(members))}): a worker joining now "
+                    "would come too late. Check that every worker has the same --workers; "
+                    "restart one of those with its --worker-id, or use another database"
+                )
             if len(members) >= workers:
                 raise EdpError(
                     f"the replay run in progress on this database already has "
@@ -121,9 +129,27 @@ class WorkerClocks:
         how, done = self._run(work, pipeline=False)
         return str(how), int(done)
 
-    def run_members(self) -> int:
-        """How many workers joined the replay run in progress."""
-        return int(self._rows("SELECT count(*) FROM replay_progress")[0][0])
+    def run_members(self, *, now: float, timeout: float) -> int:
+        """How many workers of the replay run in progress are live or finished (a
+        member that went silent before finishing does not count as a partner)."""
+        return int(self._rows(
+            "SELECT count(*) FROM replay_progress JOIN workers USING (worker_id)"
+            " WHERE finished OR heartbeat_at >= %s", (now - timeout,)
+        )[0][0])
+
+    def leave_run(self, worker_id: str) -> None:
+        """Leave the run in progress, if nothing of this worker was queued or applied
+        (a worker giving up before it began: it must not count as a partner later)."""
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (FINISH_LOCK,))
+            conn.execute(
+                "DELETE FROM replay_progress p WHERE p.worker_id = %s AND p.applied_seq < 0"
+                " AND NOT EXISTS (SELECT 1 FROM replay_queue q WHERE q.worker_id = %s)",
+                (worker_id, worker_id),
+            )
+
+        self._run(work, pipeline=False)
 
     def stalled_members(self, *, now: float, timeout: float) -> list[str]:
         """Unfinished members of the run silent for longer than ``timeout``."""
@@ -174,8 +200,23 @@ class WorkerClocks:
         """The run is complete (every member finished, the queue empty): the next worker
         to join begins a new one. Releases the ending lock."""
 
+        ending = self._ending
+        if ending is None:
+            raise EdpError("the replay run cannot end: this worker does not hold its lock")
+        pid = ending.info.backend_pid
+
         def work(conn: psycopg.Connection[Any]) -> None:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (FINISH_LOCK,))
+            held = conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND pid = %s AND classid = 0 AND objid = %s AND objsubid = 1",
+                (pid, ENDING_LOCK),
+            ).fetchone()
+            if not (held and held[0]):
+                raise EdpError(
+                    "the replay run cannot end: the connection holding its ending lock was "
+                    "lost (another member may be ending it); restart this worker to make sure"
+                )
             row = conn.execute(
                 "SELECT (SELECT count(*) FROM replay_progress JOIN workers USING (worker_id)"
                 " WHERE NOT finished), (SELECT count(*) FROM replay_queue)"

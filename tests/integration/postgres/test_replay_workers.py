@@ -389,6 +389,54 @@ def test_a_run_whose_last_worker_died_refuses_strangers_and_a_member_completes_i
 
 
 @pytest.mark.timeout(600)
+def test_workers_that_give_up_waiting_for_a_partner_leave_no_trace(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # Given three workers of which only two start (a 2 s worker_timeout)
+    lines = make_stream(3000, seed=21)
+    expected = single_replay(tmp_path, lines)
+    parts = deal(lines, 3)
+    w0, w1 = (start_piped(tmp_path, pg_url, f"w{i}", 3, timeout=2) for i in range(2))
+    # Then both give up, saying why, and leave the run (no partner for a later start)
+    assert w0.wait(timeout=60) == 1 and w1.wait(timeout=60) == 1
+    assert "fewer than 3 workers joined" in (tmp_path / "err-w0-0").read_text()
+    assert members(pg_url) == []
+    for proc in (w0, w1):
+        assert proc.stdin is not None
+        proc.stdin.close()
+    # ... and when all three start again, they emit one replay's batches
+    procs = [start_piped(tmp_path, pg_url, f"w{i}", 3, run=1, timeout=2) for i in range(3)]
+    for proc, part in zip(procs, parts, strict=True):
+        feed(proc, part)
+    assert [proc.wait(timeout=120) for proc in procs] == [0, 0, 0]
+    check_union(tmp_path, expected)
+
+
+@pytest.mark.timeout(600)
+def test_a_worker_arriving_after_the_run_applied_events_is_refused(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # Given two workers (--workers 2) that have applied events already
+    lines = make_stream(4000, seed=22)
+    parts = deal(lines, 2)
+    w0, w1 = (start_piped(tmp_path, pg_url, f"w{i}", 2) for i in range(2))
+    feed(w0, parts[0][:2500], close=False)
+    feed(w1, parts[1][:2500], close=False)
+    wait_for("events to be applied", lambda: queued(pg_url, "w0") < 2000)
+    # When a third starts with --workers 3
+    late = start_piped(tmp_path, pg_url, "w2", 3)
+    # Then it is refused, saying why; it did not join
+    assert late.wait(timeout=60) == 1
+    assert "has applied events already" in (tmp_path / "err-w2-0").read_text()
+    assert members(pg_url) == ["w0", "w1"]
+    assert late.stdin is not None
+    late.stdin.close()
+    feed(w0, parts[0][2500:])
+    feed(w1, parts[1][2500:])
+    assert w0.wait(timeout=120) == 0 and w1.wait(timeout=120) == 0
+
+
+@pytest.mark.timeout(600)
 def test_a_lost_connection_while_applying_changes_nothing(tmp_path: Path, pg_url: str) -> None:
     # Given three workers replaying parts of one stream
     lines = make_stream(60_000, seed=4)
