@@ -436,6 +436,18 @@ def test_a_worker_arriving_after_the_run_applied_events_is_refused(
     assert w0.wait(timeout=120) == 0 and w1.wait(timeout=120) == 0
 
 
+def test_several_workers_need_a_worker_id(tmp_path: Path, pg_url: str) -> None:
+    # Given a part and no worker id
+    part = write_lines(tmp_path / "part.jsonl", make_stream(10))
+    # When a replay worker starts without one
+    done = subprocess.run(replay_command(part, pg_url), capture_output=True, cwd=tmp_path,
+                          env=clean_env(EDP_REPLAY_WORKERS="2"), timeout=60, check=False)
+    # Then it refuses at once, saying why (a restart could never rejoin its run)
+    assert done.returncode != 0
+    assert b"needs a worker_id for each worker (--worker-id)" in done.stderr
+    assert members(pg_url) == []
+
+
 @pytest.mark.timeout(600)
 def test_a_lost_connection_while_applying_changes_nothing(tmp_path: Path, pg_url: str) -> None:
     # Given three workers replaying parts of one stream
