@@ -115,7 +115,6 @@ def run_replay(
         # (Several workers check once they know whether they begin a run: run_part.)
         if database_url is not None and settings.replay_workers == 1:
             _warn_of_earlier_batches(runtime, stderr)
-        if database_url is not None and settings.replay_workers == 1:
             others = runtime.store.fire_floor(
                 runtime.engine.worker_id, now=time.time(), timeout=settings.worker_timeout
             )
