@@ -20,7 +20,7 @@ import math
 import os
 import socket
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -227,14 +227,21 @@ class Engine:
 
     def process_decoded(
         self, events: list[ObjectEvent], report: StepReport, *, now: float,
-        caught_up: bool = False,
+        caught_up: bool = False, prefixes: Sequence[str | Skip] | None = None,
     ) -> StepReport:
         """:meth:`process` of messages already decoded (by :func:`decode_messages`,
-        possibly in another process): ``report`` holds their dead letters and counts."""
+        possibly in another process): ``report`` holds their dead letters and counts;
+        ``prefixes``, when given, each event's answer of :meth:`classifier`."""
         floor = self._floor(now)
         with self.store.transaction() as tx:
-            clock = self._apply(tx, events, report, now=now, caught_up=caught_up, floor=floor)
+            clock = self._apply(tx, events, report, now=now, caught_up=caught_up, floor=floor,
+                                prefixes=prefixes)
         return self._applied(clock, report, now)
+
+    def classifier(self) -> Callable[[ObjectEvent], str | Skip]:
+        """The pure function that gives an event's batch prefix, or why it is not batched
+        (SPEC section 2): whoever decodes the events may run it (in another process)."""
+        return Batcher(self.rules).classify
 
     # -- several replay workers on one stream (see edp.replay) ----------------------
     def enqueue(
@@ -301,14 +308,16 @@ class Engine:
         caught_up: bool = False,
         publish: float | None = None,
         beat: bool = True,
+        prefixes: Sequence[str | Skip] | None = None,
     ) -> float:
         """The body of a step, in its transaction: returns the clock it ends at."""
         clock = self.clock
         end_clock = max([clock, *(e.time for e in events)])
         if caught_up:
             end_clock = max(end_clock, now)
-        batcher = Batcher(self.rules)
-        prefixes = [batcher.classify(event) for event in events]
+        batcher = Batcher(self.rules, record_objects=self.store.keeps_objects)
+        if prefixes is None:
+            prefixes = [batcher.classify(event) for event in events]
         sinks = self.sinks
         state = tx.load(self._request(events, prefixes, min(end_clock, floor)))
         self._batcher(state, into=batcher)
@@ -507,7 +516,9 @@ class Engine:
 
     def _batcher(self, state: WorkingState, *, into: Batcher | None = None) -> Batcher:
         """A batcher (``into``, or a new one) seeded with a step's working set."""
-        batcher = into if into is not None else Batcher(self.rules)
+        batcher = into if into is not None else Batcher(
+            self.rules, record_objects=self.store.keeps_objects
+        )
         batcher.seed(
             batches=state.batches,
             generations=state.generations,

@@ -129,12 +129,16 @@ def run_replay(
                 run_part(runtime, stream, summary, stderr)
                 return summary
             # Lines are decoded one chunk ahead, on the other core where it can be forked.
-            for lines, events, decoded in decoded_chunks(
-                stream, size=settings.chunk_size, encoded=not settings.eventbridge_raw_keys
+            for lines, events, decoded, prefixes in decoded_chunks(
+                stream, size=settings.chunk_size, encoded=not settings.eventbridge_raw_keys,
+                classify=runtime.engine.classifier(),
             ):
                 summary.lines += lines
                 summary.record(
-                    runtime.engine.process_decoded(events, decoded, now=time.time()), stderr
+                    runtime.engine.process_decoded(
+                        events, decoded, now=time.time(), prefixes=prefixes
+                    ),
+                    stderr,
                 )
                 runtime.relay.deliver()
             for ready in runtime.engine.finish(now=time.time()):
@@ -283,7 +287,7 @@ def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr:
         store.heartbeat(me, clock=_publishable(-math.inf), now=time.time())
     clock, seq = -math.inf, 0
     delivered = time.monotonic()
-    for lines, events, decoded in decoded_chunks(
+    for lines, events, decoded, _ in decoded_chunks(
         stream, size=size, encoded=not settings.eventbridge_raw_keys
     ):
         summary.lines += lines

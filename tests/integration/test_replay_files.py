@@ -14,6 +14,9 @@ from typing import Any
 
 import pytest
 
+from edp.config import Settings
+from edp.core.batching import Batcher
+from edp.core.rules import Skip
 from edp.errors import EdpError
 from edp.sources.files import decoded_chunks
 
@@ -23,21 +26,28 @@ FORMATS = Path(__file__).parents[1] / "replay" / "formats.jsonl"
 def comparable(chunks: Any) -> list[Any]:
     return [
         (lines, events, report.messages, report.events, dict(report.counts),
-         [(d.source, d.location, d.reason, d.body) for d in report.rejected])
-        for lines, events, report in chunks
+         [(d.source, d.location, d.reason, d.body) for d in report.rejected], prefixes)
+        for lines, events, report, prefixes in chunks
     ]
 
 
 def test_the_child_decodes_what_this_process_decodes() -> None:
     # Given the sample of every input format (bad lines, ignored types, blank lines)
     data = FORMATS.read_bytes()
-    # When it is decoded by a child (a real file) and in this process (no descriptor)
+    # When it is decoded and classified by a child (a real file) and in this process
+    # (no descriptor)
+    classify = Batcher(Settings(bucket_ignore_prefixes=("lab/",)).rule_book()).classify
     with FORMATS.open("rb") as stream:
-        ahead = comparable(decoded_chunks(stream, size=4, encoded=True))
-    here = comparable(decoded_chunks(io.BytesIO(data), size=4, encoded=True))
-    # Then the chunks are the same, events, dead letters and counts included
+        ahead = comparable(decoded_chunks(stream, size=4, encoded=True, classify=classify))
+    here = comparable(decoded_chunks(io.BytesIO(data), size=4, encoded=True,
+                                     classify=classify))
+    # Then the chunks are the same, events, dead letters, counts and prefixes included
+    # (the reasons not to batch an event too, as the same members of Skip)
     assert ahead == here
-    assert any(rejected for *_, rejected in here)
+    assert any(rejected for *_, rejected, _ in here)
+    prefixes = [p for *_, chunk in ahead for p in chunk]
+    assert any(type(p) is Skip for p in prefixes)
+    assert any(type(p) is str for p in prefixes)
     assert sum(lines for lines, *_ in here) == len([x for x in data.splitlines() if x.strip()])
 
 
@@ -50,7 +60,7 @@ def test_a_decoding_process_that_dies_fails_the_replay() -> None:
     try:
         with os.fdopen(read_end, "rb") as stream:
             chunks = decoded_chunks(stream, size=1, encoded=True)
-            lines, _, _ = next(chunks)
+            lines, *_ = next(chunks)
             assert lines == 1
             # When the child dies while waiting for more
             [child] = [p for p in multiprocessing.active_children()

@@ -203,6 +203,16 @@ def test_changes_record_what_to_write() -> None:
     assert b.take_changes().is_empty()
 
 
+def test_a_batcher_for_a_store_without_objects_records_none_and_batches_the_same() -> None:
+    events = [created("i/e/1", 0, "01"), created("i/e/2", 1, "02"), created("x/y/1", 1, "03")]
+    keeping, bare = batcher(threshold_event_count=2), batcher(threshold_event_count=2)
+    bare.record_objects = False
+    assert feed(keeping, *events) == feed(bare, *events)
+    changes = bare.take_changes()
+    assert changes.objects == {}
+    assert set(changes.keys) == set(keeping.take_changes().keys)
+
+
 @given(st.text())
 def test_ids_are_rfc_4122_uuid5_of_the_namespace(name: str) -> None:
     # The fast id function must give what uuid.uuid5 gives, for any name: ids of batches

@@ -133,8 +133,11 @@ class Batcher:
     clock it passes to :meth:`advance`.
     """
 
-    def __init__(self, rules: RuleBook) -> None:
+    def __init__(self, rules: RuleBook, *, record_objects: bool = True) -> None:
         self.rules = rules
+        self.record_objects = record_objects
+        """Whether :attr:`Changes.objects` records each counted object (a store that does
+        not keep them, such as a replay's throw-away one, needs no record)."""
         self._batches: dict[BatchKey, OpenBatch] = {}
         self._generations: dict[BatchKey, int] = {}
         self._keys: dict[ObjectKey, KeyMemory] = {}
@@ -316,9 +319,10 @@ class Batcher:
         batch.last_activity = clock
         batch.last_event_time = time
         self._dirty.add(bkey)
-        self._changes.objects[(batch_id, key)] = _record(
-            (batch_id, key, size, etag, sequencer, time)
-        )
+        if self.record_objects:
+            self._changes.objects[(batch_id, key)] = _record(
+                (batch_id, key, size, etag, sequencer, time)
+            )
         rules = self._rules_of.get(bucket) or self.rules.for_bucket(bucket)
         if rules.complete_markers and rules.is_marker(key):
             return self._fire(batch, Trigger.MARKER, clock)

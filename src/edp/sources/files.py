@@ -16,23 +16,28 @@ import multiprocessing
 import os
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any, BinaryIO
 
 from edp.core.events import EventKind, ObjectEvent
+from edp.core.rules import Skip
 from edp.engine import Message, StepReport, decode_messages
 from edp.errors import EdpError
 from edp.store.base import DeadLetter
 
-Decoded = tuple[int, list[ObjectEvent], StepReport]
-"""A chunk: how many lines it held, their object events, the report of decoding them."""
+Decoded = tuple[int, list[ObjectEvent], StepReport, list[str | Skip] | None]
+"""A chunk: how many lines it held, their object events, the report of decoding them,
+and each event's batch prefix (or why it is not batched) when a ``classify`` was given."""
+Classify = Callable[[ObjectEvent], "str | Skip"]
 
 _message = partial(tuple.__new__, Message)
 """``Message`` from one tuple, without the keyword handling of its constructor (per line)."""
 _event = partial(tuple.__new__, ObjectEvent)
 _KINDS = (EventKind.CREATED, EventKind.DELETED)
+_SKIPS = tuple(Skip)
+_SKIP_INDEX = {skip: index for index, skip in enumerate(_SKIPS)}
 
 
 def read_chunks(stream: BinaryIO, size: int) -> Iterator[list[Message]]:
@@ -49,31 +54,38 @@ def read_chunks(stream: BinaryIO, size: int) -> Iterator[list[Message]]:
         yield chunk
 
 
-def decoded_chunks(stream: BinaryIO, *, size: int, encoded: bool) -> Iterator[Decoded]:
+def decoded_chunks(
+    stream: BinaryIO, *, size: int, encoded: bool, classify: Classify | None = None
+) -> Iterator[Decoded]:
     """The lines of ``stream``, ``size`` at a time, decoded (ahead, by a child process,
-    when one can be forked). ``encoded``: EventBridge keys are URL-encoded."""
+    when one can be forked). ``encoded``: EventBridge keys are URL-encoded. ``classify``
+    (the engine's, :meth:`~edp.engine.Engine.classifier`): pure, so it runs with the
+    decoding, off the engine's core."""
     try:
         fd = stream.fileno()
     except (AttributeError, OSError, ValueError):
         fd = -1
     if fd < 0 or "fork" not in multiprocessing.get_all_start_methods():
-        yield from _here(stream, size, encoded)
+        yield from _here(stream, size, encoded, classify)
         return
-    yield from _ahead(fd, size, encoded)
+    yield from _ahead(fd, size, encoded, classify)
 
 
-def _here(stream: BinaryIO, size: int, encoded: bool) -> Iterator[Decoded]:
+def _here(
+    stream: BinaryIO, size: int, encoded: bool, classify: Classify | None
+) -> Iterator[Decoded]:
     for chunk in read_chunks(stream, size):
         events, report = decode_messages(chunk, now=time.time(),
                                          eventbridge_keys_encoded=encoded)
-        yield len(chunk), events, report
+        prefixes = None if classify is None else [classify(event) for event in events]
+        yield len(chunk), events, report, prefixes
 
 
-def _ahead(fd: int, size: int, encoded: bool) -> Iterator[Decoded]:
+def _ahead(fd: int, size: int, encoded: bool, classify: Classify | None) -> Iterator[Decoded]:
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
     own = os.dup(fd)  # the child's own descriptor: it reads the stream from here on
-    child = context.Process(target=_decode_into, args=(own, sender, size, encoded),
+    child = context.Process(target=_decode_into, args=(own, sender, size, encoded, classify),
                             name="edp-replay-decode", daemon=True)
     child.start()
     os.close(own)
@@ -92,12 +104,15 @@ def _ahead(fd: int, size: int, encoded: bool) -> Iterator[Decoded]:
                 return
             if isinstance(item, str):
                 raise EdpError(f"the replay's decoding process failed: {item}")
-            lines, events, rejected, counts, messages = item
+            lines, events, rejected, counts, messages, prefixes = item
             report = StepReport(messages=messages, events=len(events),
                                 rejected=[DeadLetter(*letter) for letter in rejected])
             report.counts.update(counts)
             yield lines, [_event((b, k, _KINDS[kind], t, e, s, q))
-                          for b, k, kind, t, e, s, q in events], report
+                          for b, k, kind, t, e, s, q in events], report, (
+                None if prefixes is None
+                else [p if type(p) is str else _SKIPS[p] for p in prefixes]
+            )
     finally:
         receiver.close()
         child.join(timeout=5)
@@ -106,14 +121,16 @@ def _ahead(fd: int, size: int, encoded: bool) -> Iterator[Decoded]:
             child.join(timeout=5)
 
 
-def _decode_into(fd: int, sender: Connection, size: int, encoded: bool) -> None:
+def _decode_into(
+    fd: int, sender: Connection, size: int, encoded: bool, classify: Classify | None
+) -> None:
     """The child: decode chunk after chunk, hand each over; ``None`` at the end, or the
     error's traceback as text."""
     _close_inherited(keep={fd, sender.fileno()})
     try:
         with os.fdopen(fd, "rb") as stream:
-            for lines, events, report in _here(stream, size, encoded):
-                sender.send_bytes(marshal.dumps(_plain(lines, events, report)))
+            for lines, events, report, prefixes in _here(stream, size, encoded, classify):
+                sender.send_bytes(marshal.dumps(_plain(lines, events, report, prefixes)))
         sender.send_bytes(marshal.dumps(None))
     except BrokenPipeError:
         pass  # the replay stopped reading (it failed): nothing to tell
@@ -136,8 +153,12 @@ def _close_inherited(keep: set[int]) -> None:
             low = fd + 1
 
 
-def _plain(lines: int, events: list[ObjectEvent], report: StepReport) -> Any:
-    """A decoded chunk as marshal's types."""
+def _plain(
+    lines: int, events: list[ObjectEvent], report: StepReport,
+    prefixes: list[str | Skip] | None,
+) -> Any:
+    """A decoded chunk as marshal's types (a :class:`Skip` as its index: marshal takes
+    no subclass of ``str``)."""
     return (
         lines,
         [(e.bucket, e.key, e.kind is EventKind.DELETED, e.time, e.etag, e.size, e.sequencer)
@@ -145,6 +166,9 @@ def _plain(lines: int, events: list[ObjectEvent], report: StepReport) -> Any:
         [(d.source, d.location, d.reason, d.body, d.received_at) for d in report.rejected],
         dict(report.counts),
         report.messages,
+        None if prefixes is None else [
+            _SKIP_INDEX[p] if type(p) is Skip else p for p in prefixes
+        ],
     )
 
 

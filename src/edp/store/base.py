@@ -264,6 +264,9 @@ class Store(Protocol):
     """The store port. Adapters: :mod:`edp.store.sqlite`, :mod:`edp.store.postgres`."""
 
     url: str
+    keeps_objects: bool
+    """Whether the store keeps each batch's objects (a throw-away store does not: the
+    engine then does not even record them)."""
 
     def transaction(self) -> AbstractContextManager[Transaction]:
         """A transaction that commits on success and rolls back on error."""

@@ -90,6 +90,7 @@ class PostgresStore(WorkerClocks):
         delivery_lease: float = 60.0,
     ) -> None:
         self.url = redact_text(url)
+        self.keeps_objects = True
         self.retry_seconds = retry_seconds
         self.delivery_lease = delivery_lease
         # Counter rows are sharded per store so that workers do not queue on them.

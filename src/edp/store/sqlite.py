@@ -320,8 +320,10 @@ class SqliteStore:
 
     def close(self) -> None:
         """Close the connection."""
-        if self.conn.in_transaction:
-            self.conn.execute("COMMIT")
+        if self._outer:  # (once: closing twice is allowed)
+            self._outer = False
+            if self.conn.in_transaction:
+                self.conn.execute("COMMIT")
         self.conn.close()
 
 
