@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from edp.core.events import BatchReady, PackageReady
@@ -22,7 +22,13 @@ class Origin:
 
 def format_time(epoch: float) -> str:
     """Epoch seconds -> ``YYYY-MM-DDTHH:MM:SSZ`` (UTC, whole seconds, truncated)."""
-    return datetime.fromtimestamp(int(epoch // 1), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # (time.strftime of gmtime: a pure conversion, no clock read; 2.5x faster than
+    # datetime's, and each fired batch formats three times)
+    moment = time.gmtime(epoch // 1)
+    if moment.tm_year < 1000:  # (strftime would not pad the year to four digits)
+        year, month, day, hour, minute, second = moment[:6]
+        return f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}Z"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", moment)
 
 
 def batch_event(ready: BatchReady, origin: Origin) -> dict[str, Any]:
