@@ -282,6 +282,9 @@ def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr:
             raise EdpError(
                 f"replay worker {me}: fewer than {settings.replay_workers} workers "
                 f"joined within worker_timeout ({timeout:g}s)"
+                + ("; this worker began a new run (if it was restarted after it had "
+                   "finished its part of an earlier run, that run had completed: there is "
+                   "nothing left to do)" if how == "new" else "")
             )
         time.sleep(0.1)
         store.heartbeat(me, clock=_publishable(-math.inf), now=time.time())

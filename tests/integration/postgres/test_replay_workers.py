@@ -40,13 +40,15 @@ def single_replay(tmp_path: Path, lines: list[bytes]) -> list[tuple[Any, ...]]:
 
 
 def start_worker(
-    tmp_path: Path, url: str, index: int, workers: int, *, run: int = 0, timeout: int = 60
+    tmp_path: Path, url: str, index: int, workers: int, *, run: int = 0, timeout: int = 60,
+    **settings: str,
 ) -> subprocess.Popen[bytes]:
-    """Start replay worker ``index`` of ``workers`` on part ``index``."""
+    """Start replay worker ``index`` of ``workers`` on part ``index`` (``settings``: more
+    EDP_* variables)."""
     part = tmp_path / f"part{index}.jsonl"
     named = f"{url}?application_name=edp-w{index}"
     env = clean_env(EDP_REPLAY_WORKERS=str(workers), EDP_WORKER_ID=f"w{index}",
-                    EDP_WORKER_TIMEOUT=str(timeout))
+                    EDP_WORKER_TIMEOUT=str(timeout), **settings)
     with (tmp_path / f"out{index}-{run}").open("wb") as out, \
             (tmp_path / f"err{index}-{run}").open("wb") as err:
         return subprocess.Popen(replay_command(part, named), stdout=out, stderr=err,
@@ -59,11 +61,19 @@ def emitted(tmp_path: Path) -> bytes:
 
 
 def wait_all(procs: list[subprocess.Popen[bytes]], tmp_path: Path, timeout: float) -> None:
+    """Wait for every worker to exit 0; on a failure none is left running (a worker
+    outliving its test would fail a later one)."""
     deadline = time.monotonic() + timeout
-    for proc in procs:
-        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        errors = b"".join(p.read_bytes() for p in tmp_path.glob("err*")).decode()
-        assert code == 0, errors
+    try:
+        for proc in procs:
+            code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            errors = b"".join(p.read_bytes() for p in tmp_path.glob("err*")).decode()
+            assert code == 0, errors
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
 
 
 def run_parts(tmp_path: Path, url: str, lines: list[bytes], workers: int) -> None:
@@ -156,6 +166,14 @@ def in_transaction(pg_url: str, application: str) -> bool:
     return row is not None and row[0] > 0
 
 
+def finished(pg_url: str, worker: str) -> bool:
+    """Whether a worker has marked itself finished."""
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute("SELECT finished FROM workers WHERE worker_id = %s",
+                           (worker,)).fetchone()
+    return bool(row and row[0])
+
+
 @pytest.mark.timeout(600)
 def test_a_worker_killed_mid_transaction_and_restarted_changes_nothing(
     tmp_path: Path, pg_url: str
@@ -164,8 +182,10 @@ def test_a_worker_killed_mid_transaction_and_restarted_changes_nothing(
     lines = make_stream(30_000, seed=3)
     expected = single_replay(tmp_path, lines)
     run_parts(tmp_path, pg_url, lines, 3)
-    procs = [start_worker(tmp_path, pg_url, i, 3) for i in range(3)]
-    # When worker 1 is killed with SIGKILL while inside a transaction, after a while
+    # (small steps: many transactions, and a part that takes a while)
+    procs = [start_worker(tmp_path, pg_url, i, 3, EDP_CHUNK_SIZE="250") for i in range(3)]
+    # When worker 1 is killed with SIGKILL while inside a transaction, after a while,
+    # before it finished its part (a worker killed after that is one that was done)
     victim = procs[1]
     time.sleep(0.5)
     deadline = time.monotonic() + 60
@@ -175,18 +195,41 @@ def test_a_worker_killed_mid_transaction_and_restarted_changes_nothing(
         if not in_transaction(pg_url, "edp-w1"):
             continue
         victim.send_signal(signal.SIGSTOP)  # frozen: its transaction stays open
+        assert not finished(pg_url, "w1"), "worker 1 finished its part before it was caught"
         if in_transaction(pg_url, "edp-w1"):
             break
         victim.send_signal(signal.SIGCONT)
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=30) == -signal.SIGKILL
     # ... and restarted with the same worker id
-    procs[1] = start_worker(tmp_path, pg_url, 1, 3, run=1)
+    procs[1] = start_worker(tmp_path, pg_url, 1, 3, run=1, EDP_CHUNK_SIZE="250")
     wait_all(procs, tmp_path, timeout=500)
     # Then the batches emitted (re-deliveries of one event aside) are an uninterrupted run's
     got = batches(emitted(tmp_path))
     assert sorted(set(got)) == expected
     assert len({row[-1] for row in got}) == len(expected)
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_restarted_after_its_run_completed_says_so_and_changes_nothing(
+    tmp_path: Path, pg_url: str
+) -> None:
+    # Given three workers that replayed a stream to the end
+    lines = make_stream(2000, seed=7)
+    run_parts(tmp_path, pg_url, lines, 3)
+    wait_all([start_worker(tmp_path, pg_url, i, 3) for i in range(3)], tmp_path, timeout=200)
+    before = batches(emitted(tmp_path))
+    # When one of them is started again on its part (as if killed before it exited)
+    again = start_worker(tmp_path, pg_url, 1, 3, run=1, timeout=2)
+    # Then it waits for partners, gives up saying that the run it belonged to may be
+    # complete, emits nothing and leaves no member behind
+    assert again.wait(timeout=60) == 1
+    error = (tmp_path / "err1-1").read_text()
+    assert "fewer than 3 workers joined" in error
+    assert "began a new run" in error
+    assert (tmp_path / "out1-1").read_bytes() == b""
+    assert batches(emitted(tmp_path)) == before
+    assert members(pg_url) == []
 
 
 @pytest.mark.timeout(600)
@@ -298,14 +341,6 @@ def test_a_worker_restarted_long_after_another_finished_completes_the_run(
     assert again.wait(timeout=120) == 0, (tmp_path / "err-w1-1").read_text()
     assert b"rejoins the run in progress" in (tmp_path / "err-w1-1").read_bytes()
     check_union(tmp_path, expected)
-
-
-def finished(pg_url: str, worker: str) -> bool:
-    """Whether a worker has marked itself finished."""
-    with psycopg.connect(pg_url) as conn:
-        row = conn.execute("SELECT finished FROM workers WHERE worker_id = %s",
-                           (worker,)).fetchone()
-    return bool(row and row[0])
 
 
 def members(pg_url: str) -> list[str]:
