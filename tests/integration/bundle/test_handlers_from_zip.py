@@ -37,7 +37,9 @@ INVOKE = Path(__file__).with_name("lambda_invoke.py")
 SEEDS_SOURCE = "com.quiltdata.edp"
 
 COUNT_KEYS = ("lab/run-1/a.csv", "lab/run-1/b.csv")  # 2 files: fires on count
-QUIET_KEYS = ("lab/run-2/c.csv",)  # 1 file: fires after 1 s of quiet, in emit
+QUIET_KEYS = ("lab/run-2/c.csv",)  # 1 file: fires after 2 s of quiet, in emit
+# (Event times are whole seconds: with a 1 s quiet period, two uploads either side of a
+# second's boundary closed run-1 by its quiet period before its second file counted.)
 EXPECTED = {("lab/run-1/", 2, "count"), ("lab/run-2/", 1, "duration")}
 
 
@@ -174,7 +176,7 @@ def test_handlers_from_the_zip_turn_uploads_into_batch_events(
     secret_arn = db.pop("secret") or f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:unused"
     edp_env = stack_environment(
         {"BucketName": [bucket], "BucketPrefixDepth": "2", "BucketThresholdEventCount": "2",
-         "BucketThresholdDuration": "1", "EventBusName": bus},
+         "BucketThresholdDuration": "2", "EventBusName": bus},
         {"DBSecret": secret_arn, "EventBus": bus},
     )
     base_env = {
@@ -196,7 +198,7 @@ def test_handlers_from_the_zip_turn_uploads_into_batch_events(
     # When the store Lambda gets them as one SQS batch (plus a message that is not JSON)
     # ... and the emit Lambda runs on its schedule once the quiet period is over
     stored, emitted = store_then_emit(clean_python, messages, ingest_arn, env=base_env,
-                                      wait=1.6, work=tmp_path)
+                                      wait=2.2, work=tmp_path)
 
     # Then no record is reported as failed (the poison one became a dead letter)
     assert stored["result"] == {"batchItemFailures": []}
