@@ -81,6 +81,13 @@ def run_parts(tmp_path: Path, url: str, lines: list[bytes], workers: int) -> Non
         write_lines(tmp_path / f"part{index}.jsonl", part)
 
 
+def replay_in_parts(tmp_path: Path, url: str, lines: list[bytes], workers: int) -> None:
+    """``workers`` workers replay their parts of ``lines`` to the end, each exiting 0."""
+    run_parts(tmp_path, url, lines, workers)
+    wait_all([start_worker(tmp_path, url, i, workers) for i in range(workers)], tmp_path,
+             timeout=300)
+
+
 def single_duplicates(tmp_path: Path, lines: list[bytes]) -> int:
     """How many events one replay of the whole stream finds to be duplicates."""
     whole = write_lines(tmp_path / "whole.jsonl", lines)
@@ -215,9 +222,7 @@ def test_a_worker_restarted_after_its_run_completed_says_so_and_changes_nothing(
     tmp_path: Path, pg_url: str
 ) -> None:
     # Given three workers that replayed a stream to the end
-    lines = make_stream(2000, seed=7)
-    run_parts(tmp_path, pg_url, lines, 3)
-    wait_all([start_worker(tmp_path, pg_url, i, 3) for i in range(3)], tmp_path, timeout=200)
+    replay_in_parts(tmp_path, pg_url, make_stream(2000, seed=7), 3)
     before = batches(emitted(tmp_path))
     # When one of them is started again on its part (as if killed before it exited)
     again = start_worker(tmp_path, pg_url, 1, 3, run=1, timeout=2)
@@ -237,9 +242,7 @@ def test_a_second_run_under_the_same_worker_ids_replays_its_own_stream_whole(
     tmp_path: Path, pg_url: str
 ) -> None:
     # Given three workers that replayed a stream into a database
-    first = make_stream(2000, seed=5)
-    run_parts(tmp_path, pg_url, first, 3)
-    wait_all([start_worker(tmp_path, pg_url, i, 3) for i in range(3)], tmp_path, timeout=300)
+    replay_in_parts(tmp_path, pg_url, make_stream(2000, seed=5), 3)
     for out in tmp_path.glob("out*"):
         out.unlink()
     # When two of the same ids replay another stream (another bucket), of earlier times
