@@ -135,9 +135,9 @@ class Batcher:
 
     def __init__(self, rules: RuleBook, *, record_objects: bool = True) -> None:
         self.rules = rules
+        # Whether Changes.objects records each counted object (a store that does not
+        # keep them, such as a replay's throw-away one, needs no record).
         self.record_objects = record_objects
-        """Whether :attr:`Changes.objects` records each counted object (a store that does
-        not keep them, such as a replay's throw-away one, needs no record)."""
         self._batches: dict[BatchKey, OpenBatch] = {}
         self._generations: dict[BatchKey, int] = {}
         self._keys: dict[ObjectKey, KeyMemory] = {}
