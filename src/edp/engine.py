@@ -20,7 +20,7 @@ import math
 import os
 import socket
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -231,17 +231,13 @@ class Engine:
     ) -> StepReport:
         """:meth:`process` of messages already decoded (by :func:`decode_messages`,
         possibly in another process): ``report`` holds their dead letters and counts;
-        ``prefixes``, when given, each event's answer of :meth:`classifier`."""
+        ``prefixes``, when given, each event's batch prefix or why it is not batched
+        (``Batcher.classify`` under this engine's rules, run by whoever decoded them)."""
         floor = self._floor(now)
         with self.store.transaction() as tx:
             clock = self._apply(tx, events, report, now=now, caught_up=caught_up, floor=floor,
                                 prefixes=prefixes)
         return self._applied(clock, report, now)
-
-    def classifier(self) -> Callable[[ObjectEvent], str | Skip]:
-        """The pure function that gives an event's batch prefix, or why it is not batched
-        (SPEC section 2): whoever decodes the events may run it (in another process)."""
-        return Batcher(self.rules).classify
 
     # -- several replay workers on one stream (see edp.replay) ----------------------
     def enqueue(

@@ -13,16 +13,18 @@ import math
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol, TextIO, cast
 
 from edp.bootstrap import Runtime, build_runtime
 from edp.config import Settings
+from edp.core.batching import Batcher
 from edp.engine import StepReport, default_worker_id
 from edp.errors import ConfigError, EdpError
 from edp.sinks import StdoutSink
-from edp.sources.files import decoded_chunks
+from edp.sources.files import Decoded, decoding
 
 
 @dataclass(slots=True)
@@ -94,7 +96,13 @@ def run_replay(
     With ``replay_workers`` > 1 this process is one of several replaying parts of
     one stream into one shared database (see :func:`run_part`).
     """
-    with tempfile.TemporaryDirectory(prefix="edp-replay-") as tmp:
+    single = settings.replay_workers == 1
+    # Lines are decoded one chunk ahead, on the other core where it can be forked: the
+    # child starts here, before the store opens its connections (and a pool's threads).
+    with decoding(
+        stream, size=settings.chunk_size, encoded=not settings.eventbridge_raw_keys,
+        classify=Batcher(settings.rule_book()).classify if single else None,
+    ) as chunks, tempfile.TemporaryDirectory(prefix="edp-replay-") as tmp:
         url = database_url or f"sqlite:///{Path(tmp) / 'replay.db'}"
         runtime = build_runtime(
             settings,
@@ -113,7 +121,7 @@ def run_replay(
         )
         summary = ReplaySummary()
         # (Several workers check once they know whether they begin a run: run_part.)
-        if database_url is not None and settings.replay_workers == 1:
+        if database_url is not None and single:
             _warn_of_earlier_batches(runtime, stderr)
             others = runtime.store.fire_floor(
                 runtime.engine.worker_id, now=time.time(), timeout=settings.worker_timeout
@@ -125,14 +133,10 @@ def run_replay(
                     "they are live, the batches left open at the end stay open for them)\n"
                 )
         try:
-            if settings.replay_workers > 1:
-                run_part(runtime, stream, summary, stderr)
+            if not single:
+                run_part(runtime, chunks, summary, stderr)
                 return summary
-            # Lines are decoded one chunk ahead, on the other core where it can be forked.
-            for lines, events, decoded, prefixes in decoded_chunks(
-                stream, size=settings.chunk_size, encoded=not settings.eventbridge_raw_keys,
-                classify=runtime.engine.classifier(),
-            ):
+            for lines, events, decoded, prefixes in chunks:
                 summary.lines += lines
                 summary.record(
                     runtime.engine.process_decoded(
@@ -237,8 +241,11 @@ def _publishable(clock: float) -> float:
     return max(clock, -1e18)
 
 
-def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr: TextIO) -> None:
-    """Replay one part of a stream as one of ``replay_workers`` processes on one store.
+def run_part(
+    runtime: Runtime, chunks: Iterator[Decoded], summary: ReplaySummary, stderr: TextIO
+) -> None:
+    """Replay one part of a stream (its decoded ``chunks``) as one of ``replay_workers``
+    processes on one store.
 
     Every worker joins the run and waits until ``replay_workers`` have, so that none
     runs ahead of a late starter. A member killed and restarted with the same
@@ -290,9 +297,7 @@ def run_part(runtime: Runtime, stream: BinaryIO, summary: ReplaySummary, stderr:
         store.heartbeat(me, clock=_publishable(-math.inf), now=time.time())
     clock, seq = -math.inf, 0
     delivered = time.monotonic()
-    for lines, events, decoded, _ in decoded_chunks(
-        stream, size=size, encoded=not settings.eventbridge_raw_keys
-    ):
+    for lines, events, decoded, _ in chunks:
         summary.lines += lines
         rows = []
         for event in events:

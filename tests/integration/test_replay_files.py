@@ -18,7 +18,7 @@ from edp.config import Settings
 from edp.core.batching import Batcher
 from edp.core.rules import Skip
 from edp.errors import EdpError
-from edp.sources.files import decoded_chunks
+from edp.sources.files import decoded_chunks, decoding
 
 FORMATS = Path(__file__).parents[1] / "replay" / "formats.jsonl"
 
@@ -69,6 +69,27 @@ def test_a_decoding_process_that_dies_fails_the_replay() -> None:
             # Then the replay fails, saying so, instead of ending as if the input had
             with pytest.raises(EdpError, match="ended unexpectedly"):
                 next(chunks)
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.timeout(30)
+def test_stopping_early_ends_a_child_blocked_on_an_open_pipe() -> None:
+    # Given a replay reading a pipe that its writer keeps open, one chunk taken
+    line = FORMATS.read_bytes().splitlines()[0] + b"\n"
+    read_end, write_end = os.pipe()
+    os.write(write_end, line)
+    try:
+        with os.fdopen(read_end, "rb") as stream:
+            # When the replay stops before the end of its input (an error, a worker
+            # that gave up waiting for its partners)
+            with decoding(stream, size=1, encoded=True) as chunks:
+                assert next(chunks)[0] == 1
+                [child] = [p for p in multiprocessing.active_children()
+                           if p.name == "edp-replay-decode"]
+            # Then its decoding child, blocked reading more, is gone, and the block
+            # ended (it used to wait forever on that child)
+            assert not child.is_alive()
     finally:
         os.close(write_end)
 

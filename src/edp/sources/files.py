@@ -17,6 +17,7 @@ import os
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any, BinaryIO
@@ -54,21 +55,39 @@ def read_chunks(stream: BinaryIO, size: int) -> Iterator[list[Message]]:
         yield chunk
 
 
-def decoded_chunks(
+@contextmanager
+def decoding(
     stream: BinaryIO, *, size: int, encoded: bool, classify: Classify | None = None
-) -> Iterator[Decoded]:
-    """The lines of ``stream``, ``size`` at a time, decoded (ahead, by a child process,
-    when one can be forked). ``encoded``: EventBridge keys are URL-encoded. ``classify``
-    (the engine's, :meth:`~edp.engine.Engine.classifier`): pure, so it runs with the
-    decoding, off the engine's core."""
+) -> Iterator[Iterator[Decoded]]:
+    """The lines of ``stream``, ``size`` at a time, decoded ahead by a child process
+    (in this process where none can be forked, or the stream has no descriptor).
+    ``encoded``: EventBridge keys are URL-encoded. ``classify`` (the core's pure
+    ``Batcher.classify``) runs with the decoding, off the engine's core.
+
+    The child is forked on entering the block: enter it before opening database
+    connections or starting threads (a connection pool's), which a fork would copy
+    into the child. It is stopped when the block ends.
+    """
     try:
         fd = stream.fileno()
     except (AttributeError, OSError, ValueError):
         fd = -1
     if fd < 0 or "fork" not in multiprocessing.get_all_start_methods():
-        yield from _here(stream, size, encoded, classify)
+        yield _here(stream, size, encoded, classify)
         return
-    yield from _ahead(fd, size, encoded, classify)
+    ahead = _Ahead(fd, size, encoded, classify)
+    try:
+        yield ahead.chunks()
+    finally:
+        ahead.stop()
+
+
+def decoded_chunks(
+    stream: BinaryIO, *, size: int, encoded: bool, classify: Classify | None = None
+) -> Iterator[Decoded]:
+    """:func:`decoding` as one generator (the child starts at the first chunk asked for)."""
+    with decoding(stream, size=size, encoded=encoded, classify=classify) as chunks:
+        yield from chunks
 
 
 def _here(
@@ -81,26 +100,40 @@ def _here(
         yield len(chunk), events, report, prefixes
 
 
-def _ahead(fd: int, size: int, encoded: bool, classify: Classify | None) -> Iterator[Decoded]:
-    context = multiprocessing.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
-    own = os.dup(fd)  # the child's own descriptor: it reads the stream from here on
-    child = context.Process(target=_decode_into, args=(own, sender, size, encoded, classify),
-                            name="edp-replay-decode", daemon=True)
-    child.start()
-    os.close(own)
-    sender.close()
-    try:
+class _Ahead:
+    """The decoding child, forked on creation, and the chunks it hands over."""
+
+    def __init__(self, fd: int, size: int, encoded: bool, classify: Classify | None) -> None:
+        context = multiprocessing.get_context("fork")
+        self.done = False  # whether the child has sent the end of the input
+        self.receiver, sender = context.Pipe(duplex=False)
+        own = os.dup(fd)  # the child's own descriptor: it reads the stream from here on
+        self.child = context.Process(
+            target=_decode_into, args=(own, sender, size, encoded, classify),
+            name="edp-replay-decode", daemon=True,
+        )
+        try:
+            self.child.start()
+        except BaseException:
+            self.receiver.close()
+            raise
+        finally:
+            os.close(own)
+            sender.close()
+
+    def chunks(self) -> Iterator[Decoded]:
+        """The child's chunks, in order, until the end of the input."""
         while True:
             try:
                 # (our own child's bytes, over a pipe no one else holds)
-                item = marshal.loads(receiver.recv_bytes())  # noqa: S302
+                item = marshal.loads(self.receiver.recv_bytes())  # noqa: S302
             except EOFError:
                 raise EdpError(
                     f"the replay's decoding process ended unexpectedly (exit code "
-                    f"{child.exitcode}): the rest of the input was not read"
+                    f"{self.child.exitcode}): the rest of the input was not read"
                 ) from None
             if item is None:
+                self.done = True
                 return
             if isinstance(item, str):
                 raise EdpError(f"the replay's decoding process failed: {item}")
@@ -113,12 +146,23 @@ def _ahead(fd: int, size: int, encoded: bool, classify: Classify | None) -> Iter
                 None if prefixes is None
                 else [p if type(p) is str else _SKIPS[p] for p in prefixes]
             )
-    finally:
-        receiver.close()
-        child.join(timeout=5)
-        if child.is_alive():  # the engine stopped early (an error): the rest is not needed
-            child.terminate()
-            child.join(timeout=5)
+
+    def stop(self) -> None:
+        """Close the pipe and wait for the child; one still at work (the engine stopped
+        early, an error: the rest is not needed) is terminated, killed if it must be.
+
+        (Not ``join(timeout)``: it waits on the child's sentinel pipe, which the child
+        closed with every other descriptor it inherited, and then blocks in
+        ``waitpid`` on a child that may be blocked reading an open pipe.)"""
+        self.receiver.close()  # a child still sending gets EPIPE and ends
+        if not self.done:
+            self.child.terminate()
+        deadline = time.monotonic() + 5
+        while self.child.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.child.is_alive():
+            self.child.kill()
+        self.child.join()
 
 
 def _decode_into(
@@ -172,4 +216,4 @@ def _plain(
     )
 
 
-__all__ = ["decoded_chunks", "read_chunks"]
+__all__ = ["decoded_chunks", "decoding", "read_chunks"]
