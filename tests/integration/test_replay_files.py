@@ -9,8 +9,10 @@ import os
 import select
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -51,47 +53,50 @@ def test_the_child_decodes_what_this_process_decodes() -> None:
     assert sum(lines for lines, *_ in here) == len([x for x in data.splitlines() if x.strip()])
 
 
+@contextmanager
+def pipe_holding_one_line() -> Iterator[BinaryIO]:
+    """A pipe holding one input line, whose writer stays open: more may come."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, FORMATS.read_bytes().splitlines()[0] + b"\n")
+    try:
+        with os.fdopen(read_end, "rb") as stream:
+            yield stream
+    finally:
+        os.close(write_end)
+
+
+def decoding_child() -> Any:
+    """The replay's decoding process (there is one at a time)."""
+    [child] = [p for p in multiprocessing.active_children() if p.name == "edp-replay-decode"]
+    return child
+
+
 @pytest.mark.timeout(30)
 def test_a_decoding_process_that_dies_fails_the_replay() -> None:
     # Given a replay reading a pipe through its decoding child, one line decoded so far
-    line = FORMATS.read_bytes().splitlines()[0] + b"\n"
-    read_end, write_end = os.pipe()
-    os.write(write_end, line)
-    try:
-        with os.fdopen(read_end, "rb") as stream:
-            chunks = decoded_chunks(stream, size=1, encoded=True)
-            lines, *_ = next(chunks)
-            assert lines == 1
-            # When the child dies while waiting for more
-            [child] = [p for p in multiprocessing.active_children()
-                       if p.name == "edp-replay-decode"]
-            child.kill()
-            # Then the replay fails, saying so, instead of ending as if the input had
-            with pytest.raises(EdpError, match="ended unexpectedly"):
-                next(chunks)
-    finally:
-        os.close(write_end)
+    with pipe_holding_one_line() as stream:
+        chunks = decoded_chunks(stream, size=1, encoded=True)
+        lines, *_ = next(chunks)
+        assert lines == 1
+        # When the child dies while waiting for more
+        decoding_child().kill()
+        # Then the replay fails, saying so, instead of ending as if the input had
+        with pytest.raises(EdpError, match="ended unexpectedly"):
+            next(chunks)
 
 
 @pytest.mark.timeout(30)
 def test_stopping_early_ends_a_child_blocked_on_an_open_pipe() -> None:
     # Given a replay reading a pipe that its writer keeps open, one chunk taken
-    line = FORMATS.read_bytes().splitlines()[0] + b"\n"
-    read_end, write_end = os.pipe()
-    os.write(write_end, line)
-    try:
-        with os.fdopen(read_end, "rb") as stream:
-            # When the replay stops before the end of its input (an error, a worker
-            # that gave up waiting for its partners)
-            with decoding(stream, size=1, encoded=True) as chunks:
-                assert next(chunks)[0] == 1
-                [child] = [p for p in multiprocessing.active_children()
-                           if p.name == "edp-replay-decode"]
-            # Then its decoding child, blocked reading more, is gone, and the block
-            # ended (it used to wait forever on that child)
-            assert not child.is_alive()
-    finally:
-        os.close(write_end)
+    with pipe_holding_one_line() as stream:
+        # When the replay stops before the end of its input (an error, a worker that
+        # gave up waiting for its partners)
+        with decoding(stream, size=1, encoded=True) as chunks:
+            assert next(chunks)[0] == 1
+            child = decoding_child()
+        # Then its decoding child, blocked reading more, is gone, and the block ended
+        # (it used to wait forever on that child)
+        assert not child.is_alive()
 
 
 CHILD_OF_KILLED = """
