@@ -315,12 +315,6 @@ class Packager:
         result.status, result.top_hash = PackageStatus.QUARANTINED, published.top_hash
         result.registry = self.quarantine.url
         result.url = catalog_link(self.settings.catalog_url, self.quarantine.catalog_bucket, name)
-        if not published.new_revision:
-            # The quarantine holds this very content already: the same event delivered
-            # again (at least once). Its notice went out then; people are told once.
-            log.info("package %s is in quarantine already (top hash %s): no new notice",
-                     name, published.top_hash)
-            return
         self._notify("package-quarantined", request, result, problem, intended=registry.url)
 
     # -- helpers --------------------------------------------------------------------

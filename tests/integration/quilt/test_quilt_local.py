@@ -144,14 +144,6 @@ def test_a_failed_workflow_goes_to_a_local_quarantine_and_calls_the_webhook(
     assert "ProjectID" in notice["error"]
     assert result.notify_errors == []
 
-    # When the same event is delivered again (at least once)
-    again = packager.package(batch_event("lab", PREFIX))
-    # Then it stays quarantined, with no new revision and no second notice
-    assert again.status is PackageStatus.QUARANTINED, again.error
-    assert again.top_hash == result.top_hash
-    assert len(local_revisions(quarantine, "instrument/exp-1")) == 1
-    assert len(hook.bodies()) == 1
-
 
 def test_a_required_but_missing_metadata_file_is_a_reported_failure(tmp_path: Path,
                                                                     quilt: Any) -> None:

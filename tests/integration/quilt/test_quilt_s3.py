@@ -145,15 +145,6 @@ def test_metadata_that_fails_the_workflow_sends_the_package_to_quarantine_and_no
     assert f"s3://{source}/{PREFIX}" in text
     assert "strict" in text
 
-    # When the same event is delivered again (at least once)
-    again = packager.package(batch_event(source, PREFIX))
-    # Then it stays quarantined, with no new revision and no second notification
-    assert again.status is PackageStatus.QUARANTINED, again.error
-    assert again.top_hash == result.top_hash
-    assert len(s3_revisions(s3, quarantine, "instrument/exp-1")) == 1
-    assert aws("sqs").receive_message(QueueUrl=queue, MaxNumberOfMessages=10,
-                                      WaitTimeSeconds=1).get("Messages", []) == []
-
 
 def test_a_broken_metadata_file_without_quarantine_fails_clearly_and_writes_nothing(
     aws: Callable[[str], Any], make_bucket: Callable[[str], str], quilt: Any
