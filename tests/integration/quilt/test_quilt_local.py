@@ -144,6 +144,16 @@ def test_a_failed_workflow_goes_to_a_local_quarantine_and_calls_the_webhook(
     assert "ProjectID" in notice["error"]
     assert result.notify_errors == []
 
+    # When the same event is delivered again (at least once: the first attempt may have
+    # died between the push and the notice)
+    again = packager.package(batch_event("lab", PREFIX))
+    # Then no new revision is made, and the notice goes out again with the same ids,
+    # for its receivers to tell the two apart from a new quarantine
+    assert again.status is PackageStatus.QUARANTINED, again.error
+    assert len(local_revisions(quarantine, "instrument/exp-1")) == 1
+    first, second = hook.bodies()
+    assert (second["event_id"], second["batch_id"]) == (first["event_id"], first["batch_id"])
+
 
 def test_a_required_but_missing_metadata_file_is_a_reported_failure(tmp_path: Path,
                                                                     quilt: Any) -> None:
