@@ -10,6 +10,7 @@ import pytest
 
 from edp.core.events import ObjectEvent
 from edp.engine import Engine, Message
+from edp.errors import StoreError
 from edp.relay import Relay
 from edp.store import open_store
 from edp.store.base import Store, Transaction
@@ -317,3 +318,24 @@ def test_the_relay_query_reads_pending_deliveries_only(url: str) -> None:
     searches = [step for step in plan if step.startswith(("SEARCH d", "SEARCH w", "SCAN"))]
     assert searches and all("deliveries_pending" in step for step in searches), plan
     assert len(store.pending("s", limit=500, now=10.0)) == 10
+
+
+def test_a_throw_away_store_refuses_to_go_on_after_a_failed_step(tmp_path: Path) -> None:
+    # Given a replay's throw-away store (no journal: a failed step cannot be undone)
+    store = SqliteStore(str(tmp_path / "replay.db"), fast_unsafe=True)
+    with store.transaction() as tx:
+        tx.add_counters({"ok": 1})
+    # When a step fails half-way
+    def failing_step() -> None:
+        with store.transaction() as tx:
+            tx.add_counters({"half": 1})
+            raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        failing_step()
+    # Then any further step is refused, naming the first failure, instead of building
+    # on what the failed step left behind; the store still closes
+    with pytest.raises(StoreError, match=r"cannot go on after a failed step.*disk on fire"):
+        store.heartbeat("w", clock=1.0, now=1.0)
+    store.close()
+    store.close()

@@ -63,6 +63,7 @@ class SqliteStore:
         # Steps of a throw-away store share one outer transaction (see _write); the
         # migrations below still commit on their own.
         self._outer = False
+        self._broken: str | None = None
         self.keeps_objects = not fast_unsafe
         if fast_unsafe:
             self.conn.execute("PRAGMA page_size = 65536")
@@ -122,14 +123,20 @@ class SqliteStore:
             # A throw-away store runs as one long transaction (committed by close()) with a
             # savepoint per step: a COMMIT per step was about 10 % of a replay's time, and
             # nobody else reads this database while the replay runs.
+            # Without a journal a failed step cannot be undone (ROLLBACK TO does nothing),
+            # so the store refuses any further step rather than build on its leftovers.
+            if self._broken is not None:
+                raise StoreError(
+                    f"the replay's temporary store cannot go on after a failed step "
+                    f"({self._broken}): it keeps no journal to undo that step's writes"
+                )
             if not self.conn.in_transaction:
                 self.conn.execute("BEGIN IMMEDIATE")
             self.conn.execute("SAVEPOINT step")
             try:
                 yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK TO step")
-                self.conn.execute("RELEASE step")
+            except BaseException as exc:
+                self._broken = f"{type(exc).__name__}: {exc}"
                 raise
             self.conn.execute("RELEASE step")
             return
@@ -137,7 +144,8 @@ class SqliteStore:
         try:
             yield self.conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:  # (SQLite may have rolled back already: disk full)
+                self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
 
@@ -320,11 +328,14 @@ class SqliteStore:
 
     def close(self) -> None:
         """Close the connection."""
-        if self._outer:  # (once: closing twice is allowed)
-            self._outer = False
-            if self.conn.in_transaction:
-                self.conn.execute("COMMIT")
-        self.conn.close()
+        try:
+            if self._outer:  # (once: closing twice is allowed)
+                self._outer = False
+                if self._broken is None and self.conn.in_transaction:
+                    self.conn.execute("COMMIT")
+                # (after a failed step: nothing is committed, the file is thrown away)
+        finally:
+            self.conn.close()
 
 
 __all__ = ["ObjectKey", "SqliteStore", "SqliteTransaction"]
