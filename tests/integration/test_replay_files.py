@@ -136,3 +136,36 @@ def test_the_child_of_a_killed_replay_keeps_none_of_its_descriptors(tmp_path: Pa
         replay.wait(timeout=10)
         if replay.stdout is not None:
             replay.stdout.close()
+
+
+CHILD_READING_STDIN = """
+import sys, time
+from edp.sources.files import decoded_chunks
+chunks = decoded_chunks(sys.stdin.buffer, size=1, encoded=True)
+next(chunks)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_replay_s_output_ends_even_while_its_child_waits_for_input() -> None:
+    # Given a replay whose decoding child waits for more of an input that stays open
+    replay = subprocess.Popen([sys.executable, "-c", CHILD_READING_STDIN],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert replay.stdin is not None and replay.stdout is not None
+    try:
+        replay.stdin.write(FORMATS.read_bytes().splitlines()[0] + b"\n")
+        replay.stdin.flush()
+        assert replay.stdout.readline() == b"ready\n"
+        # When the replay is killed
+        replay.kill()
+        replay.wait(timeout=10)
+        # Then its output ends (whoever reads it is not kept waiting by the child)
+        ready, _, _ = select.select([replay.stdout], [], [], 10)
+        assert ready and replay.stdout.read() == b"", "the decoding child kept stdout open"
+    finally:
+        replay.stdin.close()  # (the child, at the end of its input, ends too)
+        replay.kill()
+        replay.wait(timeout=10)
+        replay.stdout.close()

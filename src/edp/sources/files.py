@@ -14,6 +14,7 @@ from __future__ import annotations
 import marshal
 import multiprocessing
 import os
+import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -171,6 +172,15 @@ def _decode_into(
     """The child: decode chunk after chunk, hand each over; ``None`` at the end, or the
     error's traceback as text."""
     _close_inherited(keep={fd, sender.fileno()})
+    # Nor the replay's output: a child blocked reading an input that stays open would
+    # keep a killed replay's stdout (and stderr) open, and whoever reads them waiting.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    # Ctrl-C reaches the whole process group: the replay stops this child itself
+    # (no second traceback from here).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         with os.fdopen(fd, "rb") as stream:
             for lines, events, report, prefixes in _here(stream, size, encoded, classify):
