@@ -311,7 +311,7 @@ class Engine:
         end_clock = max([clock, *(e.time for e in events)])
         if caught_up:
             end_clock = max(end_clock, now)
-        batcher = Batcher(self.rules, record_objects=self.store.keeps_objects)
+        batcher = self._batcher()
         if prefixes is None:
             prefixes = [batcher.classify(event) for event in events]
         sinks = self.sinks
@@ -510,11 +510,16 @@ class Engine:
                 request.fingerprints.add(event.fingerprint())
         return request
 
-    def _batcher(self, state: WorkingState, *, into: Batcher | None = None) -> Batcher:
-        """A batcher (``into``, or a new one) seeded with a step's working set."""
+    def _batcher(
+        self, state: WorkingState | None = None, *, into: Batcher | None = None
+    ) -> Batcher:
+        """A batcher (``into``, or a new one) seeded with a step's working set, if any
+        (it records per-object rows only for a store that keeps them)."""
         batcher = into if into is not None else Batcher(
             self.rules, record_objects=self.store.keeps_objects
         )
+        if state is None:
+            return batcher
         batcher.seed(
             batches=state.batches,
             generations=state.generations,

@@ -20,7 +20,7 @@ from edp.config import Settings
 from edp.core.batching import Batcher
 from edp.core.rules import Skip
 from edp.errors import EdpError
-from edp.sources.files import decoded_chunks, decoding
+from edp.sources.files import decoding
 
 FORMATS = Path(__file__).parents[1] / "replay" / "formats.jsonl"
 
@@ -39,10 +39,11 @@ def test_the_child_decodes_what_this_process_decodes() -> None:
     # When it is decoded and classified by a child (a real file) and in this process
     # (no descriptor)
     classify = Batcher(Settings(bucket_ignore_prefixes=("lab/",)).rule_book()).classify
-    with FORMATS.open("rb") as stream:
-        ahead = comparable(decoded_chunks(stream, size=4, encoded=True, classify=classify))
-    here = comparable(decoded_chunks(io.BytesIO(data), size=4, encoded=True,
-                                     classify=classify))
+    with FORMATS.open("rb") as stream, \
+            decoding(stream, size=4, encoded=True, classify=classify) as chunks:
+        ahead = comparable(chunks)
+    with decoding(io.BytesIO(data), size=4, encoded=True, classify=classify) as chunks:
+        here = comparable(chunks)
     # Then the chunks are the same, events, dead letters, counts and prefixes included
     # (the reasons not to batch an event too, as the same members of Skip)
     assert ahead == here
@@ -74,8 +75,8 @@ def decoding_child() -> Any:
 @pytest.mark.timeout(30)
 def test_a_decoding_process_that_dies_fails_the_replay() -> None:
     # Given a replay reading a pipe through its decoding child, one line decoded so far
-    with pipe_holding_one_line() as stream:
-        chunks = decoded_chunks(stream, size=1, encoded=True)
+    with pipe_holding_one_line() as stream, \
+            decoding(stream, size=1, encoded=True) as chunks:
         lines, *_ = next(chunks)
         assert lines == 1
         # When the child dies while waiting for more
@@ -101,9 +102,8 @@ def test_stopping_early_ends_a_child_blocked_on_an_open_pipe() -> None:
 
 CHILD_OF_KILLED = """
 import os, sys, time
-from edp.sources.files import decoded_chunks
-with open(sys.argv[1], "rb") as stream:
-    chunks = decoded_chunks(stream, size=10, encoded=True)
+from edp.sources.files import decoding
+with open(sys.argv[1], "rb") as stream, decoding(stream, size=10, encoded=True) as chunks:
     next(chunks)
     print("ready", flush=True)
     time.sleep(60)
@@ -140,11 +140,11 @@ def test_the_child_of_a_killed_replay_keeps_none_of_its_descriptors(tmp_path: Pa
 
 CHILD_READING_STDIN = """
 import sys, time
-from edp.sources.files import decoded_chunks
-chunks = decoded_chunks(sys.stdin.buffer, size=1, encoded=True)
-next(chunks)
-print("ready", flush=True)
-time.sleep(60)
+from edp.sources.files import decoding
+with decoding(sys.stdin.buffer, size=1, encoded=True) as chunks:
+    next(chunks)
+    print("ready", flush=True)
+    time.sleep(60)
 """
 
 

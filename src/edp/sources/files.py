@@ -83,14 +83,6 @@ def decoding(
         ahead.stop()
 
 
-def decoded_chunks(
-    stream: BinaryIO, *, size: int, encoded: bool, classify: Classify | None = None
-) -> Iterator[Decoded]:
-    """:func:`decoding` as one generator (the child starts at the first chunk asked for)."""
-    with decoding(stream, size=size, encoded=encoded, classify=classify) as chunks:
-        yield from chunks
-
-
 def _here(
     stream: BinaryIO, size: int, encoded: bool, classify: Classify | None
 ) -> Iterator[Decoded]:
@@ -226,4 +218,4 @@ def _plain(
     )
 
 
-__all__ = ["decoded_chunks", "decoding", "read_chunks"]
+__all__ = ["decoding", "read_chunks"]

@@ -120,11 +120,11 @@ class SqliteStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         if self._outer:
-            # A throw-away store runs as one long transaction (committed by close()) with a
-            # savepoint per step: a COMMIT per step was about 10 % of a replay's time, and
-            # nobody else reads this database while the replay runs.
-            # Without a journal a failed step cannot be undone (ROLLBACK TO does nothing),
-            # so the store refuses any further step rather than build on its leftovers.
+            # A throw-away store runs all steps in one long transaction (committed by
+            # close()): a COMMIT per step was about 10 % of a replay's time, and nobody
+            # else reads this database while the replay runs. Without a journal a failed
+            # step cannot be undone, so the store refuses any further step rather than
+            # build on its leftovers.
             if self._broken is not None:
                 raise StoreError(
                     f"the replay's temporary store cannot go on after a failed step "
@@ -132,13 +132,11 @@ class SqliteStore:
                 )
             if not self.conn.in_transaction:
                 self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.execute("SAVEPOINT step")
             try:
                 yield self.conn
             except BaseException as exc:
                 self._broken = f"{type(exc).__name__}: {exc}"
                 raise
-            self.conn.execute("RELEASE step")
             return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
@@ -153,7 +151,7 @@ class SqliteStore:
     def transaction(self) -> Iterator[SqliteTransaction]:
         """A write transaction: commits on success, rolls back on error."""
         with self._write() as conn:
-            yield SqliteTransaction(conn, keep_objects=self.keeps_objects)
+            yield SqliteTransaction(conn)
 
     # -- outbox -------------------------------------------------------------------
     def pending(self, sink: str, *, limit: int, now: float) -> list[OutboxEntry]:

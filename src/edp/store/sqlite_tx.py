@@ -39,9 +39,8 @@ def _open_batch(row: Sequence[Any]) -> OpenBatch:
 class SqliteTransaction:
     """A write transaction on a SQLite store (see :class:`~edp.store.base.Transaction`)."""
 
-    def __init__(self, conn: sqlite3.Connection, *, keep_objects: bool = True) -> None:
+    def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.keep_objects = keep_objects
 
     def load(self, request: LoadRequest) -> WorkingState:
         """Load the open batches, generations, key memories and fingerprints asked for."""
@@ -144,7 +143,7 @@ class SqliteTransaction:
             " last_generation = max(last_generation, excluded.last_generation)",
             write.generations(),
         )
-        if self.keep_objects:
+        if write.objects:  # (none from a batcher for a store that keeps none)
             c.executemany(
                 "INSERT INTO batch_objects (batch_id, key, size, etag, sequencer, event_time)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (batch_id, key) DO UPDATE SET"
