@@ -1,4 +1,4 @@
-"""Replay one generated stream through the floor, bytewax, a bare batcher and edp.
+"""Replay one generated stream through the floor, bytewax, a bare batcher, edp's decoding and edp.
 
 Usage (from the repository root, with the peers' virtualenv, see README.md)::
 
@@ -12,6 +12,9 @@ file:
 * bytewax: ``<python> bench/peer_bytewax.py FILE``
 * in-memory batcher: ``<python> bench/peer_ceiling.py FILE`` (a yardstick, not a
   product: the same batching rules in one bare loop, nothing persisted)
+* edp decoding only: ``<edp's python> bench/peer_edp_decode.py FILE`` (a
+  yardstick: the work of edp replay's decoding child alone, which bounds the
+  replay's speed from below; run with the python beside ``$EDP_BIN``)
 * edp:     ``$EDP_BIN replay FILE > /dev/null``
   (``EDP_BIN`` defaults to ``/work/main/.venv/bin/edp``)
 
@@ -247,6 +250,10 @@ def compare(path: Path, events: int, edp_bin: str | None) -> list[Run]:
         for peer, script in PEER_SCRIPTS
     ]
     if edp_bin is not None:
+        edp_python = str(Path(edp_bin).parent / "python")
+        runs.append(measure("edp decoding only", events,
+                            [edp_python, str(BENCH_DIR / "peer_edp_decode.py"), str(path)],
+                            True))
         runs.append(measure("edp", events, [edp_bin, "replay", str(path)], False))
     return runs
 
