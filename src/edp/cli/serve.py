@@ -10,6 +10,7 @@ import click
 from edp.cli import main
 from edp.cli._common import grouping_options, handle_errors, settings_from
 from edp.errors import ConfigError
+from edp.redact import redact_text
 
 
 @main.command()
@@ -56,7 +57,7 @@ def serve(watch_dir: Path | None, bucket: str | None, stdout: bool, **kwargs: An
     stack = ServeStack(settings, stdout=stdout, sources=sources)
     click.echo(f"edp serve: dashboard {stack.url}/  ingest POST {stack.url}/ingest  "
                f"metrics {stack.url}/metrics", err=True)
-    click.echo(f"edp serve: store {stack.url_db.split('@')[-1]}", err=True)
+    click.echo(f"edp serve: store {redact_text(stack.url_db)}", err=True)
     if stack.token_generated:
         click.echo(f"edp serve: no serve_token set; this run's ingest token is {stack.token}"
                    " (set EDP_SERVE_TOKEN to keep one)", err=True)

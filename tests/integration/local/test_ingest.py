@@ -260,3 +260,24 @@ def test_edp_serve_cli_refuses_an_exposed_bind_without_a_token(tmp_path: Path) -
                           capture_output=True, env=env, cwd=tmp_path, timeout=60, check=False)
     assert done.returncode == 2
     assert b"set serve_token" in done.stderr
+
+
+def test_edp_serve_cli_never_prints_the_database_password(tmp_path: Path) -> None:
+    # Given edp serve pointed at a PostgreSQL URL whose password is a query parameter
+    # (no server listens there: the banner comes first)
+    env = {**os.environ, "HOME": str(tmp_path), "EDP_SERVE_TOKEN": TOKEN}
+    env.pop("EDP_CONFIG", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edp", "serve", "--port", "0",
+         "--database-url", "postgresql://edp@127.0.0.1:1/edp?password=TopSecret1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+    )
+    try:
+        assert proc.stderr is not None
+        banner = proc.stderr.readline().decode() + proc.stderr.readline().decode()
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    # Then the store line names the store with its secrets masked
+    assert "edp serve: store postgresql://***@127.0.0.1:1/edp?password=***" in banner
+    assert "TopSecret1" not in banner
