@@ -54,7 +54,10 @@ def packager_sink(settings: Settings, source: FolderSource, registry: str) -> Si
         local = Path(registry.removeprefix("file://")).expanduser().resolve()
         if local == source.root or source.root in local.parents:
             raise ConfigError(f"the registry {local} must not be inside the watched folder")
-    return PackagerSink(Packager(settings, registry=registry, local_root=source.root.parent))
+    # Only the folder's own batches: other processes on a shared store may hand this
+    # sink events of other buckets, whose folders beside this one are not its to read.
+    return PackagerSink(Packager(settings, registry=registry, local_root=source.root.parent,
+                                 buckets={source.bucket}))
 
 
 @main.command()

@@ -21,7 +21,7 @@ only a programming error raises.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -99,7 +99,9 @@ class Packager:
     settings of the same names (``registry``, ``workflow``, ``quarantine_registry``,
     ``package_local_root``). Without a registry, a batch goes to its own bucket
     (``s3://<bucket>``; ``<local_root>/<bucket>`` in local mode), as in the original
-    EDP. ``workflow=...`` means "the registry's default workflow".
+    EDP. ``workflow=...`` means "the registry's default workflow". ``buckets``, when
+    given, are the only buckets whose batches it packages: any other batch fails for
+    good, unread (a watcher packages its own folder, not the folders beside it).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class Packager:
         local_root: str | Path | None = None,
         notifier: Notifier | None = None,
         s3_client: Any = None,
+        buckets: Collection[str] | None = None,
     ) -> None:
         check_template(settings.package_name_template)
         try:
@@ -130,6 +133,7 @@ class Packager:
         self.local_root = Path(root).expanduser().resolve() if root else None
         self.notifier: Notifier = notifier if notifier is not None else build_notifier(settings)
         self._s3 = s3_client
+        self.buckets = None if buckets is None else frozenset(buckets)
 
     # -- entry points ---------------------------------------------------------------
     def package(self, message: bytes | str | dict[str, Any]) -> PackageResult:
@@ -148,6 +152,12 @@ class Packager:
             PackageStatus.FAILED, bucket=request.bucket, prefix=request.prefix, package=name,
             batch_id=request.batch_id, event_id=request.event_id,
         )
+        if self.buckets is not None and request.bucket not in self.buckets:
+            result.error = (f"batch {request.batch_id or '?'} of bucket {request.bucket!r} is "
+                            f"not packaged here: this packager serves only "
+                            f"{', '.join(map(repr, sorted(self.buckets)))}")
+            self._log(result)
+            return result
         try:
             registry = self._registry_for(request.bucket)
             result.registry = registry.url

@@ -281,3 +281,35 @@ def test_a_bucket_folder_linked_out_of_the_local_root_is_refused(tmp_path: Path,
     result = packager.package(batch_event("linked", "a/b/"))
     assert result.status is PackageStatus.FAILED
     assert "escapes the local root" in (result.error or "")
+
+
+def test_a_watchers_packager_packages_only_its_own_folder(tmp_path: Path, quilt: Any) -> None:
+    # Given `edp watch lab/drop --registry reg`'s packager sink, and a folder beside the
+    # watched one (other processes on a shared store may route any bucket's events to it)
+    from edp.cli.watch import packager_sink
+    from edp.sources.watch import FolderSource
+    from edp.store.base import OutboxEntry
+
+    make_files(tmp_path / "lab", "drop", {f"{PREFIX}a.txt": b"a"})
+    make_files(tmp_path / "lab", "private", {f"{PREFIX}creds.txt": b"secret"})
+    registry = tmp_path / "reg"
+    sink = packager_sink(quilt_settings(), FolderSource(tmp_path / "lab" / "drop"),
+                         str(registry))
+
+    def entry(bucket: str, n: int) -> OutboxEntry:
+        event = batch_event(bucket, PREFIX, batch_id=f"batch-{n}",
+                            event_id=f"3f1c1d4e-0000-5000-8000-00000000000{n}")
+        return OutboxEntry(n, event["id"], event["detail-type"], json.dumps(event), T0)
+
+    # When it is sent a batch of the folder beside it, then one of its own
+    [failure] = sink.send([entry("private", 1)])
+    assert sink.send([entry("drop", 2)]) == []
+
+    # Then the other folder's batch fails for good, unread, and only its own is packaged
+    assert failure.permanent and "'private' is not packaged here" in failure.error
+    names = [p.relative_to(registry / ".quilt/named_packages").as_posix()
+             for p in (registry / ".quilt/named_packages").glob("*/*")]
+    assert names == ["instrument/exp-1"]
+    manifests = b"".join(p.read_bytes() for p in (registry / ".quilt/packages").rglob("*")
+                         if p.is_file())
+    assert b"creds.txt" not in manifests and b"a.txt" in manifests
