@@ -168,6 +168,13 @@ class Packager:
             )
             if not exc.retryable:  # a retry may still succeed: no alarm yet
                 self._notify("package-failed", request, result, str(exc))
+        except Exception as exc:  # noqa: BLE001 (a boundary: one batch fails, not the process)
+            # A case no check foresaw: this batch fails for good (a sink parks it, a queue
+            # moves it on), and the packager goes on with the next one.
+            log.exception("packaging %s/%s failed unexpectedly", request.bucket, request.prefix)
+            result.status, result.retryable = PackageStatus.FAILED, False
+            result.error = f"unexpected error: {type(exc).__name__}: {exc}"
+            self._notify("package-failed", request, result, result.error)
         self._log(result)
         return result
 
@@ -342,7 +349,11 @@ class Packager:
 
     @staticmethod
     def _safe(root: Path, *parts: str) -> Path:
-        path = root.joinpath(*parts).resolve()
+        try:
+            path = root.joinpath(*parts).resolve()
+        except (ValueError, OSError) as exc:
+            raise InvalidRequest(f"{'/'.join(parts)!r} is no path under the local root "
+                                 f"{root}: {exc}") from None
         if path != root and root not in path.parents:
             raise InvalidRequest(f"{'/'.join(parts)!r} escapes the local root {root}")
         return path

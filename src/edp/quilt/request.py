@@ -127,6 +127,9 @@ def parse_request(body: bytes | str | dict[str, Any]) -> BatchRequest:
         raise InvalidRequest(f"detail.prefix is missing or not a string (bucket {bucket})")
     if any(part in {".", ".."} for part in prefix.split("/")):
         raise InvalidRequest(f"detail.prefix {prefix!r} has '.' or '..' segments (bucket {bucket})")
+    if "\x00" in prefix:  # (no S3 key holds one, and no path can)
+        raise InvalidRequest(f"detail.prefix {prefix!r} contains a NUL character "
+                             f"(bucket {bucket})")
     return BatchRequest(
         bucket=bucket,
         prefix=prefix,

@@ -154,6 +154,7 @@ def test_requests_come_in_every_envelope() -> None:
     ({"detail-type": "package-objects-ready"}, "no detail"),
     ({"prefix": "a/"}, "bucket"),
     ({"bucket": "b", "prefix": "a/../../etc/"}, "'..'"),
+    ({"bucket": "b", "prefix": "inst/\x00/"}, "NUL character"),
     ({"bucket": "..", "prefix": "a/"}, "not a bucket name"),
     ({"bucket": "lab/../other", "prefix": "a/"}, "not a bucket name"),
     ({"bucket": "b", "prefix": "a/", "object-count": "3"}, "integer"),
