@@ -139,6 +139,15 @@ READERS = {
 }
 
 
+def check_metadata_size(size: int, location: str) -> None:
+    """:class:`MetadataError` if a metadata file of ``size`` bytes is over the limit (checked
+    before it is read, too: a huge file must not fill the packager's memory)."""
+    if size > MAX_METADATA_BYTES:
+        raise MetadataError(
+            f"metadata file {location} is {size} bytes; the limit is {MAX_METADATA_BYTES}"
+        )
+
+
 def read_metadata(name: str, data: bytes, *, where: str = "") -> dict[str, Any]:
     """Parse a metadata file by its suffix; :class:`MetadataError` if it is broken.
 
@@ -152,10 +161,7 @@ def read_metadata(name: str, data: bytes, *, where: str = "") -> dict[str, Any]:
             f"metadata file {location}: no reader for {suffix or 'files without a suffix'!r}; "
             f"use one of {', '.join(sorted(READERS))}"
         )
-    if len(data) > MAX_METADATA_BYTES:
-        raise MetadataError(
-            f"metadata file {location} is {len(data)} bytes; the limit is {MAX_METADATA_BYTES}"
-        )
+    check_metadata_size(len(data), location)
     try:
         safe: dict[str, Any] = json_safe(reader(data))
         size = len(json.dumps(safe, ensure_ascii=False, allow_nan=False).encode())
@@ -181,6 +187,17 @@ def merge(
     return merged
 
 
-__all__ = ["FACTS_KEY", "MAX_METADATA_BYTES", "MAX_PACKAGE_METADATA_BYTES", "READERS",
-           "json_safe", "merge", "read_csv", "read_json", "read_metadata", "read_xlsx",
-           "read_yaml"]
+__all__ = [
+    "FACTS_KEY",
+    "MAX_METADATA_BYTES",
+    "MAX_PACKAGE_METADATA_BYTES",
+    "READERS",
+    "check_metadata_size",
+    "json_safe",
+    "merge",
+    "read_csv",
+    "read_json",
+    "read_metadata",
+    "read_xlsx",
+    "read_yaml",
+]

@@ -31,7 +31,7 @@ from edp.config import Settings
 from edp.errors import ConfigError
 from edp.quilt import helpers as helper_text
 from edp.quilt.errors import InvalidRequest, MetadataError, PackagingError, PublishError
-from edp.quilt.metadata import merge, read_metadata
+from edp.quilt.metadata import check_metadata_size, merge, read_metadata
 from edp.quilt.names import check_template, package_name
 from edp.quilt.notify import FanOut, Notice, Notifier, build_notifier, catalog_link
 from edp.quilt.publish import Published, Registry, WorkflowArg, publish, quilt3, s3_url
@@ -168,7 +168,7 @@ class Packager:
             )
             if not exc.retryable:  # a retry may still succeed: no alarm yet
                 self._notify("package-failed", request, result, str(exc))
-        except Exception as exc:  # noqa: BLE001 (a boundary: one batch fails, not the process)
+        except Exception as exc:
             # A case no check foresaw: this batch fails for good (a sink parks it, a queue
             # moves it on), and the packager goes on with the next one.
             log.exception("packaging %s/%s failed unexpectedly", request.bucket, request.prefix)
@@ -265,6 +265,9 @@ class Packager:
     def _metadata(self, pkg: Any, request: BatchRequest, found: str | None) -> dict[str, Any]:
         if found is not None:
             where = f"{self._source(request)}{'' if self.local_root is None else '/'}{found}"
+            size = pkg[found].size
+            if isinstance(size, int):  # (the listing's size: nothing read yet)
+                check_metadata_size(size, where)
             try:
                 data = pkg[found].get_bytes()
             except Exception as exc:  # noqa: BLE001  (S3 read: retry later)

@@ -313,3 +313,26 @@ def test_a_watchers_packager_packages_only_its_own_folder(tmp_path: Path, quilt:
     manifests = b"".join(p.read_bytes() for p in (registry / ".quilt/packages").rglob("*")
                          if p.is_file())
     assert b"creds.txt" not in manifests and b"a.txt" in manifests
+
+
+def test_an_oversize_metadata_file_is_refused_unread(tmp_path: Path, quilt: Any) -> None:
+    import tracemalloc
+
+    # Given a batch whose metadata.json is 200 MiB (a sparse file: no disk used)
+    make_files(tmp_path, "lab", {f"{PREFIX}a.txt": b"a"})
+    with (tmp_path / "lab" / PREFIX / "metadata.json").open("wb") as big:
+        big.truncate(200 * 1024 * 1024)
+    packager = Packager(quilt_settings(), local_root=tmp_path, registry=str(tmp_path / "reg"))
+
+    # When it is packaged
+    tracemalloc.start()
+    try:
+        result = packager.package(batch_event("lab", PREFIX))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    # Then the file is refused for its size, without being read into memory
+    assert result.status is not PackageStatus.PUSHED
+    assert "is 209715200 bytes; the limit is 10485760" in (result.error or "")
+    assert peak < 64 * 1024 * 1024
