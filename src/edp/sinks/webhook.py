@@ -7,6 +7,9 @@ The body is the event JSON exactly as stored. Headers:
   (absent when no secret is configured). A receiver recomputes it over the raw
   body and compares with :func:`hmac.compare_digest`.
 
+Credentials in the URL (``https://user:password@host/...``) are sent as HTTP Basic
+authentication (``Authorization``), never as part of the address.
+
 A 2xx answer delivers. 408, 429 and 5xx answers, timeouts and connection errors
 are retried by the relay (backoff with jitter); any other answer (4xx, or a
 redirect: edp does not follow them) is permanent and parks the event. Neither the
@@ -15,6 +18,7 @@ secret nor credentials or query strings of the URL are ever logged.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import http.client
@@ -23,7 +27,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from edp.errors import ConfigError
 from edp.redact import redact_endpoint
@@ -64,6 +68,9 @@ def post(
     (no connection, a timeout, or an answer that is not HTTP). ``url`` must be http(s)
     (callers check it once, up front, with :func:`check_url`).
     """
+    url, authorization = _without_credentials(url)
+    if authorization is not None:
+        headers = {**headers, "Authorization": authorization}
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
     try:
         with opener.open(request, timeout=timeout) as response:
@@ -76,6 +83,18 @@ def post(
         raise urllib.error.URLError(type(exc).__name__) from None
 
 
+def _without_credentials(url: str) -> tuple[str, str | None]:
+    """``url`` without its user info, and the ``Authorization`` header that carries it
+    (urllib would take ``user:password@host`` for the host name, and look it up)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
+
+
 def check_url(url: str, setting: str) -> None:
     """Refuse, at start, a URL that ``post`` could never use."""
     parts = urlsplit(url)
@@ -83,6 +102,11 @@ def check_url(url: str, setting: str) -> None:
         raise ConfigError(
             f"{setting} must be an http:// or https:// URL, got {redact_endpoint(url)!r}"
         )
+    try:
+        parts.port  # noqa: B018 (urllib checks the port only here)
+    except ValueError:
+        raise ConfigError(f"{setting} has a port that is not a number from 0 to 65535: "
+                          f"{parts.netloc.rpartition('@')[2]!r}") from None
     if any(c.isspace() or ord(c) < 32 for c in url):
         raise ConfigError(f"{setting} must not contain spaces or control characters "
                           "(percent-encode them)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import socket
@@ -202,11 +203,29 @@ def test_webhook_unreachable_is_retried_and_logs_no_secret(caplog: Any) -> None:
         assert secret not in shown                                       # put it in the path
 
 
+@pytest.mark.timeout(30)
+def test_webhook_credentials_in_the_url_are_sent_as_basic_authentication() -> None:
+    # Given a webhook URL with a user and a percent-encoded password
+    endpoint = RecordingEndpoint.fresh()
+    with http_server(endpoint) as url:
+        address = url.replace("http://", "http://alice:S3cret%20Pw%40x@")
+        # When an event is sent
+        failures = WebhookSink(f"{address}/hook", timeout=5).send([entry(envelope("b", "a/"))])
+    # Then it arrived with HTTP Basic credentials, and the address carried none
+    assert failures == []
+    [(status, headers, _)] = endpoint.seen
+    assert status == 200
+    assert headers["Authorization"] == "Basic " + base64.b64encode(b"alice:S3cret Pw@x").decode()
+    assert "alice" not in headers["Host"]
+
+
 def test_webhook_refuses_other_schemes() -> None:
     with pytest.raises(ConfigError, match="http"):
         WebhookSink("file:///etc/passwd")
     with pytest.raises(ConfigError, match="spaces"):  # would fail every POST, for ever
         WebhookSink("https://hooks.example.com/a b")
+    with pytest.raises(ConfigError, match="'hooks.example.com:443x'"):  # (and no password)
+        WebhookSink("https://alice:pw@hooks.example.com:443x/edp")
 
 
 class GarbageEndpoint(BaseHTTPRequestHandler):
