@@ -231,7 +231,10 @@ def _record(record: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:
         return
     if not event_source.endswith(":s3") and "s3" not in record:
         raise DecodeError(f"record of unknown eventSource {event_source!r}")
-    name = str(record.get("eventName") or "")
+    name = record.get("eventName")
+    if type(name) is not str or not name:
+        # Every S3 notification record names its event: without one it is no S3 event.
+        raise DecodeError(f"record has no eventName (got {name!r})")
     # MinIO and newer Ceph prefix event names with "s3:".
     name = name.removeprefix("s3:")
     if name.startswith("ObjectCreated:"):
@@ -239,7 +242,7 @@ def _record(record: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:
     elif name.startswith(("ObjectRemoved:", "LifecycleExpiration:")):
         kind = EventKind.DELETED
     else:
-        out.ignore(name or "unnamed record")
+        out.ignore(name)
         return
     s3 = _obj(record.get("s3"), "s3")
     bucket = _obj(s3.get("bucket"), "s3.bucket").get("name")

@@ -199,6 +199,20 @@ def test_event_times_parse_as_datetime_reads_them(text: str) -> None:
             assert parse_time(text, what="time") == expected
 
 
+@pytest.mark.parametrize("name", [None, "", 7])
+def test_a_record_without_an_event_name_is_an_error_not_an_ignored_type(name: object) -> None:
+    record = {"eventSource": "aws:s3", "eventTime": "2024-01-01T00:00:00Z",
+              "s3": {"bucket": {"name": "b"}, "object": {"key": "a/b/c"}}}
+    good = {**record, "eventName": "ObjectCreated:Put"}
+    bad = record if name is None else {**record, "eventName": name}
+    decoded = decode_message({"Records": [good, bad]}, location="line 3")
+    # The good record goes on; the bad one is reported, with where and why
+    assert [e.key for e in decoded.events] == ["a/b/c"]
+    assert decoded.ignored == {}
+    [error] = decoded.errors
+    assert error.location == "line 3" and "record 1: record has no eventName" in error.reason
+
+
 def test_made_up_event_types_are_counted_as_other() -> None:
     # Counter names and metric labels must not grow with what a sender makes up
     made_up = [eventbridge("a/b/c", 0, kind=f"Object Invented {n}") for n in range(3)]
