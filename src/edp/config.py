@@ -293,9 +293,14 @@ def load_settings(
         for name, value in _read_toml(path).items():
             values[name] = value
             origin[name] = f"config file {path}"
+    # Per-bucket tables: [buckets."NAME"], or [bucket_overrides."NAME"] in a file whose
+    # `buckets` is the list of watched buckets (TOML has one value per name).
     overrides = values.pop("bucket_overrides", None)
     file_buckets = values.get("buckets")
     if isinstance(file_buckets, dict):
+        if overrides is not None:
+            raise ConfigError(f"config file {path} has per-bucket tables under both "
+                              "[buckets] and [bucket_overrides]: keep one")
         overrides = file_buckets
         values["buckets"] = ()
     for name in SETTING_NAMES:
@@ -336,9 +341,16 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from None
-    # Allow everything under an optional [edp] table, too.
-    if set(data) == {"edp"} and isinstance(data["edp"], dict):
-        data = data["edp"]
+    # Allow settings under an optional [edp] table, too (beside top-level tables such as
+    # [buckets."NAME"], or settings, as long as no name is given twice).
+    inner = data.get("edp")
+    if isinstance(inner, dict):
+        del data["edp"]
+        twice = sorted(set(inner) & set(data))
+        if twice:
+            raise ConfigError(f"config file {path} sets {', '.join(twice)} both at the top "
+                              "level and under [edp]: keep one")
+        data.update(inner)
     return data
 
 

@@ -42,6 +42,35 @@ def test_config_file_from_environment_and_edp_table(tmp_path: Path) -> None:
     assert s.bucket_complete_markers == ("_DONE", "*.ok")
 
 
+def test_an_edp_table_goes_with_per_bucket_tables_at_the_top_level(tmp_path: Path) -> None:
+    path = write(tmp_path, '[edp]\nbucket_threshold_duration = 7\n'
+                           '[buckets."o"]\nbucket_prefix_depth = 3\n')
+    book = load_settings(config_file=path, env={}).rule_book()
+    assert book.for_bucket("o").prefix_depth == 3
+    assert book.for_bucket("o").threshold_duration == 7.0
+    assert book.for_bucket("p").threshold_duration == 7.0
+
+
+def test_a_setting_both_at_the_top_level_and_under_edp_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, 'bucket_prefix_depth = 1\n[edp]\nbucket_prefix_depth = 3\n')
+    with pytest.raises(ConfigError, match="bucket_prefix_depth both at the top level and"):
+        load_settings(config_file=path, env={})
+
+
+def test_a_file_lists_its_buckets_beside_bucket_override_tables(tmp_path: Path) -> None:
+    # (TOML cannot hold `buckets = [...]` beside [buckets."NAME"] tables)
+    path = write(tmp_path, 'buckets = ["lab"]\n'
+                           '[bucket_overrides."raw"]\nbucket_threshold_event_count = 5\n')
+    book = load_settings(config_file=path, env={}).rule_book()
+    assert book.for_bucket("raw").threshold_event_count == 5
+    assert book.is_watched("lab") and book.is_watched("raw")
+    assert not book.is_watched("other")
+    both = write(tmp_path, '[buckets."a"]\nbucket_prefix_depth = 1\n'
+                           '[bucket_overrides."b"]\nbucket_prefix_depth = 2\n')
+    with pytest.raises(ConfigError, match=r"under both \[buckets\] and \[bucket_overrides\]"):
+        load_settings(config_file=both, env={})
+
+
 def test_comma_lists_are_trimmed() -> None:
     s = load_settings(env={"EDP_BUCKET_IGNORE_PREFIXES": " raw/* , scratch/*,, "})
     assert s.bucket_ignore_prefixes == ("raw/*", "scratch/*")
