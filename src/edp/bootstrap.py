@@ -76,12 +76,17 @@ def build_runtime(
     worker_id: str | None = None,
     fast_unsafe: bool = False,
     observers: Sequence[StepObserver] = (),
+    live: bool = True,
 ) -> Runtime:
-    """Open the store and wire an engine and a relay to it."""
+    """Open the store and wire an engine and a relay to it.
+
+    ``live``: the engine serves live input, so its clock may not run more than
+    ``clock_max_ahead`` past the wall clock; a replay (``live=False``) follows its
+    stream's times wherever they go."""
     store = open_store(database_url or settings.database_url, fast_unsafe=fast_unsafe)
     chosen = list(sinks) if sinks is not None else build_sinks(settings, stdout=stdout)
     engine = Engine(
         store, settings, sinks=[s.name for s in chosen], worker_id=worker_id,
-        observers=observers,
+        observers=observers, clock_max_ahead=settings.clock_max_ahead if live else None,
     )
     return Runtime(settings, store, engine, Relay(store, chosen))

@@ -164,6 +164,7 @@ class Settings(BaseModel):
     # input
     eventbridge_raw_keys: Flag = False
     sequencer_retention: Retention = 86400.0
+    clock_max_ahead: OptionalAge = 60.0
     # store
     database_url: Text = ""
     # output events

@@ -9,7 +9,9 @@ a crash loses nothing that was acknowledged and doubles nothing.
 
 The clock (SPEC section 4) is the engine's: while a source has a backlog it is the
 newest event time processed so far; once the source is caught up it is the wall
-clock, passed in by the caller as ``now``.
+clock, passed in by the caller as ``now``. A live worker's clock never runs more than
+``clock_max_ahead`` seconds ahead of ``now``: an event dated later (a wrong clock at the
+producer, a file's future mtime) counts, but moves the clock only that far.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import orjson
 
 from edp.config import Settings
 from edp.core.batching import Batcher, Changes, Outcome
-from edp.core.envelopes import Origin, batch_event
+from edp.core.envelopes import Origin, batch_event, format_time
 from edp.core.events import BatchReady, ObjectEvent
 from edp.core.rules import Skip
 from edp.decode import decode_message
@@ -170,8 +172,13 @@ class Engine:
         sinks: Sequence[str],
         worker_id: str | None = None,
         observers: Sequence[StepObserver] = (),
+        clock_max_ahead: float | None = None,
     ) -> None:
         self.store = store
+        # How far an event's time may take the clock past the wall clock (``now``); None:
+        # no bound (a replay, whose stream's times are its only clock). Live workers get
+        # the clock_max_ahead setting (edp.bootstrap.build_runtime).
+        self.clock_max_ahead = clock_max_ahead
         self.observers = tuple(observers)
         self.settings = settings
         self.rules = settings.rule_book()
@@ -308,7 +315,11 @@ class Engine:
     ) -> float:
         """The body of a step, in its transaction: returns the clock it ends at."""
         clock = self.clock
+        limit = math.inf if self.clock_max_ahead is None else now + self.clock_max_ahead
         end_clock = max([clock, *(e.time for e in events)])
+        if end_clock > limit:
+            end_clock = max(clock, limit)
+            self._warn_ahead(events, limit, report)
         if caught_up:
             end_clock = max(end_clock, now)
         batcher = self._batcher()
@@ -322,8 +333,8 @@ class Engine:
         outcomes: dict[Outcome | Skip, int] = {}
         apply, advance = batcher.apply, batcher.advance
         for event, prefix in zip(events, prefixes, strict=True):
-            if event.time > clock:
-                clock = event.time
+            if event.time > clock and clock < limit:
+                clock = min(event.time, limit)
                 fired += advance(min(clock, floor))
             result = apply(event, clock, prefix)
             if isinstance(result, BatchReady):  # (a plain class: a cheap check)
@@ -357,6 +368,19 @@ class Engine:
                 now=now,
             )
         return clock
+
+    def _warn_ahead(self, events: Sequence[ObjectEvent], limit: float,
+                    report: StepReport) -> None:
+        """Count (and say once a step) the events dated past the clock's bound."""
+        ahead = [event for event in events if event.time > limit]
+        report.counts["events.clock_ahead"] += len(ahead)
+        first = ahead[0]
+        log.warning(
+            "%d event(s) dated more than clock_max_ahead (%gs) after this worker's wall "
+            "clock, e.g. %s/%s at %s: they count, but move the clock only to %s",
+            len(ahead), self.clock_max_ahead, first.bucket, first.key,
+            format_time(first.time), format_time(limit),
+        )
 
     def _applied(self, clock: float, report: StepReport, now: float) -> StepReport:
         """After a step committed."""

@@ -118,6 +118,7 @@ def run_replay(
             # ids), so replays into it do not wait for each step's WAL flush.
             fast_unsafe=database_url is None
             or database_url.startswith(("postgresql:", "postgres:")),
+            live=False,  # the stream's times are the clock, however far off the wall clock
         )
         summary = ReplaySummary()
         # (Several workers check once they know whether they begin a run: run_part.)

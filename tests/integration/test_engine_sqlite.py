@@ -145,6 +145,34 @@ def test_fire_due_uses_the_wall_clock_when_caught_up(url: str) -> None:
     assert (ready.trigger.value, ready.fired_at) == ("duration", T0 + 30)
 
 
+@pytest.mark.parametrize("bound", [None, 60.0])
+def test_a_live_engine_bounds_how_far_an_event_takes_the_clock(url: str,
+                                                               bound: float | None) -> None:
+    # Given an engine with a 300 s quiet period, with clock_max_ahead or (a replay's) none
+    store = open_store(url)
+    engine = Engine(store, settings(), sinks=["list"], worker_id="w", clock_max_ahead=bound)
+    engine.process(msgs(eventbridge("i/e1/a", T0)), now=T0)
+    # When an event dated in 9999 arrives 10 s later
+    far = 253402300799.0  # 9999-12-31T23:59:59Z
+    report = engine.process(msgs(eventbridge("i/e2/b", far)), now=T0 + 10)
+    if bound is None:
+        # Then without a bound the clock follows it (SPEC 4: a replay's stream is its clock)
+        assert engine.clock == far
+        assert [r.prefix for r in report.fired] == ["i/e1/"]
+        return
+    # Then with one the event counts, but moves the clock only to the wall clock + 60 s:
+    # nothing fires early, and both batches fire by their quiet period in time
+    assert engine.clock == T0 + 70 and report.fired == []
+    assert report.counts["events.clock_ahead"] == 1
+    assert engine.fire_due(now=T0 + 299) == []
+    [first] = engine.fire_due(now=T0 + 301)
+    assert (first.prefix, first.fired_at) == ("i/e1/", T0 + 300)
+    [second] = engine.fire_due(now=T0 + 371)
+    assert (second.prefix, second.fired_at, second.last_event_time) == ("i/e2/", T0 + 370, far)
+    assert store.counters()["events.clock_ahead"] == 1
+    store.close()
+
+
 def test_batch_objects_are_kept_for_inspection(url: str) -> None:
     store = open_store(url)
     engine = Engine(store, settings(), sinks=[], worker_id="w")

@@ -224,7 +224,7 @@ def test_webhook_refuses_other_schemes() -> None:
         WebhookSink("file:///etc/passwd")
     with pytest.raises(ConfigError, match="spaces"):  # would fail every POST, for ever
         WebhookSink("https://hooks.example.com/a b")
-    with pytest.raises(ConfigError, match="'hooks.example.com:443x'"):  # (and no password)
+    with pytest.raises(ConfigError, match=r"'hooks\.example\.com:443x'"):  # (and no password)
         WebhookSink("https://alice:pw@hooks.example.com:443x/edp")
 
 

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +306,31 @@ def test_a_failing_watcher_falls_back_to_polling_and_rescans(
     assert found == ["file scope/exp/late.txt"]
     assert calls[:2] == [None, True]
     assert "falling back to polling" in caplog.text
+
+
+def test_a_file_dated_in_the_future_does_not_run_the_clock_ahead(
+    watch: Callable[..., Any], root: Path, reader: Callable[[], Store], wait: Wait
+) -> None:
+    # Given a watcher with a 2 s quiet period whose clock may not run ahead of the wall
+    # clock (clock_max_ahead 0), and an experiment with an open batch
+    run = watch(bucket_threshold_duration=2.0, clock_max_ahead=0)
+    store = reader()
+    (root / "scope/exp-1").mkdir(parents=True)
+    (root / "scope/exp-1/a.dat").write_text("a")
+    wait(lambda: open_batch(store, "scope/exp-1/"), what="exp-1's batch to open")
+    # When another experiment gets a file whose mtime is in 2100 (a wrong clock)
+    future = root / "scope/exp-2/b.dat"
+    future.parent.mkdir()
+    future.write_text("b")
+    os.utime(future, (4102444800, 4102444800))  # 2100-01-01T00:00:00Z
+    started = time.time()
+    # Then both batches fire by their quiet period, about 2 s after their files: the
+    # first is not fired at once by a clock in 2100, the second does not wait for 2100
+    wait(lambda: len(run.sink.sent) == 2, timeout=30, what="both batches")
+    assert sorted(run.triggers()) == [("scope/exp-1/", 1, "duration"),
+                                      ("scope/exp-2/", 1, "duration")]
+    [late] = [e for e in run.sink.sent if e["detail"]["prefix"] == "scope/exp-2/"]
+    assert late["detail"]["last-event-time"] == "2100-01-01T00:00:00Z"  # its own time, kept
+    fired = datetime.fromisoformat(late["time"].replace("Z", "+00:00")).timestamp()
+    assert started - 5 < fired < started + 30  # fired now, not in 2100
+    assert store.counters()["events.clock_ahead"] >= 1
