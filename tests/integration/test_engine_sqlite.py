@@ -230,7 +230,7 @@ def test_timers_are_durable_and_taken_once(url: str) -> None:
 def test_schema_is_versioned(url: str) -> None:
     store = open_store(url)
     assert isinstance(store, SqliteStore)
-    assert store.schema_version() == (1, 1)
+    assert store.schema_version() == (2, 2)
     assert store.upgrade() == []
 
 

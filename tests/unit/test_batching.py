@@ -139,6 +139,21 @@ def test_without_sequencer_identical_events_are_duplicates() -> None:
     assert b.apply(created("i/e/a", 2), 2) is Outcome.OVERWRITE  # another time: a new write
 
 
+def test_without_sequencer_a_copy_of_the_keys_last_write_is_a_duplicate() -> None:
+    # Given a key written with a sequencer, in a batch that has fired since
+    b = batcher(threshold_event_count=1)
+    assert isinstance(b.apply(created("i/e/a", 1, "05"), 1), BatchReady)
+    # When the same write comes again without its sequencer (a re-delivery that lost it,
+    # a backfill listing the object), then it is a duplicate (SPEC 3.1): no new batch
+    assert b.apply(created("i/e/a", 1), 2) is Outcome.DUPLICATE
+    # but a write at another time, with another etag or size, is new
+    other = ObjectEvent("b", "i/e/a", EventKind.CREATED, 1, "other-etag", 1, None)
+    assert isinstance(b.apply(other, 3), BatchReady)
+    # and a delete does not make the last write's copy new
+    b.apply(deleted("i/e/a", 4, "09"), 4)
+    assert b.apply(other, 5) is Outcome.DUPLICATE
+
+
 def test_skipped_keys() -> None:
     b = Batcher(RuleBook(default=GroupingRules(ignore_prefixes=("tmp/",)),
                          watched=frozenset({"b"})))

@@ -69,11 +69,17 @@ class OpenBatch:
 
 @dataclass(slots=True)
 class KeyMemory:
-    """What is remembered of one object key: its highest sequencer and its batch."""
+    """What is remembered of one object key: its highest sequencer, its batch, and the
+    (event time, etag, size) of its last created event applied, against which an event
+    without a sequencer is checked (SPEC 3.1: a re-delivery of it without its sequencer,
+    or a backfill's listing of the same object, is a duplicate)."""
 
     sequencer: str | None
     seen_at: float
     batch_id: str | None = None
+    event_time: float | None = None
+    etag: str | None = None
+    size: int | None = None
 
 
 class ObjectRecord(NamedTuple):
@@ -245,7 +251,7 @@ class Batcher:
             prefix = self.classify(event)
         if type(prefix) is Skip:  # (isinstance on an enum class is slow; Skip has no subclass)
             return prefix
-        bucket, key, kind, _, _, _, sequencer = event
+        bucket, key, kind, time, etag, size, sequencer = event
         okey = (bucket, key)
         memory = self._keys.get(okey)
         if sequencer is not None:
@@ -256,11 +262,21 @@ class Batcher:
             ):
                 return _DUPLICATE
         else:
+            # Equal to an event seen before: to one without a sequencer (a fingerprint),
+            # or to the key's last created event (whose sequencer this copy lacks).
             fingerprint = event.fingerprint()
             if fingerprint in self._fingerprints:
                 return _DUPLICATE
             self._fingerprints.add(fingerprint)
             self._changes.fingerprints[fingerprint] = clock
+            if (
+                kind is not _DELETED
+                and memory is not None
+                and memory.event_time == time
+                and memory.etag == etag
+                and memory.size == size
+            ):
+                return _DUPLICATE
         if memory is None:
             memory = KeyMemory(sequencer, clock)
             self._keys[okey] = memory
@@ -271,6 +287,7 @@ class Batcher:
         self._changes.keys[okey] = memory
         if kind is _DELETED:
             return Outcome.DELETE
+        memory.event_time, memory.etag, memory.size = time, etag, size
         return self._count(event, prefix, memory, clock)
 
     def close(self, bucket: str, prefix: str, clock: float) -> BatchReady | None:

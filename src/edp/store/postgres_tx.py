@@ -166,8 +166,9 @@ class PostgresTransaction:
             lock = self._send_locks(keys) if keys else None
             due = self._send_due(request) if request.due_until is not None else None
             memory = self._send(
-                "SELECT bucket, key, sequencer, seen_at, batch_id FROM key_memory"  # noqa: S608
-                f" WHERE (bucket, key) IN ({_PAIRS}) ORDER BY bucket, key FOR UPDATE",
+                "SELECT bucket, key, sequencer, seen_at, batch_id, event_time, etag, size"  # noqa: S608
+                f" FROM key_memory WHERE (bucket, key) IN ({_PAIRS})"
+                " ORDER BY bucket, key FOR UPDATE",
                 (_json(objects),),
             ) if objects else None
             prints = self._send(
@@ -183,8 +184,8 @@ class PostgresTransaction:
                     state.generations[(bucket, prefix)] = generation
         due_keys = {(b, p) for b, p in self._rows(due)} if due is not None else set()
         if memory is not None:
-            for bucket, key, sequencer, seen_at, batch_id in self._rows(memory):
-                state.keys[(bucket, key)] = KeyMemory(sequencer, seen_at, batch_id)
+            for bucket, key, *values in self._rows(memory):
+                state.keys[(bucket, key)] = KeyMemory(*values)
         if prints is not None:
             state.fingerprints.update(row[0] for row in self._rows(prints))
         rows = self._rows(mine) if mine is not None else []
@@ -287,12 +288,14 @@ class PostgresTransaction:
             )
         if write.keys:
             self.queue(
-                "INSERT INTO key_memory (bucket, key, sequencer, seen_at, batch_id)"
-                f" {_rows_of('text', 'text', 'text', 'float8', 'text')}"
+                "INSERT INTO key_memory (bucket, key, sequencer, seen_at, batch_id,"
+                " event_time, etag, size)"
+                f" {_rows_of('text', 'text', 'text', 'float8', 'text', 'float8', 'text', 'bigint')}"
                 " ON CONFLICT (bucket, key) DO UPDATE SET"
                 " sequencer = excluded.sequencer, seen_at = excluded.seen_at,"
-                " batch_id = excluded.batch_id",
-                (_json((b, k, m.sequencer, m.seen_at, m.batch_id)
+                " batch_id = excluded.batch_id, event_time = excluded.event_time,"
+                " etag = excluded.etag, size = excluded.size",
+                (_json((b, k, m.sequencer, m.seen_at, m.batch_id, m.event_time, m.etag, m.size)
                        for (b, k), m in sorted(write.keys.items())),),
             )
         if write.fingerprints:

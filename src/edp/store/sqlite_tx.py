@@ -95,12 +95,12 @@ class SqliteTransaction:
         for bucket, keys in keys_by_bucket.items():
             for part in _chunks(keys):
                 marks = ",".join("?" * len(part))
-                for key, sequencer, seen_at, batch_id in self.conn.execute(
-                    f"SELECT key, sequencer, seen_at, batch_id FROM key_memory "  # noqa: S608
-                    f"WHERE bucket = ? AND key IN ({marks})",
+                for key, *memory in self.conn.execute(
+                    "SELECT key, sequencer, seen_at, batch_id, event_time, etag, size"  # noqa: S608
+                    f" FROM key_memory WHERE bucket = ? AND key IN ({marks})",
                     (bucket, *part),
                 ):
-                    state.keys[(bucket, key)] = KeyMemory(sequencer, seen_at, batch_id)
+                    state.keys[(bucket, key)] = KeyMemory(*memory)
         fingerprints = list(request.fingerprints)
         for part in _chunks(fingerprints):
             marks = ",".join("?" * len(part))
@@ -152,11 +152,13 @@ class SqliteTransaction:
                 write.objects,  # ObjectRecord tuples, in the columns' order
             )
         c.executemany(
-            "INSERT INTO key_memory (bucket, key, sequencer, seen_at, batch_id)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (bucket, key) DO UPDATE SET"
-            " sequencer = excluded.sequencer, seen_at = excluded.seen_at,"
-            " batch_id = excluded.batch_id",
-            [(b, k, m.sequencer, m.seen_at, m.batch_id) for (b, k), m in write.keys.items()],
+            "INSERT INTO key_memory (bucket, key, sequencer, seen_at, batch_id, event_time,"
+            " etag, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (bucket, key) DO UPDATE"
+            " SET sequencer = excluded.sequencer, seen_at = excluded.seen_at,"
+            " batch_id = excluded.batch_id, event_time = excluded.event_time,"
+            " etag = excluded.etag, size = excluded.size",
+            [(b, k, m.sequencer, m.seen_at, m.batch_id, m.event_time, m.etag, m.size)
+             for (b, k), m in write.keys.items()],
         )
         c.executemany(
             "INSERT OR REPLACE INTO fingerprints (fingerprint, seen_at) VALUES (?, ?)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote_plus
 
 import pytest
 from click.testing import CliRunner
@@ -85,6 +86,38 @@ def test_backfill_feeds_existing_objects_once(
     # Then only it (and the object outside the former prefix) count
     assert third.exit_code == 0, third.output
     assert "6 objects listed, 2 counted, 4 already seen" in third.output
+
+
+@pytest.mark.timeout(60)
+def test_backfill_finds_objects_whose_last_write_was_seen_live(
+    aws: Any, backfill: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given objects whose EventBridge events (with sequencers, times in whole seconds as
+    # EventBridge sends them) went through edp, and whose batch fired
+    bucket = aws.bucket()
+    aws.put(bucket, *KEYS[:3])
+    monkeypatch.setenv("EDP_BUCKETS", bucket)
+    listed = aws.s3.list_objects_v2(Bucket=bucket)["Contents"]
+    live = tmp_path / "live.jsonl"
+    live.write_text("".join(json.dumps({
+        "version": "0", "id": f"e-{n}", "detail-type": "Object Created", "source": "aws.s3",
+        "time": item["LastModified"].strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "detail": {"bucket": {"name": bucket}, "object": {
+            "key": quote_plus(item["Key"], safe="/"), "size": item["Size"],
+            "etag": item["ETag"].strip('"'), "sequencer": f"{n + 1:016X}"}},
+    }) + "\n" for n, item in enumerate(listed)))
+    fed = CliRunner().invoke(main, ["replay", str(live), "--database-url", backfill.database,
+                                    "--threshold-event-count", "3"])
+    assert fed.exit_code == 0, fed.output
+
+    # When the bucket is backfilled
+    result = backfill(f"s3://{bucket}/")
+
+    # Then those objects are already seen (SPEC 3.1): no second batch
+    assert result.exit_code == 0, result.output
+    assert "3 objects listed, 0 counted, 3 already seen" in result.output
+    assert [(p, n, s) for _, p, n, s, _ in state(backfill.database)] == [
+        ("data/exp 1/", 3, "closed")]
 
 
 @pytest.mark.timeout(60)

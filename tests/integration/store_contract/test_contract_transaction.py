@@ -52,12 +52,16 @@ def test_load_of_an_empty_store_is_empty(store: Store) -> None:
     assert (state.batches, state.generations, state.keys, state.fingerprints) == ([], {}, {}, set())
 
 
+MEMORY = KeyMemory("0a", T0, "b-1", T0 - 0.125, "9b2cf535f27731c974343645a3985328", 2**40)
+"""A key memory with every field set (its last write's time, etag and size too)."""
+
+
 def test_saved_state_loads_back(store: Store) -> None:
     # Given an open batch with a key memory and a fingerprint, saved
     b = batch(count=3, first=T0, last=T0 + 5)
     with store.transaction() as tx:
         tx.save(
-            StepWrite(open_batches=[saved(b)], keys={("bkt", "a/b/x"): KeyMemory("0a", T0, "b-1")},
+            StepWrite(open_batches=[saved(b)], keys={("bkt", "a/b/x"): MEMORY},
                       fingerprints={"fp-1": T0}),
             sinks=[], now=T0,
         )
@@ -69,7 +73,7 @@ def test_saved_state_loads_back(store: Store) -> None:
     # Then it gets exactly what was saved
     assert state.batches == [b]
     assert state.generations == {("bkt", "a/b/"): 1}
-    assert state.keys == {("bkt", "a/b/x"): KeyMemory("0a", T0, "b-1")}
+    assert state.keys == {("bkt", "a/b/x"): MEMORY}
     assert state.fingerprints == {"fp-1"}
 
 
