@@ -131,7 +131,9 @@ def _s3_minute(value: str) -> tuple[str, float] | None:
 
 def _parse_time(value: str, what: str) -> float:
     try:
-        parsed = datetime.fromisoformat(value)
+        # (RFC 3339 allows a lower-case "t" and "z"; datetime takes neither)
+        lower = value.isascii() and ("z" in value or "t" in value)
+        parsed = datetime.fromisoformat(value.upper() if lower else value)
     except ValueError:
         raise DecodeError(f"{what} is not an ISO 8601 time: {value!r}") from None
     if parsed.tzinfo is None:
@@ -303,7 +305,8 @@ def _event(
     if type(bucket) is not str or bucket not in _BUCKETS:
         _good_bucket(bucket)
     if type(key) is not str or not key:
-        raise DecodeError("object key is missing")
+        raise DecodeError("object key is missing" if key is None else
+                          f"object key is empty or not a string: {key!r}")
     key = decode_key(key, url_encoded=url_encoded)
     if len(key) > 256 and len(key.encode("utf-8", "surrogatepass")) > 1024:  # 4 bytes a char
         # S3's own limit; a longer key would also not fit PostgreSQL's index entries (the
