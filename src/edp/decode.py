@@ -181,10 +181,12 @@ def _dispatch(obj: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:
     elif "Records" in obj:
         _records(obj["Records"], out, eb_encoded, depth)
     elif obj.get("Type") == "Notification" and "Message" in obj:
-        _dispatch(_inner_json(obj["Message"], "SNS Message"), out, eb_encoded, depth + 1)
+        _envelope(obj, "MessageId", "SNS", "Message", out, eb_encoded, depth)
     elif "Body" in obj or "body" in obj:
-        inner = obj["Body"] if "Body" in obj else obj["body"]
-        _dispatch(_inner_json(inner, "SQS Body"), out, eb_encoded, depth + 1)
+        if "Body" in obj:
+            _envelope(obj, "MessageId", "SQS", "Body", out, eb_encoded, depth)
+        else:
+            _envelope(obj, "messageId", "SQS", "body", out, eb_encoded, depth)
     elif obj.get("Event") == "s3:TestEvent":
         out.ignore("s3:TestEvent")
     elif "detail-type" in obj:
@@ -195,6 +197,23 @@ def _dispatch(obj: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:
     else:
         keys = ", ".join(sorted(map(str, obj))[:8])
         raise DecodeError(f"JSON of no known format (top-level keys: {keys or 'none'})")
+
+
+def _envelope(obj: dict[str, Any], id_field: str, kind: str, field: str, out: Decoded,
+              eb_encoded: bool, depth: int) -> None:
+    """Decode an SNS or SQS envelope's inner message; its errors name the envelope's
+    message id (SPEC 1: an error says where: line and message id)."""
+    message_id = obj.get(id_field)
+    errors = len(out.errors)
+    try:
+        _dispatch(_inner_json(obj[field], f"{kind} {field}"), out, eb_encoded, depth + 1)
+    except DecodeError as exc:
+        if message_id is None:
+            raise
+        raise DecodeError(f"{kind} message {message_id}: {exc.reason}") from None
+    if message_id is not None and len(out.errors) > errors:
+        out.errors[errors:] = [DecodeError(f"{kind} message {message_id}: {e.reason}")
+                               for e in out.errors[errors:]]
 
 
 def _inner_json(value: Any, what: str) -> Any:

@@ -112,6 +112,17 @@ def test_bytes_and_str_bodies() -> None:
     assert decode_message(raw).events == decode_message(raw.encode()).events
 
 
+def test_a_bad_record_inside_an_sqs_message_names_the_message_id() -> None:
+    good = {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+            "eventTime": "2024-01-01T00:00:00Z",
+            "s3": {"bucket": {"name": "b"}, "object": {"key": "a/b/c"}}}
+    body = json.dumps({"Records": [good, {"eventSource": "aws:s3"}]})
+    decoded = decode_message({"MessageId": "m-1", "Body": body}, location="line 2")
+    assert len(decoded.events) == 1
+    [error] = decoded.errors
+    assert str(error) == "line 2: SQS message m-1: record 1: record has no eventName (got None)"
+
+
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
@@ -121,6 +132,9 @@ def test_bytes_and_str_bodies() -> None:
         (b'{"source": "aws.ec2", "detail-type": "EC2 Instance State-change"}', "not an S3 event"),
         (b'{"Type": "Notification", "Message": "{oops"}', "SNS Message is not JSON"),
         (b'{"Body": 42}', "SQS Body is not a JSON string"),
+        (b'{"MessageId": "m-9", "Body": "{}"}', "SQS message m-9: JSON of no known format"),
+        (b'{"Type": "Notification", "MessageId": "n-3", "Message": "{oops"}',
+         "SNS message n-3: SNS Message is not JSON"),
         (b'{"source": "aws.s3", "detail-type": "Object Created", "time": "2022-12-08T20:01:34Z",'
          b' "detail": {"bucket": {"name": "b"}, "object": {}}}', "object key is missing"),
         (b'{"source": "aws.s3", "detail-type": "Object Created", "time": "yesterday",'
