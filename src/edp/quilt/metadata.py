@@ -25,6 +25,7 @@ import datetime as dt
 import io
 import json
 import math
+import zipfile
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from pathlib import PurePosixPath
@@ -37,6 +38,8 @@ FACTS_KEY = "edp"
 
 MAX_METADATA_BYTES = 10 * 1024 * 1024
 """A metadata file larger than this is refused (10 MiB)."""
+MAX_XLSX_UNPACKED_BYTES = 100 * 1024 * 1024
+"""What an ``.xlsx`` metadata file may unpack to (100 MiB)."""
 MAX_PACKAGE_METADATA_BYTES = 900_000
 """Package metadata read from a file, as JSON: quilt3 refuses a manifest record of
 1,000,000 bytes or more, and the record also holds edp's facts and the message."""
@@ -84,6 +87,14 @@ def read_xlsx(data: bytes) -> dict[str, Any]:
     """Key/value rows of the first sheet of an ``.xlsx`` workbook."""
     import openpyxl
 
+    # A workbook is a zip: a few MiB of it may unpack to gigabytes (a zip bomb), and
+    # openpyxl reads some parts whole. The sizes its directory declares bound what
+    # zipfile unpacks, so they are checked first.
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        unpacked = sum(member.file_size for member in archive.infolist())
+    if unpacked > MAX_XLSX_UNPACKED_BYTES:
+        raise ValueError(f"the workbook unpacks to {unpacked} bytes; at most "
+                         f"{MAX_XLSX_UNPACKED_BYTES} are read")
     workbook = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
     try:
         sheet = workbook[workbook.sheetnames[0]]

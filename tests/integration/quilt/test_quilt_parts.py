@@ -69,6 +69,22 @@ def test_xlsx_rows_past_a_stale_stored_dimension_are_read() -> None:
     assert read_metadata("metadata.xlsx", target.getvalue()) == {"Author": "EDP", "Count": 3}
 
 
+def test_an_xlsx_that_unpacks_to_too_much_is_refused_before_it_is_read() -> None:
+    # Given a small workbook (well under the 10 MiB limit) that unpacks to 200 MiB
+    import zipfile
+
+    target = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(xlsx([("Author", "EDP")]))) as zin, \
+            zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            zout.writestr(item, zin.read(item.filename))
+        zout.writestr("xl/media/padding.bin", bytes(200 * 1024 * 1024))
+    assert len(target.getvalue()) < 1024 * 1024
+    # Then it is a broken metadata file, refused for what it unpacks to
+    with pytest.raises(MetadataError, match=r"unpacks to 2097\d{5} bytes; at most 104857600"):
+        read_metadata("metadata.xlsx", target.getvalue())
+
+
 def test_csv_yaml_and_json_metadata() -> None:
     assert read_metadata("metadata.csv", "\ufeffkey,value\nA,1\nB,two\n".encode()) == {
         "A": "1", "B": "two"}
