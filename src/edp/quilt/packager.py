@@ -20,6 +20,7 @@ only a programming error raises.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
@@ -296,8 +297,12 @@ class Packager:
             raise PublishError(f"quilt3 refused {name} for {registry}: {exc}",
                                retryable=False) from None
         except Exception as exc:  # S3, network, disk: the batch can be tried again  # noqa: BLE001
+            # ... unless no retry can change it: a name the file system cannot hold would
+            # fail for ever (and a sink's later events wait behind a retried one).
+            never = isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG
             raise PublishError(
-                f"writing {name} to {registry} failed: {type(exc).__name__}: {exc}"
+                f"writing {name} to {registry} failed: {type(exc).__name__}: {exc}",
+                retryable=not never,
             ) from None
 
     def _quarantine(

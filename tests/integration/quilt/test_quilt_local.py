@@ -336,3 +336,19 @@ def test_an_oversize_metadata_file_is_refused_unread(tmp_path: Path, quilt: Any)
     assert result.status is not PackageStatus.PUSHED
     assert "is 209715200 bytes; the limit is 10485760" in (result.error or "")
     assert peak < 64 * 1024 * 1024
+
+
+def test_a_package_name_the_file_system_cannot_hold_fails_for_good(tmp_path: Path,
+                                                                   quilt: Any) -> None:
+    # Given a batch whose package name has a 400-character segment (the template repeats
+    # one), for a local registry: no file system holds such a name
+    prefix = f"inst/{'x' * 200}/"
+    make_files(tmp_path, "lab", {f"{prefix}a.txt": b"a"})
+    packager = Packager(quilt_settings(package_name_template="{0}/{1}{1}"),
+                        local_root=tmp_path, registry=str(tmp_path / "reg"))
+    # When it is packaged
+    result = packager.package(batch_event("lab", prefix))
+    # Then it fails for good (a retry would fail again, and hold back the sink's later
+    # events), saying why
+    assert result.status is PackageStatus.FAILED and not result.retryable
+    assert "File name too long" in (result.error or "")
