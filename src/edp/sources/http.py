@@ -24,6 +24,7 @@ import queue
 import threading
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import cast
 
 from edp.daemon import Received
 from edp.decode import decode_message
@@ -94,10 +95,15 @@ class SourceClosed(EdpError):
 class HttpSource:
     """A daemon source fed by HTTP requests (thread-safe :meth:`submit`)."""
 
-    def __init__(self, *, name: str = "http", chunk: int = 500, max_queue: int = 10_000) -> None:
+    def __init__(self, *, name: str = "http", chunk: int = 500, max_queue: int = 10_000,
+                 max_bytes: int = 64 * 1024 * 1024) -> None:
         self.name = name
         self.chunk = chunk
         self._queue: queue.Queue[_Ticket | None] = queue.Queue(maxsize=max_queue)
+        # Bodies waiting, in bytes: many large ones at once must not fill the memory (one
+        # is always taken, so any body the server accepts can get in).
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self._closed = threading.Event()
         self._inflight: Received | None = None
         self._count = 0
@@ -107,11 +113,14 @@ class HttpSource:
         """Queue one body for the engine; the future resolves once it is committed.
 
         Raises :class:`SourceClosed` when the source no longer takes bodies, and
-        ``queue.Full`` when too many are waiting (answer 503).
+        ``queue.Full`` when too many, or too many bytes, are waiting (answer 503).
         """
         if self._closed.is_set():
             raise SourceClosed("the ingest source is stopping")
         with self._lock:
+            if self._bytes and self._bytes + len(body) > self.max_bytes:
+                raise queue.Full
+            self._bytes += len(body)
             self._count += 1
             number = self._count
         location = f"request {number}" + (f" from {remote}" if remote else "")
@@ -125,8 +134,18 @@ class HttpSource:
             verdict.ignored = sum(decoded.ignored.values())
             verdict.rejected = [str(error) for error in decoded.errors]
         ticket = _Ticket(Message(body, location, source=self.name), verdict, Future())
-        self._queue.put_nowait(ticket)
+        try:
+            self._queue.put_nowait(ticket)
+        except queue.Full:
+            self._release([ticket])
+            raise
         return ticket.future
+
+    def _release(self, tickets: list[_Ticket]) -> None:
+        """Their bodies no longer wait in the queue."""
+        size = sum(len(cast(bytes, t.message.body)) for t in tickets)
+        with self._lock:
+            self._bytes -= size
 
     def receive(self, *, wait: float) -> Received:
         """The queued bodies (at most ``chunk``), waiting up to ``wait`` for the first."""
@@ -140,6 +159,7 @@ class HttpSource:
         except queue.Empty:
             pass
         tickets = [t for t in taken if t is not None]
+        self._release(tickets)
         received = Received([t.message for t in tickets], caught_up=self._queue.empty(),
                             receipts=tickets)
         with self._lock:  # against close() from another thread (several sources)
@@ -177,6 +197,7 @@ class HttpSource:
                 break
             if ticket is not None:
                 pending.append(ticket)
+                self._release([ticket])
         for ticket in pending:
             _resolve(ticket.future, SourceClosed("edp stopped before committing"))
 

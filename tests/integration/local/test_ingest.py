@@ -6,6 +6,7 @@ import base64
 import copy
 import json
 import os
+import queue
 import re
 import signal
 import subprocess
@@ -281,3 +282,24 @@ def test_edp_serve_cli_never_prints_the_database_password(tmp_path: Path) -> Non
     # Then the store line names the store with its secrets masked
     assert "edp serve: store postgresql://***@127.0.0.1:1/edp?password=***" in banner
     assert "TopSecret1" not in banner
+
+
+def test_waiting_bodies_are_bounded_in_bytes_too() -> None:
+    # Given an ingest source that holds at most 100 bytes of waiting bodies
+    from edp.sources.http import HttpSource
+
+    source = HttpSource(max_bytes=100)
+    body = b'{"Event": "s3:TestEvent", "pad": "' + b"x" * 30 + b'"}'  # 65 bytes
+    source.submit(body)
+    # When a second body would take the queue past that, it is refused (503)...
+    with pytest.raises(queue.Full):
+        source.submit(body)
+    # ... until the engine has taken the first
+    received = source.receive(wait=0)
+    assert len(received.messages) == 1
+    source.submit(body)
+    # and a single body larger than the bound still gets in when nothing waits
+    source.ack(received)
+    source.receive(wait=0)
+    source.submit(b'{"Event": "s3:TestEvent", "pad": "' + b"x" * 200 + b'"}')
+    source.close()
