@@ -234,6 +234,34 @@ def test_schema_is_versioned(url: str) -> None:
     assert store.upgrade() == []
 
 
+def test_a_database_of_the_first_schema_upgrades_with_its_key_memories(url: str) -> None:
+    # Given a SQLite database created by the first migration, with a key memory
+    import sqlite3
+
+    from edp.core.batching import KeyMemory
+    from edp.store.base import LoadRequest
+    from edp.store.migrations import load_migrations
+
+    [first] = [m for m in load_migrations("sqlite") if m.version == 1]
+    conn = sqlite3.connect(url.removeprefix("sqlite:///"))
+    conn.executescript(first.sql)
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+                 " name TEXT NOT NULL, applied_at REAL NOT NULL)")
+    conn.execute("INSERT INTO schema_migrations VALUES (1, ?, 0)", (first.name,))
+    conn.execute("INSERT INTO key_memory (bucket, key, sequencer, seen_at, batch_id)"
+                 " VALUES ('bkt', 'a/b/c', '0A', 5.0, 'b-1')")
+    conn.commit()
+    conn.close()
+    # When a store opens it
+    store = open_store(url)
+    # Then it is at the latest version, and the key memory loads with no last write known
+    assert store.schema_version() == (2, 2)
+    with store.transaction() as tx:
+        state = tx.load(LoadRequest(object_keys={("bkt", "a/b/c")}))
+    assert state.keys == {("bkt", "a/b/c"): KeyMemory("0A", 5.0, "b-1")}
+    store.close()
+
+
 def test_engine_prune_keeps_the_retention_window(url: str) -> None:
     store = open_store(url)
     engine = Engine(store, settings(bucket_threshold_event_count=1), sinks=[], worker_id="w")

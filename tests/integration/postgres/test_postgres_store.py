@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from edp.core.batching import KeyMemory
 from edp.errors import StoreError
 from edp.store import open_store
 from edp.store.base import LoadRequest, StepWrite
@@ -63,7 +64,7 @@ def test_workers_starting_at_once_migrate_once(pg_url: str) -> None:
     assert errors == []
     with psycopg.connect(pg_url) as conn:
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
-    assert versions == [1, 2]
+    assert versions == [1, 2, 3]
 
 
 def test_a_database_at_version_1_upgrades_to_the_replay_queue(pg_url: str) -> None:
@@ -74,12 +75,18 @@ def test_a_database_at_version_1_upgrades_to_the_replay_queue(pg_url: str) -> No
         conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
                      " name text NOT NULL, applied_at double precision NOT NULL)")
         conn.execute("INSERT INTO schema_migrations VALUES (1, %s, 0)", (first.name,))
+        conn.execute("INSERT INTO key_memory (bucket, key, sequencer, seen_at, batch_id)"
+                     " VALUES ('bkt', 'a/b/c', '0A', 5.0, 'b-1')")
     # When a store opens it
     store = open_store(pg_url)
     try:
-        # Then it is at the latest version, with the replay workers' tables
-        assert store.schema_version() == (2, 2)
+        # Then it is at the latest version, with the replay workers' tables, and its key
+        # memories load with no last write known
+        assert store.schema_version() == (3, 3)
         assert store.stats()["open_batches"] == 0
+        with store.transaction() as tx:
+            state = tx.load(LoadRequest(object_keys={("bkt", "a/b/c")}))
+        assert state.keys == {("bkt", "a/b/c"): KeyMemory("0A", 5.0, "b-1")}
     finally:
         store.close()
     with psycopg.connect(pg_url) as conn:
@@ -97,7 +104,7 @@ def test_db_commands_show_the_schema_version(pg_url: str) -> None:
         )
         # Then each says the schema is at the latest version
         assert done.returncode == 0, done.stderr
-        assert "schema version 2 (latest 2)" in done.stdout
+        assert "schema version 3 (latest 3)" in done.stdout
     assert "open_batches: 0" in done.stdout
 
 
