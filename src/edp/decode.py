@@ -206,7 +206,7 @@ def _envelope(obj: dict[str, Any], id_field: str, kind: str, field: str, out: De
     message_id = obj.get(id_field)
     errors = len(out.errors)
     try:
-        _dispatch(_inner_json(obj[field], f"{kind} {field}"), out, eb_encoded, depth + 1)
+        _dispatch(_inner_json(obj.get(field), f"{kind} {field}"), out, eb_encoded, depth + 1)
     except DecodeError as exc:
         if message_id is None:
             raise
@@ -231,10 +231,15 @@ def _records(records: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:
     if not isinstance(records, list):
         raise DecodeError("Records is not a list")
     for index, record in enumerate(records):
+        errors = len(out.errors)
         try:
             _record(record, out, eb_encoded, depth)
         except DecodeError as exc:
             out.fail(DecodeError(f"record {index}: {exc.reason}"))
+        else:
+            if len(out.errors) > errors:  # (a nested message's own records failed)
+                out.errors[errors:] = [DecodeError(f"record {index}: {e.reason}")
+                                       for e in out.errors[errors:]]
 
 
 def _record(record: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:
@@ -242,13 +247,13 @@ def _record(record: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:
         raise DecodeError("record is not a JSON object")
     event_source = str(record.get("eventSource") or record.get("EventSource") or "")
     if event_source == "aws:sqs":
-        _dispatch(_inner_json(record.get("body"), "SQS body"), out, eb_encoded, depth + 1)
+        _envelope(record, "messageId", "SQS", "body", out, eb_encoded, depth)
         return
     if event_source == "aws:sns":
         sns = record.get("Sns")
         if not isinstance(sns, dict):
             raise DecodeError("SNS record has no Sns object")
-        _dispatch(_inner_json(sns.get("Message"), "SNS Message"), out, eb_encoded, depth + 1)
+        _envelope(sns, "MessageId", "SNS", "Message", out, eb_encoded, depth)
         return
     if not event_source.endswith(":s3") and "s3" not in record:
         raise DecodeError(f"record of unknown eventSource {event_source!r}")

@@ -319,7 +319,8 @@ class Engine:
         end_clock = max([clock, *(e.time for e in events)])
         if end_clock > limit:
             end_clock = max(clock, limit)
-            self._warn_ahead(events, limit, report)
+            if any(event.time > limit for event in events):
+                self._warn_ahead(events, limit, report)
         if caught_up:
             end_clock = max(end_clock, now)
         batcher = self._batcher()

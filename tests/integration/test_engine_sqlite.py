@@ -173,6 +173,22 @@ def test_a_live_engine_bounds_how_far_an_event_takes_the_clock(url: str,
     store.close()
 
 
+def test_a_live_engine_whose_clock_is_already_past_the_bound_goes_on(url: str) -> None:
+    # Given a worker whose stored clock is far ahead (set before the bound existed, or a
+    # wall clock that stepped back)
+    store = open_store(url)
+    far = 253402300799.0
+    Engine(store, settings(), sinks=["list"], worker_id="w").process(
+        msgs(eventbridge("i/e1/a", far)), now=T0)
+    engine = Engine(store, settings(), sinks=["list"], worker_id="w", clock_max_ahead=60.0)
+    # When it processes an ordinary event
+    report = engine.process(msgs(eventbridge("i/e2/b", T0 + 1)), now=T0 + 1)
+    # Then the step commits (the clock does not go back), and nothing is counted as ahead
+    assert report.events == 1 and engine.clock == far
+    assert "events.clock_ahead" not in store.counters()
+    store.close()
+
+
 def test_batch_objects_are_kept_for_inspection(url: str) -> None:
     store = open_store(url)
     engine = Engine(store, settings(), sinks=[], worker_id="w")

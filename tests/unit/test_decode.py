@@ -112,6 +112,19 @@ def test_bytes_and_str_bodies() -> None:
     assert decode_message(raw).events == decode_message(raw.encode()).events
 
 
+def test_a_bad_record_inside_lambda_records_names_the_message_and_its_record() -> None:
+    inner = json.dumps({"Records": [{"eventSource": "aws:s3"}]})
+    sqs = {"Records": [{"eventSource": "aws:sqs", "messageId": "q-1", "body": "{}"},
+                       {"eventSource": "aws:sqs", "messageId": "q-2", "body": inner}]}
+    errors = [str(e) for e in decode_message(sqs, location="line 4").errors]
+    assert errors == [
+        "line 4: record 0: SQS message q-1: JSON of no known format (top-level keys: none)",
+        "line 4: record 1: SQS message q-2: record 0: record has no eventName (got None)"]
+    sns = {"Records": [{"EventSource": "aws:sns", "Sns": {"MessageId": "n-1", "Message": 5}}]}
+    [error] = decode_message(sns, location="line 5").errors
+    assert str(error) == "line 5: record 0: SNS message n-1: SNS Message is not a JSON string"
+
+
 def test_a_bad_record_inside_an_sqs_message_names_the_message_id() -> None:
     good = {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
             "eventTime": "2024-01-01T00:00:00Z",

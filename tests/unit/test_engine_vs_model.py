@@ -1,6 +1,7 @@
 """Property: the engine (on a real SQLite store) equals a reference model of SPEC 3 and 6.
 
-The model below is written from the SPEC text alone, as simply as possible; the
+The model below is written from the SPEC text alone, as simply as possible (where the
+SPEC leaves a reading open, edp's documented one: docs/batching.md section 2); the
 engine's working sets, chunking, store round-trips and heap must not change the
 outcome for any stream: duplicates, stale sequencers, overwrites, deletes,
 shuffled arrival, events without sequencer, markers, several buckets.

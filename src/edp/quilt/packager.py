@@ -93,6 +93,12 @@ class PackageResult:
         return data
 
 
+def _never_fits(exc: BaseException) -> bool:
+    """Whether ``exc`` says that a name cannot exist on this file system (no retry helps;
+    and a sink's later events would wait behind the retried one)."""
+    return isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG
+
+
 class Packager:
     """Turns batches into Quilt packages. Build one per process and reuse it.
 
@@ -232,7 +238,8 @@ class Packager:
             # ``.`` segment). Fail the batch for good (and say so), do not retry forever.
             raise PublishError(f"cannot package {source}: {exc}", retryable=False) from None
         except Exception as exc:  # S3 or file system errors: retry later  # noqa: BLE001
-            raise PublishError(f"cannot list {source}: {type(exc).__name__}: {exc}") from None
+            raise PublishError(f"cannot list {source}: {type(exc).__name__}: {exc}",
+                               retryable=not _never_fits(exc)) from None
         if isinstance(source, Path):
             self._drop_links_out_of(pkg, source)
         if not request.prefix.strip("/"):
@@ -299,10 +306,9 @@ class Packager:
         except Exception as exc:  # S3, network, disk: the batch can be tried again  # noqa: BLE001
             # ... unless no retry can change it: a name the file system cannot hold would
             # fail for ever (and a sink's later events wait behind a retried one).
-            never = isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG
             raise PublishError(
                 f"writing {name} to {registry} failed: {type(exc).__name__}: {exc}",
-                retryable=not never,
+                retryable=not _never_fits(exc),
             ) from None
 
     def _quarantine(

@@ -352,3 +352,15 @@ def test_a_package_name_the_file_system_cannot_hold_fails_for_good(tmp_path: Pat
     # events), saying why
     assert result.status is PackageStatus.FAILED and not result.retryable
     assert "File name too long" in (result.error or "")
+
+
+def test_a_source_folder_name_the_file_system_cannot_hold_fails_for_good(
+    tmp_path: Path, quilt: Any
+) -> None:
+    # Given a batch whose prefix has a 300-character segment under an existing folder
+    make_files(tmp_path, "lab", {"inst/a.txt": b"a"})
+    packager = Packager(quilt_settings(), local_root=tmp_path, registry=str(tmp_path / "reg"))
+    # When it is packaged, then it fails for good, saying why
+    result = packager.package(batch_event("lab", f"inst/{'x' * 300}/"))
+    assert result.status is PackageStatus.FAILED and not result.retryable
+    assert "File name too long" in (result.error or "")
