@@ -21,14 +21,12 @@ per-event work runs in CPython, such as edp's engine today.
 
 from __future__ import annotations
 
-import argparse
 import heapq
-import time
 from datetime import datetime
 from pathlib import Path
 
 import orjson
-from peer_common import PREFIX_DEPTH, print_summary
+from peer_common import PREFIX_DEPTH, run_peer
 
 COUNT = 20
 QUIET = 300.0
@@ -92,12 +90,12 @@ def batch(path: Path) -> tuple[int, int]:
 
 def main() -> None:
     """Batch the file named on the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("file", type=Path, help="JSON Lines stream of S3 events")
-    args = parser.parse_args()
-    started = time.perf_counter()
-    events, groups = batch(args.file)
-    print_summary("in-memory batcher", events, time.perf_counter() - started, groups=groups)
+
+    def work(path: Path) -> tuple[int, dict[str, int]]:
+        events, groups = batch(path)
+        return events, {"groups": groups}
+
+    run_peer("in-memory batcher", __doc__, work)
 
 
 if __name__ == "__main__":

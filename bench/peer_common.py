@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 PREFIX_DEPTH = 2
@@ -40,3 +44,16 @@ def print_summary(peer: str, events: int, seconds: float, **counts: int) -> None
     summary["seconds"] = round(seconds, 3)
     summary["events_per_s"] = round(events / seconds) if seconds > 0 else 0
     sys.stdout.write(json.dumps(summary) + "\n")
+
+
+def run_peer(
+    peer: str, doc: str | None, work: Callable[[Path], tuple[int, dict[str, int]]]
+) -> None:
+    """A peer's command line: ``work`` on the file named there, timed (start-up excluded),
+    then the summary line with the counts it returned."""
+    parser = argparse.ArgumentParser(description=(doc or peer).splitlines()[0])
+    parser.add_argument("file", type=Path, help="JSON Lines stream of S3 events")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    events, counts = work(args.file)
+    print_summary(peer, events, time.perf_counter() - started, **counts)

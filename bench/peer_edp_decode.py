@@ -19,11 +19,10 @@ on the same file, however cheap the engine's side becomes::
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
-from peer_common import print_summary
+from peer_common import run_peer
 
 from edp.config import Settings
 from edp.core.batching import Batcher
@@ -51,13 +50,12 @@ def decode(path: Path) -> tuple[int, set[tuple[str, str]]]:
 
 def main() -> None:
     """Decode the file named on the command line as edp replay's child does."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("file", type=Path, help="JSON Lines stream of S3 events")
-    args = parser.parse_args()
-    started = time.perf_counter()
-    events, prefixes = decode(args.file)
-    print_summary("edp decoding only", events, time.perf_counter() - started,
-                  prefixes=len(prefixes))
+
+    def work(path: Path) -> tuple[int, dict[str, int]]:
+        events, prefixes = decode(path)
+        return events, {"prefixes": len(prefixes)}
+
+    run_peer("edp decoding only", __doc__, work)
 
 
 if __name__ == "__main__":

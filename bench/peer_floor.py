@@ -13,12 +13,10 @@ dict.  No batching, no timers, no output besides the summary line::
 
 from __future__ import annotations
 
-import argparse
-import time
 from pathlib import Path
 
 import orjson
-from peer_common import group_key, print_summary
+from peer_common import group_key, run_peer
 
 
 def count_prefixes(path: Path) -> tuple[int, dict[str, int]]:
@@ -35,12 +33,12 @@ def count_prefixes(path: Path) -> tuple[int, dict[str, int]]:
 
 def main() -> None:
     """Count the prefixes of the file named on the command line."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("file", type=Path, help="JSON Lines stream of S3 events")
-    args = parser.parse_args()
-    started = time.perf_counter()
-    events, counts = count_prefixes(args.file)
-    print_summary("floor", events, time.perf_counter() - started, prefixes=len(counts))
+
+    def work(path: Path) -> tuple[int, dict[str, int]]:
+        events, counts = count_prefixes(path)
+        return events, {"prefixes": len(counts)}
+
+    run_peer("floor", __doc__, work)
 
 
 if __name__ == "__main__":
