@@ -37,6 +37,7 @@ class Ev:
     created: bool
     t: float
     seq: str | None
+    etag: str = "e"  # (a created event's; a delete has none)
 
 
 def padded_newer(a: str, b: str) -> bool:
@@ -51,7 +52,7 @@ def model(events: list[Ev], *, duration: float, count: int, max_age: float,
     open_: dict[tuple[str, str], ModelBatch] = {}
     seqs: dict[tuple[str, str], str] = {}
     seen: set[tuple[Any, ...]] = set()
-    last_write: dict[tuple[str, str], float] = {}  # a key's last created event counted
+    last_write: dict[tuple[str, str], tuple[float, str]] = {}  # a key's last created write
     out: list[tuple[Any, ...]] = []
 
     def deadline(b: ModelBatch) -> tuple[float, str]:
@@ -84,14 +85,14 @@ def model(events: list[Ev], *, duration: float, count: int, max_age: float,
         else:
             # "equal to one already seen": to an event without a sequencer, or to the
             # key's last write (edp's reading of SPEC 3.1, docs/batching.md)
-            ident = (ev.bucket, ev.key, ev.created, ev.t)
-            copy = ident in seen or (ev.created and last_write.get(okey) == ev.t)
+            ident = (ev.bucket, ev.key, ev.created, ev.t, ev.etag if ev.created else None)
+            copy = ident in seen or (ev.created and last_write.get(okey) == (ev.t, ev.etag))
             seen.add(ident)
             if copy:
                 continue
         if not ev.created:
             continue
-        last_write[okey] = ev.t
+        last_write[okey] = (ev.t, ev.etag)
         batch = open_.get((ev.bucket, prefix))
         if batch is None:
             batch = open_[(ev.bucket, prefix)] = ModelBatch(clock, clock, ev.t, ev.t)
@@ -124,7 +125,8 @@ def streams(draw: st.DrawFn) -> list[Ev]:
             continue
         if action == "stripped" and events:  # an earlier event again, without sequencer
             again = draw(st.sampled_from(events))
-            events.append(Ev(again.bucket, again.key, again.created, again.t, None))
+            events.append(Ev(again.bucket, again.key, again.created, again.t, None,
+                             again.etag))
             continue
         seq += draw(st.integers(1, 3))
         text = f"{seq:06X}"
@@ -134,6 +136,7 @@ def streams(draw: st.DrawFn) -> list[Ev]:
             created=action != "delete",
             t=t,
             seq=None if action == "noseq" else text,
+            etag=draw(st.sampled_from(["e", "f"])),
         ))
     # shuffled arrival: swap some neighbours
     for _ in range(draw(st.integers(0, 5))):
@@ -159,7 +162,7 @@ def test_engine_matches_the_reference_model(
     raw = [
         eventbridge(e.key, e.t, bucket=e.bucket, sequencer=e.seq,
                     kind="Object Created" if e.created else "Object Deleted",
-                    etag=None if not e.created else "e", size=None if not e.created else 1)
+                    etag=None if not e.created else e.etag, size=None if not e.created else 1)
         for e in events
     ]
     cfg = settings(bucket_threshold_duration=duration, bucket_threshold_event_count=count,
