@@ -118,15 +118,16 @@ def streams(draw: st.DrawFn) -> list[Ev]:
     events: list[Ev] = []
     for _ in range(n):
         action = draw(st.sampled_from(["new", "new", "new", "dup", "delete", "noseq",
-                                       "stripped"]))
+                                       "stripped", "altered"]))
         t += draw(st.sampled_from([0, 1, 5, 30, 120, 400]))
         if action == "dup" and events:
             events.append(draw(st.sampled_from(events)))
             continue
-        if action == "stripped" and events:  # an earlier event again, without sequencer
+        if action in ("stripped", "altered") and events:
+            # an earlier event again without its sequencer (altered: another etag)
             again = draw(st.sampled_from(events))
-            events.append(Ev(again.bucket, again.key, again.created, again.t, None,
-                             again.etag))
+            etag = again.etag if action == "stripped" else {"e": "f", "f": "e"}[again.etag]
+            events.append(Ev(again.bucket, again.key, again.created, again.t, None, etag))
             continue
         seq += draw(st.integers(1, 3))
         text = f"{seq:06X}"
