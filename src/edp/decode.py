@@ -211,9 +211,14 @@ def _envelope(obj: dict[str, Any], id_field: str, kind: str, field: str, out: De
         if message_id is None:
             raise
         raise DecodeError(f"{kind} message {message_id}: {exc.reason}") from None
-    if message_id is not None and len(out.errors) > errors:
-        out.errors[errors:] = [DecodeError(f"{kind} message {message_id}: {e.reason}")
-                               for e in out.errors[errors:]]
+    if message_id is not None:
+        _name_new_errors(out, errors, f"{kind} message {message_id}")
+
+
+def _name_new_errors(out: Decoded, since: int, where: str) -> None:
+    """Prefix the errors ``out`` gained since it held ``since`` of them with ``where``."""
+    if len(out.errors) > since:
+        out.errors[since:] = [DecodeError(f"{where}: {e.reason}") for e in out.errors[since:]]
 
 
 def _inner_json(value: Any, what: str) -> Any:
@@ -236,10 +241,8 @@ def _records(records: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:
             _record(record, out, eb_encoded, depth)
         except DecodeError as exc:
             out.fail(DecodeError(f"record {index}: {exc.reason}"))
-        else:
-            if len(out.errors) > errors:  # (a nested message's own records failed)
-                out.errors[errors:] = [DecodeError(f"record {index}: {e.reason}")
-                                       for e in out.errors[errors:]]
+        else:  # (a nested message's own records may have failed)
+            _name_new_errors(out, errors, f"record {index}")
 
 
 def _record(record: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:

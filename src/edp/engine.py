@@ -319,8 +319,7 @@ class Engine:
         end_clock = max([clock, *(e.time for e in events)])
         if end_clock > limit:
             end_clock = max(clock, limit)
-            if any(event.time > limit for event in events):
-                self._warn_ahead(events, limit, report)
+            self._warn_ahead(events, limit, report)
         if caught_up:
             end_clock = max(end_clock, now)
         batcher = self._batcher()
@@ -372,8 +371,11 @@ class Engine:
 
     def _warn_ahead(self, events: Sequence[ObjectEvent], limit: float,
                     report: StepReport) -> None:
-        """Count (and say once a step) the events dated past the clock's bound."""
+        """Count (and say once a step) the events dated past the clock's bound (none when
+        only the resumed clock is past it)."""
         ahead = [event for event in events if event.time > limit]
+        if not ahead:
+            return
         report.counts["events.clock_ahead"] += len(ahead)
         first = ahead[0]
         log.warning(
