@@ -270,6 +270,11 @@ class Daemon:
         if not self._all_caught_up():
             return backlog
         wait = self.max_wait
+        if self.runtime.engine.has_peers:
+            # The others fire a deadline only once this worker's clock has passed it,
+            # and an idle worker publishes its clock (the wall clock) only between
+            # receives: a long poll would hold their quiet batches back for its length.
+            wait = min(wait, self.PEER_BEAT)
         deadline = self.runtime.engine.next_deadline()
         if deadline is not None:
             remaining = deadline - self.clock()
@@ -278,6 +283,10 @@ class Daemon:
 
     HELD_BACK_TICK = 0.5
     """Seconds between checks while a passed deadline waits for other workers."""
+
+    PEER_BEAT = 2.0
+    """With other live workers on the store, the longest a caught-up worker waits (in a
+    receive) before it publishes its clock again."""
 
     PRUNE_EVERY = 600.0
     """Seconds between prunings of key memories older than ``sequencer_retention``."""

@@ -212,6 +212,9 @@ class Engine:
         self.worker_id = worker_id or settings.worker_id or default_worker_id()
         resumed = store.worker_clock(self.worker_id)
         self.clock = resumed if resumed is not None else -math.inf
+        self.has_peers = False
+        """Whether another live worker was on the store at the last look (a daemon that
+        is caught up then publishes its clock every few seconds: see edp.daemon)."""
 
     @property
     def sinks(self) -> tuple[str, ...]:
@@ -703,6 +706,7 @@ class Engine:
         floor = self.store.fire_floor(
             self.worker_id, now=now, timeout=self.settings.worker_timeout
         )
+        self.has_peers = floor is not None
         return math.inf if floor is None else floor
 
     @staticmethod

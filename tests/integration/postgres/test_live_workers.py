@@ -7,16 +7,19 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from edp.bootstrap import build_runtime
+from edp.daemon import Daemon
 from edp.engine import Engine, Message
 from edp.store import open_store
 from edp.store.base import Store
-from edp_testing import T0, eventbridge, iso, run_engine, settings
+from edp_testing import T0, ListSink, eventbridge, iso, run_engine, settings
 
 
 def msgs(*events: dict[str, Any]) -> list[Message]:
@@ -173,3 +176,66 @@ def test_two_workers_draining_a_backlog_emit_what_one_would(stores: list[Store])
     # Then they emitted the batches one worker emits: none merged, none split
     got = Counter((d["prefix"], d["object-count"], d["trigger"]) for d in emitted(stores[2]))
     assert got == expected
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
+class WatchDaemon:
+    """A live worker (``edp watch``: the real folder source, daemon and engine) on the
+    test database, in a thread, whose receives may wait a minute."""
+
+    def __init__(self, folder: Path, url: str, worker_id: str) -> None:
+        from edp.sources.watch import FolderSource
+
+        self.sink = ListSink()
+        cfg = settings(database_url=url, bucket_threshold_duration=1,
+                       bucket_threshold_event_count=0)
+        self.runtime = build_runtime(cfg, sinks=[self.sink], worker_id=worker_id)
+        source = FolderSource(folder, bucket=folder.name, settle=0.1)
+        self.daemon = Daemon(self.runtime, [source], max_wait=60.0)
+        self.thread = threading.Thread(target=self.daemon.run, daemon=True)
+
+    def stop(self) -> None:
+        self.daemon.stop()
+        self.thread.join(timeout=70)
+        self.runtime.close()
+
+
+def test_an_idle_worker_does_not_hold_another_workers_quiet_batch_back(
+    tmp_path: Path, pg_url: str, stores: list[Store]
+) -> None:
+    pytest.importorskip("watchfiles", reason="the web extra (watchfiles) is not installed")
+    busy, idle = tmp_path / "busy", tmp_path / "idle"
+    busy.mkdir()
+    idle.mkdir()
+    # Given two live workers on one database, the idle one in a receive that may wait
+    # a minute (an empty queue's long poll), after both published their clocks
+    workers = [WatchDaemon(busy, pg_url, "busy"), WatchDaemon(idle, pg_url, "idle")]
+
+    def sent() -> list[dict[str, Any]]:
+        return [e for worker in workers for e in worker.sink.sent]
+
+    for worker in workers:
+        worker.thread.start()
+    try:
+        wait_for(lambda: all((stores[2].worker_clock(n) or 0) > T0 for n in ("busy", "idle")),
+                 timeout=20, what="both workers' first clocks")
+        # When a file lands on the other worker's side (quiet period 1 s)
+        (busy / "lab" / "run-1").mkdir(parents=True)
+        (busy / "lab" / "run-1" / "a.csv").write_text("x")
+        # Then its batch fires within seconds: the idle worker keeps publishing its
+        # clock while it waits, rather than once its long poll ends
+        # (fired and sent by either: due batches are whoever's turn comes first)
+        wait_for(lambda: sent(), timeout=15, what="the quiet batch")
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert [(e["detail"]["prefix"], e["detail"]["trigger"]) for e in sent()] == [
+        ("lab/run-1/", "duration")]
