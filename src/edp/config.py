@@ -234,6 +234,7 @@ class Settings(BaseModel):
     serve_port: Count = 8080
     serve_token: Annotated[SecretStr | None, BeforeValidator(_optional_text)] = None
     serve_max_body: PositiveInt = 1_048_576
+    serve_backlog_idle: OptionalAge = 2.0
 
     def grouping(self, bucket: str | None = None) -> GroupingRules:
         """The effective grouping rules of ``bucket`` (or the global ones)."""

@@ -10,6 +10,19 @@ A body of no known format is still processed: the engine keeps it in the
 dead-letter store, and the request is answered 400 with the decoder's message.
 The verdict comes from the same decoder the engine runs, applied once more to the
 body here (it is a pure function), since the daemon's ``ack`` sees no step report.
+
+**Backlogs.** A webhook sends one body at a time and waits for its answer, so the
+queue is empty between two bodies even while a sender re-sends an hour of old
+events. Reporting "caught up" then would move the clock to the wall clock after
+every body (SPEC section 4): the first old file's batch would fire alone and every
+later one would join a batch kept open by the wall clock. So the source counts as
+behind from a body whose newest event is more than :data:`BACKLOG_LAG` seconds
+older than the wall clock until :data:`BACKLOG_IDLE` seconds after the last such
+body: the engine then batches the backlog by its own times, as a replay
+would, and a receive waits (rather than spins) meanwhile. The source also starts
+behind, for as long: after a restart, senders re-send what they queued meanwhile.
+A backlog that arrives after that, at a worker already caught up, is applied at the
+worker's clock (the wall clock: it never goes back, SPEC section 4).
 """
 
 from __future__ import annotations
@@ -22,6 +35,8 @@ import ipaddress
 import logging
 import queue
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import cast
@@ -34,6 +49,13 @@ from edp.errors import DecodeError, EdpError
 log = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+BACKLOG_LAG = 30.0
+"""Seconds: a body whose newest event is older than this (by the wall clock) is part
+of a backlog, not live traffic (webhooks deliver within seconds)."""
+
+BACKLOG_IDLE = 2.0
+"""Seconds without a body after a backlog body before the source is caught up."""
 
 
 def is_loopback(host: str) -> bool:
@@ -86,6 +108,8 @@ class _Ticket:
     message: Message
     verdict: IngestResult
     future: Future[IngestResult]
+    newest: float | None = None
+    """The time of the body's newest object event (None: it has none)."""
 
 
 class SourceClosed(EdpError):
@@ -96,8 +120,14 @@ class HttpSource:
     """A daemon source fed by HTTP requests (thread-safe :meth:`submit`)."""
 
     def __init__(self, *, name: str = "http", chunk: int = 500, max_queue: int = 10_000,
-                 max_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_bytes: int = 64 * 1024 * 1024, backlog_lag: float = BACKLOG_LAG,
+                 backlog_idle: float = BACKLOG_IDLE,
+                 clock: Callable[[], float] = time.time) -> None:
         self.name = name
+        self.backlog_lag, self.backlog_idle, self.clock = backlog_lag, backlog_idle, clock
+        # (time.monotonic()) A source starts behind: a sender that queued bodies while
+        # edp was down (MinIO's queue_dir, a webhook's retries) re-sends them now.
+        self._behind_until = time.monotonic() + backlog_idle
         self.chunk = chunk
         self._queue: queue.Queue[_Ticket | None] = queue.Queue(maxsize=max_queue)
         # Bodies waiting, in bytes: many large ones at once must not fill the memory (one
@@ -125,6 +155,7 @@ class HttpSource:
             number = self._count
         location = f"request {number}" + (f" from {remote}" if remote else "")
         verdict = IngestResult()
+        newest = None
         try:
             decoded = decode_message(body, location=location)
         except DecodeError as exc:
@@ -133,7 +164,8 @@ class HttpSource:
             verdict.events = len(decoded.events)
             verdict.ignored = sum(decoded.ignored.values())
             verdict.rejected = [str(error) for error in decoded.errors]
-        ticket = _Ticket(Message(body, location, source=self.name), verdict, Future())
+            newest = max((event.time for event in decoded.events), default=None)
+        ticket = _Ticket(Message(body, location, source=self.name), verdict, Future(), newest)
         try:
             self._queue.put_nowait(ticket)
         except queue.Full:
@@ -148,9 +180,11 @@ class HttpSource:
             self._bytes -= size
 
     def receive(self, *, wait: float) -> Received:
-        """The queued bodies (at most ``chunk``), waiting up to ``wait`` for the first."""
+        """The queued bodies (at most ``chunk``), waiting up to ``wait`` for the first
+        (while the source is behind, until it is caught up: see the module's doc)."""
         if self._inflight is not None:  # the last step failed: the same bodies again
             return self._inflight
+        wait = max(wait, self._behind_until - time.monotonic())
         taken: list[_Ticket | None] = []
         try:
             taken.append(self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait())
@@ -160,7 +194,11 @@ class HttpSource:
             pass
         tickets = [t for t in taken if t is not None]
         self._release(tickets)
-        received = Received([t.message for t in tickets], caught_up=self._queue.empty(),
+        newest = max((t.newest for t in tickets if t.newest is not None), default=None)
+        if newest is not None and newest < self.clock() - self.backlog_lag:
+            self._behind_until = time.monotonic() + self.backlog_idle
+        caught_up = self._queue.empty() and time.monotonic() >= self._behind_until
+        received = Received([t.message for t in tickets], caught_up=caught_up,
                             receipts=tickets)
         with self._lock:  # against close() from another thread (several sources)
             closed = self._closed.is_set()

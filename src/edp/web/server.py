@@ -98,7 +98,8 @@ class ServeStack:
                                   extra_errors=self.step_errors)
         self.sock = bind(self.host, settings.serve_port if port is None else port)
         self.port: int = self.sock.getsockname()[1]
-        self.source = HttpSource(chunk=min(500, settings.chunk_size))
+        self.source = HttpSource(chunk=min(500, settings.chunk_size),
+                                 backlog_idle=settings.serve_backlog_idle)
         self.sources: list[Source] = [self.source, *sources]
         self._sinks, self._stdout = sinks, stdout
         self.worker_id = worker_id or settings.worker_id or (

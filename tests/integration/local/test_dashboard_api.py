@@ -21,7 +21,7 @@ from edp.cli import main
 from edp.config import Settings
 from edp.web.app import WebContext, create_app
 from edp.web.server import ServeStack
-from edp_testing import load_event
+from edp_testing import iso, load_event
 
 pytestmark = pytest.mark.timeout(60)
 TOKEN = "dashboard-test-token"
@@ -29,8 +29,10 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def minio(key: str, sequencer: str) -> bytes:
+    """The MinIO sample notification for another key, written now (live traffic)."""
     body = copy.deepcopy(load_event("minio-notification.json"))
     body["Records"][0]["s3"]["object"].update(key=key, sequencer=sequencer)
+    body["Records"][0]["eventTime"] = iso(time.time())
     return json.dumps(body).encode()
 
 

@@ -28,7 +28,7 @@ from starlette.testclient import TestClient
 from edp.config import Settings
 from edp.errors import ConfigError
 from edp.web.server import ServeStack, resolve_token
-from edp_testing import load_event
+from edp_testing import iso, load_event
 
 pytestmark = pytest.mark.timeout(60)
 TOKEN = "t0k3n-for-the-ingest-tests"
@@ -170,6 +170,71 @@ def test_batches_fire_by_count_and_by_quiet_period_without_traffic(
             time.sleep(0.1)
         fired = {e["detail"]["prefix"]: e["detail"]["trigger"] for e in events}
         assert fired == {"a/b/": "count", "a/quiet/": "duration"}
+
+
+def test_a_backlog_re_sent_one_body_at_a_time_is_batched_by_its_own_times(
+    make_stack: Callable[..., ServeStack],
+) -> None:
+    # Given a server just started (a 10 s quiet period, no count trigger)
+    stack = make_stack(bucket_threshold_duration=10.0, bucket_threshold_event_count=0,
+                       serve_backlog_idle=5.0)
+    now = time.time()
+    # When a sender re-sends what it queued while edp was down, one body per file, each
+    # after the last was answered (the queue is empty between two bodies): three bursts
+    # of one prefix, each a quiet period and more apart
+    ages = [3600, 3595, 3590, 2000, 1995, 1000]
+    with TestClient(stack.app, base_url="http://127.0.0.1") as client:
+        for i, age in enumerate(ages):
+            body = minio(f"lab/run-1/f{i}.csv", f"{i:02d}")
+            body["Records"][0]["eventTime"] = iso(now - age)
+            assert client.post("/ingest", content=json.dumps(body),
+                               headers=AUTH).status_code == 200
+        # Then the batches are those of its own times (as a replay makes them), not one
+        # batch kept open by the wall clock
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            events = client.get("/api/events").json()["events"]
+            if len(events) >= 3:
+                break
+            time.sleep(0.1)
+    assert sorted((e["detail"]["object-count"], e["detail"]["trigger"]) for e in events) == [
+        (1, "duration"), (2, "duration"), (3, "duration")]
+
+
+def test_a_live_body_leaves_the_source_caught_up_and_an_old_one_behind_for_a_while() -> None:
+    from edp.sources.http import HttpSource
+
+    wall = [1_700_000_000.0]
+    source = HttpSource(backlog_lag=30, backlog_idle=0.3, clock=lambda: wall[0])
+
+    def body(age: float) -> bytes:
+        event = minio("lab/run-1/a.csv", "01")
+        event["Records"][0]["eventTime"] = iso(wall[0] - age)
+        return json.dumps(event).encode()
+
+    # A source starts behind (senders re-send what they queued while edp was down): a
+    # receive waits for bodies rather than spin, until the window has passed
+    started = time.monotonic()
+    first = source.receive(wait=0)
+    assert first.messages == [] and first.caught_up
+    assert time.monotonic() - started >= 0.25
+    # A body of live traffic (5 s old): caught up once the queue is empty
+    source.submit(body(5))
+    live = source.receive(wait=0)
+    assert len(live.messages) == 1 and live.caught_up
+    source.ack(live)
+    # A body an hour old: behind, though the queue is empty
+    source.submit(body(3600))
+    old = source.receive(wait=0)
+    assert len(old.messages) == 1 and not old.caught_up
+    source.ack(old)
+    # ... and the next receive waits for more (it does not spin) until the idle window
+    # has passed, then says caught up
+    started = time.monotonic()
+    idle = source.receive(wait=0)
+    assert idle.messages == [] and idle.caught_up
+    assert time.monotonic() - started >= 0.25
+    source.close()
 
 
 def test_a_real_server_on_a_free_loopback_port(make_stack: Callable[..., ServeStack]) -> None:
