@@ -24,7 +24,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 from edp.bootstrap import Runtime
-from edp.engine import Message, StepReport
+from edp.engine import BACKLOG_LAG, Message, StepReport
 from edp.store import is_outage
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,8 @@ class Daemon:
         if received.messages:
             try:
                 received.report = self._step(received.messages)
+                if received.report.behind:  # old events: a backlog, whatever the source
+                    received.caught_up = self._caught_up[source.name] = False
             except Exception as exc:
                 if (len(received.messages) < 2 or received.message_receipts is None
                         or is_outage(exc)):
@@ -215,7 +217,8 @@ class Daemon:
 
     def _step(self, messages: list[Message]) -> StepReport:
         report = self.runtime.engine.process(
-            messages, now=self.clock(), caught_up=self._all_caught_up()
+            messages, now=self.clock(), caught_up=self._all_caught_up(),
+            backlog_lag=BACKLOG_LAG,
         )
         self.stats.steps += 1
         self.stats.messages += len(messages)

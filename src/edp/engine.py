@@ -55,6 +55,10 @@ _COUNTED = Outcome.COUNTED
 PAGE = 5000
 """Batches fired per transaction when many fall due at once."""
 
+BACKLOG_LAG = 30.0
+"""Seconds: a live worker's step whose newest event is older than this (by the wall
+clock) is part of a backlog, whatever its source says (see :meth:`Engine.process`)."""
+
 HOLD_WAIT = 10.0
 """Seconds a step waits, at most, for the other workers' clocks (see
 :meth:`Engine._wait_for_floor`); then it goes on by its own clock."""
@@ -95,6 +99,9 @@ class StepReport:
     fired: list[BatchReady] = field(default_factory=list)
     rejected: list[DeadLetter] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
+    behind: bool = False
+    """The source said it was caught up, but the step's events are a backlog (see
+    ``backlog_lag`` of :meth:`Engine.process`): the clock stayed at their times."""
 
 
 class StepObserver(Protocol):
@@ -246,7 +253,8 @@ class Engine:
         )
 
     def process(
-        self, messages: Iterable[Message], *, now: float, caught_up: bool = False
+        self, messages: Iterable[Message], *, now: float, caught_up: bool = False,
+        backlog_lag: float | None = None,
     ) -> StepReport:
         """Run one step: decode, apply, fire what is due, commit.
 
@@ -254,13 +262,21 @@ class Engine:
         ``caught_up`` says the source has no backlog). The step publishes the
         worker's clock (heartbeat) in its own transaction, and fires nothing due
         after the other workers' lowest clock (:meth:`Store.fire_floor`).
+
+        ``backlog_lag``: a source's "caught up" is a guess (a queue's receive that
+        came back less than full: SQS returns partial receives from a backlog too).
+        With it, a step whose newest event is more than ``backlog_lag`` seconds older
+        than ``now`` is a backlog whatever the source said: the clock stays at the
+        events' times and the report says ``behind``.
         """
         events, report = self.decode(messages, now)
-        return self.process_decoded(events, report, now=now, caught_up=caught_up)
+        return self.process_decoded(events, report, now=now, caught_up=caught_up,
+                                    backlog_lag=backlog_lag)
 
     def process_decoded(
         self, events: list[ObjectEvent], report: StepReport, *, now: float,
         caught_up: bool = False, prefixes: Sequence[str | Skip] | None = None,
+        backlog_lag: float | None = None,
     ) -> StepReport:
         """:meth:`process` of messages already decoded (by :func:`decode_messages`,
         possibly in another process): ``report`` holds their dead letters and counts;
@@ -271,6 +287,9 @@ class Engine:
         event that could be ahead of what another worker still holds: it commits what
         came before, waits for the others' clocks, and goes on (:meth:`_wait_for_floor`).
         """
+        if (caught_up and backlog_lag is not None and events
+                and max(event.time for event in events) < now - backlog_lag):
+            caught_up, report.behind = False, True
         floor = self._floor(now)
         if prefixes is None:
             classify = self._batcher().classify
@@ -726,6 +745,7 @@ class Engine:
 
 
 __all__ = [
+    "BACKLOG_LAG",
     "Engine",
     "Message",
     "Outcome",

@@ -145,6 +145,37 @@ def test_fire_due_uses_the_wall_clock_when_caught_up(url: str) -> None:
     assert (ready.trigger.value, ready.fired_at) == ("duration", T0 + 30)
 
 
+@pytest.mark.parametrize("lag", [None, 30.0])
+def test_a_receive_of_old_events_is_a_backlog_whatever_the_source_says(
+    url: str, lag: float | None
+) -> None:
+    # Given a live engine (quiet period 10 s) draining an hour-old backlog whose first
+    # receive came back less than full (SQS does that with a backlog too)
+    store = open_store(url)
+    engine = Engine(store, settings(bucket_threshold_duration=10,
+                                    bucket_threshold_event_count=0),
+                    sinks=["list"], worker_id="w")
+    now = T0 + 3600
+    first = engine.process(msgs(eventbridge("i/e/a", T0)), now=now, caught_up=True,
+                           backlog_lag=lag)
+    # When the next receive holds the next file, written 5 s after the first
+    second = engine.process(msgs(eventbridge("i/e/b", T0 + 5)), now=now + 1,
+                            backlog_lag=lag)
+    fired = [(r.object_count, r.last_event_time) for r in
+             [*first.fired, *second.fired, *engine.fire_due(now=now + 2),
+              *engine.flush(now=now + 2)]]
+    if lag is None:
+        # Then taken at its word, the source moved the clock to the wall clock: the
+        # first file's batch fired alone (split from the second)
+        assert engine.clock >= now and not first.behind
+        assert (1, T0) in fired
+    else:
+        # Then the step stayed a backlog: the clock at the event's time, nothing fired,
+        # and the two files written 5 s apart are one batch
+        assert first.behind and first.fired == []
+        assert fired == [(2, T0 + 5)]
+
+
 @pytest.mark.parametrize("bound", [None, 60.0])
 def test_a_live_engine_bounds_how_far_an_event_takes_the_clock(url: str,
                                                                bound: float | None) -> None:

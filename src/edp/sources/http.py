@@ -43,16 +43,12 @@ from typing import cast
 
 from edp.daemon import Received
 from edp.decode import decode_message
-from edp.engine import Message
+from edp.engine import BACKLOG_LAG, Message
 from edp.errors import DecodeError, EdpError
 
 log = logging.getLogger(__name__)
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
-
-BACKLOG_LAG = 30.0
-"""Seconds: a body whose newest event is older than this (by the wall clock) is part
-of a backlog, not live traffic (webhooks deliver within seconds)."""
 
 BACKLOG_IDLE = 2.0
 """Seconds without a body after a backlog body before the source is caught up."""

@@ -202,17 +202,22 @@ class SqsSource:
         """Receive up to ``sqs_max_messages``, long-polling at most ``wait`` seconds.
 
         SQS waits in whole seconds; a shorter wait (the next deadline is near) is
-        slept here, then the queue is polled without waiting.
+        slept here, then the queue is polled without waiting. No wait at all (the
+        daemon drains a backlog) is a poll of one second: a long poll asks every SQS
+        server and returns as soon as one has messages, where a short poll asks some
+        and may come back empty from a queue that still holds a backlog's tail (the
+        daemon would take it for caught up and move its clock to the wall clock).
         """
         self.keeper.release()  # an unacknowledged previous receive is abandoned
         wait = max(0.0, min(wait, float(self.wait_seconds)))
         if 0 < wait < 1:
             time.sleep(wait)
+        seconds = int(wait) if wait > 0 else min(1, self.wait_seconds)
         try:
             response = self.sqs.receive_message(
                 QueueUrl=self.queue_url,
                 MaxNumberOfMessages=self.max_messages,
-                WaitTimeSeconds=int(wait),
+                WaitTimeSeconds=seconds,
                 VisibilityTimeout=self.visibility_timeout,
                 MessageSystemAttributeNames=["ApproximateReceiveCount"],
             )

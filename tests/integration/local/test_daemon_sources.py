@@ -16,10 +16,11 @@ import pytest
 
 from edp.bootstrap import build_runtime
 from edp.daemon import Daemon, Received, Source
+from edp.engine import Message
 from edp.sinks.base import Failure
 from edp.sources.watch import FolderSource
 from edp.store.base import OutboxEntry
-from edp_testing import ListSink, settings
+from edp_testing import ListSink, eventbridge, iso, settings
 from integration.local.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -188,3 +189,48 @@ def test_a_failing_receive_and_acknowledgement_lose_and_double_nothing(tmp_path:
         (3, "count")]
     assert run.daemon is not None and run.daemon.stats.errors == 2
     assert (flaky.receive_failures, flaky.ack_failures) == (0, 0)
+
+
+class PartialReceives:
+    """A queue whose receives come back less than full while it still holds a backlog,
+    as real SQS does (moto always returns full receives): one message a receive, each
+    reported caught up by the source's own rule."""
+
+    name = "partial"
+
+    def __init__(self, bodies: list[dict[str, Any]]) -> None:
+        self.bodies = list(bodies)
+
+    def receive(self, *, wait: float) -> Received:
+        if not self.bodies:
+            time.sleep(min(wait, 0.05))
+            return Received([], caught_up=True)
+        body = self.bodies.pop(0)
+        return Received([Message(body, f"message {len(self.bodies)}", source=self.name)],
+                        caught_up=True)
+
+    def ack(self, received: Received) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_backlog_received_in_partial_receives_is_batched_by_its_own_times(
+    tmp_path: Path,
+) -> None:
+    # Given an hour-old backlog (quiet period 10 s): three files 5 s apart, then one
+    # a minute later, delivered one per receive
+    old = float(int(time.time()) - 3600)
+    source = PartialReceives([eventbridge(f"lab/run-1/{name}", old + dt)
+                              for name, dt in (("a", 0), ("b", 5), ("c", 10), ("d", 70))])
+    sink = ListSink()
+    run = DaemonRun(tmp_path, [source], sink, bucket_threshold_duration=10,
+                    bucket_threshold_event_count=0)
+    with run:
+        wait_until(lambda: len(sink.sent) >= 2, timeout=20, what="the batches")
+        time.sleep(0.3)
+    # Then the batches are those of the files' own times, not of the wall clock (which
+    # would fire the first file alone and keep the next three together)
+    assert sorted((e["detail"]["first-event-time"], e["detail"]["object-count"])
+                  for e in sink.sent) == [(iso(old), 3), (iso(old + 70), 1)]
