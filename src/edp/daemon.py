@@ -135,7 +135,6 @@ class Daemon:
     def run(self) -> DaemonStats:
         """Loop until :meth:`stop`; then flush the outbox and close the sources."""
         fanned = len(self.sources) > 1
-        self.runtime.engine.register(now=self.clock())
         if fanned:
             self._feeds = [_Feed(self, source) for source in self.sources]
             for feed in self._feeds:
@@ -273,10 +272,12 @@ class Daemon:
         if not self._all_caught_up():
             return backlog
         wait = self.max_wait
-        if self.runtime.engine.has_peers:
+        engine = self.runtime.engine
+        if engine.has_peers or engine.store.shared:
             # The others fire a deadline only once this worker's clock has passed it,
             # and an idle worker publishes its clock (the wall clock) only between
             # receives: a long poll would hold their quiet batches back for its length.
+            # (On a shared store also before a peer is seen: one may be starting.)
             wait = min(wait, self.PEER_BEAT)
         deadline = self.runtime.engine.next_deadline()
         if deadline is not None:
@@ -288,8 +289,8 @@ class Daemon:
     """Seconds between checks while a passed deadline waits for other workers."""
 
     PEER_BEAT = 2.0
-    """With other live workers on the store, the longest a caught-up worker waits (in a
-    receive) before it publishes its clock again."""
+    """On a shared store (or with other live workers on it), the longest a caught-up
+    worker waits (in a receive) before it publishes its clock again."""
 
     PRUNE_EVERY = 600.0
     """Seconds between prunings of key memories older than ``sequencer_retention``."""

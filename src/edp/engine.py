@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import socket
-import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -58,28 +57,6 @@ PAGE = 5000
 BACKLOG_LAG = 30.0
 """Seconds: a live worker's step whose newest event is older than this (by the wall
 clock) is part of a backlog, whatever its source says (see :meth:`Engine.process`)."""
-
-HOLD_WAIT = 10.0
-"""Seconds a step waits, at most, for the other workers' clocks (see
-:meth:`Engine._wait_for_floor`); then it goes on by its own clock."""
-
-HOLD_TICK = 0.1
-"""Seconds between two looks at the other workers' clocks while a step waits."""
-
-HOLD_ACTIVE = 2.0
-"""A worker that published its clock less than this many seconds ago is *active*: it
-may hold events in flight, so a step waits for it (see :meth:`Engine._wait_for_floor`)."""
-
-
-class _Held(NamedTuple):
-    """Where a step stopped to wait for the other workers (see
-    :meth:`Engine._wait_for_floor`): the index of the event it stopped at, and the
-    lowest clock of the others it needs to go on."""
-
-    at: int
-    needs: float
-    bucket: str
-    prefix: str
 
 
 class Message(NamedTuple):
@@ -282,75 +259,15 @@ class Engine:
         possibly in another process): ``report`` holds their dead letters and counts;
         ``prefixes``, when given, each event's batch prefix or why it is not batched
         (``Batcher.classify`` under this engine's rules, run by whoever decoded them).
-
-        With other live workers on the store (SPEC section 4) a step may stop at an
-        event that could be ahead of what another worker still holds: it commits what
-        came before, waits for the others' clocks, and goes on (:meth:`_wait_for_floor`).
         """
         if (caught_up and backlog_lag is not None and events
                 and max(event.time for event in events) < now - backlog_lag):
             caught_up, report.behind = False, True
         floor = self._floor(now)
-        if prefixes is None:
-            classify = self._batcher().classify
-            prefixes = [classify(event) for event in events]
-        started, start_now, forced = time.monotonic(), now, False
-        part, hold_from = report, 0
-        while True:
-            with self.store.transaction() as tx:
-                clock, held = self._apply(tx, events, part, now=now, caught_up=caught_up,
-                                          floor=floor, prefixes=prefixes, hold=True,
-                                          hold_from=hold_from)
-            self._applied(clock, part, now)
-            if part is not report:
-                report.fired += part.fired
-                report.counts.update(part.counts)
-            if held is None:
-                return report
-            events, prefixes = events[held.at:], prefixes[held.at:]
-            part = StepReport()  # (the step's dead letters and messages are committed)
-            floor, forced = self._wait_for_floor(held, floor=floor, now=now,
-                                                 started=started, forced=forced)
-            hold_from = 1  # (the event waited for goes on now: every pass makes progress)
-            now = start_now + (time.monotonic() - started)
-
-    def _wait_for_floor(
-        self, held: _Held, *, floor: float, now: float, started: float, forced: bool
-    ) -> tuple[float, bool]:
-        """Wait until the other workers' lowest clock lets a step go on: returns the
-        floor to go on with, and whether the wait ran out.
-
-        A step holds at an event whose batch is past its deadline at the clock but may
-        not fire yet (another live worker's clock is behind the deadline: joining would
-        merge what one worker fires as two batches, firing could split one should the
-        other worker still hold one of its files), and at an event a quiet period (or
-        maximum age) or more ahead of the lowest clock (another worker may still hold an
-        earlier file of its prefix, which would join its batch). The step has published
-        the earliest time of the events it holds: of several workers that wait, the one
-        with the earliest events goes on. Only workers that stepped in the last
-        :data:`HOLD_ACTIVE` seconds are waited for: an idle worker (a Lambda container
-        between invocations, a daemon in its long poll) has nothing in flight, whatever
-        its clock. The wait ends after :data:`HOLD_WAIT` seconds (or ``worker_timeout``)
-        from the step's start, and the step then goes on by its own clock.
-        """
-        if not forced:
-            bound = min(HOLD_WAIT, self.settings.worker_timeout)
-            while (elapsed := time.monotonic() - started) < bound:
-                at = now + elapsed
-                active = self.store.fire_floor(self.worker_id, now=at, timeout=HOLD_ACTIVE)
-                if active is None or active >= held.needs:
-                    floor = max(floor, self._floor(at))
-                    if floor >= held.needs:
-                        return floor, False
-                    break  # (only idle workers are behind: they hold nothing)
-                time.sleep(HOLD_TICK)
-            else:
-                log.warning(
-                    "%s/%s: another worker's clock has not reached %s after %gs; going on"
-                    " by this worker's clock", held.bucket, held.prefix,
-                    format_time(held.needs), bound,
-                )
-        return max(floor, held.needs), True
+        with self.store.transaction() as tx:
+            clock = self._apply(tx, events, report, now=now, caught_up=caught_up, floor=floor,
+                                prefixes=prefixes)
+        return self._applied(clock, report, now)
 
     # -- several replay workers on one stream (see edp.replay) ----------------------
     def enqueue(
@@ -396,8 +313,8 @@ class Engine:
                 # it queued.)
                 self.clock = queued.clock
                 report = StepReport()
-                clock, _ = self._apply(tx, queued.events, report, now=now,
-                                       floor=queued.floor, publish=publish, beat=beat)
+                clock = self._apply(tx, queued.events, report, now=now,
+                                    floor=queued.floor, publish=publish, beat=beat)
         except TransactionConflict:
             # Retried on a new connection, the lock or the floor read otherwise (the
             # other workers went on meanwhile): nothing was applied.
@@ -418,12 +335,8 @@ class Engine:
         publish: float | None = None,
         beat: bool = True,
         prefixes: Sequence[str | Skip] | None = None,
-        hold: bool = False,
-        hold_from: int = 0,
-    ) -> tuple[float, _Held | None]:
-        """The body of a step, in its transaction: returns the clock it ends at and, with
-        ``hold``, where it stopped to wait for the other workers (see
-        :meth:`_wait_for_floor`), if it did: the events from there on are not applied."""
+    ) -> float:
+        """The body of a step, in its transaction: returns the clock it ends at."""
         clock = self.clock
         limit = math.inf if self.clock_max_ahead is None else now + self.clock_max_ahead
         end_clock = max([clock, *(e.time for e in events)])
@@ -441,17 +354,20 @@ class Engine:
         fired = report.fired
         fired += batcher.advance(min(clock, floor))
         outcomes: dict[Outcome | Skip, int] = {}
-        apply, advance = batcher.apply, batcher.advance
-        hold = hold and floor < math.inf
-        held: _Held | None = None
-        for index, (event, prefix) in enumerate(zip(events, prefixes, strict=True)):
+        apply, advance, overdue = batcher.apply, batcher.advance, batcher.fire_overdue
+        for event, prefix in zip(events, prefixes, strict=True):
             if event.time > clock and clock < limit:
                 clock = min(event.time, limit)
                 fired += advance(min(clock, floor))
-            if hold and index >= hold_from and type(prefix) is not Skip:
-                held = self._holds(batcher, event, prefix, index, clock, floor)
-                if held is not None:
-                    break
+            if clock > floor and type(prefix) is not Skip:
+                # Another worker's clock holds this prefix's batch back (SPEC 4), but
+                # this event, at this worker's clock, comes after its deadline: it
+                # fires first (at its deadline), as one worker would, rather than let
+                # the event join it (a merge). (Lock order serialises the workers'
+                # steps on a prefix: none has an event of it in flight meanwhile.)
+                early = overdue(event.bucket, prefix, clock)
+                if early is not None:
+                    fired.append(early)
             result = apply(event, clock, prefix)
             if isinstance(result, BatchReady):  # (a plain class: a cheap check)
                 fired.append(result)
@@ -462,19 +378,11 @@ class Engine:
         for result, count in outcomes.items():
             kind = "skipped" if isinstance(result, Skip) else "events"
             report.counts[f"{kind}.{result.value}"] += count
-        if held is not None:
-            # What it holds is at or after the earliest of them: the clock it publishes.
-            waiting = events[held.at:]
-            publish = max(clock if publish is None else max(publish, clock),
-                          min(min(e.time for e in waiting), limit))
-            applied: Sequence[ObjectEvent] = events[:held.at]
-        else:
-            applied = events
-            if caught_up:
-                clock = max(clock, now)
-                report.fired += batcher.advance(min(clock, floor))
+        if caught_up:
+            clock = max(clock, now)
+            report.fired += batcher.advance(min(clock, floor))
         for observer in self.observers:
-            observer.observe(tx, applied, clock=clock, now=now, sinks=sinks)
+            observer.observe(tx, events, clock=clock, now=now, sinks=sinks)
             report.counts["observer.emitted"] += observer.tick(
                 tx, clock=min(clock, floor), now=now, sinks=sinks
             )
@@ -491,24 +399,7 @@ class Engine:
                 clock=self._published(clock if publish is None else max(clock, publish)),
                 now=now,
             )
-        return clock, held
-
-    @staticmethod
-    def _holds(
-        batcher: Batcher, event: ObjectEvent, prefix: str, index: int, clock: float,
-        floor: float,
-    ) -> _Held | None:
-        """Whether a step must stop at ``event`` until the other workers' lowest clock
-        (``floor``) is further on (see :meth:`_wait_for_floor`)."""
-        bucket = event.bucket
-        span = batcher.time_span(bucket)
-        if event.time > floor + span:
-            return _Held(index, event.time - span, bucket, prefix)
-        if clock > floor:
-            deadline = batcher.overdue(bucket, prefix, clock)
-            if deadline is not None:
-                return _Held(index, deadline, bucket, prefix)
-        return None
+        return clock
 
     def _warn_ahead(self, events: Sequence[ObjectEvent], limit: float,
                     report: StepReport) -> None:
@@ -535,12 +426,6 @@ class Engine:
         return report
 
     # -- time ---------------------------------------------------------------------
-    def register(self, *, now: float) -> None:
-        """Publish this worker's clock before its first step (a live worker starting):
-        until it has applied something, the other workers' steps wait for it rather than
-        run ahead of what it may hold (bounded by :data:`HOLD_WAIT`)."""
-        self.store.heartbeat(self.worker_id, clock=self._published(self.clock), now=now)
-
     def fire_due(self, *, now: float) -> list[BatchReady]:
         """The source is caught up: the clock becomes ``now``; fire what is due."""
         self.clock = max(self.clock, now)

@@ -210,21 +210,16 @@ class Batcher:
         top = self._settle_top()
         return None if top is None else top[0]
 
-    def time_span(self, bucket: str) -> float:
-        """:attr:`GroupingRules.time_span` of a bucket."""
-        return (self._rules_of.get(bucket) or self.rules.for_bucket(bucket)).time_span
-
-    def overdue(self, bucket: str, prefix: str, clock: float) -> float | None:
-        """The deadline of the open batch of (bucket, prefix), if it has passed at
-        ``clock``: a batch the caller could not fire yet (another worker's clock is
-        behind it, SPEC section 4), which an event at ``clock`` must not join."""
+    def fire_overdue(self, bucket: str, prefix: str, clock: float) -> BatchReady | None:
+        """Fire the open batch of (bucket, prefix) at its deadline if that has passed at
+        ``clock`` (a batch :meth:`advance` was not let fire yet); None otherwise."""
         batch = self._batches.get((bucket, prefix))
         if batch is None:
             return None
-        deadline = self.rules.for_bucket(bucket).deadline(
+        deadline, trigger = self.rules.for_bucket(bucket).deadline(
             batch.first_activity, batch.last_activity
-        )[0]
-        return deadline if deadline <= clock else None
+        )
+        return self._fire(batch, trigger, deadline) if deadline <= clock else None
 
     def advance(self, clock: float) -> list[BatchReady]:
         """Fire, in deadline order, every known batch whose deadline is <= ``clock``."""

@@ -86,14 +86,6 @@ class GroupingRules:
         name = key.rsplit("/", 1)[-1]
         return any(fnmatchcase(name, pattern) for pattern in self.complete_markers)
 
-    @property
-    def time_span(self) -> float:
-        """How far apart in time two files may be and still share a batch by the time
-        triggers: the quiet period, or the maximum age if that is shorter."""
-        if 0 < self.max_batch_age < self.threshold_duration:
-            return self.max_batch_age
-        return self.threshold_duration
-
     def deadline(self, first_activity: float, last_activity: float) -> tuple[float, Trigger]:
         """When an open batch fires by time, and by which trigger.
 

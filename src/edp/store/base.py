@@ -267,6 +267,9 @@ class Store(Protocol):
     keeps_objects: bool
     """Whether the store keeps each batch's objects (a throw-away store does not: the
     engine then does not even record them)."""
+    shared: bool
+    """Whether the store is made for several workers at once (PostgreSQL): a live
+    worker then keeps its clock published while it waits (see :mod:`edp.daemon`)."""
 
     def transaction(self) -> AbstractContextManager[Transaction]:
         """A transaction that commits on success and rolls back on error."""

@@ -91,6 +91,7 @@ class PostgresStore(WorkerClocks):
     ) -> None:
         self.url = redact_text(url)
         self.keeps_objects = True
+        self.shared = True
         self.retry_seconds = retry_seconds
         self.delivery_lease = delivery_lease
         # Counter rows are sharded per store so that workers do not queue on them.

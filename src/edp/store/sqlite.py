@@ -65,6 +65,7 @@ class SqliteStore:
         self._outer = False
         self._broken: str | None = None
         self.keeps_objects = not fast_unsafe
+        self.shared = False  # (several workers belong on PostgreSQL: docs/postgres.md)
         if fast_unsafe:
             self.conn.execute("PRAGMA page_size = 65536")
             self.conn.execute("PRAGMA journal_mode = OFF")

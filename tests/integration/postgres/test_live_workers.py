@@ -19,7 +19,7 @@ from edp.daemon import Daemon
 from edp.engine import Engine, Message
 from edp.store import open_store
 from edp.store.base import Store
-from edp_testing import T0, ListSink, eventbridge, iso, run_engine, settings
+from edp_testing import T0, ListSink, eventbridge, run_engine, settings
 
 
 def msgs(*events: dict[str, Any]) -> list[Message]:
@@ -38,86 +38,50 @@ def emitted(store: Store) -> list[dict[str, Any]]:
     return [orjson.loads(e.payload)["detail"] for e in store.outbox_events(limit=10**6)]
 
 
-def test_an_event_after_a_batch_deadline_waits_for_the_worker_behind(
+def test_an_event_after_a_batch_deadline_fires_it_first_though_another_worker_is_behind(
     stores: list[Store],
 ) -> None:
     cfg = settings(bucket_threshold_duration=100, bucket_threshold_event_count=0)
     a = Engine(stores[0], cfg, sinks=["list"], worker_id="a")
     b = Engine(stores[1], cfg, sinks=["list"], worker_id="b")
-    # Given worker B behind (its clock at T0) and worker A's batch due at T0 + 110
+    # Given worker B behind (its clock at T0) and worker A's batch due at T0 + 110,
+    # which B's clock holds back (SPEC 4)
     b.process(msgs(eventbridge("y/1/a", T0, sequencer="01")), now=time.time())
     a.process(msgs(eventbridge("x/1/a", T0, sequencer="01"),
                    eventbridge("x/1/b", T0 + 10, sequencer="01")), now=time.time())
-
-    # When A gets a file of the same prefix at T0 + 500, while B moves on (to T0 + 450,
-    # no longer a quiet period behind) a little later
-    def b_moves_on() -> None:
-        time.sleep(0.5)
-        b.process(msgs(eventbridge("y/1/b", T0 + 450, sequencer="01")), now=time.time())
-
-    thread = threading.Thread(target=b_moves_on)
-    thread.start()
-    a.process(msgs(eventbridge("x/1/c", T0 + 500, sequencer="01")), now=time.time())
-    thread.join(timeout=30)
-
-    # Then A waited for B's clock: the first batch fired at its deadline with 2 files (by
-    # either worker), and the late file opened the next one (it did not join a batch
-    # past its deadline); B's own due batch fired too, each once
-    assert sorted(
-        (d["prefix"], d["object-count"], d["trigger"], d["last-event-time"])
-        for d in emitted(stores[2])
-    ) == [("x/1/", 2, "duration", iso(T0 + 10)), ("y/1/", 1, "duration", iso(T0))]
-    [open_x] = [o for o in stores[2].list_batches(state="open") if o.prefix == "x/1/"]
-    assert open_x.object_count == 1
+    # When A gets a file of the same prefix at T0 + 500
+    report = a.process(msgs(eventbridge("x/1/c", T0 + 500, sequencer="01")),
+                       now=time.time())
+    # Then the batch fired first, at its deadline, with its 2 files (as one worker would
+    # fire it), and the late file opened the next one: it did not join a batch past
+    # its deadline. B's batch, which no event of A's touched, still waits for B's clock
+    assert [(r.prefix, r.object_count, r.trigger.value, r.fired_at) for r in report.fired] \
+        == [("x/1/", 2, "duration", T0 + 110)]
+    assert sorted((o.prefix, o.object_count) for o in stores[2].list_batches(state="open")) \
+        == [("x/1/", 1), ("y/1/", 1)]
+    # and B fires its own once its clock is past the deadline
+    fired = b.process(msgs(eventbridge("y/2/a", T0 + 450, sequencer="01")), now=time.time())
+    assert [(r.prefix, r.object_count) for r in fired.fired] == [("y/1/", 1)]
 
 
-def test_a_worker_that_stays_behind_holds_a_late_batch_back_only_so_long(
+def test_a_worker_behind_does_not_move_a_shared_batchs_deadline_back(
     stores: list[Store],
-) -> None:
-    cfg = settings(bucket_threshold_duration=100, bucket_threshold_event_count=0,
-                   worker_timeout=1.5)
-    a = Engine(stores[0], cfg, sinks=["list"], worker_id="a")
-    stop = threading.Event()
-
-    # Given worker B live (it keeps heartbeating) but with its clock stuck at T0
-    def b_beats() -> None:
-        while not stop.is_set():
-            stores[1].heartbeat("b", clock=T0, now=time.time())
-            stop.wait(0.2)
-
-    thread = threading.Thread(target=b_beats)
-    thread.start()
-    try:
-        a.process(msgs(eventbridge("x/1/a", T0 + 1, sequencer="01")), now=time.time())
-        # When A gets a file past the batch's deadline
-        report = a.process(msgs(eventbridge("x/1/b", T0 + 500, sequencer="01")),
-                           now=time.time())
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-    # Then, once the wait ran out, A fired the batch on its own clock: not merged
-    assert [(r.object_count, r.trigger.value) for r in report.fired] == [(1, "duration")]
-    assert [o.object_count for o in stores[2].list_batches(state="open")] == [1]
-
-
-def test_an_idle_worker_behind_is_not_waited_for(
-    stores: list[Store], caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = settings(bucket_threshold_duration=100, bucket_threshold_event_count=0)
     a = Engine(stores[0], cfg, sinks=["list"], worker_id="a")
-    # Given worker B live but idle (it last stepped 5 s ago, e.g. a Lambda container
-    # between invocations), with its clock at T0
-    stores[1].heartbeat("b", clock=T0, now=time.time() - 5)
-    a.process(msgs(eventbridge("x/1/a", T0 + 1, sequencer="01")), now=time.time())
-    # When A gets a file past the batch's deadline
-    with caplog.at_level("WARNING", logger="edp.engine"):
-        report = a.process(msgs(eventbridge("x/1/b", T0 + 500, sequencer="01")),
-                           now=time.time())
-    # Then A went on at once (B has nothing in flight: no wait ran out) and fired the
-    # batch before the new file opened the next one
-    assert "has not reached" not in caplog.text
-    assert [(r.object_count, r.trigger.value) for r in report.fired] == [(1, "duration")]
-    assert [o.object_count for o in stores[2].list_batches(state="open")] == [1]
+    b = Engine(stores[1], cfg, sinks=["list"], worker_id="b")
+    # Given A's batch last active at T0 + 90 (due at T0 + 190)
+    a.process(msgs(eventbridge("x/1/a", T0), eventbridge("x/1/b", T0 + 90)), now=time.time())
+    # When B, whose clock is at T0 + 50, adds a file to it, and both move on to T0 + 170
+    b.process(msgs(eventbridge("x/1/c", T0 + 50)), now=time.time())
+    a.process(msgs(eventbridge("z/1/a", T0 + 160)), now=time.time())
+    report = b.process(msgs(eventbridge("w/1/a", T0 + 170)), now=time.time())
+    # Then the batch is still open, with its 3 files: its quiet period runs from its
+    # latest activity, not from the clock of whoever came last (one worker would have
+    # applied the late file at T0 + 90 too)
+    assert report.fired == []
+    [x] = [o for o in stores[2].list_batches(state="open") if o.prefix == "x/1/"]
+    assert (x.object_count, x.deadline) == (3, T0 + 190)
 
 
 def in_order_stream(count: int, *, seed: int) -> list[dict[str, Any]]:
@@ -132,48 +96,28 @@ def in_order_stream(count: int, *, seed: int) -> list[dict[str, Any]]:
     return events
 
 
-def test_two_workers_draining_a_backlog_emit_what_one_would(stores: list[Store]) -> None:
-    # Given a backlog of in-order files, received in chunks of 10 by whichever of two
-    # workers asks first (as two `edp run` on one SQS queue do). (Only the quiet period:
-    # the workers race, so a chunk may be applied after the next one, and which files a
-    # count trigger takes follows the order they are applied in, as on any SQS queue.)
-    cfg = settings(bucket_threshold_duration=100, bucket_threshold_event_count=0)
+@pytest.mark.parametrize("chunk", [1, 10, 40])
+def test_two_workers_taking_turns_on_a_backlog_emit_what_one_would(
+    stores: list[Store], chunk: int
+) -> None:
+    # Given a backlog of in-order files, received in turns by two workers (as two
+    # `edp run` on one queue do), so that each one's clock lags the other's by a receive
+    # (SPEC 4: nothing fires by time until both clocks are past its deadline)
+    cfg = settings(bucket_threshold_duration=100, bucket_threshold_event_count=5)
     events = in_order_stream(300, seed=5)
     expected = Counter(
         (d["detail"]["prefix"], d["detail"]["object-count"], d["detail"]["trigger"])
         for d in run_engine(events, cfg)
     )
-    chunks = [events[i:i + 10] for i in range(0, len(events), 10)]
-    lock = threading.Lock()
-    failures: list[BaseException] = []
-
-    started = threading.Barrier(2)
-
-    def worker(name: str, store: Store) -> None:
-        engine = Engine(store, cfg, sinks=["list"], worker_id=name)
-        engine.register(now=time.time())  # (as the daemon does when it starts)
-        started.wait(timeout=30)
-        try:
-            while True:
-                with lock:
-                    if not chunks:
-                        break
-                    chunk = chunks.pop(0)
-                engine.process(msgs(*chunk), now=time.time())
-            engine.fire_due(now=time.time())
-        except BaseException as exc:  # reported below
-            failures.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(name, store))
+    workers = [Engine(store, cfg, sinks=["list"], worker_id=name)
                for name, store in (("a", stores[0]), ("b", stores[1]))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not failures
+    for turn, start in enumerate(range(0, len(events), chunk)):
+        workers[turn % 2].process(msgs(*events[start:start + chunk]), now=time.time())
     # When both are caught up (the wall clock is past every deadline)
-    Engine(stores[2], cfg, sinks=["list"], worker_id="a").fire_due(now=time.time())
-    # Then they emitted the batches one worker emits: none merged, none split
+    for worker in workers:
+        worker.fire_due(now=time.time())
+    # Then they emitted the batches one worker emits: none merged (a file after a
+    # batch's deadline, at a worker's clock, never joins it), none split
     got = Counter((d["prefix"], d["object-count"], d["trigger"]) for d in emitted(stores[2]))
     assert got == expected
 
