@@ -34,16 +34,22 @@ def stores(pg_url: str) -> Iterator[list[Store]]:
         store.close()
 
 
+@pytest.fixture
+def pair(stores: list[Store]) -> tuple[Engine, Engine]:
+    """Workers a and b (quiet period 100 s, no count trigger) on the test database."""
+    cfg = settings(bucket_threshold_duration=100, bucket_threshold_event_count=0)
+    return (Engine(stores[0], cfg, sinks=["list"], worker_id="a"),
+            Engine(stores[1], cfg, sinks=["list"], worker_id="b"))
+
+
 def emitted(store: Store) -> list[dict[str, Any]]:
     return [orjson.loads(e.payload)["detail"] for e in store.outbox_events(limit=10**6)]
 
 
 def test_an_event_after_a_batch_deadline_fires_it_first_though_another_worker_is_behind(
-    stores: list[Store],
+    stores: list[Store], pair: tuple[Engine, Engine],
 ) -> None:
-    cfg = settings(bucket_threshold_duration=100, bucket_threshold_event_count=0)
-    a = Engine(stores[0], cfg, sinks=["list"], worker_id="a")
-    b = Engine(stores[1], cfg, sinks=["list"], worker_id="b")
+    a, b = pair
     # Given worker B behind (its clock at T0) and worker A's batch due at T0 + 110,
     # which B's clock holds back (SPEC 4)
     b.process(msgs(eventbridge("y/1/a", T0, sequencer="01")), now=time.time())
@@ -65,11 +71,9 @@ def test_an_event_after_a_batch_deadline_fires_it_first_though_another_worker_is
 
 
 def test_a_worker_behind_does_not_move_a_shared_batchs_deadline_back(
-    stores: list[Store],
+    stores: list[Store], pair: tuple[Engine, Engine],
 ) -> None:
-    cfg = settings(bucket_threshold_duration=100, bucket_threshold_event_count=0)
-    a = Engine(stores[0], cfg, sinks=["list"], worker_id="a")
-    b = Engine(stores[1], cfg, sinks=["list"], worker_id="b")
+    a, b = pair
     # Given A's batch last active at T0 + 90 (due at T0 + 190)
     a.process(msgs(eventbridge("x/1/a", T0), eventbridge("x/1/b", T0 + 90)), now=time.time())
     # When B, whose clock is at T0 + 50, adds a file to it, and both move on to T0 + 170
