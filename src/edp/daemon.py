@@ -198,9 +198,7 @@ class Daemon:
         self._caught_up[source.name] = received.caught_up
         if received.messages:
             try:
-                received.report = self._step(received.messages)
-                if received.report.behind:  # old events: a backlog, whatever the source
-                    received.caught_up = self._caught_up[source.name] = False
+                received.report = self._step(source, received.messages)
             except Exception as exc:
                 if (len(received.messages) < 2 or received.message_receipts is None
                         or is_outage(exc)):
@@ -210,28 +208,32 @@ class Daemon:
                 # back together, fail together, and reach the queue's DLQ together).
                 log.exception("a step of %d messages from %s failed; trying them one by one",
                               len(received.messages), source.name)
-                source.ack(received.without(self._one_by_one(received.messages)))
+                received.caught_up = self._caught_up[source.name]
+                source.ack(received.without(self._one_by_one(source, received.messages)))
                 return
+            received.caught_up = self._caught_up[source.name]
         source.ack(received)
 
-    def _step(self, messages: list[Message]) -> StepReport:
+    def _step(self, source: Source, messages: list[Message]) -> StepReport:
         report = self.runtime.engine.process(
             messages, now=self.clock(), caught_up=self._all_caught_up(),
             backlog_lag=BACKLOG_LAG,
         )
+        if report.behind:  # old events: a backlog, whatever the source said
+            self._caught_up[source.name] = False
         self.stats.steps += 1
         self.stats.messages += len(messages)
         self.stats.fired += len(report.fired)
         return report
 
-    def _one_by_one(self, messages: list[Message]) -> list[int]:
+    def _one_by_one(self, source: Source, messages: list[Message]) -> list[int]:
         """One step per message; returns the indices of those whose step failed (they
         are not acknowledged: they come again, until the queue's redrive policy moves
         them to its DLQ). An outage raises: nothing more is acknowledged."""
         failed = []
         for index, message in enumerate(messages):
             try:
-                self._step([message])
+                self._step(source, [message])
             except Exception as exc:
                 if is_outage(exc):
                     raise
@@ -245,7 +247,7 @@ class Daemon:
         """Fire what is due once every source is caught up; relay the outbox."""
         if self._all_caught_up():
             self.stats.fired += len(self.runtime.engine.fire_due(now=self.clock()))
-            self._prune()
+        self._prune()  # (also while behind: a source may never go quiet)
         self._relay()
 
     def _next_delivery(self, wait: float) -> tuple[_Feed, Received] | None:

@@ -55,8 +55,8 @@ PAGE = 5000
 """Batches fired per transaction when many fall due at once."""
 
 BACKLOG_LAG = 30.0
-"""Seconds: a live worker's step whose newest event is older than this (by the wall
-clock) is part of a backlog, whatever its source says (see :meth:`Engine.process`)."""
+"""Seconds: a live worker's step holding an event older than this (by the wall clock)
+is part of a backlog, whatever its source says (see :meth:`Engine.process`)."""
 
 
 class Message(NamedTuple):
@@ -242,9 +242,10 @@ class Engine:
 
         ``backlog_lag``: a source's "caught up" is a guess (a queue's receive that
         came back less than full: SQS returns partial receives from a backlog too).
-        With it, a step whose newest event is more than ``backlog_lag`` seconds older
-        than ``now`` is a backlog whatever the source said: the clock stays at the
-        events' times and the report says ``behind``.
+        With it, a step holding an event more than ``backlog_lag`` seconds older than
+        ``now`` is part of a backlog whatever the source said: the clock stays at the
+        events' times and the report says ``behind`` (the caller then counts the
+        source as not caught up, whether or not it passed ``caught_up``).
         """
         events, report = self.decode(messages, now)
         return self.process_decoded(events, report, now=now, caught_up=caught_up,
@@ -260,8 +261,8 @@ class Engine:
         ``prefixes``, when given, each event's batch prefix or why it is not batched
         (``Batcher.classify`` under this engine's rules, run by whoever decoded them).
         """
-        if (caught_up and backlog_lag is not None and events
-                and max(event.time for event in events) < now - backlog_lag):
+        if (backlog_lag is not None and events
+                and min(event.time for event in events) < now - backlog_lag):
             caught_up, report.behind = False, True
         floor = self._floor(now)
         with self.store.transaction() as tx:

@@ -176,6 +176,18 @@ def test_a_receive_of_old_events_is_a_backlog_whatever_the_source_says(
         assert fired == [(2, T0 + 5)]
 
 
+def test_one_old_event_in_a_receive_makes_it_a_backlog(url: str) -> None:
+    # A receive of an unordered queue may mix live files with a backlog's: the old
+    # one says there may be more behind it, so the source is not caught up
+    engine = Engine(open_store(url), settings(), sinks=["list"], worker_id="w")
+    now = T0 + 3600
+    mixed = engine.process(msgs(eventbridge("i/e/new", now - 1), eventbridge("i/e/old", T0)),
+                           now=now, caught_up=True, backlog_lag=30)
+    live = engine.process(msgs(eventbridge("i/e/next", now)), now=now + 1, caught_up=True,
+                          backlog_lag=30)
+    assert (mixed.behind, live.behind) == (True, False)
+
+
 @pytest.mark.parametrize("bound", [None, 60.0])
 def test_a_live_engine_bounds_how_far_an_event_takes_the_clock(url: str,
                                                                bound: float | None) -> None:

@@ -16,8 +16,8 @@ queue is empty between two bodies even while a sender re-sends an hour of old
 events. Reporting "caught up" then would move the clock to the wall clock after
 every body (SPEC section 4): the first old file's batch would fire alone and every
 later one would join a batch kept open by the wall clock. So the source counts as
-behind from a body whose newest event is more than :data:`BACKLOG_LAG` seconds
-older than the wall clock until :data:`BACKLOG_IDLE` seconds after the last such
+behind from a body holding an event more than :data:`BACKLOG_LAG` seconds older
+than the wall clock until :data:`BACKLOG_IDLE` seconds after the last such
 body: the engine then batches the backlog by its own times, as a replay
 would, and a receive waits (rather than spins) meanwhile. The source also starts
 behind, for as long: after a restart, senders re-send what they queued meanwhile.
@@ -104,8 +104,8 @@ class _Ticket:
     message: Message
     verdict: IngestResult
     future: Future[IngestResult]
-    newest: float | None = None
-    """The time of the body's newest object event (None: it has none)."""
+    oldest: float | None = None
+    """The time of the body's oldest object event (None: it has none)."""
 
 
 class SourceClosed(EdpError):
@@ -151,7 +151,7 @@ class HttpSource:
             number = self._count
         location = f"request {number}" + (f" from {remote}" if remote else "")
         verdict = IngestResult()
-        newest = None
+        oldest = None
         try:
             decoded = decode_message(body, location=location)
         except DecodeError as exc:
@@ -160,8 +160,8 @@ class HttpSource:
             verdict.events = len(decoded.events)
             verdict.ignored = sum(decoded.ignored.values())
             verdict.rejected = [str(error) for error in decoded.errors]
-            newest = max((event.time for event in decoded.events), default=None)
-        ticket = _Ticket(Message(body, location, source=self.name), verdict, Future(), newest)
+            oldest = min((event.time for event in decoded.events), default=None)
+        ticket = _Ticket(Message(body, location, source=self.name), verdict, Future(), oldest)
         try:
             self._queue.put_nowait(ticket)
         except queue.Full:
@@ -190,8 +190,8 @@ class HttpSource:
             pass
         tickets = [t for t in taken if t is not None]
         self._release(tickets)
-        newest = max((t.newest for t in tickets if t.newest is not None), default=None)
-        if newest is not None and newest < self.clock() - self.backlog_lag:
+        oldest = min((t.oldest for t in tickets if t.oldest is not None), default=None)
+        if oldest is not None and oldest < self.clock() - self.backlog_lag:
             self._behind_until = time.monotonic() + self.backlog_idle
         caught_up = self._queue.empty() and time.monotonic() >= self._behind_until
         received = Received([t.message for t in tickets], caught_up=caught_up,

@@ -191,23 +191,22 @@ def test_a_failing_receive_and_acknowledgement_lose_and_double_nothing(tmp_path:
     assert (flaky.receive_failures, flaky.ack_failures) == (0, 0)
 
 
-class PartialReceives:
-    """A queue whose receives come back less than full while it still holds a backlog,
-    as real SQS does (moto always returns full receives): one message a receive, each
-    reported caught up by the source's own rule."""
+class Scripted:
+    """A queue whose receives follow a script of (delay, bodies, caught_up), then come
+    back empty: real SQS returns partial receives ("caught up" by SPEC 4's rule) from a
+    backlog too, which moto never does."""
 
-    name = "partial"
-
-    def __init__(self, bodies: list[dict[str, Any]]) -> None:
-        self.bodies = list(bodies)
+    def __init__(self, name: str, script: list[tuple[float, list[dict[str, Any]], bool]]):
+        self.name, self.script = name, list(script)
 
     def receive(self, *, wait: float) -> Received:
-        if not self.bodies:
+        if not self.script:
             time.sleep(min(wait, 0.05))
             return Received([], caught_up=True)
-        body = self.bodies.pop(0)
-        return Received([Message(body, f"message {len(self.bodies)}", source=self.name)],
-                        caught_up=True)
+        delay, bodies, caught_up = self.script.pop(0)
+        time.sleep(delay)
+        return Received([Message(b, f"{self.name} message", source=self.name) for b in bodies],
+                        caught_up=caught_up)
 
     def ack(self, received: Received) -> None:
         pass
@@ -216,14 +215,19 @@ class PartialReceives:
         pass
 
 
+def partial_receives(name: str, old: float, *offsets: float) -> Scripted:
+    """An hour-old backlog of lab/run-1/, one file per partial ("caught up") receive."""
+    return Scripted(name, [(0.0, [eventbridge(f"lab/run-1/f{dt:g}", old + dt)], True)
+                           for dt in offsets])
+
+
 def test_a_backlog_received_in_partial_receives_is_batched_by_its_own_times(
     tmp_path: Path,
 ) -> None:
     # Given an hour-old backlog (quiet period 10 s): three files 5 s apart, then one
     # a minute later, delivered one per receive
     old = float(int(time.time()) - 3600)
-    source = PartialReceives([eventbridge(f"lab/run-1/{name}", old + dt)
-                              for name, dt in (("a", 0), ("b", 5), ("c", 10), ("d", 70))])
+    source = partial_receives("partial", old, 0, 5, 10, 70)
     sink = ListSink()
     run = DaemonRun(tmp_path, [source], sink, bucket_threshold_duration=10,
                     bucket_threshold_event_count=0)
@@ -234,3 +238,24 @@ def test_a_backlog_received_in_partial_receives_is_batched_by_its_own_times(
     # would fire the first file alone and keep the next three together)
     assert sorted((e["detail"]["first-event-time"], e["detail"]["object-count"])
                   for e in sink.sent) == [(iso(old), 3), (iso(old + 70), 1)]
+
+
+def test_partial_receives_of_a_backlog_beside_another_source_are_batched_by_their_times(
+    tmp_path: Path,
+) -> None:
+    # Given two queues: one with an hour-old backlog (three files 5 s apart, a receive
+    # each, the second a second late), one empty (caught up at once)
+    old = float(int(time.time()) - 3600)
+    backlog = partial_receives("backlog", old, 0, 5, 10)
+    backlog.script[1] = (1.0, *backlog.script[1][1:])
+    empty = Scripted("empty", [(0.3, [], True)])
+    sink = ListSink()
+    run = DaemonRun(tmp_path, [backlog, empty], sink, bucket_threshold_duration=10,
+                    bucket_threshold_event_count=0)
+    with run:
+        wait_until(lambda: sink.sent and not backlog.script, timeout=20, what="the batch")
+        time.sleep(0.5)
+    # Then the empty queue's "caught up" did not move the clock to the wall clock in
+    # the middle of the other's backlog: the three files are one batch
+    assert [(e["detail"]["first-event-time"], e["detail"]["object-count"])
+            for e in sink.sent] == [(iso(old), 3)]
