@@ -20,11 +20,20 @@ class Origin:
     region: str = "us-east-1"
 
 
+LAST_TIME = 253_402_300_799.0
+"""9999-12-31T23:59:59Z: the last time the output format can hold (four-digit years)."""
+
+
 def format_time(epoch: float) -> str:
-    """Epoch seconds -> ``YYYY-MM-DDTHH:MM:SSZ`` (UTC, whole seconds, truncated)."""
+    """Epoch seconds -> ``YYYY-MM-DDTHH:MM:SSZ`` (UTC, whole seconds, truncated).
+
+    A time past :data:`LAST_TIME` (the deadline of a batch whose files are dated at the
+    very end of year 9999) is written as ``9999-12-31T23:59:59Z``: a fifth digit of
+    year would break every consumer of the format.
+    """
     # (time.strftime of gmtime: a pure conversion, no clock read; 2.5x faster than
     # datetime's, and each fired batch formats three times)
-    moment = time.gmtime(epoch // 1)
+    moment = time.gmtime(min(epoch, LAST_TIME) // 1)
     if moment.tm_year < 1000:  # (strftime would not pad the year to four digits)
         year, month, day, hour, minute, second = moment[:6]
         return f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}Z"
