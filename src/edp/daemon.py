@@ -208,8 +208,9 @@ class Daemon:
                 # back together, fail together, and reach the queue's DLQ together).
                 log.exception("a step of %d messages from %s failed; trying them one by one",
                               len(received.messages), source.name)
-                received.caught_up = self._caught_up[source.name]
-                source.ack(received.without(self._one_by_one(source, received.messages)))
+                failed = self._one_by_one(source, received.messages)
+                received.caught_up = self._caught_up[source.name]  # (a step may be behind)
+                source.ack(received.without(failed))
                 return
             received.caught_up = self._caught_up[source.name]
         source.ack(received)
