@@ -135,6 +135,7 @@ class Daemon:
     def run(self) -> DaemonStats:
         """Loop until :meth:`stop`; then flush the outbox and close the sources."""
         fanned = len(self.sources) > 1
+        self.runtime.engine.register(now=self.clock())  # (before its first receive)
         if fanned:
             self._feeds = [_Feed(self, source) for source in self.sources]
             for feed in self._feeds:

@@ -427,6 +427,12 @@ class Engine:
         return report
 
     # -- time ---------------------------------------------------------------------
+    def register(self, *, now: float) -> None:
+        """Publish this worker's clock before its first step (a live worker starting):
+        from then on the other workers fire nothing by time past it (SPEC 4), even
+        before it has committed anything."""
+        self.store.heartbeat(self.worker_id, clock=self._published(self.clock), now=now)
+
     def fire_due(self, *, now: float) -> list[BatchReady]:
         """The source is caught up: the clock becomes ``now``; fire what is due."""
         self.clock = max(self.clock, now)

@@ -88,6 +88,23 @@ def test_a_worker_behind_does_not_move_a_shared_batchs_deadline_back(
     assert (x.object_count, x.deadline) == (3, T0 + 190)
 
 
+def test_a_worker_that_started_holds_time_firing_back_before_its_first_step(
+    stores: list[Store], pair: tuple[Engine, Engine],
+) -> None:
+    a, b = pair
+    # Given worker A started (the daemon registers it before its first receive), with
+    # nothing applied yet: its first receive may hold files of any time
+    a.register(now=time.time())
+    # When B's clock passes a batch's deadline (T0 + 100) by its own files
+    report = b.process(msgs(eventbridge("x/1/a", T0), eventbridge("y/1/a", T0 + 500)),
+                       now=time.time())
+    # Then nothing fires by time: A's clock is not past it yet
+    assert report.fired == []
+    # ... until A has stepped past it
+    stepped = a.process(msgs(eventbridge("z/1/a", T0 + 450)), now=time.time())
+    assert [r.prefix for r in stepped.fired] == ["x/1/"]
+
+
 def in_order_stream(count: int, *, seed: int) -> list[dict[str, Any]]:
     """Files written in bursts per prefix, with gaps longer than the quiet period."""
     rng = random.Random(seed)
