@@ -117,6 +117,7 @@ class Daemon:
         self._last_prune = -float("inf")
         self.inbox: queue.Queue[tuple[_Feed, Received]] = queue.Queue()
         self._feeds: list[_Feed] = []
+        self._behind_until = -float("inf")  # (time.monotonic(); see _after_a_crash)
 
     def stop(self) -> None:
         """Ask the loop to finish its current step and exit."""
@@ -135,6 +136,7 @@ class Daemon:
     def run(self) -> DaemonStats:
         """Loop until :meth:`stop`; then flush the outbox and close the sources."""
         fanned = len(self.sources) > 1
+        self._after_a_crash()
         self.runtime.engine.register(now=self.clock())  # (before its first receive)
         if fanned:
             self._feeds = [_Feed(self, source) for source in self.sources]
@@ -264,7 +266,25 @@ class Daemon:
                     return None
 
     def _all_caught_up(self) -> bool:
-        return all(self._caught_up.values())
+        return all(self._caught_up.values()) and time.monotonic() >= self._behind_until
+
+    def _after_a_crash(self) -> None:
+        """A worker that did not stop cleanly last time (killed in the middle of a step)
+        left what it had received invisible on its queue for a while (SQS: the
+        visibility timeout). It stays behind that long: drained meanwhile, the queue
+        would look caught up, the clock would move to the wall clock, and those files
+        would come back late, applied at the wall clock, away from their batches."""
+        engine = self.runtime.engine
+        if engine.store.worker_finished(engine.worker_id) is not False:
+            return
+        grace = max((float(getattr(s, "redelivery_delay", 0.0)) for s in self.sources),
+                    default=0.0)
+        if grace > 0:
+            grace += self.REDELIVERY_MARGIN
+            self._behind_until = time.monotonic() + grace
+            log.warning("worker %s did not stop cleanly last time: it counts as behind for "
+                        "%gs, until what it had received can come again", engine.worker_id,
+                        grace)
 
     def _wait(self, backlog: float = 0.0) -> float:
         """How long to wait (for a receive, or with several sources for a delivery):
@@ -291,6 +311,10 @@ class Daemon:
 
     HELD_BACK_TICK = 0.5
     """Seconds between checks while a passed deadline waits for other workers."""
+
+    REDELIVERY_MARGIN = 2.0
+    """Seconds added to a source's redelivery delay after a crash: time for the receive
+    that gets the files back (see :meth:`_after_a_crash`)."""
 
     PEER_BEAT = 2.0
     """On a shared store (or with other live workers on it), the longest a caught-up

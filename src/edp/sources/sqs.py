@@ -158,6 +158,9 @@ class SqsSource:
         self.wait_seconds = wait_seconds
         self.max_messages = max_messages
         self.visibility_timeout = visibility_timeout
+        self.redelivery_delay = float(visibility_timeout)
+        """After a crash in the middle of a step, how long until what it had received
+        can be received again (see :meth:`edp.daemon.Daemon.run`)."""
         self.delete_poison = delete_poison
         self.eventbridge_keys_encoded = eventbridge_keys_encoded
         self.keeper = VisibilityKeeper(self.sqs, queue_url, visibility_timeout)

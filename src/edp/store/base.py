@@ -345,6 +345,11 @@ class Store(Protocol):
         """The last clock a worker published, to resume after a restart."""
         ...
 
+    def worker_finished(self, worker_id: str) -> bool | None:
+        """Whether a worker's last run ended with :meth:`finish_worker` (a clean stop);
+        None when the worker never published a clock."""
+        ...
+
     def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
         """The lowest clock of the *other* live workers (None when there are none)."""
         ...

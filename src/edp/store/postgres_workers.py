@@ -50,6 +50,11 @@ class WorkerClocks:
         rows = self._rows("SELECT clock FROM workers WHERE worker_id = %s", (worker_id,))
         return None if not rows else float(rows[0][0])
 
+    def worker_finished(self, worker_id: str) -> bool | None:
+        """Whether a worker's last run ended with ``finish_worker``."""
+        rows = self._rows("SELECT finished FROM workers WHERE worker_id = %s", (worker_id,))
+        return None if not rows else bool(rows[0][0])
+
     def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
         """The lowest clock of the other live, unfinished workers."""
         value = self._rows(

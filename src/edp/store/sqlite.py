@@ -300,6 +300,13 @@ class SqliteStore:
         ).fetchone()
         return None if row is None else float(row[0])
 
+    def worker_finished(self, worker_id: str) -> bool | None:
+        """Whether a worker's last run ended with :meth:`finish_worker`."""
+        row = self.conn.execute(
+            "SELECT finished FROM workers WHERE worker_id = ?", (worker_id,)
+        ).fetchone()
+        return None if row is None else bool(row[0])
+
     def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
         """The lowest clock of the other live, unfinished workers."""
         row = self.conn.execute(

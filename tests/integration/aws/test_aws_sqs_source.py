@@ -330,3 +330,66 @@ def test_a_store_outage_acknowledges_nothing(aws: Any, tmp_path: Path) -> None:
     finally:
         source.close()
         runtime.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("crashed", [True, False])
+def test_after_a_crash_mid_step_its_receive_comes_back_before_the_worker_is_caught_up(
+    aws: Any, tmp_path: Path, crashed: bool
+) -> None:
+    import threading
+
+    from edp.bootstrap import build_runtime
+    from edp.daemon import Daemon
+    from edp.store import open_store
+    from edp_testing import ListSink, eventbridge, settings
+
+    # Given an hour-old backlog of four files of one prefix, 1 s apart (one batch with
+    # a 3 s quiet period), whose second file a worker had received when it was killed
+    # (it comes back when the queue's 3 s visibility timeout runs out)
+    url, _ = aws.queue("crash")
+    old = float(int(time.time()) - 3600)
+    for n in range(4):
+        aws.sqs.send_message(QueueUrl=url, MessageBody=json.dumps(
+            eventbridge(f"lab/run-1/f{n}", old + n, sequencer=f"0{n}")))
+    taken = aws.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1,
+                                    VisibilityTimeout=3)["Messages"]
+    assert len(taken) == 1
+    database = f"sqlite:///{tmp_path / 'd.db'}"
+    store = open_store(database)
+    store.heartbeat("w", clock=old - 100, now=time.time())  # its last step, then killed
+    if not crashed:
+        store.finish_worker("w")  # (a clean stop instead)
+    store.close()
+    sink = ListSink()
+    cfg = settings(bucket_threshold_duration=3, bucket_threshold_event_count=0,
+                   database_url=database)
+    source = SqsSource(url, wait_seconds=1, visibility_timeout=3)
+    daemons: list[Daemon] = []
+
+    def work() -> None:  # SQLite connections belong to the thread that made them
+        runtime = build_runtime(cfg, sinks=[sink], worker_id="w")
+        daemons.append(Daemon(runtime, [source], max_wait=1))
+        try:
+            daemons[0].run()
+        finally:
+            runtime.close()
+
+    # When the worker is restarted under its name
+    thread = threading.Thread(target=work)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while (len(sink.sent) < (1 if crashed else 2) or counts(aws, url) != (0, 0)) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    daemons[0].stop()
+    thread.join(timeout=10)
+    got = sorted(e["detail"]["object-count"] for e in sink.sent)
+    if crashed:
+        # Then it stayed behind until the file came back: one batch of the four
+        assert got == [4]
+    else:
+        # (after a clean stop nothing is in flight: it is caught up once the queue
+        # is drained, and the file that comes back later is a late one)
+        assert got == [1, 3]

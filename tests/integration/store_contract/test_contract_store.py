@@ -214,6 +214,18 @@ def test_the_last_worker_to_finish_is_told_so(store: Store) -> None:
     assert store.fire_floor("b", now=T0, timeout=60) == 2.0
 
 
+
+def test_whether_a_workers_last_run_stopped_cleanly_is_known(store: Store) -> None:
+    # (a daemon restarted after a crash in the middle of a step stays behind a while)
+    assert store.worker_finished("w") is None
+    store.heartbeat("w", clock=1.0, now=T0)
+    assert store.worker_finished("w") is False
+    store.finish_worker("w")
+    assert store.worker_finished("w") is True
+    store.heartbeat("w", clock=2.0, now=T0)
+    assert store.worker_finished("w") is False
+
+
 def test_prune_forgets_old_keys_and_fingerprints(store: Store) -> None:
     # Given key memories and fingerprints seen at T0 and T0 + 100
     from edp.core.batching import KeyMemory
