@@ -192,10 +192,7 @@ def test_the_webhook_secret_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> N
 def test_one_daemon_drains_several_queues_into_one_engine(aws: Any, tmp_path: Path) -> None:
     # Given two queues, one with EventBridge S3 events and one with S3 notifications
     # for the same prefix, and a daemon on both
-    import threading
 
-    from edp.bootstrap import build_runtime
-    from edp.daemon import Daemon
     from edp_testing import ListSink, eventbridge, settings
 
     first, _ = aws.queue("a")
@@ -209,29 +206,41 @@ def test_one_daemon_drains_several_queues_into_one_engine(aws: Any, tmp_path: Pa
     sink = ListSink()
     cfg = settings(bucket_threshold_event_count=4, database_url=f"sqlite:///{tmp_path / 'd.db'}")
     sources = [SqsSource(url, wait_seconds=1) for url in (first, second)]
+    # When it runs until the batch is out
+    run_daemon_until(cfg, sources, sink, lambda: sink.sent, timeout=15)
+
+    # Then the four files from both queues made one batch, and both queues are empty
+    assert [(e["detail"]["prefix"], e["detail"]["object-count"], e["detail"]["trigger"])
+            for e in sink.sent] == [("lab/run 1/", 4, "count")]
+    assert counts(aws, first) == counts(aws, second) == (0, 0)
+
+
+def run_daemon_until(cfg: Any, sources: list[SqsSource], sink: Any, done: Any, *,
+                     timeout: float, worker_id: str | None = None) -> None:
+    """The real daemon (SQLite store) in a thread, on ``sources``, until ``done()`` is
+    true or ``timeout`` seconds passed; then stopped."""
+    import threading
+
+    from edp.bootstrap import build_runtime
+    from edp.daemon import Daemon
+
     daemons: list[Daemon] = []
 
     def work() -> None:  # SQLite connections belong to the thread that made them
-        runtime = build_runtime(cfg, sinks=[sink])
+        runtime = build_runtime(cfg, sinks=[sink], worker_id=worker_id)
         daemons.append(Daemon(runtime, sources, max_wait=1))
         try:
             daemons[0].run()
         finally:
             runtime.close()
 
-    # When it runs until the batch is out
     thread = threading.Thread(target=work)
     thread.start()
-    deadline = time.monotonic() + 15
-    while not sink.sent and time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
         time.sleep(0.1)
     daemons[0].stop()
     thread.join(timeout=10)
-
-    # Then the four files from both queues made one batch, and both queues are empty
-    assert [(e["detail"]["prefix"], e["detail"]["object-count"], e["detail"]["trigger"])
-            for e in sink.sent] == [("lab/run 1/", 4, "count")]
-    assert counts(aws, first) == counts(aws, second) == (0, 0)
 
 
 def notification(bucket: str, key: str, t: float) -> dict[str, Any]:
@@ -337,10 +346,7 @@ def test_a_store_outage_acknowledges_nothing(aws: Any, tmp_path: Path) -> None:
 def test_after_a_crash_mid_step_its_receive_comes_back_before_the_worker_is_caught_up(
     aws: Any, tmp_path: Path, crashed: bool
 ) -> None:
-    import threading
 
-    from edp.bootstrap import build_runtime
-    from edp.daemon import Daemon
     from edp.store import open_store
     from edp_testing import ListSink, eventbridge, settings
 
@@ -365,26 +371,11 @@ def test_after_a_crash_mid_step_its_receive_comes_back_before_the_worker_is_caug
     cfg = settings(bucket_threshold_duration=3, bucket_threshold_event_count=0,
                    database_url=database)
     source = SqsSource(url, wait_seconds=1, visibility_timeout=3)
-    daemons: list[Daemon] = []
-
-    def work() -> None:  # SQLite connections belong to the thread that made them
-        runtime = build_runtime(cfg, sinks=[sink], worker_id="w")
-        daemons.append(Daemon(runtime, [source], max_wait=1))
-        try:
-            daemons[0].run()
-        finally:
-            runtime.close()
-
     # When the worker is restarted under its name
-    thread = threading.Thread(target=work)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while (len(sink.sent) < (1 if crashed else 2) or counts(aws, url) != (0, 0)) \
-            and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
-    daemons[0].stop()
-    thread.join(timeout=10)
+    run_daemon_until(
+        cfg, [source], sink, timeout=20, worker_id="w",
+        done=lambda: len(sink.sent) >= (1 if crashed else 2) and counts(aws, url) == (0, 0),
+    )
     got = sorted(e["detail"]["object-count"] for e in sink.sent)
     if crashed:
         # Then it stayed behind until the file came back: one batch of the four
