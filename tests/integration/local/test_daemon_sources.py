@@ -259,3 +259,34 @@ def test_partial_receives_of_a_backlog_beside_another_source_are_batched_by_thei
     # the middle of the other's backlog: the three files are one batch
     assert [(e["detail"]["first-event-time"], e["detail"]["object-count"])
             for e in sink.sent] == [(iso(old), 3)]
+
+
+def test_key_memories_past_the_retention_are_pruned_while_a_source_is_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edp.store import open_store
+    from edp.store.base import LoadRequest
+
+    monkeypatch.setattr(Daemon, "PRUNE_EVERY", 0.0)  # (every round, not every 10 min)
+
+    # Given a key seen long ago, and a source that only ever delivers old events (it
+    # is never caught up), whose clock is now two days past that key
+    old = float(int(time.time()) - 30 * 86400)
+    source = Scripted("late", [(0.0, [eventbridge("lab/run-1/a", old)], True),
+                               (0.0, [eventbridge("lab/run-2/b", old + 2 * 86400)], True),
+                               (3.0, [eventbridge("lab/run-2/c", old + 2 * 86400)], True)])
+    run = DaemonRun(tmp_path, [source], ListSink())
+    with run:
+        wait_until(lambda: run.daemon is not None and run.daemon.stats.messages == 2,
+                   timeout=20, what="two messages")
+        time.sleep(0.5)  # (the daemon waits in its next receive meanwhile)
+        # Then the first key's memory was pruned (retention one day), though the
+        # source never caught up; the second key's was kept
+        store = open_store(run.cfg.database_url)
+        try:
+            with store.transaction() as tx:
+                keys = tx.load(LoadRequest(object_keys={("bucket", "lab/run-1/a"),
+                                                        ("bucket", "lab/run-2/b")})).keys
+        finally:
+            store.close()
+    assert set(keys) == {("bucket", "lab/run-2/b")}
