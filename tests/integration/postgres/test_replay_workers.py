@@ -194,20 +194,31 @@ def test_a_worker_killed_mid_transaction_and_restarted_changes_nothing(
     # When worker 1 is killed with SIGKILL while inside a transaction, after a while,
     # before it finished its part (a worker killed after that is one that was done)
     victim = procs[1]
-    time.sleep(0.5)
-    deadline = time.monotonic() + 60
-    while True:
-        assert victim.poll() is None, "worker 1 ended before it could be killed"
-        assert time.monotonic() < deadline, "worker 1 was never caught inside a transaction"
-        if not in_transaction(pg_url, "edp-w1"):
-            continue
-        victim.send_signal(signal.SIGSTOP)  # frozen: its transaction stays open
-        assert not finished(pg_url, "w1"), "worker 1 finished its part before it was caught"
-        if in_transaction(pg_url, "edp-w1"):
-            break
-        victim.send_signal(signal.SIGCONT)
-    victim.send_signal(signal.SIGKILL)
-    assert victim.wait(timeout=30) == -signal.SIGKILL
+    try:
+        # (once it joined the run: the schema's migration is a transaction too)
+        deadline = time.monotonic() + 60
+        while "w1" not in members(pg_url):
+            assert time.monotonic() < deadline, "worker 1 never joined the run"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        while True:
+            assert victim.poll() is None, "worker 1 ended before it could be killed"
+            assert time.monotonic() < deadline, "worker 1 was never caught inside a transaction"
+            if not in_transaction(pg_url, "edp-w1"):
+                continue
+            victim.send_signal(signal.SIGSTOP)  # frozen: its transaction stays open
+            assert not finished(pg_url, "w1"), "worker 1 finished its part before it was caught"
+            if in_transaction(pg_url, "edp-w1"):
+                break
+            victim.send_signal(signal.SIGCONT)
+        victim.send_signal(signal.SIGKILL)
+        assert victim.wait(timeout=30) == -signal.SIGKILL
+    except BaseException:
+        for proc in procs:  # (none may outlive the test: it would fail a later one)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        raise
     # ... and restarted with the same worker id
     procs[1] = start_worker(tmp_path, pg_url, 1, 3, run=1, EDP_CHUNK_SIZE="250")
     wait_all(procs, tmp_path, timeout=500)
