@@ -6,8 +6,9 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -201,3 +202,15 @@ def fake_aws_environment(endpoint: str, home: Path, region: str = "us-east-1") -
         "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials"),
         "HOME": str(home),
     }
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)

@@ -303,7 +303,7 @@ class Daemon:
             # receives: a long poll would hold their quiet batches back for its length.
             # (On a shared store also before a peer is seen: one may be starting.)
             wait = min(wait, self.PEER_BEAT)
-        deadline = self.runtime.engine.next_deadline()
+        deadline = engine.next_deadline()
         if deadline is not None:
             remaining = deadline - self.clock()
             wait = min(wait, remaining if remaining > 0 else self.HELD_BACK_TICK)

@@ -197,9 +197,7 @@ class Batcher:
             if batch is None or batch.batch_id != batch_id:
                 heapq.heappop(heap)
                 continue
-            actual = self.rules.for_bucket(bucket).deadline(
-                batch.first_activity, batch.last_activity
-            )
+            actual = self._deadline(batch)
             if actual == (deadline, trigger):
                 return heap[0]
             heapq.heapreplace(heap, (actual[0], bucket, prefix, batch_id, actual[1]))
@@ -216,9 +214,7 @@ class Batcher:
         batch = self._batches.get((bucket, prefix))
         if batch is None:
             return None
-        deadline, trigger = self.rules.for_bucket(bucket).deadline(
-            batch.first_activity, batch.last_activity
-        )
+        deadline, trigger = self._deadline(batch)
         return self._fire(batch, trigger, deadline) if deadline <= clock else None
 
     def advance(self, clock: float) -> list[BatchReady]:
@@ -359,9 +355,14 @@ class Batcher:
             return self._fire(batch, Trigger.COUNT, clock)
         return _COUNTED if counted else _OVERWRITE
 
+    def _deadline(self, batch: OpenBatch) -> tuple[float, Trigger]:
+        """When an open batch fires by time, and by which trigger (its bucket's rules)."""
+        return self.rules.for_bucket(batch.bucket).deadline(
+            batch.first_activity, batch.last_activity
+        )
+
     def _schedule(self, batch: OpenBatch) -> None:
-        rules = self.rules.for_bucket(batch.bucket)
-        deadline, trigger = rules.deadline(batch.first_activity, batch.last_activity)
+        deadline, trigger = self._deadline(batch)
         heapq.heappush(
             self._heap, (deadline, batch.bucket, batch.prefix, batch.batch_id, trigger)
         )

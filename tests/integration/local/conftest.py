@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,25 +16,13 @@ from edp.config import Settings
 from edp.daemon import Daemon
 from edp.sources.watch import FolderSource
 from edp.store import Store, open_store
-from edp_testing import ListSink
+from edp_testing import ListSink, wait_until
 
 _NEEDED = ("watchfiles", "starlette", "uvicorn", "prometheus_client", "httpx2")
 _MISSING = [name for name in _NEEDED if importlib.util.find_spec(name) is None]
 if _MISSING and os.environ.get("CI"):
     raise pytest.UsageError(f"CI needs {', '.join(_MISSING)}: pip install -e '.[web,dev]'")
 pytest.importorskip("watchfiles", reason="the web extra (watchfiles) is not installed")
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 class WatchRun:

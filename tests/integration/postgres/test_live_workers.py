@@ -7,7 +7,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from edp.daemon import Daemon
 from edp.engine import Engine, Message
 from edp.store import open_store
 from edp.store.base import Store
-from edp_testing import T0, ListSink, eventbridge, run_engine, settings
+from edp_testing import T0, ListSink, eventbridge, run_engine, settings, wait_until
 
 
 def msgs(*events: dict[str, Any]) -> list[Message]:
@@ -143,15 +143,6 @@ def test_two_workers_taking_turns_on_a_backlog_emit_what_one_would(
     assert got == expected
 
 
-def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return value
-
-
 class WatchDaemon:
     """A live worker (``edp watch``: the real folder source, daemon and engine) on the
     test database, in a thread, whose receives may wait a minute."""
@@ -190,7 +181,7 @@ def test_an_idle_worker_does_not_hold_another_workers_quiet_batch_back(
     for worker in workers:
         worker.thread.start()
     try:
-        wait_for(lambda: all((stores[2].worker_clock(n) or 0) > T0 for n in ("busy", "idle")),
+        wait_until(lambda: all((stores[2].worker_clock(n) or 0) > T0 for n in ("busy", "idle")),
                  timeout=20, what="both workers' first clocks")
         # When a file lands on the other worker's side (quiet period 1 s)
         (busy / "lab" / "run-1").mkdir(parents=True)
@@ -198,7 +189,7 @@ def test_an_idle_worker_does_not_hold_another_workers_quiet_batch_back(
         # Then its batch fires within seconds: the idle worker keeps publishing its
         # clock while it waits, rather than once its long poll ends
         # (fired and sent by either: due batches are whoever's turn comes first)
-        wait_for(lambda: sent(), timeout=15, what="the quiet batch")
+        wait_until(lambda: sent(), timeout=15, what="the quiet batch")
     finally:
         for worker in workers:
             worker.stop()
