@@ -12,6 +12,7 @@ setting, the value, what is allowed and where the value came from.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,19 +34,25 @@ def default_database_url() -> str:
 
 
 # -- value parsers: each raises ValueError with the text shown to the user -----------
-def _int(minimum: int) -> Callable[[Any], int]:
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+"""An integer as text: ASCII digits only (``int()`` also takes ``1_0``, other scripts' digits)."""
+
+
+def _int(minimum: int, maximum: int | None = None, why: str = "") -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         text = value.strip() if isinstance(value, str) else value
-        if isinstance(text, bool):
+        if isinstance(text, bool) or (isinstance(text, str) and not _INTEGER.fullmatch(text)):
             raise ValueError(f"must be an integer >= {minimum}, got {value!r}")
         try:
             number = int(text)
             if isinstance(text, float) and number != text:
                 raise ValueError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"must be an integer >= {minimum}, got {value!r}") from None
         if number < minimum:
             raise ValueError(f"must be an integer >= {minimum}, got {value!r}")
+        if maximum is not None and number > maximum:
+            raise ValueError(f"must be an integer from {minimum} to {maximum}{why}, got {value!r}")
         return number
 
     return parse
@@ -112,7 +119,7 @@ def _optional_text(value: Any) -> str | None:
     return text or None
 
 
-Depth = Annotated[int, BeforeValidator(_int(0))]
+Depth = Annotated[int, BeforeValidator(_int(0, 1024, " (an S3 key has at most 1024 bytes)"))]
 Count = Annotated[int, BeforeValidator(_int(0))]
 PositiveInt = Annotated[int, BeforeValidator(_int(1))]
 Duration = Annotated[float, BeforeValidator(_seconds(0, strict=True))]
@@ -316,6 +323,7 @@ def load_settings(
             origin[name] = f"option {flag or '--' + name.removeprefix('bucket_').replace('_', '-')}"
     if overrides is not None:
         values["bucket_overrides"] = overrides
+        origin["bucket_overrides"] = f"config file {path}"
     try:
         return Settings(**values)
     except ValidationError as exc:
@@ -368,7 +376,7 @@ def _describe(exc: ValidationError, values: Mapping[str, Any], origin: Mapping[s
         loc = [str(part) for part in error["loc"]]
         if loc and loc[0] == "bucket_overrides" and len(loc) >= 3:
             name = f'buckets."{loc[1]}".{loc[2]}'
-            where = origin.get("buckets", "config file")
+            where = origin.get("bucket_overrides", "config file")
         else:
             name = ".".join(loc) or "settings"
             where = origin.get(loc[0], "") if loc else ""

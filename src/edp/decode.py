@@ -17,7 +17,7 @@ Object keys are URL-decoded here and nowhere else (:func:`decode_key`).
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 from urllib.parse import unquote_plus
@@ -137,7 +137,8 @@ def _parse_time(value: str, what: str) -> float:
     except ValueError:
         raise DecodeError(f"{what} is not an ISO 8601 time: {value!r}") from None
     if parsed.tzinfo is None:
-        raise DecodeError(f"{what} has no time zone: {value!r}")
+        # S3's times are UTC; some producers (older moto) leave out the "Z".
+        parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
 
 

@@ -18,6 +18,15 @@ batch id) in their message.
 
 from __future__ import annotations
 
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, 0x85)}
+_CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and other control characters escaped (``\\x0a``),
+    so that a reason built from an input's own names stays one line of a report."""
+    return text.translate(_CONTROL)
+
 
 class EdpError(Exception):
     """Root of every error edp raises on purpose."""
@@ -34,6 +43,9 @@ class DecodeError(EdpError):
     """
 
     def __init__(self, reason: str, *, location: str = "") -> None:
+        # Reasons and locations quote the input's own names (keys, message ids): one line
+        # each, whatever they hold (SPEC 6: one stderr line per rejected input line).
+        reason, location = one_line(reason), one_line(location)
         self.reason = reason
         self.location = location
         super().__init__(f"{location}: {reason}" if location else reason)

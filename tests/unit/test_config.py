@@ -106,6 +106,13 @@ def test_a_bucket_table_alone_does_not_narrow_the_watch_list(tmp_path: Path) -> 
          "(from environment variable EDP_BUCKET_PREFIX_DEPTH)"),
         ({"EDP_BUCKET_PREFIX_DEPTH": "-1"},
          "bucket_prefix_depth must be an integer >= 0, got '-1'"),
+        ({"EDP_BUCKET_PREFIX_DEPTH": "2_0"},  # int() would read 20
+         "bucket_prefix_depth must be an integer >= 0, got '2_0'"),
+        ({"EDP_BUCKET_PREFIX_DEPTH": "\u0663"},  # int() would read the Arabic-Indic 3
+         "bucket_prefix_depth must be an integer >= 0, got '\u0663'"),
+        ({"EDP_BUCKET_PREFIX_DEPTH": "99999999999999999999"},  # split() would overflow
+         "bucket_prefix_depth must be an integer from 0 to 1024 (an S3 key has at most "
+         "1024 bytes), got '99999999999999999999'"),
         ({"EDP_BUCKET_THRESHOLD_DURATION": "0"},
          "bucket_threshold_duration must be a number of seconds > 0, got '0'"),
         ({"EDP_BUCKET_THRESHOLD_EVENT_COUNT": "1.5"},
@@ -134,6 +141,21 @@ def test_bad_per_bucket_value_names_the_bucket(tmp_path: Path) -> None:
     path = write(tmp_path, '[buckets."lab"]\nbucket_prefix_depth = "deep"\n')
     with pytest.raises(ConfigError, match=r'buckets."lab".bucket_prefix_depth must be an integer'):
         load_settings(config_file=path, env={})
+
+
+def test_bad_per_bucket_value_is_blamed_on_the_file_not_on_the_bucket_list(
+    tmp_path: Path,
+) -> None:
+    # Given the watched buckets from the environment and a bad per-bucket table in the file
+    path = write(tmp_path, '[buckets."two"]\nbucket_threshold_duration = -3\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(config_file=path, env={"EDP_BUCKETS": "one"})
+    # Then the error names the file the table is in
+    assert str(info.value).endswith(f"got -3 (from config file {path})")
+
+
+def test_largest_prefix_depth_is_accepted() -> None:
+    assert load_settings(env={"EDP_BUCKET_PREFIX_DEPTH": "+1024"}).bucket_prefix_depth == 1024
 
 
 def test_unknown_setting_in_file(tmp_path: Path) -> None:

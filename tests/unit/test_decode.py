@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import example, given
@@ -211,12 +211,12 @@ _CLOCKISH = st.text(alphabet="0123456789-T:Z.+²٣ ", min_size=18, max_size=22)
 @example("2024-01-01t00:00:01z")
 def test_event_times_parse_as_datetime_reads_them(text: str) -> None:
     # Given any text shaped like an S3 event time (valid or not; RFC 3339's lower-case
-    # "t" and "z" read as upper case)
+    # "t" and "z" read as upper case; a time with no zone is UTC, S3's zone)
     upper = text.upper() if text.isascii() else text
     try:
-        expected: float | None = datetime.fromisoformat(upper).timestamp()
-        if datetime.fromisoformat(upper).tzinfo is None:
-            expected = None
+        parsed = datetime.fromisoformat(upper)
+        utc = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        expected: float | None = utc.timestamp()
     except ValueError:
         expected = None
     # When edp parses it (twice: the second read may come from its caches)
@@ -227,6 +227,36 @@ def test_event_times_parse_as_datetime_reads_them(text: str) -> None:
                 parse_time(text, what="time")
         else:
             assert parse_time(text, what="time") == expected
+
+
+def test_a_record_time_without_a_zone_is_read_as_utc() -> None:
+    # Given a record as older moto releases wrote it (eventTime with no "Z")
+    record = {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
+              "eventTime": "2024-01-01T00:00:07.250000",
+              "s3": {"bucket": {"name": "b"}, "object": {"key": "a/b/c"}}}
+    # When it is decoded, Then it is an event at that time in UTC, not an error
+    decoded = decode_message({"Records": [record]}, location="line 1")
+    assert decoded.errors == []
+    assert [e.time for e in decoded.events] == [1704067207.25]
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [({"evil\nkey": 1}, "JSON of no known format (top-level keys: evil\\x0akey)"),
+     ({"MessageId": "id\u2028x", "Body": "{}"},
+      "SQS message id\\u2028x: JSON of no known format (top-level keys: none)")],
+)
+def test_a_rejection_is_one_line_whatever_names_the_input_brings(
+    message: dict[str, object], reason: str
+) -> None:
+    # Given a message whose own names hold line breaks
+    try:
+        [error] = decode_message(message, location="line\r9").errors
+    except DecodeError as raised:
+        error = raised
+    # Then its reason and location are one line each, the breaks written escaped
+    assert error.reason == reason and error.location == "line\\x0d9"
+    assert len(str(error).splitlines()) == 1
 
 
 @pytest.mark.parametrize("name", [None, "", 7])
