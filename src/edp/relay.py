@@ -90,6 +90,15 @@ class Relay:
                 # events behind it waiting too (the store returns none past it), and
                 # they become due together, in order.
                 retry_at = self._retry_at(sink.name, failures, now)
+                retryable = [f for f in failures if not f.permanent]
+                if retryable:  # one line for the page, not one per event
+                    first = retryable[0]
+                    log.warning(
+                        "sink %s failed %d event(s) (first %s, attempt %d), retry in %.1fs: %s",
+                        sink.name, len(retryable), first.event_id,
+                        self._attempts.get((sink.name, first.event_id), 0) + 1,
+                        retry_at - now, first.error,
+                    )
                 for failure in failures:
                     self._fail(sink.name, failure.event_id, failure.error, failure.permanent,
                                now, retry_at)
@@ -118,8 +127,4 @@ class Relay:
             log.error("sink %s refused event %s for good: %s", sink, event_id, error)
             self.store.mark_failed(sink, event_id, error=error, retry_at=None, now=now)
             return
-        log.warning(
-            "sink %s failed event %s (attempt %d), retry in %.1fs: %s",
-            sink, event_id, attempts, retry_at - now, error,
-        )
         self.store.mark_failed(sink, event_id, error=error, retry_at=retry_at, now=now)

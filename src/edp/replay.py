@@ -23,6 +23,7 @@ from edp.config import Settings
 from edp.core.batching import Batcher
 from edp.engine import StepReport, default_worker_id
 from edp.errors import ConfigError, EdpError
+from edp.relay import RelayReport
 from edp.sinks import StdoutSink
 from edp.sources.files import Decoded, decoding
 
@@ -137,6 +138,7 @@ def run_replay(
             if not single:
                 run_part(runtime, chunks, summary, stderr)
                 return summary
+            output_error = ""
             for lines, events, decoded, prefixes in chunks:
                 summary.lines += lines
                 summary.record(
@@ -145,16 +147,18 @@ def run_replay(
                     ),
                     stderr,
                 )
-                runtime.relay.deliver()
+                output_error = _last_error(runtime.relay.deliver(), output_error)
             for ready in runtime.engine.finish(now=time.time()):
                 summary.fired[ready.trigger.value] += 1
-            report = runtime.relay.deliver()
-            if report.errors:
-                # stdout could not take the events (closed pipe, full disk): say so,
+            output_error = _last_error(runtime.relay.deliver(), output_error)
+            if output_error:
+                # stdout could not take some events (closed pipe, full disk), at the end
+                # or earlier (those wait for a retry the replay does not make): say so,
                 # rather than exit 0 with events that exist nowhere.
                 stats = runtime.store.stats()
                 summary.undelivered = stats["pending_deliveries"] + stats["parked_deliveries"]
-                summary.output_error = report.errors[-1]
+                if summary.undelivered:
+                    summary.output_error = output_error
         finally:
             runtime.close()
         return summary
@@ -368,6 +372,11 @@ def _end_run(runtime: Runtime, roster: ReplayRoster, summary: ReplaySummary, std
                                 "and end it")
         return
     roster.end_run()
+
+
+def _last_error(report: RelayReport, before: str) -> str:
+    """The latest delivery error so far."""
+    return report.errors[-1] if report.errors else before
 
 
 def _drain(runtime: Runtime) -> int:

@@ -153,6 +153,24 @@ def test_events_that_cannot_be_written_make_replay_fail() -> None:
     assert b"4 batch event(s) could not be written to standard output" in result.stderr
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_an_event_that_failed_before_the_end_makes_replay_fail_too(tmp_path: Path) -> None:
+    # Given a stream whose first batch fires in the middle (its write fails and waits for a
+    # retry) and whose last batch fires at the end, when nothing is due for a retry
+    stream = tmp_path / "two.jsonl"
+    stream.write_bytes(jsonl([eventbridge("a/b/1", 0), eventbridge("c/d/1", 100)]))
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "edp", "replay", str(stream), "--threshold-duration", "60"],
+            stdout=full, stderr=subprocess.PIPE, timeout=120, check=False,
+        )
+    # Then both events are reported as not written, and the replay fails
+    assert result.returncode == 1, result.stderr.decode()
+    assert b"2 batch event(s) could not be written to standard output" in result.stderr
+    # And the relay logs the failed page once, not once per event
+    assert result.stderr.count(b"WARNING edp.relay") == 1
+
+
 def test_a_replay_into_a_database_with_live_workers_warns(tmp_path: Path) -> None:
     # Given a database where another worker is live
     import time
