@@ -359,7 +359,8 @@ class Store(Protocol):
         ...
 
     def prune(self, *, keys_before: float) -> int:
-        """Forget key memories and fingerprints last seen before ``keys_before``."""
+        """Forget key memories and fingerprints last seen before ``keys_before``, except
+        the keys of batches still open (SPEC 3.3: an overwrite of one keeps the count)."""
         ...
 
     def schema_version(self) -> tuple[int, int]:

@@ -355,11 +355,14 @@ class PostgresStore(WorkerClocks):
 
     # -- housekeeping (the workers' clocks: see WorkerClocks) ------------------------------
     def prune(self, *, keys_before: float) -> int:
-        """Forget key memories and fingerprints last seen before ``keys_before``."""
+        """Forget key memories and fingerprints last seen before ``keys_before``; a key of
+        a batch still open is kept (an overwrite of it must not count again, SPEC 3.3)."""
 
         def work(conn: psycopg.Connection[Any]) -> int:
             gone = conn.execute(
-                "DELETE FROM key_memory WHERE seen_at < %s", (keys_before,)
+                "DELETE FROM key_memory WHERE seen_at < %s AND NOT EXISTS ("
+                "SELECT 1 FROM batches b WHERE b.batch_id = key_memory.batch_id"
+                " AND b.state = 'open')", (keys_before,)
             ).rowcount
             gone += conn.execute(
                 "DELETE FROM fingerprints WHERE seen_at < %s", (keys_before,)

@@ -324,9 +324,14 @@ class SqliteStore:
         return int(row[0]) == 0
 
     def prune(self, *, keys_before: float) -> int:
-        """Forget key memories and fingerprints last seen before ``keys_before``."""
+        """Forget key memories and fingerprints last seen before ``keys_before``; a key of
+        a batch still open is kept (an overwrite of it must not count again, SPEC 3.3)."""
         with self._write() as conn:
-            gone = conn.execute("DELETE FROM key_memory WHERE seen_at < ?", (keys_before,)).rowcount
+            gone = conn.execute(
+                "DELETE FROM key_memory WHERE seen_at < ? AND NOT EXISTS ("
+                "SELECT 1 FROM batches b WHERE b.batch_id = key_memory.batch_id"
+                " AND b.state = 'open')", (keys_before,)
+            ).rowcount
             gone += conn.execute(
                 "DELETE FROM fingerprints WHERE seen_at < ?", (keys_before,)
             ).rowcount

@@ -243,6 +243,28 @@ def test_prune_forgets_old_keys_and_fingerprints(store: Store) -> None:
     assert set(state.keys) == {("bkt", "new")} and state.fingerprints == {"f-new"}
 
 
+def test_prune_keeps_the_keys_of_a_batch_still_open(store: Store) -> None:
+    # Given a batch open for days (a file every 12 h, a quiet period of 2 days) and a
+    # closed one, both with keys last seen more than the retention (1 day) ago
+    day = 86400.0
+    cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=0,
+                   bucket_threshold_duration=2 * day)
+    engine = Engine(store, cfg, sinks=[], worker_id="w")
+    files = [eventbridge("i/e/a", T0, sequencer="01"), eventbridge("j/k/a", T0, sequencer="01")]
+    files += [eventbridge(f"i/e/f{n}", T0 + n * day / 2, sequencer="02") for n in range(1, 8)]
+    engine.process([Message(e, f"line {i}") for i, e in enumerate(files)], now=T0)
+    # (j/k/ fired by its quiet period; i/e/ is still open, its first key 3.5 days old)
+    [closed] = store.list_batches(state="closed")
+    assert closed.prefix == "j/k/"
+    # When the worker prunes, then an overwrite of the open batch's first key comes
+    assert engine.prune() == 1  # j/k/a only
+    engine.process([Message(eventbridge("i/e/a", T0 + 3.6 * day, sequencer="09"), "m")],
+                   now=T0)
+    # Then the overwrite keeps the count (SPEC 3.3): 8 distinct keys, not 9
+    [open_batch] = store.list_batches(state="open")
+    assert (open_batch.prefix, open_batch.object_count) == ("i/e/", 8)
+
+
 def test_the_engine_emits_the_same_batches_on_every_backend(store: Store) -> None:
     # Given a small stream: a count batch, a re-delivery, quiet remainders
     cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=3)
