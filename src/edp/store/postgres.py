@@ -303,7 +303,7 @@ class PostgresStore(WorkerClocks):
         """The open batches with the earliest deadlines."""
         rows = self._rows(
             f"SELECT {BATCH_COLUMNS} FROM batches WHERE state = 'open'"  # noqa: S608
-            " ORDER BY deadline, batch_id LIMIT %s",
+            " ORDER BY deadline, bucket, prefix LIMIT %s",
             (limit,),
         )
         return [BatchRow(*row) for row in rows]

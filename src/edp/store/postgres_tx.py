@@ -229,7 +229,7 @@ class PostgresTransaction:
         sql = (
             "SELECT p.bucket, p.prefix FROM batches b JOIN prefixes p"
             " ON p.bucket = b.bucket AND p.prefix = b.prefix"
-            " WHERE b.state = 'open' AND b.deadline <= %s ORDER BY b.deadline, b.batch_id"
+            " WHERE b.state = 'open' AND b.deadline <= %s ORDER BY b.deadline, b.bucket, b.prefix"
         )
         params: list[Any] = [request.due_until]
         if request.due_limit is not None:

@@ -234,7 +234,7 @@ class SqliteStore:
         """The open batches with the earliest deadlines."""
         rows = self.conn.execute(
             f"SELECT {BATCH_COLUMNS} FROM batches WHERE state = 'open'"  # noqa: S608
-            " ORDER BY deadline LIMIT ?",
+            " ORDER BY deadline, bucket, prefix LIMIT ?",
             (limit,),
         ).fetchall()
         return [BatchRow(*row) for row in rows]

@@ -79,7 +79,7 @@ class SqliteTransaction:
         if request.due_until is not None:
             sql = (
                 f"SELECT {BATCH_COLUMNS} FROM batches WHERE state = 'open' "  # noqa: S608
-                "AND deadline <= ? ORDER BY deadline"
+                "AND deadline <= ? ORDER BY deadline, bucket, prefix"
             )
             params: tuple[Any, ...] = (request.due_until,)
             if request.due_limit is not None:

@@ -265,6 +265,28 @@ def test_prune_keeps_the_keys_of_a_batch_still_open(store: Store) -> None:
     assert (open_batch.prefix, open_batch.object_count) == ("i/e/", 8)
 
 
+def test_batches_due_at_one_instant_fire_by_bucket_then_prefix_across_pages(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given more batches due at the same instant than one page of the engine holds,
+    # written in shuffled order
+    import random
+
+    import edp.engine
+
+    monkeypatch.setattr(edp.engine, "PAGE", 4)
+    names = [(bucket, f"p{n:02d}/x/") for bucket in ("b1", "b2") for n in range(7)]
+    random.Random(5).shuffle(names)
+    engine = Engine(store, Settings(database_url="sqlite:///:memory:"), sinks=[],
+                    worker_id="w")
+    engine.process([Message(eventbridge(prefix + "f", T0, bucket=bucket), f"line {i}")
+                    for i, (bucket, prefix) in enumerate(names)], now=T0)
+    # When the input ends
+    fired = engine.finish(now=T0)
+    # Then they fire in deadline order, ties by bucket then prefix, page after page
+    assert [(r.bucket, r.prefix) for r in fired] == sorted(names)
+
+
 def test_the_engine_emits_the_same_batches_on_every_backend(store: Store) -> None:
     # Given a small stream: a count batch, a re-delivery, quiet remainders
     cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=3)
