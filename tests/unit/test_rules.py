@@ -99,6 +99,29 @@ def test_deadline_duration_wins_a_tie_with_max_age() -> None:
     assert rules.deadline(first_activity=0, last_activity=5) == (15, Trigger.DURATION)
 
 
+@pytest.mark.parametrize(
+    ("duration", "max_age", "first", "last", "instant"),
+    [(0.7, 0.0, 0.0, "2024-01-01T00:00:00.002Z", "2024-01-01T00:00:00.702Z"),
+     (300.0, 0.1, "2024-01-01T00:00:00.001Z", "2024-01-01T00:00:00.001Z",
+      "2024-01-01T00:00:00.101Z")],
+)
+def test_a_fractional_deadline_is_the_instant_an_event_time_of_it_reads_as(
+    duration: float, max_age: float, first: float | str, last: str, instant: str
+) -> None:
+    # Given times read as edp reads event times, and a quiet period or maximum age in
+    # fractions of a second whose float sum lands just off that instant
+    from edp.decode import parse_time
+
+    def read(t: float | str) -> float:
+        return parse_time(t, what="time") if isinstance(t, str) else t
+
+    rules = GroupingRules(threshold_duration=duration, max_batch_age=max_age)
+    deadline, _ = rules.deadline(first_activity=read(first), last_activity=read(last))
+    # Then the deadline is exactly the time an event at that instant has (SPEC 3: it
+    # fires when clock - last activity >= duration, before that event joins the batch)
+    assert deadline == parse_time(instant, what="time")
+
+
 def test_max_age_zero_is_off() -> None:
     rules = GroupingRules(threshold_duration=10, max_batch_age=0)
     assert rules.deadline(first_activity=0, last_activity=1000) == (1010, Trigger.DURATION)

@@ -38,12 +38,16 @@ class GroupingRules:
     complete_markers: tuple[str, ...] = ()
     _literal_prefixes: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _globs: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _fractional: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         globs = tuple(p for p in self.ignore_prefixes if _GLOB_CHARS & set(p))
         literals = tuple(p for p in self.ignore_prefixes if not _GLOB_CHARS & set(p))
         object.__setattr__(self, "_globs", globs)
         object.__setattr__(self, "_literal_prefixes", literals)
+        object.__setattr__(self, "_fractional", not (
+            float(self.threshold_duration).is_integer() and float(self.max_batch_age).is_integer()
+        ))
 
     def prefix_of(self, key: str) -> str | Skip:
         """The batch prefix of ``key``, or why the key is not batched.
@@ -92,8 +96,15 @@ class GroupingRules:
         ``duration`` wins a tie with ``max-age`` (SPEC section 3).
         """
         by_quiet = last_activity + self.threshold_duration
+        if self._fractional:
+            # Times are read to the microsecond: 0.002 + 0.7 must be the 0.702 an event
+            # time of that instant parses to, not a float just above it (which would let
+            # an event exactly at the deadline join the batch). Whole seconds add exactly.
+            by_quiet = round(by_quiet, 6)
         if self.max_batch_age > 0:
             by_age = first_activity + self.max_batch_age
+            if self._fractional:
+                by_age = round(by_age, 6)
             if by_age < by_quiet:
                 return by_age, Trigger.MAX_AGE
         return by_quiet, Trigger.DURATION
