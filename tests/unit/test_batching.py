@@ -154,6 +154,30 @@ def test_without_sequencer_a_copy_of_the_keys_last_write_is_a_duplicate() -> Non
     assert b.apply(other, 5) is Outcome.DUPLICATE
 
 
+def test_without_sequencer_a_copy_of_any_earlier_write_is_a_duplicate() -> None:
+    # Given a key written twice with sequencers, and a write that came with a lower
+    # (stale) sequencer after them
+    b = batcher(threshold_event_count=0)
+    assert b.apply(created("i/e/a", 1, "01"), 1) is Outcome.COUNTED
+    assert b.apply(created("i/e/a", 10, "02"), 10) is Outcome.OVERWRITE
+    assert b.apply(created("i/e/a", 5, "01F"), 11) is Outcome.DUPLICATE  # stale
+    # When copies of the replaced write and of the stale one come without sequencers
+    # Then both are duplicates (SPEC 3.1: equal to an event already seen)
+    assert b.apply(created("i/e/a", 1), 12) is Outcome.DUPLICATE
+    assert b.apply(created("i/e/a", 5), 13) is Outcome.DUPLICATE
+    # And so they did not extend the quiet period: the batch's last activity is 10
+    assert b.open_batch("b", "i/e/").last_activity == 10  # type: ignore[union-attr]
+    # And the fingerprints to remember went into the recorded changes
+    assert len(b.take_changes().fingerprints) == 2  # the replaced write, the stale one
+
+
+def test_a_key_written_once_records_no_fingerprint() -> None:
+    # (the common case costs no fingerprint row: a key's one write lives in its memory)
+    b = batcher()
+    b.apply(created("i/e/a", 1, "01"), 1)
+    assert b.take_changes().fingerprints == {}
+
+
 def test_skipped_keys() -> None:
     b = Batcher(RuleBook(default=GroupingRules(ignore_prefixes=("tmp/",)),
                          watched=frozenset({"b"})))

@@ -42,7 +42,7 @@ class Ev:
 
 def padded_newer(a: str, b: str) -> bool:
     n = max(len(a), len(b))
-    return a.upper().ljust(n, "0") > b.upper().ljust(n, "0")
+    return a.ljust(n, "0") > b.ljust(n, "0")
 
 
 def model(events: list[Ev], *, duration: float, count: int, max_age: float,
@@ -52,7 +52,6 @@ def model(events: list[Ev], *, duration: float, count: int, max_age: float,
     open_: dict[tuple[str, str], ModelBatch] = {}
     seqs: dict[tuple[str, str], str] = {}
     seen: set[tuple[Any, ...]] = set()
-    last_write: dict[tuple[str, str], tuple[float, str]] = {}  # a key's last created write
     out: list[tuple[Any, ...]] = []
 
     def deadline(b: ModelBatch) -> tuple[float, str]:
@@ -78,21 +77,19 @@ def model(events: list[Ev], *, duration: float, count: int, max_age: float,
             continue
         prefix = "/".join(parts[:2]) + "/"
         okey = (ev.bucket, ev.key)
+        # SPEC 3.1 to the letter: without a sequencer, a duplicate is an event equal in
+        # (bucket, key, type, time, etag, size) to any event already seen
+        ident = (ev.bucket, ev.key, ev.created, ev.t, ev.etag if ev.created else None)
+        copy = ident in seen
+        seen.add(ident)
         if ev.seq is not None:
             if okey in seqs and not padded_newer(ev.seq, seqs[okey]):
                 continue
             seqs[okey] = ev.seq
-        else:
-            # "equal to one already seen": to an event without a sequencer, or to the
-            # key's last write (edp's reading of SPEC 3.1, docs/batching.md)
-            ident = (ev.bucket, ev.key, ev.created, ev.t, ev.etag if ev.created else None)
-            copy = ident in seen or (ev.created and last_write.get(okey) == (ev.t, ev.etag))
-            seen.add(ident)
-            if copy:
-                continue
+        elif copy:
+            continue
         if not ev.created:
             continue
-        last_write[okey] = (ev.t, ev.etag)
         batch = open_.get((ev.bucket, prefix))
         if batch is None:
             batch = open_[(ev.bucket, prefix)] = ModelBatch(clock, clock, ev.t, ev.t)

@@ -94,8 +94,13 @@ class ObjectRecord(NamedTuple):
 
 
 # Enum members are slow to look up on their class (~0.1 us): the per-event paths use these.
-_DELETED = EventKind.DELETED
+_DELETED, _CREATED = EventKind.DELETED, EventKind.CREATED
 _COUNTED, _OVERWRITE, _DUPLICATE = Outcome.COUNTED, Outcome.OVERWRITE, Outcome.DUPLICATE
+
+def _is_last_write(memory: KeyMemory, time: float, etag: str | None, size: int | None) -> bool:
+    """Whether (time, etag, size) is the key's last created write that was applied."""
+    return memory.event_time == time and memory.etag == etag and memory.size == size
+
 
 _record = partial(tuple.__new__, ObjectRecord)
 """``ObjectRecord`` from one tuple, without the keyword handling of its constructor."""
@@ -261,27 +266,30 @@ class Batcher:
         bucket, key, kind, time, etag, size, sequencer = event
         okey = (bucket, key)
         memory = self._keys.get(okey)
+        # SPEC 3.1: an event without a sequencer is a duplicate if equal to any created
+        # event seen before. Those are: events without a sequencer (a fingerprint each),
+        # the key's last created write (kept in its memory), and the writes a memory no
+        # longer holds: those replaced by a newer write, and those that came with a
+        # sequencer not higher (fingerprints, recorded only then: a key written once
+        # costs no fingerprint).
         if sequencer is not None:
             if (
                 memory is not None
                 and memory.sequencer is not None
                 and not sequencer_is_newer(sequencer, memory.sequencer)
             ):
+                if kind is not _DELETED and not _is_last_write(memory, time, etag, size):
+                    self._remember(event.fingerprint(), clock)
                 return _DUPLICATE
         else:
-            # Equal to an event seen before: to one without a sequencer (a fingerprint),
-            # or to the key's last created event (whose sequencer this copy lacks).
             fingerprint = event.fingerprint()
             if fingerprint in self._fingerprints:
                 return _DUPLICATE
-            self._fingerprints.add(fingerprint)
-            self._changes.fingerprints[fingerprint] = clock
+            self._remember(fingerprint, clock)
             if (
                 kind is not _DELETED
                 and memory is not None
-                and memory.event_time == time
-                and memory.etag == etag
-                and memory.size == size
+                and _is_last_write(memory, time, etag, size)
             ):
                 return _DUPLICATE
         if memory is None:
@@ -294,8 +302,17 @@ class Batcher:
         self._changes.keys[okey] = memory
         if kind is _DELETED:
             return Outcome.DELETE
+        if memory.event_time is not None and not _is_last_write(memory, time, etag, size):
+            # the write this one replaces stays "seen" (its copy without a sequencer,
+            # arriving later, is a duplicate)
+            self._remember(ObjectEvent(bucket, key, _CREATED, memory.event_time, memory.etag,
+                                       memory.size).fingerprint(), clock)
         memory.event_time, memory.etag, memory.size = time, etag, size
         return self._count(event, prefix, memory, clock)
+
+    def _remember(self, fingerprint: str, clock: float) -> None:
+        self._fingerprints.add(fingerprint)
+        self._changes.fingerprints[fingerprint] = clock
 
     def close(self, bucket: str, prefix: str, clock: float) -> BatchReady | None:
         """Close the open batch of (bucket, prefix) by hand (trigger ``manual``)."""

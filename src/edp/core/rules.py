@@ -134,10 +134,8 @@ def sequencer_is_newer(candidate: str, remembered: str) -> bool:
     """Whether S3 sequencer ``candidate`` is higher than ``remembered``.
 
     Sequencers are hex strings of varying length: the shorter is right-padded
-    with ``0`` and the two are compared as strings (SPEC 3.1). Case is folded,
-    since S3 sends upper case and some emulators lower case.
+    with ``0`` and the two are compared as strings (SPEC 3.1), as given: one
+    producer writes one case (S3 and MinIO upper, moto lower), so case is not folded.
     """
-    a = candidate.upper()
-    b = remembered.upper()
-    width = max(len(a), len(b))
-    return a.ljust(width, "0") > b.ljust(width, "0")
+    width = max(len(candidate), len(remembered))
+    return candidate.ljust(width, "0") > remembered.ljust(width, "0")

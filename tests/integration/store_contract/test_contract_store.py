@@ -265,6 +265,23 @@ def test_prune_keeps_the_keys_of_a_batch_still_open(store: Store) -> None:
     assert (open_batch.prefix, open_batch.object_count) == ("i/e/", 8)
 
 
+def test_a_copy_of_a_replaced_write_without_its_sequencer_is_a_duplicate_in_a_later_step(
+    store: Store,
+) -> None:
+    # Given a key written twice with sequencers, in one step
+    engine = Engine(store, Settings(database_url="sqlite:///:memory:"), sinks=[],
+                    worker_id="w")
+    engine.process([Message(eventbridge("i/e/a", T0, sequencer="01", etag="x"), "m1"),
+                    Message(eventbridge("i/e/a", T0 + 10, sequencer="02", etag="y"), "m2")],
+                   now=T0)
+    # When the first write comes again without its sequencer, in a later step
+    report = engine.process([Message(eventbridge("i/e/a", T0, etag="x"), "m3")], now=T0)
+    # Then the store remembered it: a duplicate (SPEC 3.1), the batch's activity unmoved
+    assert report.counts["events.duplicate"] == 1
+    [batch] = store.list_batches(state="open")
+    assert batch.last_activity == T0 + 10
+
+
 def test_batches_due_at_one_instant_fire_by_bucket_then_prefix_across_pages(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
