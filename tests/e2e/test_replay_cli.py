@@ -140,6 +140,16 @@ def test_one_stderr_line_per_rejected_input_line() -> None:
     assert len(result.stdout.splitlines()) == 1  # the good record still made its batch
 
 
+def test_a_byte_order_mark_before_the_first_line_is_not_part_of_it() -> None:
+    # Given a stream saved by a tool that writes a UTF-8 byte-order mark first
+    stream = b"\xef\xbb\xbf" + jsonl([eventbridge("a/b/1", 0), eventbridge("a/b/2", 1)])
+    # When it is replayed, Then its first line is an event like the others
+    result = edp("replay", "-", "--strict", stdin=stream)
+    assert result.returncode == 0, result.stderr.decode()
+    [event] = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert event["detail"]["object-count"] == 2
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
 def test_events_that_cannot_be_written_make_replay_fail() -> None:
     # Given standard output that refuses every write

@@ -11,6 +11,7 @@ gets the same events and reports, in the same order.
 
 from __future__ import annotations
 
+import itertools
 import marshal
 import multiprocessing
 import os
@@ -45,7 +46,11 @@ _SKIP_INDEX = {skip: index for index, skip in enumerate(_SKIPS)}
 def read_chunks(stream: BinaryIO, size: int) -> Iterator[list[Message]]:
     """Non-blank lines of ``stream`` as messages located by line number, ``size`` at a time."""
     chunk: list[Message] = []
-    for number, line in enumerate(stream, start=1):
+    lines = iter(stream)
+    first = next(lines, b"")
+    # A byte-order mark (some Windows tools write one) is no part of the first line.
+    lines = itertools.chain((first.removeprefix(b"\xef\xbb\xbf"),), lines)
+    for number, line in enumerate(lines, start=1):
         if line.isspace() or not line:  # (strip() would copy every line)
             continue
         chunk.append(_message((line, f"line {number}", "replay")))
