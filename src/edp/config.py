@@ -297,11 +297,18 @@ def load_settings(
     origin: dict[str, str] = {}
     if env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
         values["region"] = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    credentials: dict[str, tuple[str, str]] = {}  # db_user / db_password: (value, origin)
     path = _config_path(config_file, env)
     if path is not None:
-        for name, value in _read_toml(path).items():
-            values[name] = value
-            origin[name] = f"config file {path}"
+        data = _read_toml(path)
+        for name, value in data.items():
+            where = f"config file {path}"
+            if name in CREDENTIALS:
+                credentials[name] = (value, where)
+                continue
+            target = _original_name(name, data, where)
+            values[target] = value
+            origin[target] = where if target == name else f"{where} ({name})"
     # Per-bucket tables: [buckets."NAME"], or [bucket_overrides."NAME"] in a file whose
     # `buckets` is the list of watched buckets (TOML has one value per name).
     overrides = values.pop("bucket_overrides", None)
@@ -316,6 +323,18 @@ def load_settings(
         if env_name(name) in env:
             values[name] = env[env_name(name)]
             origin[name] = f"environment variable {env_name(name)}"
+    for name, target in ORIGINAL_NAMES.items():
+        if env_name(name) in env:
+            where = f"environment variable {env_name(name)}"
+            if env_name(target) in env:
+                raise ConfigError(f"{where} and {env_name(target)} are both set (the first is "
+                                  f"the original's name of {target}): keep one")
+            values[target] = env[env_name(name)]
+            origin[target] = where
+    for name in CREDENTIALS:
+        if env_name(name) in env:
+            credentials[name] = (env[env_name(name)], f"environment variable {env_name(name)}")
+    _warn_of_unknown_variables(env)
     for name, value in (flags or {}).items():
         if value is not None:
             values[name] = value
@@ -324,10 +343,80 @@ def load_settings(
     if overrides is not None:
         values["bucket_overrides"] = overrides
         origin["bucket_overrides"] = f"config file {path}"
+    if credentials:
+        values["database_url"] = _with_credentials(
+            values["database_url"], credentials, origin.get("database_url", "the default")
+        )
     try:
         return Settings(**values)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, values, origin)) from None
+
+
+ORIGINAL_NAMES = {"bucket_name": "buckets", "event_bus_name": "eventbridge_bus"}
+"""The original stack's parameters ``BucketName`` and ``EventBusName``, in snake_case
+(``EDP_BUCKET_NAME``...): accepted as the edp settings they became."""
+CREDENTIALS = ("db_user", "db_password")
+"""The original's ``DBUser`` and ``DBPassword``: put into a PostgreSQL ``database_url``."""
+OWN_VARIABLES = frozenset({"EDP_CONFIG", "EDP_VENV", "EDP_BIN", "EDP_TEMPLATE",
+                           "EDP_ARTIFACTS_DIR"})
+"""``EDP_*`` variables that are not settings: the config file's path, the scripts' own."""
+_OWN_PREFIXES = ("EDP_TEST_", "EDP_BENCH_")
+
+
+def _original_name(name: str, data: Mapping[str, Any], where: str) -> str:
+    """The setting a file's name stands for (an original parameter's name -> edp's)."""
+    target = ORIGINAL_NAMES.get(name)
+    if target is None:
+        return name
+    if target in data:
+        raise ConfigError(f"{where} sets both {name} and {target} (the first is the "
+                          f"original's name of {target}): keep one")
+    return target
+
+
+def _with_credentials(
+    url: Any, credentials: Mapping[str, tuple[str, str]], url_origin: str
+) -> Any:
+    """``database_url`` with the user and password of ``db_user`` / ``db_password``."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    names = " and ".join(sorted(credentials))
+    where = ", ".join(sorted({origin for _, origin in credentials.values()}))
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("postgresql", "postgres"):
+        scheme = parts.scheme if parts is not None else type(url).__name__
+        raise ConfigError(f"{names} (from {where}) can only be used with a PostgreSQL "
+                          f"database_url; database_url (from {url_origin}) is a {scheme} one")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{names} (from {where}) cannot be added to database_url (from "
+                          f"{url_origin}): it already names a user; keep one")
+    user = credentials.get("db_user", ("", ""))[0]
+    password = credentials.get("db_password")
+    if not isinstance(user, str) or (password is not None and not isinstance(password[0], str)):
+        raise ConfigError(f"{names} (from {where}) must be strings")
+    if password is not None and not user:
+        raise ConfigError(f"db_password (from {where}) needs db_user too")
+    userinfo = quote(user, safe="") + ("" if password is None else ":" + quote(password[0],
+                                                                               safe=""))
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
+
+
+def _warn_of_unknown_variables(env: Mapping[str, str]) -> None:
+    """Log each ``EDP_*`` variable that is no setting (a typo would be ignored quietly)."""
+    import difflib
+    import logging
+
+    known = {env_name(n) for n in (*SETTING_NAMES, *ORIGINAL_NAMES, *CREDENTIALS)}
+    for variable in sorted(env):
+        if (not variable.startswith(ENV_PREFIX) or variable in known
+                or variable in OWN_VARIABLES or variable.startswith(_OWN_PREFIXES)):
+            continue
+        close = difflib.get_close_matches(variable, sorted(known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        logging.getLogger("edp.config").warning(
+            "environment variable %s is not an edp setting: ignored%s", variable, hint
+        )
 
 
 def _config_path(

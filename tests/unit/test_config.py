@@ -186,3 +186,63 @@ def test_a_bad_secret_is_named_but_never_shown(tmp_path: Path) -> None:
     assert "serve_token must be a string" in message and "webhook_secret" in message
     assert str(path) in message
     assert "123456789012345678" not in message and "987654321" not in message
+
+
+# -- the original stack's parameter names ----------------------------------------------
+def test_the_originals_parameter_names_set_the_settings_they_became(tmp_path: Path) -> None:
+    # Given BucketName and EventBusName as a user of the original would name them
+    env = {"EDP_BUCKET_NAME": "lab-raw", "EDP_EVENT_BUS_NAME": "lab-bus"}
+    cfg = load_settings(env=env)
+    # Then they are the watched bucket and the EventBridge bus
+    assert cfg.buckets == ("lab-raw",) and cfg.eventbridge_bus == "lab-bus"
+    path = write(tmp_path, 'bucket_name = "from-file"\n')
+    assert load_settings(config_file=path, env={}).buckets == ("from-file",)
+    # And an environment variable still beats the file, under either name
+    assert load_settings(config_file=path, env={"EDP_BUCKETS": "b"}).buckets == ("b",)
+
+
+def test_an_original_name_and_its_edp_name_together_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="EDP_BUCKET_NAME and EDP_BUCKETS are both set"):
+        load_settings(env={"EDP_BUCKET_NAME": "a", "EDP_BUCKETS": "b"})
+    path = write(tmp_path, 'event_bus_name = "a"\neventbridge_bus = "b"\n')
+    with pytest.raises(ConfigError, match="sets both event_bus_name and eventbridge_bus"):
+        load_settings(config_file=path, env={})
+
+
+def test_db_user_and_password_go_into_a_postgresql_url() -> None:
+    # Given the original's DBUser / DBPassword beside a URL without credentials
+    env = {"EDP_DATABASE_URL": "postgresql://db.internal:5432/edp",
+           "EDP_DB_USER": "edp", "EDP_DB_PASSWORD": "p@ss/w:rd"}
+    # Then the URL carries them, quoted
+    assert load_settings(env=env).database_url == (
+        "postgresql://edp:p%40ss%2Fw%3Ard@db.internal:5432/edp")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [({"EDP_DB_USER": "edp"}, "can only be used with a PostgreSQL database_url"),
+     ({"EDP_DATABASE_URL": "postgresql://a:b@h/x", "EDP_DB_USER": "edp"},
+      "it already names a user"),
+     ({"EDP_DATABASE_URL": "postgresql://h/x", "EDP_DB_PASSWORD": "hunter2"},
+      "db_password (from environment variable EDP_DB_PASSWORD) needs db_user too")],
+)
+def test_db_credentials_that_cannot_apply_are_refused_without_showing_them(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env=env)
+    assert message in str(info.value)
+    assert "hunter2" not in str(info.value) and ":b@" not in str(info.value)
+
+
+def test_an_unknown_edp_variable_is_reported_with_the_closest_setting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a misspelt variable (it would be ignored), and edp's own non-setting ones
+    env = {"EDP_BUCKET_THRESHOLD_DURATON": "5", "EDP_CONFIG": "", "EDP_TEST_POSTGRES_URL": "x"}
+    with caplog.at_level("WARNING", logger="edp.config"):
+        load_settings(env=env)
+    # Then one warning names it and the setting it resembles
+    assert [r.getMessage() for r in caplog.records] == [
+        "environment variable EDP_BUCKET_THRESHOLD_DURATON is not an edp setting: ignored "
+        "(did you mean EDP_BUCKET_THRESHOLD_DURATION?)"]
