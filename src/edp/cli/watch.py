@@ -85,7 +85,7 @@ def watch(directory: Path, bucket: str | None, stdout: bool, registry: str | Non
     picked up at start; those already counted are not counted again. Stop with Ctrl-C.
     """
     require_watchfiles()
-    from edp.bootstrap import build_runtime, build_sinks
+    from edp.bootstrap import build_observers, build_runtime, build_sinks
     from edp.daemon import Daemon
 
     extra = {name: kwargs.pop(name) for name in ("watch_settle_seconds", "watch_ignore",
@@ -99,7 +99,8 @@ def watch(directory: Path, bucket: str | None, stdout: bool, registry: str | Non
     if registry is not None:
         sinks.append(packager_sink(settings, source, registry))
     runtime = build_runtime(
-        settings, sinks=sinks, worker_id=settings.worker_id or watch_worker_id(directory)
+        settings, sinks=sinks, worker_id=settings.worker_id or watch_worker_id(directory),
+        observers=build_observers(settings),
     )
     click.echo(f"edp watch: {source.root} as bucket {source.bucket!r}, store "
                f"{runtime.store.url}; Ctrl-C stops", err=True)

@@ -20,7 +20,7 @@ from types import FrameType
 
 import uvicorn
 
-from edp.bootstrap import Runtime, build_runtime
+from edp.bootstrap import Runtime, build_observers, build_runtime
 from edp.config import Settings
 from edp.daemon import Daemon, Source
 from edp.errors import ConfigError, EdpError
@@ -199,7 +199,8 @@ class ServeStack:
         runtime: Runtime | None = None
         try:
             runtime = build_runtime(self.settings, database_url=self.url_db, sinks=self._sinks,
-                                    stdout=self._stdout, worker_id=self.worker_id)
+                                    stdout=self._stdout, worker_id=self.worker_id,
+                                    observers=build_observers(self.settings))
             self.daemon = Daemon(runtime, self.sources, max_wait=1.0)
         except BaseException as exc:  # noqa: BLE001  (re-raised in the starting thread)
             self._startup_error = exc

@@ -368,3 +368,31 @@ def test_waiting_bodies_are_bounded_in_bytes_too() -> None:
     source.receive(wait=0)
     source.submit(b'{"Event": "s3:TestEvent", "pad": "' + b"x" * 200 + b'"}')
     source.close()
+
+
+def test_a_new_package_revision_posted_to_serve_emits_package_ready(
+    make_stack: Callable[..., ServeStack], tmp_path: Path
+) -> None:
+    from edp_testing import wait_until
+
+    # Given edp serve watching registry "minio-bucket" (files under a local root) for
+    # package-ready, and the pointer a quilt3 push wrote there
+    root, out = tmp_path / "root", tmp_path / "events.jsonl"
+    key = ".quilt/named_packages/lab/exp-1/1700000000"
+    top_hash = "ab" * 32
+    (root / "minio-bucket" / key).parent.mkdir(parents=True)
+    (root / "minio-bucket" / key).write_text(top_hash)
+    stack = make_stack(package_ready_registries=("minio-bucket",), package_ready_delay=0,
+                       package_local_root=str(root), jsonl_path=str(out))
+    # When MinIO reports the pointer's creation
+    with TestClient(stack.app, base_url="http://127.0.0.1") as client:
+        response = client.post("/ingest", content=json.dumps(minio(key, "0A")),
+                               headers={**AUTH, "Content-Type": "application/json"})
+        assert response.status_code == 200, response.text
+        # Then one package-ready event names the package and its top hash
+        events = wait_until(lambda: out.exists() and [
+            json.loads(line) for line in out.read_text().splitlines()], what="an event")
+    [event] = events
+    assert event["detail-type"] == "package-ready"
+    assert event["detail"]["package-name"] == "lab/exp-1"
+    assert event["detail"]["top-hash"] == top_hash
