@@ -25,7 +25,8 @@ from edp.cli._common import handle_errors
 @click.option("--local-root", type=click.Path(file_okay=False),
               help="Local mode: the files of bucket B, prefix P are in DIR/B/P.")
 @click.option("--once", is_flag=True, help="With --sqs-queue: stop when the queue is empty.")
-@click.option("--wait", default=20, show_default=True, help="SQS long-poll seconds.")
+@click.option("--wait", type=click.IntRange(0, 20), default=20, show_default=True,
+              help="SQS long-poll seconds (0-20, as SQS allows).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
 @handle_errors
 def package(
