@@ -34,7 +34,14 @@ from edp.core.envelopes import Origin, batch_event, format_time
 from edp.core.events import BatchReady, ObjectEvent
 from edp.core.rules import Skip
 from edp.decode import decode_message
-from edp.errors import DecodeError, EdpError, TransactionConflict
+from edp.errors import (
+    DecodeError,
+    EdpError,
+    TransactionConflict,
+    join_reasons,
+    one_line,
+    shorten,
+)
 from edp.store.base import (
     ClosedBatch,
     DeadLetter,
@@ -140,7 +147,7 @@ def decode_messages(
         if decoded.errors:
             # One dead letter (and one reported line) per input message, however
             # many of its records were bad; the good records go on.
-            reason = "; ".join(error.reason for error in decoded.errors)
+            reason = join_reasons([error.reason for error in decoded.errors])
             report.rejected.append(
                 dead_letter(message, DecodeError(reason, location=message.location), now)
             )
@@ -159,10 +166,12 @@ def dead_letter(message: Message, error: DecodeError, now: float) -> DeadLetter:
             text = json.dumps(body, default=repr)
     else:
         text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    if "\x00" in text:  # (no PostgreSQL text holds a NUL: kept as JSON writes it)
+        text = text.replace("\x00", "\\u0000")
     return DeadLetter(
         source=message.source,
-        location=error.location or message.location,
-        reason=error.reason,
+        location=one_line(error.location or message.location),
+        reason=shorten(error.reason),
         body=text,
         received_at=now,
     )

@@ -28,6 +28,28 @@ def one_line(text: str) -> str:
     return text.translate(_CONTROL)
 
 
+MAX_LISTED = 10
+"""Reasons listed one by one when a message has several bad parts; then a count."""
+MAX_REASON = 4000
+"""Characters of a reason kept (a dead letter, an answer): a small body with many bad
+records must not make a megabyte of text."""
+
+
+def join_reasons(reasons: list[str]) -> str:
+    """The reasons of a message's bad parts as one, the first ``MAX_LISTED`` in full."""
+    shown = "; ".join(reasons[:MAX_LISTED])
+    if len(reasons) > MAX_LISTED:
+        shown += f"; and {len(reasons) - MAX_LISTED} more"
+    return shorten(shown)
+
+
+def shorten(reason: str) -> str:
+    """``reason``, cut to ``MAX_REASON`` characters (saying so)."""
+    if len(reason) <= MAX_REASON:
+        return reason
+    return f"{reason[:MAX_REASON]}... ({len(reason):,} characters in all)"
+
+
 class EdpError(Exception):
     """Root of every error edp raises on purpose."""
 

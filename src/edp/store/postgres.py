@@ -276,6 +276,8 @@ class PostgresStore(WorkerClocks):
     # -- inspection -----------------------------------------------------------------------
     def get_batch(self, batch_id: str) -> BatchRow:
         """One batch by id, or by a unique id prefix."""
+        if "\x00" in batch_id:  # (no PostgreSQL text holds one: no batch id has one)
+            return pick_batch(batch_id, [])
         pattern = batch_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         rows = self._rows(
             f"SELECT {BATCH_COLUMNS} FROM batches WHERE batch_id = %s"  # noqa: S608

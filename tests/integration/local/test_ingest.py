@@ -396,3 +396,14 @@ def test_a_new_package_revision_posted_to_serve_emits_package_ready(
     assert event["detail-type"] == "package-ready"
     assert event["detail"]["package-name"] == "lab/exp-1"
     assert event["detail"]["top-hash"] == top_hash
+
+
+def test_a_body_of_many_bad_records_gets_a_short_answer(client: TestClient) -> None:
+    # Given a small body (under the tests' 4 KiB limit) of 1,000 bad records
+    body = '{"Records":[' + ",".join(["{}"] * 1000) + "]}"
+    response = client.post("/ingest", content=body,
+                           headers={**AUTH, "Content-Type": "application/json"})
+    # Then it is refused and kept, and the answer lists ten reasons and a count
+    assert response.status_code == 400
+    assert response.json()["error"].endswith("; and 990 more")
+    assert len(response.content) < 5000

@@ -351,11 +351,14 @@ def _oversized(key: str) -> dict[str, object]:
                                  # compresses repeated ones below its index limit)
                                  eventbridge("i/e/" + "".join(chr(0x4E00 + n * 7)
                                                               for n in range(1000)), T0),
-                                 eventbridge("i/e/x", T0, bucket="b" * 3000)],
+                                 eventbridge("i/e/x", T0, bucket="b" * 3000),
+                                 b"not json \x00 with a NUL", "\x00",
+                                 b'{"Records": [' + b", ".join([b"{}"] * 5000) + b"]}"],
                          ids=["nul-in-key", "size-out-of-range", "key-over-1024-characters",
-                              "key-over-1024-bytes", "bucket-name-too-long"])
+                              "key-over-1024-bytes", "bucket-name-too-long", "nul-in-body",
+                              "nul-body-text", "5000-bad-records"])
 def test_an_event_no_backend_can_store_is_a_dead_letter_and_the_rest_goes_on(
-    store: Store, bad: dict[str, object]
+    store: Store, bad: dict[str, object] | bytes | str
 ) -> None:
     # Given a step with an event no store can hold (a NUL in the key: PostgreSQL; a size
     # past 64 bits: both) among good events
@@ -369,6 +372,15 @@ def test_an_event_no_backend_can_store_is_a_dead_letter_and_the_rest_goes_on(
     assert [(r.prefix, r.object_count) for r in report.fired] == [("i/e/", 2)]
     [letter] = store.dead_letters(limit=10)
     assert letter.location == "m2"
+    # (a body of 5,000 bad records keeps a reason of a few lines, not of 5,000)
+    assert len(letter.reason) < 5000 and "\x00" not in letter.body
+
+
+def test_a_batch_id_with_a_nul_is_not_found(store: Store) -> None:
+    from edp.errors import NotFound
+
+    with pytest.raises(NotFound):
+        store.get_batch("ab\x00")
 
 
 def test_package_ready_leases_reads_after_commit_and_emits_once(
