@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
-_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+")
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+_TRAILING = "'\")]},;.:"
+"""Characters that end a URL quoted in a message (``'postgresql://...'``) rather than
+belong to it: left out of the URL only at its very end, so a quote *inside* a password
+is still part of the URL that gets masked."""
 _KEYWORD_PASSWORD = re.compile(r"\b(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s'\"]+)", re.I)
 """``password=...`` in a libpq keyword/value connection string."""
 
@@ -14,24 +18,32 @@ def redact_url(url: str) -> str:
     """``url`` with its password (or a user name without one: a token) and query values
     masked (``***``) and no fragment.
 
+    The user information is everything up to the *last* ``@`` of the URL: libpq (and
+    people) accept passwords holding ``#``, ``?``, ``/`` or quotes unencoded, which
+    would end it early for :func:`urllib.parse.urlsplit`. So a URL with an ``@`` in its
+    path or query is masked up to there too: more hidden, never less.
+
     >>> redact_url("postgresql://edp:s3cret@db:5432/edp?sslmode=require")
     'postgresql://edp:***@db:5432/edp?sslmode=***'
+    >>> redact_url("postgresql://edp:a#b?c@db/edp")
+    'postgresql://edp:***@db/edp'
     """
-    try:
-        parts = urlsplit(url)
-        userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else None
-        if userinfo is None and not parts.query and not parts.fragment:
-            return url
-        netloc = parts.netloc
-        if userinfo is not None:
-            host = netloc.rsplit("@", 1)[1]
-            shown = f"{userinfo.split(':', 1)[0]}:***" if parts.password is not None else "***"
-            netloc = f"{shown}@{host}"
-        query = urlencode([(k, "***") for k, _ in parse_qsl(parts.query, keep_blank_values=True)],
-                          safe="*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
-    except ValueError:  # not a URL we can parse: hide it all but the scheme
-        return url.split("://", 1)[0] + "://***" if "://" in url else "***"
+    if "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    userinfo, at, after = rest.rpartition("@")
+    shown = ""
+    if at:
+        shown = f"{userinfo.split(':', 1)[0]}:***@" if ":" in userinfo else "***@"
+    after = after.split("#", 1)[0]
+    location, question, query = after.partition("?")
+    if question:
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True)
+        except ValueError:
+            pairs = [("***", "")]
+        query = urlencode([(k, "***") for k, _ in pairs], safe="*")
+    return f"{scheme}://{shown}{location}{question}{query}"
 
 
 def redact_endpoint(url: str) -> str:
@@ -53,5 +65,11 @@ def redact_endpoint(url: str) -> str:
 def redact_text(text: str) -> str:
     """Every URL inside ``text`` redacted with :func:`redact_url`, and every libpq
     ``password=`` value masked."""
-    text = _URL.sub(lambda match: redact_url(match.group(0)), text)
+    text = _URL.sub(_redact_match, text)
     return _KEYWORD_PASSWORD.sub(lambda match: match.group(1) + "***", text)
+
+
+def _redact_match(match: re.Match[str]) -> str:
+    found = match.group(0)
+    url = found.rstrip(_TRAILING)
+    return redact_url(url) + found[len(url):]

@@ -43,3 +43,15 @@ def test_a_keyword_connection_string_hides_its_password() -> None:
     text = "cannot open host=db user=edp password=s3cret dbname=edp; or password = 'a b'"
     assert redact_text(text) == (
         "cannot open host=db user=edp password=*** dbname=edp; or password = ***")
+
+
+@pytest.mark.parametrize("password", ["Sup3r#secretpw", "Sup3r?secretpw", 'ab"secretpw',
+                                      "ab'secretpw", "ab/secretpw", "ab@secretpw"])
+def test_a_password_with_url_delimiters_or_quotes_is_hidden(password: str) -> None:
+    # (libpq takes such passwords unencoded; urlsplit would end the user part early)
+    url = f"postgresql://postgres:{password}@127.0.0.1:5432/db"
+    assert redact_url(url) == "postgresql://postgres:***@127.0.0.1:5432/db"
+    for text in (f"cannot open {url}: refused", f"database_url {url!r} is bad",
+                 f'database_url "{url}".'):
+        assert "secretpw" not in redact_text(text)
+        assert "127.0.0.1:5432/db" in redact_text(text)
