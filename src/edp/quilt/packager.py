@@ -94,9 +94,21 @@ class PackageResult:
 
 
 def _never_fits(exc: BaseException) -> bool:
-    """Whether ``exc`` says that a name cannot exist on this file system (no retry helps;
-    and a sink's later events would wait behind the retried one)."""
-    return isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG
+    """Whether ``exc`` says that a name cannot exist on this file system, or cannot be
+    a package's logical key (a file name that is not UTF-8): no retry helps, and a
+    sink's later events would wait behind the retried one."""
+    return (isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG) or isinstance(
+        exc, UnicodeError)
+
+
+def _is_text(name: str) -> bool:
+    """Whether ``name`` is valid Unicode text (a file name that was not UTF-8 comes from
+    the file system with surrogate escapes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Packager:
@@ -254,8 +266,13 @@ class Packager:
 
     @staticmethod
     def _drop_links_out_of(pkg: Any, source: Path) -> None:
-        """Leave out files whose real path is outside the prefix (symlinks out of the root)."""
+        """Leave out files whose real path is outside the prefix (symlinks out of the root),
+        and files whose names are not UTF-8 (no package key; the watcher skips them too)."""
         for key, entry in list(pkg.walk()):
+            if not _is_text(key):
+                log.warning("left out %r: its name is not valid UTF-8", key)
+                pkg.delete(key)
+                continue
             real = Path(entry.physical_key.path).resolve()
             if real != source and source not in real.parents:
                 log.warning("left out %s: it links to %s, outside %s", key, real, source)

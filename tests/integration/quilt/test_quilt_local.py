@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -364,3 +365,20 @@ def test_a_source_folder_name_the_file_system_cannot_hold_fails_for_good(
     result = packager.package(batch_event("lab", f"inst/{'x' * 300}/"))
     assert result.status is PackageStatus.FAILED and not result.retryable
     assert "File name too long" in (result.error or "")
+
+
+def test_a_file_whose_name_is_not_utf8_is_left_out_of_the_package(tmp_path: Path,
+                                                                   quilt: Any) -> None:
+    # Given a batch folder holding a file whose name is not valid UTF-8 (the watcher
+    # skips it, and it can be no package key)
+    make_files(tmp_path, "lab", {f"{PREFIX}a.txt": b"a"})
+    os.close(os.open(os.fsencode(tmp_path / "lab" / PREFIX) + b"/bad\xffname",
+                     os.O_CREAT | os.O_WRONLY))
+    packager = Packager(quilt_settings(), local_root=tmp_path, registry=str(tmp_path / "reg"))
+    # When it is packaged, then the package holds the other files (it was retried for
+    # ever before: quilt3 cannot write that name)
+    result = packager.package(batch_event("lab", PREFIX))
+    assert result.status is PackageStatus.PUSHED, result.error
+    keys = [k for k, _ in quilt.Package.browse(
+        "instrument/exp-1", registry=(tmp_path / "reg").as_uri()).walk()]
+    assert "a.txt" in keys and not [k for k in keys if k.startswith("bad")]
