@@ -55,3 +55,22 @@ def test_a_password_with_url_delimiters_or_quotes_is_hidden(password: str) -> No
                  f'database_url "{url}".'):
         assert "secretpw" not in redact_text(text)
         assert "127.0.0.1:5432/db" in redact_text(text)
+
+
+def test_log_lines_from_the_cli_stay_one_line_whatever_the_input_holds() -> None:
+    # Given the CLI's logging, and a record holding text taken from input (a prefix with
+    # a line break that imitates a log line, and a terminal escape)
+    import subprocess
+    import sys
+
+    forged = "x\n2026-01-01 00:00:00,000 INFO edp: FORGED\x1b[2J"
+    code = ("import logging\nfrom edp.cli import main\n"
+            "main(['-v', 'config'], standalone_mode=False)\n"
+            f"logging.getLogger('edp.test').warning('prefix=%s', {forged!r})\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=False)
+    # Then the record is one line, its break and escape written out
+    lines = [line for line in result.stderr.splitlines() if "edp.test" in line]
+    assert len(lines) == 1 and "FORGED" in lines[0] and "\\x0a" in lines[0], result.stderr
+    assert not any(line.startswith("2026-01-01") for line in result.stderr.splitlines())
+    assert "\x1b" not in result.stderr

@@ -11,6 +11,20 @@ import sys
 
 import click
 
+from edp.errors import one_line
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class OneLineFormatter(logging.Formatter):
+    """Log records whose message is one line: names taken from input (keys, prefixes,
+    error texts) cannot forge log lines with line breaks or terminal escapes.
+    Tracebacks stay as they are, below the message."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
 
 @click.group()
 @click.version_option(package_name="edp")
@@ -18,9 +32,9 @@ import click
 def main(verbose: int) -> None:
     """edp: one event per batch of files, not one per file."""
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 # Command modules register themselves on `main`; keep one import per family.
