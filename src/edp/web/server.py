@@ -73,6 +73,15 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def loopback_host_names(bound: str) -> list[str]:
+    """The ``Host`` names a browser sends to a server bound to loopback address ``bound``
+    (an IPv6 literal in brackets, as in ``http://[::1]:8080/``); any other name is a
+    DNS-rebinding attempt."""
+    names = ["127.0.0.1", "localhost", "[::1]"]
+    own = f"[{bound}]" if ":" in bound else bound.lower()
+    return names if own in names or not own else [*names, own]
+
+
 class ServeStack:
     """Everything ``edp serve`` runs, startable in the foreground or in a background thread."""
 
@@ -113,7 +122,7 @@ class ServeStack:
         self.app = create_app(WebContext(
             settings=settings, reader=self.reader, token=self.token, source=self.source,
             protect_reads=not loopback,
-            allowed_hosts=["127.0.0.1", "localhost", "::1"] if loopback else None,
+            allowed_hosts=loopback_host_names(self.host) if loopback else None,
             step_errors=self.step_errors,
         ))
         self.server = uvicorn.Server(uvicorn.Config(

@@ -284,6 +284,19 @@ def test_other_host_names_are_refused_on_loopback(client: TestClient) -> None:
     assert response.status_code == 400
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1:8080", "localhost", "[::1]:8080"])
+def test_the_loopback_names_a_browser_sends_are_accepted(client: TestClient, host: str) -> None:
+    assert client.get("/api/stats", headers={"Host": host}).status_code == 200
+
+
+def test_a_server_bound_to_another_loopback_address_accepts_its_own_name() -> None:
+    from edp.web.server import loopback_host_names
+
+    assert "127.0.0.2" in loopback_host_names("127.0.0.2")
+    assert loopback_host_names("::1") == ["127.0.0.1", "localhost", "[::1]"]
+    assert "[::ffff:127.0.0.1]" in loopback_host_names("::ffff:127.0.0.1")
+
+
 def test_edp_serve_cli_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     # Given `edp serve --port 0` in a subprocess, its token from the environment
     env = {**os.environ, "HOME": str(tmp_path), "EDP_SERVE_TOKEN": TOKEN}
