@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import orjson
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
@@ -266,7 +267,9 @@ class _Handlers:
                           f"({self.ctx.settings.serve_max_body} bytes)"}, 413)
         remote = request.client.host if request.client else ""
         try:
-            future = source.submit(body, remote=remote)
+            # (decoding a large body takes a while: off the event loop, so that the
+            # dashboard and other requests are served meanwhile)
+            future = await run_in_threadpool(source.submit, body, remote=remote)
             result: IngestResult = await asyncio.wait_for(
                 asyncio.shield(asyncio.wrap_future(future)), self.ctx.commit_timeout
             )
