@@ -172,7 +172,8 @@ class HttpSource:
         return ticket.future
 
     def _release(self, tickets: list[_Ticket]) -> None:
-        """Their bodies no longer wait in the queue."""
+        """Their bodies are no longer held: answered, or given back to their senders
+        (a body taken by a step still counts until its step committed)."""
         size = sum(len(cast(bytes, t.message.body)) for t in tickets)
         with self._lock:
             self._bytes -= size
@@ -191,7 +192,6 @@ class HttpSource:
         except queue.Empty:
             pass
         tickets = [t for t in taken if t is not None]
-        self._release(tickets)
         oldest = min((t.oldest for t in tickets if t.oldest is not None), default=None)
         if oldest is not None and oldest < self.clock() - self.backlog_lag:
             self._behind_until = time.monotonic() + self.backlog_idle
@@ -203,6 +203,7 @@ class HttpSource:
             if tickets and not closed:
                 self._inflight = received
         if closed:
+            self._release(tickets)
             for ticket in tickets:
                 _resolve(ticket.future, SourceClosed("edp stopped before committing"))
             return Received([], caught_up=True)
@@ -210,6 +211,7 @@ class HttpSource:
 
     def ack(self, received: Received) -> None:
         """The engine committed these bodies: answer their requests."""
+        self._release(list(received.receipts))
         for ticket in received.receipts:
             _resolve(ticket.future, ticket.verdict)
         if received is self._inflight:
@@ -226,6 +228,7 @@ class HttpSource:
             self._closed.set()
             pending = list(self._inflight.receipts) if self._inflight is not None else []
             self._inflight = None
+        self._release(pending)
         while True:
             try:
                 ticket = self._queue.get_nowait()

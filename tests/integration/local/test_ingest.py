@@ -363,24 +363,29 @@ def test_edp_serve_cli_never_prints_the_database_password(tmp_path: Path) -> Non
 
 
 def test_waiting_bodies_are_bounded_in_bytes_too() -> None:
-    # Given an ingest source that holds at most 100 bytes of waiting bodies
+    # Given an ingest source that holds at most 100 bytes of bodies not yet committed
     from edp.sources.http import HttpSource
 
     source = HttpSource(max_bytes=100)
     body = b'{"Event": "s3:TestEvent", "pad": "' + b"x" * 30 + b'"}'  # 65 bytes
     source.submit(body)
-    # When a second body would take the queue past that, it is refused (503)...
+    # When a second body would take it past that, it is refused (503)...
     with pytest.raises(queue.Full):
         source.submit(body)
-    # ... until the engine has taken the first
+    # ... also while the engine's step holds the first (taken, not committed yet)
     received = source.receive(wait=0)
     assert len(received.messages) == 1
-    source.submit(body)
-    # and a single body larger than the bound still gets in when nothing waits
+    with pytest.raises(queue.Full):
+        source.submit(body)
+    # ... until that step committed
     source.ack(received)
-    source.receive(wait=0)
+    source.submit(body)
+    # and a single body larger than the bound still gets in when nothing is held
+    source.ack(source.receive(wait=0))
     source.submit(b'{"Event": "s3:TestEvent", "pad": "' + b"x" * 200 + b'"}')
+    # and closing gives every held byte back
     source.close()
+    assert source._bytes == 0
 
 
 def test_a_new_package_revision_posted_to_serve_emits_package_ready(
