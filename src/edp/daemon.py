@@ -328,7 +328,10 @@ class Daemon:
         if now - self._last_prune < self.PRUNE_EVERY:
             return
         self._last_prune = now
-        forgotten = self.runtime.engine.prune()
+        # A watched folder reports every file again when it starts: its keys must stay
+        # known, or files counted long ago would count again after a restart.
+        keep = [b for s in self.sources for b in getattr(s, "remembered_buckets", ())]
+        forgotten = self.runtime.engine.prune(keep_buckets=keep)
         if forgotten:
             log.info("pruned %d key memories older than the retention", forgotten)
 

@@ -196,7 +196,7 @@ def run_demo(console: Console, *, keep: Path | None = None, package: bool = True
                       f"bucket [bold]{BUCKET}[/]. Batches: prefix depth 2, fire at 5 files or "
                       "after 3 s of quiet.\n", highlight=False)
         source = FolderSource(root, bucket=BUCKET, settle=settings.watch_settle_seconds,
-                              ignore=settings.watch_ignore)
+                              ignore=settings.watch_ignore, rules=settings.rule_book())
         engine = EngineThread(settings, source, work / "events.jsonl")
         engine.start()
         engine.ready.wait(timeout=60)

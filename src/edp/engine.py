@@ -494,14 +494,16 @@ class Engine:
         self._log_fired(fired)
         return fired
 
-    def prune(self) -> int:
-        """Forget key memories last seen more than ``sequencer_retention`` before the clock.
+    def prune(self, *, keep_buckets: Sequence[str] = ()) -> int:
+        """Forget key memories last seen more than ``sequencer_retention`` before the clock
+        (except those of ``keep_buckets``).
 
         Long-running workers call this now and then; a replay never does (it keeps all).
         """
         if not math.isfinite(self.clock):
             return 0
-        return self.store.prune(keys_before=self.clock - self.settings.sequencer_retention)
+        return self.store.prune(keys_before=self.clock - self.settings.sequencer_retention,
+                                keep_buckets=keep_buckets)
 
     def next_deadline(self) -> float | None:
         """The earliest deadline of any open batch or observer timer, to wake the worker."""

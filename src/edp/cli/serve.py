@@ -53,6 +53,7 @@ def serve(watch_dir: Path | None, bucket: str | None, stdout: bool, **kwargs: An
         sources.append(FolderSource(
             watch_dir, bucket=bucket, settle=settings.watch_settle_seconds,
             ignore=settings.watch_ignore, chunk=settings.chunk_size,
+            rules=settings.rule_book(),
         ))
     stack = ServeStack(settings, stdout=stdout, sources=sources)
     click.echo(f"edp serve: dashboard {stack.url}/  ingest POST {stack.url}/ingest  "

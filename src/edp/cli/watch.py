@@ -94,6 +94,7 @@ def watch(directory: Path, bucket: str | None, stdout: bool, registry: str | Non
     source = FolderSource(
         directory, bucket=bucket, settle=settings.watch_settle_seconds,
         ignore=settings.watch_ignore, chunk=settings.chunk_size,
+        rules=settings.rule_book(),
     )
     sinks = build_sinks(settings, stdout=stdout)
     if registry is not None:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
 
+from edp.core.rules import RuleBook
 from edp.daemon import Received
 from edp.engine import Message
 from edp.errors import ConfigError
@@ -129,6 +130,7 @@ class FolderSource:
         chunk: int = 1000,
         force_polling: bool | None = None,
         clock: Callable[[], float] = time.time,
+        rules: RuleBook | None = None,
     ) -> None:
         path = Path(root)
         if not path.is_dir():
@@ -138,6 +140,13 @@ class FolderSource:
         if not self.bucket:
             raise ConfigError(f"edp watch: cannot name a bucket after {root}; give --bucket")
         self.name = f"watch:{self.root}"
+        # Its keys are never pruned from the store (the daemon asks): every start
+        # reports every file again, which must then be a duplicate, however old.
+        self.remembered_buckets = (self.bucket,)
+        # Files that complete at the same instant (one clock tick of the file system)
+        # are reported marker files last: a marker written just after its data files
+        # must not close the batch before them.
+        self.is_marker = (rules or RuleBook()).for_bucket(self.bucket).is_marker
         self.settle = settle
         self.ignore = tuple(ignore)
         self.chunk = chunk
@@ -182,7 +191,8 @@ class FolderSource:
             ready, next_check = self._collect()
             if ready:
                 # oldest first, so that a backlog moves the engine's clock forward only
-                self._backlog = sorted(ready, key=lambda r: (r.mtime_ns, r.key))
+                marker = self.is_marker
+                self._backlog = sorted(ready, key=lambda r: (r.mtime_ns, marker(r.key), r.key))
                 break
             now = time.monotonic()
             if now >= deadline or self._stop.is_set():

@@ -358,9 +358,10 @@ class Store(Protocol):
         """Mark a replay worker done; True when every worker is done (the caller flushes)."""
         ...
 
-    def prune(self, *, keys_before: float) -> int:
+    def prune(self, *, keys_before: float, keep_buckets: Sequence[str] = ()) -> int:
         """Forget key memories and fingerprints last seen before ``keys_before``, except
-        the keys of batches still open (SPEC 3.3: an overwrite of one keeps the count)."""
+        the keys of batches still open (SPEC 3.3: an overwrite of one keeps the count)
+        and the key memories of ``keep_buckets`` (watched folders: see FolderSource)."""
         ...
 
     def schema_version(self) -> tuple[int, int]:

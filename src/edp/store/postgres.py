@@ -356,15 +356,17 @@ class PostgresStore(WorkerClocks):
         return {name: int(value) for name, value in zip(names, row, strict=True)}
 
     # -- housekeeping (the workers' clocks: see WorkerClocks) ------------------------------
-    def prune(self, *, keys_before: float) -> int:
+    def prune(self, *, keys_before: float, keep_buckets: Sequence[str] = ()) -> int:
         """Forget key memories and fingerprints last seen before ``keys_before``; a key of
-        a batch still open is kept (an overwrite of it must not count again, SPEC 3.3)."""
+        a batch still open is kept (an overwrite of it must not count again, SPEC 3.3),
+        and so is every key of ``keep_buckets``."""
 
         def work(conn: psycopg.Connection[Any]) -> int:
             gone = conn.execute(
                 "DELETE FROM key_memory WHERE seen_at < %s AND NOT EXISTS ("
                 "SELECT 1 FROM batches b WHERE b.batch_id = key_memory.batch_id"
-                " AND b.state = 'open')", (keys_before,)
+                " AND b.state = 'open') AND bucket <> ALL(%s::text[])",
+                (keys_before, sorted(set(keep_buckets))),
             ).rowcount
             gone += conn.execute(
                 "DELETE FROM fingerprints WHERE seen_at < %s", (keys_before,)

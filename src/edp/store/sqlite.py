@@ -323,14 +323,17 @@ class SqliteStore:
             row = conn.execute("SELECT count(*) FROM workers WHERE finished = 0").fetchone()
         return int(row[0]) == 0
 
-    def prune(self, *, keys_before: float) -> int:
+    def prune(self, *, keys_before: float, keep_buckets: Sequence[str] = ()) -> int:
         """Forget key memories and fingerprints last seen before ``keys_before``; a key of
-        a batch still open is kept (an overwrite of it must not count again, SPEC 3.3)."""
+        a batch still open is kept (an overwrite of it must not count again, SPEC 3.3),
+        and so is every key of ``keep_buckets``."""
         with self._write() as conn:
+            kept = sorted(set(keep_buckets))
             gone = conn.execute(
-                "DELETE FROM key_memory WHERE seen_at < ? AND NOT EXISTS ("
+                "DELETE FROM key_memory WHERE seen_at < ? AND NOT EXISTS ("  # noqa: S608
                 "SELECT 1 FROM batches b WHERE b.batch_id = key_memory.batch_id"
-                " AND b.state = 'open')", (keys_before,)
+                f" AND b.state = 'open') AND bucket NOT IN ({','.join('?' * len(kept))})",
+                (keys_before, *kept),
             ).rowcount
             gone += conn.execute(
                 "DELETE FROM fingerprints WHERE seen_at < ?", (keys_before,)

@@ -40,7 +40,8 @@ class WatchRun:
         try:
             source = FolderSource(self.root, bucket="lab",
                                   settle=self.settings.watch_settle_seconds,
-                                  ignore=self.settings.watch_ignore)
+                                  ignore=self.settings.watch_ignore,
+                                  rules=self.settings.rule_book())
             runtime = build_runtime(self.settings, database_url=self.url, sinks=[self.sink],
                                     worker_id="watch-test")
             self.daemon = Daemon(runtime, [source], max_wait=0.2)

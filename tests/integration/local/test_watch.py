@@ -150,6 +150,51 @@ def test_a_restart_neither_loses_nor_repeats_batches(
     assert store.stats()["closed_batches"] == 2
 
 
+def test_files_counted_days_ago_are_not_counted_again_after_restarts(
+    watch: Callable[..., Any], root: Path, reader: Callable[[], Store], wait: Wait
+) -> None:
+    # Given files written three days ago (an rsync -a of older data), counted by a run
+    (root / "scope/old").mkdir(parents=True)
+    days_ago = time.time() - 3 * 86400
+    for name in ("a", "b", "c"):
+        (root / f"scope/old/{name}.dat").write_text(name)
+        os.utime(root / f"scope/old/{name}.dat", (days_ago, days_ago))
+    first = watch()
+    store = reader()
+    wait(lambda: first.sink.sent, what="the first run's batch")
+    first.stop()
+    # When the watcher restarts twice (each start reports every file again; the daemon
+    # prunes key memories older than the retention, a day, at its start)
+    for _ in range(2):
+        before = store.counters().get("events.duplicate", 0)
+        again = watch()
+        wait(lambda b=before: store.counters().get("events.duplicate", 0) == b + 3,
+             what="the files reported again, as duplicates")
+        time.sleep(0.3)
+        again.stop()
+        assert again.sink.sent == []
+    # Then the files were counted once: one batch in all
+    assert store.stats()["closed_batches"] == 1
+
+
+def test_a_marker_completed_in_the_same_tick_as_its_data_is_reported_last(
+    watch: Callable[..., Any], root: Path, wait: Wait
+) -> None:
+    # Given a run's data files and its marker with the same modification time (the file
+    # system's clock tick), the marker's name sorting before the data's
+    (root / "scope/run-1").mkdir(parents=True)
+    stamp = time.time_ns() - 10**9
+    for name in ("data1.bin", "data2.bin", "_DONE"):
+        (root / f"scope/run-1/{name}").write_text(name)
+        os.utime(root / f"scope/run-1/{name}", ns=(stamp, stamp))
+    # When the watcher reports them
+    run = watch(bucket_threshold_event_count=0, bucket_complete_markers=("_DONE",))
+    wait(lambda: run.sink.sent, what="the marker's batch")
+    time.sleep(0.5)
+    # Then one batch holds the data and the marker
+    assert run.triggers() == [("scope/run-1/", 3, "marker")]
+
+
 def test_symbolic_links_out_of_the_root_are_not_followed(root: Path, tmp_path: Path) -> None:
     # Given a tree with a link to a file outside, a link to a folder outside, and a real file
     outside = tmp_path / "outside"

@@ -243,6 +243,18 @@ def test_prune_forgets_old_keys_and_fingerprints(store: Store) -> None:
     assert set(state.keys) == {("bkt", "new")} and state.fingerprints == {"f-new"}
 
 
+def test_prune_keeps_the_keys_of_the_buckets_it_is_told_to(store: Store) -> None:
+    from edp.core.batching import KeyMemory
+
+    with store.transaction() as tx:
+        tx.save(StepWrite(keys={("folder", "k"): KeyMemory("01", T0),
+                                ("s3", "k"): KeyMemory("01", T0)}), sinks=[], now=T0)
+    assert store.prune(keys_before=T0 + 50, keep_buckets=["folder"]) == 1
+    with store.transaction() as tx:
+        state = tx.load(LoadRequest(object_keys={("folder", "k"), ("s3", "k")}))
+    assert set(state.keys) == {("folder", "k")}
+
+
 def test_prune_keeps_the_keys_of_a_batch_still_open(store: Store) -> None:
     # Given a batch open for days (a file every 12 h, a quiet period of 2 days) and a
     # closed one, both with keys last seen more than the retention (1 day) ago
