@@ -235,6 +235,41 @@ def test_a_mistyped_store_path_is_an_error_not_a_new_empty_store(tmp_path: Path)
     assert edp("db", "status", "--database-url", url, home=tmp_path).returncode == 0
 
 
+def test_a_file_that_is_not_an_edp_store_is_refused_and_left_as_it_was(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    # Given another application's SQLite database, and a text file
+    other, text = tmp_path / "other.db", tmp_path / "notes.txt"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE foo (x)")
+    conn.close()
+    text.write_text("not a database\n" * 100)
+    for path, message in ((other, "is an SQLite database but not an edp store"),
+                          (text, "is not an SQLite database")):
+        for args in (("status",), ("batches",), ("dead-letters",), ("db", "status")):
+            result = edp(*args, "--database-url", f"sqlite:///{path}", home=tmp_path)
+            # Then each read-only command says what the file is, with no traceback
+            assert result.returncode == 1, (args, result.stderr)
+            assert message in result.stderr and "Traceback" not in result.stderr
+    # and no edp table was added to the other application's database
+    with sqlite3.connect(other) as conn:
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
+    conn.close()
+    assert tables == ["foo"]
+
+
+def test_limits_and_empty_ids_are_refused(tmp_path: Path) -> None:
+    assert edp("db", "upgrade", home=tmp_path).returncode == 0
+    for args in (("batches", "--limit", "-1"), ("status", "--limit", "0"),
+                 ("dead-letters", "--limit", "-5")):
+        result = edp(*args, home=tmp_path)
+        assert result.returncode == 2 and "Invalid value for '--limit'" in result.stderr
+    result = edp("batches", "show", "", home=tmp_path)
+    assert result.returncode == 1 and "no batch id given" in result.stderr
+
+
 def test_a_reemit_with_no_sink_anywhere_is_a_clear_error(tmp_path: Path) -> None:
     # Given a store filled by a replay (its only sink was the replay's own stdout, which
     # no worker relays to)

@@ -115,12 +115,35 @@ def open_runtime(
         from edp.store.sqlite import sqlite_path
 
         path = sqlite_path(url)
-        if path and path != ":memory:" and not Path(path).exists():
-            raise EdpError(
-                f"no edp database at {path}: nothing has run with this database_url yet "
-                "(check --database-url / EDP_DATABASE_URL; `edp db upgrade` creates one)"
-            )
+        if path and path != ":memory:":
+            if not Path(path).exists():
+                raise EdpError(
+                    f"no edp database at {path}: nothing has run with this database_url yet "
+                    "(check --database-url / EDP_DATABASE_URL; `edp db upgrade` creates one)"
+                )
+            _check_edp_sqlite(path)
     return build_runtime(settings)
+
+
+def _check_edp_sqlite(path: str) -> None:
+    """Refuse an existing file that is not an edp store (another application's database,
+    a text file): an operator's command must not add edp's tables to it."""
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name ="
+                                 " 'schema_migrations'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise EdpError(f"{path} is not an SQLite database ({exc}): check --database-url / "
+                       "EDP_DATABASE_URL") from None
+    if found is None:
+        raise EdpError(f"{path} is an SQLite database but not an edp store (no "
+                       "schema_migrations table): check --database-url / EDP_DATABASE_URL "
+                       "(`edp db upgrade` makes a new file an edp store)")
 
 
 def store_options(func: F) -> F:

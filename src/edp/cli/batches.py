@@ -26,7 +26,8 @@ from edp.cli._common import (
 @main.group(invoke_without_command=True)
 @store_options
 @click.option("--state", type=click.Choice(["open", "closed"]), help="Only these batches.")
-@click.option("--limit", default=50, show_default=True, help="Rows per state.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True,
+              help="Rows per state.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 @handle_errors

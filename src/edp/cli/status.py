@@ -80,7 +80,8 @@ def status_tables(data: dict[str, Any]) -> Group:
 
 @main.command()
 @store_options
-@click.option("--limit", default=20, show_default=True, help="Rows per table.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True,
+              help="Rows per table.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (as /api/stats) instead.")
 @handle_errors
 def status(config_file: str | None, database_url: str | None, limit: int, as_json: bool) -> None:

@@ -52,7 +52,7 @@ def db_status(config_file: str | None, database_url: str | None) -> None:
 
 @main.command("dead-letters")
 @store_options
-@click.option("--limit", default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=20, show_default=True)
 @handle_errors
 def dead_letters(config_file: str | None, database_url: str | None, limit: int) -> None:
     """List the most recent inputs that could not be decoded, with the reason."""

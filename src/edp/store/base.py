@@ -177,6 +177,8 @@ def pick_batch(batch_id: str, rows: Sequence[Sequence[Any]]) -> BatchRow:
     An exact id wins; else a unique prefix; else :class:`~edp.errors.NotFound` says
     whether the prefix matched several batches or none.
     """
+    if not batch_id.strip():
+        raise NotFound("no batch id given (an empty id would name any batch)")
     exact = [row for row in rows if row[0] == batch_id]
     if exact:
         return BatchRow(*exact[0])
