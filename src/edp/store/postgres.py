@@ -26,6 +26,7 @@ from psycopg_pool import ConnectionPool
 from tenacity import (
     Retrying,
     before_sleep_log,
+    retry_if_exception,
     retry_if_exception_type,
     stop_after_delay,
     wait_random_exponential,
@@ -119,6 +120,7 @@ class PostgresStore(WorkerClocks):
                 conn.execute("SET synchronous_commit = off")
             conn.commit()
 
+        self._reach(url, kwargs, retry_seconds)
         self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             url, min_size=1, max_size=pool_size, kwargs=kwargs, configure=configure,
             open=False, timeout=retry_seconds, name="edp",
@@ -131,6 +133,29 @@ class PostgresStore(WorkerClocks):
             raise StoreError(
                 f"cannot open PostgreSQL database {self.url}: {redact_text(str(exc))}"
             ) from None
+
+    def _reach(self, url: str, kwargs: dict[str, Any], patience: float) -> None:
+        """Connect once before the pool does: a server that answers "no" (no such
+        database or role, authentication failed) is an error at once, naming why; one
+        that does not answer (down, starting) is tried again for ``patience`` seconds,
+        and the last reason is the error's. (The pool's own retries would wait it all
+        out in either case, and end with only "pool initialization incomplete".)"""
+
+        def connect() -> None:
+            psycopg.connect(url, connect_timeout=10, **kwargs).close()
+
+        try:
+            Retrying(
+                retry=retry_if_exception(lambda exc: isinstance(exc, psycopg.OperationalError)
+                                         and not _refused_for_good(str(exc))),
+                stop=stop_after_delay(patience),
+                wait=wait_random_exponential(multiplier=0.25, max=5.0),
+                before_sleep=before_sleep_log(log, logging.WARNING),
+                reraise=True,
+            )(connect)
+        except psycopg.OperationalError as exc:
+            raise StoreError(f"cannot open PostgreSQL database {self.url}: "
+                             f"{redact_text(str(exc).strip())}") from None
 
     @classmethod
     def from_url(cls, url: str, *, fast_unsafe: bool = False) -> PostgresStore:
@@ -379,6 +404,16 @@ class PostgresStore(WorkerClocks):
         """Close every pooled connection (a replay run's ending lock is given up)."""
         self.release_ending()
         self.pool.close()
+
+
+_FOR_GOOD = ("does not exist", "password authentication failed", "no pg_hba.conf entry",
+             "authentication failed", "SSL is not enabled on the server")
+"""Parts of a server's FATAL answer that no retry changes (a server starting up, or
+out of connection slots, is answered by a retry)."""
+
+
+def _refused_for_good(reason: str) -> bool:
+    return "FATAL:" in reason and any(part in reason for part in _FOR_GOOD)
 
 
 __all__ = ["PostgresStore"]

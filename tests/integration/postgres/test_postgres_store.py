@@ -45,6 +45,20 @@ def test_an_unreachable_server_is_reported_without_the_password() -> None:
     assert "s3cret" not in str(caught.value)
 
 
+def test_a_database_the_server_does_not_have_is_an_error_at_once(pg_url: str) -> None:
+    # Given a running server asked for a database (or a role) it does not have, with
+    # an hour of patience for servers that do not answer yet
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(pg_url)
+    no_role = parts._replace(netloc="no_such_role_here@" + parts.netloc.rpartition("@")[2])
+    for url in (urlunsplit(parts._replace(path="/no_such_database_here")),
+                urlunsplit(no_role)):
+        # Then the store refuses at once (a retry cannot help), saying why
+        with pytest.raises(StoreError, match="does not exist"):
+            PostgresStore(url, retry_seconds=3600)
+
+
 def test_workers_starting_at_once_migrate_once(pg_url: str) -> None:
     # Given four stores opened on a fresh database at the same moment
     errors: list[BaseException] = []
