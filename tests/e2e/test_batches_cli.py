@@ -66,6 +66,9 @@ def test_operator_workflow(tmp_path: Path) -> None:
                     home=tmp_path / "elsewhere")
     assert elsewhere.returncode == 0, elsewhere.stderr
     assert orjson.loads(elsewhere.stdout) == orjson.loads(shown.stdout)
+    # (and --json before the subcommand, as `edp batches --json` lists)
+    before = edp("batches", "--json", "show", row.batch_id[:8], home=tmp_path)
+    assert orjson.loads(before.stdout) == orjson.loads(shown.stdout)
     data = orjson.loads(shown.stdout)
     assert [o["key"] for o in data["objects"]] == ["lab/exp 1/a.tif", "lab/exp 1/b.tif"]
     assert data["batch"]["object_count"] == 2
@@ -268,6 +271,11 @@ def test_limits_and_empty_ids_are_refused(tmp_path: Path) -> None:
         assert result.returncode == 2 and "Invalid value for '--limit'" in result.stderr
     result = edp("batches", "show", "", home=tmp_path)
     assert result.returncode == 1 and "no batch id given" in result.stderr
+    # and list options before a subcommand are an error, not ignored
+    for args in (("--limit", "5", "show", "x"), ("--state", "open", "close", "x"),
+                 ("--json", "close", "x")):
+        result = edp("batches", *args, home=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
 
 
 def test_a_reemit_with_no_sink_anywhere_is_a_clear_error(tmp_path: Path) -> None:

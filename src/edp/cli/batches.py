@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 import orjson
+from click.core import ParameterSource
 from rich.console import Console
 from rich.table import Table
 
@@ -36,8 +37,13 @@ def batches(
     state: str | None, limit: int, as_json: bool,
 ) -> None:
     """List open batches (by next deadline) and recent closed ones."""
-    ctx.obj = {"config_file": config_file, "database_url": database_url}
+    ctx.obj = {"config_file": config_file, "database_url": database_url, "json": as_json}
     if ctx.invoked_subcommand is not None:
+        if state is not None or ctx.get_parameter_source("limit") is not ParameterSource.DEFAULT:
+            raise click.UsageError("--state and --limit choose the batches listed: give them "
+                                   "without a subcommand")
+        if as_json and ctx.invoked_subcommand != "show":
+            raise click.UsageError(f"--json has no effect on `{ctx.invoked_subcommand}`")
         return
     runtime = open_runtime(config_file, database_url)
     if as_json:
@@ -89,7 +95,7 @@ def batches_show(ctx: click.Context, batch_id: str, as_json: bool, config_file: 
     row = runtime.store.get_batch(batch_id)
     objects = runtime.store.batch_objects(row.batch_id)
     runtime.close()
-    if as_json:
+    if as_json or (ctx.obj or {}).get("json"):  # (`edp batches --json show ID` too)
         data = {"batch": _as_dict(row), "objects": [_as_dict(o) for o in objects]}
         click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
         return
