@@ -320,3 +320,16 @@ def test_a_reemit_without_a_sink_here_waits_for_the_workers_sinks(tmp_path: Path
     assert "0 deliveries made" in result.stdout
     assert "no sink is configured for this command" in result.stdout
     assert "(jsonl)" in result.stdout
+
+
+def test_a_closed_batchs_age_is_how_long_it_was_open(tmp_path: Path) -> None:
+    # Given the worked example replayed into a store (its batches fired in 2024)
+    replay = Path(__file__).parents[1] / "replay"
+    url = f"sqlite:///{tmp_path / 'kept.db'}"
+    args = (replay / "lifecycle.args").read_text().split()
+    assert edp("replay", str(replay / "lifecycle.jsonl"), *args, "--database-url", url,
+               home=tmp_path).returncode == 0
+    # Then lab/e1/ (opened at 00:00:00, fired by count at 00:00:20) is 20 s old, not years
+    listing = edp("batches", "--database-url", url, home=tmp_path).stdout
+    [line] = [line for line in listing.splitlines() if "lab/e1/" in line]
+    assert "│ 20s " in line, line

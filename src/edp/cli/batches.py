@@ -63,9 +63,16 @@ def batches(
         else:
             deadline, trigger = f"fired {when(row.fired_at)}", str(row.trigger)
         table.add_row(row.batch_id[:8], row.state, cell(row.bucket), cell(row.prefix),
-                      str(row.object_count), span(now - row.first_activity), deadline, trigger)
+                      str(row.object_count), span(_age_end(row, now) - row.first_activity),
+                      deadline, trigger)
     Console(width=160).print(table)
     runtime.close()
+
+
+def _age_end(row: Any, now: float) -> float:
+    """A batch's age runs to now while it is open, to its firing once closed (as the
+    dashboard shows it)."""
+    return now if row.state == "open" or row.fired_at is None else float(row.fired_at)
 
 
 def _store_args(
