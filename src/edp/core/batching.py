@@ -280,6 +280,9 @@ class Batcher:
             ):
                 if kind is not _DELETED and not _is_last_write(memory, time, etag, size):
                     self._remember(event.fingerprint(), clock)
+                if clock > memory.seen_at:  # seen again: the retention runs from now
+                    memory.seen_at = clock
+                    self._changes.keys[okey] = memory
                 return _DUPLICATE
         else:
             fingerprint = event.fingerprint()

@@ -243,6 +243,24 @@ def test_prune_forgets_old_keys_and_fingerprints(store: Store) -> None:
     assert set(state.keys) == {("bkt", "new")} and state.fingerprints == {"f-new"}
 
 
+def test_a_key_seen_again_as_a_duplicate_is_remembered_from_then(store: Store) -> None:
+    # Given a key written at T0 and delivered again 20 hours later (a duplicate)
+    hour = 3600.0
+    engine = Engine(store, Settings(database_url="sqlite:///:memory:",
+                                    bucket_threshold_event_count=1), sinks=[], worker_id="w")
+    again = eventbridge("i/e/a", T0, sequencer="01")
+    engine.process([Message(again, "m1")], now=T0)
+    engine.process([Message(eventbridge("j/k/x", T0 + 20 * hour, sequencer="01"), "m2"),
+                    Message(again, "m3")], now=T0)
+    # When the worker prunes at T0 + 30 h (a retention of a day: forget before T0 + 6 h)
+    engine.process([Message(eventbridge("j/k/y", T0 + 30 * hour, sequencer="01"), "m4")],
+                   now=T0)
+    engine.prune()
+    # Then the key is still known: a third delivery is a duplicate, not a new batch
+    report = engine.process([Message(again, "m5")], now=T0)
+    assert report.counts["events.duplicate"] == 1 and report.fired == []
+
+
 def test_prune_keeps_the_keys_of_the_buckets_it_is_told_to(store: Store) -> None:
     from edp.core.batching import KeyMemory
 
