@@ -177,6 +177,10 @@ def dead_letter(message: Message, error: DecodeError, now: float) -> DeadLetter:
     )
 
 
+_PRIVATE_SINKS = ("stdout", "log")
+"""Sinks that are one process's own output: another process cannot relay to them."""
+
+
 class Engine:
     """Drives the pure core against a store. One engine per worker process."""
 
@@ -221,7 +225,7 @@ class Engine:
             # stdout and log belong to the process that printed them: nobody else
             # relays to them, so they are no destination for another process's events.
             self._known_sinks = tuple(
-                name for name in self.store.known_sinks() if name not in ("stdout", "log")
+                name for name in self.store.known_sinks() if name not in _PRIVATE_SINKS
             )
             if not self._known_sinks and not self._warned_no_sink:
                 self._warned_no_sink = True
@@ -441,6 +445,14 @@ class Engine:
         from then on the other workers fire nothing by time past it (SPEC 4), even
         before it has committed anything."""
         self.store.heartbeat(self.worker_id, clock=self._published(self.clock), now=now)
+        self.register_sinks(now=now)
+
+    def register_sinks(self, *, now: float) -> None:
+        """Record in the store the sinks this worker relays to, so that processes with
+        none of their own record their events for them (see :attr:`sinks`)."""
+        shared = [name for name in self.own_sinks if name not in _PRIVATE_SINKS]
+        if shared:
+            self.store.register_sinks(shared, now=now)
 
     def fire_due(self, *, now: float) -> list[BatchReady]:
         """The source is caught up: the clock becomes ``now``; fire what is due."""

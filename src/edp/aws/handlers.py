@@ -83,6 +83,7 @@ def _build(role: str) -> Runtime:
                           worker_id=worker_id, observers=build_observers(settings))
     log.info("edp %s runtime: worker %s, sinks %s", role, worker_id,
              ", ".join(built.relay.sink_names) or "none")
+    built.engine.register_sinks(now=time.time())
     return built
 
 

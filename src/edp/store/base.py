@@ -298,7 +298,12 @@ class Store(Protocol):
         ...
 
     def known_sinks(self) -> list[str]:
-        """Names of every sink that has delivery rows (the sinks workers relay to)."""
+        """Names of the sinks workers relay to: registered ones, and every sink that has
+        delivery rows."""
+        ...
+
+    def register_sinks(self, names: Sequence[str], *, now: float) -> None:
+        """Record that a long-running worker relays to ``names`` (see known_sinks)."""
         ...
 
     def requeue(self, event_id: str, sinks: Sequence[str]) -> bool:

@@ -275,10 +275,22 @@ class PostgresStore(WorkerClocks):
         return None if due is None else float(due)
 
     def known_sinks(self) -> list[str]:
-        """Names of every sink that has delivery rows."""
+        """Names of the registered sinks and of every sink that has delivery rows."""
         return [row[0] for row in self._rows(
-            "SELECT DISTINCT sink FROM deliveries ORDER BY sink", ()
+            "SELECT name FROM sinks UNION SELECT DISTINCT sink FROM deliveries ORDER BY 1", ()
         )]
+
+    def register_sinks(self, names: Sequence[str], *, now: float) -> None:
+        """Record the sinks a long-running worker relays to."""
+        if not names:
+            return
+
+        def work(conn: psycopg.Connection[Any]) -> None:
+            conn.execute("INSERT INTO sinks (name, registered_at) SELECT n, %s"
+                         " FROM unnest(%s::text[]) AS n ON CONFLICT (name) DO NOTHING",
+                         (now, sorted(set(names))))
+
+        self._run(work, pipeline=False)
 
     def requeue(self, event_id: str, sinks: Sequence[str]) -> bool:
         """Make ``event_id`` pending again for ``sinks``; False if it is unknown."""

@@ -187,10 +187,16 @@ class SqliteStore:
         return None if row[0] is None else float(row[0])
 
     def known_sinks(self) -> list[str]:
-        """Names of every sink that has delivery rows."""
+        """Names of the registered sinks and of every sink that has delivery rows."""
         return [row[0] for row in self.conn.execute(
-            "SELECT DISTINCT sink FROM deliveries ORDER BY sink"
+            "SELECT name FROM sinks UNION SELECT DISTINCT sink FROM deliveries ORDER BY 1"
         )]
+
+    def register_sinks(self, names: Sequence[str], *, now: float) -> None:
+        """Record the sinks a long-running worker relays to."""
+        with self._write() as conn:
+            conn.executemany("INSERT INTO sinks (name, registered_at) VALUES (?, ?)"
+                             " ON CONFLICT (name) DO NOTHING", [(n, now) for n in names])
 
     def requeue(self, event_id: str, sinks: Sequence[str]) -> bool:
         """Make ``event_id`` pending again for ``sinks``; False if it is unknown."""

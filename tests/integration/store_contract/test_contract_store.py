@@ -354,6 +354,22 @@ def test_the_engine_emits_the_same_batches_on_every_backend(store: Store) -> Non
     assert math.isfinite(store.worker_clock("w") or math.inf)
 
 
+def test_a_worker_without_sinks_records_its_events_for_the_sinks_a_started_worker_relays_to(
+    store: Store,
+) -> None:
+    # Given a fresh store where a long-running worker with a webhook sink started and
+    # has delivered nothing yet (no delivery rows at all)
+    cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=1)
+    Engine(store, cfg, sinks=["webhook", "stdout"], worker_id="worker").register(now=T0)
+    assert store.known_sinks() == ["webhook"]  # (its stdout is no one else's to relay)
+    # When a backfill with no sink settings fires a batch
+    engine = Engine(store, cfg, sinks=[], worker_id="backfill")
+    [ready] = engine.process([Message(eventbridge("i/e/a", T0), "m1")], now=T0).fired
+    # Then the event waits for the worker's sink (it waited for none before)
+    assert [e.event_id for e in store.pending("webhook", limit=10, now=T0 + 1)] == [
+        ready.event_id]
+
+
 def test_a_worker_without_sinks_records_its_events_for_the_sinks_others_relay_to(
     store: Store,
 ) -> None:

@@ -1,0 +1,7 @@
+-- The sinks long-running workers relay to, registered when they start: a process with
+-- no sink of its own (a backfill from a laptop) records its events for them, also on a
+-- store where no event was delivered yet (before, only sinks with delivery rows counted).
+CREATE TABLE sinks (
+    name          TEXT PRIMARY KEY,
+    registered_at REAL NOT NULL
+) WITHOUT ROWID;
