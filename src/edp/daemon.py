@@ -118,6 +118,22 @@ class Daemon:
         self.inbox: queue.Queue[tuple[_Feed, Received]] = queue.Queue()
         self._feeds: list[_Feed] = []
         self._behind_until = -float("inf")  # (time.monotonic(); see _after_a_crash)
+        # Received but neither processed nor acknowledged when the loop stopped (several
+        # sources: a feed's delivery after the last round, or a long poll still open).
+        self.abandoned = 0
+        self._abandoned_lock = threading.Lock()
+
+    @property
+    def stopped_cleanly(self) -> bool:
+        """Whether the loop stopped with every received message processed: only then may
+        the worker be recorded as finished (see :meth:`_after_a_crash`: a worker that
+        left messages behind must, when it starts again, wait for them to come back)."""
+        return self.abandoned == 0 and not any(f.thread.is_alive() for f in self._feeds)
+
+    def abandon(self, received: Received) -> None:
+        """Count messages that were received and will come again (not acknowledged)."""
+        with self._abandoned_lock:
+            self.abandoned += len(received.messages)
 
     def stop(self) -> None:
         """Ask the loop to finish its current step and exit."""
@@ -163,6 +179,15 @@ class Daemon:
                 # A feed still in a long poll (SQS) ends with it; what it then received
                 # is not acknowledged and comes again. It is a daemon thread.
                 feed.thread.join(timeout=max(0.0, give_up - time.monotonic()))
+            while True:  # deliveries no round took: they come again
+                try:
+                    self.abandon(self.inbox.get_nowait()[1])
+                except queue.Empty:
+                    break
+            if not self.stopped_cleanly:
+                log.warning("stopped with %d received message(s) not processed (and perhaps "
+                            "a receive still open): they come again after the queue's "
+                            "visibility timeout", self.abandoned)
         return self.stats
 
     def run_once(self) -> None:
@@ -374,7 +399,8 @@ class _Feed:
                 stop.wait(daemon.error_backoff)
                 continue
             if stop.is_set():
-                return  # not acknowledged: it comes again
+                daemon.abandon(received)  # not acknowledged: it comes again
+                return
             self._done.clear()
             daemon.inbox.put((self, received))
             while not self._done.wait(0.5):

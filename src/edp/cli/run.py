@@ -79,8 +79,11 @@ def run(
     daemon.install_signal_handlers()
     try:
         stats = daemon.run()
-        # Stopping for good: the other workers need not wait for this one's clock.
-        runtime.store.finish_worker(runtime.engine.worker_id)
+        # Stopping for good: the other workers need not wait for this one's clock. Not
+        # when received messages were left behind: then this worker must, at its next
+        # start, wait for them as after a crash (or a batch would be split).
+        if daemon.stopped_cleanly:
+            runtime.store.finish_worker(runtime.engine.worker_id)
     finally:
         runtime.close()
     click.echo(

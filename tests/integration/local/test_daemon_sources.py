@@ -290,3 +290,20 @@ def test_key_memories_past_the_retention_are_pruned_while_a_source_is_behind(
         finally:
             store.close()
     assert set(keys) == {("bucket", "lab/run-2/b")}
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_a_stop_that_leaves_received_messages_behind_is_not_clean(
+    tmp_path: Path, late: bool
+) -> None:
+    # Given a daemon on two queues, one of whose receives returns a message only after
+    # the daemon was asked to stop (a long poll in flight), or nothing at all
+    script = [(1.0, [eventbridge("lab/run-1/f", time.time())], True)] if late else []
+    run = DaemonRun(tmp_path, [Scripted("slow", script), Scripted("idle", [])], ListSink())
+    with run:
+        time.sleep(0.3)
+    # Then the message left behind is counted, and the stop is not clean (`edp run` then
+    # does not record the worker as finished: its next start waits for the message)
+    assert run.daemon is not None
+    assert (run.daemon.abandoned, run.daemon.stopped_cleanly) == ((1, False) if late
+                                                                  else (0, True))
