@@ -122,6 +122,7 @@ class Daemon:
         # sources: a feed's delivery after the last round, or a long poll still open).
         self.abandoned = 0
         self._abandoned_lock = threading.Lock()
+        self._next_retry: float | None = None  # (the relay's clock: time.time())
 
     @property
     def stopped_cleanly(self) -> bool:
@@ -332,6 +333,8 @@ class Daemon:
         if deadline is not None:
             remaining = deadline - self.clock()
             wait = min(wait, remaining if remaining > 0 else self.HELD_BACK_TICK)
+        if self._next_retry is not None:  # a failed delivery is tried again on time
+            wait = min(wait, max(self._next_retry - time.time(), self.HELD_BACK_TICK))
         return wait
 
     HELD_BACK_TICK = 0.5
@@ -362,7 +365,8 @@ class Daemon:
 
     def _relay(self) -> None:
         report = self.runtime.relay.deliver()
-        if report.errors:
+        self._next_retry = report.next_retry
+        if report.failed:
             log.warning("outbox: %d deliveries failed, will retry", report.failed)
 
 

@@ -29,6 +29,9 @@ class RelayReport:
     failed: int = 0
     parked: int = 0
     errors: list[str] = field(default_factory=list)
+    next_retry: float | None = None
+    """When the earliest delivery that failed in this call is tried again (a worker
+    waits no longer than that)."""
 
 
 class Relay:
@@ -91,6 +94,8 @@ class Relay:
                 # they become due together, in order.
                 retry_at = self._retry_at(sink.name, failures, now)
                 retryable = [f for f in failures if not f.permanent]
+                if retryable:
+                    report.next_retry = min(report.next_retry or retry_at, retry_at)
                 if retryable:  # one line for the page, not one per event
                     first = retryable[0]
                     log.warning(

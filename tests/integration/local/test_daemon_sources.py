@@ -307,3 +307,31 @@ def test_a_stop_that_leaves_received_messages_behind_is_not_clean(
     assert run.daemon is not None
     assert (run.daemon.abandoned, run.daemon.stopped_cleanly) == ((1, False) if late
                                                                   else (0, True))
+
+
+def test_a_failed_delivery_is_tried_again_at_its_backoff_not_after_the_long_poll(
+    tmp_path: Path,
+) -> None:
+    # Given a caught-up daemon whose receives wait a minute (an idle SQS queue's long
+    # poll), and a sink that fails the first two tries of an event
+    class LongPolling(Scripted):
+        """Waits out every empty receive (8 s at most, so that the test can stop it)."""
+
+        def receive(self, *, wait: float) -> Received:
+            if not self.script:
+                time.sleep(min(wait, 8.0))
+                return Received([], caught_up=True)
+            return super().receive(wait=wait)
+
+    sink = ListSink()
+    sink.fail_next = 2
+    now = time.time()
+    source = LongPolling("queue", [(0.0, [eventbridge("lab/run-1/f", now)], True)])
+    run = DaemonRun(tmp_path, [source], sink, bucket_threshold_event_count=1)
+    with run:
+        # Then the event arrives after the backoff (about 0.5-1 s, then 1-2 s), not a
+        # long poll after each failure (16 s and more)
+        wait_until(lambda: sink.sent, timeout=8, what="the event, after two retries")
+    assert run.daemon is not None
+    [event] = sink.sent
+    assert event["detail"]["prefix"] == "lab/run-1/"
