@@ -68,7 +68,8 @@ class BackfillSummary:
         return (
             f"edp backfill: {self.listed} objects listed, {self.counts['events.counted']} counted, "
             f"{self.counts['events.duplicate']} already seen, {skipped} not batched, "
-            f"{batches} batches fired ({by_trigger or 'none'}), {self.delivered} events delivered"
+            + (f"{self.skipped_older} older than --since, " if self.skipped_older else "")
+            + f"{batches} batches fired ({by_trigger or 'none'}), {self.delivered} events delivered"
         )
 
 

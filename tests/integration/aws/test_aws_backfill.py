@@ -132,6 +132,7 @@ def test_backfill_since_skips_older_objects(
 
     assert result.exit_code == 0, result.output
     assert "4 objects listed, 0 counted" in result.output
+    assert "4 older than --since" in result.output
     assert state(backfill.database) == []
 
 
