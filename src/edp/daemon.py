@@ -175,10 +175,12 @@ class Daemon:
             self.stop_event.set()
             for source in self.sources:
                 source.close()  # also ends a receive a feed is waiting in, where it can
-            give_up = time.monotonic() + 2.0
+            # A feed still in a long poll (SQS) ends with it (closing a folder or the
+            # ingest source ends their receive at once): wait for that, as the one-source
+            # loop finishes its receive. What it then received is not acknowledged and
+            # comes again (counted as abandoned: the stop is then not clean).
+            give_up = time.monotonic() + self.max_wait + 2.0
             for feed in self._feeds:
-                # A feed still in a long poll (SQS) ends with it; what it then received
-                # is not acknowledged and comes again. It is a daemon thread.
                 feed.thread.join(timeout=max(0.0, give_up - time.monotonic()))
             while True:  # deliveries no round took: they come again
                 try:
@@ -365,7 +367,11 @@ class Daemon:
 
     def _relay(self) -> None:
         report = self.runtime.relay.deliver()
-        self._next_retry = report.next_retry
+        # A retry still ahead stays the wait's bound until it passed: a later deliver()
+        # that sent nothing (the event still waits, and those behind it) reports none.
+        ahead = [t for t in (report.next_retry, self._next_retry)
+                 if t is not None and t > time.time()]
+        self._next_retry = min(ahead) if ahead else report.next_retry
         if report.failed:
             log.warning("outbox: %d deliveries failed, will retry", report.failed)
 

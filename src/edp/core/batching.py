@@ -286,14 +286,18 @@ class Batcher:
                 return _DUPLICATE
         else:
             fingerprint = event.fingerprint()
-            if fingerprint in self._fingerprints:
+            seen = fingerprint in self._fingerprints
+            self._remember(fingerprint, clock)  # (seen again: remembered from now)
+            if seen:
                 return _DUPLICATE
-            self._remember(fingerprint, clock)
             if (
                 kind is not _DELETED
                 and memory is not None
                 and _is_last_write(memory, time, etag, size)
             ):
+                if clock > memory.seen_at:
+                    memory.seen_at = clock
+                    self._changes.keys[okey] = memory
                 return _DUPLICATE
         if memory is None:
             memory = KeyMemory(sequencer, clock)

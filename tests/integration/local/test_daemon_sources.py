@@ -296,9 +296,9 @@ def test_key_memories_past_the_retention_are_pruned_while_a_source_is_behind(
 def test_a_stop_that_leaves_received_messages_behind_is_not_clean(
     tmp_path: Path, late: bool
 ) -> None:
-    # Given a daemon on two queues, one of whose receives returns a message only after
-    # the daemon was asked to stop (a long poll in flight), or nothing at all
-    script = [(1.0, [eventbridge("lab/run-1/f", time.time())], True)] if late else []
+    # Given a daemon on two queues, one of whose receives (a long poll in flight when
+    # the daemon is asked to stop) returns a message, or nothing, 3 s later
+    script = [(3.0, [eventbridge("lab/run-1/f", time.time())] if late else [], True)]
     run = DaemonRun(tmp_path, [Scripted("slow", script), Scripted("idle", [])], ListSink())
     with run:
         time.sleep(0.3)
@@ -326,7 +326,9 @@ def test_a_failed_delivery_is_tried_again_at_its_backoff_not_after_the_long_poll
     sink = ListSink()
     sink.fail_next = 2
     now = time.time()
-    source = LongPolling("queue", [(0.0, [eventbridge("lab/run-1/f", now)], True)])
+    # (and more traffic just after the failure: a round whose deliver() sends nothing)
+    source = LongPolling("queue", [(0.0, [eventbridge("lab/run-1/f", now)], True),
+                                   (0.1, [eventbridge("lab/run-1/f", now)], True)])
     run = DaemonRun(tmp_path, [source], sink, bucket_threshold_event_count=1)
     with run:
         # Then the event arrives after the backoff (about 0.5-1 s, then 1-2 s), not a

@@ -243,12 +243,15 @@ def test_prune_forgets_old_keys_and_fingerprints(store: Store) -> None:
     assert set(state.keys) == {("bkt", "new")} and state.fingerprints == {"f-new"}
 
 
-def test_a_key_seen_again_as_a_duplicate_is_remembered_from_then(store: Store) -> None:
+@pytest.mark.parametrize("sequencer", ["01", None], ids=["with-sequencer", "without"])
+def test_a_key_seen_again_as_a_duplicate_is_remembered_from_then(
+    store: Store, sequencer: str | None
+) -> None:
     # Given a key written at T0 and delivered again 20 hours later (a duplicate)
     hour = 3600.0
     engine = Engine(store, Settings(database_url="sqlite:///:memory:",
                                     bucket_threshold_event_count=1), sinks=[], worker_id="w")
-    again = eventbridge("i/e/a", T0, sequencer="01")
+    again = eventbridge("i/e/a", T0, sequencer=sequencer)
     engine.process([Message(again, "m1")], now=T0)
     engine.process([Message(eventbridge("j/k/x", T0 + 20 * hour, sequencer="01"), "m2"),
                     Message(again, "m3")], now=T0)
