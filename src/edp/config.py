@@ -11,6 +11,7 @@ setting, the value, what is allowed and where the value came from.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
@@ -378,19 +379,22 @@ def _original_name(name: str, data: Mapping[str, Any], where: str) -> str:
 def _with_credentials(
     url: Any, credentials: Mapping[str, tuple[str, str]], url_origin: str
 ) -> Any:
-    """``database_url`` with the user and password of ``db_user`` / ``db_password``."""
+    """``database_url`` with the user and password of ``db_user`` / ``db_password``, when
+    it is a PostgreSQL URL that names no user. Any other URL is used as it is: a SQLite
+    store (a replay's, a laptop's) has no user, and a URL that names its own user wins
+    (it is the more specific setting, wherever each came from)."""
     from urllib.parse import quote, urlsplit, urlunsplit
 
     names = " and ".join(sorted(credentials))
     where = ", ".join(sorted({origin for _, origin in credentials.values()}))
     parts = urlsplit(url) if isinstance(url, str) else None
     if parts is None or parts.scheme not in ("postgresql", "postgres"):
-        scheme = parts.scheme if parts is not None else type(url).__name__
-        raise ConfigError(f"{names} (from {where}) can only be used with a PostgreSQL "
-                          f"database_url; database_url (from {url_origin}) is a {scheme} one")
+        return url
     if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"{names} (from {where}) cannot be added to database_url (from "
-                          f"{url_origin}): it already names a user; keep one")
+        logging.getLogger("edp.config").warning(
+            "%s (from %s) not used: database_url (from %s) names its own user",
+            names, where, url_origin)
+        return url
     user = credentials.get("db_user", ("", ""))[0]
     password = credentials.get("db_password")
     if not isinstance(user, str) or (password is not None and not isinstance(password[0], str)):
@@ -405,7 +409,6 @@ def _with_credentials(
 def _warn_of_unknown_variables(env: Mapping[str, str]) -> None:
     """Log each ``EDP_*`` variable that is no setting (a typo would be ignored quietly)."""
     import difflib
-    import logging
 
     known = {env_name(n) for n in (*SETTING_NAMES, *ORIGINAL_NAMES, *CREDENTIALS)}
     for variable in sorted(env):

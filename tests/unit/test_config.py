@@ -218,21 +218,26 @@ def test_db_user_and_password_go_into_a_postgresql_url() -> None:
         "postgresql://edp:p%40ss%2Fw%3Ard@db.internal:5432/edp")
 
 
-@pytest.mark.parametrize(
-    ("env", "message"),
-    [({"EDP_DB_USER": "edp"}, "can only be used with a PostgreSQL database_url"),
-     ({"EDP_DATABASE_URL": "postgresql://a:b@h/x", "EDP_DB_USER": "edp"},
-      "it already names a user"),
-     ({"EDP_DATABASE_URL": "postgresql://h/x", "EDP_DB_PASSWORD": "hunter2"},
-      "db_password (from environment variable EDP_DB_PASSWORD) needs db_user too")],
-)
-def test_db_credentials_that_cannot_apply_are_refused_without_showing_them(
-    env: dict[str, str], message: str
-) -> None:
+def test_db_credentials_leave_other_urls_as_they_are(caplog: pytest.LogCaptureFixture) -> None:
+    # Given DBUser / DBPassword in the environment
+    creds = {"EDP_DB_USER": "edp", "EDP_DB_PASSWORD": "hunter2"}
+    # Then a SQLite store (a replay's, a laptop's) has no use for them: no error
+    assert load_settings(env=creds).database_url.startswith("sqlite:///")
+    # and a PostgreSQL URL that names its own user wins, with a warning that hides both
+    with caplog.at_level("WARNING", logger="edp.config"):
+        url = load_settings(env={**creds, "EDP_DATABASE_URL": "postgresql://a:b@h/x"})
+    assert url.database_url == "postgresql://a:b@h/x"
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "names its own user" in warning and "hunter2" not in warning
+    assert ":b@" not in warning
+
+
+def test_a_db_password_without_a_user_is_refused_without_showing_it() -> None:
     with pytest.raises(ConfigError) as info:
-        load_settings(env=env)
-    assert message in str(info.value)
-    assert "hunter2" not in str(info.value) and ":b@" not in str(info.value)
+        load_settings(env={"EDP_DATABASE_URL": "postgresql://h/x", "EDP_DB_PASSWORD": "hunter2"})
+    assert "db_password (from environment variable EDP_DB_PASSWORD) needs db_user too" in str(
+        info.value)
+    assert "hunter2" not in str(info.value)
 
 
 def test_an_unknown_edp_variable_is_reported_with_the_closest_setting(
