@@ -299,9 +299,12 @@ def load_settings(
     if env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"):
         values["region"] = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
     credentials: dict[str, tuple[str, str]] = {}  # db_user / db_password: (value, origin)
+    named: Any = ()  # the file's bucket_name, beside [buckets."X"] tables
     path = _config_path(config_file, env)
     if path is not None:
         data = _read_toml(path)
+        if isinstance(data.get("buckets"), dict):
+            named = data.pop("bucket_name", ())
         for name, value in data.items():
             where = f"config file {path}"
             if name in CREDENTIALS:
@@ -319,7 +322,9 @@ def load_settings(
             raise ConfigError(f"config file {path} has per-bucket tables under both "
                               "[buckets] and [bucket_overrides]: keep one")
         overrides = file_buckets
-        values["buckets"] = ()
+        values["buckets"] = named
+        if named:
+            origin["buckets"] = f"config file {path} (bucket_name)"
     for name in SETTING_NAMES:
         if env_name(name) in env:
             values[name] = env[env_name(name)]
@@ -370,7 +375,7 @@ def _original_name(name: str, data: Mapping[str, Any], where: str) -> str:
     target = ORIGINAL_NAMES.get(name)
     if target is None:
         return name
-    if target in data:
+    if target in data and not isinstance(data[target], dict):  # ([buckets."X"] tables)
         raise ConfigError(f"{where} sets both {name} and {target} (the first is the "
                           f"original's name of {target}): keep one")
     return target

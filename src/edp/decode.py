@@ -17,6 +17,7 @@ Object keys are URL-decoded here and nowhere else (:func:`decode_key`).
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -129,6 +130,10 @@ def _s3_minute(value: str) -> tuple[str, float] | None:
     return None if second is None else (value[:16], second)
 
 
+_NAIVE_TIME = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d{1,9})?")
+"""A time with no zone read as UTC: ``YYYY-MM-DDTHH:MM:SS`` and an optional fraction."""
+
+
 def _parse_time(value: str, what: str) -> float:
     try:
         # (RFC 3339 allows a lower-case "t" and "z"; datetime takes neither)
@@ -137,7 +142,10 @@ def _parse_time(value: str, what: str) -> float:
     except ValueError:
         raise DecodeError(f"{what} is not an ISO 8601 time: {value!r}") from None
     if parsed.tzinfo is None:
-        # S3's times are UTC; some producers (older moto) leave out the "Z".
+        # S3's times are UTC; some producers (older moto) leave out the "Z". Only a
+        # whole date and time, though: a date alone is no event time.
+        if not _NAIVE_TIME.fullmatch(value):
+            raise DecodeError(f"{what} has no time zone: {value!r}")
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
 

@@ -18,7 +18,7 @@ batch id) in their message.
 
 from __future__ import annotations
 
-_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, 0x85)}
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
 _CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
 
 

@@ -31,10 +31,14 @@ def redact_url(url: str) -> str:
     if "://" not in url:
         return url
     scheme, rest = url.split("://", 1)
+    if scheme.lower() == "sqlite":  # a file path: no user, no secret
+        return url
     userinfo, at, after = rest.rpartition("@")
     shown = ""
     if at:
-        shown = f"{userinfo.split(':', 1)[0]}:***@" if ":" in userinfo else "***@"
+        user = userinfo.split(":", 1)[0]
+        # (a "user" holding "@" or "/" is not one: a token, then more of the URL)
+        shown = f"{user}:***@" if ":" in userinfo and not set("@/") & set(user) else "***@"
     after = after.split("#", 1)[0]
     location, question, query = after.partition("?")
     if question:

@@ -201,6 +201,14 @@ def test_the_originals_parameter_names_set_the_settings_they_became(tmp_path: Pa
     assert load_settings(config_file=path, env={"EDP_BUCKETS": "b"}).buckets == ("b",)
 
 
+def test_bucket_name_beside_per_bucket_tables_is_the_watch_list(tmp_path: Path) -> None:
+    path = write(tmp_path, 'bucket_name = "lab"\n[buckets."lab"]\n'
+                           'bucket_threshold_event_count = 5\n')
+    cfg = load_settings(config_file=path, env={})
+    assert cfg.buckets == ("lab",)
+    assert cfg.rule_book().for_bucket("lab").threshold_event_count == 5
+
+
 def test_an_original_name_and_its_edp_name_together_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="EDP_BUCKET_NAME and EDP_BUCKETS are both set"):
         load_settings(env={"EDP_BUCKET_NAME": "a", "EDP_BUCKETS": "b"})

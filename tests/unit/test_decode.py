@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -209,6 +210,8 @@ _CLOCKISH = st.text(alphabet="0123456789-T:Z.+²٣ ", min_size=18, max_size=22)
 @example("2024-01-01T00:00:01+00:00")
 @example("2024-01-01T00:00:01")
 @example("2024-01-01t00:00:01z")
+@example("2024-01-01")
+@example("2024-01-01T10")
 def test_event_times_parse_as_datetime_reads_them(text: str) -> None:
     # Given any text shaped like an S3 event time (valid or not; RFC 3339's lower-case
     # "t" and "z" read as upper case; a time with no zone is UTC, S3's zone)
@@ -217,6 +220,10 @@ def test_event_times_parse_as_datetime_reads_them(text: str) -> None:
         parsed = datetime.fromisoformat(upper)
         utc = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
         expected: float | None = utc.timestamp()
+        if not parsed.tzinfo and not re.fullmatch(
+            r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?", text
+        ):
+            expected = None  # (a date, or a time without seconds, is no event time)
     except ValueError:
         expected = None
     # When edp parses it (twice: the second read may come from its caches)
@@ -243,6 +250,7 @@ def test_a_record_time_without_a_zone_is_read_as_utc() -> None:
 @pytest.mark.parametrize(
     ("message", "reason"),
     [({"evil\nkey": 1}, "JSON of no known format (top-level keys: evil\\x0akey)"),
+     ({"csi\x9b2J": 1}, "JSON of no known format (top-level keys: csi\\x9b2J)"),
      ({"MessageId": "id\u2028x", "Body": "{}"},
       "SQS message id\\u2028x: JSON of no known format (top-level keys: none)")],
 )

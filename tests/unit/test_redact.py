@@ -16,6 +16,11 @@ from edp.redact import redact_endpoint, redact_text, redact_url
         ("sqlite:////tmp/edp.db", "sqlite:////tmp/edp.db"),
         ("https://hooks.example/plain", "https://hooks.example/plain"),
         ("https://t0k3n@hooks.example/in", "https://***@hooks.example/in"),
+        # a token, then an "@" later in the URL: never shown as a user name
+        ("https://s3cret@host:443/x?who=a@b", "https://***@b"),
+        ("https://s3cret@host/x?t=10:00&c=a@b", "https://***@b"),
+        # a file path holds no user
+        ("sqlite:////tmp/a@sign.db", "sqlite:////tmp/a@sign.db"),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:
