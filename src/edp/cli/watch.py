@@ -96,6 +96,9 @@ def watch(directory: Path, bucket: str | None, stdout: bool, registry: str | Non
         ignore=settings.watch_ignore, chunk=settings.chunk_size,
         rules=settings.rule_book(),
     )
+    if settings.package_ready_registries and not settings.package_local_root:
+        # (package-ready pointers of a watched registry folder are files beside it)
+        settings = settings.model_copy(update={"package_local_root": str(source.root.parent)})
     sinks = build_sinks(settings, stdout=stdout)
     if registry is not None:
         sinks.append(packager_sink(settings, source, registry))

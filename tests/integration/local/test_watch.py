@@ -318,6 +318,38 @@ def test_edp_watch_cli_prints_events_packages_batches_and_stops_on_ctrl_c(
     assert b"stopped after" in err
 
 
+def test_edp_watch_on_a_registry_folder_emits_package_ready(root: Path, tmp_path: Path) -> None:
+    # Given `edp watch` on a folder that is a Quilt registry ("lab"), watched for
+    # package-ready with no settle delay (no package_local_root given)
+    env = {**os.environ, "HOME": str(tmp_path), "EDP_PACKAGE_READY_REGISTRIES": "lab",
+           "EDP_PACKAGE_READY_DELAY": "0"}
+    for name in ("EDP_CONFIG", "EDP_PACKAGE_LOCAL_ROOT"):
+        env.pop(name, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edp", "watch", str(root), "--settle", "0.2",
+         "--database-url", f"sqlite:///{tmp_path / 'ready.db'}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+    )
+    lines: queue.Queue[bytes] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        time.sleep(1.0)
+        # When a push writes a revision pointer into it
+        pointer = root / ".quilt/named_packages/scope/exp/1700000000"
+        pointer.parent.mkdir(parents=True)
+        pointer.write_text("cd" * 32)
+        # Then a package-ready event names the package and its top hash (its pointer
+        # read from the folder itself)
+        event = orjson.loads(lines.get(timeout=20))
+        assert event["detail-type"] == "package-ready"
+        assert (event["detail"]["package-name"], event["detail"]["top-hash"]) == (
+            "scope/exp", "cd" * 32)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err.decode()
+
+
 def test_a_failing_watcher_falls_back_to_polling_and_rescans(
     root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
