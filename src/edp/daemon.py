@@ -122,6 +122,7 @@ class Daemon:
         # sources: a feed's delivery after the last round, or a long poll still open).
         self.abandoned = 0
         self._abandoned_lock = threading.Lock()
+        self._unacknowledged: set[str] = set()  # sources whose last delivery failed
         self._next_retry: float | None = None  # (the relay's clock: time.time())
 
     @property
@@ -129,7 +130,8 @@ class Daemon:
         """Whether the loop stopped with every received message processed: only then may
         the worker be recorded as finished (see :meth:`_after_a_crash`: a worker that
         left messages behind must, when it starts again, wait for them to come back)."""
-        return self.abandoned == 0 and not any(f.thread.is_alive() for f in self._feeds)
+        return (self.abandoned == 0 and not self._unacknowledged
+                and not any(f.thread.is_alive() for f in self._feeds))
 
     def abandon(self, received: Received) -> None:
         """Count messages that were received and will come again (not acknowledged)."""
@@ -188,9 +190,10 @@ class Daemon:
                 except queue.Empty:
                     break
             if not self.stopped_cleanly:
-                log.warning("stopped with %d received message(s) not processed (and perhaps "
-                            "a receive still open): they come again after the queue's "
-                            "visibility timeout", self.abandoned)
+                log.warning("stopped with received messages not acknowledged (%d left after "
+                            "the stop; sources whose last step failed: %s): they come again "
+                            "after the queue's visibility timeout", self.abandoned,
+                            ", ".join(sorted(self._unacknowledged)) or "none")
         return self.stats
 
     def run_once(self) -> None:
@@ -225,7 +228,18 @@ class Daemon:
         self._end_round()
 
     def _work(self, source: Source, received: Received) -> None:
-        """Run what a source delivered through the engine (one step), then acknowledge."""
+        """Run what a source delivered through the engine (one step), then acknowledge;
+        a source whose delivery could not be (a failed step, a failed acknowledgement)
+        is remembered until one succeeds: a stop meanwhile is not clean."""
+        try:
+            self._work_step(source, received)
+        except BaseException:
+            if received.messages:
+                self._unacknowledged.add(source.name)
+            raise
+        self._unacknowledged.discard(source.name)
+
+    def _work_step(self, source: Source, received: Received) -> None:
         self._caught_up[source.name] = received.caught_up
         if received.messages:
             try:

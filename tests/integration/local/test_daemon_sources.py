@@ -337,3 +337,21 @@ def test_a_failed_delivery_is_tried_again_at_its_backoff_not_after_the_long_poll
     assert run.daemon is not None
     [event] = sink.sent
     assert event["detail"]["prefix"] == "lab/run-1/"
+
+
+def test_a_stop_after_a_delivery_that_could_not_be_acknowledged_is_not_clean(
+    tmp_path: Path,
+) -> None:
+    # Given one queue whose acknowledgement (SQS DeleteMessageBatch) fails
+    class AckFails(Scripted):
+        def ack(self, received: Received) -> None:
+            if received.messages:
+                raise OSError("the queue did not answer")
+
+    source = AckFails("queue", [(0.0, [eventbridge("lab/run-1/f", time.time())], True)])
+    run = DaemonRun(tmp_path, [source], ListSink())
+    with run:
+        wait_until(lambda: run.daemon is not None and run.daemon.stats.errors, timeout=10,
+                   what="the failed acknowledgement")
+    # Then the stop is not clean: the message comes again, and the next start waits for it
+    assert run.daemon is not None and not run.daemon.stopped_cleanly
