@@ -35,12 +35,15 @@ MAX_REASON = 4000
 records must not make a megabyte of text."""
 
 
+def list_reasons(reasons: list[str]) -> list[str]:
+    """The first ``MAX_LISTED`` reasons of a message's bad parts, then how many more."""
+    more = len(reasons) - MAX_LISTED
+    return reasons[:MAX_LISTED] + ([f"and {more} more"] if more > 0 else [])
+
+
 def join_reasons(reasons: list[str]) -> str:
-    """The reasons of a message's bad parts as one, the first ``MAX_LISTED`` in full."""
-    shown = "; ".join(reasons[:MAX_LISTED])
-    if len(reasons) > MAX_LISTED:
-        shown += f"; and {len(reasons) - MAX_LISTED} more"
-    return shorten(shown)
+    """The reasons of a message's bad parts as one (see :func:`list_reasons`)."""
+    return shorten("; ".join(list_reasons(reasons)))
 
 
 def shorten(reason: str) -> str:

@@ -94,9 +94,9 @@ class Relay:
                 # they become due together, in order.
                 retry_at = self._retry_at(sink.name, failures, now)
                 retryable = [f for f in failures if not f.permanent]
-                if retryable:
-                    report.next_retry = min(report.next_retry or retry_at, retry_at)
                 if retryable:  # one line for the page, not one per event
+                    report.next_retry = (retry_at if report.next_retry is None
+                                         else min(report.next_retry, retry_at))
                     first = retryable[0]
                     log.warning(
                         "sink %s failed %d event(s) (first %s, attempt %d), retry in %.1fs: %s",

@@ -97,6 +97,7 @@ class ObjectRecord(NamedTuple):
 _DELETED, _CREATED = EventKind.DELETED, EventKind.CREATED
 _COUNTED, _OVERWRITE, _DUPLICATE = Outcome.COUNTED, Outcome.OVERWRITE, Outcome.DUPLICATE
 
+
 def _is_last_write(memory: KeyMemory, time: float, etag: str | None, size: int | None) -> bool:
     """Whether (time, etag, size) is the key's last created write that was applied."""
     return memory.event_time == time and memory.etag == etag and memory.size == size
@@ -280,9 +281,7 @@ class Batcher:
             ):
                 if kind is not _DELETED and not _is_last_write(memory, time, etag, size):
                     self._remember(event.fingerprint(), clock)
-                if clock > memory.seen_at:  # seen again: the retention runs from now
-                    memory.seen_at = clock
-                    self._changes.keys[okey] = memory
+                self._seen_again(okey, memory, clock)
                 return _DUPLICATE
         else:
             fingerprint = event.fingerprint()
@@ -295,9 +294,7 @@ class Batcher:
                 and memory is not None
                 and _is_last_write(memory, time, etag, size)
             ):
-                if clock > memory.seen_at:
-                    memory.seen_at = clock
-                    self._changes.keys[okey] = memory
+                self._seen_again(okey, memory, clock)
                 return _DUPLICATE
         if memory is None:
             memory = KeyMemory(sequencer, clock)
@@ -320,6 +317,12 @@ class Batcher:
     def _remember(self, fingerprint: str, clock: float) -> None:
         self._fingerprints.add(fingerprint)
         self._changes.fingerprints[fingerprint] = clock
+
+    def _seen_again(self, okey: ObjectKey, memory: KeyMemory, clock: float) -> None:
+        """A duplicate: the key's retention runs from now."""
+        if clock > memory.seen_at:
+            memory.seen_at = clock
+            self._changes.keys[okey] = memory
 
     def close(self, bucket: str, prefix: str, clock: float) -> BatchReady | None:
         """Close the open batch of (bucket, prefix) by hand (trigger ``manual``)."""

@@ -44,7 +44,7 @@ from typing import cast
 from edp.daemon import Received
 from edp.decode import decode_message
 from edp.engine import BACKLOG_LAG, Message
-from edp.errors import MAX_LISTED, DecodeError, EdpError
+from edp.errors import DecodeError, EdpError, list_reasons
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,7 @@ class HttpSource:
         else:
             verdict.events = len(decoded.events)
             verdict.ignored = sum(decoded.ignored.values())
-            verdict.rejected = [str(error) for error in decoded.errors[:MAX_LISTED]]
-            if len(decoded.errors) > MAX_LISTED:
-                verdict.rejected.append(f"and {len(decoded.errors) - MAX_LISTED} more")
+            verdict.rejected = list_reasons([str(error) for error in decoded.errors])
             oldest = min((event.time for event in decoded.events), default=None)
         ticket = _Ticket(Message(body, location, source=self.name), verdict, Future(), oldest)
         try:
