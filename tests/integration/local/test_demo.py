@@ -41,3 +41,20 @@ def test_the_demo_runs_to_the_end_and_fires_by_count_and_by_quiet_period(tmp_pat
         assert (named / "sequencer" / "run-quiet" / "latest").is_file(), output
     # And nothing was written to the user's own edp store
     assert not (home / ".local/share/edp").exists()
+
+
+def test_the_demo_refuses_a_keep_folder_that_already_holds_files(tmp_path: Path) -> None:
+    # Given a folder that holds an earlier run's store
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "edp.db").write_bytes(b"earlier run")
+    env = {**os.environ, "HOME": str(tmp_path), "QUILT_DISABLE_USAGE_METRICS": "true"}
+    # When the demo is asked to keep its work there
+    done = subprocess.run([sys.executable, "-m", "edp", "demo", "--keep", str(work)],
+                          capture_output=True, env=env, cwd=tmp_path, timeout=60, check=False)
+    # Then it refuses before starting, naming the folder, and leaves the file alone
+    assert done.returncode == 2, done.stdout.decode() + done.stderr.decode()
+    assert f"--keep {work}" in done.stderr.decode()
+    assert "not empty" in done.stderr.decode()
+    assert (work / "edp.db").read_bytes() == b"earlier run"
+    assert sorted(p.name for p in work.iterdir()) == ["edp.db"]
