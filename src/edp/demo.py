@@ -195,8 +195,8 @@ def run_demo(console: Console, *, keep: Path | None = None, package: bool = True
                       "watched as "
                       f"bucket [bold]{BUCKET}[/]. Batches: prefix depth 2, fire at 5 files or "
                       "after 3 s of quiet.\n", highlight=False)
-        source = FolderSource(root, bucket=BUCKET, settle=settings.watch_settle_seconds,
-                              ignore=settings.watch_ignore, rules=settings.rule_book())
+        # (steps of the watcher's own default size: the demo's files come few at a time)
+        source = FolderSource.from_settings(root, settings, bucket=BUCKET, chunk=1000)
         engine = EngineThread(settings, source, work / "events.jsonl")
         engine.start()
         engine.ready.wait(timeout=60)

@@ -50,11 +50,7 @@ def serve(watch_dir: Path | None, bucket: str | None, stdout: bool, **kwargs: An
         from edp.sources.watch import FolderSource
 
         require_watchfiles()
-        sources.append(FolderSource(
-            watch_dir, bucket=bucket, settle=settings.watch_settle_seconds,
-            ignore=settings.watch_ignore, chunk=settings.chunk_size,
-            rules=settings.rule_book(),
-        ))
+        sources.append(FolderSource.from_settings(watch_dir, settings, bucket=bucket))
     stack = ServeStack(settings, stdout=stdout, sources=sources)
     click.echo(f"edp serve: dashboard {stack.url}/  ingest POST {stack.url}/ingest  "
                f"metrics {stack.url}/metrics", err=True)

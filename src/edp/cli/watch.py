@@ -91,11 +91,7 @@ def watch(directory: Path, bucket: str | None, stdout: bool, registry: str | Non
     extra = {name: kwargs.pop(name) for name in ("watch_settle_seconds", "watch_ignore",
                                                  "database_url")}
     settings = settings_from(kwargs, **extra)
-    source = FolderSource(
-        directory, bucket=bucket, settle=settings.watch_settle_seconds,
-        ignore=settings.watch_ignore, chunk=settings.chunk_size,
-        rules=settings.rule_book(),
-    )
+    source = FolderSource.from_settings(directory, settings, bucket=bucket)
     if settings.package_ready_registries and not settings.package_local_root:
         # (package-ready pointers of a watched registry folder are files beside it)
         settings = settings.model_copy(update={"package_local_root": str(source.root.parent)})

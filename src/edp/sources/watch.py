@@ -33,11 +33,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_plus
 
 from edp.core.rules import RuleBook
 from edp.daemon import Received
+
+if TYPE_CHECKING:
+    from edp.config import Settings
 from edp.engine import Message
 from edp.errors import ConfigError
 
@@ -119,6 +122,16 @@ class FolderSource:
     ``clock`` (wall clock, seconds) and ``force_polling`` are for tests and network
     file systems. Raises :class:`ConfigError` when ``root`` is not a folder.
     """
+
+    @classmethod
+    def from_settings(cls, root: str | os.PathLike[str], settings: Settings, *,
+                      bucket: str | None = None, chunk: int | None = None) -> FolderSource:
+        """The folder source of ``edp watch``, ``edp serve --watch`` and the demo:
+        settle time, ignore patterns, step size and grouping rules from ``settings``."""
+        return cls(root, bucket=bucket, settle=settings.watch_settle_seconds,
+                   ignore=settings.watch_ignore,
+                   chunk=settings.chunk_size if chunk is None else chunk,
+                   rules=settings.rule_book())
 
     def __init__(
         self,
