@@ -54,6 +54,14 @@ T = TypeVar("T")
 
 STATIC = Path(__file__).with_name("static")
 COOKIE = "edp_token"
+
+
+def cookie_value(token: str) -> str:
+    """The dashboard cookie: a value derived from the token, not the token itself, so a
+    cookie read out of a browser opens the read-only pages but never ``/ingest``."""
+    return hmac.new(token.encode(), b"edp dashboard cookie v1", "sha256").hexdigest()
+
+
 SECURITY_HEADERS = [
     (b"content-security-policy",
      b"default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -142,7 +150,7 @@ class _Handlers:
         if bearer_ok(request.headers.get("authorization"), self.ctx.token):
             return True
         cookie = request.cookies.get(COOKIE, "")
-        return hmac.compare_digest(cookie.encode(), self.ctx.token.encode())
+        return hmac.compare_digest(cookie.encode(), cookie_value(self.ctx.token).encode())
 
     @staticmethod
     def _unauthorized() -> Response:
@@ -167,7 +175,7 @@ class _Handlers:
                 if not hmac.compare_digest(given.encode(), self.ctx.token.encode()):
                     return self._unauthorized()
                 redirect = RedirectResponse(request.url.path, status_code=303)
-                redirect.set_cookie(COOKIE, given, httponly=True, samesite="strict",
+                redirect.set_cookie(COOKIE, cookie_value(given), httponly=True, samesite="strict",
                                     secure=request.url.scheme == "https")
                 return redirect
             if not self._read_allowed(request):

@@ -156,6 +156,16 @@ def test_exposed_dashboards_need_the_token_and_a_page_link_sets_a_cookie(
         assert "httponly" in login.headers["set-cookie"].lower()
         assert client.get("/").status_code == 200
         assert client.get("/api/batches").status_code == 200
+        # And the cookie is not the token: it opens the pages, never /ingest
+        cookie = client.cookies["edp_token"]
+        assert cookie and TOKEN not in cookie
+        assert client.post("/ingest", content=b"{}",
+                           headers={"Authorization": f"Bearer {cookie}"}).status_code in (
+            401, 404, 405)
+        # And a cookie holding the token itself is not accepted
+        client.cookies.clear()
+        client.cookies.set("edp_token", TOKEN)
+        assert client.get("/api/batches").status_code == 401
         # And without a source there is no ingest endpoint
         assert client.post("/ingest", content=b"{}", headers=AUTH).status_code in (404, 405)
 
