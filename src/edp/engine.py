@@ -16,6 +16,7 @@ producer, a file's future mtime) counts, but moves the clock only that far.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -156,22 +157,46 @@ def decode_messages(
     return events, report
 
 
+BASE64_BODY = "base64:"
+"""Prefix of a dead letter's body kept as base64 (its reason says so too)."""
+
+
+def body_text(body: bytes | str) -> str | None:
+    """``body`` as text any store can keep, or None: not UTF-8, a lone surrogate, a NUL."""
+    if isinstance(body, bytes):
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    elif not body.isascii():
+        try:
+            body.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+    return None if "\x00" in body else body
+
+
 def dead_letter(message: Message, error: DecodeError, now: float) -> DeadLetter:
     """The dead letter of a message that could not be decoded."""
     body = message.body
+    reason = error.reason
     if isinstance(body, dict):
         try:
             text = orjson.dumps(body).decode()
         except TypeError:  # what orjson cannot write (an integer past 64 bits...)
             text = json.dumps(body, default=repr)
+    elif (as_text := body_text(body)) is not None:
+        text = as_text
     else:
-        text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    if "\x00" in text:  # (no PostgreSQL text holds a NUL: kept as JSON writes it)
-        text = text.replace("\x00", "\\u0000")
+        # Bytes that are not UTF-8 text, or hold a NUL (no PostgreSQL text can): kept
+        # byte for byte, as base64, and the reason says so.
+        raw = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
+        text = BASE64_BODY + base64.b64encode(raw).decode("ascii")
+        reason = f"{reason} (body kept as base64: not UTF-8 text)"
     return DeadLetter(
         source=message.source,
         location=one_line(error.location or message.location),
-        reason=shorten(error.reason),
+        reason=shorten(reason),
         body=text,
         received_at=now,
     )

@@ -425,6 +425,34 @@ def test_an_event_no_backend_can_store_is_a_dead_letter_and_the_rest_goes_on(
     assert len(letter.reason) < 5000 and "\x00" not in letter.body
 
 
+@pytest.mark.parametrize(("body", "as_base64"), [
+    (b"not json \x00 with a NUL", True), (b"\xff\xfe not UTF-8 \x80", True),
+    ("a lone surrogate \udc80", True), ("plain text", False),
+    ("caf\u00e9 \\u0000 (an escaped NUL, as text)", False),
+], ids=["nul", "not-utf8", "lone-surrogate", "text", "escaped-nul-text"])
+def test_a_dead_letter_keeps_the_body_it_was_given_byte_for_byte(
+    store: Store, body: bytes | str, as_base64: bool
+) -> None:
+    import base64
+
+    from edp.engine import BASE64_BODY
+
+    # Given a message that cannot be decoded
+    engine = Engine(store, Settings(database_url="sqlite:///:memory:"), sinks=["out"],
+                    worker_id="w")
+    engine.process([Message(body, "m1")], now=T0)
+    # Then its dead letter holds the very bytes received: as text when they are UTF-8
+    # text without a NUL, else as base64, and then the reason says so
+    [letter] = store.dead_letters(limit=10)
+    raw = body if isinstance(body, bytes) else body.encode("utf-8", "surrogatepass")
+    if as_base64:
+        assert letter.body.startswith(BASE64_BODY), letter.body
+        assert base64.b64decode(letter.body.removeprefix(BASE64_BODY)) == raw
+        assert "body kept as base64" in letter.reason
+    else:
+        assert letter.body.encode() == raw and "base64" not in letter.reason
+
+
 def test_a_batch_id_with_a_nul_is_not_found(store: Store) -> None:
     from edp.errors import NotFound
 
