@@ -333,3 +333,43 @@ def test_a_closed_batchs_age_is_how_long_it_was_open(tmp_path: Path) -> None:
     listing = edp("batches", "--database-url", url, home=tmp_path).stdout
     [line] = [line for line in listing.splitlines() if "lab/e1/" in line]
     assert "│ 20s " in line, line
+
+
+def test_db_sinks_lists_known_sinks_and_forget_sink_drops_one(tmp_path: Path) -> None:
+    from edp.config import Settings
+    from edp.engine import Engine, Message
+    from edp.store import open_store
+    from edp_testing import eventbridge
+
+    # Given a store where a worker relaying to a webhook started, and a backfill with no
+    # sink of its own fired a batch for it that was never delivered
+    url = f"sqlite:///{tmp_path / 'edp.db'}"
+    store = open_store(url)
+    cfg = Settings(database_url=url, bucket_threshold_event_count=1)
+    Engine(store, cfg, sinks=["webhook"], worker_id="worker").register(now=1.7e9)
+    Engine(store, cfg, sinks=[], worker_id="backfill").process(
+        [Message(eventbridge("i/e/a", 1.7e9), "m1")], now=1.7e9)
+    store.close()
+    # When the sinks are listed
+    listed = edp("db", "sinks", "--database-url", url, home=tmp_path)
+    # Then the webhook shows with its pending event
+    assert listed.returncode == 0, listed.stderr
+    assert "webhook: registered 2023-11-14 22:13:20Z, 1 pending, 0 parked, 0 delivered" in (
+        listed.stdout)
+    # And forgetting an unknown sink is a usage error naming the known ones
+    unknown = edp("db", "forget-sink", "sns", "--database-url", url, home=tmp_path)
+    assert unknown.returncode == 2 and "known: webhook" in unknown.stderr
+    # And a forget that is not confirmed changes nothing
+    asked = edp("db", "forget-sink", "webhook", "--database-url", url, home=tmp_path,
+                stdin=b"n\n")
+    assert asked.returncode == 1 and b"1 pending" in asked.stderr
+    assert "webhook" in edp("db", "sinks", "--database-url", url, home=tmp_path).stdout
+    # When it is forgotten for good
+    done = edp("db", "forget-sink", "webhook", "--yes", "--database-url", url, home=tmp_path)
+    # Then its undelivered event is dropped and the store knows no sink
+    assert done.returncode == 0, done.stderr
+    assert "1 undelivered event(s) dropped" in done.stdout
+    assert edp("db", "sinks", "--database-url", url, home=tmp_path).stdout.strip() == (
+        "no sinks known")
+    status = edp("db", "status", "--database-url", url, home=tmp_path)
+    assert "pending_deliveries: 0" in status.stdout

@@ -21,7 +21,7 @@ from edp.redact import redact_endpoint, redact_text
 
 @main.group()
 def db() -> None:
-    """Database schema: upgrade and status."""
+    """Database schema (upgrade, status) and the sinks the store relays to."""
 
 
 @db.command("upgrade")
@@ -48,6 +48,53 @@ def db_status(config_file: str | None, database_url: str | None) -> None:
     click.echo(f"{runtime.store.url}: schema version {applied} (latest {latest})")
     for name, value in stats.items():
         click.echo(f"  {name}: {value}")
+
+
+@db.command("sinks")
+@store_options
+@handle_errors
+def db_sinks(config_file: str | None, database_url: str | None) -> None:
+    """List the sinks the store knows (registered by a worker at its start, or with
+    deliveries) and their deliveries: pending, parked (failed for good), delivered."""
+    runtime = open_runtime(config_file, database_url)
+    summaries = runtime.store.sink_summaries()
+    runtime.close()
+    if not summaries:
+        click.echo("no sinks known")
+    for sink in summaries:
+        click.echo(printable(f"{sink.name}: registered {when(sink.registered_at)}, "
+                             f"{sink.pending} pending, {sink.parked} parked, "
+                             f"{sink.delivered} delivered"))
+
+
+@db.command("forget-sink")
+@store_options
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@handle_errors
+def db_forget_sink(config_file: str | None, database_url: str | None, name: str,
+                   yes: bool) -> None:
+    """Forget the sink NAME (one no worker relays to any more): its registration and its
+    delivery rows go, so events are no longer recorded or kept for it. The events stay in
+    the outbox for the other sinks. A worker that still relays to NAME registers it
+    again when it starts."""
+    runtime = open_runtime(config_file, database_url)
+    try:
+        known = {sink.name: sink for sink in runtime.store.sink_summaries()}
+        if name not in known:
+            raise click.BadParameter(
+                f"the store knows no sink {name!r}; known: {', '.join(known) or 'none'}",
+                param_hint="NAME")
+        sink = known[name]
+        if not yes:
+            click.confirm(printable(f"Forget sink {name}: {sink.pending} pending and "
+                                    f"{sink.parked} parked event(s) will never be sent "
+                                    "to it. Go on?"), abort=True, err=True)
+        forgotten = runtime.store.forget_sink(name)
+    finally:
+        runtime.close()
+    dropped = (forgotten.pending + forgotten.parked) if forgotten else 0
+    click.echo(printable(f"forgot sink {name}: {dropped} undelivered event(s) dropped for it"))
 
 
 @main.command("dead-letters")

@@ -65,6 +65,17 @@ class Timer:
 
 
 @dataclass(frozen=True, slots=True)
+class SinkSummary:
+    """A sink the store knows (registered, or with delivery rows) and its deliveries."""
+
+    name: str
+    registered_at: float | None
+    pending: int
+    parked: int
+    delivered: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """An input that could not be decoded, kept with the reason."""
 
@@ -308,6 +319,15 @@ class Store(Protocol):
 
     def requeue(self, event_id: str, sinks: Sequence[str]) -> bool:
         """Make ``event_id`` pending again for ``sinks`` (a re-emit); False if unknown."""
+        ...
+
+    def sink_summaries(self) -> list[SinkSummary]:
+        """Every sink :meth:`known_sinks` names, with its delivery counts, by name."""
+        ...
+
+    def forget_sink(self, name: str) -> SinkSummary | None:
+        """Drop a sink: its registration and all its delivery rows (the events stay in
+        the outbox for the other sinks). Returns what it held, None if unknown."""
         ...
 
     # -- inspection ---------------------------------------------------------------

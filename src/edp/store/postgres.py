@@ -35,7 +35,14 @@ from tenacity import (
 from edp.core.batching import ObjectRecord
 from edp.errors import StoreError
 from edp.redact import redact_text
-from edp.store.base import BatchRow, DeadLetter, OutboxEntry, Transaction, pick_batch
+from edp.store.base import (
+    BatchRow,
+    DeadLetter,
+    OutboxEntry,
+    SinkSummary,
+    Transaction,
+    pick_batch,
+)
 from edp.store.migrations import load_migrations
 from edp.store.postgres_retry import RetryingTransaction
 from edp.store.postgres_tx import BATCH_COLUMNS
@@ -45,6 +52,21 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIGRATION_LOCK = 0x65647001  # pg_advisory_xact_lock key of schema migrations ("edp" 1)
+
+
+def sink_summaries_sql(*, one: bool) -> str:
+    """Known sinks with their delivery counts; ``one``: only the sink named by ``%s``
+    (given twice)."""
+    sinks, deliveries = ("WHERE name = %s", "WHERE sink = %s") if one else ("", "")
+    return (
+        "SELECT name, max(registered_at), sum(pending)::bigint, sum(parked)::bigint,"  # noqa: S608
+        " sum(delivered)::bigint FROM (SELECT name, registered_at, 0 AS pending,"
+        f" 0 AS parked, 0 AS delivered FROM sinks {sinks} UNION ALL"
+        " SELECT sink, NULL, count(*) FILTER (WHERE delivered_at IS NULL AND NOT parked),"
+        " count(*) FILTER (WHERE delivered_at IS NULL AND parked),"
+        " count(*) FILTER (WHERE delivered_at IS NOT NULL)"
+        f" FROM deliveries {deliveries} GROUP BY sink) AS s GROUP BY name ORDER BY name"
+    )
 
 
 PENDING_SQL = (
@@ -309,6 +331,21 @@ class PostgresStore(WorkerClocks):
             return True
 
         return self._run(work)
+
+    def sink_summaries(self) -> list[SinkSummary]:
+        """Every known sink with its delivery counts, by name."""
+        return [SinkSummary(*row) for row in self._rows(sink_summaries_sql(one=False))]
+
+    def forget_sink(self, name: str) -> SinkSummary | None:
+        """Drop a sink's registration and delivery rows; what it held, or None."""
+
+        def work(conn: psycopg.Connection[Any]) -> SinkSummary | None:
+            row = conn.execute(sink_summaries_sql(one=True), (name, name)).fetchone()
+            conn.execute("DELETE FROM sinks WHERE name = %s", (name,))
+            conn.execute("DELETE FROM deliveries WHERE sink = %s", (name,))
+            return None if row is None else SinkSummary(*row)
+
+        return self._run(work, pipeline=False)
 
     # -- inspection -----------------------------------------------------------------------
     def get_batch(self, batch_id: str) -> BatchRow:

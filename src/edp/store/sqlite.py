@@ -20,6 +20,7 @@ from edp.store.base import (
     BatchRow,
     DeadLetter,
     OutboxEntry,
+    SinkSummary,
     pick_batch,
 )
 from edp.store.migrations import load_migrations
@@ -31,6 +32,19 @@ def sqlite_path(url: str) -> str:
     ``:memory:``)."""
     path = url.removeprefix("sqlite:").removeprefix("//")
     return path.removeprefix("/") if path.startswith("/") else path
+
+
+def sink_summaries_sql(*, one: bool) -> str:
+    """Known sinks with their delivery counts; ``one``: only the sink named by ``?``
+    (given twice)."""
+    sinks, deliveries = ("WHERE name = ?", "WHERE sink = ?") if one else ("", "")
+    return (
+        "SELECT name, max(registered_at), sum(pending), sum(parked), sum(delivered) FROM ("  # noqa: S608
+        f" SELECT name, registered_at, 0 AS pending, 0 AS parked, 0 AS delivered FROM sinks {sinks}"
+        " UNION ALL SELECT sink, NULL, sum(delivered_at IS NULL AND parked = 0),"
+        " sum(delivered_at IS NULL AND parked = 1), sum(delivered_at IS NOT NULL)"
+        f" FROM deliveries {deliveries} GROUP BY sink) GROUP BY name ORDER BY name"
+    )
 
 
 PENDING_SQL = (
@@ -211,6 +225,19 @@ class SqliteStore:
                 [(sink, row[0], event_id) for sink in sinks],
             )
         return True
+
+    def sink_summaries(self) -> list[SinkSummary]:
+        """Every known sink with its delivery counts, by name."""
+        return [SinkSummary(*row)
+                for row in self.conn.execute(sink_summaries_sql(one=False))]
+
+    def forget_sink(self, name: str) -> SinkSummary | None:
+        """Drop a sink's registration and delivery rows; what it held, or None."""
+        with self._write() as conn:
+            row = conn.execute(sink_summaries_sql(one=True), (name, name)).fetchone()
+            conn.execute("DELETE FROM sinks WHERE name = ?", (name,))
+            conn.execute("DELETE FROM deliveries WHERE sink = ?", (name,))
+        return None if row is None else SinkSummary(*row)
 
     # -- inspection ---------------------------------------------------------------
     def get_batch(self, batch_id: str) -> BatchRow:

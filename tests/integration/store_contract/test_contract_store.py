@@ -490,3 +490,34 @@ def test_package_ready_leases_reads_after_commit_and_emits_once(
     assert '"top-hash":"' + "c" * 64 + '"' in events[0].payload.replace(" ", "")
     assert store.next_timer_due() is None
     assert store.counters()["observer.emitted"] == 1
+
+
+def test_a_forgotten_sink_is_no_longer_known_and_its_deliveries_are_gone(store: Store) -> None:
+    from edp.store.base import SinkSummary
+
+    # Given a registered webhook sink and an EventBridge sink, each with deliveries:
+    # b-1 delivered to both, b-2 pending on the webhook, b-3 parked on it
+    store.register_sinks(["webhook"], now=T0)
+    write_closed(store, batch("b-1", prefix="1/"), batch("b-2", prefix="2/"),
+                 batch("b-3", prefix="3/"), sinks=("webhook", "eventbridge"))
+    store.mark_delivered("webhook", ["ev-b-1"], now=T0)
+    store.mark_delivered("eventbridge", ["ev-b-1", "ev-b-2", "ev-b-3"], now=T0)
+    store.mark_failed("webhook", "ev-b-3", error="410 Gone", retry_at=None, now=T0)
+    # Then the summaries count them per sink
+    assert store.sink_summaries() == [
+        SinkSummary("eventbridge", None, 0, 0, 3),
+        SinkSummary("webhook", T0, 1, 1, 1),
+    ]
+    # When the webhook is forgotten
+    assert store.forget_sink("webhook") == SinkSummary("webhook", T0, 1, 1, 1)
+    # Then it is no longer known, nothing waits for it, and the other sink is untouched
+    assert store.known_sinks() == ["eventbridge"]
+    assert store.pending("webhook", limit=10, now=T0 + 1) == []
+    assert store.stats()["pending_deliveries"] == 0 and store.stats()["parked_deliveries"] == 0
+    assert store.sink_summaries() == [SinkSummary("eventbridge", None, 0, 0, 3)]
+    assert [e.event_id for e in store.outbox_events(limit=5)] == ["ev-b-3", "ev-b-2", "ev-b-1"]
+    # And an unknown sink is None
+    assert store.forget_sink("webhook") is None
+    # And a sink registered without any delivery has zero counts
+    store.register_sinks(["sns"], now=T0 + 5)
+    assert store.forget_sink("sns") == SinkSummary("sns", T0 + 5, 0, 0, 0)
