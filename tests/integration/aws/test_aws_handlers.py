@@ -124,6 +124,34 @@ def test_emit_fires_quiet_batches_once_the_store_is_quiet(
 
 
 @pytest.mark.timeout(60)
+def test_a_quiet_period_shorter_than_worker_timeout_fires_on_the_next_tick(
+    aws: Any, lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edp_testing import eventbridge
+
+    # Given a 5 s quiet period (below worker_timeout, 60 s) and two files written 10 s
+    # ago, stored as they arrive: fresh events, no backlog
+    monkeypatch.setenv("EDP_BUCKET_THRESHOLD_DURATION", "5")
+    written = time.time() - 10
+    records = [{"messageId": f"m-{n}", "body": json.dumps(eventbridge(
+                   f"{PREFIX}file-{n}.txt", written + n, bucket="source-bucket")),
+                "eventSource": "aws:sqs",
+                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:edp-ingest"}
+               for n in range(2)]
+    assert handlers.store_handler({"Records": records}, None) == {"batchItemFailures": []}
+
+    # When the schedule runs next, with the store container still live
+    tick = handlers.emit_handler(load_event("aws-scheduled-event.json"), None)
+
+    # Then the quiet batch is published now, not once the store container's heartbeat
+    # is worker_timeout old (a caught-up container's clock is the wall clock)
+    assert tick["delivered"] == 1, tick
+    [event] = aws.collect(lambda_env["OUT_QUEUE"], 1)
+    assert (event["detail"]["prefix"], event["detail"]["object-count"],
+            event["detail"]["trigger"]) == (PREFIX, 2, "duration")
+
+
+@pytest.mark.timeout(60)
 def test_records_fail_while_the_database_is_unreachable_then_heal(
     lambda_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
