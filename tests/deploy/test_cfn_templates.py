@@ -255,6 +255,33 @@ def test_store_consumes_the_ingest_queue_with_partial_batch_failures(edp: dict[s
     assert queue["RedrivePolicy"]["maxReceiveCount"] * queue["VisibilityTimeout"] >= 4 * 3600
 
 
+def test_undecodable_input_in_the_store_lambda_raises_an_alarm(
+    edp: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from edp.aws.handlers import _log_rejected
+    from edp.engine import StepReport
+    from edp.store.base import DeadLetter
+
+    resources = edp["Resources"]
+    metric_filter = resources["DeadLettersMetricFilter"]["Properties"]
+    alarm = resources["DeadLettersAlarm"]["Properties"]
+    # The filter reads the store function's log group, and the alarm its metric
+    assert metric_filter["LogGroupName"] == {"Ref": "StoreLogGroup"}
+    [metric] = metric_filter["MetricTransformations"]
+    assert (alarm["Namespace"], alarm["MetricName"]) == (
+        metric["MetricNamespace"], metric["MetricName"])
+    assert alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+    # And its pattern matches the line the store function logs for a dead letter
+    term = metric_filter["FilterPattern"].strip('"')
+    report = StepReport()
+    report.rejected.append(DeadLetter("sqs:arn", "message id m-1", "not JSON", "x", 0.0))
+    with caplog.at_level(logging.WARNING, logger="edp.aws.handlers"):
+        _log_rejected(report)
+    assert [r for r in caplog.records if term in r.getMessage()]
+
+
 def test_s3_rule_watches_every_bucket_parameter(edp: dict[str, Any]) -> None:
     pattern = edp["Resources"]["S3EventsRule"]["Properties"]["EventPattern"]
 
