@@ -145,7 +145,8 @@ class HttpSource:
             raise SourceClosed("the ingest source is stopping")
         with self._lock:
             if self._bytes and self._bytes + len(body) > self.max_bytes:
-                raise queue.Full
+                raise queue.Full(f"overloaded: {self._bytes} bytes of bodies not yet "
+                                 f"committed, at most {self.max_bytes}")
             self._bytes += len(body)
             self._count += 1
             number = self._count
@@ -166,7 +167,8 @@ class HttpSource:
             self._queue.put_nowait(ticket)
         except queue.Full:
             self._release([ticket])
-            raise
+            raise queue.Full(f"overloaded: {self._queue.maxsize} bodies waiting for the "
+                             "engine") from None
         return ticket.future
 
     def _release(self, tickets: list[_Ticket]) -> None:

@@ -282,7 +282,7 @@ class _Handlers:
                 asyncio.shield(asyncio.wrap_future(future)), self.ctx.commit_timeout
             )
         except (SourceClosed, queue.Full) as exc:
-            return json_response({"error": f"not accepted now, retry later: {exc or 'busy'}"},
+            return json_response({"error": f"not accepted now, retry later: {exc}"},
                                  503, {"Retry-After": "5"})
         except TimeoutError:
             return json_response({"error": "not committed in time; retry later "

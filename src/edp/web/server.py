@@ -10,6 +10,7 @@ outbox, so quiet periods end without traffic. The web app reads through a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import signal
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 from types import FrameType
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edp.bootstrap import Runtime, build_observers, build_runtime
 from edp.config import Settings
@@ -30,6 +32,64 @@ from edp.web.app import WebContext, create_app
 from edp.web.reader import StoreReader
 
 log = logging.getLogger(__name__)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with two bounds uvicorn lacks, so that holding
+    connections open (sending nothing, or a request head a byte at a time) cannot
+    take the server down without a token:
+
+    * a request's head must be complete within ``head_timeout`` seconds of the
+      connection's start (or of the previous response on a kept-alive connection),
+      else the connection is closed;
+    * at most ``max_connections`` are open at once; one more is answered 503 and
+      closed at once.
+    """
+
+    head_timeout = 10.0
+    max_connections = 1000
+    _head_timer: asyncio.TimerHandle | None = None
+    _armed_cycle: object = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            log.warning("edp serve: %d connections open, refusing one more",
+                        len(self.connections) - 1)
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
+                            b"retry-after: 5\r\nconnection: close\r\n\r\n")
+            transport.close()
+            return
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._armed_cycle = self.cycle
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_late)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self._head_timer is not None and self.cycle is not self._armed_cycle:
+            self._disarm()  # a request's head arrived: the app's own bounds apply now
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
 
 MIN_EXPOSED_TOKEN = 16
@@ -127,7 +187,7 @@ class ServeStack:
         ))
         self.server = uvicorn.Server(uvicorn.Config(
             self.app, log_level="warning", access_log=False, lifespan="off",
-            server_header=False, proxy_headers=False,
+            server_header=False, proxy_headers=False, http=GuardedH11Protocol,
         ))
 
     @property

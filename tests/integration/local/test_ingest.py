@@ -262,6 +262,55 @@ def test_a_real_server_on_a_free_loopback_port(make_stack: Callable[..., ServeSt
         stack.stop()
 
 
+def test_connections_held_open_without_a_request_cannot_take_the_server_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from edp.web.server import GuardedH11Protocol
+
+    # Given edp serve with a 0.5 s bound on a request's head and room for 3 connections
+    monkeypatch.setattr(GuardedH11Protocol, "head_timeout", 0.5)
+    monkeypatch.setattr(GuardedH11Protocol, "max_connections", 3)
+    stack = ServeStack(Settings(database_url=f"sqlite:///{tmp_path / 'held.db'}",
+                                serve_token=TOKEN), port=0, sample_interval=0.2)
+    stack.start_background()
+
+    def connect() -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", stack.port), timeout=5)
+        conn.settimeout(5)
+        return conn
+
+    try:
+        # When one client sends half a request head and two send nothing at all
+        held = [connect() for _ in range(3)]
+        held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        time.sleep(0.2)
+        # Then a fourth connection is answered 503 at once, not left hanging
+        extra = connect()
+        assert extra.recv(4096).startswith(b"HTTP/1.1 503")
+        extra.close()
+        # And once the head timeout passed, the server has closed all three
+        for conn in held:
+            assert conn.recv(4096) == b""
+            conn.close()
+        # And the server answers again
+        with urllib.request.urlopen(f"{stack.url}/healthz", timeout=5) as response:
+            assert response.status == 200
+        # And a kept-alive connection that starts a next request and stalls is closed too
+        alive = connect()
+        alive.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"}"):  # (the head, then the JSON body)
+            answer += alive.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200")
+        alive.sendall(b"GET /healthz HTTP/1.1\r\n")
+        assert alive.recv(4096) == b""
+        alive.close()
+    finally:
+        stack.stop()
+
+
 def test_exposed_binds_need_a_token_and_loopback_gets_a_made_up_one() -> None:
     with pytest.raises(ConfigError, match="serve_token"):
         resolve_token(Settings(), "0.0.0.0")
@@ -386,6 +435,28 @@ def test_waiting_bodies_are_bounded_in_bytes_too() -> None:
     # and closing gives every held byte back
     source.close()
     assert source._bytes == 0
+
+
+def test_a_refused_body_is_answered_503_with_the_reason(tmp_path: Path) -> None:
+    # Given edp serve whose engine has not taken a body yet, holding at most 100 bytes
+    stack = ServeStack(Settings(database_url=f"sqlite:///{tmp_path / 'busy.db'}",
+                                serve_token=TOKEN), port=0, sample_interval=60.0)
+    stack.source.max_bytes = 100
+    body = b'{"Event": "s3:TestEvent", "pad": "' + b"x" * 30 + b'"}'
+    stack.source.submit(body)
+    with TestClient(stack.app, base_url="http://127.0.0.1") as client:
+        # When another body comes while the first waits
+        busy = client.post("/ingest", content=body, headers=AUTH)
+        # Then it is refused with 503, Retry-After and why
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "5"
+        assert busy.json()["error"] == ("not accepted now, retry later: overloaded: 66 bytes "
+                                        "of bodies not yet committed, at most 100")
+        # And once the source is stopping, that is the reason
+        stack.source.close()
+        closing = client.post("/ingest", content=body, headers=AUTH)
+        assert closing.status_code == 503
+        assert closing.json()["error"].endswith("the ingest source is stopping")
+    stack.stop()
 
 
 def test_a_new_package_revision_posted_to_serve_emits_package_ready(
