@@ -93,6 +93,22 @@ class PackageResult:
         return data
 
 
+def _caused_by_s3(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while handling an S3 (botocore) error."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover (quilt3 needs botocore)
+        return False
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ClientError | BotoCoreError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def _never_fits(exc: BaseException) -> bool:
     """Whether ``exc`` says that a name cannot exist on this file system, or cannot be
     a package's logical key (a file name that is not UTF-8): no retry helps, and a
@@ -318,8 +334,11 @@ class Packager:
         except q.workflows.WorkflowValidationError:
             raise
         except q.util.QuiltException as exc:
+            # quilt3 wraps an S3 error while reading the registry's workflow config
+            # (throttling, 5xx, a bucket not there yet) in its ConfigurationError: an S3
+            # error, which a retry may fix, not a refusal of this package.
             raise PublishError(f"quilt3 refused {name} for {registry}: {exc}",
-                               retryable=False) from None
+                               retryable=_caused_by_s3(exc)) from None
         except Exception as exc:  # S3, network, disk: the batch can be tried again  # noqa: BLE001
             # ... unless no retry can change it: a name the file system cannot hold would
             # fail for ever (and a sink's later events wait behind a retried one).

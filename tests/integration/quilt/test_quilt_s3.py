@@ -205,3 +205,24 @@ def test_a_key_quilt_cannot_hold_fails_the_batch_for_good_and_says_why(
     assert not result.retryable
     assert "sub//b.txt" in (result.error or "")
     assert s3_revisions(s3, bucket, "instrument/exp-1") == []
+
+
+def test_an_s3_error_reading_the_registry_s_workflow_config_is_retryable(
+    aws: Callable[[str], Any], make_bucket: Callable[[str], str], quilt: Any
+) -> None:
+    # Given a batch whose registry bucket does not exist (yet): reading its workflow
+    # config is an S3 error, which quilt3 wraps in its ConfigurationError
+    s3 = aws("s3")
+    source = make_bucket("src")
+    put_files(s3, source, FILES)
+    missing = source + "-registry-not-created"
+    packager = Packager(quilt_settings(), registry=f"s3://{missing}")
+    # When it is packaged
+    result = packager.package(batch_event(source, PREFIX))
+    # Then it failed, but as something a retry may fix: the event stays queued
+    assert result.status is PackageStatus.FAILED
+    assert result.retryable, result.error
+    assert "NoSuchBucket" in (result.error or "")
+    # And once the bucket exists, the same event is packaged
+    s3.create_bucket(Bucket=missing)
+    assert packager.package(batch_event(source, PREFIX)).status is PackageStatus.PUSHED
