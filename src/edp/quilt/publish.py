@@ -16,6 +16,7 @@ off stdout, which belongs to the command's results.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
@@ -190,7 +191,74 @@ def _push_s3(
     return Published(str(pushed.top_hash), True)
 
 
+OBJECTS = ".quilt/edp/objects"
+"""Where a local registry keeps its copies of packaged files, by SHA-256."""
+
+
+def keep_copies(pkg: Any, root: Path) -> dict[str, Any]:
+    """Point every local file of ``pkg`` at a copy inside the registry folder ``root``
+    (``<root>/.quilt/edp/objects/<sha256>``, content-addressed: the same content is
+    kept once, and a copy never changes). A revision must not change, nor lose files,
+    when its source folder does; on S3 a push copies files, and files already in the
+    registry bucket are kept by S3's versions, which a folder does not have. Files of
+    the registry's own ``.quilt/`` folder (helper files, earlier copies) stay. Returns the entries it replaced, by logical key.
+
+    A copy made for a build that then fails stays (another build may share it by
+    then; the same content is found again next time)."""
+    objects = root / OBJECTS
+    internal = root / ".quilt"
+    replaced: dict[str, Any] = {}
+    for key, entry in list(pkg.walk()):
+        if not entry.physical_key.is_local():
+            continue
+        path = Path(entry.physical_key.path)
+        if internal in path.resolve().parents:
+            continue  # (the registry's own: a helper file, an earlier copy)
+        replaced[key] = entry
+        pkg.set(key, str(_copy_into(path, objects)), meta=entry.meta)
+    return replaced
+
+
+def _copy_into(path: Path, objects: Path) -> Path:
+    """A read-only copy of ``path`` named by its SHA-256 under ``objects`` (made now,
+    or there already)."""
+    objects.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with path.open("rb") as src, tempfile.NamedTemporaryFile(
+        dir=objects, prefix=".copy-", delete=False
+    ) as tmp:
+        try:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                tmp.write(chunk)
+        except BaseException:
+            Path(tmp.name).unlink(missing_ok=True)
+            raise
+    target = objects / digest.hexdigest()[:2] / digest.hexdigest()
+    if target.exists():
+        Path(tmp.name).unlink()
+        return target
+    target.parent.mkdir(exist_ok=True)
+    os.chmod(tmp.name, 0o444)
+    os.replace(tmp.name, target)
+    return target
+
+
 def _build_local(
+    pkg: Any, name: str, root: Path, *, message: str, workflow: WorkflowArg,
+    helpers: Sequence[HelperFile],
+) -> Published:
+    replaced = keep_copies(pkg, root)
+    try:
+        return _build_copied(pkg, name, root, message=message, workflow=workflow,
+                             helpers=helpers)
+    except BaseException:
+        for key, entry in replaced.items():  # (it may go elsewhere now: the quarantine)
+            pkg.set(key, entry)
+        raise
+
+
+def _build_copied(
     pkg: Any, name: str, root: Path, *, message: str, workflow: WorkflowArg,
     helpers: Sequence[HelperFile],
 ) -> Published:

@@ -382,3 +382,34 @@ def test_a_file_whose_name_is_not_utf8_is_left_out_of_the_package(tmp_path: Path
     keys = [k for k, _ in quilt.Package.browse(
         "instrument/exp-1", registry=(tmp_path / "reg").as_uri()).walk()]
     assert "a.txt" in keys and not [k for k in keys if k.startswith("bad")]
+
+
+@pytest.mark.parametrize("own_bucket", [False, True], ids=["other-folder", "own-bucket"])
+def test_a_local_revision_never_changes_when_its_source_folder_does(
+    root: Path, quilt: Any, own_bucket: bool
+) -> None:
+    # Given a batch packaged into a local registry (another folder, or its own bucket's)
+    registry = root / "lab" if own_bucket else root / "registry"
+    packager = Packager(quilt_settings(), local_root=root,
+                        registry=None if own_bucket else str(registry))
+    first = packager.package(batch_event("lab", PREFIX))
+    assert first.status is PackageStatus.PUSHED, first.error
+    # When the source files are overwritten in place and deleted afterwards
+    source = root / "lab" / PREFIX
+    (source / "a.csv").write_bytes(b"changed\n")
+    (source / "sub" / "b.bin").unlink()
+    # Then the revision still reads the files as they were packaged
+    pkg = quilt.Package.browse("instrument/exp-1", registry=registry.as_uri(),
+                               top_hash=first.top_hash)
+    assert pkg["a.csv"].get_bytes() == b"x,y\n1,2\n"
+    assert pkg["sub/b.bin"].get_bytes() == b"\x00" * 64
+    # And its files are kept once, by content, inside the registry's .quilt folder
+    physical = Path(pkg["a.csv"].physical_key.path)
+    assert (registry / ".quilt" / "edp" / "objects") in physical.parents
+    # And packaging the same content again makes no revision and no second copy
+    (source / "a.csv").write_bytes(b"x,y\n1,2\n")
+    (source / "sub" / "b.bin").write_bytes(b"\x00" * 64)
+    again = packager.package(batch_event("lab", PREFIX))
+    assert again.status is PackageStatus.UNCHANGED and again.top_hash == first.top_hash
+    copies = [p for p in (registry / ".quilt" / "edp" / "objects").rglob("*") if p.is_file()]
+    assert len(copies) == len({p.name for p in copies}) == 3  # a.csv, b.bin, metadata.xlsx
