@@ -330,7 +330,8 @@ class Packager:
         q = quilt3()
         try:
             return publish(pkg, name, registry, message=message, workflow=workflow,
-                           helpers=helpers, latest=self._latest)
+                           helpers=helpers, latest=self._latest,
+                           pointer_taken=lambda stamp: self._pointer_taken(registry, name, stamp))
         except q.workflows.WorkflowValidationError:
             raise
         except q.util.QuiltException as exc:
@@ -408,11 +409,24 @@ class Packager:
             raise InvalidRequest(f"{'/'.join(parts)!r} escapes the local root {root}")
         return path
 
-    def _latest(self, registry: Registry, name: str) -> str | None:
+    def _client(self) -> Any:
         if self._s3 is None:
             import boto3
 
             self._s3 = boto3.client("s3", region_name=self.settings.region)
+        return self._s3
+
+    def _pointer_taken(self, registry: Registry, name: str, stamp: str) -> bool:
+        """Whether ``registry`` has a revision pointer ``stamp`` of ``name`` already."""
+        try:
+            self._client().head_object(Bucket=registry.bucket,
+                                       Key=f".quilt/named_packages/{name}/{stamp}")
+        except Exception:  # noqa: BLE001  (not there, or unknown: the push goes on)
+            return False
+        return True
+
+    def _latest(self, registry: Registry, name: str) -> str | None:
+        self._client()
         try:
             body = self._s3.get_object(
                 Bucket=registry.bucket, Key=f".quilt/named_packages/{name}/latest"

@@ -21,7 +21,8 @@ import io
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -129,10 +130,13 @@ def publish(
     workflow: WorkflowArg,
     helpers: Sequence[HelperFile],
     latest: Any,
+    pointer_taken: Callable[[str], bool] | None = None,
 ) -> Published:
     """Add ``helpers`` to ``pkg`` and write it to ``registry`` (see the module doc).
 
     ``latest(registry, name)`` reads the latest top hash (None if no revision).
+    ``pointer_taken(stamp)`` says whether an S3 registry has a revision pointer of
+    ``name`` named ``stamp`` already (see :func:`wait_for_free_pointer`).
     Raises whatever quilt3 raises (``WorkflowValidationError`` among others).
     """
     try:
@@ -140,6 +144,8 @@ def publish(
             return _build_local(pkg, name, registry.root, message=message, workflow=workflow,
                                 helpers=helpers)
         assert registry.bucket is not None
+        if pointer_taken is not None:
+            wait_for_free_pointer(pointer_taken)
         return _push_s3(pkg, name, registry.bucket, message=message, workflow=workflow,
                         helpers=helpers, latest=latest)
     except BaseException:
@@ -148,6 +154,20 @@ def publish(
             if helper.logical_key in pkg:
                 pkg.delete(helper.logical_key)
         raise
+
+
+def wait_for_free_pointer(taken: Callable[[str], bool], *, tries: int = 3) -> None:
+    """Wait until the current second names no revision pointer of the package yet.
+
+    quilt3 names a revision's pointer after the second it was written in: a second
+    revision written in the same second (batches of one prefix firing together, as at
+    a watcher's start) overwrote the first's pointer, and that revision disappeared
+    from the package's history (and got no ``package-ready``)."""
+    for _ in range(tries):
+        now = time.time()
+        if not taken(str(int(now))):
+            return
+        time.sleep(int(now) + 1 - now + 0.001)
 
 
 def outside(bucket: str) -> Any:
@@ -201,7 +221,8 @@ def keep_copies(pkg: Any, root: Path) -> dict[str, Any]:
     kept once, and a copy never changes). A revision must not change, nor lose files,
     when its source folder does; on S3 a push copies files, and files already in the
     registry bucket are kept by S3's versions, which a folder does not have. Files of
-    the registry's own ``.quilt/`` folder (helper files, earlier copies) stay. Returns the entries it replaced, by logical key.
+    the registry's own ``.quilt/`` folder (helper files, earlier copies) stay.
+    Returns the entries it replaced, by logical key.
 
     A copy made for a build that then fails stays (another build may share it by
     then; the same content is found again next time)."""
@@ -269,6 +290,7 @@ def _build_copied(
             path.write_bytes(helper.body)
         pkg.set(helper.logical_key, str(path))
     pointers = root / ".quilt" / "named_packages" / name
+    wait_for_free_pointer(lambda stamp: (pointers / stamp).exists())
     before = read_local_latest(root, name)
     existing = set(os.listdir(pointers)) if pointers.is_dir() else set()
     with quiet():

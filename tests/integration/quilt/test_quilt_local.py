@@ -413,3 +413,22 @@ def test_a_local_revision_never_changes_when_its_source_folder_does(
     assert again.status is PackageStatus.UNCHANGED and again.top_hash == first.top_hash
     copies = [p for p in (registry / ".quilt" / "edp" / "objects").rglob("*") if p.is_file()]
     assert len(copies) == len({p.name for p in copies}) == 3  # a.csv, b.bin, metadata.xlsx
+
+
+def test_revisions_of_one_package_written_within_a_second_each_keep_their_pointer(
+    root: Path, quilt: Any
+) -> None:
+    # Given three batches of one prefix that fired together (a watcher's start-up scan)
+    registry = root / "registry"
+    packager = Packager(quilt_settings(), local_root=root, registry=str(registry))
+    results = [packager.package(batch_event("lab", PREFIX, batch_id=f"batch-{n}",
+                                            event_id=f"3f1c1d4e-0000-5000-8000-00000000000{n}"))
+               for n in range(3)]
+    # Then each is a revision of its own in the package's history
+    assert [r.status for r in results] == [PackageStatus.PUSHED] * 3, results
+    assert len({r.top_hash for r in results}) == 3
+    pointers = local_revisions(registry, "instrument/exp-1")
+    assert len(pointers) == 3
+    hashes = {(registry / ".quilt/named_packages/instrument/exp-1" / p).read_text().strip()
+              for p in pointers}
+    assert hashes == {r.top_hash for r in results}
