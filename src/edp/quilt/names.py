@@ -50,9 +50,23 @@ class _SegmentFormatter(string.Formatter):
 _FORMATTER = _SegmentFormatter()
 
 
+_PLAIN_FIELD = re.compile(r"\d+|bucket|prefix")
+"""A field a template may name: a segment number, ``bucket`` or ``prefix``, as such
+(no attribute or index access such as ``{0.__class__}`` or ``{0[0]}``)."""
+
+
 def check_template(template: str) -> None:
-    """Raise :class:`ConfigError` unless ``template`` renders for a sample prefix."""
+    """Raise :class:`ConfigError` unless ``template`` renders for a sample prefix and
+    names only segment numbers, ``bucket`` and ``prefix``, without conversions or
+    format specifications."""
     try:
+        for _, field, spec, conversion in _FORMATTER.parse(template):
+            if field is None:
+                continue
+            if not _PLAIN_FIELD.fullmatch(field) or spec or conversion:
+                raise ValueError(f"field {{{field}{'!' + conversion if conversion else ''}"
+                                 f"{':' + spec if spec else ''}}} is not a plain segment "
+                                 "number, bucket or prefix")
         _FORMATTER.format(template, "a", "b", bucket="bucket", prefix="a/b")
     except (KeyError, IndexError, ValueError, AttributeError) as exc:
         raise ConfigError(

@@ -396,6 +396,11 @@ class Packager:
     def _source(self, request: BatchRequest) -> Path | str:
         if self.local_root is None:
             return s3_url(request.bucket, request.prefix)
+        if "" in request.prefix.split("/")[:-1]:
+            # (a folder path collapses "a//" to "a/": the parent folder, other batches'
+            # files; a key prefix on S3 does not)
+            raise InvalidRequest(f"detail.prefix {request.prefix!r} has an empty segment: "
+                                 f"no folder under the local root (bucket {request.bucket})")
         return self._safe(self.local_root, request.bucket, request.prefix)
 
     @staticmethod

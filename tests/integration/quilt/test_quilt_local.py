@@ -432,3 +432,18 @@ def test_revisions_of_one_package_written_within_a_second_each_keep_their_pointe
     hashes = {(registry / ".quilt/named_packages/instrument/exp-1" / p).read_text().strip()
               for p in pointers}
     assert hashes == {r.top_hash for r in results}
+
+
+@pytest.mark.parametrize("prefix", ["instrument//", "/instrument/exp-1/", "instrument//exp-1/"])
+def test_a_prefix_with_an_empty_segment_is_refused_in_local_mode(
+    root: Path, quilt: Any, prefix: str
+) -> None:
+    # Given local mode, where a folder path collapses "a//" into "a/" (the parent folder)
+    registry = root / "registry"
+    packager = Packager(quilt_settings(), local_root=root, registry=str(registry))
+    # When a batch event names a prefix with an empty segment
+    result = packager.package(batch_event("lab", prefix))
+    # Then it fails for good, saying why, and no package of other batches' files is built
+    assert result.status is PackageStatus.FAILED and not result.retryable
+    assert "empty segment" in (result.error or "")
+    assert not (registry / ".quilt" / "named_packages").exists()

@@ -39,7 +39,8 @@ def test_package_names_are_valid_whatever_the_prefix(
     assert is_valid(name)
 
 
-@pytest.mark.parametrize("template", ["{project}/{0}", "{0", "{0.__class__.x}"])
+@pytest.mark.parametrize("template", ["{project}/{0}", "{0", "{0.__class__.x}", "{0.__class__}/{1}",
+                                      "{0[0]}/{1}", "{0!r}/{1}", "{0:>5}/{1}", "{bucket.x}"])
 def test_an_unusable_name_template_is_a_config_error(template: str) -> None:
     with pytest.raises(ConfigError, match="package_name_template"):
         check_template(template)
