@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edp.web.figures import NOT_AN_OUTCOME
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LABELLED_COUNTERS = (
@@ -22,7 +24,7 @@ _LABELLED_COUNTERS = (
     ("events.", "edp_events", "outcome",
      "S3 object events applied, by outcome (counted, overwrite, duplicate, delete)."),
     ("skipped.", "edp_events_skipped", "reason",
-     "Created events not batched, by reason (shallow-key, ignored-prefix, ...)."),
+     "Object events not batched (created or deleted), by reason (shallow-key, ...)."),
     ("ignored.", "edp_events_ignored", "type", "S3 events of other types, by type."),
     ("batches.", "edp_batches_fired", "trigger",
      "Batches fired (package-objects-ready events emitted), by trigger."),
@@ -54,9 +56,14 @@ class StoreCollector(Collector):
         for prefix, name, label, text in _LABELLED_COUNTERS:
             family = CounterMetricFamily(name, text, labels=[label])
             for key, value in sorted(counters.items()):
-                if key.startswith(prefix):
+                if key.startswith(prefix) and key not in NOT_AN_OUTCOME:
                     family.add_metric([key.removeprefix(prefix)], value)
             yield family
+        yield CounterMetricFamily(
+            "edp_events_clock_ahead",
+            "Object events dated further ahead of the wall clock than clock_max_ahead "
+            "(also counted in edp_events_total by their outcome).",
+            value=counters.get("events.clock_ahead", 0))
         yield CounterMetricFamily("edp_messages", "Input messages processed.",
                                   value=counters.get("messages", 0))
         yield CounterMetricFamily("edp_dead_letters_received",

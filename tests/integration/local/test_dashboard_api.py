@@ -126,6 +126,23 @@ def test_metrics_expose_store_figures_and_ingest_requests(client: TestClient) ->
         assert line in text, line
 
 
+def test_an_event_dated_ahead_of_the_clock_is_one_event_in(client: TestClient) -> None:
+    # Given the three events of the fixture, then one dated an hour ahead
+    before = client.get("/api/stats").json()["totals"]["events_in"]
+    body = json.loads(minio("lab/exp-3/d.csv", "04"))
+    body["Records"][0]["eventTime"] = iso(time.time() + 3600)
+    assert client.post("/ingest", content=json.dumps(body), headers=AUTH).status_code == 200
+    # Then it is one more event in (it was counted twice: by its outcome and as ahead)
+    stats = client.get("/api/stats").json()
+    assert stats["counters"]["events.clock_ahead"] == 1
+    assert stats["totals"]["events_in"] == before + 1
+    # And the metrics count it once by outcome, and as ahead on a metric of its own
+    text = client.get("/metrics").text
+    assert 'edp_events_total{outcome="counted"} 4.0' in text
+    assert 'outcome="clock_ahead"' not in text
+    assert "edp_events_clock_ahead_total 1.0" in text
+
+
 def test_pages_are_served_with_a_strict_content_security_policy(client: TestClient) -> None:
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
