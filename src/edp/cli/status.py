@@ -22,7 +22,7 @@ def status_report(store: Store, settings: Settings, now: float, *, limit: int) -
     data = figures.overview(store, now)
     data["open_batches"] = figures.batches(store, settings, now, state="open", limit=limit)
     data["events"] = figures.events(store, limit=limit)
-    data["dead_letters"] = [figures.dead_letter_dict(d) for d in store.dead_letters(limit=5)]
+    data["dead_letters"] = [figures.dead_letter_dict(d) for d in store.dead_letters(limit=limit)]
     return data
 
 

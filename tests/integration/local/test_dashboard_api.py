@@ -201,6 +201,26 @@ def test_edp_status_shows_the_same_figures(client: TestClient, stack: ServeStack
         assert text in table.output
 
 
+def test_edp_status_limit_applies_to_dead_letters_too(client: TestClient,
+                                                      stack: ServeStack) -> None:
+    # Given eight dead letters (the fixture's one and seven more)
+    for n in range(7):
+        assert client.post("/ingest", content=f"garbage {n}".encode(),
+                           headers=AUTH).status_code == 400
+    runner = CliRunner()
+
+    def dead_letters(*limit: str) -> list[Any]:
+        done = runner.invoke(main, ["status", "--database-url", stack.url_db, "--json",
+                                    *limit], env={"EDP_CONFIG": None})
+        assert done.exit_code == 0, done.output
+        return list(json.loads(done.output)["dead_letters"])
+
+    # Then --limit is the rows of that table as of the others (it was always 5)
+    assert len(dead_letters("--limit", "2")) == 2
+    assert len(dead_letters("--limit", "50")) == 8
+    assert dead_letters("--limit", "1")[0]["body"] == "garbage 6"
+
+
 def test_serve_can_watch_a_folder_too(tmp_path: Path) -> None:
     # Given edp serve with a watched folder as a second source (edp serve --watch DIR)
     from edp.sources.watch import FolderSource
