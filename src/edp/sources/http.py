@@ -80,12 +80,19 @@ def bearer_ok(header: str | None, token: str) -> bool:
     given = given.strip()
     if scheme.lower() == "basic":
         try:
-            given = base64.b64decode(given, validate=True).decode("utf-8").partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
+            raw = base64.b64decode(given, validate=True).partition(b":")[2]
+        except binascii.Error:
             return False
-    elif scheme.lower() != "bearer":
+    elif scheme.lower() == "bearer":
+        try:
+            # The header's bytes, as sent: ASGI servers hand headers over read as
+            # Latin-1, while clients send a non-ASCII token as UTF-8.
+            raw = given.encode("latin-1")
+        except UnicodeEncodeError:  # (a caller that decoded them otherwise)
+            raw = given.encode()
+    else:
         return False
-    return hmac.compare_digest(given.encode(), token.encode())
+    return hmac.compare_digest(raw, token.encode())
 
 
 @dataclass(slots=True)

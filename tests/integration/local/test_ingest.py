@@ -93,6 +93,38 @@ def test_basic_credentials_with_the_token_as_password_are_accepted(client: TestC
                        headers={"Authorization": f"Basic {wrong}"}).status_code == 401
 
 
+def test_a_non_ascii_token_is_accepted_as_clients_send_it(tmp_path: Path) -> None:
+    import http.client
+
+    # Given edp serve (a real server: the header's own bytes matter) with a token of
+    # non-ASCII characters, which clients (curl, MinIO) send as UTF-8
+    token = "\u00e9t\u00e9-token-\u00fcber-lang"
+    stack = ServeStack(Settings(database_url=f"sqlite:///{tmp_path / 'utf8.db'}",
+                                serve_token=token), port=0, sample_interval=0.2)
+    stack.start_background()
+    body = json.dumps(load_event("ceph-notification.json")).encode()
+
+    def post(authorization: bytes) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=10)
+        try:
+            conn.putrequest("POST", "/ingest")
+            conn.putheader("Authorization", authorization)
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    try:
+        # Then the token as UTF-8 is accepted, as a bearer token and as a Basic password
+        assert post(b"Bearer " + token.encode("utf-8")) == 200
+        assert post(b"Basic " + base64.b64encode(f"edp:{token}".encode())) == 200
+        # And its Latin-1 bytes, which are another token, are refused
+        assert post(b"Bearer " + token.encode("latin-1")) == 401
+    finally:
+        stack.stop()
+
+
 def test_minio_reachability_check_is_answered_without_credentials(client: TestClient) -> None:
     assert client.head("/ingest").status_code == 200
 
