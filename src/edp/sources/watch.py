@@ -254,9 +254,15 @@ class FolderSource:
                         with self._lock:
                             self._changes.extend((c.name, p) for c, p in changes)
                         self._wake.set()
-            except Exception:  # a boundary: keep following, by polling if need be
-                log.exception("watching %s failed; falling back to polling", self.root)
-                polling = True
+            except Exception as exc:  # a boundary: keep following, by polling if need be
+                if not polling and "Unable to decode path" in str(exc):
+                    # A file name that is not UTF-8 (skipped anyway, see _key): the
+                    # native watcher stops on it; start it again rather than poll.
+                    log.warning("watching %s: %s; such names are skipped, watching goes on",
+                                self.root, exc)
+                else:
+                    log.exception("watching %s failed; falling back to polling", self.root)
+                    polling = True
                 with self._lock:
                     self._rescan = True  # what changed meanwhile is found by a new scan
                 self._stop.wait(1.0)

@@ -385,6 +385,49 @@ def test_a_failing_watcher_falls_back_to_polling_and_rescans(
     assert "falling back to polling" in caplog.text
 
 
+def test_a_file_name_that_is_not_utf8_does_not_switch_the_watcher_to_polling(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import watchfiles
+
+    # Given a watcher (the native one), whose starts are recorded
+    real_watch, calls = watchfiles.watch, []
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("force_polling"))
+        return real_watch(*args, **kwargs)
+
+    monkeypatch.setattr(watchfiles, "watch", recorded)
+    (root / "scope/exp").mkdir(parents=True)
+    source = FolderSource(root, bucket="lab", settle=0.1)
+
+    def found_within(seconds: float) -> list[str]:
+        found: list[str] = []
+        deadline = time.monotonic() + seconds
+        while not found and time.monotonic() < deadline:
+            received = source.receive(wait=0.5)
+            source.ack(received)
+            found = [m.location for m in received.messages]
+        return found
+
+    try:
+        source.start()
+        # When a file whose name is not UTF-8 appears, then a good one
+        (root / "scope/exp").joinpath(os.fsdecode(b"bad\xff.dat")).write_bytes(b"x")
+        deadline = time.monotonic() + 10
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (root / "scope/exp/good.txt").write_text("good")
+        found = found_within(15)
+    finally:
+        source.close()
+    # Then the bad name is skipped, the good file found, and the native watcher was
+    # started again rather than replaced by polling
+    assert found == ["file scope/exp/good.txt"]
+    assert calls[:2] == [None, None], calls
+    assert "falling back to polling" not in caplog.text
+
+
 def test_a_file_dated_in_the_future_does_not_run_the_clock_ahead(
     watch: Callable[..., Any], root: Path, reader: Callable[[], Store], wait: Wait
 ) -> None:
