@@ -21,7 +21,15 @@ class PackagingError(EdpError):
 
 
 class InvalidRequest(PackagingError):
-    """The input is not a ``package-objects-ready`` event edp can package."""
+    """The input is not a ``package-objects-ready`` event edp can package.
+
+    ``bucket``, ``prefix``, ``batch_id`` and ``event_id`` are what the input said
+    (text only), so that the failure can be told apart from others."""
+
+    bucket = ""
+    prefix = ""
+    batch_id: str | None = None
+    event_id: str | None = None
 
 
 class MetadataError(PackagingError):

@@ -177,7 +177,8 @@ class Packager:
             request = parse_request(message)
         except InvalidRequest as exc:
             log.error("not a package-objects-ready event: %s", exc)
-            return PackageResult(PackageStatus.FAILED, bucket="", prefix="", error=str(exc))
+            return PackageResult(PackageStatus.FAILED, bucket=exc.bucket, prefix=exc.prefix,
+                                 error=str(exc), batch_id=exc.batch_id, event_id=exc.event_id)
         return self.package_batch(request)
 
     def package_batch(self, request: BatchRequest) -> PackageResult:

@@ -103,8 +103,32 @@ def _optional_text(detail: dict[str, Any], name: str) -> str | None:
 
 
 def parse_request(body: bytes | str | dict[str, Any]) -> BatchRequest:
-    """One input message -> :class:`BatchRequest`, or :class:`InvalidRequest` saying why."""
+    """One input message -> :class:`BatchRequest`, or :class:`InvalidRequest` saying why
+    (carrying the identifiers the input gave, as text)."""
     message = _unwrap(_json(body, "the message"))
+    if isinstance(message.get("Records"), list) and "detail" not in message:
+        raise InvalidRequest(
+            f"a 'Records' list of {len(message['Records'])} messages (an S3 notification or "
+            "a Lambda SQS event) is not one package-objects-ready event: give one message "
+            "per input")
+    try:
+        return _parse(message)
+    except InvalidRequest as exc:
+        given = message.get("detail")
+        detail: dict[str, Any] = given if isinstance(given, dict) else message
+        exc.bucket = _text(detail.get("bucket")) or ""
+        exc.prefix = _text(detail.get("prefix")) or ""
+        exc.batch_id = _text(detail.get("batch-id"))
+        exc.event_id = _text(message.get("id")) if "detail" in message else None
+        raise
+
+
+def _text(value: Any) -> str | None:
+    """``value`` when it is text without a NUL character (for a report), else None."""
+    return value if isinstance(value, str) and "\x00" not in value else None
+
+
+def _parse(message: dict[str, Any]) -> BatchRequest:
     if "detail" in message or "detail-type" in message:
         kind = message.get("detail-type")
         if kind != DETAIL_TYPE:

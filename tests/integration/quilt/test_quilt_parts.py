@@ -175,7 +175,23 @@ def test_requests_come_in_every_envelope() -> None:
     ({"bucket": "..", "prefix": "a/"}, "not a bucket name"),
     ({"bucket": "lab/../other", "prefix": "a/"}, "not a bucket name"),
     ({"bucket": "b", "prefix": "a/", "object-count": "3"}, "integer"),
+    ({"Records": [{"eventSource": "aws:sqs", "body": "{}"}] * 2}, "'Records' list of 2"),
 ])
 def test_what_is_not_a_batch_event_is_refused_with_a_reason(message: object, why: str) -> None:
     with pytest.raises(InvalidRequest, match=why):
         parse_request(message)  # type: ignore[arg-type]
+
+
+def test_a_refused_event_still_reports_the_identifiers_it_gave() -> None:
+    from edp.quilt import Packager, PackageStatus
+    from integration.quilt.quilt_support import batch_event, quilt_settings
+
+    # Given a batch event whose object count is not an integer
+    event = batch_event("lab", "inst/exp-1/", batch_id="batch-7")
+    event["detail"]["object-count"] = "three"
+    # When it is packaged
+    result = Packager(quilt_settings()).package(event)
+    # Then the failure names the batch it was about
+    assert result.status is PackageStatus.FAILED and "integer" in (result.error or "")
+    assert (result.bucket, result.prefix, result.batch_id, result.event_id) == (
+        "lab", "inst/exp-1/", "batch-7", event["id"])
