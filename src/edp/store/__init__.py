@@ -15,7 +15,8 @@ from edp.redact import redact_text
 from edp.store.base import Store
 
 
-def open_store(url: str, *, fast_unsafe: bool = False) -> Store:
+def open_store(url: str, *, fast_unsafe: bool = False,
+               idle_in_transaction: float | None = None) -> Store:
     """Open (and migrate) the store that ``url`` names.
 
     ``fast_unsafe`` trades durability for speed. SQLite: no journal, no sync, and no
@@ -23,6 +24,10 @@ def open_store(url: str, *, fast_unsafe: bool = False) -> Store:
     such as a replay's temporary database. PostgreSQL: asynchronous
     commits (``synchronous_commit = off``): the database stays consistent, a server
     crash may forget the last commits; replays into PostgreSQL use it.
+
+    ``idle_in_transaction`` (PostgreSQL): seconds after which the server ends a session
+    left idle inside a transaction, releasing its locks (default 60; workers pass their
+    ``worker_timeout``).
     """
     if url.startswith("sqlite:"):
         from edp.store.sqlite import SqliteStore
@@ -36,7 +41,8 @@ def open_store(url: str, *, fast_unsafe: bool = False) -> Store:
                 f"database_url is a PostgreSQL URL but psycopg 3 is not installed ({exc}): "
                 "run `pip install 'edp[postgres]'`"
             ) from None
-        return PostgresStore.from_url(url, fast_unsafe=fast_unsafe)
+        return PostgresStore.from_url(url, fast_unsafe=fast_unsafe,
+                                      idle_in_transaction=idle_in_transaction)
     raise ConfigError(
         "database_url must start with sqlite:/// or postgresql://, "
         f"got {redact_text(url)!r}"

@@ -51,6 +51,9 @@ from edp.store.postgres_workers import WorkerClocks
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+IDLE_IN_TRANSACTION = 60.0
+"""Seconds a session may sit idle inside a transaction before the server ends it
+(``idle_in_transaction_session_timeout``); workers set ``worker_timeout``."""
 MIGRATION_LOCK = 0x65647001  # pg_advisory_xact_lock key of schema migrations ("edp" 1)
 
 
@@ -111,6 +114,7 @@ class PostgresStore(WorkerClocks):
         pool_size: int = 4,
         retry_seconds: float = 30.0,
         delivery_lease: float = 60.0,
+        idle_in_transaction: float | None = None,
     ) -> None:
         self.url = redact_text(url)
         self.keeps_objects = True
@@ -127,6 +131,8 @@ class PostgresStore(WorkerClocks):
                 f"database_url {self.url!r} is not a valid libpq URL or connection string"
                 " (check the percent-encoding of its user name and password)"
             ) from None
+        limit = IDLE_IN_TRANSACTION if idle_in_transaction is None else idle_in_transaction
+        idle_ms = max(1000, min(int(limit * 1000), 2**31 - 1))
         kwargs: dict[str, Any] = {"autocommit": False}
         if "application_name" not in params:
             kwargs["application_name"] = "edp"
@@ -138,6 +144,14 @@ class PostgresStore(WorkerClocks):
             # statistics lag (autovacuum off or behind), and a step of 1 key and one
             # of 2,000 keys want different plans anyway.
             conn.execute("SET plan_cache_mode = force_custom_plan")
+            # A worker frozen inside a step (SIGSTOP, a paused container, a VM stall)
+            # keeps its prefix rows locked, and every other worker's step on those
+            # prefixes would wait for it for as long as it is frozen: the server ends
+            # a session idle in a transaction that long (its step is rolled back, its
+            # input not acknowledged, so it comes again), and the others go on.
+            conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (str(idle_ms),))
             if fast_unsafe:
                 conn.execute("SET synchronous_commit = off")
             conn.commit()
@@ -180,9 +194,10 @@ class PostgresStore(WorkerClocks):
                              f"{redact_text(str(exc).strip())}") from None
 
     @classmethod
-    def from_url(cls, url: str, *, fast_unsafe: bool = False) -> PostgresStore:
+    def from_url(cls, url: str, *, fast_unsafe: bool = False,
+                 idle_in_transaction: float | None = None) -> PostgresStore:
         """Open ``postgresql://...`` (or ``postgres://...``)."""
-        return cls(url, fast_unsafe=fast_unsafe)
+        return cls(url, fast_unsafe=fast_unsafe, idle_in_transaction=idle_in_transaction)
 
     # -- plumbing -------------------------------------------------------------------
     def retrying(self) -> Retrying:

@@ -176,8 +176,12 @@ class PostgresTransaction:
                 " ORDER BY fingerprint",
                 (sorted(request.fingerprints),),
             ) if request.fingerprints else None
-            # Sent after the locks (a pipeline runs in order), so it reads what they hold.
-            mine = self._send_batches(keys) if keys else None
+        # Read after the locks, so it reads what they hold; and out of the pipeline on
+        # purpose: the server arms idle_in_transaction_session_timeout (see
+        # PostgresStore) only after a query outside a pipeline (which psycopg ends with
+        # a Sync, not a flush request): a worker frozen after its load would hold its
+        # prefixes' locks for ever. One more round trip per step.
+        mine = self._send_batches(keys) if keys else None
         if lock is not None:
             for bucket, prefix, generation in self._rows(lock):
                 if generation > 0 and (bucket, prefix) in request.batch_keys:

@@ -266,3 +266,37 @@ def test_the_pending_query_finds_its_order_barrier_once(store: PostgresStore,
     # once per candidate row (a correlated SubPlan: seconds per page at 100k pending)
     assert "InitPlan" in plan, plan
     assert len(store.pending("s", limit=500, now=10.0)) == 500
+
+
+def test_a_worker_frozen_inside_a_step_holds_others_back_only_so_long(pg_url: str) -> None:
+    # Given worker A, whose sessions the server ends after 1 s idle in a transaction,
+    # frozen inside a step that holds prefix a/b/ (SIGSTOP, a paused container...)
+    frozen = PostgresStore(pg_url, retry_seconds=10, idle_in_transaction=1.0)
+    other = PostgresStore(pg_url, retry_seconds=10)
+    done: list[float] = []
+
+    def worker_b() -> None:
+        started = time.monotonic()
+        with other.transaction() as tx:
+            tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
+            tx.save(StepWrite(open_batches=[saved(batch("b-of-b"))]), sinks=[], now=T0)
+        done.append(time.monotonic() - started)
+
+    try:
+        with pytest.raises(TransactionConflict):
+            with frozen.transaction() as tx:
+                tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
+                # When worker B starts a step on the same prefix while A stays frozen
+                thread = threading.Thread(target=worker_b)
+                thread.start()
+                thread.join(timeout=20)
+                # Then B's step went through once A had been idle for 1 s (it waited
+                # for as long as A was frozen before)
+                assert done and done[0] < 10, done
+                # And when A wakes up, its step fails (the prefix changed meanwhile):
+                # its input was not acknowledged and comes again, nothing is doubled
+                tx.save(StepWrite(open_batches=[saved(batch("b-of-a"))]), sinks=[], now=T0)
+        assert [b.batch_id for b in other.list_batches(state="open")] == ["b-of-b"]
+    finally:
+        frozen.close()
+        other.close()
