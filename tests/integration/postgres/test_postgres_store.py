@@ -282,20 +282,23 @@ def test_a_worker_frozen_inside_a_step_holds_others_back_only_so_long(pg_url: st
             tx.save(StepWrite(open_batches=[saved(batch("b-of-b"))]), sinks=[], now=T0)
         done.append(time.monotonic() - started)
 
+    def frozen_step() -> None:
+        with frozen.transaction() as tx:
+            tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
+            # When worker B starts a step on the same prefix while A stays frozen
+            thread = threading.Thread(target=worker_b)
+            thread.start()
+            thread.join(timeout=20)
+            # Then B's step went through once A had been idle for 1 s (it waited for
+            # as long as A was frozen before)
+            assert done and done[0] < 10, done
+            # And when A wakes up, its step fails (the prefix changed meanwhile): its
+            # input was not acknowledged and comes again, nothing is doubled
+            tx.save(StepWrite(open_batches=[saved(batch("b-of-a"))]), sinks=[], now=T0)
+
     try:
         with pytest.raises(TransactionConflict):
-            with frozen.transaction() as tx:
-                tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
-                # When worker B starts a step on the same prefix while A stays frozen
-                thread = threading.Thread(target=worker_b)
-                thread.start()
-                thread.join(timeout=20)
-                # Then B's step went through once A had been idle for 1 s (it waited
-                # for as long as A was frozen before)
-                assert done and done[0] < 10, done
-                # And when A wakes up, its step fails (the prefix changed meanwhile):
-                # its input was not acknowledged and comes again, nothing is doubled
-                tx.save(StepWrite(open_batches=[saved(batch("b-of-a"))]), sinks=[], now=T0)
+            frozen_step()
         assert [b.batch_id for b in other.list_batches(state="open")] == ["b-of-b"]
     finally:
         frozen.close()
