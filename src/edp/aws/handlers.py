@@ -106,14 +106,21 @@ def store_handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
 def _store_step(messages: list[Message]) -> StepReport:
     """One engine step of the store function. Fresh events (none older than
     ``BACKLOG_LAG``) mean no backlog: the container is caught up, its clock becomes the
-    wall clock, as a caught-up ``edp run`` worker's does, so it does not hold quiet
-    batches back until its heartbeat expires. Older events keep the clock at their
-    times, so a backlog being stored still holds the emit function back (SPEC 4)."""
+    wall clock, as a caught-up ``edp run`` worker's does, and it stops holding the
+    emit function back until its next step. Older events keep the clock at their
+    times, so a container storing a backlog still holds quiet batches back (SPEC 4)."""
     engine, now = runtime("store").engine, time.time()
     events, report = engine.decode(messages, now)
     # (a step with no event, only dead letters, says nothing about a backlog)
-    return engine.process_decoded(events, report, now=now, caught_up=bool(events),
-                                  backlog_lag=BACKLOG_LAG)
+    report = engine.process_decoded(events, report, now=now, caught_up=bool(events),
+                                    backlog_lag=BACKLOG_LAG)
+    if events and not report.behind:
+        # Between invocations the container holds nothing in flight: once caught up
+        # it must not hold quiet batches back until its heartbeat is worker_timeout
+        # old (its last clock is this invocation's "now", before their deadlines).
+        # Its next step's heartbeat makes it a live worker again.
+        engine.store.finish_worker(engine.worker_id)
+    return report
 
 
 def _store_sqs(records: list[dict[str, Any]]) -> list[str]:

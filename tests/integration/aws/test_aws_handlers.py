@@ -152,6 +152,35 @@ def test_a_quiet_period_shorter_than_worker_timeout_fires_on_the_next_tick(
 
 
 @pytest.mark.timeout(60)
+def test_live_files_fire_by_quiet_period_on_the_first_tick_after_the_deadline(
+    aws: Any, lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edp_testing import eventbridge
+
+    # Given a 2 s quiet period and two files stored as they arrive (live traffic): the
+    # batch's deadline is after the store invocation
+    monkeypatch.setenv("EDP_BUCKET_THRESHOLD_DURATION", "2")
+    written = time.time()
+    records = [{"messageId": f"m-{n}", "body": json.dumps(eventbridge(
+                   f"{PREFIX}live-{n}.txt", written, bucket="source-bucket")),
+                "eventSource": "aws:sqs",
+                "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:edp-ingest"}
+               for n in range(2)]
+    assert handlers.store_handler({"Records": records}, None) == {"batchItemFailures": []}
+    assert handlers.emit_handler(load_event("aws-scheduled-event.json"), None)["fired"] == 0
+
+    # When the schedule runs once the deadline passed (the store container idle, its
+    # heartbeat far younger than worker_timeout, 60 s)
+    time.sleep(max(0.0, written + 2.5 - time.time()))
+    tick = handlers.emit_handler(load_event("aws-scheduled-event.json"), None)
+
+    # Then the batch fires now, by quiet period, and is published
+    assert (tick["fired"], tick["delivered"]) == (1, 1), tick
+    [event] = aws.collect(lambda_env["OUT_QUEUE"], 1)
+    assert (event["detail"]["object-count"], event["detail"]["trigger"]) == (2, "duration")
+
+
+@pytest.mark.timeout(60)
 def test_records_fail_while_the_database_is_unreachable_then_heal(
     lambda_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
