@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import signal
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 
@@ -48,14 +50,18 @@ class GuardedH11Protocol(H11Protocol):
 
     head_timeout = 10.0
     max_connections = 1000
+    _warned_at = -math.inf
     _head_timer: asyncio.TimerHandle | None = None
     _armed_cycle: object = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
-            log.warning("edp serve: %d connections open, refusing one more",
-                        len(self.connections) - 1)
+            now = time.monotonic()
+            if now - GuardedH11Protocol._warned_at > 60:  # (once a minute: a flood)
+                GuardedH11Protocol._warned_at = now
+                log.warning("edp serve: %d connections open, refusing more",
+                            len(self.connections) - 1)
             transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
                             b"retry-after: 5\r\nconnection: close\r\n\r\n")
             transport.close()
@@ -83,9 +89,10 @@ class GuardedH11Protocol(H11Protocol):
             self._disarm()  # a request's head arrived: the app's own bounds apply now
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm()
+        answered = self.cycle
+        super().on_response_complete()  # (may start a pipelined request at once)
+        if not self.transport.is_closing() and self.cycle is answered:
+            self._arm()  # waiting for the next request's head
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
