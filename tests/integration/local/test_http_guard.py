@@ -13,7 +13,7 @@ import pytest
 
 uvicorn = pytest.importorskip("uvicorn", reason="the web extra is not installed")
 
-from edp.web.server import GuardedH11Protocol
+from edp.web.server import GuardedH11Protocol  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
