@@ -44,7 +44,7 @@ from edp.store.base import (
     pick_batch,
 )
 from edp.store.migrations import load_migrations
-from edp.store.postgres_retry import RetryingTransaction
+from edp.store.postgres_retry import LOST, RetryingTransaction
 from edp.store.postgres_tx import BATCH_COLUMNS
 from edp.store.postgres_workers import WorkerClocks
 
@@ -203,7 +203,7 @@ class PostgresStore(WorkerClocks):
     def retrying(self) -> Retrying:
         """The retry policy: lost connections, deadlocks, serialization failures."""
         return Retrying(
-            retry=retry_if_exception_type(psycopg.OperationalError),
+            retry=retry_if_exception_type(LOST),
             wait=wait_random_exponential(multiplier=0.05, max=2.0),
             stop=stop_after_delay(self.retry_seconds),
             before_sleep=before_sleep_log(log, logging.WARNING),

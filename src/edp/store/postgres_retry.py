@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psycopg
+import psycopg.errors
 from psycopg_pool import ConnectionPool
 from tenacity import Retrying
 
@@ -35,6 +36,15 @@ from edp.core.events import ObjectEvent
 from edp.errors import TransactionConflict
 from edp.store.base import DeadLetter, LoadRequest, Queued, StepWrite, Timer, WorkingState
 from edp.store.postgres_tx import PostgresTransaction
+
+LOST: tuple[type[psycopg.Error], ...] = (
+    psycopg.OperationalError,
+    # The server ended a session idle in its transaction too long (a frozen worker,
+    # see PostgresStore): SQLSTATE 25P03, an InternalError, but the connection is
+    # gone like any other lost one.
+    psycopg.errors.IdleInTransactionSessionTimeout,
+)
+"""Errors after which the connection is gone and the transaction can run again."""
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +135,7 @@ class RetryingTransaction:
                     with conn.pipeline():  # the queued writes and COMMIT: one round trip
                         self.tx.send_queued()
                         conn.commit()
-                except psycopg.OperationalError:
+                except LOST:
                     self._drop()
                     raise
         self._release()
@@ -147,7 +157,7 @@ class RetryingTransaction:
                 assert self.tx is not None
                 try:
                     result = getattr(self.tx, name)(*args, **kwargs)
-                except psycopg.OperationalError:
+                except LOST:
                     self._drop()
                     raise
         assert self.tx is not None
@@ -170,7 +180,7 @@ class RetryingTransaction:
         try:
             for name, args, kwargs, _ in self.calls:
                 getattr(tx, name)(*args, **kwargs)
-        except psycopg.OperationalError:
+        except LOST:
             self.rollback()  # keeps the reads of the first run to compare with
             raise
         if tx.reads != before:

@@ -303,3 +303,23 @@ def test_a_worker_frozen_inside_a_step_holds_others_back_only_so_long(pg_url: st
     finally:
         frozen.close()
         other.close()
+
+
+def test_a_step_whose_session_the_server_ended_as_idle_runs_again(pg_url: str) -> None:
+    # Given a step that loaded its working set and then sat idle past the server's
+    # idle-in-transaction timeout (a frozen worker that wakes up; nobody else came)
+    store = PostgresStore(pg_url, retry_seconds=10, idle_in_transaction=1.0)
+    try:
+        with store.transaction() as tx:
+            tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
+            time.sleep(2.0)
+            # When its next statement is a plain one (an observer's timer), which the
+            # server answers with SQLSTATE 25P03 rather than a lost connection
+            tx.set_timer("package-ready", "k", due_at=T0, payload="{}")
+            tx.save(StepWrite(open_batches=[saved(batch())]), sinks=[], now=T0)
+        # Then the step ran again on a new connection and committed once
+        assert isinstance(tx, RetryingTransaction) and tx.replays == 1
+        assert store.get_batch("b-1").state == "open"
+        assert store.next_timer_due() == T0
+    finally:
+        store.close()
