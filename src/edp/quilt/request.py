@@ -124,8 +124,14 @@ def parse_request(body: bytes | str | dict[str, Any]) -> BatchRequest:
 
 
 def _text(value: Any) -> str | None:
-    """``value`` when it is text without a NUL character (for a report), else None."""
-    return value if isinstance(value, str) and "\x00" not in value else None
+    """``value`` when it is text a report can hold (UTF-8, no NUL), else None."""
+    if not isinstance(value, str) or "\x00" in value:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # (a lone surrogate from a JSON escape)
+        return None
+    return value
 
 
 def _parse(message: dict[str, Any]) -> BatchRequest:
@@ -151,6 +157,9 @@ def _parse(message: dict[str, Any]) -> BatchRequest:
         raise InvalidRequest(f"detail.prefix is missing or not a string (bucket {bucket})")
     if any(part in {".", ".."} for part in prefix.split("/")):
         raise InvalidRequest(f"detail.prefix {prefix!r} has '.' or '..' segments (bucket {bucket})")
+    if _text(bucket) is None or (_text(prefix) is None and "\x00" not in prefix):
+        raise InvalidRequest("detail.bucket or detail.prefix is not valid Unicode text "
+                             "(a lone surrogate)")
     if "\x00" in prefix:  # (no S3 key holds one, and no path can)
         raise InvalidRequest(f"detail.prefix {prefix!r} contains a NUL character "
                              f"(bucket {bucket})")

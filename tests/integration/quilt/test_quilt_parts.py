@@ -7,6 +7,7 @@ import io
 import json
 import math
 
+import orjson
 import pytest
 
 from edp.config import load_settings
@@ -176,6 +177,8 @@ def test_requests_come_in_every_envelope() -> None:
     ({"bucket": "lab/../other", "prefix": "a/"}, "not a bucket name"),
     ({"bucket": "b", "prefix": "a/", "object-count": "3"}, "integer"),
     ({"Records": [{"eventSource": "aws:sqs", "body": "{}"}] * 2}, "'Records' list of 2"),
+    ({"bucket": "b\udc80", "prefix": "a/"}, "not valid Unicode"),
+    ({"bucket": "b", "prefix": "a\udc80/"}, "not valid Unicode"),
 ])
 def test_what_is_not_a_batch_event_is_refused_with_a_reason(message: object, why: str) -> None:
     with pytest.raises(InvalidRequest, match=why):
@@ -195,3 +198,8 @@ def test_a_refused_event_still_reports_the_identifiers_it_gave() -> None:
     assert result.status is PackageStatus.FAILED and "integer" in (result.error or "")
     assert (result.bucket, result.prefix, result.batch_id, result.event_id) == (
         "lab", "inst/exp-1/", "batch-7", event["id"])
+    # And identifiers no report can hold (a lone surrogate) are left out, not written
+    event["detail"]["bucket"] = "lab\udc80"
+    refused = Packager(quilt_settings()).package(event)
+    assert refused.status is PackageStatus.FAILED and refused.bucket == ""
+    assert orjson.dumps(refused.as_dict())
