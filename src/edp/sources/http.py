@@ -76,8 +76,10 @@ def bearer_ok(header: str | None, token: str) -> bool:
     """
     if not header:
         return False
-    scheme, _, given = header.strip().partition(" ")
-    given = given.strip()
+    # (only HTTP's own whitespace: str.strip() would also take U+0085 and U+00A0,
+    # which are bytes of a UTF-8 token read as Latin-1)
+    scheme, _, given = header.strip(" \t").partition(" ")
+    given = given.strip(" \t")
     if scheme.lower() == "basic":
         try:
             raw = base64.b64decode(given, validate=True).partition(b":")[2]

@@ -98,7 +98,8 @@ def test_a_non_ascii_token_is_accepted_as_clients_send_it(tmp_path: Path) -> Non
 
     # Given edp serve (a real server: the header's own bytes matter) with a token of
     # non-ASCII characters, which clients (curl, MinIO) send as UTF-8
-    token = "\u00e9t\u00e9-token-\u00fcber-lang"
+    # (ending in "\u00e0": its UTF-8 bytes end in 0xa0, a space once read as Latin-1)
+    token = "\u00e9t\u00e9-token-\u00fcber-lang-\u00e0"
     stack = ServeStack(Settings(database_url=f"sqlite:///{tmp_path / 'utf8.db'}",
                                 serve_token=token), port=0, sample_interval=0.2)
     stack.start_background()
