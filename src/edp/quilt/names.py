@@ -50,9 +50,10 @@ class _SegmentFormatter(string.Formatter):
 _FORMATTER = _SegmentFormatter()
 
 
-_PLAIN_FIELD = re.compile(r"\d+|bucket|prefix")
-"""A field a template may name: a segment number, ``bucket`` or ``prefix``, as such
-(no attribute or index access such as ``{0.__class__}`` or ``{0[0]}``)."""
+_PLAIN_FIELD = re.compile(r"\d*|bucket|prefix")
+"""A field a template may name: a segment number (or ``{}``, the next one),
+``bucket`` or ``prefix``, as such (no attribute or index access such as
+``{0.__class__}`` or ``{0[0]}``)."""
 
 
 def check_template(template: str) -> None:

@@ -31,10 +31,12 @@ from integration.quilt.quilt_support import batch_event, xlsx
     ("{bucket}/{0}", "lab.bucket", "exp 1/", "lab-bucket/exp-1"),
     ("{prefix}", "b", "a/b/", "a/b"),
     ("team/{1}", "b", "x/y.z/", "team/y-z"),
+    ("{}/{}", "b", "instrument/exp-1/raw/", "instrument/exp-1"),
 ])
 def test_package_names_are_valid_whatever_the_prefix(
     template: str, bucket: str, prefix: str, expected: str
 ) -> None:
+    check_template(template)  # (usable: accepted at start)
     name = package_name(template, bucket, prefix)
     assert name == expected
     assert is_valid(name)
