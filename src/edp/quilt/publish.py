@@ -242,24 +242,30 @@ def keep_copies(pkg: Any, root: Path) -> dict[str, Any]:
 
 def _copy_into(path: Path, objects: Path) -> Path:
     """A read-only copy of ``path`` named by its SHA-256 under ``objects`` (made now,
-    or there already)."""
-    objects.mkdir(parents=True, exist_ok=True)
+    or there already: then the file is only read once, to hash it)."""
     digest = hashlib.sha256()
-    with path.open("rb") as src, tempfile.NamedTemporaryFile(
-        dir=objects, prefix=".copy-", delete=False
-    ) as tmp:
+    with path.open("rb") as src:
+        while chunk := src.read(1 << 20):
+            digest.update(chunk)
+    target = objects / digest.hexdigest()[:2] / digest.hexdigest()
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".copy-", delete=False) as tmp:
         try:
-            while chunk := src.read(1 << 20):
-                digest.update(chunk)
-                tmp.write(chunk)
+            copied = hashlib.sha256()
+            with path.open("rb") as src:
+                while chunk := src.read(1 << 20):
+                    copied.update(chunk)
+                    tmp.write(chunk)
         except BaseException:
             Path(tmp.name).unlink(missing_ok=True)
             raise
-    target = objects / digest.hexdigest()[:2] / digest.hexdigest()
-    if target.exists():
-        Path(tmp.name).unlink()
-        return target
-    target.parent.mkdir(exist_ok=True)
+    if copied.hexdigest() != digest.hexdigest():
+        # The file changed between the two reads (still being written): keep what was
+        # copied, under its own name.
+        target = objects / copied.hexdigest()[:2] / copied.hexdigest()
+        target.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(tmp.name, 0o444)
     os.replace(tmp.name, target)
     return target
