@@ -104,13 +104,15 @@ class Daemon:
         *,
         max_wait: float = 20.0,
         error_backoff: float = 1.0,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.runtime = runtime
         self.sources = list(sources)
         self.max_wait = max_wait
         self.error_backoff = error_backoff
-        self.clock = clock
+        # The wall clock the store's workers share (the database server's on
+        # PostgreSQL: see Store.wall_clock).
+        self.clock = clock or runtime.store.wall_clock
         self.stop_event = threading.Event()
         self.stats = DaemonStats()
         self._caught_up = {source.name: False for source in self.sources}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -454,3 +455,20 @@ def test_a_throw_away_store_refuses_to_go_on_after_a_failed_step(tmp_path: Path)
         store.heartbeat("w", clock=1.0, now=1.0)
     store.close()
     store.close()
+
+
+def test_a_daemon_reads_the_wall_clock_its_store_shares(tmp_path: Path) -> None:
+    from edp.bootstrap import build_runtime
+    from edp.config import Settings
+    from edp.daemon import Daemon
+
+    # Given a worker's runtime on a store
+    runtime = build_runtime(Settings(database_url=f"sqlite:///{tmp_path / 'clock.db'}"),
+                            sinks=[])
+    try:
+        # Then its daemon's clock is the store's shared wall clock (the database
+        # server's on PostgreSQL), unless a test gives another
+        assert Daemon(runtime, []).clock == runtime.store.wall_clock
+        assert abs(runtime.store.wall_clock() - time.time()) < 1
+    finally:
+        runtime.close()

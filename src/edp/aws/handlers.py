@@ -109,7 +109,8 @@ def _store_step(messages: list[Message]) -> StepReport:
     wall clock, as a caught-up ``edp run`` worker's does, and it stops holding the
     emit function back until its next step. Older events keep the clock at their
     times, so a container storing a backlog still holds quiet batches back (SPEC 4)."""
-    engine, now = runtime("store").engine, time.time()
+    engine = runtime("store").engine
+    now = engine.store.wall_clock()
     events, report = engine.decode(messages, now)
     # (a step with no event, only dead letters, says nothing about a backlog)
     report = engine.process_decoded(events, report, now=now, caught_up=bool(events),
@@ -173,7 +174,7 @@ def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:
     key memories older than ``sequencer_retention`` (cheap when there are none)."""
     try:
         current = runtime("emit")
-        fired = current.engine.fire_due(now=time.time())
+        fired = current.engine.fire_due(now=current.store.wall_clock())
         report = current.relay.deliver()
         pruned = current.engine.prune()
     except Exception:

@@ -308,6 +308,12 @@ class Store(Protocol):
         """The earliest ``due_at`` of any durable timer (None when there is none)."""
         ...
 
+    def wall_clock(self) -> float:
+        """The wall clock (epoch seconds) live workers on this store share: the local
+        clock for a store of one process; the database server's for a shared one, so
+        that workers whose own clocks disagree still agree on deadlines (SPEC 4)."""
+        ...
+
     def known_sinks(self) -> list[str]:
         """Names of the sinks workers relay to: registered ones, and every sink that has
         delivery rows."""

@@ -7,6 +7,9 @@ their progress through the shared queue in ``replay_progress``.
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +18,8 @@ from psycopg_pool import ConnectionPool
 from tenacity import Retrying
 
 from edp.errors import EdpError
+
+log = logging.getLogger(__name__)
 
 FINISH_LOCK = 0x65647002  # pg_advisory_xact_lock key of workers finishing
 ENDING_LOCK = 0x65647004  # pg_advisory_lock key held by the worker ending a replay run
@@ -32,12 +37,42 @@ def heartbeat_params(worker_id: str, clock: float, now: float) -> tuple[Any, ...
     return (worker_id, clock, now)
 
 
+CLOCK_REFRESH = 60.0
+"""Seconds between two measurements of the offset to the database server's clock."""
+
+
 class WorkerClocks:
     """The worker methods of :class:`~edp.store.postgres.PostgresStore`."""
 
     # Provided by PostgresStore, which mixes this class in.
     _run: Callable[..., Any]
     _rows: Callable[..., list[Any]]
+    _clock_offset: float = 0.0
+    _clock_measured: float = -math.inf
+
+    def wall_clock(self) -> float:
+        """The database server's clock: the local clock plus an offset to the server's
+        (``clock_timestamp()``), measured at most every minute from the midpoint of a
+        round trip. Every live worker on the database then reads one clock, so a
+        worker whose own clock runs ahead does not close batches early that another
+        would still extend. When the server cannot be asked, the last offset stays."""
+        local = time.time()
+        if local - self._clock_measured >= CLOCK_REFRESH or local < self._clock_measured:
+            self._clock_measured = local
+            try:
+                before = time.time()
+                [(server,)] = self._rows("SELECT extract(epoch FROM clock_timestamp())")
+                after = time.time()
+            except Exception as exc:  # noqa: BLE001  (a clock read must not fail a step)
+                log.warning("cannot read the database server's clock (%s); the offset "
+                            "stays %+.3f s", exc, self._clock_offset)
+            else:
+                self._clock_offset = float(server) - (before + after) / 2
+                if abs(self._clock_offset) > 1.0:
+                    log.info("this machine's clock is %+.3f s off the database server's; "
+                             "edp uses the server's", -self._clock_offset)
+            local = time.time()
+        return local + self._clock_offset
 
     def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
         """Publish a worker's clock (it never goes back)."""

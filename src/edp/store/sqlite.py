@@ -200,6 +200,10 @@ class SqliteStore:
         row = self.conn.execute("SELECT min(due_at) FROM timers").fetchone()
         return None if row[0] is None else float(row[0])
 
+    def wall_clock(self) -> float:
+        """The local clock (one process, or processes of one machine, use the store)."""
+        return time.time()
+
     def known_sinks(self) -> list[str]:
         """Names of the registered sinks and of every sink that has delivery rows."""
         return [row[0] for row in self.conn.execute(

@@ -323,3 +323,20 @@ def test_a_step_whose_session_the_server_ended_as_idle_runs_again(pg_url: str) -
         assert store.next_timer_due() == T0
     finally:
         store.close()
+
+
+def test_workers_read_the_database_server_s_clock_whatever_their_own_says(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edp.store.postgres_workers as workers
+
+    # Given a machine whose clock runs 3 s ahead (the server's is the real one here)
+    real = time.time
+    monkeypatch.setattr(workers.time, "time", lambda: real() + 3.0)
+    # When a worker on this machine reads the store's wall clock
+    read = store.wall_clock()
+    # Then it reads the server's, not its own: two workers whose clocks disagree by
+    # seconds agree on deadlines (a worker 3 s fast split batches the others merged)
+    assert abs(read - real()) < 0.5, read - real()
+    # And the offset is kept: later reads need no round trip and stay right
+    assert abs(store.wall_clock() - real()) < 0.5
