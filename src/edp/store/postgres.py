@@ -121,6 +121,7 @@ class PostgresStore(WorkerClocks):
         self.shared = True
         self.retry_seconds = retry_seconds
         self.delivery_lease = delivery_lease
+        self.local_clock = time.time
         # Counter rows are sharded per store so that workers do not queue on them.
         self.shard = random.randrange(64)
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +48,8 @@ class WorkerClocks:
     _rows: Callable[..., list[Any]]
     _clock_offset: float = 0.0
     _clock_measured: float = -math.inf
+    local_clock: Callable[[], float]
+    """This machine's clock (``time.time``; a test gives a skewed one)."""
 
     def wall_clock(self) -> float:
         """The database server's clock: the local clock plus an offset to the server's
@@ -56,13 +57,13 @@ class WorkerClocks:
         round trip. Every live worker on the database then reads one clock, so a
         worker whose own clock runs ahead does not close batches early that another
         would still extend. When the server cannot be asked, the last offset stays."""
-        local = time.time()
+        local = self.local_clock()
         if local - self._clock_measured >= CLOCK_REFRESH or local < self._clock_measured:
             self._clock_measured = local
             try:
-                before = time.time()
+                before = self.local_clock()
                 [(server,)] = self._rows("SELECT extract(epoch FROM clock_timestamp())")
-                after = time.time()
+                after = self.local_clock()
             except Exception as exc:  # noqa: BLE001  (a clock read must not fail a step)
                 log.warning("cannot read the database server's clock (%s); the offset "
                             "stays %+.3f s", exc, self._clock_offset)
@@ -71,7 +72,7 @@ class WorkerClocks:
                 if abs(self._clock_offset) > 1.0:
                     log.info("this machine's clock is %+.3f s off the database server's; "
                              "edp uses the server's", -self._clock_offset)
-            local = time.time()
+            local = self.local_clock()
         return local + self._clock_offset
 
     def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:

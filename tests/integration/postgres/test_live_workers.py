@@ -70,6 +70,34 @@ def test_an_event_after_a_batch_deadline_fires_it_first_though_another_worker_is
     assert [(r.prefix, r.object_count) for r in fired.fired] == [("y/1/", 1)]
 
 
+def test_workers_whose_machine_clocks_disagree_do_not_split_a_batch(
+    stores: list[Store],
+) -> None:
+    from edp.store.postgres import PostgresStore
+
+    # Given two live workers (quiet period 4 s), B on a machine whose clock runs 5 s
+    # ahead, each reading its store's wall clock as edp's daemon and Lambdas do
+    cfg = settings(bucket_threshold_duration=4, bucket_threshold_event_count=0)
+    a = Engine(stores[0], cfg, sinks=["list"], worker_id="a")
+    b = Engine(stores[1], cfg, sinks=["list"], worker_id="b")
+    assert isinstance(stores[1], PostgresStore)
+    stores[1].local_clock = lambda: time.time() + 5.0
+    written = time.time()
+    # ... B caught up (a file of another prefix: its clock is its wall clock)
+    b.process(msgs(eventbridge("y/1/a", written, sequencer="01")),
+              now=stores[1].wall_clock(), caught_up=True)
+    # When A gets a file of a prefix, and B the next file of it a moment later
+    a.process(msgs(eventbridge("x/1/a", written, sequencer="01")),
+              now=stores[0].wall_clock(), caught_up=True)
+    report = b.process(msgs(eventbridge("x/1/b", written, sequencer="02")),
+                       now=stores[1].wall_clock(), caught_up=True)
+    # Then both files are in one batch: B's clock is the database server's, not its
+    # machine's, which would have put the batch past its deadline and split it
+    assert report.fired == []
+    assert sorted((o.prefix, o.object_count) for o in stores[2].list_batches(state="open")) \
+        == [("x/1/", 2), ("y/1/", 1)]
+
+
 def test_a_worker_behind_does_not_move_a_shared_batchs_deadline_back(
     stores: list[Store], pair: tuple[Engine, Engine],
 ) -> None:

@@ -326,13 +326,11 @@ def test_a_step_whose_session_the_server_ended_as_idle_runs_again(pg_url: str) -
 
 
 def test_workers_read_the_database_server_s_clock_whatever_their_own_says(
-    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+    store: PostgresStore,
 ) -> None:
-    import edp.store.postgres_workers as workers
-
     # Given a machine whose clock runs 3 s ahead (the server's is the real one here)
     real = time.time
-    monkeypatch.setattr(workers.time, "time", lambda: real() + 3.0)
+    store.local_clock = lambda: real() + 3.0
     # When a worker on this machine reads the store's wall clock
     read = store.wall_clock()
     # Then it reads the server's, not its own: two workers whose clocks disagree by
