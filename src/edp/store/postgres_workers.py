@@ -62,7 +62,12 @@ class WorkerClocks:
             self._clock_measured = local
             try:
                 before = self.local_clock()
-                [(server,)] = self._rows("SELECT extract(epoch FROM clock_timestamp())")
+                # (one try, bounded: a clock read must not wait out an outage)
+                with self.pool.connection(timeout=2.0) as conn:
+                    row = conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()
+                    conn.rollback()
+                assert row is not None
+                server = row[0]
                 after = self.local_clock()
             except Exception as exc:  # noqa: BLE001  (a clock read must not fail a step)
                 log.warning("cannot read the database server's clock (%s); the offset "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import threading
@@ -338,3 +339,20 @@ def test_workers_read_the_database_server_s_clock_whatever_their_own_says(
     assert abs(read - real()) < 0.5, read - real()
     # And the offset is kept: later reads need no round trip and stay right
     assert abs(store.wall_clock() - real()) < 0.5
+
+
+def test_a_clock_read_while_the_server_is_unreachable_is_quick_and_keeps_the_offset(
+    pg_url: str,
+) -> None:
+    # Given a store that measured its offset to the server's clock, then lost the server
+    store = PostgresStore(pg_url, retry_seconds=10)
+    store.local_clock = lambda: time.time() + 3.0
+    assert abs(store.wall_clock() - time.time()) < 0.5
+    store.pool.close()
+    store._clock_measured = -math.inf  # (a minute later: time to measure again)
+    # When a worker reads the clock
+    started = time.monotonic()
+    read = store.wall_clock()
+    # Then it answers at once with the offset it had (no waiting out the outage)
+    assert time.monotonic() - started < 3
+    assert abs(read - time.time()) < 0.5
