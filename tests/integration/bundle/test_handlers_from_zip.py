@@ -202,8 +202,10 @@ def test_handlers_from_the_zip_turn_uploads_into_batch_events(
 
     # Then no record is reported as failed (the poison one became a dead letter)
     assert stored["result"] == {"batchItemFailures": []}
-    # ... emit fired the quiet batch and delivered both batches' events
-    assert emitted["result"]["fired"] == 1
+    # ... the quiet batch fired (by emit, or by the store step itself when its deadline
+    # had passed by the time the store invocation ran: it is caught up, its clock the
+    # wall clock), and emit delivered both batches' events
+    assert emitted["result"]["fired"] in (0, 1)
     assert emitted["result"]["delivered"] == 2
     assert emitted["result"]["failed"] == emitted["result"]["parked"] == 0
     # ... which reached the queue behind the rule on the edp bus, one per batch
