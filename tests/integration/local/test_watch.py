@@ -350,21 +350,40 @@ def test_edp_watch_on_a_registry_folder_emits_package_ready(root: Path, tmp_path
     assert proc.returncode == 0, err.decode()
 
 
-def test_a_failing_watcher_falls_back_to_polling_and_rescans(
-    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def record_watch_starts(monkeypatch: pytest.MonkeyPatch, *,
+                        fail_first: bool = False) -> list[bool | None]:
+    """Record each start of watchfiles' watcher (its force_polling); the first one
+    fails when asked (as inotify does when its watch limit is reached)."""
     import watchfiles
 
-    # Given a watcher that fails once (as inotify does when its watch limit is reached)
     real_watch, calls = watchfiles.watch, []
 
-    def failing_once(*args: Any, **kwargs: Any) -> Any:
+    def recorded(*args: Any, **kwargs: Any) -> Any:
         calls.append(kwargs.get("force_polling"))
-        if len(calls) == 1:
+        if fail_first and len(calls) == 1:
             raise OSError("inotify watch limit reached")
         return real_watch(*args, **kwargs)
 
-    monkeypatch.setattr(watchfiles, "watch", failing_once)
+    monkeypatch.setattr(watchfiles, "watch", recorded)
+    return calls
+
+
+def found_within(source: FolderSource, seconds: float) -> list[str]:
+    """The locations of the first messages the source gives within ``seconds``."""
+    found: list[str] = []
+    deadline = time.monotonic() + seconds
+    while not found and time.monotonic() < deadline:
+        received = source.receive(wait=0.5)
+        source.ack(received)
+        found = [m.location for m in received.messages]
+    return found
+
+
+def test_a_failing_watcher_falls_back_to_polling_and_rescans(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a watcher that fails once (as inotify does when its watch limit is reached)
+    calls = record_watch_starts(monkeypatch, fail_first=True)
     (root / "scope/exp").mkdir(parents=True)
     source = FolderSource(root, bucket="lab", settle=0.1)
     try:
@@ -372,12 +391,7 @@ def test_a_failing_watcher_falls_back_to_polling_and_rescans(
         # When a file appears
         (root / "scope/exp/late.txt").write_text("late")
         # Then it is still found, by polling after a rescan
-        found: list[str] = []
-        deadline = time.monotonic() + 15
-        while not found and time.monotonic() < deadline:
-            received = source.receive(wait=0.5)
-            source.ack(received)
-            found = [m.location for m in received.messages]
+        found = found_within(source, 15)
     finally:
         source.close()
     assert found == ["file scope/exp/late.txt"]
@@ -388,27 +402,10 @@ def test_a_failing_watcher_falls_back_to_polling_and_rescans(
 def test_a_file_name_that_is_not_utf8_does_not_switch_the_watcher_to_polling(
     root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import watchfiles
-
     # Given a watcher (the native one), whose starts are recorded
-    real_watch, calls = watchfiles.watch, []
-
-    def recorded(*args: Any, **kwargs: Any) -> Any:
-        calls.append(kwargs.get("force_polling"))
-        return real_watch(*args, **kwargs)
-
-    monkeypatch.setattr(watchfiles, "watch", recorded)
+    calls = record_watch_starts(monkeypatch)
     (root / "scope/exp").mkdir(parents=True)
     source = FolderSource(root, bucket="lab", settle=0.1)
-
-    def found_within(seconds: float) -> list[str]:
-        found: list[str] = []
-        deadline = time.monotonic() + seconds
-        while not found and time.monotonic() < deadline:
-            received = source.receive(wait=0.5)
-            source.ack(received)
-            found = [m.location for m in received.messages]
-        return found
 
     try:
         source.start()
@@ -418,7 +415,7 @@ def test_a_file_name_that_is_not_utf8_does_not_switch_the_watcher_to_polling(
         while len(calls) < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         (root / "scope/exp/good.txt").write_text("good")
-        found = found_within(15)
+        found = found_within(source, 15)
     finally:
         source.close()
     # Then the bad name is skipped, the good file found, and the native watcher was
