@@ -26,7 +26,7 @@ from urllib.parse import unquote_plus
 import orjson
 
 from edp.core.events import EventKind, ObjectEvent
-from edp.errors import DecodeError
+from edp.errors import DecodeError, is_unicode
 
 _MAX_NESTING = 5
 
@@ -388,10 +388,6 @@ def _storable(text: str, what: str) -> str:
     again and again."""
     if "\x00" in text:
         raise DecodeError(f"{what} contains a NUL character: {text[:80]!r}")
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise DecodeError(f"{what} is not valid Unicode (a lone surrogate): "
-                              f"{text[:80]!r}") from None
+    if not text.isascii() and not is_unicode(text):  # (the common case inline: per event)
+        raise DecodeError(f"{what} is not valid Unicode (a lone surrogate): {text[:80]!r}")
     return text

@@ -39,6 +39,7 @@ from edp.errors import (
     DecodeError,
     EdpError,
     TransactionConflict,
+    is_unicode,
     join_reasons,
     one_line,
     shorten,
@@ -168,11 +169,8 @@ def body_text(body: bytes | str) -> str | None:
             body = body.decode("utf-8")
         except UnicodeDecodeError:
             return None
-    elif not body.isascii():
-        try:
-            body.encode("utf-8")
-        except UnicodeEncodeError:
-            return None
+    elif not is_unicode(body):
+        return None
     return None if "\x00" in body else body
 
 

@@ -28,6 +28,18 @@ def one_line(text: str) -> str:
     return text.translate(_CONTROL)
 
 
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` is valid Unicode, i.e. encodes as UTF-8: no lone surrogate (a
+    JSON escape such as ``\\udc80``, or a file name that was not UTF-8)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 MAX_LISTED = 10
 """Reasons listed one by one when a message has several bad parts; then a count."""
 MAX_REASON = 4000

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edp.config import Settings
-from edp.errors import ConfigError
+from edp.errors import ConfigError, is_unicode
 from edp.quilt import helpers as helper_text
 from edp.quilt.errors import InvalidRequest, MetadataError, PackagingError, PublishError
 from edp.quilt.metadata import check_metadata_size, merge, read_metadata
@@ -115,16 +115,6 @@ def _never_fits(exc: BaseException) -> bool:
     sink's later events would wait behind the retried one."""
     return (isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG) or isinstance(
         exc, UnicodeError)
-
-
-def _is_text(name: str) -> bool:
-    """Whether ``name`` is valid Unicode text (a file name that was not UTF-8 comes from
-    the file system with surrogate escapes)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class Packager:
@@ -286,7 +276,7 @@ class Packager:
         """Leave out files whose real path is outside the prefix (symlinks out of the root),
         and files whose names are not UTF-8 (no package key; the watcher skips them too)."""
         for key, entry in list(pkg.walk()):
-            if not _is_text(key):
+            if not is_unicode(key):  # (a name that was not UTF-8: surrogate escapes)
                 log.warning("left out %r: its name is not valid UTF-8", key)
                 pkg.delete(key)
                 continue
@@ -432,9 +422,8 @@ class Packager:
         return True
 
     def _latest(self, registry: Registry, name: str) -> str | None:
-        self._client()
         try:
-            body = self._s3.get_object(
+            body = self._client().get_object(
                 Bucket=registry.bucket, Key=f".quilt/named_packages/{name}/latest"
             )["Body"].read()
         except Exception:  # noqa: BLE001  (only informative: the push already succeeded)

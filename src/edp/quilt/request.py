@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from edp.errors import is_unicode
 from edp.quilt.errors import InvalidRequest
 
 DETAIL_TYPE = "package-objects-ready"
@@ -125,11 +126,7 @@ def parse_request(body: bytes | str | dict[str, Any]) -> BatchRequest:
 
 def _text(value: Any) -> str | None:
     """``value`` when it is text a report can hold (UTF-8, no NUL), else None."""
-    if not isinstance(value, str) or "\x00" in value:
-        return None
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # (a lone surrogate from a JSON escape)
+    if not isinstance(value, str) or "\x00" in value or not is_unicode(value):
         return None
     return value
 

@@ -38,11 +38,11 @@ from urllib.parse import quote_plus
 
 from edp.core.rules import RuleBook
 from edp.daemon import Received
+from edp.engine import Message
+from edp.errors import ConfigError, is_unicode
 
 if TYPE_CHECKING:
     from edp.config import Settings
-from edp.engine import Message
-from edp.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -377,9 +377,7 @@ class FolderSource:
         except ValueError:
             return None
         key = relative.as_posix()
-        try:
-            key.encode("utf-8")
-        except UnicodeEncodeError:
+        if not is_unicode(key):
             log.warning("skipping %r: its name is not valid UTF-8, so it cannot be a key", path)
             return None
         return None if key in ("", ".") else key
