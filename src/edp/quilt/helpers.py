@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,16 @@ def helper_key(package: str, helper: HelperFile) -> str:
 def fill(template: str, fields: Mapping[str, Any]) -> str:
     """``template.format_map(fields)``, where a missing field renders as ``-``."""
     return template.format_map(_Defaults(fields))
+
+
+def check_message(template: str, fields: Mapping[str, Any]) -> None:
+    """Raise ValueError unless ``template`` names only ``fields`` (plain names: no
+    positional, attribute or index fields) and renders with them: a misspelt field
+    would otherwise render as ``-`` in every commit message."""
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None and name not in fields:
+            raise ValueError(f"{{{name}}} is not a field (fields: {', '.join(fields)})")
+    fill(template, fields)
 
 
 def readme(facts: Mapping[str, Any]) -> str:

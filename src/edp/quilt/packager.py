@@ -93,6 +93,13 @@ class PackageResult:
         return data
 
 
+def message_fields(request: BatchRequest, *, name: str, source: str, metadata_file: str,
+                   workflow: str) -> dict[str, Any]:
+    """The fields of ``package_message`` and the helper files' templates for a batch."""
+    return {**request.fields(), "name": name, "source": source,
+            "metadata_file": metadata_file, "workflow": workflow}
+
+
 def _caused_by_s3(exc: BaseException) -> bool:
     """Whether ``exc`` was raised while handling an S3 (botocore) error."""
     try:
@@ -143,10 +150,12 @@ class Packager:
     ) -> None:
         check_template(settings.package_name_template)
         try:
-            helper_text.fill(settings.package_message, BatchRequest("bucket", "prefix/").fields())
+            helper_text.check_message(settings.package_message, message_fields(
+                BatchRequest("bucket", "prefix/"), name="user/package", source="s3://bucket/prefix/",
+                metadata_file="none", workflow="none"))
         except (ValueError, AttributeError, IndexError, KeyError) as exc:
             raise ConfigError(f"package_message {settings.package_message!r} is not usable: "
-                              f"{exc!r}; use fields such as {{source}} or {{batch_id}}") from None
+                              f"{exc}; e.g. 'Batch {{batch_id}} of {{source}}'") from None
         self.settings = settings
         chosen = registry or settings.registry
         self.registry = Registry.parse(chosen) if chosen else None
@@ -226,8 +235,9 @@ class Packager:
             problem = str(exc)
         facts = {**request.facts(), "package": name, "metadata-file": result.metadata_file}
         pkg.set_meta(merge(self.settings.package_metadata, file_meta, facts))
-        fields = {**request.fields(), "name": name, "source": str(self._source(request)),
-                  "metadata_file": result.metadata_file or "none", "workflow": self._wf_text()}
+        fields = message_fields(request, name=name, source=str(self._source(request)),
+                                metadata_file=result.metadata_file or "none",
+                                workflow=self._wf_text())
         message = helper_text.fill(self.settings.package_message, fields)
         if problem is None:
             helpers = helper_text.helper_files(

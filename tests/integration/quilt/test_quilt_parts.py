@@ -6,6 +6,7 @@ import datetime as dt
 import io
 import json
 import math
+from pathlib import Path
 
 import orjson
 import pytest
@@ -17,7 +18,8 @@ from edp.quilt.helpers import is_ignored, parse_quiltignore
 from edp.quilt.metadata import json_safe, merge, read_metadata
 from edp.quilt.names import check_template, is_valid, package_name
 from edp.quilt.notify import sns_subject
-from integration.quilt.quilt_support import batch_event, xlsx
+from edp.quilt.packager import Packager
+from integration.quilt.quilt_support import batch_event, quilt_settings, xlsx
 
 
 @pytest.mark.parametrize(("template", "bucket", "prefix", "expected"), [
@@ -47,6 +49,23 @@ def test_package_names_are_valid_whatever_the_prefix(
 def test_an_unusable_name_template_is_a_config_error(template: str) -> None:
     with pytest.raises(ConfigError, match="package_name_template"):
         check_template(template)
+
+
+@pytest.mark.parametrize("message", ["Batch {batch_id} with {object-count} files", "{nope}",
+                                     "{0}", "{}", "{bucket.upper}", "{source[0]}", "{trigger"])
+def test_a_package_message_naming_no_field_is_a_config_error(message: str) -> None:
+    # (an unknown field rendered as '-' in every commit message, without a word)
+    with pytest.raises(ConfigError, match="package_message"):
+        Packager(quilt_settings(package_message=message))
+
+
+def test_every_documented_package_message_field_is_accepted() -> None:
+    docs = Path(__file__).parents[3] / "docs" / "packaging.md"
+    row = next(line for line in docs.read_text().splitlines()
+               if line.startswith("| `package_message`"))
+    fields = row.split("fields `")[1].split("`")[0].split()
+    assert len(fields) >= 10
+    Packager(quilt_settings(package_message=" ".join(f"{{{f}}}" for f in fields)))
 
 
 def test_xlsx_metadata_is_key_value_rows_with_json_safe_dates() -> None:
