@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr, ValidationError
 
 from edp.core.rules import GroupingRules, RuleBook
 from edp.errors import ConfigError
@@ -40,18 +40,25 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 def _int(minimum: int, maximum: int | None = None, why: str = "") -> Callable[[Any], int]:
+    """An integer >= ``minimum`` (and <= ``maximum``). The message of a value that is no
+    such integer names the range, unless the ceiling has a ``why`` (a bound few values
+    come near: it is named only to a value past it)."""
+    ranged = maximum is not None and not why
+    allowed = (f"an integer from {minimum} to {maximum}" if ranged
+               else f"an integer >= {minimum}")
+
     def parse(value: Any) -> int:
         text = value.strip() if isinstance(value, str) else value
         if isinstance(text, bool) or (isinstance(text, str) and not _INTEGER.fullmatch(text)):
-            raise ValueError(f"must be an integer >= {minimum}, got {value!r}")
+            raise ValueError(f"must be {allowed}, got {value!r}")
         try:
             number = int(text)
             if isinstance(text, float) and number != text:
                 raise ValueError
         except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"must be an integer >= {minimum}, got {value!r}") from None
+            raise ValueError(f"must be {allowed}, got {value!r}") from None
         if number < minimum:
-            raise ValueError(f"must be an integer >= {minimum}, got {value!r}")
+            raise ValueError(f"must be {allowed}, got {value!r}")
         if maximum is not None and number > maximum:
             raise ValueError(f"must be an integer from {minimum} to {maximum}{why}, got {value!r}")
         return number
@@ -102,7 +109,7 @@ def _bool(value: Any) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
         return True
-    if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off", ""}:
+    if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off"}:
         return False
     raise ValueError(f"must be true or false, got {value!r}")
 
@@ -113,11 +120,31 @@ def _text(value: Any) -> str:
     return value.strip()
 
 
+def _required_text(value: Any) -> str:
+    text = _text(value)
+    if not text:
+        raise ValueError(f"must not be empty, got {value!r}")
+    return text
+
+
 def _optional_text(value: Any) -> str | None:
     if value is None:
         return None
     text = _text(value)
     return text or None
+
+
+DATABASE_SCHEMES = ("sqlite:", "postgresql:", "postgres:")
+
+
+def _database_url(value: Any) -> str:
+    from edp.redact import redact_text
+
+    text = _required_text(value)
+    if not text.startswith(DATABASE_SCHEMES):
+        raise ValueError("must start with sqlite:///, postgresql:// or postgres://, got "
+                         f"{redact_text(text)!r}")
+    return text
 
 
 Depth = Annotated[int, BeforeValidator(_int(0, 1024, " (an S3 key has at most 1024 bytes)"))]
@@ -128,7 +155,7 @@ OptionalAge = Annotated[float, BeforeValidator(_seconds(0, strict=False))]
 Retention = Annotated[float, BeforeValidator(_seconds(86400, strict=False))]
 Csv = Annotated[tuple[str, ...], BeforeValidator(_csv)]
 Flag = Annotated[bool, BeforeValidator(_bool)]
-Text = Annotated[str, BeforeValidator(_text)]
+Text = Annotated[str, BeforeValidator(_required_text)]
 OptionalText = Annotated[str | None, BeforeValidator(_optional_text)]
 
 GROUPING_SETTINGS = (
@@ -174,7 +201,7 @@ class Settings(BaseModel):
     sequencer_retention: Retention = 86400.0
     clock_max_ahead: OptionalAge = 60.0
     # store
-    database_url: Text = ""
+    database_url: Annotated[str, BeforeValidator(_database_url)] = "sqlite:///edp.db"
     # output events
     event_source: Text = "com.quiltdata.edp"
     account: Text = "000000000000"
@@ -189,9 +216,9 @@ class Settings(BaseModel):
     replay_workers: PositiveInt = 1
     # -- aws runtime: sqs sources, eventbridge/sns/webhook sinks (issue 4): below this line
     sqs_queues: Csv = ()
-    sqs_wait_seconds: Annotated[int, BeforeValidator(_int(0)), Field(le=20)] = 20
-    sqs_max_messages: Annotated[int, BeforeValidator(_int(1)), Field(le=10)] = 10
-    sqs_visibility_timeout: Annotated[int, BeforeValidator(_int(1)), Field(le=43200)] = 60
+    sqs_wait_seconds: Annotated[int, BeforeValidator(_int(0, 20))] = 20
+    sqs_max_messages: Annotated[int, BeforeValidator(_int(1, 10))] = 10
+    sqs_visibility_timeout: Annotated[int, BeforeValidator(_int(1, 43200))] = 60
     sqs_delete_poison: Flag = True
     eventbridge_bus: OptionalText = None
     sns_topic: OptionalText = None
@@ -219,12 +246,15 @@ class Settings(BaseModel):
         """A TOML table as is; a JSON object text (environment variable) parsed."""
         import json
 
-        if not isinstance(value, str):
-            return value
-        try:
-            return json.loads(value) if value.strip() else {}
-        except ValueError:
-            raise ValueError(f"must be a JSON object, got {value!r}") from None
+        allowed = "a TOML table, or a JSON object in the environment"
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError:
+                raise ValueError(f"must be {allowed}, got {value!r}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"must be {allowed}, got {value!r}")
+        return value
 
     package_metadata: Annotated[dict[str, Any], BeforeValidator(_json_object)] = {}
     workflow: OptionalText = None
@@ -239,7 +269,7 @@ class Settings(BaseModel):
     watch_settle_seconds: OptionalAge = 1.0
     watch_ignore: Csv = ("*.part", "*.tmp", "~$*", ".*.swp")
     serve_host: Text = "127.0.0.1"
-    serve_port: Count = 8080
+    serve_port: Annotated[int, BeforeValidator(_int(0, 65535))] = 8080
     serve_token: Annotated[SecretStr | None, BeforeValidator(_optional_text)] = None
     serve_max_body: PositiveInt = 1_048_576
     serve_backlog_idle: OptionalAge = 2.0

@@ -6,6 +6,10 @@ import re
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+_PLAIN_PARAMETERS = frozenset({"sslmode", "connect_timeout", "target_session_attrs",
+                               "application_name"})
+"""Query parameters shown as they are (libpq's, that hold no secret): every other
+parameter's value is masked."""
 _TRAILING = "'\")]},;.:"
 """Characters that end a URL quoted in a message (``'postgresql://...'``) rather than
 belong to it: left out of the URL only at its very end, so a quote *inside* a password
@@ -46,7 +50,8 @@ def redact_url(url: str) -> str:
             pairs = parse_qsl(query, keep_blank_values=True)
         except ValueError:
             pairs = [("***", "")]
-        query = urlencode([(k, "***") for k, _ in pairs], safe="*")
+        query = urlencode([(k, v if k in _PLAIN_PARAMETERS else "***") for k, v in pairs],
+                          safe="*")
     return f"{scheme}://{shown}{location}{question}{query}"
 
 
@@ -56,14 +61,15 @@ def redact_endpoint(url: str) -> str:
     >>> redact_endpoint("https://hooks.example.com/services/T0/B0/s3cret?x=1")
     'https://hooks.example.com/...'
     """
+    schemeless = "//" not in url  # ('example.com/hook': its host as the user wrote it)
     try:
-        parts = urlsplit(url)
+        parts = urlsplit("//" + url if schemeless else url)
         host = parts.hostname or "?"
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return "***"
     rest = "/..." if parts.path.strip("/") or parts.query else ""
-    return f"{parts.scheme}://{host}{port}{rest}"
+    return f"{'' if schemeless else parts.scheme + '://'}{host}{port}{rest}"
 
 
 def redact_text(text: str) -> str:

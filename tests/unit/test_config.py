@@ -122,6 +122,30 @@ def test_a_bucket_table_alone_does_not_narrow_the_watch_list(tmp_path: Path) -> 
         ({"EDP_SEQUENCER_RETENTION": "3600"},
          "sequencer_retention must be a number of seconds >= 86400, got '3600'"),
         ({"EDP_EVENTBRIDGE_RAW_KEYS": "maybe"}, "eventbridge_raw_keys must be true or false"),
+        # Empty is a value: a boolean or a text with a default is refused, not taken
+        # as false or as '' (events with "source": "" match no rule).
+        ({"EDP_SQS_DELETE_POISON": ""}, "sqs_delete_poison must be true or false, got ''"),
+        ({"EDP_EVENT_SOURCE": " "}, "event_source must not be empty, got ' ' "
+                                    "(from environment variable EDP_EVENT_SOURCE)"),
+        ({"EDP_REGION": ""}, "region must not be empty"),
+        ({"EDP_ACCOUNT": ""}, "account must not be empty"),
+        ({"EDP_PACKAGE_NAME_TEMPLATE": ""}, "package_name_template must not be empty"),
+        ({"EDP_SERVE_HOST": ""}, "serve_host must not be empty"),
+        ({"EDP_DATABASE_URL": ""}, "database_url must not be empty"),
+        # Every bound named, in the usual form, with where the value came from.
+        ({"EDP_SQS_WAIT_SECONDS": "21"}, "sqs_wait_seconds must be an integer from 0 to 20, "
+                                         "got '21' (from environment variable"),
+        ({"EDP_SQS_WAIT_SECONDS": "-1"}, "sqs_wait_seconds must be an integer from 0 to 20"),
+        ({"EDP_SQS_MAX_MESSAGES": "11"}, "sqs_max_messages must be an integer from 1 to 10"),
+        ({"EDP_SQS_VISIBILITY_TIMEOUT": "50000"},
+         "sqs_visibility_timeout must be an integer from 1 to 43200"),
+        ({"EDP_SERVE_PORT": "70000"}, "serve_port must be an integer from 0 to 65535, got "
+                                      "'70000' (from environment variable EDP_SERVE_PORT)"),
+        ({"EDP_PACKAGE_METADATA": "[1, 2]"}, "package_metadata must be a TOML table, or a "
+                                             "JSON object in the environment, got [1, 2]"),
+        ({"EDP_DATABASE_URL": "mysql://u:pw@h/db"},
+         "database_url must start with sqlite:///, postgresql:// or postgres://, got "
+         "'mysql://u:***@h/db' (from environment variable EDP_DATABASE_URL)"),
     ],
 )
 def test_bad_values_name_setting_value_and_what_is_allowed(
@@ -130,6 +154,14 @@ def test_bad_values_name_setting_value_and_what_is_allowed(
     with pytest.raises(ConfigError) as info:
         load_settings(env=env)
     assert message in str(info.value)
+
+
+def test_empty_lists_and_optional_texts_are_empty() -> None:
+    settings = load_settings(env={"EDP_BUCKET_IGNORE_PREFIXES": "", "EDP_WEBHOOK_URL": "",
+                                  "EDP_SQS_DELETE_POISON": "off"})
+    assert settings.bucket_ignore_prefixes == ()
+    assert settings.webhook_url is None
+    assert settings.sqs_delete_poison is False
 
 
 def test_bad_flag_names_the_option() -> None:

@@ -27,6 +27,11 @@ def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
 
 
+def test_libpq_parameters_without_secrets_stay_readable() -> None:
+    assert (redact_text("postgresql://u@h/db?sslmode=require&connect_timeout=5&password=pw")
+            == "postgresql://***@h/db?sslmode=require&connect_timeout=5&password=***")
+
+
 def test_redact_text_finds_urls_inside_messages() -> None:
     text = "cannot reach postgresql://a:b@h/db (timeout); retry https://x/y?key=k"
     assert redact_text(text) == "cannot reach postgresql://a:***@h/db (timeout); retry https://x/y?key=***"
@@ -38,6 +43,9 @@ def test_redact_text_finds_urls_inside_messages() -> None:
         ("https://hooks.slack.example/services/T0/B0/S3CRET", "https://hooks.slack.example/..."),
         ("http://127.0.0.1:8080/", "http://127.0.0.1:8080"),
         ("https://user:pw@h.example:444/p?q=1", "https://h.example:444/..."),
+        # Without a scheme: the host as written ('://?/...' told the user nothing).
+        ("example.com/hook/S3CRET", "example.com/..."),
+        ("user:pw@example.com:8080/hook", "example.com:8080/..."),
     ],
 )
 def test_an_endpoint_shows_only_scheme_and_host(url: str, shown: str) -> None:

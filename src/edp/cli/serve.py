@@ -42,8 +42,6 @@ def serve(watch_dir: Path | None, bucket: str | None, stdout: bool, **kwargs: An
     names = ("serve_host", "serve_port", "serve_max_body", "database_url")
     extra = {name: kwargs.pop(name) for name in names}
     settings = settings_from(kwargs, **extra)
-    if settings.serve_port > 65535:
-        raise ConfigError(f"serve_port must be at most 65535, got {settings.serve_port}")
     sources = []
     if watch_dir is not None:
         from edp.cli.watch import require_watchfiles

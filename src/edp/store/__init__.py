@@ -44,7 +44,7 @@ def open_store(url: str, *, fast_unsafe: bool = False,
         return PostgresStore.from_url(url, fast_unsafe=fast_unsafe,
                                       idle_in_transaction=idle_in_transaction)
     raise ConfigError(
-        "database_url must start with sqlite:/// or postgresql://, "
+        "database_url must start with sqlite:///, postgresql:// or postgres://, "
         f"got {redact_text(url)!r}"
     )
 
