@@ -12,6 +12,7 @@ import orjson
 
 from edp.cli import main
 from edp.cli._common import handle_errors
+from edp.errors import ConfigError
 
 
 @main.command("package")
@@ -41,7 +42,12 @@ def package(
     One JSON result per event goes to stdout. Exit status 1 if any event failed.
     """
     from edp.config import load_settings
-    from edp.quilt.packager import Packager, PackageResult
+
+    try:
+        from edp.quilt.packager import Packager, PackageResult
+    except ImportError as exc:
+        raise ConfigError(f"edp package needs the quilt extra ({exc}): "
+                          "pip install 'edp[quilt]'") from None
 
     if (file is None) == (sqs_queue is None):
         raise click.UsageError("give either FILE (or -) or --sqs-queue URL")
