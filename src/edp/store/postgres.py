@@ -477,8 +477,16 @@ _FOR_GOOD = ("does not exist", "password authentication failed", "no pg_hba.conf
 out of connection slots, is answered by a retry)."""
 
 
+_CLIENT_FOR_GOOD = ("server does not support SSL", "root certificate file",
+                    "certificate verify failed", "invalid sslmode value",
+                    "could not open certificate file", "could not load private key")
+"""Parts of libpq's own refusals (TLS settings the server or the files cannot meet) that
+no retry changes."""
+
+
 def _refused_for_good(reason: str) -> bool:
-    return "FATAL:" in reason and any(part in reason for part in _FOR_GOOD)
+    return (("FATAL:" in reason and any(part in reason for part in _FOR_GOOD))
+            or any(part in reason for part in _CLIENT_FOR_GOOD))
 
 
 __all__ = ["PostgresStore"]

@@ -60,6 +60,17 @@ def test_a_database_the_server_does_not_have_is_an_error_at_once(pg_url: str) ->
             PostgresStore(url, retry_seconds=3600)
 
 
+@pytest.mark.timeout(60)  # (retried for the hour of retry_seconds before)
+def test_tls_settings_that_cannot_be_met_are_an_error_at_once(pg_url: str) -> None:
+    # Given a URL whose TLS settings no retry can meet: a server without TLS says it
+    # does not support it, one with TLS cannot be verified against a missing root file
+    joiner = "&" if "?" in pg_url else "?"
+    url = f"{pg_url}{joiner}sslmode=verify-full&sslrootcert=/nonexistent/r.crt"
+    # Then the store refuses at once, saying why
+    with pytest.raises(StoreError, match=r"SSL|root certificate file"):
+        PostgresStore(url, retry_seconds=3600)
+
+
 def test_workers_starting_at_once_migrate_once(pg_url: str) -> None:
     # Given four stores opened on a fresh database at the same moment
     errors: list[BaseException] = []
