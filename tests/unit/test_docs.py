@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 
 from edp.config import SETTING_NAMES, env_name
@@ -27,3 +29,26 @@ def test_the_output_event_shown_in_the_batching_doc_is_what_the_replay_emits() -
     shown = doc.split("## 6. The output event", 1)[1].split("```json", 1)[1].split("```", 1)[0]
     expected = (root / "tests" / "replay" / "lifecycle.expected.jsonl").read_text()
     assert json.loads(shown) == json.loads(expected.splitlines()[0])
+
+
+def _commands(command: click.Command, path: str) -> Iterator[tuple[str, click.Command]]:
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _commands(sub, f"{path} {name}")
+    else:
+        yield path, command
+
+
+def test_each_flag_that_sets_a_setting_names_it_in_its_help() -> None:
+    # (docs/configuration.md: "each command's --help names the setting behind each of
+    # its flags")
+    from edp.cli import main
+
+    silent = [
+        f"{path} {option.opts[0]}"
+        for path, command in _commands(main, "edp")
+        for option in command.params
+        if isinstance(option, click.Option) and option.name in SETTING_NAMES
+        and option.name not in (option.help or "")
+    ]
+    assert silent == []

@@ -48,7 +48,8 @@ def grouping_options(func: F) -> F:
         *(click.option(flag, metavar=metavar, help=text)
           for flag, metavar, text in _GROUPING_HELP),
         click.option("--eventbridge-raw-keys", is_flag=True, default=None,
-                     help="Take EventBridge keys as sent (emulators), not URL-decoded."),
+                     help="eventbridge_raw_keys: take EventBridge keys as sent (emulators), "
+                          "not URL-decoded."),
     ]
     for option in reversed(options):
         func = option(func)

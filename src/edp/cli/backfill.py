@@ -16,7 +16,7 @@ from edp.cli._common import grouping_options, handle_errors, settings_from
 @click.option("--database-url", help="Store (default: database_url, or database_secret_arn).")
 @click.option("--since", metavar="TIME",
               help="Only objects modified at or after TIME (ISO 8601, e.g. 2024-05-01T00:00:00Z).")
-@click.option("--worker-id", help="Worker id of this backfill (default: backfill-HOST-PID).")
+@click.option("--worker-id", help="worker_id of this backfill (default: backfill-HOST-PID).")
 @grouping_options
 @handle_errors
 def backfill(

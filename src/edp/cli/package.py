@@ -22,9 +22,11 @@ from edp.errors import ConfigError
               "(default: setting registry, else the batch's own bucket).")
 @click.option("--workflow", help="Quilt workflow to validate against (default: setting "
               "workflow, else the registry's default workflow).")
-@click.option("--quarantine-registry", help="Where packages that fail validation go.")
+@click.option("--quarantine-registry", help="Where packages that fail validation go "
+              "(setting quarantine_registry).")
 @click.option("--local-root", type=click.Path(file_okay=False),
-              help="Local mode: the files of bucket B, prefix P are in DIR/B/P.")
+              help="Local mode: the files of bucket B, prefix P are in DIR/B/P "
+                   "(setting package_local_root).")
 @click.option("--once", is_flag=True, help="With --sqs-queue: stop when the queue is empty.")
 @click.option("--wait", type=click.IntRange(0, 20), default=20, show_default=True,
               help="SQS long-poll seconds (0-20, as SQS allows).")

@@ -14,7 +14,9 @@ from edp.cli._common import grouping_options, handle_errors, settings_from
 @main.command()
 @click.argument("file", type=click.File("rb"))
 @grouping_options
-@click.option("--database-url", help="Replay into this store instead of a temporary SQLite one.")
+@click.option("--database-url",
+              help="Replay into this store instead of a temporary SQLite one (not the "
+                   "database_url setting: a replay never uses it by accident).")
 @click.option("--strict", is_flag=True, help="Exit 1 when any line was rejected.")
 @click.option("--workers", "replay_workers", metavar="N",
               help="replay_workers: processes replaying parts of one stream into "

@@ -14,12 +14,15 @@ from edp.cli._common import grouping_options, handle_errors, settings_from
 @click.option("--sqs-queue", "sqs_queues", multiple=True, metavar="URL",
               help="SQS queue URL to consume (repeatable; setting sqs_queues).")
 @click.option("--eventbridge-bus", metavar="NAME",
-              help="Publish events to this EventBridge bus (name or ARN).")
-@click.option("--sns-topic", metavar="ARN", help="Publish events to this SNS topic.")
+              help="Publish events to this EventBridge bus, name or ARN (setting "
+                   "eventbridge_bus).")
+@click.option("--sns-topic", metavar="ARN",
+              help="Publish events to this SNS topic (setting sns_topic).")
 @click.option("--webhook", "webhook_url", metavar="URL",
-              help="POST events to this URL (signed with the webhook_secret setting).")
+              help="POST events to this URL (setting webhook_url; signed with the "
+                   "webhook_secret setting).")
 @click.option("--database-url", help="Store (default: database_url, or database_secret_arn).")
-@click.option("--worker-id", help="Stable id of this worker (keep it across restarts).")
+@click.option("--worker-id", help="Stable worker_id of this worker (keep it across restarts).")
 @click.option("--stdout", is_flag=True, help="Also print each event as a JSON line on stdout.")
 @grouping_options
 @handle_errors
