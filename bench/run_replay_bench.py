@@ -16,7 +16,7 @@ file:
   yardstick: the work of edp replay's decoding child alone, which bounds the
   replay's speed from below; run with the python beside ``$EDP_BIN``)
 * edp:     ``$EDP_BIN replay FILE > /dev/null``
-  (``EDP_BIN`` defaults to ``/work/main/.venv/bin/edp``)
+  (``EDP_BIN`` defaults to this checkout's ``.venv/bin/edp``)
 
 ``<python>`` is the interpreter running this script.
 
@@ -63,7 +63,7 @@ from typing import Any
 from gen_stream import StreamSpec, generate, positive_int
 
 BENCH_DIR = Path(__file__).resolve().parent
-DEFAULT_EDP_BIN = "/work/main/.venv/bin/edp"
+DEFAULT_EDP_BIN = str(BENCH_DIR.parent / ".venv" / "bin" / "edp")  # this checkout's
 GNU_TIME = "/usr/bin/time"
 PEER_SCRIPTS = (
     ("floor", "peer_floor.py"),
