@@ -145,7 +145,8 @@ def _parse_time(value: str, what: str) -> float:
         # S3's times are UTC; some producers (older moto) leave out the "Z". Only a
         # whole date and time, though: a date alone is no event time.
         if not _NAIVE_TIME.fullmatch(value):
-            raise DecodeError(f"{what} has no time zone: {value!r}")
+            raise DecodeError(f"{what} is not a date and time (YYYY-MM-DDTHH:MM:SS, with a "
+                              f"time zone or none for UTC): {value!r}")
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
 

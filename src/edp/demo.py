@@ -227,8 +227,8 @@ def run_demo(console: Console, *, keep: Path | None = None, package: bool = True
             show_packages(console, package_events(settings, events, work))
         ok = fired == EXPECTED
         if keep is not None:
-            console.print(Text(f"\nKept in {work}: the watched folder, edp.db, events.jsonl "
-                               "and the registry."))
+            console.print(Text(f"\nKept in {work}: the watched folder, edp.db, events.jsonl"
+                               f"{' and the registry' if package else ''}."))
         else:
             console.print("\nThe temporary folder is gone now (edp demo --keep DIR keeps it).")
         console.print("Next: [bold]edp watch DIR[/] for your own folder, [bold]edp serve "

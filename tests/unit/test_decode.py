@@ -236,6 +236,12 @@ def test_event_times_parse_as_datetime_reads_them(text: str) -> None:
             assert parse_time(text, what="time") == expected
 
 
+def test_a_date_alone_is_refused_as_no_date_and_time() -> None:
+    # ("has no time zone" sent users looking for a zone that would not have helped)
+    with pytest.raises(DecodeError, match=r"time is not a date and time .*'2024-01-01'"):
+        parse_time("2024-01-01", what="time")
+
+
 def test_a_record_time_without_a_zone_is_read_as_utc() -> None:
     # Given a record as older moto releases wrote it (eventTime with no "Z")
     record = {"eventSource": "aws:s3", "eventName": "ObjectCreated:Put",
