@@ -441,6 +441,15 @@ def _with_credentials(
     return urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
 
 
+def _closest(name: str) -> str:
+    """`` (did you mean X?)`` for the setting closest to a misspelt ``name``, if any."""
+    import difflib
+
+    known = sorted({*SETTING_NAMES, *ORIGINAL_NAMES, *CREDENTIALS})
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _warn_of_unknown_variables(env: Mapping[str, str]) -> None:
     """Log each ``EDP_*`` variable that is no setting (a typo would be ignored quietly)."""
     import difflib
@@ -508,7 +517,7 @@ def _describe(exc: ValidationError, values: Mapping[str, Any], origin: Mapping[s
             name = ".".join(loc) or "settings"
             where = origin.get(loc[0], "") if loc else ""
         if error["type"] == "extra_forbidden":
-            message = f"{name} is not a known setting"
+            message = f"{name} is not a known setting{_closest(loc[-1])}"
         elif loc and loc[0] in SECRET_SETTINGS:  # never echo a secret, even a bad one
             message = f"{name} must be a string (the value is not shown: it is a secret)"
         elif error["type"] == "value_error":

@@ -192,7 +192,8 @@ def test_largest_prefix_depth_is_accepted() -> None:
 
 def test_unknown_setting_in_file(tmp_path: Path) -> None:
     path = write(tmp_path, "bucket_prefix_dept = 2\n")
-    with pytest.raises(ConfigError, match="bucket_prefix_dept is not a known setting"):
+    with pytest.raises(ConfigError, match=r"bucket_prefix_dept is not a known setting "
+                                          r"\(did you mean bucket_prefix_depth\?\)"):
         load_settings(config_file=path, env={})
 
 
