@@ -186,6 +186,16 @@ def test_database_passwords_are_never_shown(tmp_path: Path) -> None:
     assert bad.returncode == 1 and "zzet" not in bad.stderr
 
 
+def test_config_shows_the_buckets_that_per_bucket_tables_add_to_the_watch_list(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "edp.toml"
+    config.write_text('buckets = ["a"]\n[bucket_overrides."b"]\nbucket_prefix_depth = 1\n')
+    shown = edp("config", "--config", str(config), home=tmp_path)
+    assert "buckets = ('a',)" in shown.stdout
+    assert "# watched buckets (with the per-bucket tables'): ['a', 'b']" in shown.stdout
+
+
 def test_config_shows_only_the_host_of_webhook_urls(tmp_path: Path) -> None:
     shown = edp("config", home=tmp_path,
                 env={"EDP_WEBHOOK_URL": "https://hooks.example.com/services/T0/B0/t0k3n"})

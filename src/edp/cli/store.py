@@ -126,4 +126,8 @@ def config_show(**kwargs: Any) -> None:
         elif isinstance(value, str):
             value = redact_text(value)
         click.echo(f"{name} = {value!r}")
+        if name == "buckets" and value and settings.bucket_overrides:
+            # (a bucket with a per-bucket table is watched too: core.rules.RuleBook)
+            watched = sorted({*value, *settings.bucket_overrides})
+            click.echo(f"# watched buckets (with the per-bucket tables'): {watched!r}")
 
