@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +23,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr, Validati
 
 from edp.core.rules import GroupingRules, RuleBook
 from edp.errors import ConfigError
+from edp.redact import redact_text
 
 ENV_PREFIX = "EDP_"
 DEFAULT_CONFIG_FILE = "edp.toml"
@@ -138,8 +139,6 @@ DATABASE_SCHEMES = ("sqlite:", "postgresql:", "postgres:")
 
 
 def _database_url(value: Any) -> str:
-    from edp.redact import redact_text
-
     text = _required_text(value)
     if not text.startswith(DATABASE_SCHEMES):
         raise ValueError("must start with sqlite:///, postgresql:// or postgres://, got "
@@ -201,7 +200,7 @@ class Settings(BaseModel):
     sequencer_retention: Retention = 86400.0
     clock_max_ahead: OptionalAge = 60.0
     # store
-    database_url: Annotated[str, BeforeValidator(_database_url)] = "sqlite:///edp.db"
+    database_url: Annotated[str, BeforeValidator(_database_url)] = ""  # (load_settings: XDG)
     # output events
     event_source: Text = "com.quiltdata.edp"
     account: Text = "000000000000"
@@ -441,26 +440,26 @@ def _with_credentials(
     return urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
 
 
-def _closest(name: str) -> str:
-    """`` (did you mean X?)`` for the setting closest to a misspelt ``name``, if any."""
+KNOWN_NAMES = frozenset({*SETTING_NAMES, *ORIGINAL_NAMES, *CREDENTIALS})
+"""Every name a config file or an ``EDP_*`` variable may give."""
+
+
+def _closest(name: str, known: Collection[str] = KNOWN_NAMES) -> str:
+    """`` (did you mean X?)`` for the name in ``known`` closest to a misspelt ``name``."""
     import difflib
 
-    known = sorted({*SETTING_NAMES, *ORIGINAL_NAMES, *CREDENTIALS})
-    close = difflib.get_close_matches(name, known, n=1)
+    close = difflib.get_close_matches(name, sorted(known), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _warn_of_unknown_variables(env: Mapping[str, str]) -> None:
     """Log each ``EDP_*`` variable that is no setting (a typo would be ignored quietly)."""
-    import difflib
-
-    known = {env_name(n) for n in (*SETTING_NAMES, *ORIGINAL_NAMES, *CREDENTIALS)}
+    known = {env_name(n) for n in KNOWN_NAMES}
     for variable in sorted(env):
         if (not variable.startswith(ENV_PREFIX) or variable in known
                 or variable in OWN_VARIABLES or variable.startswith(_OWN_PREFIXES)):
             continue
-        close = difflib.get_close_matches(variable, sorted(known), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        hint = _closest(variable, known)
         logging.getLogger("edp.config").warning(
             "environment variable %s is not an edp setting: ignored%s", variable, hint
         )
