@@ -42,6 +42,9 @@ class Received:
     message_receipts: list[Any] | None = None
     """The receipt of each message (aligned with ``messages``), from a source that can
     acknowledge part of a delivery (see :meth:`without`); ``None`` if it cannot."""
+    retried: bool = False
+    """The receive was retried: an earlier attempt may have taken messages that only
+    come again after the source's ``redelivery_delay`` (the daemon holds meanwhile)."""
 
     def without(self, indices: Collection[int]) -> Received:
         """This delivery less the messages at ``indices``: acknowledging it leaves those
@@ -56,6 +59,7 @@ class Received:
             receipts=[r for r in self.receipts if id(r) not in dropped],
             report=self.report,
             message_receipts=[self.message_receipts[i] for i in kept],
+            retried=self.retried,
         )
 
 
@@ -201,7 +205,12 @@ class Daemon:
     def run_once(self) -> None:
         """One round: receive from every source, process, acknowledge, fire, relay."""
         for source in self.sources:
-            self._work(source, source.receive(wait=self._wait()))
+            try:
+                received = source.receive(wait=self._wait())
+            except Exception:
+                self.hold_for(source)  # (it may have taken messages before it failed)
+                raise
+            self._work(source, received)
             if self.stop_event.is_set():
                 break
         self._end_round()
@@ -233,11 +242,14 @@ class Daemon:
         """Run what a source delivered through the engine (one step), then acknowledge;
         a source whose delivery could not be (a failed step, a failed acknowledgement)
         is remembered until one succeeds: a stop meanwhile is not clean."""
+        if received.retried:
+            self.hold_for(source)
         try:
             self._work_step(source, received)
         except BaseException:
             if received.messages:
                 self._unacknowledged.add(source.name)
+                self.hold_for(source)
             raise
         self._unacknowledged.discard(source.name)
 
@@ -256,6 +268,8 @@ class Daemon:
                 log.exception("a step of %d messages from %s failed; trying them one by one",
                               len(received.messages), source.name)
                 failed = self._one_by_one(source, received.messages)
+                if failed:
+                    self.hold_for(source)
                 received.caught_up = self._caught_up[source.name]  # (a step may be behind)
                 source.ack(received.without(failed))
                 return
@@ -321,14 +335,25 @@ class Daemon:
         engine = self.runtime.engine
         if engine.store.worker_finished(engine.worker_id) is not False:
             return
-        grace = max((float(getattr(s, "redelivery_delay", 0.0)) for s in self.sources),
-                    default=0.0)
+        grace = max((_redelivery_delay(s) for s in self.sources), default=0.0)
         if grace > 0:
             grace += self.REDELIVERY_MARGIN
             self._behind_until = time.monotonic() + grace
-            log.warning("worker %s did not stop cleanly last time: it counts as behind for "
-                        "%gs, until what it had received can come again", engine.worker_id,
-                        grace)
+            # Its clock moved past nothing those messages held: hold firing there
+            # (see Engine.hold), here and at the other workers.
+            engine.hold(now=self.clock(), seconds=grace)
+            log.warning("worker %s did not stop cleanly last time: it counts as behind, and "
+                        "holds firing by time at its last clock, for %gs, until what it had "
+                        "received can come again", engine.worker_id, grace)
+
+    def hold_for(self, source: Source) -> None:
+        """Messages received from ``source`` were not committed (a failed step or
+        receive): they come again after its redelivery delay. Until then (and the
+        receive that brings them) firing by time holds at the clock (Engine.hold),
+        so that a batch they belong to is still open when they come. Any thread."""
+        delay = _redelivery_delay(source)
+        if delay > 0:
+            self.runtime.engine.hold(now=self.clock(), seconds=delay + self.REDELIVERY_MARGIN)
 
     def _wait(self, backlog: float = 0.0) -> float:
         """How long to wait (for a receive, or with several sources for a delivery):
@@ -358,9 +383,10 @@ class Daemon:
     HELD_BACK_TICK = 0.5
     """Seconds between checks while a passed deadline waits for other workers."""
 
-    REDELIVERY_MARGIN = 2.0
-    """Seconds added to a source's redelivery delay after a crash: time for the receive
-    that gets the files back (see :meth:`_after_a_crash`)."""
+    REDELIVERY_MARGIN = 5.0
+    """Seconds added to a source's redelivery delay after a crash or a failed step or
+    receive: time for the receive that gets the files back, and its step (see
+    :meth:`_after_a_crash`, :meth:`hold_for`)."""
 
     PEER_BEAT = 2.0
     """On a shared store (or with other live workers on it), the longest a caught-up
@@ -418,6 +444,7 @@ class _Feed:
                 # until every source is, so a long poll here would hold back due batches.
                 received = self.source.receive(wait=daemon.max_wait if self._caught_up else 0.0)
             except Exception:  # a boundary: log, back off, keep receiving
+                daemon.hold_for(self.source)  # (it may have taken messages first)
                 if stop.is_set():
                     return
                 daemon.stats.error()
@@ -432,3 +459,9 @@ class _Feed:
             while not self._done.wait(0.5):
                 if stop.is_set():
                     return
+
+
+def _redelivery_delay(source: Source) -> float:
+    """How long messages received from ``source`` and not acknowledged stay away (0: they
+    come again at once, or never leave: a folder, the ingest endpoint)."""
+    return float(getattr(source, "redelivery_delay", 0.0))

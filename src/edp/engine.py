@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import socket
+import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -235,6 +236,9 @@ class Engine:
         self.has_peers = False
         """Whether another live worker was on the store at the last look (a daemon that
         is caught up then publishes its clock every few seconds: see edp.daemon)."""
+        self._held: float | None = None  # see hold()
+        self._held_until = -math.inf
+        self._hold_lock = threading.Lock()
 
     @property
     def sinks(self) -> tuple[str, ...]:
@@ -303,7 +307,7 @@ class Engine:
         floor = self._floor(now)
         with self.store.transaction() as tx:
             clock = self._apply(tx, events, report, now=now, caught_up=caught_up, floor=floor,
-                                prefixes=prefixes)
+                                prefixes=prefixes, held=self._held)
         return self._applied(clock, report, now)
 
     # -- several replay workers on one stream (see edp.replay) ----------------------
@@ -372,8 +376,11 @@ class Engine:
         publish: float | None = None,
         beat: bool = True,
         prefixes: Sequence[str | Skip] | None = None,
+        held: float | None = None,
     ) -> float:
-        """The body of a step, in its transaction: returns the clock it ends at."""
+        """The body of a step, in its transaction: returns the clock it ends at.
+
+        ``held``: this worker's hold (see :meth:`hold`), already part of ``floor``."""
         clock = self.clock
         limit = math.inf if self.clock_max_ahead is None else now + self.clock_max_ahead
         end_clock = max([clock, *(e.time for e in events)])
@@ -402,7 +409,11 @@ class Engine:
                 # fires first (at its deadline), as one worker would, rather than let
                 # the event join it (a merge). (Lock order serialises the workers'
                 # steps on a prefix: none has an event of it in flight meanwhile.)
-                early = overdue(event.bucket, prefix, clock)
+                # While this worker holds (a message of it may come again), an event
+                # older than the clock is checked at its own time: it may be one that
+                # came again, into the batch the hold kept open for it.
+                early = overdue(event.bucket, prefix,
+                                clock if held is None else min(clock, event.time))
                 if early is not None:
                     fired.append(early)
             result = apply(event, clock, prefix)
@@ -434,7 +445,7 @@ class Engine:
             tx.heartbeat(
                 self.worker_id,
                 clock=self._published(clock if publish is None else max(clock, publish)),
-                now=now,
+                now=now, held=self._published_hold(),
             )
         return clock
 
@@ -467,7 +478,8 @@ class Engine:
         """Publish this worker's clock before its first step (a live worker starting):
         from then on the other workers fire nothing by time past it (SPEC 4), even
         before it has committed anything."""
-        self.store.heartbeat(self.worker_id, clock=self._published(self.clock), now=now)
+        self.store.heartbeat(self.worker_id, clock=self._published(self.clock), now=now,
+                             held=self._published_hold())
         self.register_sinks(now=now)
 
     def register_sinks(self, *, now: float) -> None:
@@ -476,6 +488,27 @@ class Engine:
         shared = [name for name in self.own_sinks if name not in _PRIVATE_SINKS]
         if shared:
             self.store.register_sinks(shared, now=now)
+
+    def hold(self, *, now: float, seconds: float, at: float | None = None) -> None:
+        """Messages this worker received, and did not commit, may come again, but not
+        before ``seconds`` from ``now`` (an SQS queue's visibility timeout, after a
+        crash, a failed step or a lost receive): until then nothing fires by time past
+        ``at`` (default: the clock, which the lost messages had not moved), here or at
+        any other worker (the hold is published with the heartbeat). Without it, the
+        clock would move on with newer messages, and those coming again would find
+        their batch fired (SPEC 4: a backlog never splits a batch). Holds add up: the
+        lowest time, the latest end. Any thread may call it."""
+        at = self.clock if at is None else at
+        with self._hold_lock:
+            self._held = at if self._held is None else min(self._held, at)
+            self._held_until = max(self._held_until, now + seconds)
+
+    def held(self, now: float) -> float | None:
+        """The time this worker holds firing at (see :meth:`hold`), None if none."""
+        with self._hold_lock:
+            if self._held is not None and now >= self._held_until:
+                self._held, self._held_until = None, -math.inf
+            return self._held
 
     def fire_due(self, *, now: float) -> list[BatchReady]:
         """The source is caught up: the clock becomes ``now``; fire what is due."""
@@ -521,7 +554,8 @@ class Engine:
                     observer.tick(tx, clock=limit, now=now, sinks=sinks)
                 tx.add_counters(Counter(f"batches.{r.trigger.value}" for r in page))
                 if publish:
-                    tx.heartbeat(self.worker_id, clock=self._published(self.clock), now=now)
+                    tx.heartbeat(self.worker_id, clock=self._published(self.clock), now=now,
+                                 held=self._published_hold())
             self._after_commit(now, sinks)
             fired += page
             if len(state.batches) < PAGE:
@@ -660,11 +694,19 @@ class Engine:
         return StepWrite.from_changes(changes, saved, closed)
 
     def _floor(self, now: float) -> float:
+        """The time nothing may fire past: the other workers' lowest clock or hold, and
+        this worker's own hold (which this call ends once its time is over)."""
         floor = self.store.fire_floor(
             self.worker_id, now=now, timeout=self.settings.worker_timeout
         )
         self.has_peers = floor is not None
-        return math.inf if floor is None else floor
+        held = self.held(now)
+        lowest = math.inf if floor is None else floor
+        return lowest if held is None else min(lowest, held)
+
+    def _published_hold(self) -> float | None:
+        held = self._held
+        return None if held is None else self._published(held)
 
     @staticmethod
     def _published(clock: float) -> float:

@@ -146,6 +146,34 @@ def test_fire_due_uses_the_wall_clock_when_caught_up(url: str) -> None:
     assert (ready.trigger.value, ready.fired_at) == ("duration", T0 + 30)
 
 
+def test_a_hold_keeps_batches_open_here_and_at_the_other_workers_until_it_ends(
+    url: str
+) -> None:
+    # Given two workers on one store, the first with an open batch (30 s quiet period)
+    cfg = settings(bucket_threshold_duration=30)
+    store_a, store_b = open_store(url), open_store(url)
+    a = Engine(store_a, cfg, sinks=["list"], worker_id="a")
+    b = Engine(store_b, cfg, sinks=["list"], worker_id="b")
+    a.process(msgs(eventbridge("i/e/a", T0)), now=T0 + 1, caught_up=True)
+    b.register(now=T0 + 1)
+    # When the first holds (messages it received come again in 60 s) at its clock
+    a.hold(now=T0 + 1, seconds=60)
+    assert a.held(T0 + 1) == T0 + 1
+    a.register(now=T0 + 1)  # (publishes it, as its next step would)
+    # Then neither fires the batch when its deadline is past on the wall clock
+    assert a.fire_due(now=T0 + 40) == []
+    assert b.fire_due(now=T0 + 40) == []
+    # And the file that comes again, older than the clock, joins the batch
+    a.process(msgs(eventbridge("i/e/b", T0 + 0.5)), now=T0 + 45, caught_up=True)
+    # When the hold ends and both clocks pass the deadline, Then the batch fires once,
+    # with both files
+    assert a.held(T0 + 61) is None
+    fired = b.fire_due(now=T0 + 80) + a.fire_due(now=T0 + 80) + b.fire_due(now=T0 + 81)
+    assert [ready.object_count for ready in fired] == [2]
+    store_a.close()
+    store_b.close()
+
+
 @pytest.mark.parametrize("lag", [None, 30.0])
 def test_a_receive_of_old_events_is_a_backlog_whatever_the_source_says(
     url: str, lag: float | None
@@ -290,7 +318,7 @@ def test_timers_are_durable_and_taken_once(url: str) -> None:
 def test_schema_is_versioned(url: str) -> None:
     store = open_store(url)
     assert isinstance(store, SqliteStore)
-    assert store.schema_version() == (3, 3)
+    assert store.schema_version() == (4, 4)
     assert store.upgrade() == []
 
 
@@ -315,7 +343,7 @@ def test_a_database_of_the_first_schema_upgrades_with_its_key_memories(url: str)
     # When a store opens it
     store = open_store(url)
     # Then it is at the latest version, and the key memory loads with no last write known
-    assert store.schema_version() == (3, 3)
+    assert store.schema_version() == (4, 4)
     with store.transaction() as tx:
         state = tx.load(LoadRequest(object_keys={("bkt", "a/b/c")}))
     assert state.keys == {("bkt", "a/b/c"): KeyMemory("0A", 5.0, "b-1")}

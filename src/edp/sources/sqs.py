@@ -251,8 +251,12 @@ class SqsSource:
             messages.append(message)
             of_message.append(receipts[-1])
         self.keeper.hold(receipts)
+        # botocore retried the call (a timeout, a reset connection): the attempt that
+        # failed may have been served, and its messages are then invisible for the
+        # visibility timeout without anyone holding them (the daemon holds firing).
+        retried = int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0)) > 0
         return Received(messages, caught_up=len(raw) < self.max_messages, receipts=list(receipts),
-                        message_receipts=of_message)
+                        message_receipts=of_message, retried=retried)
 
     def ack(self, received: Received) -> None:
         """Delete what the engine committed (poison too, unless left to the redrive policy)."""

@@ -237,7 +237,9 @@ class Transaction(Protocol):
         """Remove the timer (kind, key) if it exists."""
         ...
 
-    def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
+    def heartbeat(
+        self, worker_id: str, *, clock: float, now: float, held: float | None = None
+    ) -> None:
         """Publish a worker's clock when this transaction commits (as :meth:`Store.heartbeat`).
 
         Other workers see the clock and the step's changes at the same moment, and
@@ -370,8 +372,13 @@ class Store(Protocol):
         ...
 
     # -- workers and housekeeping -----------------------------------------------
-    def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
-        """Publish a worker's clock (SPEC section 4)."""
+    def heartbeat(
+        self, worker_id: str, *, clock: float, now: float, held: float | None = None
+    ) -> None:
+        """Publish a worker's clock (SPEC section 4; it never goes back), and its hold:
+        a time at which it holds every worker's firing by time (``None``: none), while
+        messages it received may come again later (see :meth:`edp.engine.Engine.hold`).
+        Each heartbeat sets the hold anew."""
         ...
 
     def worker_clock(self, worker_id: str) -> float | None:
@@ -384,7 +391,8 @@ class Store(Protocol):
         ...
 
     def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
-        """The lowest clock of the *other* live workers (None when there are none)."""
+        """The lowest clock, or hold, of the *other* live workers (None when there are
+        none)."""
         ...
 
     def finish_worker(self, worker_id: str) -> bool:

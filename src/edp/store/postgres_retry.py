@@ -109,9 +109,11 @@ class RetryingTransaction:
         """Remove the timer (kind, key) if it exists."""
         self._call("clear_timer", kind, key)
 
-    def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
-        """Publish a worker's clock with the commit."""
-        self._call("heartbeat", worker_id, clock=clock, now=now)
+    def heartbeat(
+        self, worker_id: str, *, clock: float, now: float, held: float | None = None
+    ) -> None:
+        """Publish a worker's clock (and hold) with the commit."""
+        self._call("heartbeat", worker_id, clock=clock, now=now, held=held)
 
     def queue_events(
         self, worker_id: str, events: Sequence[tuple[int, float, ObjectEvent]]

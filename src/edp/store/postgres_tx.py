@@ -409,9 +409,11 @@ class PostgresTransaction:
             clock=-math.inf if high is None else float(high),
         )
 
-    def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
-        """Publish a worker's clock with this transaction's commit."""
-        self.queue(HEARTBEAT_SQL, heartbeat_params(worker_id, clock, now))
+    def heartbeat(
+        self, worker_id: str, *, clock: float, now: float, held: float | None = None
+    ) -> None:
+        """Publish a worker's clock (and hold) with this transaction's commit."""
+        self.queue(HEARTBEAT_SQL, heartbeat_params(worker_id, clock, now, held))
 
     def add_counters(self, counts: Mapping[str, int]) -> None:
         """Add to named counters (in this store's shard, names in sorted order)."""

@@ -24,16 +24,18 @@ FINISH_LOCK = 0x65647002  # pg_advisory_xact_lock key of workers finishing
 ENDING_LOCK = 0x65647004  # pg_advisory_lock key held by the worker ending a replay run
 
 HEARTBEAT_SQL = (
-    "INSERT INTO workers (worker_id, clock, heartbeat_at) VALUES (%s, %s, %s)"
+    "INSERT INTO workers (worker_id, clock, heartbeat_at, held) VALUES (%s, %s, %s, %s)"
     " ON CONFLICT (worker_id) DO UPDATE SET"
     " clock = greatest(workers.clock, excluded.clock),"
-    " heartbeat_at = excluded.heartbeat_at, finished = false"
+    " heartbeat_at = excluded.heartbeat_at, held = excluded.held, finished = false"
 )
 
 
-def heartbeat_params(worker_id: str, clock: float, now: float) -> tuple[Any, ...]:
+def heartbeat_params(
+    worker_id: str, clock: float, now: float, held: float | None = None
+) -> tuple[Any, ...]:
     """The parameters of :data:`HEARTBEAT_SQL`."""
-    return (worker_id, clock, now)
+    return (worker_id, clock, now, held)
 
 
 CLOCK_REFRESH = 60.0
@@ -80,10 +82,12 @@ class WorkerClocks:
             local = self.local_clock()
         return local + self._clock_offset
 
-    def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
-        """Publish a worker's clock (it never goes back)."""
+    def heartbeat(
+        self, worker_id: str, *, clock: float, now: float, held: float | None = None
+    ) -> None:
+        """Publish a worker's clock (it never goes back) and its hold."""
         self._run(lambda conn: conn.execute(
-            HEARTBEAT_SQL, heartbeat_params(worker_id, clock, now)
+            HEARTBEAT_SQL, heartbeat_params(worker_id, clock, now, held)
         ))
 
     def worker_clock(self, worker_id: str) -> float | None:
@@ -97,9 +101,9 @@ class WorkerClocks:
         return None if not rows else bool(rows[0][0])
 
     def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
-        """The lowest clock of the other live, unfinished workers."""
+        """The lowest clock (or hold) of the other live, unfinished workers."""
         value = self._rows(
-            "SELECT min(clock) FROM workers WHERE worker_id <> %s AND NOT finished"
+            "SELECT min(least(clock, held)) FROM workers WHERE worker_id <> %s AND NOT finished"
             " AND heartbeat_at >= %s",
             (worker_id, now - timeout),
         )[0][0]

@@ -325,10 +325,12 @@ class SqliteStore:
         }
 
     # -- workers and housekeeping -------------------------------------------------
-    def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
-        """Publish a worker's clock."""
+    def heartbeat(
+        self, worker_id: str, *, clock: float, now: float, held: float | None = None
+    ) -> None:
+        """Publish a worker's clock (and hold)."""
         with self.transaction() as tx:
-            tx.heartbeat(worker_id, clock=clock, now=now)
+            tx.heartbeat(worker_id, clock=clock, now=now, held=held)
 
     def worker_clock(self, worker_id: str) -> float | None:
         """The last clock a worker published."""
@@ -345,10 +347,10 @@ class SqliteStore:
         return None if row is None else bool(row[0])
 
     def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
-        """The lowest clock of the other live, unfinished workers."""
+        """The lowest clock (or hold) of the other live, unfinished workers."""
         row = self.conn.execute(
-            "SELECT min(clock) FROM workers WHERE worker_id != ? AND finished = 0"
-            " AND heartbeat_at >= ?",
+            "SELECT min(min(clock, coalesce(held, clock))) FROM workers"
+            " WHERE worker_id != ? AND finished = 0 AND heartbeat_at >= ?",
             (worker_id, now - timeout),
         ).fetchone()
         return None if row[0] is None else float(row[0])

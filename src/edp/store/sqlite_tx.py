@@ -17,9 +17,9 @@ from edp.store.base import (
 
 _CHUNK = 900  # stays far below SQLite's bound-variable limit
 HEARTBEAT_SQL = (
-    "INSERT INTO workers (worker_id, clock, heartbeat_at) VALUES (?, ?, ?)"
+    "INSERT INTO workers (worker_id, clock, heartbeat_at, held) VALUES (?, ?, ?, ?)"
     " ON CONFLICT (worker_id) DO UPDATE SET clock = max(clock, excluded.clock),"
-    " heartbeat_at = excluded.heartbeat_at, finished = 0"
+    " heartbeat_at = excluded.heartbeat_at, held = excluded.held, finished = 0"
 )
 BATCH_COLUMNS = (
     "batch_id, bucket, prefix, generation, state, object_count, first_activity, last_activity,"
@@ -227,9 +227,11 @@ class SqliteTransaction:
             [(d.received_at, d.source, d.location, d.reason, d.body) for d in letters],
         )
 
-    def heartbeat(self, worker_id: str, *, clock: float, now: float) -> None:
-        """Publish a worker's clock with this transaction."""
-        self.conn.execute(HEARTBEAT_SQL, (worker_id, clock, now))
+    def heartbeat(
+        self, worker_id: str, *, clock: float, now: float, held: float | None = None
+    ) -> None:
+        """Publish a worker's clock (and hold) with this transaction."""
+        self.conn.execute(HEARTBEAT_SQL, (worker_id, clock, now, held))
 
     def add_counters(self, counts: Mapping[str, int]) -> None:
         """Add to named counters."""

@@ -96,6 +96,73 @@ def test_an_abandoned_receive_comes_back_after_its_timeout(aws: Any) -> None:
     source.close()
 
 
+@pytest.mark.timeout(30)
+def test_a_receive_whose_lost_attempt_was_served_says_it_was_retried(aws: Any) -> None:
+    from botocore.exceptions import ReadTimeoutError
+
+    # Given a message, and a network that loses the answer to the first receive after
+    # the queue served it (the message is then invisible, and nobody holds it)
+    url, _ = aws.queue("lost-answer")
+    aws.sqs.send_message(QueueUrl=url, MessageBody="{}")
+    source = SqsSource(url, wait_seconds=0, visibility_timeout=30)
+    served: list[Any] = []
+
+    def lose_the_first_answer(request: Any, **_: Any) -> None:
+        if not served:
+            served.append(aws.sqs.receive_message(QueueUrl=url, VisibilityTimeout=30))
+            raise ReadTimeoutError(endpoint_url=request.url)
+
+    source.sqs.meta.events.register("before-send.sqs.ReceiveMessage", lose_the_first_answer)
+
+    # When the source receives (botocore retries the call)
+    received = source.receive(wait=0)
+
+    # Then it got nothing, and says the receive was retried (the daemon then holds)
+    assert served and served[0]["Messages"]
+    assert received.messages == [] and received.retried
+    # And a receive that was not retried says so
+    assert not source.receive(wait=0).retried
+    source.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_daemon_holds_firing_after_a_receive_that_was_retried(
+    aws: Any, tmp_path: Path
+) -> None:
+    from botocore.exceptions import ReadTimeoutError
+
+    from edp.bootstrap import build_runtime
+    from edp.daemon import Daemon
+    from edp_testing import ListSink, settings
+
+    # Given a daemon whose first receive loses its answer after the queue served it
+    url, _ = aws.queue("lost-answer-daemon")
+    aws.sqs.send_message(QueueUrl=url, MessageBody="{}")
+    runtime = build_runtime(settings(database_url=f"sqlite:///{tmp_path / 'd.db'}"),
+                            sinks=[ListSink()])
+    source = SqsSource(url, wait_seconds=0, visibility_timeout=30)
+    lost: list[bool] = []
+
+    def lose_the_first_answer(request: Any, **_: Any) -> None:
+        if not lost:
+            lost.append(bool(aws.sqs.receive_message(QueueUrl=url, VisibilityTimeout=30)))
+            raise ReadTimeoutError(endpoint_url=request.url)
+
+    source.sqs.meta.events.register("before-send.sqs.ReceiveMessage", lose_the_first_answer)
+    daemon = Daemon(runtime, [source], max_wait=0)
+    try:
+        assert runtime.engine.held(daemon.clock()) is None
+        # When it receives
+        daemon.run_once()
+        # Then it holds firing for the visibility timeout and a margin, not longer
+        now = daemon.clock()
+        assert runtime.engine.held(now) is not None
+        assert runtime.engine.held(now + 30 + Daemon.REDELIVERY_MARGIN + 1) is None
+    finally:
+        source.close()
+        runtime.close()
+
+
 def test_a_partly_bad_message_left_to_the_redrive_comes_again_after_a_failed_step(
     aws: Any,
 ) -> None:
@@ -342,6 +409,104 @@ def test_a_store_outage_acknowledges_nothing(aws: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_after_a_crash_newer_files_do_not_fire_the_batch_a_returning_file_belongs_to(
+    aws: Any, tmp_path: Path
+) -> None:
+    from edp.store import open_store
+    from edp_testing import ListSink, eventbridge, settings
+
+    # Given an hour-old backlog: four files of run-1, 1 s apart (one batch with a 3 s
+    # quiet period), then six files of run-2 ten seconds later, whose event times move
+    # the clock past run-1's deadline; a worker killed in the middle of a step had
+    # received run-1's second file (it comes back after the 3 s visibility timeout)
+    url, _ = aws.queue("crash-newer")
+    old = float(int(time.time()) - 3600)
+    files = [(f"lab/run-1/f{n}", old + n) for n in range(4)]
+    files += [(f"lab/run-2/g{n}", old + 10 + n) for n in range(6)]
+    for n, (key, t) in enumerate(files):
+        aws.sqs.send_message(QueueUrl=url, MessageBody=json.dumps(
+            eventbridge(key, t, sequencer=f"{n:02d}")))
+    taken = aws.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1,
+                                    VisibilityTimeout=3)["Messages"]
+    assert len(taken) == 1 and "run-1/f0" in taken[0]["Body"]
+    database = f"sqlite:///{tmp_path / 'd.db'}"
+    store = open_store(database)
+    store.heartbeat("w", clock=old - 100, now=time.time())  # its last step, then killed
+    store.close()
+    sink = ListSink()
+    cfg = settings(bucket_threshold_duration=3, bucket_threshold_event_count=0,
+                   database_url=database)
+    source = SqsSource(url, wait_seconds=1, visibility_timeout=3)
+
+    # When the worker is restarted under its name and drains the queue
+    run_daemon_until(
+        cfg, [source], sink, timeout=30, worker_id="w",
+        done=lambda: len(sink.sent) >= 2 and counts(aws, url) == (0, 0),
+    )
+
+    # Then the file that came back joined its batch: one batch per run, as without the
+    # crash (the newer files did not fire run-1's batch while its file was away)
+    got = sorted((e["detail"]["prefix"], e["detail"]["object-count"]) for e in sink.sent)
+    assert got == [("lab/run-1/", 4), ("lab/run-2/", 6)]
+
+
+class FailsOnce(FailsOnKey):
+    """Fails the first step holding the key (as a store outage would), then lets it be."""
+
+    def observe(self, tx: Any, events: Any, *, clock: float, now: float, sinks: Any) -> None:
+        if self.key:
+            try:
+                super().observe(tx, events, clock=clock, now=now, sinks=sinks)
+            except Exception:
+                self.key = ""
+                raise
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_step_holds_firing_until_its_messages_came_again(
+    aws: Any, tmp_path: Path
+) -> None:
+    from edp.bootstrap import build_runtime
+    from edp.daemon import Daemon
+    from edp.errors import StoreError
+    from edp_testing import ListSink, eventbridge, settings
+
+    # Given an hour-old backlog received one message at a time: run-1's second file
+    # first (its step fails: the store is out), then the three other files of run-1,
+    # 1 s apart (3 s quiet period), then six files of run-2 ten seconds later
+    url, _ = aws.queue("failed-step")
+    old = float(int(time.time()) - 3600)
+    files = [("lab/run-1/f1", old + 1), ("lab/run-1/f0", old), ("lab/run-1/f2", old + 2),
+             ("lab/run-1/f3", old + 3)] + [(f"lab/run-2/g{n}", old + 10 + n) for n in range(6)]
+    for n, (key, t) in enumerate(files):
+        aws.sqs.send_message(QueueUrl=url, MessageBody=json.dumps(
+            eventbridge(key, t, sequencer=f"{n:02d}")))
+    cfg = settings(bucket_threshold_duration=3, bucket_threshold_event_count=0,
+                   database_url=f"sqlite:///{tmp_path / 'd.db'}")
+    sink = ListSink()
+    runtime = build_runtime(cfg, sinks=[sink],
+                            observers=[FailsOnce("lab/run-1/f1", StoreError)])
+    source = SqsSource(url, wait_seconds=0, max_messages=1, visibility_timeout=2)
+    daemon = Daemon(runtime, [source], max_wait=0)
+    try:
+        with pytest.raises(StoreError):
+            daemon.run_once()
+
+        # When the daemon goes on: the others, then (after the 2 s visibility timeout)
+        # the file whose step failed, and the queue is empty
+        end = time.monotonic() + 30
+        while time.monotonic() < end and len(sink.sent) < 2 + (counts(aws, url) != (0, 0)):
+            daemon.run_once()
+
+        # Then that file is in its batch: one batch per run, as without the failure
+        got = sorted((e["detail"]["prefix"], e["detail"]["object-count"]) for e in sink.sent)
+        assert got == [("lab/run-1/", 4), ("lab/run-2/", 6)]
+    finally:
+        source.close()
+        runtime.close()
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("crashed", [True, False])
 def test_after_a_crash_mid_step_its_receive_comes_back_before_the_worker_is_caught_up(
     aws: Any, tmp_path: Path, crashed: bool
@@ -384,3 +549,33 @@ def test_after_a_crash_mid_step_its_receive_comes_back_before_the_worker_is_caug
         # (after a clean stop nothing is in flight: it is caught up once the queue
         # is drained, and the file that comes back later is a late one)
         assert got == [1, 3]
+
+
+@pytest.mark.timeout(30)
+def test_a_daemon_holds_firing_after_a_receive_that_failed(aws: Any, tmp_path: Path) -> None:
+    from botocore.exceptions import ReadTimeoutError
+
+    from edp.bootstrap import build_runtime
+    from edp.daemon import Daemon
+    from edp.errors import EdpError
+    from edp_testing import ListSink, settings
+
+    # Given a daemon whose receive times out on every attempt (each may have been served)
+    url, _ = aws.queue("receive-fails")
+    runtime = build_runtime(settings(database_url=f"sqlite:///{tmp_path / 'd.db'}"),
+                            sinks=[ListSink()])
+    source = SqsSource(url, wait_seconds=0, visibility_timeout=30)
+
+    def time_out(request: Any, **_: Any) -> None:
+        raise ReadTimeoutError(endpoint_url=request.url)
+
+    source.sqs.meta.events.register("before-send.sqs.ReceiveMessage", time_out)
+    daemon = Daemon(runtime, [source], max_wait=0)
+    try:
+        # When it receives, Then the receive fails and the daemon holds firing
+        with pytest.raises(EdpError, match="cannot receive"):
+            daemon.run_once()
+        assert runtime.engine.held(daemon.clock()) is not None
+    finally:
+        source.close()
+        runtime.close()

@@ -203,6 +203,25 @@ def test_fire_floor_is_the_lowest_clock_of_the_other_live_unfinished_workers(
     assert store.fire_floor("me", now=T0, timeout=600) == 10.0
 
 
+def test_a_workers_hold_lowers_the_floor_until_a_heartbeat_without_one(store: Store) -> None:
+    # Given a worker at clock 200 that holds firing at 50 (messages it received may come
+    # again), with the step's transaction, and another at 300
+    with store.transaction() as tx:
+        tx.heartbeat("holding", clock=200.0, now=T0, held=50.0)
+    store.heartbeat("other", clock=300.0, now=T0)
+    # Then the others' floor is its hold, not its clock (its own floor is not)
+    assert store.fire_floor("other", now=T0, timeout=60) == 50.0
+    assert store.fire_floor("holding", now=T0, timeout=60) == 300.0
+    # And its clock stays 200 (a hold is not a clock going back)
+    assert store.worker_clock("holding") == 200.0
+    # When its next heartbeat holds nothing, Then its clock is the floor again
+    store.heartbeat("holding", clock=210.0, now=T0 + 1)
+    assert store.fire_floor("other", now=T0 + 1, timeout=60) == 210.0
+    # And a hold above the clock does not raise the floor
+    store.heartbeat("holding", clock=220.0, now=T0 + 2, held=500.0)
+    assert store.fire_floor("other", now=T0 + 2, timeout=60) == 220.0
+
+
 def test_the_last_worker_to_finish_is_told_so(store: Store) -> None:
     # Given two workers
     store.heartbeat("a", clock=1.0, now=T0)
