@@ -25,9 +25,15 @@ from typing import Any, Protocol
 
 from edp.bootstrap import Runtime
 from edp.engine import BACKLOG_LAG, Message, StepReport
+from edp.errors import EdpError, one_line
 from edp.store import is_outage
 
 log = logging.getLogger(__name__)
+
+RECEIVE_MARGIN = 10.0
+"""Seconds a receive may take beyond its wait when the network stalls (a source's
+timeouts: connecting, and the answer of a long poll); the stop waits that long for a
+feed's receive in flight."""
 
 
 @dataclass(slots=True)
@@ -42,9 +48,6 @@ class Received:
     message_receipts: list[Any] | None = None
     """The receipt of each message (aligned with ``messages``), from a source that can
     acknowledge part of a delivery (see :meth:`without`); ``None`` if it cannot."""
-    retried: bool = False
-    """The receive was retried: an earlier attempt may have taken messages that only
-    come again after the source's ``redelivery_delay`` (the daemon holds meanwhile)."""
 
     def without(self, indices: Collection[int]) -> Received:
         """This delivery less the messages at ``indices``: acknowledging it leaves those
@@ -59,8 +62,20 @@ class Received:
             receipts=[r for r in self.receipts if id(r) not in dropped],
             report=self.report,
             message_receipts=[self.message_receipts[i] for i in kept],
-            retried=self.retried,
         )
+
+
+class ReceiveFailed(EdpError):
+    """A source could not receive (its queue is unreachable, the call timed out).
+
+    ``maybe_taken``: the request may have reached the queue, which then hid what it
+    handed out for the source's ``redelivery_delay`` (an answer lost on the way back);
+    False when it surely did not (the connection was refused, the queue answered with
+    an error). The daemon logs it in one line, without a traceback."""
+
+    def __init__(self, message: str, *, maybe_taken: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_taken = maybe_taken
 
 
 class Source(Protocol):
@@ -69,7 +84,8 @@ class Source(Protocol):
     name: str
 
     def receive(self, *, wait: float) -> Received:
-        """Return what is available, waiting at most ``wait`` seconds for something."""
+        """Return what is available, waiting at most ``wait`` seconds for something
+        (raises :class:`ReceiveFailed` when the source cannot be reached)."""
         ...
 
     def ack(self, received: Received) -> None:
@@ -129,6 +145,8 @@ class Daemon:
         self.abandoned = 0
         self._abandoned_lock = threading.Lock()
         self._unacknowledged: set[str] = set()  # sources whose last delivery failed
+        self._store_out = False  # the last round failed for the store (see _last_relay)
+        self._receive_failures: dict[str, int] = {}  # failed receives in a row, per source
         self._next_retry: float | None = None  # (the relay's clock: time.time())
 
     @property
@@ -136,7 +154,7 @@ class Daemon:
         """Whether the loop stopped with every received message processed: only then may
         the worker be recorded as finished (see :meth:`_after_a_crash`: a worker that
         left messages behind must, when it starts again, wait for them to come back)."""
-        return (self.abandoned == 0 and not self._unacknowledged
+        return (self.abandoned == 0 and not self._unacknowledged and not self._store_out
                 and not any(f.thread.is_alive() for f in self._feeds))
 
     def abandon(self, received: Received) -> None:
@@ -174,11 +192,17 @@ class Daemon:
                         self.run_fanned_once()
                     else:
                         self.run_once()
-                except Exception:  # a boundary: log, back off, keep the worker alive
+                    self._store_out = False
+                except Exception as exc:  # a boundary: log, back off, keep the worker alive
+                    self._store_out = is_outage(exc)
                     self.stats.error()
-                    log.exception("step failed; unacknowledged input will come again")
+                    if self._store_out:  # (no traceback: the reason says it all)
+                        log.error("step failed, the store is unreachable (%s): unacknowledged "
+                                  "input will come again", one_line(str(exc)))
+                    else:
+                        log.exception("step failed; unacknowledged input will come again")
                     self.stop_event.wait(self.error_backoff)
-            self._relay()
+            self._last_relay()
         finally:
             self.stop_event.set()
             for source in self.sources:
@@ -187,7 +211,7 @@ class Daemon:
             # ingest source ends their receive at once): wait for that, as the one-source
             # loop finishes its receive. What it then received is not acknowledged and
             # comes again (counted as abandoned: the stop is then not clean).
-            give_up = time.monotonic() + self.max_wait + 2.0
+            give_up = time.monotonic() + self.max_wait + RECEIVE_MARGIN + 1.0
             for feed in self._feeds:
                 feed.thread.join(timeout=max(0.0, give_up - time.monotonic()))
             while True:  # deliveries no round took: they come again
@@ -203,17 +227,47 @@ class Daemon:
         return self.stats
 
     def run_once(self) -> None:
-        """One round: receive from every source, process, acknowledge, fire, relay."""
+        """One round: receive from every source, process, acknowledge, fire, relay.
+        A source that cannot be reached counts as behind (what it holds is unknown);
+        the round goes on (the outbox is still relayed), then backs off."""
+        failed = False
         for source in self.sources:
             try:
                 received = source.receive(wait=self._wait())
+            except ReceiveFailed as exc:
+                self.receive_failed(source, exc)
+                failed = True
+                continue
             except Exception:
                 self.hold_for(source)  # (it may have taken messages before it failed)
                 raise
+            self.receive_worked(source)
             self._work(source, received)
             if self.stop_event.is_set():
                 break
         self._end_round()
+        if failed:
+            self.stop_event.wait(self.error_backoff)
+
+    def receive_failed(self, source: Source, exc: ReceiveFailed) -> None:
+        """A receive failed: hold if it may have taken messages; count as behind; log
+        in one line (the 1st, 2nd, 4th, 8th... failure in a row). Any thread."""
+        if exc.maybe_taken:
+            self.hold_for(source)
+        self._caught_up[source.name] = False
+        self.stats.error()
+        failures = self._receive_failures.get(source.name, 0) + 1
+        self._receive_failures[source.name] = failures
+        if failures & (failures - 1) == 0:
+            log.warning("%s (%d failed receive(s) in a row; trying again, firing by time "
+                        "waits until it works)", exc, failures)
+
+    def receive_worked(self, source: Source) -> None:
+        """A receive worked: say so if it had failed before."""
+        failures = self._receive_failures.pop(source.name, 0)
+        if failures:
+            log.info("receiving from %s again, after %d failed receive(s)", source.name,
+                     failures)
 
     def run_fanned_once(self) -> None:
         """One round with several sources: work on what they delivered (waiting for the
@@ -242,8 +296,6 @@ class Daemon:
         """Run what a source delivered through the engine (one step), then acknowledge;
         a source whose delivery could not be (a failed step, a failed acknowledgement)
         is remembered until one succeeds: a stop meanwhile is not clean."""
-        if received.retried:
-            self.hold_for(source)
         try:
             self._work_step(source, received)
         except BaseException:
@@ -407,6 +459,22 @@ class Daemon:
         if forgotten:
             log.info("pruned %d key memories older than the retention", forgotten)
 
+    def _last_relay(self) -> None:
+        """Deliver the outbox once more before stopping, unless the store is out (the
+        last round failed for it): its events wait in the outbox for the next start,
+        which holds as after a crash (the stop is not clean: see stopped_cleanly)."""
+        if self._store_out:
+            log.warning("the store is unreachable: the outbox is delivered at the next start")
+            return
+        try:
+            self._relay()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            self._store_out = True
+            log.warning("the store became unreachable at the stop (%s): the outbox is "
+                        "delivered at the next start", one_line(str(exc)))
+
     def _relay(self) -> None:
         report = self.runtime.relay.deliver()
         # A retry still ahead stays the wait's bound until it passed: a later deliver()
@@ -443,6 +511,11 @@ class _Feed:
                 # (as the one-source loop does): the daemon's clock stays the event time
                 # until every source is, so a long poll here would hold back due batches.
                 received = self.source.receive(wait=daemon.max_wait if self._caught_up else 0.0)
+            except ReceiveFailed as exc:
+                daemon.receive_failed(self.source, exc)
+                self._caught_up = False
+                stop.wait(daemon.error_backoff)
+                continue
             except Exception:  # a boundary: log, back off, keep receiving
                 daemon.hold_for(self.source)  # (it may have taken messages first)
                 if stop.is_set():
@@ -451,6 +524,7 @@ class _Feed:
                 log.exception("receive from %s failed; retrying", self.source.name)
                 stop.wait(daemon.error_backoff)
                 continue
+            daemon.receive_worked(self.source)
             if stop.is_set():
                 daemon.abandon(received)  # not acknowledged: it comes again
                 return

@@ -16,6 +16,9 @@ from edp.errors import ConfigError
 
 INSTALL_HINT = "boto3 is not installed: run `pip install 'edp[aws]'`"
 
+CONNECT_TIMEOUT = 5.0
+"""Seconds to connect to an AWS endpoint."""
+
 _QUEUE_URL_REGION = (
     re.compile(r"^https?://sqs[.-]([a-z0-9-]+)\.amazonaws\.com", re.IGNORECASE),
     re.compile(r"^https?://([a-z0-9-]+)\.queue\.amazonaws\.com", re.IGNORECASE),
@@ -35,7 +38,8 @@ def client(
     ``region`` is used when given; otherwise boto3's own configuration, and
     ``fallback_region`` only when boto3 finds none. Retries use botocore's
     ``standard`` mode (backoff with jitter on throttling and network errors),
-    capped at ``max_attempts`` because edp's outbox retries on its own.
+    capped at ``max_attempts`` retries after the first attempt (botocore's meaning of
+    the word; 0: one attempt) because edp's outbox retries on its own.
 
     Raises :class:`ConfigError` with an install hint when boto3 is missing.
     """
@@ -47,7 +51,7 @@ def client(
     session = boto3.session.Session()
     chosen = region or session.region_name or fallback_region
     config = Config(
-        connect_timeout=5,
+        connect_timeout=CONNECT_TIMEOUT,
         read_timeout=read_timeout,
         retries={"mode": "standard", "max_attempts": max_attempts},
         user_agent_extra="edp",

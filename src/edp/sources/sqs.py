@@ -23,12 +23,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from edp.aws.clients import aws_errors, error_code, region_of_queue_url
+from edp.aws.clients import CONNECT_TIMEOUT, aws_errors, error_code, region_of_queue_url
 from edp.aws.clients import client as make_client
-from edp.daemon import Received
+from edp.daemon import RECEIVE_MARGIN, Received, ReceiveFailed
 from edp.decode import decode_message
 from edp.engine import Message
-from edp.errors import ConfigError, DecodeError, EdpError
+from edp.errors import ConfigError, DecodeError
 
 if TYPE_CHECKING:
     from edp.config import Settings
@@ -151,9 +151,18 @@ class SqsSource:
             raise ConfigError(f"sqs_max_messages must be 1..10, got {max_messages}")
         self.queue_url = queue_url
         self.name = f"sqs:{queue_url}"
+        region = region_of_queue_url(queue_url)
         self.sqs = sqs if sqs is not None else make_client(
-            "sqs", region=region_of_queue_url(queue_url), fallback_region=fallback_region,
-            read_timeout=wait_seconds + 10,
+            "sqs", region=region, fallback_region=fallback_region,
+        )
+        # Receives have a client of their own, which tries once, with a read timeout
+        # of the long poll and a margin (and 5 s to connect): the daemon tries again,
+        # and a stop never waits for botocore's retries of a stalled receive (see
+        # docs/aws-runtime.md: the stop's budget). A failed receive may have taken
+        # messages (the answer was lost): the daemon then holds (ReceiveFailed).
+        self.receiver = sqs if sqs is not None else make_client(
+            "sqs", region=region, fallback_region=fallback_region,
+            read_timeout=wait_seconds + RECEIVE_MARGIN - CONNECT_TIMEOUT, max_attempts=0,
         )
         self.wait_seconds = wait_seconds
         self.max_messages = max_messages
@@ -217,15 +226,16 @@ class SqsSource:
             time.sleep(wait)
         seconds = int(wait) if wait > 0 else min(1, self.wait_seconds)
         try:
-            response = self.sqs.receive_message(
+            response = self.receiver.receive_message(
                 QueueUrl=self.queue_url,
                 MaxNumberOfMessages=self.max_messages,
                 WaitTimeSeconds=seconds,
                 VisibilityTimeout=self.visibility_timeout,
                 MessageSystemAttributeNames=["ApproximateReceiveCount"],
             )
-        except aws_errors() as exc:  # the daemon logs it with the traceback and backs off
-            raise EdpError(f"cannot receive from SQS queue {self.queue_url}: {exc}") from exc
+        except aws_errors() as exc:  # the daemon logs it and backs off
+            raise ReceiveFailed(f"cannot receive from SQS queue {self.queue_url}: {exc}",
+                                maybe_taken=_maybe_served(exc)) from exc
         raw: list[dict[str, Any]] = response.get("Messages", [])
         messages: list[Message] = []
         receipts: list[SqsReceipt] = []
@@ -251,12 +261,8 @@ class SqsSource:
             messages.append(message)
             of_message.append(receipts[-1])
         self.keeper.hold(receipts)
-        # botocore retried the call (a timeout, a reset connection): the attempt that
-        # failed may have been served, and its messages are then invisible for the
-        # visibility timeout without anyone holding them (the daemon holds firing).
-        retried = int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0)) > 0
         return Received(messages, caught_up=len(raw) < self.max_messages, receipts=list(receipts),
-                        message_receipts=of_message, retried=retried)
+                        message_receipts=of_message)
 
     def ack(self, received: Received) -> None:
         """Delete what the engine committed (poison too, unless left to the redrive policy)."""
@@ -299,9 +305,10 @@ class SqsSource:
     def close(self) -> None:
         """Stop the visibility thread and close the HTTP connections."""
         self.keeper.close()
-        closer = getattr(self.sqs, "close", None)
-        if callable(closer):
-            closer()
+        for client in {id(self.sqs): self.sqs, id(self.receiver): self.receiver}.values():
+            closer = getattr(client, "close", None)
+            if callable(closer):
+                closer()
 
     def _poison(self, message: Message) -> str | None:
         """Whether the engine will dead-letter this message: ``whole``, in ``part`` (bad
@@ -320,6 +327,15 @@ class SqsSource:
         if not decoded.errors:
             return None
         return "part" if decoded.events else "whole"
+
+
+def _maybe_served(exc: Exception) -> bool:
+    """Whether a receive that failed with ``exc`` may have reached the queue (which then
+    hid the messages it handed out): not when connecting failed, nor when the queue
+    answered with an error."""
+    from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError
+
+    return not isinstance(exc, ClientError | ConnectTimeoutError | EndpointConnectionError)
 
 
 def _chunks(items: Sequence[SqsReceipt], size: int) -> Iterator[Sequence[SqsReceipt]]:

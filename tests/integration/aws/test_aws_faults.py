@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -38,6 +39,10 @@ class Gate:
         with self.lock:
             self.up = False
             for sock in self.live:
+                # (shutdown first: a close alone leaves a thread blocked in its recv
+                # holding the socket open, and the peer would never hear of the cut)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
             self.live.clear()
 
@@ -272,3 +277,61 @@ def test_poison_messages_can_be_left_to_the_redrive_policy(
     letters = store.dead_letters()
     store.close()
     assert sorted(d.location for d in letters) == sorted(f"message id {i}" for i in poison_ids)
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(180)
+def test_sigterm_while_postgresql_is_unreachable_exits_0_and_the_restart_delivers(
+    aws: Any, start_edp: Any
+) -> None:
+    from integration.postgres.pg_testing import fresh_database, require_server
+
+    require_server()
+    with fresh_database("stop") as url:
+        # Given edp run on PostgreSQL through a relay that can be cut, one file per batch
+        pg = Gate(url)
+        pg.restore()
+        gated = url.replace(f":{urlsplit(url).port}/", f":{urlsplit(pg.url).port}/")
+        ingest_url, _ = aws.queue("ingest")
+        args = ["run", "--sqs-queue", ingest_url, "--database-url", gated, "--worker-id", "w1",
+                "--stdout", "--threshold-event-count", "1"]
+        env = {"EDP_SQS_WAIT_SECONDS": "1", "EDP_SQS_VISIBILITY_TIMEOUT": "2"}
+        body = load_event("eventbridge-object-created.json")
+        try:
+            first = start_edp(*args, env=env)
+            aws.sqs.send_message(QueueUrl=ingest_url, MessageBody=json.dumps(body))
+            deadline = time.monotonic() + 30
+            while not first.stdout.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert first.stdout.read_text(), first.log()
+
+            # When the database becomes unreachable while a file is on its way
+            pg.cut()
+            second = dict(body, detail=dict(body["detail"], object=dict(
+                body["detail"]["object"], key="other/run/b.dat", sequencer="0FF")))
+            aws.sqs.send_message(QueueUrl=ingest_url, MessageBody=json.dumps(second))
+            time.sleep(3)
+            # ... and the worker is told to stop
+            try:
+                status = first.stop(timeout=90)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"no exit 90 s after SIGTERM: {first.log()}")
+
+            # Then it exits 0, saying what waits, without a traceback
+            log = first.log()
+            assert status == 0, log
+            assert "Traceback" not in log
+            assert "delivered at the next start" in log or "unreachable" in log, log
+
+            # When the database is back and the worker starts again
+            pg.restore()
+            again = start_edp(*args, env=env)
+            deadline = time.monotonic() + 40
+            while "other/run/" not in again.stdout.read_text() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            # Then the file whose step failed is in a batch of its own, once
+            assert again.stop() == 0, again.log()
+            batches = [json.loads(line) for line in again.stdout.read_text().splitlines()]
+            assert [b["detail"]["prefix"] for b in batches] == ["other/run/"], again.log()
+        finally:
+            pg.close()

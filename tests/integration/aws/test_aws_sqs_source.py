@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -97,36 +98,41 @@ def test_an_abandoned_receive_comes_back_after_its_timeout(aws: Any) -> None:
 
 
 @pytest.mark.timeout(30)
-def test_a_receive_whose_lost_attempt_was_served_says_it_was_retried(aws: Any) -> None:
+def test_a_receive_whose_answer_is_lost_fails_once_saying_it_may_have_taken_messages(
+    aws: Any,
+) -> None:
     from botocore.exceptions import ReadTimeoutError
 
-    # Given a message, and a network that loses the answer to the first receive after
-    # the queue served it (the message is then invisible, and nobody holds it)
+    from edp.daemon import ReceiveFailed
+
+    # Given a message, and a network that loses the answer to a receive after the queue
+    # served it (the message is then invisible, and nobody holds it)
     url, _ = aws.queue("lost-answer")
     aws.sqs.send_message(QueueUrl=url, MessageBody="{}")
     source = SqsSource(url, wait_seconds=0, visibility_timeout=30)
     served: list[Any] = []
 
-    def lose_the_first_answer(request: Any, **_: Any) -> None:
-        if not served:
-            served.append(aws.sqs.receive_message(QueueUrl=url, VisibilityTimeout=30))
-            raise ReadTimeoutError(endpoint_url=request.url)
+    def lose_the_answer(request: Any, **_: Any) -> None:
+        served.append(aws.sqs.receive_message(QueueUrl=url, VisibilityTimeout=30))
+        raise ReadTimeoutError(endpoint_url=request.url)
 
-    source.sqs.meta.events.register("before-send.sqs.ReceiveMessage", lose_the_first_answer)
+    source.receiver.meta.events.register("before-send.sqs.ReceiveMessage", lose_the_answer)
 
-    # When the source receives (botocore retries the call)
-    received = source.receive(wait=0)
-
-    # Then it got nothing, and says the receive was retried (the daemon then holds)
-    assert served and served[0]["Messages"]
-    assert received.messages == [] and received.retried
-    # And a receive that was not retried says so
-    assert not source.receive(wait=0).retried
+    # When the source receives, Then it fails after one attempt (no retry of botocore's
+    # that would not see the message, nor make a stop wait), saying it may have taken
+    # messages
+    with pytest.raises(ReceiveFailed, match="cannot receive") as failed:
+        source.receive(wait=0)
+    assert failed.value.maybe_taken
+    assert len(served) == 1 and served[0]["Messages"]
+    source.receiver.meta.events.unregister("before-send.sqs.ReceiveMessage", lose_the_answer)
+    # And the message is away until its visibility timeout ends
+    assert source.receive(wait=0).messages == []
     source.close()
 
 
 @pytest.mark.timeout(30)
-def test_a_daemon_holds_firing_after_a_receive_that_was_retried(
+def test_a_daemon_holds_firing_after_a_receive_whose_answer_was_lost(
     aws: Any, tmp_path: Path
 ) -> None:
     from botocore.exceptions import ReadTimeoutError
@@ -135,7 +141,7 @@ def test_a_daemon_holds_firing_after_a_receive_that_was_retried(
     from edp.daemon import Daemon
     from edp_testing import ListSink, settings
 
-    # Given a daemon whose first receive loses its answer after the queue served it
+    # Given a daemon whose receive loses its answer after the queue served it
     url, _ = aws.queue("lost-answer-daemon")
     aws.sqs.send_message(QueueUrl=url, MessageBody="{}")
     runtime = build_runtime(settings(database_url=f"sqlite:///{tmp_path / 'd.db'}"),
@@ -143,18 +149,18 @@ def test_a_daemon_holds_firing_after_a_receive_that_was_retried(
     source = SqsSource(url, wait_seconds=0, visibility_timeout=30)
     lost: list[bool] = []
 
-    def lose_the_first_answer(request: Any, **_: Any) -> None:
-        if not lost:
-            lost.append(bool(aws.sqs.receive_message(QueueUrl=url, VisibilityTimeout=30)))
-            raise ReadTimeoutError(endpoint_url=request.url)
+    def lose_the_answer(request: Any, **_: Any) -> None:
+        lost.append(bool(aws.sqs.receive_message(QueueUrl=url, VisibilityTimeout=30)))
+        raise ReadTimeoutError(endpoint_url=request.url)
 
-    source.sqs.meta.events.register("before-send.sqs.ReceiveMessage", lose_the_first_answer)
-    daemon = Daemon(runtime, [source], max_wait=0)
+    source.receiver.meta.events.register("before-send.sqs.ReceiveMessage", lose_the_answer)
+    daemon = Daemon(runtime, [source], max_wait=0, error_backoff=0)
     try:
         assert runtime.engine.held(daemon.clock()) is None
-        # When it receives
+        # When it receives, Then the round goes on (the receive failed: an error counted)
         daemon.run_once()
-        # Then it holds firing for the visibility timeout and a margin, not longer
+        assert lost == [True] and daemon.stats.errors == 1
+        # And it holds firing for the visibility timeout and a margin, not longer
         now = daemon.clock()
         assert runtime.engine.held(now) is not None
         assert runtime.engine.held(now + 30 + Daemon.REDELIVERY_MARGIN + 1) is None
@@ -551,31 +557,165 @@ def test_after_a_crash_mid_step_its_receive_comes_back_before_the_worker_is_caug
         assert got == [1, 3]
 
 
-@pytest.mark.timeout(30)
-def test_a_daemon_holds_firing_after_a_receive_that_failed(aws: Any, tmp_path: Path) -> None:
-    from botocore.exceptions import ReadTimeoutError
+class Stall:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.accepted: list[Any] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_stalled_receive_is_tried_once_then_the_daemon_holds_and_goes_on(
+    aws: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
 
     from edp.bootstrap import build_runtime
     from edp.daemon import Daemon
-    from edp.errors import EdpError
     from edp_testing import ListSink, settings
 
-    # Given a daemon whose receive times out on every attempt (each may have been served)
-    url, _ = aws.queue("receive-fails")
+    # Given a queue behind a network that takes requests and never answers
+    stall = Stall()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", stall.url)
+    source = SqsSource(f"{stall.url}/123456789012/stalled", wait_seconds=0,
+                       visibility_timeout=30)
     runtime = build_runtime(settings(database_url=f"sqlite:///{tmp_path / 'd.db'}"),
                             sinks=[ListSink()])
-    source = SqsSource(url, wait_seconds=0, visibility_timeout=30)
-
-    def time_out(request: Any, **_: Any) -> None:
-        raise ReadTimeoutError(endpoint_url=request.url)
-
-    source.sqs.meta.events.register("before-send.sqs.ReceiveMessage", time_out)
-    daemon = Daemon(runtime, [source], max_wait=0)
+    daemon = Daemon(runtime, [source], max_wait=0, error_backoff=0)
     try:
-        # When it receives, Then the receive fails and the daemon holds firing
-        with pytest.raises(EdpError, match="cannot receive"):
+        # When the daemon runs a round
+        with caplog.at_level(logging.INFO, logger="edp"):
             daemon.run_once()
+        # Then the receive was tried once (a stop does not wait out botocore's retries),
+        # it failed without failing the round, and the daemon holds firing (the request
+        # may have been served: its messages would come again only after 30 s)
+        assert len(stall.accepted) == 1
+        assert daemon.stats.errors == 1
         assert runtime.engine.held(daemon.clock()) is not None
+        # And it said so in one line, without a traceback
+        [record] = [r for r in caplog.records if "cannot receive" in r.getMessage()]
+        assert record.levelname == "WARNING" and record.exc_info is None
+        assert "1 failed receive(s) in a row" in record.getMessage()
     finally:
         source.close()
         runtime.close()
+        stall.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_refused_receive_does_not_hold_and_is_logged_less_and_less(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import socket
+
+    from edp.bootstrap import build_runtime
+    from edp.daemon import Daemon
+    from edp_testing import ListSink, settings
+
+    # Given a queue that refuses connections (nothing can have been taken)
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    source = SqsSource(f"{closed}/123456789012/refused", wait_seconds=0)
+    runtime = build_runtime(settings(database_url=f"sqlite:///{tmp_path / 'd.db'}"),
+                            sinks=[ListSink()])
+    daemon = Daemon(runtime, [source], max_wait=0, error_backoff=0)
+    try:
+        # When the daemon runs four rounds
+        with caplog.at_level(logging.INFO, logger="edp"):
+            for _ in range(4):
+                daemon.run_once()
+        # Then each receive failed, the daemon does not hold
+        assert daemon.stats.errors == 4
+        assert runtime.engine.held(daemon.clock()) is None
+        # And it logged the 1st, 2nd and 4th failure, one line each
+        lines = [r.getMessage() for r in caplog.records if "cannot receive" in r.getMessage()]
+        assert [re.search(r"\((\d+) failed", line)[1] for line in lines] == ["1", "2", "4"]
+    finally:
+        source.close()
+        runtime.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_while_the_store_is_out_skips_the_last_delivery_and_is_not_clean(
+    aws: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import threading
+
+    from edp.bootstrap import build_runtime
+    from edp.daemon import Daemon
+    from edp.errors import StoreError
+    from edp_testing import ListSink, eventbridge, settings
+
+    # Given a worker whose every round fails because the store is out
+    class StoreDown(FailsOnKey):
+        def tick(self, tx: Any, *, clock: float, now: float, sinks: Any) -> int:
+            raise StoreError("the store is out")
+
+    url, _ = aws.queue("store-out")
+    aws.sqs.send_message(QueueUrl=url, MessageBody=json.dumps(
+        eventbridge("lab/run/x.csv", time.time())))
+    daemons: list[Daemon] = []
+    relays: list[int] = []
+    outcome: list[BaseException | None] = []
+
+    def work() -> None:  # (SQLite connections belong to the thread that made them)
+        runtime = build_runtime(settings(database_url=f"sqlite:///{tmp_path / 'd.db'}"),
+                                sinks=[ListSink()],
+                                observers=[StoreDown("lab/run/x.csv", StoreError)])
+        deliver = runtime.relay.deliver
+
+        def counted() -> Any:
+            relays.append(len(daemons))
+            return deliver()
+
+        runtime.relay.deliver = counted  # type: ignore[method-assign]
+        daemons.append(Daemon(runtime, [SqsSource(url, wait_seconds=0)], max_wait=0,
+                              error_backoff=0.2))
+        try:
+            daemons[0].run()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            runtime.close()
+
+    with caplog.at_level(logging.WARNING, logger="edp"):
+        thread = threading.Thread(target=work)
+        thread.start()
+        wait_for = time.monotonic() + 20
+        while (not daemons or daemons[0].stats.errors < 2) and time.monotonic() < wait_for:
+            time.sleep(0.05)
+        # When it is stopped meanwhile
+        relays.clear()
+        daemons[0].stop()
+        thread.join(timeout=20)
+
+    # Then it stops without an error, without trying the outbox again, and not cleanly
+    # (the next start holds as after a crash: the failed step's message comes again)
+    assert outcome == [None]
+    assert relays == []
+    assert not daemons[0].stopped_cleanly
+    assert any("outbox is delivered at the next start" in r.getMessage() for r in caplog.records)
