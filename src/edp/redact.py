@@ -7,7 +7,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 _PLAIN_PARAMETERS = frozenset({"sslmode", "connect_timeout", "target_session_attrs",
-                               "application_name"})
+                               "application_name", "keepalives", "keepalives_idle",
+                               "keepalives_interval", "keepalives_count", "tcp_user_timeout"})
 """Query parameters shown as they are (libpq's, that hold no secret): every other
 parameter's value is masked."""
 _TRAILING = "'\")]},;.:"

@@ -96,6 +96,11 @@ def pending_params(sink: str, *, limit: int, now: float, lease: float) -> tuple[
     return (sink, now, sink, now, now, limit, now + lease)
 
 
+TCP_DEFAULTS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                "keepalives_count": 3, "tcp_user_timeout": 30000}
+"""libpq connection parameters edp sets unless ``database_url`` sets them."""
+
+
 class PostgresStore(WorkerClocks):
     """The PostgreSQL store (see :class:`~edp.store.base.Store`).
 
@@ -137,6 +142,13 @@ class PostgresStore(WorkerClocks):
         kwargs: dict[str, Any] = {"autocommit": False}
         if "application_name" not in params:
             kwargs["application_name"] = "edp"
+        # A server that vanishes without a word (a network partition, a host gone)
+        # would leave a query waiting for hours (the kernel's keepalive defaults): the
+        # connection counts as lost after ~25 s idle, or 30 s of data unacknowledged,
+        # and is retried like any lost one. The URL's own values win.
+        for name, value in TCP_DEFAULTS.items():
+            if name not in params:
+                kwargs[name] = value
 
         def configure(conn: psycopg.Connection[Any]) -> None:
             # Statements are prepared (psycopg does it after a few runs), but planned

@@ -71,6 +71,28 @@ def test_tls_settings_that_cannot_be_met_are_an_error_at_once(pg_url: str) -> No
         PostgresStore(url, retry_seconds=3600)
 
 
+@pytest.mark.parametrize("given", ["", "keepalives_idle=60&tcp_user_timeout=0"])
+def test_connections_give_up_on_a_silent_server_unless_the_url_says_otherwise(
+    pg_url: str, given: str
+) -> None:
+    # Given a store opened with or without TCP settings of its own in the URL
+    store = PostgresStore.from_url(f"{pg_url}?{given}" if given else pg_url)
+    try:
+        with store.pool.connection() as conn:
+            parameters = conn.info.get_parameters()
+    finally:
+        store.close()
+    # Then its connections use TCP keepalives and a user timeout (a partition is a lost
+    # connection within ~30 s, not a query waiting for hours), the URL's values first
+    assert parameters["keepalives"] == "1"
+    assert parameters["keepalives_interval"] == "5"
+    assert parameters["keepalives_count"] == "3"
+    expected = {"keepalives_idle": "10", "tcp_user_timeout": "30000"}
+    if given:
+        expected = {"keepalives_idle": "60", "tcp_user_timeout": "0"}
+    assert {k: parameters.get(k) for k in expected} == expected
+
+
 def test_workers_starting_at_once_migrate_once(pg_url: str) -> None:
     # Given four stores opened on a fresh database at the same moment
     errors: list[BaseException] = []
