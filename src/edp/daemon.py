@@ -392,8 +392,11 @@ class Daemon:
             grace += self.REDELIVERY_MARGIN
             self._behind_until = time.monotonic() + grace
             # Its clock moved past nothing those messages held: hold firing there
-            # (see Engine.hold), here and at the other workers.
-            engine.hold(now=self.clock(), seconds=grace)
+            # (see Engine.hold), here and at the other workers; lower if its last run
+            # held lower (killed while it held: what it held for may still be away).
+            held = engine.store.worker_hold(engine.worker_id)
+            engine.hold(now=self.clock(), seconds=grace,
+                        at=engine.clock if held is None else min(engine.clock, held))
             log.warning("worker %s did not stop cleanly last time: it counts as behind, and "
                         "holds firing by time at its last clock, for %gs, until what it had "
                         "received can come again", engine.worker_id, grace)

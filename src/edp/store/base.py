@@ -390,6 +390,12 @@ class Store(Protocol):
         None when the worker never published a clock."""
         ...
 
+    def worker_hold(self, worker_id: str) -> float | None:
+        """The hold a worker published last (see :meth:`heartbeat`), None if none: a
+        worker that crashed while it held holds again at least that low after a
+        restart (what it held for may still be on its way back)."""
+        ...
+
     def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
         """The lowest clock, or hold, of the *other* live workers (None when there are
         none)."""

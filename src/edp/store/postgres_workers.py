@@ -100,6 +100,11 @@ class WorkerClocks:
         rows = self._rows("SELECT finished FROM workers WHERE worker_id = %s", (worker_id,))
         return None if not rows else bool(rows[0][0])
 
+    def worker_hold(self, worker_id: str) -> float | None:
+        """The hold a worker published last."""
+        rows = self._rows("SELECT held FROM workers WHERE worker_id = %s", (worker_id,))
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
+
     def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
         """The lowest clock (or hold) of the other live, unfinished workers."""
         value = self._rows(

@@ -346,6 +346,13 @@ class SqliteStore:
         ).fetchone()
         return None if row is None else bool(row[0])
 
+    def worker_hold(self, worker_id: str) -> float | None:
+        """The hold a worker published last."""
+        row = self.conn.execute(
+            "SELECT held FROM workers WHERE worker_id = ?", (worker_id,)
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
         """The lowest clock (or hold) of the other live, unfinished workers."""
         row = self.conn.execute(

@@ -456,6 +456,47 @@ def test_after_a_crash_newer_files_do_not_fire_the_batch_a_returning_file_belong
     assert got == [("lab/run-1/", 4), ("lab/run-2/", 6)]
 
 
+@pytest.mark.timeout(60)
+def test_a_worker_killed_while_it_held_holds_as_low_after_its_restart(
+    aws: Any, tmp_path: Path
+) -> None:
+    from edp.engine import Engine, Message
+    from edp.store import open_store
+    from edp_testing import ListSink, eventbridge, settings
+
+    # Given a worker that applied run-1's files but its second (away: a step of it had
+    # failed, so it held firing at a time before them) and run-2's, ten seconds later,
+    # then was killed; the missing file comes back after the 3 s visibility timeout
+    url, _ = aws.queue("killed-holding")
+    old = float(int(time.time()) - 3600)
+    cfg = settings(bucket_threshold_duration=3, bucket_threshold_event_count=0,
+                   database_url=f"sqlite:///{tmp_path / 'd.db'}")
+    store = open_store(cfg.database_url)
+    engine = Engine(store, cfg, sinks=["list"], worker_id="w")
+    engine.hold(now=time.time(), seconds=60, at=old - 100)
+    applied = [(f"lab/run-1/f{n}", old + n) for n in (0, 2, 3)]
+    applied += [(f"lab/run-2/g{n}", old + 10 + n) for n in range(6)]
+    engine.process([Message(eventbridge(k, t, sequencer=f"{n:02d}"), f"m{n}")
+                    for n, (k, t) in enumerate(applied)], now=time.time())
+    assert engine.clock == old + 15 and store.list_batches(state="closed", limit=9) == []
+    store.close()  # (killed: not finished)
+    aws.sqs.send_message(QueueUrl=url, MessageBody=json.dumps(
+        eventbridge("lab/run-1/f1", old + 1, sequencer="20")))
+    taken = aws.sqs.receive_message(QueueUrl=url, VisibilityTimeout=3)["Messages"]
+    assert len(taken) == 1
+    sink = ListSink()
+    source = SqsSource(url, wait_seconds=1, visibility_timeout=3)
+
+    # When it is restarted under its name
+    run_daemon_until(cfg, [source], sink, timeout=30, worker_id="w",
+                     done=lambda: len(sink.sent) >= 2 and counts(aws, url) == (0, 0))
+
+    # Then it held as low as before (not at its clock, past run-1's deadline): the
+    # file that came back is in run-1's batch
+    got = sorted((e["detail"]["prefix"], e["detail"]["object-count"]) for e in sink.sent)
+    assert got == [("lab/run-1/", 4), ("lab/run-2/", 6)]
+
+
 class FailsOnce(FailsOnKey):
     """Fails the first step holding the key (as a store outage would), then lets it be."""
 

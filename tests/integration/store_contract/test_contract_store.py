@@ -212,11 +212,13 @@ def test_a_workers_hold_lowers_the_floor_until_a_heartbeat_without_one(store: St
     # Then the others' floor is its hold, not its clock (its own floor is not)
     assert store.fire_floor("other", now=T0, timeout=60) == 50.0
     assert store.fire_floor("holding", now=T0, timeout=60) == 300.0
-    # And its clock stays 200 (a hold is not a clock going back)
+    # And its clock stays 200 (a hold is not a clock going back), its hold is known
     assert store.worker_clock("holding") == 200.0
+    assert store.worker_hold("holding") == 50.0 and store.worker_hold("other") is None
     # When its next heartbeat holds nothing, Then its clock is the floor again
     store.heartbeat("holding", clock=210.0, now=T0 + 1)
     assert store.fire_floor("other", now=T0 + 1, timeout=60) == 210.0
+    assert store.worker_hold("holding") is None
     # And a hold above the clock does not raise the floor
     store.heartbeat("holding", clock=220.0, now=T0 + 2, held=500.0)
     assert store.fire_floor("other", now=T0 + 2, timeout=60) == 220.0
