@@ -319,9 +319,9 @@ class Daemon:
                 # back together, fail together, and reach the queue's DLQ together).
                 log.exception("a step of %d messages from %s failed; trying them one by one",
                               len(received.messages), source.name)
+                # (No hold for those: they fail on their own, again and again until
+                # the redrive policy takes them; holding would stop firing that long.)
                 failed = self._one_by_one(source, received.messages)
-                if failed:
-                    self.hold_for(source)
                 received.caught_up = self._caught_up[source.name]  # (a step may be behind)
                 source.ack(received.without(failed))
                 return

@@ -377,6 +377,8 @@ def test_a_message_that_fails_every_step_does_not_hold_back_the_others(
             (2, "count")]
         assert counts(aws, url) == (0, 1)
         assert daemon.stats.errors == 1
+        # (and firing by time is not held for it: it fails alone, again and again)
+        assert runtime.engine.held(daemon.clock()) is None
         time.sleep(2.5)
         again = source.receive(wait=0)
         assert [m.body for m in again.messages] and "poison" in str(again.messages[0].body)
