@@ -48,6 +48,7 @@ from edp.errors import (
 from edp.store.base import (
     ClosedBatch,
     DeadLetter,
+    Floors,
     LoadRequest,
     QueueTransaction,
     SavedBatch,
@@ -55,6 +56,7 @@ from edp.store.base import (
     Store,
     Transaction,
     WorkingState,
+    lowest,
 )
 
 log = logging.getLogger(__name__)
@@ -236,6 +238,8 @@ class Engine:
         self.has_peers = False
         """Whether another live worker was on the store at the last look (a daemon that
         is caught up then publishes its clock every few seconds: see edp.daemon)."""
+        self.holding: float | None = None
+        """The lowest hold, this worker's or another's, at the last look (see hold())."""
         self._held: float | None = None  # see hold()
         self._held_until = -math.inf
         self._hold_lock = threading.Lock()
@@ -307,7 +311,7 @@ class Engine:
         floor = self._floor(now)
         with self.store.transaction() as tx:
             clock = self._apply(tx, events, report, now=now, caught_up=caught_up, floor=floor,
-                                prefixes=prefixes, held=self._held)
+                                prefixes=prefixes, held=self.holding)
         return self._applied(clock, report, now)
 
     # -- several replay workers on one stream (see edp.replay) ----------------------
@@ -380,7 +384,8 @@ class Engine:
     ) -> float:
         """The body of a step, in its transaction: returns the clock it ends at.
 
-        ``held``: this worker's hold (see :meth:`hold`), already part of ``floor``."""
+        ``held``: the lowest hold, this worker's or another's (see :meth:`hold`),
+        already part of ``floor``."""
         clock = self.clock
         limit = math.inf if self.clock_max_ahead is None else now + self.clock_max_ahead
         end_clock = max([clock, *(e.time for e in events)])
@@ -409,9 +414,9 @@ class Engine:
                 # fires first (at its deadline), as one worker would, rather than let
                 # the event join it (a merge). (Lock order serialises the workers'
                 # steps on a prefix: none has an event of it in flight meanwhile.)
-                # While this worker holds (a message of it may come again), an event
-                # older than the clock is checked at its own time: it may be one that
-                # came again, into the batch the hold kept open for it.
+                # While a worker holds (a message it received may come again, to any
+                # worker), an event older than the clock is checked at its own time: it
+                # may be one that came again, into the batch the hold kept open for it.
                 early = overdue(event.bucket, prefix,
                                 clock if held is None else min(clock, event.time))
                 if early is not None:
@@ -695,14 +700,15 @@ class Engine:
 
     def _floor(self, now: float) -> float:
         """The time nothing may fire past: the other workers' lowest clock or hold, and
-        this worker's own hold (which this call ends once its time is over)."""
-        floor = self.store.fire_floor(
+        this worker's own hold (which this call ends once its time is over). Sets
+        :attr:`holding`: the lowest hold, own or another's (None if none)."""
+        others = self.store.floors(
             self.worker_id, now=now, timeout=self.settings.worker_timeout
         )
-        self.has_peers = floor is not None
-        held = self.held(now)
-        lowest = math.inf if floor is None else floor
-        return lowest if held is None else min(lowest, held)
+        self.has_peers = others.clock is not None
+        self.holding = lowest(Floors(self.held(now), others.held))
+        floor = lowest(Floors(others.clock, self.holding))
+        return math.inf if floor is None else floor
 
     def _published_hold(self) -> float | None:
         held = self._held

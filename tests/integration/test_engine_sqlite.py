@@ -163,13 +163,16 @@ def test_a_hold_keeps_batches_open_here_and_at_the_other_workers_until_it_ends(
     # Then neither fires the batch when its deadline is past on the wall clock
     assert a.fire_due(now=T0 + 40) == []
     assert b.fire_due(now=T0 + 40) == []
-    # And the file that comes again, older than the clock, joins the batch
-    a.process(msgs(eventbridge("i/e/b", T0 + 0.5)), now=T0 + 45, caught_up=True)
-    # When the hold ends and both clocks pass the deadline, Then the batch fires once,
-    # with both files
+    # And the file that comes again, older than the clock, to the *other* worker (whose
+    # clock a newer file took past the batch's deadline) joins the batch
+    b.process(msgs(eventbridge("i/f/x", T0 + 44)), now=T0 + 44)
+    assert b.clock == T0 + 44
+    b.process(msgs(eventbridge("i/e/b", T0 + 0.5)), now=T0 + 45)
+    # When the hold ends and both clocks pass the deadlines, Then each batch fires once,
+    # the first with both files
     assert a.held(T0 + 61) is None
-    fired = b.fire_due(now=T0 + 80) + a.fire_due(now=T0 + 80) + b.fire_due(now=T0 + 81)
-    assert [ready.object_count for ready in fired] == [2]
+    fired = b.fire_due(now=T0 + 120) + a.fire_due(now=T0 + 120) + b.fire_due(now=T0 + 121)
+    assert sorted((r.prefix, r.object_count) for r in fired) == [("i/e/", 2), ("i/f/", 1)]
     store_a.close()
     store_b.close()
 

@@ -248,6 +248,20 @@ class Transaction(Protocol):
         ...
 
 
+class Floors(NamedTuple):
+    """What holds a worker's firing back (SPEC 4): the other live workers' lowest clock
+    and lowest hold (see :meth:`Store.heartbeat`); None where there is none."""
+
+    clock: float | None
+    held: float | None
+
+
+def lowest(floors: Floors) -> float | None:
+    """The lower of a :class:`Floors`' two values (None if neither is set)."""
+    values = [value for value in floors if value is not None]
+    return min(values) if values else None
+
+
 class Queued(NamedTuple):
     """Events taken from a shared queue of replay workers (see :mod:`edp.replay`)."""
 
@@ -398,7 +412,11 @@ class Store(Protocol):
 
     def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
         """The lowest clock, or hold, of the *other* live workers (None when there are
-        none)."""
+        none): ``lowest(floors(...))``."""
+        ...
+
+    def floors(self, worker_id: str, *, now: float, timeout: float) -> Floors:
+        """The lowest clock and the lowest hold of the *other* live workers."""
         ...
 
     def finish_worker(self, worker_id: str) -> bool:

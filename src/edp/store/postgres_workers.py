@@ -17,6 +17,7 @@ from psycopg_pool import ConnectionPool
 from tenacity import Retrying
 
 from edp.errors import EdpError
+from edp.store.base import Floors, lowest
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +108,16 @@ class WorkerClocks:
 
     def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
         """The lowest clock (or hold) of the other live, unfinished workers."""
-        value = self._rows(
-            "SELECT min(least(clock, held)) FROM workers WHERE worker_id <> %s AND NOT finished"
+        return lowest(self.floors(worker_id, now=now, timeout=timeout))
+
+    def floors(self, worker_id: str, *, now: float, timeout: float) -> Floors:
+        """The other live, unfinished workers' lowest clock and lowest hold."""
+        row = self._rows(
+            "SELECT min(clock), min(held) FROM workers WHERE worker_id <> %s AND NOT finished"
             " AND heartbeat_at >= %s",
             (worker_id, now - timeout),
-        )[0][0]
-        return None if value is None else float(value)
+        )[0]
+        return Floors(*(None if value is None else float(value) for value in row))
 
     # -- replay workers (see edp.replay): a run is the set of workers with a
     # replay_progress row. It begins with the first to join; once every member has

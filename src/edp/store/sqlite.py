@@ -19,8 +19,10 @@ from edp.errors import StoreError
 from edp.store.base import (
     BatchRow,
     DeadLetter,
+    Floors,
     OutboxEntry,
     SinkSummary,
+    lowest,
     pick_batch,
 )
 from edp.store.migrations import load_migrations
@@ -355,12 +357,16 @@ class SqliteStore:
 
     def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
         """The lowest clock (or hold) of the other live, unfinished workers."""
+        return lowest(self.floors(worker_id, now=now, timeout=timeout))
+
+    def floors(self, worker_id: str, *, now: float, timeout: float) -> Floors:
+        """The other live, unfinished workers' lowest clock and lowest hold."""
         row = self.conn.execute(
-            "SELECT min(min(clock, coalesce(held, clock))) FROM workers"
+            "SELECT min(clock), min(held) FROM workers"
             " WHERE worker_id != ? AND finished = 0 AND heartbeat_at >= ?",
             (worker_id, now - timeout),
         ).fetchone()
-        return None if row[0] is None else float(row[0])
+        return Floors(*(None if value is None else float(value) for value in row))
 
     def finish_worker(self, worker_id: str) -> bool:
         """Mark a worker finished; True when no unfinished worker remains."""

@@ -10,7 +10,7 @@ import pytest
 from edp.config import Settings
 from edp.engine import Engine, Message
 from edp.errors import NotFound
-from edp.store.base import LoadRequest, StepWrite, Store
+from edp.store.base import Floors, LoadRequest, StepWrite, Store
 from edp_testing import eventbridge
 from integration.store_contract.contract_helpers import T0, batch, write_closed, write_open
 
@@ -211,6 +211,8 @@ def test_a_workers_hold_lowers_the_floor_until_a_heartbeat_without_one(store: St
     store.heartbeat("other", clock=300.0, now=T0)
     # Then the others' floor is its hold, not its clock (its own floor is not)
     assert store.fire_floor("other", now=T0, timeout=60) == 50.0
+    assert store.floors("other", now=T0, timeout=60) == Floors(clock=200.0, held=50.0)
+    assert store.floors("holding", now=T0, timeout=60) == Floors(clock=300.0, held=None)
     assert store.fire_floor("holding", now=T0, timeout=60) == 300.0
     # And its clock stays 200 (a hold is not a clock going back), its hold is known
     assert store.worker_clock("holding") == 200.0
