@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,23 @@ def counts(aws: Any, url: str) -> tuple[int, int]:
     )["Attributes"]
     return (int(attributes["ApproximateNumberOfMessages"]),
             int(attributes["ApproximateNumberOfMessagesNotVisible"]))
+
+
+@contextmanager
+def daemon_on(source: SqsSource, tmp_path: Path) -> Iterator[Any]:
+    """A daemon on ``source`` alone (SQLite store, a list sink, no back-off between
+    rounds); closes both after."""
+    from edp.bootstrap import build_runtime
+    from edp.daemon import Daemon
+    from edp_testing import ListSink, settings
+
+    runtime = build_runtime(settings(database_url=f"sqlite:///{tmp_path / 'd.db'}"),
+                            sinks=[ListSink()])
+    try:
+        yield Daemon(runtime, [source], max_wait=0, error_backoff=0)
+    finally:
+        source.close()
+        runtime.close()
 
 
 @pytest.mark.timeout(30)
@@ -97,17 +117,13 @@ def test_an_abandoned_receive_comes_back_after_its_timeout(aws: Any) -> None:
     source.close()
 
 
-@pytest.mark.timeout(30)
-def test_a_receive_whose_answer_is_lost_fails_once_saying_it_may_have_taken_messages(
-    aws: Any,
-) -> None:
+def losing_answers(aws: Any, name: str) -> tuple[SqsSource, list[Any], Any]:
+    """A queue holding one message, and a source on it behind a network that loses the
+    answer to each receive after the queue served it (the message is then invisible,
+    and nobody holds it): the source, what the queue served, the hook doing it."""
     from botocore.exceptions import ReadTimeoutError
 
-    from edp.daemon import ReceiveFailed
-
-    # Given a message, and a network that loses the answer to a receive after the queue
-    # served it (the message is then invisible, and nobody holds it)
-    url, _ = aws.queue("lost-answer")
+    url, _ = aws.queue(name)
     aws.sqs.send_message(QueueUrl=url, MessageBody="{}")
     source = SqsSource(url, wait_seconds=0, visibility_timeout=30)
     served: list[Any] = []
@@ -117,6 +133,17 @@ def test_a_receive_whose_answer_is_lost_fails_once_saying_it_may_have_taken_mess
         raise ReadTimeoutError(endpoint_url=request.url)
 
     source.receiver.meta.events.register("before-send.sqs.ReceiveMessage", lose_the_answer)
+    return source, served, lose_the_answer
+
+
+@pytest.mark.timeout(30)
+def test_a_receive_whose_answer_is_lost_fails_once_saying_it_may_have_taken_messages(
+    aws: Any,
+) -> None:
+    from edp.daemon import ReceiveFailed
+
+    # Given a message, and a network that loses the answer to a receive
+    source, served, hook = losing_answers(aws, "lost-answer")
 
     # When the source receives, Then it fails after one attempt (no retry of botocore's
     # that would not see the message, nor make a stop wait), saying it may have taken
@@ -125,7 +152,7 @@ def test_a_receive_whose_answer_is_lost_fails_once_saying_it_may_have_taken_mess
         source.receive(wait=0)
     assert failed.value.maybe_taken
     assert len(served) == 1 and served[0]["Messages"]
-    source.receiver.meta.events.unregister("before-send.sqs.ReceiveMessage", lose_the_answer)
+    source.receiver.meta.events.unregister("before-send.sqs.ReceiveMessage", hook)
     # And the message is away until its visibility timeout ends
     assert source.receive(wait=0).messages == []
     source.close()
@@ -135,38 +162,20 @@ def test_a_receive_whose_answer_is_lost_fails_once_saying_it_may_have_taken_mess
 def test_a_daemon_holds_firing_after_a_receive_whose_answer_was_lost(
     aws: Any, tmp_path: Path
 ) -> None:
-    from botocore.exceptions import ReadTimeoutError
-
-    from edp.bootstrap import build_runtime
     from edp.daemon import Daemon
-    from edp_testing import ListSink, settings
 
     # Given a daemon whose receive loses its answer after the queue served it
-    url, _ = aws.queue("lost-answer-daemon")
-    aws.sqs.send_message(QueueUrl=url, MessageBody="{}")
-    runtime = build_runtime(settings(database_url=f"sqlite:///{tmp_path / 'd.db'}"),
-                            sinks=[ListSink()])
-    source = SqsSource(url, wait_seconds=0, visibility_timeout=30)
-    lost: list[bool] = []
-
-    def lose_the_answer(request: Any, **_: Any) -> None:
-        lost.append(bool(aws.sqs.receive_message(QueueUrl=url, VisibilityTimeout=30)))
-        raise ReadTimeoutError(endpoint_url=request.url)
-
-    source.receiver.meta.events.register("before-send.sqs.ReceiveMessage", lose_the_answer)
-    daemon = Daemon(runtime, [source], max_wait=0, error_backoff=0)
-    try:
-        assert runtime.engine.held(daemon.clock()) is None
+    source, served, _ = losing_answers(aws, "lost-answer-daemon")
+    with daemon_on(source, tmp_path) as daemon:
+        engine = daemon.runtime.engine
+        assert engine.held(daemon.clock()) is None
         # When it receives, Then the round goes on (the receive failed: an error counted)
         daemon.run_once()
-        assert lost == [True] and daemon.stats.errors == 1
+        assert len(served) == 1 and served[0]["Messages"] and daemon.stats.errors == 1
         # And it holds firing for the visibility timeout and a margin, not longer
         now = daemon.clock()
-        assert runtime.engine.held(now) is not None
-        assert runtime.engine.held(now + 30 + Daemon.REDELIVERY_MARGIN + 1) is None
-    finally:
-        source.close()
-        runtime.close()
+        assert engine.held(now) is not None
+        assert engine.held(now + 30 + Daemon.REDELIVERY_MARGIN + 1) is None
 
 
 def test_a_partly_bad_message_left_to_the_redrive_comes_again_after_a_failed_step(
@@ -416,6 +425,22 @@ def test_a_store_outage_acknowledges_nothing(aws: Any, tmp_path: Path) -> None:
         runtime.close()
 
 
+def two_runs(old: float, *, first: tuple[int, ...] = (0, 1, 2, 3)) -> list[tuple[str, float]]:
+    """An hour-old backlog of two batches (3 s quiet period): run-1's files ``first`` of
+    four, 1 s apart, then run-2's six files ten seconds later, whose times move the clock
+    past run-1's deadline."""
+    return ([(f"lab/run-1/f{n}", old + n) for n in first]
+            + [(f"lab/run-2/g{n}", old + 10 + n) for n in range(6)])
+
+
+ONE_BATCH_PER_RUN = [("lab/run-1/", 4), ("lab/run-2/", 6)]
+
+
+def prefixes_and_counts(sink: Any) -> list[tuple[str, int]]:
+    """(prefix, object-count) of the batches a list sink got, sorted."""
+    return sorted((e["detail"]["prefix"], e["detail"]["object-count"]) for e in sink.sent)
+
+
 @pytest.mark.timeout(60)
 def test_after_a_crash_newer_files_do_not_fire_the_batch_a_returning_file_belongs_to(
     aws: Any, tmp_path: Path
@@ -429,8 +454,7 @@ def test_after_a_crash_newer_files_do_not_fire_the_batch_a_returning_file_belong
     # received run-1's second file (it comes back after the 3 s visibility timeout)
     url, _ = aws.queue("crash-newer")
     old = float(int(time.time()) - 3600)
-    files = [(f"lab/run-1/f{n}", old + n) for n in range(4)]
-    files += [(f"lab/run-2/g{n}", old + 10 + n) for n in range(6)]
+    files = two_runs(old)
     for n, (key, t) in enumerate(files):
         aws.sqs.send_message(QueueUrl=url, MessageBody=json.dumps(
             eventbridge(key, t, sequencer=f"{n:02d}")))
@@ -454,8 +478,7 @@ def test_after_a_crash_newer_files_do_not_fire_the_batch_a_returning_file_belong
 
     # Then the file that came back joined its batch: one batch per run, as without the
     # crash (the newer files did not fire run-1's batch while its file was away)
-    got = sorted((e["detail"]["prefix"], e["detail"]["object-count"]) for e in sink.sent)
-    assert got == [("lab/run-1/", 4), ("lab/run-2/", 6)]
+    assert prefixes_and_counts(sink) == ONE_BATCH_PER_RUN
 
 
 @pytest.mark.timeout(60)
@@ -476,8 +499,7 @@ def test_a_worker_killed_while_it_held_holds_as_low_after_its_restart(
     store = open_store(cfg.database_url)
     engine = Engine(store, cfg, sinks=["list"], worker_id="w")
     engine.hold(now=time.time(), seconds=60, at=old - 100)
-    applied = [(f"lab/run-1/f{n}", old + n) for n in (0, 2, 3)]
-    applied += [(f"lab/run-2/g{n}", old + 10 + n) for n in range(6)]
+    applied = two_runs(old, first=(0, 2, 3))
     engine.process([Message(eventbridge(k, t, sequencer=f"{n:02d}"), f"m{n}")
                     for n, (k, t) in enumerate(applied)], now=time.time())
     assert engine.clock == old + 15 and store.list_batches(state="closed", limit=9) == []
@@ -495,8 +517,7 @@ def test_a_worker_killed_while_it_held_holds_as_low_after_its_restart(
 
     # Then it held as low as before (not at its clock, past run-1's deadline): the
     # file that came back is in run-1's batch
-    got = sorted((e["detail"]["prefix"], e["detail"]["object-count"]) for e in sink.sent)
-    assert got == [("lab/run-1/", 4), ("lab/run-2/", 6)]
+    assert prefixes_and_counts(sink) == ONE_BATCH_PER_RUN
 
 
 class FailsOnce(FailsOnKey):
@@ -525,8 +546,7 @@ def test_a_failed_step_holds_firing_until_its_messages_came_again(
     # 1 s apart (3 s quiet period), then six files of run-2 ten seconds later
     url, _ = aws.queue("failed-step")
     old = float(int(time.time()) - 3600)
-    files = [("lab/run-1/f1", old + 1), ("lab/run-1/f0", old), ("lab/run-1/f2", old + 2),
-             ("lab/run-1/f3", old + 3)] + [(f"lab/run-2/g{n}", old + 10 + n) for n in range(6)]
+    files = [("lab/run-1/f1", old + 1), *two_runs(old, first=(0, 2, 3))]
     for n, (key, t) in enumerate(files):
         aws.sqs.send_message(QueueUrl=url, MessageBody=json.dumps(
             eventbridge(key, t, sequencer=f"{n:02d}")))
@@ -548,8 +568,7 @@ def test_a_failed_step_holds_firing_until_its_messages_came_again(
             daemon.run_once()
 
         # Then that file is in its batch: one batch per run, as without the failure
-        got = sorted((e["detail"]["prefix"], e["detail"]["object-count"]) for e in sink.sent)
-        assert got == [("lab/run-1/", 4), ("lab/run-2/", 6)]
+        assert prefixes_and_counts(sink) == ONE_BATCH_PER_RUN
     finally:
         source.close()
         runtime.close()
@@ -631,37 +650,28 @@ class Stall:
 def test_a_stalled_receive_is_tried_once_then_the_daemon_holds_and_goes_on(
     aws: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import logging
-
-    from edp.bootstrap import build_runtime
-    from edp.daemon import Daemon
-    from edp_testing import ListSink, settings
-
     # Given a queue behind a network that takes requests and never answers
     stall = Stall()
     monkeypatch.setenv("AWS_ENDPOINT_URL", stall.url)
     source = SqsSource(f"{stall.url}/123456789012/stalled", wait_seconds=0,
                        visibility_timeout=30)
-    runtime = build_runtime(settings(database_url=f"sqlite:///{tmp_path / 'd.db'}"),
-                            sinks=[ListSink()])
-    daemon = Daemon(runtime, [source], max_wait=0, error_backoff=0)
     try:
-        # When the daemon runs a round
-        with caplog.at_level(logging.INFO, logger="edp"):
-            daemon.run_once()
-        # Then the receive was tried once (a stop does not wait out botocore's retries),
-        # it failed without failing the round, and the daemon holds firing (the request
-        # may have been served: its messages would come again only after 30 s)
-        assert len(stall.accepted) == 1
-        assert daemon.stats.errors == 1
-        assert runtime.engine.held(daemon.clock()) is not None
+        with daemon_on(source, tmp_path) as daemon:
+            # When the daemon runs a round
+            with caplog.at_level(logging.INFO, logger="edp"):
+                daemon.run_once()
+            # Then the receive was tried once (a stop does not wait out botocore's
+            # retries), it failed without failing the round, and the daemon holds
+            # firing (the request may have been served: its messages would come again
+            # only after 30 s)
+            assert len(stall.accepted) == 1
+            assert daemon.stats.errors == 1
+            assert daemon.runtime.engine.held(daemon.clock()) is not None
         # And it said so in one line, without a traceback
         [record] = [r for r in caplog.records if "cannot receive" in r.getMessage()]
         assert record.levelname == "WARNING" and record.exc_info is None
         assert "1 failed receive(s) in a row" in record.getMessage()
     finally:
-        source.close()
-        runtime.close()
         stall.close()
 
 
@@ -669,42 +679,30 @@ def test_a_stalled_receive_is_tried_once_then_the_daemon_holds_and_goes_on(
 def test_a_refused_receive_does_not_hold_and_is_logged_less_and_less(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import logging
     import socket
-
-    from edp.bootstrap import build_runtime
-    from edp.daemon import Daemon
-    from edp_testing import ListSink, settings
 
     # Given a queue that refuses connections (nothing can have been taken)
     with socket.create_server(("127.0.0.1", 0)) as probe:
         closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
     monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
-    source = SqsSource(f"{closed}/123456789012/refused", wait_seconds=0)
-    runtime = build_runtime(settings(database_url=f"sqlite:///{tmp_path / 'd.db'}"),
-                            sinks=[ListSink()])
-    daemon = Daemon(runtime, [source], max_wait=0, error_backoff=0)
-    try:
+    with daemon_on(SqsSource(f"{closed}/123456789012/refused", wait_seconds=0),
+                   tmp_path) as daemon:
         # When the daemon runs four rounds
         with caplog.at_level(logging.INFO, logger="edp"):
             for _ in range(4):
                 daemon.run_once()
         # Then each receive failed, the daemon does not hold
         assert daemon.stats.errors == 4
-        assert runtime.engine.held(daemon.clock()) is None
-        # And it logged the 1st, 2nd and 4th failure, one line each
-        lines = [r.getMessage() for r in caplog.records if "cannot receive" in r.getMessage()]
-        assert [re.search(r"\((\d+) failed", line)[1] for line in lines] == ["1", "2", "4"]
-    finally:
-        source.close()
-        runtime.close()
+        assert daemon.runtime.engine.held(daemon.clock()) is None
+    # And it logged the 1st, 2nd and 4th failure, one line each
+    lines = [r.getMessage() for r in caplog.records if "cannot receive" in r.getMessage()]
+    assert [re.search(r"\((\d+) failed", line)[1] for line in lines] == ["1", "2", "4"]
 
 
 @pytest.mark.timeout(60)
 def test_a_stop_while_the_store_is_out_skips_the_last_delivery_and_is_not_clean(
     aws: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import logging
     import threading
 
     from edp.bootstrap import build_runtime
