@@ -408,7 +408,11 @@ class Daemon:
         so that a batch they belong to is still open when they come. Any thread."""
         delay = _redelivery_delay(source)
         if delay > 0:
-            self.runtime.engine.hold(now=self.clock(), seconds=delay + self.REDELIVERY_MARGIN)
+            engine, now = self.runtime.engine, self.clock()
+            if engine.held(now) is None:  # (said once a hold, not at each extension)
+                log.warning("holding firing by time for %gs: messages received from %s may "
+                            "come again only then", delay + self.REDELIVERY_MARGIN, source.name)
+            engine.hold(now=now, seconds=delay + self.REDELIVERY_MARGIN)
 
     def _wait(self, backlog: float = 0.0) -> float:
         """How long to wait (for a receive, or with several sources for a delivery):

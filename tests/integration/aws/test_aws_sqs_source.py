@@ -657,20 +657,25 @@ def test_a_stalled_receive_is_tried_once_then_the_daemon_holds_and_goes_on(
                        visibility_timeout=30)
     try:
         with daemon_on(source, tmp_path) as daemon:
-            # When the daemon runs a round
+            # When the daemon runs two rounds
             with caplog.at_level(logging.INFO, logger="edp"):
                 daemon.run_once()
-            # Then the receive was tried once (a stop does not wait out botocore's
-            # retries), it failed without failing the round, and the daemon holds
-            # firing (the request may have been served: its messages would come again
-            # only after 30 s)
-            assert len(stall.accepted) == 1
-            assert daemon.stats.errors == 1
+                daemon.run_once()
+            # Then each receive was tried once (a stop does not wait out botocore's
+            # retries), failed without failing its round, and the daemon holds firing
+            # (the request may have been served: its messages would come again only
+            # after 30 s)
+            assert len(stall.accepted) == 2
+            assert daemon.stats.errors == 2
             assert daemon.runtime.engine.held(daemon.clock()) is not None
-        # And it said so in one line, without a traceback
-        [record] = [r for r in caplog.records if "cannot receive" in r.getMessage()]
+        # And it said so in one line, without a traceback (then at the 2nd failure), and
+        # that it holds (once: the second failure extends the hold)
+        record, _ = [r for r in caplog.records if "cannot receive" in r.getMessage()]
         assert record.levelname == "WARNING" and record.exc_info is None
         assert "1 failed receive(s) in a row" in record.getMessage()
+        assert [r.getMessage() for r in caplog.records if "holding" in r.getMessage()] == [
+            f"holding firing by time for 35s: messages received from {source.name} may come "
+            "again only then"]
     finally:
         stall.close()
 
