@@ -151,10 +151,12 @@ class Daemon:
 
     @property
     def stopped_cleanly(self) -> bool:
-        """Whether the loop stopped with every received message processed: only then may
-        the worker be recorded as finished (see :meth:`_after_a_crash`: a worker that
-        left messages behind must, when it starts again, wait for them to come back)."""
+        """Whether the loop stopped with every received message processed and no hold
+        running: only then may the worker be recorded as finished (see
+        :meth:`_after_a_crash`: a worker that left messages behind, or that held for
+        some on their way back, must hold for them again when it starts)."""
         return (self.abandoned == 0 and not self._unacknowledged and not self._store_out
+                and self.runtime.engine.held(self.clock()) is None
                 and not any(f.thread.is_alive() for f in self._feeds))
 
     def abandon(self, received: Received) -> None:
@@ -238,9 +240,6 @@ class Daemon:
                 self.receive_failed(source, exc)
                 failed = True
                 continue
-            except Exception:
-                self.hold_for(source)  # (it may have taken messages before it failed)
-                raise
             self.receive_worked(source)
             self._work(source, received)
             if self.stop_event.is_set():
@@ -298,10 +297,14 @@ class Daemon:
         is remembered until one succeeds: a stop meanwhile is not clean."""
         try:
             self._work_step(source, received)
-        except BaseException:
+        except BaseException as exc:
             if received.messages:
                 self._unacknowledged.add(source.name)
-                self.hold_for(source)
+                # The store is out: all of them come again, the store willing. (Not
+                # for a step failing on its own input: it comes again and fails again,
+                # until the redrive policy takes it; holding would stop firing that long.)
+                if isinstance(exc, Exception) and is_outage(exc):
+                    self.hold_for(source)
             raise
         self._unacknowledged.discard(source.name)
 
@@ -358,9 +361,13 @@ class Daemon:
         return failed
 
     def _end_round(self) -> None:
-        """Fire what is due once every source is caught up; relay the outbox."""
+        """Fire what is due once every source is caught up; relay the outbox. (Behind
+        and holding, publish the hold: a round whose receives failed has no step.)"""
+        engine = self.runtime.engine
         if self._all_caught_up():
-            self.stats.fired += len(self.runtime.engine.fire_due(now=self.clock()))
+            self.stats.fired += len(engine.fire_due(now=self.clock()))
+        elif engine.held(now := self.clock()) is not None:
+            engine.beat(now=now)
         self._prune()  # (also while behind: a source may never go quiet)
         self._relay()
 
@@ -524,7 +531,6 @@ class _Feed:
                 stop.wait(daemon.error_backoff)
                 continue
             except Exception:  # a boundary: log, back off, keep receiving
-                daemon.hold_for(self.source)  # (it may have taken messages first)
                 if stop.is_set():
                     return
                 daemon.stats.error()

@@ -421,7 +421,11 @@ class Engine:
                                 clock if held is None else min(clock, event.time))
                 if early is not None:
                     fired.append(early)
-            result = apply(event, clock, prefix)
+            # (and counts as activity at its own time: at the clock, it would restart
+            # its batch's quiet period, and later old files of the prefix would join a
+            # batch one worker would have fired before them)
+            result = apply(event, clock, prefix,
+                           None if held is None or event.time >= clock else event.time)
             if isinstance(result, BatchReady):  # (a plain class: a cheap check)
                 fired.append(result)
                 outcome: Outcome | Skip = _COUNTED
@@ -483,9 +487,13 @@ class Engine:
         """Publish this worker's clock before its first step (a live worker starting):
         from then on the other workers fire nothing by time past it (SPEC 4), even
         before it has committed anything."""
+        self.beat(now=now)
+        self.register_sinks(now=now)
+
+    def beat(self, *, now: float) -> None:
+        """Publish this worker's clock and hold (a heartbeat without a step)."""
         self.store.heartbeat(self.worker_id, clock=self._published(self.clock), now=now,
                              held=self._published_hold())
-        self.register_sinks(now=now)
 
     def register_sinks(self, *, now: float) -> None:
         """Record in the store the sinks this worker relays to, so that processes with

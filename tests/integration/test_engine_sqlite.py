@@ -177,6 +177,31 @@ def test_a_hold_keeps_batches_open_here_and_at_the_other_workers_until_it_ends(
     store_b.close()
 
 
+def test_files_that_come_back_during_a_hold_count_at_their_own_time(url: str) -> None:
+    # Given a worker that applied a file of lab/p/, then held (the step holding two
+    # more of its files failed: x, 10 s after the first, and new, 400 s after, past the
+    # 300 s quiet period), and a file of lab/r/ took its clock to T0 + 500
+    store = open_store(url)
+    engine = Engine(store, settings(bucket_threshold_duration=300,
+                                    bucket_threshold_event_count=0),
+                    sinks=["list"], worker_id="w")
+    wall = T0 + 100_000
+    engine.process(msgs(eventbridge("lab/p/a", T0, sequencer="01")), now=wall)
+    engine.hold(now=wall, seconds=65)
+    engine.process(msgs(eventbridge("lab/r/y", T0 + 500, sequencer="04")), now=wall)
+    # When the two come back, and the hold ends
+    engine.process(msgs(eventbridge("lab/p/x", T0 + 10, sequencer="02"),
+                        eventbridge("lab/p/new", T0 + 400, sequencer="03")), now=wall + 60)
+    engine.fire_due(now=wall + 1000)
+    # Then the batches are one worker's on the files in order: x joined the first
+    # batch without restarting its quiet period at the clock, so new (past its
+    # deadline) opened the next one
+    closed = store.list_batches(state="closed", limit=10)
+    assert sorted(sorted(o.key for o in store.batch_objects(b.batch_id)) for b in closed) == [
+        ["lab/p/a", "lab/p/x"], ["lab/p/new"], ["lab/r/y"]]
+    store.close()
+
+
 @pytest.mark.parametrize("lag", [None, 30.0])
 def test_a_receive_of_old_events_is_a_backlog_whatever_the_source_says(
     url: str, lag: float | None

@@ -253,12 +253,16 @@ class Batcher:
             return rules
 
     def apply(
-        self, event: ObjectEvent, clock: float, prefix: str | Skip | None = None
+        self, event: ObjectEvent, clock: float, prefix: str | Skip | None = None,
+        activity: float | None = None,
     ) -> Outcome | Skip | BatchReady:
         """Apply one event at ``clock`` (which the caller has already advanced to).
 
         ``prefix`` is :meth:`classify`'s answer when the caller already has it.
-        Returns why the event was skipped, what it did, or the batch it fired.
+        ``activity``: the batch activity the event counts as (default ``clock``, SPEC
+        3.4; a worker that holds gives an old event its own time, see
+        :meth:`edp.engine.Engine.hold`). Returns why the event was skipped, what it
+        did, or the batch it fired.
         """
         if prefix is None:
             prefix = self.classify(event)
@@ -312,7 +316,8 @@ class Batcher:
             self._remember(ObjectEvent(bucket, key, _CREATED, memory.event_time, memory.etag,
                                        memory.size).fingerprint(), clock)
         memory.event_time, memory.etag, memory.size = time, etag, size
-        return self._count(event, prefix, memory, clock)
+        return self._count(event, prefix, memory, clock,
+                           clock if activity is None else activity)
 
     def _remember(self, fingerprint: str, clock: float) -> None:
         self._fingerprints.add(fingerprint)
@@ -341,7 +346,8 @@ class Batcher:
 
     # -- internals ----------------------------------------------------------------
     def _count(
-        self, event: ObjectEvent, prefix: str, memory: KeyMemory, clock: float
+        self, event: ObjectEvent, prefix: str, memory: KeyMemory, clock: float,
+        activity: float,
     ) -> Outcome | BatchReady:
         bucket, key, _, time, etag, size, sequencer = event
         bkey = (bucket, prefix)
@@ -355,8 +361,8 @@ class Batcher:
                 prefix=prefix,
                 generation=generation,
                 object_count=0,
-                first_activity=clock,
-                last_activity=clock,
+                first_activity=activity,
+                last_activity=activity,
                 first_event_time=time,
                 last_event_time=time,
             )
@@ -367,8 +373,8 @@ class Batcher:
         if counted:
             batch.object_count += 1
             memory.batch_id = batch_id
-        if clock > batch.last_activity:  # (a worker whose clock is behind another's
-            batch.last_activity = clock  # must not move a shared batch's deadline back)
+        if activity > batch.last_activity:  # (a worker whose clock is behind another's
+            batch.last_activity = activity  # must not move a shared batch's deadline back)
         batch.last_event_time = time
         self._dirty.add(bkey)
         if self.record_objects:

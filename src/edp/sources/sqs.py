@@ -331,11 +331,12 @@ class SqsSource:
 
 def _maybe_served(exc: Exception) -> bool:
     """Whether a receive that failed with ``exc`` may have reached the queue (which then
-    hid the messages it handed out): not when connecting failed, nor when the queue
-    answered with an error."""
-    from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError
+    hid the messages it handed out): only when the connection failed mid-request (a
+    read timeout, a connection closed); not when connecting failed, the queue answered
+    with an error, or the request was never made (no credentials, a bad parameter)."""
+    from botocore.exceptions import ConnectionError, HTTPClientError
 
-    return not isinstance(exc, ClientError | ConnectTimeoutError | EndpointConnectionError)
+    return isinstance(exc, HTTPClientError) and not isinstance(exc, ConnectionError)
 
 
 def _chunks(items: Sequence[SqsReceipt], size: int) -> Iterator[Sequence[SqsReceipt]]:

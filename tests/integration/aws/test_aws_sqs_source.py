@@ -175,6 +175,10 @@ def test_a_daemon_holds_firing_after_a_receive_whose_answer_was_lost(
         # And it holds firing for the visibility timeout and a margin, not longer
         now = daemon.clock()
         assert engine.held(now) is not None
+        # ... published for the other workers (a round whose receive failed has no
+        # step that would), and a stop meanwhile is not clean (its next start holds)
+        assert daemon.runtime.store.worker_hold(engine.worker_id) is not None
+        assert not daemon.stopped_cleanly
         assert engine.held(now + 30 + Daemon.REDELIVERY_MARGIN + 1) is None
 
 
@@ -391,6 +395,32 @@ def test_a_message_that_fails_every_step_does_not_hold_back_the_others(
         time.sleep(2.5)
         again = source.receive(wait=0)
         assert [m.body for m in again.messages] and "poison" in str(again.messages[0].body)
+    finally:
+        source.close()
+        runtime.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_lone_message_that_fails_its_step_does_not_hold(aws: Any, tmp_path: Path) -> None:
+    from edp.bootstrap import build_runtime
+    from edp.daemon import Daemon
+    from edp_testing import ListSink, eventbridge, settings
+
+    # Given a message whose step always fails (not for the store), received alone
+    url, _ = aws.queue("lone-poison")
+    aws.sqs.send_message(QueueUrl=url, MessageBody=json.dumps(
+        eventbridge("lab/run/poison.csv", time.time())))
+    runtime = build_runtime(settings(database_url=f"sqlite:///{tmp_path / 'd.db'}"),
+                            sinks=[ListSink()], observers=[FailsOnKey("lab/run/poison.csv")])
+    source = SqsSource(url, wait_seconds=0, max_messages=1, visibility_timeout=2)
+    daemon = Daemon(runtime, [source], max_wait=0)
+    try:
+        # When its step fails, Then it comes again (not acknowledged), but firing by
+        # time is not held for it: it would fail again at each return, holding forever
+        with pytest.raises(RuntimeError, match="step fails"):
+            daemon.run_once()
+        assert counts(aws, url) == (0, 1)
+        assert runtime.engine.held(daemon.clock()) is None
     finally:
         source.close()
         runtime.close()
@@ -765,3 +795,25 @@ def test_a_stop_while_the_store_is_out_skips_the_last_delivery_and_is_not_clean(
     assert relays == []
     assert not daemons[0].stopped_cleanly
     assert any("outbox is delivered at the next start" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(30)
+def test_a_receive_never_sent_says_it_took_nothing(
+    aws: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edp.daemon import ReceiveFailed
+
+    # Given no credentials at all (the request is never made; no instance metadata)
+    url, _ = aws.queue("no-credentials")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    source = SqsSource(url, wait_seconds=0)
+    # When it receives, Then it fails saying it cannot have taken messages (no hold)
+    with pytest.raises(ReceiveFailed, match="credentials") as failed:
+        source.receive(wait=0)
+    assert not failed.value.maybe_taken
+    source.close()
