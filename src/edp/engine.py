@@ -48,7 +48,6 @@ from edp.errors import (
 from edp.store.base import (
     ClosedBatch,
     DeadLetter,
-    Floors,
     LoadRequest,
     QueueTransaction,
     SavedBatch,
@@ -332,7 +331,7 @@ class Engine:
             report.counts["dead_letters"] += len(report.rejected)
             report.counts["messages"] += report.messages
             tx.add_counters(report.counts)
-            tx.heartbeat(self.worker_id, clock=self._published(clock), now=now)
+            self._heartbeat(tx, clock, now)
 
     def process_queued(
         self, *, now: float, limit: int, publish: float | None = None, beat: bool = True
@@ -451,11 +450,7 @@ class Engine:
             report.counts[f"batches.{ready.trigger.value}"] += 1
         tx.add_counters(report.counts)
         if beat:
-            tx.heartbeat(
-                self.worker_id,
-                clock=self._published(clock if publish is None else max(clock, publish)),
-                now=now, held=self._published_hold(),
-            )
+            self._heartbeat(tx, clock if publish is None else max(clock, publish), now)
         return clock
 
     def _warn_ahead(self, events: Sequence[ObjectEvent], limit: float,
@@ -492,8 +487,7 @@ class Engine:
 
     def beat(self, *, now: float) -> None:
         """Publish this worker's clock and hold (a heartbeat without a step)."""
-        self.store.heartbeat(self.worker_id, clock=self._published(self.clock), now=now,
-                             held=self._published_hold())
+        self._heartbeat(self.store, self.clock, now)
 
     def register_sinks(self, *, now: float) -> None:
         """Record in the store the sinks this worker relays to, so that processes with
@@ -534,7 +528,7 @@ class Engine:
         replay's to close: it returns nothing). A worker silent for longer than
         ``worker_timeout`` does not count: its batches would never fire otherwise.
         """
-        self.store.heartbeat(self.worker_id, clock=self._published(self.clock), now=now)
+        self._heartbeat(self.store, self.clock, now)
         self.store.finish_worker(self.worker_id)
         others = self.store.fire_floor(
             self.worker_id, now=now, timeout=self.settings.worker_timeout
@@ -567,8 +561,7 @@ class Engine:
                     observer.tick(tx, clock=limit, now=now, sinks=sinks)
                 tx.add_counters(Counter(f"batches.{r.trigger.value}" for r in page))
                 if publish:
-                    tx.heartbeat(self.worker_id, clock=self._published(self.clock), now=now,
-                                 held=self._published_hold())
+                    self._heartbeat(tx, self.clock, now)
             self._after_commit(now, sinks)
             fired += page
             if len(state.batches) < PAGE:
@@ -714,13 +707,16 @@ class Engine:
             self.worker_id, now=now, timeout=self.settings.worker_timeout
         )
         self.has_peers = others.clock is not None
-        self.holding = lowest(Floors(self.held(now), others.held))
-        floor = lowest(Floors(others.clock, self.holding))
+        self.holding = lowest(self.held(now), others.held)
+        floor = lowest(others.clock, self.holding)
         return math.inf if floor is None else floor
 
-    def _published_hold(self) -> float | None:
+    def _heartbeat(self, into: Transaction | Store, clock: float, now: float) -> None:
+        """Publish this worker's ``clock`` and its hold, with a step's transaction or on
+        its own."""
         held = self._held
-        return None if held is None else self._published(held)
+        into.heartbeat(self.worker_id, clock=self._published(clock), now=now,
+                       held=None if held is None else self._published(held))
 
     @staticmethod
     def _published(clock: float) -> float:

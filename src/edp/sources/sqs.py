@@ -305,7 +305,7 @@ class SqsSource:
     def close(self) -> None:
         """Stop the visibility thread and close the HTTP connections."""
         self.keeper.close()
-        for client in {id(self.sqs): self.sqs, id(self.receiver): self.receiver}.values():
+        for client in (self.sqs, self.receiver):  # (one client twice: closing is idempotent)
             closer = getattr(client, "close", None)
             if callable(closer):
                 closer()

@@ -256,10 +256,9 @@ class Floors(NamedTuple):
     held: float | None
 
 
-def lowest(floors: Floors) -> float | None:
-    """The lower of a :class:`Floors`' two values (None if neither is set)."""
-    values = [value for value in floors if value is not None]
-    return min(values) if values else None
+def lowest(*values: float | None) -> float | None:
+    """The lowest of ``values`` that are set (None if none is)."""
+    return min((value for value in values if value is not None), default=None)
 
 
 class Queued(NamedTuple):
@@ -412,7 +411,7 @@ class Store(Protocol):
 
     def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
         """The lowest clock, or hold, of the *other* live workers (None when there are
-        none): ``lowest(floors(...))``."""
+        none): ``lowest(*floors(...))``."""
         ...
 
     def floors(self, worker_id: str, *, now: float, timeout: float) -> Floors:

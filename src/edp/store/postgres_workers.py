@@ -108,7 +108,7 @@ class WorkerClocks:
 
     def fire_floor(self, worker_id: str, *, now: float, timeout: float) -> float | None:
         """The lowest clock (or hold) of the other live, unfinished workers."""
-        return lowest(self.floors(worker_id, now=now, timeout=timeout))
+        return lowest(*self.floors(worker_id, now=now, timeout=timeout))
 
     def floors(self, worker_id: str, *, now: float, timeout: float) -> Floors:
         """The other live, unfinished workers' lowest clock and lowest hold."""

@@ -471,12 +471,42 @@ def prefixes_and_counts(sink: Any) -> list[tuple[str, int]]:
     return sorted((e["detail"]["prefix"], e["detail"]["object-count"]) for e in sink.sent)
 
 
+def quiet_3s(tmp_path: Path) -> Any:
+    """Settings of the two-run tests: batches by a 3 s quiet period alone, a SQLite store
+    in ``tmp_path``."""
+    from edp_testing import settings
+
+    return settings(bucket_threshold_duration=3, bucket_threshold_event_count=0,
+                    database_url=f"sqlite:///{tmp_path / 'd.db'}")
+
+
+def send_files(aws: Any, url: str, files: list[tuple[str, float]]) -> None:
+    """One EventBridge S3 event per (key, time), sequencers in the list's order."""
+    from edp_testing import eventbridge
+
+    for n, (key, t) in enumerate(files):
+        aws.sqs.send_message(QueueUrl=url, MessageBody=json.dumps(
+            eventbridge(key, t, sequencer=f"{n:02d}")))
+
+
+def restart_w(aws: Any, url: str, cfg: Any, *, batches: int = 2,
+              timeout: float = 30) -> Any:
+    """Worker ``w`` started again on ``url`` (3 s visibility timeout) until ``batches``
+    batches came out and the queue is empty; the list sink it delivered to."""
+    from edp_testing import ListSink
+
+    sink = ListSink()
+    source = SqsSource(url, wait_seconds=1, visibility_timeout=3)
+    run_daemon_until(cfg, [source], sink, timeout=timeout, worker_id="w",
+                     done=lambda: len(sink.sent) >= batches and counts(aws, url) == (0, 0))
+    return sink
+
+
 @pytest.mark.timeout(60)
 def test_after_a_crash_newer_files_do_not_fire_the_batch_a_returning_file_belongs_to(
     aws: Any, tmp_path: Path
 ) -> None:
     from edp.store import open_store
-    from edp_testing import ListSink, eventbridge, settings
 
     # Given an hour-old backlog: four files of run-1, 1 s apart (one batch with a 3 s
     # quiet period), then six files of run-2 ten seconds later, whose event times move
@@ -484,27 +514,17 @@ def test_after_a_crash_newer_files_do_not_fire_the_batch_a_returning_file_belong
     # received run-1's second file (it comes back after the 3 s visibility timeout)
     url, _ = aws.queue("crash-newer")
     old = float(int(time.time()) - 3600)
-    files = two_runs(old)
-    for n, (key, t) in enumerate(files):
-        aws.sqs.send_message(QueueUrl=url, MessageBody=json.dumps(
-            eventbridge(key, t, sequencer=f"{n:02d}")))
+    send_files(aws, url, two_runs(old))
     taken = aws.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1,
                                     VisibilityTimeout=3)["Messages"]
     assert len(taken) == 1 and "run-1/f0" in taken[0]["Body"]
-    database = f"sqlite:///{tmp_path / 'd.db'}"
-    store = open_store(database)
+    cfg = quiet_3s(tmp_path)
+    store = open_store(cfg.database_url)
     store.heartbeat("w", clock=old - 100, now=time.time())  # its last step, then killed
     store.close()
-    sink = ListSink()
-    cfg = settings(bucket_threshold_duration=3, bucket_threshold_event_count=0,
-                   database_url=database)
-    source = SqsSource(url, wait_seconds=1, visibility_timeout=3)
 
     # When the worker is restarted under its name and drains the queue
-    run_daemon_until(
-        cfg, [source], sink, timeout=30, worker_id="w",
-        done=lambda: len(sink.sent) >= 2 and counts(aws, url) == (0, 0),
-    )
+    sink = restart_w(aws, url, cfg)
 
     # Then the file that came back joined its batch: one batch per run, as without the
     # crash (the newer files did not fire run-1's batch while its file was away)
@@ -517,15 +537,14 @@ def test_a_worker_killed_while_it_held_holds_as_low_after_its_restart(
 ) -> None:
     from edp.engine import Engine, Message
     from edp.store import open_store
-    from edp_testing import ListSink, eventbridge, settings
+    from edp_testing import eventbridge
 
     # Given a worker that applied run-1's files but its second (away: a step of it had
     # failed, so it held firing at a time before them) and run-2's, ten seconds later,
     # then was killed; the missing file comes back after the 3 s visibility timeout
     url, _ = aws.queue("killed-holding")
     old = float(int(time.time()) - 3600)
-    cfg = settings(bucket_threshold_duration=3, bucket_threshold_event_count=0,
-                   database_url=f"sqlite:///{tmp_path / 'd.db'}")
+    cfg = quiet_3s(tmp_path)
     store = open_store(cfg.database_url)
     engine = Engine(store, cfg, sinks=["list"], worker_id="w")
     engine.hold(now=time.time(), seconds=60, at=old - 100)
@@ -538,12 +557,9 @@ def test_a_worker_killed_while_it_held_holds_as_low_after_its_restart(
         eventbridge("lab/run-1/f1", old + 1, sequencer="20")))
     taken = aws.sqs.receive_message(QueueUrl=url, VisibilityTimeout=3)["Messages"]
     assert len(taken) == 1
-    sink = ListSink()
-    source = SqsSource(url, wait_seconds=1, visibility_timeout=3)
 
     # When it is restarted under its name
-    run_daemon_until(cfg, [source], sink, timeout=30, worker_id="w",
-                     done=lambda: len(sink.sent) >= 2 and counts(aws, url) == (0, 0))
+    sink = restart_w(aws, url, cfg)
 
     # Then it held as low as before (not at its clock, past run-1's deadline): the
     # file that came back is in run-1's batch
@@ -569,19 +585,15 @@ def test_a_failed_step_holds_firing_until_its_messages_came_again(
     from edp.bootstrap import build_runtime
     from edp.daemon import Daemon
     from edp.errors import StoreError
-    from edp_testing import ListSink, eventbridge, settings
+    from edp_testing import ListSink
 
     # Given an hour-old backlog received one message at a time: run-1's second file
     # first (its step fails: the store is out), then the three other files of run-1,
     # 1 s apart (3 s quiet period), then six files of run-2 ten seconds later
     url, _ = aws.queue("failed-step")
     old = float(int(time.time()) - 3600)
-    files = [("lab/run-1/f1", old + 1), *two_runs(old, first=(0, 2, 3))]
-    for n, (key, t) in enumerate(files):
-        aws.sqs.send_message(QueueUrl=url, MessageBody=json.dumps(
-            eventbridge(key, t, sequencer=f"{n:02d}")))
-    cfg = settings(bucket_threshold_duration=3, bucket_threshold_event_count=0,
-                   database_url=f"sqlite:///{tmp_path / 'd.db'}")
+    send_files(aws, url, [("lab/run-1/f1", old + 1), *two_runs(old, first=(0, 2, 3))])
+    cfg = quiet_3s(tmp_path)
     sink = ListSink()
     runtime = build_runtime(cfg, sinks=[sink],
                             observers=[FailsOnce("lab/run-1/f1", StoreError)])
@@ -611,34 +623,23 @@ def test_after_a_crash_mid_step_its_receive_comes_back_before_the_worker_is_caug
 ) -> None:
 
     from edp.store import open_store
-    from edp_testing import ListSink, eventbridge, settings
 
     # Given an hour-old backlog of four files of one prefix, 1 s apart (one batch with
     # a 3 s quiet period), whose second file a worker had received when it was killed
     # (it comes back when the queue's 3 s visibility timeout runs out)
     url, _ = aws.queue("crash")
     old = float(int(time.time()) - 3600)
-    for n in range(4):
-        aws.sqs.send_message(QueueUrl=url, MessageBody=json.dumps(
-            eventbridge(f"lab/run-1/f{n}", old + n, sequencer=f"0{n}")))
+    send_files(aws, url, [(f"lab/run-1/f{n}", old + n) for n in range(4)])
     taken = aws.sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=1,
                                     VisibilityTimeout=3)["Messages"]
     assert len(taken) == 1
-    database = f"sqlite:///{tmp_path / 'd.db'}"
-    store = open_store(database)
+    store = open_store(quiet_3s(tmp_path).database_url)
     store.heartbeat("w", clock=old - 100, now=time.time())  # its last step, then killed
     if not crashed:
         store.finish_worker("w")  # (a clean stop instead)
     store.close()
-    sink = ListSink()
-    cfg = settings(bucket_threshold_duration=3, bucket_threshold_event_count=0,
-                   database_url=database)
-    source = SqsSource(url, wait_seconds=1, visibility_timeout=3)
     # When the worker is restarted under its name
-    run_daemon_until(
-        cfg, [source], sink, timeout=20, worker_id="w",
-        done=lambda: len(sink.sent) >= (1 if crashed else 2) and counts(aws, url) == (0, 0),
-    )
+    sink = restart_w(aws, url, quiet_3s(tmp_path), batches=1 if crashed else 2, timeout=20)
     got = sorted(e["detail"]["object-count"] for e in sink.sent)
     if crashed:
         # Then it stayed behind until the file came back: one batch of the four
