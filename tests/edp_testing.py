@@ -214,3 +214,22 @@ def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "con
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+class FailsOnKey:
+    """A step observer that fails every step holding one key: a message that no retry
+    can get through (the engine's own checks refuse every such input known today)."""
+
+    def __init__(self, key: str, error: type[Exception] = RuntimeError) -> None:
+        self.key = key
+        self.error = error
+
+    def observe(self, tx: Any, events: Any, *, clock: float, now: float, sinks: Any) -> None:
+        if any(event.key == self.key for event in events):
+            raise self.error(f"step fails on {self.key}")
+
+    def tick(self, tx: Any, *, clock: float, now: float, sinks: Any) -> int:
+        return 0
+
+    def after_commit(self, store: Any, *, now: float, sinks: Any) -> int:
+        return 0

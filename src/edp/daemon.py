@@ -24,7 +24,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 from edp.bootstrap import Runtime
-from edp.engine import BACKLOG_LAG, Message, StepReport
+from edp.engine import BACKLOG_LAG, REDELIVERY_MARGIN, Message, StepReport
 from edp.errors import EdpError, one_line
 from edp.store import is_outage
 
@@ -449,7 +449,7 @@ class Daemon:
     HELD_BACK_TICK = 0.5
     """Seconds between checks while a passed deadline waits for other workers."""
 
-    REDELIVERY_MARGIN = 5.0
+    REDELIVERY_MARGIN = REDELIVERY_MARGIN
     """Seconds added to a source's redelivery delay after a crash or a failed step or
     receive: time for the receive that gets the files back, and its step (see
     :meth:`_after_a_crash`, :meth:`hold_for`)."""

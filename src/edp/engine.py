@@ -65,6 +65,10 @@ _COUNTED = Outcome.COUNTED
 PAGE = 5000
 """Batches fired per transaction when many fall due at once."""
 
+REDELIVERY_MARGIN = 5.0
+"""Seconds added to a queue's visibility timeout in a hold (see :meth:`Engine.hold`): a
+message comes back a little after its timeout, and is received a little after that."""
+
 BACKLOG_LAG = 30.0
 """Seconds: a live worker's step holding an event older than this (by the wall clock)
 is part of a backlog, whatever its source says (see :meth:`Engine.process`)."""
@@ -510,6 +514,22 @@ class Engine:
             self._held = at if self._held is None else min(self._held, at)
             self._held_until = max(self._held_until, now + seconds)
 
+    def announce_hold(self, *, now: float, seconds: float, at: float) -> None:
+        """Publish, in a transaction of its own, a hold for work about to begin whose
+        input comes again only after ``seconds`` if the work does not commit (this
+        process dies in it, or the store is lost): nothing fires by time past ``at``
+        until then, unless the work commits, whose heartbeat publishes this worker's
+        own holds only (:meth:`hold`; this one is not kept). For a worker that keeps no
+        process between its steps (a Lambda container may die in one), where
+        :meth:`hold` after a restart cannot be relied on."""
+        own = self.held(now)  # (one that ended is not published again)
+        with self._hold_lock:
+            until = self._held_until
+        held = at if own is None else min(own, at)
+        self.store.heartbeat(self.worker_id, clock=self._published(max(self.clock, at)),
+                             now=now, held=self._published(held),
+                             held_until=max(until, now + seconds))
+
     def held(self, now: float) -> float | None:
         """The time this worker holds firing at (see :meth:`hold`), None if none."""
         with self._hold_lock:
@@ -714,9 +734,11 @@ class Engine:
     def _heartbeat(self, into: Transaction | Store, clock: float, now: float) -> None:
         """Publish this worker's ``clock`` and its hold, with a step's transaction or on
         its own."""
-        held = self._held
+        with self._hold_lock:
+            held, until = self._held, self._held_until
         into.heartbeat(self.worker_id, clock=self._published(clock), now=now,
-                       held=None if held is None else self._published(held))
+                       held=None if held is None else self._published(held),
+                       held_until=None if held is None else until)
 
     @staticmethod
     def _published(clock: float) -> float:
@@ -736,6 +758,7 @@ class Engine:
 
 __all__ = [
     "BACKLOG_LAG",
+    "REDELIVERY_MARGIN",
     "Engine",
     "Message",
     "Outcome",

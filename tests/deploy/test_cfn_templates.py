@@ -253,6 +253,11 @@ def test_store_consumes_the_ingest_queue_with_partial_batch_failures(edp: dict[s
     assert queue["VisibilityTimeout"] >= needed_visibility
     # A database outage of hours must not move the backlog to the DLQ
     assert queue["RedrivePolicy"]["maxReceiveCount"] * queue["VisibilityTimeout"] >= 4 * 3600
+    # Records not stored come back after the visibility timeout: the functions hold
+    # firing by time that long (edp.aws.handlers), so they must know it
+    for name in LAMBDAS:
+        variables = lambda_environment(edp, name)
+        assert int(variables["EDP_SQS_VISIBILITY_TIMEOUT"]) == queue["VisibilityTimeout"]
 
 
 def test_undecodable_input_in_the_store_lambda_raises_an_alarm(

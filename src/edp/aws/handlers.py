@@ -16,6 +16,17 @@ clock, due batches fire, and the outbox is relayed to the sinks. It raises when
 some deliveries failed, so that the Lambda's error metric (and alarm) shows it;
 everything it did is committed either way and failed deliveries are retried.
 
+Holds (see :meth:`edp.engine.Engine.hold`): records that were not stored come again
+only after the ingest queue's visibility timeout (``sqs_visibility_timeout``), and
+their batch must not fire by time meanwhile. Each store step first publishes a hold
+at its oldest event's time (:meth:`~edp.engine.Engine.announce_hold`), which its own
+commit clears: if the container dies in the step, or the store is lost, the hold
+stays until the records are back. A container that saw the store unreachable (its
+steps could not publish anything) holds on its next success: the store function at
+the oldest event it could not store, the emit function at the last clock it had
+fired at. Records failing a step of their own (tried one by one) hold nothing: they
+would hold again at each return, until the queue's redrive policy takes them.
+
 Settings come from ``EDP_*`` variables; the database URL from ``EDP_DATABASE_URL``
 or the secret named by ``EDP_DATABASE_SECRET_ARN``. The runtime (settings, store
 connection, sinks) is built on the first invocation of a container and reused;
@@ -26,6 +37,7 @@ heals on the next invocation. Nothing is done at import time.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -34,9 +46,10 @@ from typing import Any
 
 from edp.bootstrap import Runtime, build_observers, build_runtime
 from edp.config import load_settings
-from edp.engine import BACKLOG_LAG, Message, StepReport
+from edp.engine import BACKLOG_LAG, REDELIVERY_MARGIN, Message, StepReport
 from edp.errors import EdpError
 from edp.store import is_outage
+from edp.store.base import lowest
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +58,9 @@ GIVE_UP_AFTER = 3
 
 _lock = threading.Lock()
 _runtimes: dict[str, Runtime] = {}
+_unreachable: dict[str, float] = {}
+"""Per role, the time to hold at once the store can be reached again (see the module's
+docstring): kept by the container, across runtimes, until a step succeeds."""
 
 
 def runtime(role: str) -> Runtime:
@@ -95,10 +111,19 @@ def store_handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
     ):
         return {"batchItemFailures": [{"itemIdentifier": i} for i in _store_sqs(records)]}
     where = event.get("id", "?") if isinstance(event, dict) else "?"
+    message = Message(event, location=f"event id {where}", source="lambda")
+    step_by: str | None = None
     try:
-        report = _store_step([Message(event, location=f"event id {where}", source="lambda")])
-    except Exception:
+        step_by = runtime("store").engine.worker_id
+        report = _store_step([message])
+    except Exception as exc:
         reset_runtime()
+        # Lambda invokes it again (twice, within minutes): hold for it as for records
+        # (unless it failed alone: it would hold at each try)
+        if is_outage(exc):
+            _missed([message])
+        else:
+            _release(step_by)
         raise
     return _summary(report)
 
@@ -112,9 +137,16 @@ def _store_step(messages: list[Message]) -> StepReport:
     engine = runtime("store").engine
     now = engine.store.wall_clock()
     events, report = engine.decode(messages, now)
+    seconds = _hold_seconds(engine.settings.sqs_visibility_timeout)
+    missed = _unreachable.get("store")
+    if missed is not None:  # (published by this step's heartbeat)
+        engine.hold(now=now, seconds=seconds, at=missed)
+    if events:
+        engine.announce_hold(now=now, seconds=seconds, at=min(e.time for e in events))
     # (a step with no event, only dead letters, says nothing about a backlog)
     report = engine.process_decoded(events, report, now=now, caught_up=bool(events),
                                     backlog_lag=BACKLOG_LAG)
+    _unreachable.pop("store", None)
     if events and not report.behind:
         # Between invocations the container holds nothing in flight: once caught up
         # it must not hold quiet batches back until its heartbeat is worker_timeout
@@ -134,7 +166,9 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
         ))
         for r in records
     ]
+    held_by: str | None = None  # the runtime whose step published the batch's hold
     try:
+        held_by = runtime("store").engine.worker_id
         report = _store_step([m for _, m in messages])
     except Exception as exc:  # a boundary: fall back to one step per record
         reset_runtime()
@@ -143,6 +177,7 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
             # again, record after record, past the function's timeout. All come again.
             log.exception("the store is unreachable; all %d SQS records come again",
                           len(records))
+            _missed([m for _, m in messages])
             return [message_id for message_id, _ in messages]
         log.exception("a batch of %d SQS records failed; trying them one by one", len(records))
     else:
@@ -152,9 +187,11 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
     streak = 0
     for index, (message_id, message) in enumerate(messages):
         if streak >= GIVE_UP_AFTER:
-            failed.append(message_id)
+            failed.append(message_id)  # (they come again: the batch's hold stays)
             continue
+        step_by: str | None = None
         try:
+            step_by = runtime("store").engine.worker_id
             _log_rejected(_store_step([message]))
             streak = 0
         except Exception as exc:  # a boundary: this record comes back, the others go on
@@ -162,22 +199,67 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
             if is_outage(exc):
                 log.exception("the store is unreachable; the %d remaining SQS records come "
                               "again", len(messages) - index)
+                _missed([m for _, m in messages[index:]])
                 return failed + [mid for mid, _ in messages[index:]]
             log.exception("SQS message %s failed; it will come again", message_id)
             failed.append(message_id)
             streak += 1
+            _release(step_by)  # (a record failing alone holds nothing)
+    if streak < GIVE_UP_AFTER:
+        # Every record was stored or failed alone: the batch's hold is not needed.
+        _release(held_by)
     return failed
+
+
+def _hold_seconds(visibility_timeout: float) -> float:
+    """How long records not stored may be away: the ingest queue's visibility timeout."""
+    return visibility_timeout + REDELIVERY_MARGIN
+
+
+def _missed(messages: list[Message]) -> None:
+    """Records that could not be stored, the store being unreachable: hold at their
+    oldest event on the next success (decoding is pure: no store needed)."""
+    from edp.engine import decode_messages
+
+    events, _ = decode_messages(messages, now=time.time())
+    if events:
+        oldest = min(event.time for event in events)
+        _unreachable["store"] = lowest(_unreachable.get("store"), oldest) or oldest
+
+
+def _release(worker_id: str | None) -> None:
+    """Drop the hold a replaced runtime published before a step whose records were
+    since stored or failed alone (best effort: it ends by itself anyway)."""
+    if worker_id is None:
+        return
+    try:
+        runtime("store").store.retire_worker(worker_id)
+    except Exception:  # a boundary: the hold then runs its course
+        log.warning("could not drop the hold of %s; it ends by itself", worker_id,
+                    exc_info=True)
 
 
 def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:
     """Fire the batches that are due now, deliver the outbox to every sink, and forget
     key memories older than ``sequencer_retention`` (cheap when there are none)."""
+    current: Runtime | None = None
     try:
         current = runtime("emit")
-        fired = current.engine.fire_due(now=current.store.wall_clock())
+        now = current.store.wall_clock()
+        missed = _unreachable.get("emit")
+        if missed is not None:
+            # The store was unreachable here since the last clock fired at: store steps
+            # failed meanwhile may have left records away (see the module docstring).
+            current.engine.hold(now=now, at=missed, seconds=_hold_seconds(
+                current.settings.sqs_visibility_timeout))
+        fired = current.engine.fire_due(now=now)
+        _unreachable.pop("emit", None)
         report = current.relay.deliver()
         pruned = current.engine.prune()
-    except Exception:
+    except Exception as exc:
+        if is_outage(exc) and "emit" not in _unreachable:
+            clock = -math.inf if current is None else current.engine.clock
+            _unreachable["emit"] = clock if math.isfinite(clock) else time.time()
         reset_runtime()
         raise
     summary = {

@@ -238,7 +238,8 @@ class Transaction(Protocol):
         ...
 
     def heartbeat(
-        self, worker_id: str, *, clock: float, now: float, held: float | None = None
+        self, worker_id: str, *, clock: float, now: float, held: float | None = None,
+        held_until: float | None = None,
     ) -> None:
         """Publish a worker's clock when this transaction commits (as :meth:`Store.heartbeat`).
 
@@ -250,7 +251,8 @@ class Transaction(Protocol):
 
 class Floors(NamedTuple):
     """What holds a worker's firing back (SPEC 4): the other live workers' lowest clock
-    and lowest hold (see :meth:`Store.heartbeat`); None where there is none."""
+    and the other workers' lowest hold that has not ended (see :meth:`Store.heartbeat`);
+    None where there is none."""
 
     clock: float | None
     held: float | None
@@ -386,12 +388,20 @@ class Store(Protocol):
 
     # -- workers and housekeeping -----------------------------------------------
     def heartbeat(
-        self, worker_id: str, *, clock: float, now: float, held: float | None = None
+        self, worker_id: str, *, clock: float, now: float, held: float | None = None,
+        held_until: float | None = None,
     ) -> None:
         """Publish a worker's clock (SPEC section 4; it never goes back), and its hold:
         a time at which it holds every worker's firing by time (``None``: none), while
         messages it received may come again later (see :meth:`edp.engine.Engine.hold`).
-        Each heartbeat sets the hold anew."""
+        Each heartbeat sets the hold anew. A hold with an end (``held_until``) counts
+        until then, even once its worker is silent or finished (what it holds for comes
+        back then, to whoever receives it); one without, while its worker is live."""
+        ...
+
+    def retire_worker(self, worker_id: str) -> None:
+        """A worker that will not run again (a Lambda runtime replaced after a failure):
+        it is finished and its hold, if any, is dropped."""
         ...
 
     def worker_clock(self, worker_id: str) -> float | None:
@@ -415,7 +425,8 @@ class Store(Protocol):
         ...
 
     def floors(self, worker_id: str, *, now: float, timeout: float) -> Floors:
-        """The lowest clock and the lowest hold of the *other* live workers."""
+        """The lowest clock of the *other* live workers, and the lowest hold of the
+        other workers that has not ended (see :meth:`heartbeat`)."""
         ...
 
     def finish_worker(self, worker_id: str) -> bool:

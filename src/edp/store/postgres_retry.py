@@ -110,10 +110,12 @@ class RetryingTransaction:
         self._call("clear_timer", kind, key)
 
     def heartbeat(
-        self, worker_id: str, *, clock: float, now: float, held: float | None = None
+        self, worker_id: str, *, clock: float, now: float, held: float | None = None,
+        held_until: float | None = None,
     ) -> None:
         """Publish a worker's clock (and hold) with the commit."""
-        self._call("heartbeat", worker_id, clock=clock, now=now, held=held)
+        self._call("heartbeat", worker_id, clock=clock, now=now, held=held,
+                   held_until=held_until)
 
     def queue_events(
         self, worker_id: str, events: Sequence[tuple[int, float, ObjectEvent]]

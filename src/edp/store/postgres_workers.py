@@ -25,18 +25,20 @@ FINISH_LOCK = 0x65647002  # pg_advisory_xact_lock key of workers finishing
 ENDING_LOCK = 0x65647004  # pg_advisory_lock key held by the worker ending a replay run
 
 HEARTBEAT_SQL = (
-    "INSERT INTO workers (worker_id, clock, heartbeat_at, held) VALUES (%s, %s, %s, %s)"
-    " ON CONFLICT (worker_id) DO UPDATE SET"
+    "INSERT INTO workers (worker_id, clock, heartbeat_at, held, held_until)"
+    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (worker_id) DO UPDATE SET"
     " clock = greatest(workers.clock, excluded.clock),"
-    " heartbeat_at = excluded.heartbeat_at, held = excluded.held, finished = false"
+    " heartbeat_at = excluded.heartbeat_at, held = excluded.held,"
+    " held_until = excluded.held_until, finished = false"
 )
 
 
 def heartbeat_params(
-    worker_id: str, clock: float, now: float, held: float | None = None
+    worker_id: str, clock: float, now: float, held: float | None = None,
+    held_until: float | None = None,
 ) -> tuple[Any, ...]:
     """The parameters of :data:`HEARTBEAT_SQL`."""
-    return (worker_id, clock, now, held)
+    return (worker_id, clock, now, held, None if held is None else held_until)
 
 
 CLOCK_REFRESH = 60.0
@@ -84,11 +86,19 @@ class WorkerClocks:
         return local + self._clock_offset
 
     def heartbeat(
-        self, worker_id: str, *, clock: float, now: float, held: float | None = None
+        self, worker_id: str, *, clock: float, now: float, held: float | None = None,
+        held_until: float | None = None,
     ) -> None:
         """Publish a worker's clock (it never goes back) and its hold."""
         self._run(lambda conn: conn.execute(
-            HEARTBEAT_SQL, heartbeat_params(worker_id, clock, now, held)
+            HEARTBEAT_SQL, heartbeat_params(worker_id, clock, now, held, held_until)
+        ))
+
+    def retire_worker(self, worker_id: str) -> None:
+        """A worker that will not run again: it holds nothing back any more."""
+        self._run(lambda conn: conn.execute(
+            "UPDATE workers SET held = NULL, held_until = NULL, finished = true"
+            " WHERE worker_id = %s", (worker_id,)
         ))
 
     def worker_clock(self, worker_id: str) -> float | None:
@@ -111,11 +121,14 @@ class WorkerClocks:
         return lowest(*self.floors(worker_id, now=now, timeout=timeout))
 
     def floors(self, worker_id: str, *, now: float, timeout: float) -> Floors:
-        """The other live, unfinished workers' lowest clock and lowest hold."""
+        """The other live, unfinished workers' lowest clock; the other workers' lowest
+        hold that has not ended (one without an end: while its worker is live)."""
         row = self._rows(
-            "SELECT min(clock), min(held) FROM workers WHERE worker_id <> %s AND NOT finished"
-            " AND heartbeat_at >= %s",
-            (worker_id, now - timeout),
+            "SELECT min(clock) FILTER (WHERE NOT finished AND heartbeat_at >= %s),"
+            " min(held) FILTER (WHERE held_until > %s OR (held_until IS NULL"
+            " AND NOT finished AND heartbeat_at >= %s))"
+            " FROM workers WHERE worker_id <> %s",
+            (now - timeout, now, now - timeout, worker_id),
         )[0]
         return Floors(*(None if value is None else float(value) for value in row))
 

@@ -328,11 +328,18 @@ class SqliteStore:
 
     # -- workers and housekeeping -------------------------------------------------
     def heartbeat(
-        self, worker_id: str, *, clock: float, now: float, held: float | None = None
+        self, worker_id: str, *, clock: float, now: float, held: float | None = None,
+        held_until: float | None = None,
     ) -> None:
         """Publish a worker's clock (and hold)."""
         with self.transaction() as tx:
-            tx.heartbeat(worker_id, clock=clock, now=now, held=held)
+            tx.heartbeat(worker_id, clock=clock, now=now, held=held, held_until=held_until)
+
+    def retire_worker(self, worker_id: str) -> None:
+        """A worker that will not run again: it holds nothing back any more."""
+        with self._write() as conn:
+            conn.execute("UPDATE workers SET held = NULL, held_until = NULL, finished = 1"
+                         " WHERE worker_id = ?", (worker_id,))
 
     def worker_clock(self, worker_id: str) -> float | None:
         """The last clock a worker published."""
@@ -360,11 +367,14 @@ class SqliteStore:
         return lowest(*self.floors(worker_id, now=now, timeout=timeout))
 
     def floors(self, worker_id: str, *, now: float, timeout: float) -> Floors:
-        """The other live, unfinished workers' lowest clock and lowest hold."""
+        """The other live, unfinished workers' lowest clock; the other workers' lowest
+        hold that has not ended (one without an end: while its worker is live)."""
         row = self.conn.execute(
-            "SELECT min(clock), min(held) FROM workers"
-            " WHERE worker_id != ? AND finished = 0 AND heartbeat_at >= ?",
-            (worker_id, now - timeout),
+            "SELECT min(clock) FILTER (WHERE finished = 0 AND heartbeat_at >= :live),"
+            " min(held) FILTER (WHERE held_until > :now OR (held_until IS NULL"
+            " AND finished = 0 AND heartbeat_at >= :live))"
+            " FROM workers WHERE worker_id != :me",
+            {"live": now - timeout, "now": now, "me": worker_id},
         ).fetchone()
         return Floors(*(None if value is None else float(value) for value in row))
 

@@ -256,3 +256,171 @@ def test_database_url_from_the_secret(aws: Any, monkeypatch: pytest.MonkeyPatch)
     # And an explicit EDP_DATABASE_URL wins over the secret
     monkeypatch.setenv("EDP_DATABASE_URL", "sqlite:///x.db")
     assert resolve_database_url(load_settings()) == "sqlite:///x.db"
+
+
+# -- holds: records not stored come again only after the visibility timeout ----------
+QUIET, VISIBILITY = 2.0, 3  # a hold lasts VISIBILITY + 5 s (edp.engine.REDELIVERY_MARGIN)
+
+
+@pytest.fixture
+def holds_env(lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A 2 s quiet period, a 3 s visibility timeout, and containers that stop counting
+    as live 1 s after their last step (only holds keep a batch open longer)."""
+    monkeypatch.setenv("EDP_BUCKET_THRESHOLD_DURATION", str(int(QUIET)))
+    monkeypatch.setenv("EDP_SQS_VISIBILITY_TIMEOUT", str(VISIBILITY))
+    monkeypatch.setenv("EDP_WORKER_TIMEOUT", "1")
+    monkeypatch.setattr(handlers, "_unreachable", {})
+    return lambda_env
+
+
+def sqs_records(*files: tuple[str, float]) -> dict[str, Any]:
+    from edp_testing import eventbridge
+
+    return {"Records": [
+        {"messageId": f"m-{key}", "body": json.dumps(eventbridge(key, t, bucket="source-bucket")),
+         "eventSource": "aws:sqs",
+         "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:edp-ingest"}
+        for key, t in files]}
+
+
+def tick() -> dict[str, Any]:
+    return handlers.emit_handler(load_event("aws-scheduled-event.json"), None)
+
+
+def sleep_until(t: float) -> None:
+    time.sleep(max(0.0, t - time.time()))
+
+
+def counts_of(url: str) -> list[tuple[str, str, int]]:
+    return sorted((b.prefix, b.state, b.object_count) for b in batches(url))
+
+
+def unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database cannot be reached from now on (a container's next connection fails)."""
+    handlers.reset_runtime()
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("EDP_DATABASE_URL", f"sqlite:///{tmp_path / 'not-a-dir' / 'x.db'}")
+
+
+KILL_IN_STEP = """
+import json, os, signal, sys
+from edp.aws import handlers
+
+class KillsTheContainer:  # the step is cut short, as by the function's timeout
+    def observe(self, tx, events, **_):
+        os.kill(os.getpid(), signal.SIGKILL)
+    def tick(self, tx, **_):
+        return 0
+    def after_commit(self, store, **_):
+        return 0
+
+handlers.build_observers = lambda settings: [KillsTheContainer()]
+handlers.store_handler(json.loads(sys.argv[1]), None)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_store_step_cut_short_holds_its_batch_until_its_records_are_back(
+    holds_env: dict[str, str],
+) -> None:
+    import subprocess
+    import sys
+
+    url = holds_env["EDP_DATABASE_URL"]
+    # Given a file of a prefix stored as it arrived
+    t0 = time.time()
+    handlers.store_handler(sqs_records((f"{PREFIX}a.csv", t0)), None)
+    # When a second file's step dies in another container (its record comes again
+    # after the visibility timeout)
+    late = sqs_records((f"{PREFIX}b.csv", t0 + 0.5))
+    died = subprocess.run([sys.executable, "-c", KILL_IN_STEP, json.dumps(late)],
+                          capture_output=True, text=True, timeout=30)
+    assert died.returncode == -9, died.stderr
+    # Then the schedule, past the batch's deadline, does not fire it
+    sleep_until(t0 + QUIET + 1)
+    assert tick()["fired"] == 0
+    assert counts_of(url) == [(PREFIX, "open", 1)]
+    # When the record comes again, Then it joins the batch, which fires whole once
+    # the hold is over
+    assert handlers.store_handler(late, None) == {"batchItemFailures": []}
+    assert tick()["fired"] == 0
+    assert counts_of(url) == [(PREFIX, "open", 2)]
+    sleep_until(t0 + VISIBILITY + 5 + 1.5)
+    assert tick()["fired"] == 1
+    assert counts_of(url) == [(PREFIX, "closed", 2)]
+
+
+@pytest.mark.timeout(60)
+def test_records_the_store_could_not_reach_hold_their_batch_from_the_next_success(
+    holds_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = holds_env["EDP_DATABASE_URL"]
+    other = "instrument/other-run/"
+    # Given a file of a prefix stored as it arrived
+    t0 = time.time()
+    handlers.store_handler(sqs_records((f"{PREFIX}a.csv", t0)), None)
+    # When the next file of the prefix cannot be stored (the database is unreachable),
+    # and then the database is back and a file of another prefix is stored
+    unreachable(tmp_path, monkeypatch)
+    late = sqs_records((f"{PREFIX}b.csv", t0 + 0.5))
+    assert len(handlers.store_handler(late, None)["batchItemFailures"]) == 1
+    monkeypatch.setenv("EDP_DATABASE_URL", url)
+    handlers.store_handler(sqs_records((f"{other}c.csv", time.time())), None)
+    # Then the schedule, past the first batch's deadline, does not fire it
+    sleep_until(t0 + QUIET + 1)
+    tick()
+    assert (PREFIX, "open", 1) in counts_of(url)
+    # When the record comes again, Then it joins it, and the batch fires whole later
+    assert handlers.store_handler(late, None) == {"batchItemFailures": []}
+    sleep_until(time.time() + VISIBILITY + 5 + 0.5)
+    tick()
+    assert counts_of(url) == [(PREFIX, "closed", 2), (other, "closed", 1)]
+
+
+@pytest.mark.timeout(60)
+def test_the_emit_function_holds_once_it_reaches_the_store_again(
+    holds_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = holds_env["EDP_DATABASE_URL"]
+    # Given a file stored as it arrived, and a schedule run before its deadline
+    t0 = time.time()
+    handlers.store_handler(sqs_records((f"{PREFIX}a.csv", t0)), None)
+    assert tick()["fired"] == 0
+    # When the next run cannot reach the database (store steps may have failed
+    # meanwhile: their records are away), and the one after can, past the deadline
+    unreachable(tmp_path, monkeypatch)
+    with pytest.raises(OSError):  # (the store module: the path is not a directory)
+        tick()
+    monkeypatch.setenv("EDP_DATABASE_URL", url)
+    sleep_until(t0 + QUIET + 1)
+    # Then it does not fire the batch yet; it does once the hold is over (it began
+    # then: store steps may have failed until then)
+    back = time.time()
+    assert tick()["fired"] == 0
+    sleep_until(back + VISIBILITY + 5 + 0.5)
+    assert tick()["fired"] == 1
+    assert counts_of(url) == [(PREFIX, "closed", 1)]
+
+
+@pytest.mark.timeout(60)
+def test_a_record_failing_alone_holds_nothing(
+    holds_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from edp_testing import FailsOnKey
+
+    url = holds_env["EDP_DATABASE_URL"]
+    # Given steps that fail on one key (not for the store), and a file of a prefix
+    monkeypatch.setattr(handlers, "build_observers",
+                        lambda settings: [FailsOnKey(f"{PREFIX}poison.csv")])
+    handlers.reset_runtime()
+    t0 = time.time()
+    handlers.store_handler(sqs_records((f"{PREFIX}a.csv", t0)), None)
+    # When a batch with that key and a good file of the prefix fails, is tried one by
+    # one, and only that key's record fails
+    result = handlers.store_handler(
+        sqs_records((f"{PREFIX}poison.csv", t0 + 0.2), (f"{PREFIX}b.csv", t0 + 0.4)), None)
+    assert result == {"batchItemFailures": [{"itemIdentifier": f"m-{PREFIX}poison.csv"}]}
+    # Then nothing holds the batch past its deadline: it would hold again at each return
+    sleep_until(t0 + 0.4 + QUIET + 1.2)
+    assert tick()["fired"] == 1
+    assert counts_of(url) == [(PREFIX, "closed", 2)]

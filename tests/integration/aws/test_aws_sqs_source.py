@@ -18,6 +18,7 @@ from edp.cli import main
 from edp.config import load_settings
 from edp.errors import ConfigError
 from edp.sources.sqs import SqsSource
+from edp_testing import FailsOnKey
 
 
 def counts(aws: Any, url: str) -> tuple[int, int]:
@@ -339,25 +340,6 @@ def notification(bucket: str, key: str, t: float) -> dict[str, Any]:
         "s3": {"bucket": {"name": bucket},
                "object": {"key": quote_plus(key, safe="/"), "size": 1, "eTag": "e"}},
     }]}
-
-
-class FailsOnKey:
-    """A step observer that fails every step holding one key: a message that no retry
-    can get through (the engine's own checks refuse every such input known today)."""
-
-    def __init__(self, key: str, error: type[Exception] = RuntimeError) -> None:
-        self.key = key
-        self.error = error
-
-    def observe(self, tx: Any, events: Any, *, clock: float, now: float, sinks: Any) -> None:
-        if any(event.key == self.key for event in events):
-            raise self.error(f"step fails on {self.key}")
-
-    def tick(self, tx: Any, *, clock: float, now: float, sinks: Any) -> int:
-        return 0
-
-    def after_commit(self, store: Any, *, now: float, sinks: Any) -> int:
-        return 0
 
 
 @pytest.mark.timeout(30)

@@ -130,7 +130,7 @@ def test_a_database_at_version_1_upgrades_to_the_replay_queue(pg_url: str) -> No
     try:
         # Then it is at the latest version, with the replay workers' tables, and its key
         # memories load with no last write known
-        assert store.schema_version() == (5, 5)
+        assert store.schema_version() == (6, 6)
         assert store.stats()["open_batches"] == 0
         with store.transaction() as tx:
             state = tx.load(LoadRequest(object_keys={("bkt", "a/b/c")}))
@@ -152,7 +152,7 @@ def test_db_commands_show_the_schema_version(pg_url: str) -> None:
         )
         # Then each says the schema is at the latest version
         assert done.returncode == 0, done.stderr
-        assert "schema version 5 (latest 5)" in done.stdout
+        assert "schema version 6 (latest 6)" in done.stdout
     assert "open_batches: 0" in done.stdout
 
 

@@ -226,6 +226,37 @@ def test_a_workers_hold_lowers_the_floor_until_a_heartbeat_without_one(store: St
     assert store.fire_floor("other", now=T0 + 2, timeout=60) == 220.0
 
 
+def test_a_hold_with_an_end_outlives_its_worker_until_then(store: Store) -> None:
+    # Given a worker that published a hold at 50 until T0 + 100, then finished (a Lambda
+    # container whose step was cut: what it held for comes back at T0 + 100)
+    store.heartbeat("cut", clock=200.0, now=T0, held=50.0, held_until=T0 + 100)
+    store.finish_worker("cut")
+    store.heartbeat("other", clock=300.0, now=T0)
+    # Then the others' floor is its hold, not its clock (it is finished), also once it
+    # is silent for longer than worker_timeout
+    assert store.floors("other", now=T0, timeout=60) == Floors(clock=None, held=50.0)
+    assert store.floors("other", now=T0 + 99, timeout=60) == Floors(clock=None, held=50.0)
+    # When the hold ends, Then nothing holds any more
+    assert store.floors("other", now=T0 + 100, timeout=60) == Floors(clock=None, held=None)
+    # And a hold without an end counts only while its worker is live
+    store.heartbeat("live", clock=200.0, now=T0 + 100, held=60.0)
+    assert store.fire_floor("other", now=T0 + 130, timeout=60) == 60.0
+    assert store.fire_floor("other", now=T0 + 161, timeout=60) is None
+
+
+def test_a_retired_worker_holds_nothing_back(store: Store) -> None:
+    # Given a worker live at clock 200 with a hold at 50 until T0 + 100
+    store.heartbeat("replaced", clock=200.0, now=T0, held=50.0, held_until=T0 + 100)
+    assert store.fire_floor("other", now=T0, timeout=60) == 50.0
+    # When it is retired (its runtime was replaced), Then neither its clock nor its hold
+    # holds the others back, and it is finished; its clock is kept
+    store.retire_worker("replaced")
+    assert store.floors("other", now=T0, timeout=60) == Floors(clock=None, held=None)
+    assert store.worker_finished("replaced") is True
+    assert store.worker_hold("replaced") is None
+    assert store.worker_clock("replaced") == 200.0
+
+
 def test_the_last_worker_to_finish_is_told_so(store: Store) -> None:
     # Given two workers
     store.heartbeat("a", clock=1.0, now=T0)
