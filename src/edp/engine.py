@@ -243,6 +243,8 @@ class Engine:
         is caught up then publishes its clock every few seconds: see edp.daemon)."""
         self.holding: float | None = None
         """The lowest hold, this worker's or another's, at the last look (see hold())."""
+        self.fired_until = -math.inf
+        """How far :meth:`fire_due` has fired by time (what any floor let it), so far."""
         self._held: float | None = None  # see hold()
         self._held_until = -math.inf
         self._hold_lock = threading.Lock()
@@ -540,7 +542,10 @@ class Engine:
     def fire_due(self, *, now: float) -> list[BatchReady]:
         """The source is caught up: the clock becomes ``now``; fire what is due."""
         self.clock = max(self.clock, now)
-        return self._fire_until(min(self.clock, self._floor(now)), now=now, publish=True)
+        limit = min(self.clock, self._floor(now))
+        fired = self._fire_until(limit, now=now, publish=True)
+        self.fired_until = max(self.fired_until, limit)
+        return fired
 
     def finish(self, *, now: float) -> list[BatchReady]:
         """End of input (a single replay): fire every open batch at its own deadline,
@@ -550,9 +555,9 @@ class Engine:
         """
         self._heartbeat(self.store, self.clock, now)
         self.store.finish_worker(self.worker_id)
-        others = self.store.fire_floor(
+        others = self.store.floors(
             self.worker_id, now=now, timeout=self.settings.worker_timeout
-        )
+        ).clock  # (a hold of a worker that is gone fires nothing: nobody would later)
         if others is not None:
             return []
         return self.flush(now=now)

@@ -125,9 +125,9 @@ def run_replay(
         # (Several workers check once they know whether they begin a run: run_part.)
         if database_url is not None and single:
             _warn_of_earlier_batches(runtime, stderr)
-            others = runtime.store.fire_floor(
+            others = runtime.store.floors(
                 runtime.engine.worker_id, now=time.time(), timeout=settings.worker_timeout
-            )
+            ).clock
             if others is not None:
                 stderr.write(
                     "edp replay: warning: other workers are live on this database; replays "

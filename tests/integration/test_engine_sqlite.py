@@ -146,6 +146,36 @@ def test_fire_due_uses_the_wall_clock_when_caught_up(url: str) -> None:
     assert (ready.trigger.value, ready.fired_at) == ("duration", T0 + 30)
 
 
+def test_fire_due_says_how_far_it_fired_behind_a_peer(url: str) -> None:
+    # Given a worker with an open batch and a live peer whose clock is behind
+    store = open_store(url)
+    engine = Engine(store, settings(bucket_threshold_duration=30), sinks=["list"],
+                    worker_id="w")
+    engine.process(msgs(eventbridge("i/e/a", T0)), now=T0 + 1, caught_up=True)
+    store.heartbeat("peer", clock=T0 + 10, now=T0 + 40)
+    # When it fires what is due at T0 + 40, Then it fired by time only up to the
+    # peer's clock (an emit function that loses its store holds from there)
+    assert engine.fire_due(now=T0 + 40) == []
+    assert (engine.clock, engine.fired_until) == (T0 + 40, T0 + 10)
+    store.close()
+
+
+def test_a_replay_ends_firing_its_batches_despite_the_hold_of_a_worker_gone(
+    tmp_path: Path,
+) -> None:
+    # Given a database where a worker that is gone left a hold that has not ended
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    store = open_store(url)
+    now = time.time()
+    store.heartbeat("gone", clock=T0, now=now, held=T0, held_until=now + 600)
+    store.finish_worker("gone")
+    # When a replay runs into it, Then it ends by firing its batch: nobody would later
+    engine = Engine(store, settings(), sinks=["list"], worker_id="replay")
+    engine.process(msgs(eventbridge("i/e/a", T0 + 5)), now=now)
+    assert [r.prefix for r in engine.finish(now=now)] == ["i/e/"]
+    store.close()
+
+
 def test_a_hold_keeps_batches_open_here_and_at_the_other_workers_until_it_ends(
     url: str
 ) -> None:

@@ -22,10 +22,11 @@ their batch must not fire by time meanwhile. Each store step first publishes a h
 at its oldest event's time (:meth:`~edp.engine.Engine.announce_hold`), which its own
 commit clears: if the container dies in the step, or the store is lost, the hold
 stays until the records are back. A container that saw the store unreachable (its
-steps could not publish anything) holds on its next success: the store function at
-the oldest event it could not store, the emit function at the last clock it had
-fired at. Records failing a step of their own (tried one by one) hold nothing: they
-would hold again at each return, until the queue's redrive policy takes them.
+steps could not publish anything) holds from its next success: the store function at
+the oldest event it could not store, the emit function where its firing by time had
+got to. Records failing a step of their own (tried one by one) hold nothing: they
+would hold again at each return, until the queue's redrive policy takes them; those
+left untried after three such failures in a row hold at their own oldest time.
 
 Settings come from ``EDP_*`` variables; the database URL from ``EDP_DATABASE_URL``
 or the secret named by ``EDP_DATABASE_SECRET_ARN``. The runtime (settings, store
@@ -42,14 +43,14 @@ import os
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from edp.bootstrap import Runtime, build_observers, build_runtime
 from edp.config import load_settings
-from edp.engine import BACKLOG_LAG, REDELIVERY_MARGIN, Message, StepReport
+from edp.engine import BACKLOG_LAG, Message, StepReport, decode_messages
 from edp.errors import EdpError
 from edp.store import is_outage
-from edp.store.base import lowest
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,25 @@ GIVE_UP_AFTER = 3
 
 _lock = threading.Lock()
 _runtimes: dict[str, Runtime] = {}
-_unreachable: dict[str, float] = {}
-"""Per role, the time to hold at once the store can be reached again (see the module's
-docstring): kept by the container, across runtimes, until a step succeeds."""
+HOLD_MARGIN = 60.0
+"""Seconds a hold lasts past the ingest queue's visibility timeout: a record that comes
+back may wait for the batching window (5 s), a cold start and the secret's fetch
+before its step publishes a hold of its own."""
+
+
+@dataclass(slots=True)
+class _Outage:
+    """What a container keeps of a time its store was unreachable."""
+
+    at: float
+    """The time to hold at."""
+    until: float | None = None
+    """The hold's end, set when the store is reached again (None: not yet)."""
+
+
+_outages: dict[str, _Outage] = {}
+"""Per role, the container's hold after an outage (see the module's docstring): it
+outlives the runtimes, which are replaced after each failure."""
 
 
 def runtime(role: str) -> Runtime:
@@ -138,15 +155,14 @@ def _store_step(messages: list[Message]) -> StepReport:
     now = engine.store.wall_clock()
     events, report = engine.decode(messages, now)
     seconds = _hold_seconds(engine.settings.sqs_visibility_timeout)
-    missed = _unreachable.get("store")
-    if missed is not None:  # (published by this step's heartbeat)
-        engine.hold(now=now, seconds=seconds, at=missed)
+    kept = _outage_hold("store", now, seconds)
+    if kept is not None:  # (published by this step's heartbeat)
+        engine.hold(now=now, seconds=kept[1] - now, at=kept[0])
     if events:
         engine.announce_hold(now=now, seconds=seconds, at=min(e.time for e in events))
     # (a step with no event, only dead letters, says nothing about a backlog)
     report = engine.process_decoded(events, report, now=now, caught_up=bool(events),
                                     backlog_lag=BACKLOG_LAG)
-    _unreachable.pop("store", None)
     if events and not report.behind:
         # Between invocations the container holds nothing in flight: once caught up
         # it must not hold quiet batches back until its heartbeat is worker_timeout
@@ -184,10 +200,12 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
         _log_rejected(report)
         return []
     failed: list[str] = []
+    untried: list[Message] = []
     streak = 0
     for index, (message_id, message) in enumerate(messages):
         if streak >= GIVE_UP_AFTER:
-            failed.append(message_id)  # (they come again: the batch's hold stays)
+            failed.append(message_id)
+            untried.append(message)
             continue
         step_by: str | None = None
         try:
@@ -205,35 +223,75 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
             failed.append(message_id)
             streak += 1
             _release(step_by)  # (a record failing alone holds nothing)
-    if streak < GIVE_UP_AFTER:
-        # Every record was stored or failed alone: the batch's hold is not needed.
-        _release(held_by)
+    # Every record was stored or failed alone, and the batch's hold is not needed; or
+    # some were left untried: they come again, and the hold stays for them only.
+    _release(held_by, untried)
     return failed
 
 
 def _hold_seconds(visibility_timeout: float) -> float:
-    """How long records not stored may be away: the ingest queue's visibility timeout."""
-    return visibility_timeout + REDELIVERY_MARGIN
+    """How long a hold lasts: records not stored come back after the ingest queue's
+    visibility timeout."""
+    return visibility_timeout + HOLD_MARGIN
+
+
+def _oldest(messages: list[Message]) -> float | None:
+    """The oldest event time of ``messages`` (decoding is pure: no store needed)."""
+    events, _ = decode_messages(messages, now=time.time())
+    return min((event.time for event in events), default=None)
+
+
+def _outage_hold(role: str, now: float, seconds: float) -> tuple[float, float] | None:
+    """The container's hold after an outage, as (at, until); None if none (any more).
+    It begins when the store is reached again: records that failed until then come
+    back within ``seconds`` of that."""
+    seen = _outages.get(role)
+    if seen is None:
+        return None
+    if seen.until is None:
+        seen.until = now + seconds
+    if now >= seen.until:
+        del _outages[role]
+        return None
+    return seen.at, seen.until
+
+
+def _remember_outage(role: str, at: float | None) -> None:
+    """The store is unreachable: hold at ``at`` (or lower) once it is reached again."""
+    if at is None:
+        return
+    seen = _outages.get(role)
+    if seen is None:
+        _outages[role] = _Outage(at)
+    else:
+        seen.at, seen.until = min(seen.at, at), None  # (the hold begins at the recovery)
 
 
 def _missed(messages: list[Message]) -> None:
-    """Records that could not be stored, the store being unreachable: hold at their
-    oldest event on the next success (decoding is pure: no store needed)."""
-    from edp.engine import decode_messages
-
-    events, _ = decode_messages(messages, now=time.time())
-    if events:
-        oldest = min(event.time for event in events)
-        _unreachable["store"] = lowest(_unreachable.get("store"), oldest) or oldest
+    """Records that could not be stored, the store being unreachable."""
+    _remember_outage("store", _oldest(messages))
 
 
-def _release(worker_id: str | None) -> None:
-    """Drop the hold a replaced runtime published before a step whose records were
-    since stored or failed alone (best effort: it ends by itself anyway)."""
+def _release(worker_id: str | None, away: list[Message] | None = None) -> None:
+    """Retire a replaced runtime: its hold, published before a step whose records were
+    since stored or failed alone, is dropped, except for the container's own hold after
+    an outage and records ``away`` (left untried: they come again). Best effort: a hold
+    ends by itself anyway."""
     if worker_id is None:
         return
     try:
-        runtime("store").store.retire_worker(worker_id)
+        store = runtime("store").store
+        now = store.wall_clock()
+        seconds = _hold_seconds(runtime("store").settings.sqs_visibility_timeout)
+        keep = [hold for hold in (_outage_hold("store", now, seconds),) if hold is not None]
+        oldest = None if not away else _oldest(away)
+        if oldest is not None:
+            keep.append((oldest, now + seconds))
+        store.retire_worker(
+            worker_id,
+            held=min((at for at, _ in keep), default=None),
+            held_until=max((until for _, until in keep), default=None),
+        )
     except Exception:  # a boundary: the hold then runs its course
         log.warning("could not drop the hold of %s; it ends by itself", worker_id,
                     exc_info=True)
@@ -242,24 +300,25 @@ def _release(worker_id: str | None) -> None:
 def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:
     """Fire the batches that are due now, deliver the outbox to every sink, and forget
     key memories older than ``sequencer_retention`` (cheap when there are none)."""
-    current: Runtime | None = None
+    fired_until = -math.inf
     try:
         current = runtime("emit")
+        fired_until = current.engine.fired_until
         now = current.store.wall_clock()
-        missed = _unreachable.get("emit")
-        if missed is not None:
-            # The store was unreachable here since the last clock fired at: store steps
-            # failed meanwhile may have left records away (see the module docstring).
-            current.engine.hold(now=now, at=missed, seconds=_hold_seconds(
-                current.settings.sqs_visibility_timeout))
+        kept = _outage_hold("emit", now, _hold_seconds(current.settings.sqs_visibility_timeout))
+        if kept is not None:
+            # The store was unreachable here: store steps that failed meanwhile may
+            # have left records away (see the module docstring).
+            current.engine.hold(now=now, seconds=kept[1] - now, at=kept[0])
         fired = current.engine.fire_due(now=now)
-        _unreachable.pop("emit", None)
         report = current.relay.deliver()
         pruned = current.engine.prune()
     except Exception as exc:
-        if is_outage(exc) and "emit" not in _unreachable:
-            clock = -math.inf if current is None else current.engine.clock
-            _unreachable["emit"] = clock if math.isfinite(clock) else time.time()
+        if is_outage(exc):
+            # Hold where this container's firing by time had got to (a new one that
+            # never fired: at the failure)
+            _remember_outage("emit", fired_until if math.isfinite(fired_until)
+                             else time.time())
         reset_runtime()
         raise
     summary = {

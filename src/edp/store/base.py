@@ -399,9 +399,12 @@ class Store(Protocol):
         back then, to whoever receives it); one without, while its worker is live."""
         ...
 
-    def retire_worker(self, worker_id: str) -> None:
+    def retire_worker(
+        self, worker_id: str, *, held: float | None = None, held_until: float | None = None
+    ) -> None:
         """A worker that will not run again (a Lambda runtime replaced after a failure):
-        it is finished and its hold, if any, is dropped."""
+        it is finished, and its hold is replaced by ``held`` until ``held_until`` (None:
+        none)."""
         ...
 
     def worker_clock(self, worker_id: str) -> float | None:

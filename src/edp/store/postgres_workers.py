@@ -94,11 +94,13 @@ class WorkerClocks:
             HEARTBEAT_SQL, heartbeat_params(worker_id, clock, now, held, held_until)
         ))
 
-    def retire_worker(self, worker_id: str) -> None:
-        """A worker that will not run again: it holds nothing back any more."""
+    def retire_worker(
+        self, worker_id: str, *, held: float | None = None, held_until: float | None = None
+    ) -> None:
+        """A worker that will not run again: finished, holding only ``held`` (if any)."""
         self._run(lambda conn: conn.execute(
-            "UPDATE workers SET held = NULL, held_until = NULL, finished = true"
-            " WHERE worker_id = %s", (worker_id,)
+            "UPDATE workers SET held = %s, held_until = %s, finished = true"
+            " WHERE worker_id = %s", (held, None if held is None else held_until, worker_id)
         ))
 
     def worker_clock(self, worker_id: str) -> float | None:

@@ -335,11 +335,14 @@ class SqliteStore:
         with self.transaction() as tx:
             tx.heartbeat(worker_id, clock=clock, now=now, held=held, held_until=held_until)
 
-    def retire_worker(self, worker_id: str) -> None:
-        """A worker that will not run again: it holds nothing back any more."""
+    def retire_worker(
+        self, worker_id: str, *, held: float | None = None, held_until: float | None = None
+    ) -> None:
+        """A worker that will not run again: finished, holding only ``held`` (if any)."""
         with self._write() as conn:
-            conn.execute("UPDATE workers SET held = NULL, held_until = NULL, finished = 1"
-                         " WHERE worker_id = ?", (worker_id,))
+            conn.execute("UPDATE workers SET held = ?, held_until = ?, finished = 1"
+                         " WHERE worker_id = ?",
+                         (held, None if held is None else held_until, worker_id))
 
     def worker_clock(self, worker_id: str) -> float | None:
         """The last clock a worker published."""

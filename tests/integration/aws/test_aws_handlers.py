@@ -259,17 +259,25 @@ def test_database_url_from_the_secret(aws: Any, monkeypatch: pytest.MonkeyPatch)
 
 
 # -- holds: records not stored come again only after the visibility timeout ----------
-QUIET, VISIBILITY = 2.0, 3  # a hold lasts VISIBILITY + 5 s (edp.engine.REDELIVERY_MARGIN)
+QUIET, VISIBILITY, MARGIN = 2.0, 3, 5.0  # a hold lasts VISIBILITY + MARGIN
+POISON = [f"{PREFIX}poison-{n}.csv" for n in range(3)]
 
 
 @pytest.fixture
 def holds_env(lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """A 2 s quiet period, a 3 s visibility timeout, and containers that stop counting
-    as live 1 s after their last step (only holds keep a batch open longer)."""
+    """A 2 s quiet period, a 3 s visibility timeout, holds 5 s past it, containers that
+    stop counting as live 1 s after their last step (only holds keep a batch open
+    longer), and steps that fail (not for the store) on the POISON keys."""
+    from edp_testing import FailsOnKey
+
     monkeypatch.setenv("EDP_BUCKET_THRESHOLD_DURATION", str(int(QUIET)))
     monkeypatch.setenv("EDP_SQS_VISIBILITY_TIMEOUT", str(VISIBILITY))
     monkeypatch.setenv("EDP_WORKER_TIMEOUT", "1")
-    monkeypatch.setattr(handlers, "_unreachable", {})
+    monkeypatch.setattr(handlers, "HOLD_MARGIN", MARGIN)
+    monkeypatch.setattr(handlers, "_outages", {})
+    monkeypatch.setattr(handlers, "build_observers",
+                        lambda settings: [FailsOnKey(key) for key in POISON])
+    handlers.reset_runtime()
     return lambda_env
 
 
@@ -295,6 +303,14 @@ def counts_of(url: str) -> list[tuple[str, str, int]]:
     return sorted((b.prefix, b.state, b.object_count) for b in batches(url))
 
 
+def hold_end(url: str) -> float:
+    """The latest end of a hold published in the database."""
+    import sqlite3
+
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+        return float(conn.execute("SELECT max(held_until) FROM workers").fetchone()[0])
+
+
 def unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The database cannot be reached from now on (a container's next connection fails)."""
     handlers.reset_runtime()
@@ -315,6 +331,7 @@ class KillsTheContainer:  # the step is cut short, as by the function's timeout
         return 0
 
 handlers.build_observers = lambda settings: [KillsTheContainer()]
+handlers.HOLD_MARGIN = float(sys.argv[2])
 handlers.store_handler(json.loads(sys.argv[1]), None)
 """
 
@@ -333,7 +350,7 @@ def test_a_store_step_cut_short_holds_its_batch_until_its_records_are_back(
     # When a second file's step dies in another container (its record comes again
     # after the visibility timeout)
     late = sqs_records((f"{PREFIX}b.csv", t0 + 0.5))
-    died = subprocess.run([sys.executable, "-c", KILL_IN_STEP, json.dumps(late)],
+    died = subprocess.run([sys.executable, "-c", KILL_IN_STEP, json.dumps(late), str(MARGIN)],
                           capture_output=True, text=True, timeout=30)
     assert died.returncode == -9, died.stderr
     # Then the schedule, past the batch's deadline, does not fire it
@@ -342,10 +359,11 @@ def test_a_store_step_cut_short_holds_its_batch_until_its_records_are_back(
     assert counts_of(url) == [(PREFIX, "open", 1)]
     # When the record comes again, Then it joins the batch, which fires whole once
     # the hold is over
+    end = hold_end(url)
     assert handlers.store_handler(late, None) == {"batchItemFailures": []}
     assert tick()["fired"] == 0
     assert counts_of(url) == [(PREFIX, "open", 2)]
-    sleep_until(t0 + VISIBILITY + 5 + 1.5)
+    sleep_until(end + 0.5)
     assert tick()["fired"] == 1
     assert counts_of(url) == [(PREFIX, "closed", 2)]
 
@@ -360,19 +378,24 @@ def test_records_the_store_could_not_reach_hold_their_batch_from_the_next_succes
     t0 = time.time()
     handlers.store_handler(sqs_records((f"{PREFIX}a.csv", t0)), None)
     # When the next file of the prefix cannot be stored (the database is unreachable),
-    # and then the database is back and a file of another prefix is stored
+    # and then the database is back, and a batch of a file of another prefix and a
+    # record that fails alone is stored (its runtime replaced after that failure)
     unreachable(tmp_path, monkeypatch)
     late = sqs_records((f"{PREFIX}b.csv", t0 + 0.5))
     assert len(handlers.store_handler(late, None)["batchItemFailures"]) == 1
     monkeypatch.setenv("EDP_DATABASE_URL", url)
-    handlers.store_handler(sqs_records((f"{other}c.csv", time.time())), None)
+    back = time.time()
+    result = handlers.store_handler(
+        sqs_records((f"{other}c.csv", back), (POISON[0], back)), None)
+    assert result == {"batchItemFailures": [{"itemIdentifier": f"m-{POISON[0]}"}]}
     # Then the schedule, past the first batch's deadline, does not fire it
     sleep_until(t0 + QUIET + 1)
     tick()
     assert (PREFIX, "open", 1) in counts_of(url)
-    # When the record comes again, Then it joins it, and the batch fires whole later
+    # When the record comes again, Then it joins it, and the batch fires whole once
+    # the hold (from the recovery) is over
     assert handlers.store_handler(late, None) == {"batchItemFailures": []}
-    sleep_until(time.time() + VISIBILITY + 5 + 0.5)
+    sleep_until(back + VISIBILITY + MARGIN + 0.5)
     tick()
     assert counts_of(url) == [(PREFIX, "closed", 2), (other, "closed", 1)]
 
@@ -397,30 +420,55 @@ def test_the_emit_function_holds_once_it_reaches_the_store_again(
     # then: store steps may have failed until then)
     back = time.time()
     assert tick()["fired"] == 0
-    sleep_until(back + VISIBILITY + 5 + 0.5)
+    sleep_until(back + VISIBILITY + MARGIN + 0.5)
     assert tick()["fired"] == 1
     assert counts_of(url) == [(PREFIX, "closed", 1)]
 
 
 @pytest.mark.timeout(60)
-def test_a_record_failing_alone_holds_nothing(
-    holds_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from edp_testing import FailsOnKey
-
+def test_a_record_failing_alone_holds_nothing(holds_env: dict[str, str]) -> None:
     url = holds_env["EDP_DATABASE_URL"]
-    # Given steps that fail on one key (not for the store), and a file of a prefix
-    monkeypatch.setattr(handlers, "build_observers",
-                        lambda settings: [FailsOnKey(f"{PREFIX}poison.csv")])
-    handlers.reset_runtime()
+    # Given a file of a prefix
     t0 = time.time()
     handlers.store_handler(sqs_records((f"{PREFIX}a.csv", t0)), None)
-    # When a batch with that key and a good file of the prefix fails, is tried one by
-    # one, and only that key's record fails
+    # When a batch with a record whose step fails (not for the store) and a good file
+    # of the prefix fails, is tried one by one, and only that record fails
     result = handlers.store_handler(
-        sqs_records((f"{PREFIX}poison.csv", t0 + 0.2), (f"{PREFIX}b.csv", t0 + 0.4)), None)
-    assert result == {"batchItemFailures": [{"itemIdentifier": f"m-{PREFIX}poison.csv"}]}
+        sqs_records((POISON[0], t0 + 0.2), (f"{PREFIX}b.csv", t0 + 0.4)), None)
+    assert result == {"batchItemFailures": [{"itemIdentifier": f"m-{POISON[0]}"}]}
     # Then nothing holds the batch past its deadline: it would hold again at each return
     sleep_until(t0 + 0.4 + QUIET + 1.2)
     assert tick()["fired"] == 1
     assert counts_of(url) == [(PREFIX, "closed", 2)]
+
+
+@pytest.mark.timeout(60)
+def test_records_left_untried_hold_their_batch_and_failing_ones_do_not(
+    holds_env: dict[str, str],
+) -> None:
+    url = holds_env["EDP_DATABASE_URL"]
+    other = "instrument/other-run/"
+    # Given a file of a prefix, and a batch of three records that each fail alone
+    t0 = time.time()
+    handlers.store_handler(sqs_records((f"{PREFIX}a.csv", t0)), None)
+    failing = sqs_records(*((key, t0) for key in POISON))
+    assert len(handlers.store_handler(failing, None)["batchItemFailures"]) == 3
+    # Then nothing holds the batch past its deadline
+    sleep_until(t0 + QUIET + 1)
+    assert tick()["fired"] == 1
+    # When a file of another prefix is stored, and then a batch of those three and a
+    # second file of that prefix, left untried after three failures in a row
+    t1 = time.time()
+    handlers.store_handler(sqs_records((f"{other}c.csv", t1)), None)
+    untried = sqs_records(*((key, t1) for key in POISON), (f"{other}d.csv", t1 + 0.2))
+    assert len(handlers.store_handler(untried, None)["batchItemFailures"]) == 4
+    # Then the batch the untried file belongs to is held past its deadline
+    sleep_until(t1 + QUIET + 1)
+    assert tick()["fired"] == 0
+    assert (other, "open", 1) in counts_of(url)
+    # And once that file came again, the batch fires whole after the hold
+    assert handlers.store_handler(sqs_records((f"{other}d.csv", t1 + 0.2)), None) == {
+        "batchItemFailures": []}
+    sleep_until(hold_end(url) + 0.5)
+    tick()
+    assert counts_of(url) == [(PREFIX, "closed", 1), (other, "closed", 2)]

@@ -242,6 +242,9 @@ def test_a_hold_with_an_end_outlives_its_worker_until_then(store: Store) -> None
     store.heartbeat("live", clock=200.0, now=T0 + 100, held=60.0)
     assert store.fire_floor("other", now=T0 + 130, timeout=60) == 60.0
     assert store.fire_floor("other", now=T0 + 161, timeout=60) is None
+    # And one with an end that passed does not count, even while its worker is live
+    store.heartbeat("live", clock=200.0, now=T0 + 200, held=60.0, held_until=T0 + 210)
+    assert store.floors("other", now=T0 + 211, timeout=60) == Floors(clock=200.0, held=None)
 
 
 def test_a_retired_worker_holds_nothing_back(store: Store) -> None:
@@ -255,6 +258,11 @@ def test_a_retired_worker_holds_nothing_back(store: Store) -> None:
     assert store.worker_finished("replaced") is True
     assert store.worker_hold("replaced") is None
     assert store.worker_clock("replaced") == 200.0
+    # And one retired with a hold to keep holds only that, until its end
+    store.heartbeat("kept", clock=200.0, now=T0, held=50.0, held_until=T0 + 100)
+    store.retire_worker("kept", held=70.0, held_until=T0 + 30)
+    assert store.floors("other", now=T0 + 29, timeout=60) == Floors(clock=None, held=70.0)
+    assert store.floors("other", now=T0 + 30, timeout=60) == Floors(clock=None, held=None)
 
 
 def test_the_last_worker_to_finish_is_told_so(store: Store) -> None:
