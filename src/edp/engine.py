@@ -303,12 +303,16 @@ class Engine:
     def process_decoded(
         self, events: list[ObjectEvent], report: StepReport, *, now: float,
         caught_up: bool = False, prefixes: Sequence[str | Skip] | None = None,
-        backlog_lag: float | None = None,
+        backlog_lag: float | None = None, finish: bool = False,
     ) -> StepReport:
         """:meth:`process` of messages already decoded (by :func:`decode_messages`,
         possibly in another process): ``report`` holds their dead letters and counts;
         ``prefixes``, when given, each event's batch prefix or why it is not batched
         (``Batcher.classify`` under this engine's rules, run by whoever decoded them).
+
+        ``finish``: a step that ends caught up marks the worker finished with its
+        heartbeat, for a worker that holds nothing between its steps (a Lambda
+        container): it holds no quiet batch back until its next step.
         """
         if (backlog_lag is not None and events
                 and min(event.time for event in events) < now - backlog_lag):
@@ -316,7 +320,8 @@ class Engine:
         floor = self._floor(now)
         with self.store.transaction() as tx:
             clock = self._apply(tx, events, report, now=now, caught_up=caught_up, floor=floor,
-                                prefixes=prefixes, held=self.holding)
+                                prefixes=prefixes, held=self.holding,
+                                finish=finish and caught_up)
         return self._applied(clock, report, now)
 
     # -- several replay workers on one stream (see edp.replay) ----------------------
@@ -386,6 +391,7 @@ class Engine:
         beat: bool = True,
         prefixes: Sequence[str | Skip] | None = None,
         held: float | None = None,
+        finish: bool = False,
     ) -> float:
         """The body of a step, in its transaction: returns the clock it ends at.
 
@@ -456,7 +462,8 @@ class Engine:
             report.counts[f"batches.{ready.trigger.value}"] += 1
         tx.add_counters(report.counts)
         if beat:
-            self._heartbeat(tx, clock if publish is None else max(clock, publish), now)
+            self._heartbeat(tx, clock if publish is None else max(clock, publish), now,
+                            finished=finish)
         return clock
 
     def _warn_ahead(self, events: Sequence[ObjectEvent], limit: float,
@@ -736,14 +743,15 @@ class Engine:
         floor = lowest(others.clock, self.holding)
         return math.inf if floor is None else floor
 
-    def _heartbeat(self, into: Transaction | Store, clock: float, now: float) -> None:
+    def _heartbeat(self, into: Transaction | Store, clock: float, now: float, *,
+                   finished: bool = False) -> None:
         """Publish this worker's ``clock`` and its hold, with a step's transaction or on
-        its own."""
+        its own (``finished``: and mark it finished)."""
         with self._hold_lock:
             held, until = self._held, self._held_until
         into.heartbeat(self.worker_id, clock=self._published(clock), now=now,
                        held=None if held is None else self._published(held),
-                       held_until=None if held is None else until)
+                       held_until=None if held is None else until, finished=finished)
 
     @staticmethod
     def _published(clock: float) -> float:

@@ -160,16 +160,13 @@ def _store_step(messages: list[Message]) -> StepReport:
         engine.hold(now=now, seconds=kept[1] - now, at=kept[0])
     if events:
         engine.announce_hold(now=now, seconds=seconds, at=min(e.time for e in events))
-    # (a step with no event, only dead letters, says nothing about a backlog)
-    report = engine.process_decoded(events, report, now=now, caught_up=bool(events),
-                                    backlog_lag=BACKLOG_LAG)
-    if events and not report.behind:
-        # Between invocations the container holds nothing in flight: once caught up
-        # it must not hold quiet batches back until its heartbeat is worker_timeout
-        # old (its last clock is this invocation's "now", before their deadlines).
-        # Its next step's heartbeat makes it a live worker again.
-        engine.store.finish_worker(engine.worker_id)
-    return report
+    # (a step with no event, only dead letters, says nothing about a backlog.)
+    # Between invocations the container holds nothing in flight: once caught up it
+    # must not hold quiet batches back until its heartbeat is worker_timeout old (its
+    # last clock is this invocation's "now", before their deadlines), so the step marks
+    # it finished; its next step's heartbeat makes it a live worker again.
+    return engine.process_decoded(events, report, now=now, caught_up=bool(events),
+                                  backlog_lag=BACKLOG_LAG, finish=True)
 
 
 def _store_sqs(records: list[dict[str, Any]]) -> list[str]:

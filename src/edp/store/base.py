@@ -239,12 +239,13 @@ class Transaction(Protocol):
 
     def heartbeat(
         self, worker_id: str, *, clock: float, now: float, held: float | None = None,
-        held_until: float | None = None,
+        held_until: float | None = None, finished: bool = False,
     ) -> None:
         """Publish a worker's clock when this transaction commits (as :meth:`Store.heartbeat`).
 
         Other workers see the clock and the step's changes at the same moment, and
-        the step costs no extra commit.
+        the step costs no extra commit. ``finished``: the worker is marked finished
+        (:meth:`Store.finish_worker`) with it, as one whose step ends all it holds.
         """
         ...
 
@@ -389,14 +390,15 @@ class Store(Protocol):
     # -- workers and housekeeping -----------------------------------------------
     def heartbeat(
         self, worker_id: str, *, clock: float, now: float, held: float | None = None,
-        held_until: float | None = None,
+        held_until: float | None = None, finished: bool = False,
     ) -> None:
         """Publish a worker's clock (SPEC section 4; it never goes back), and its hold:
         a time at which it holds every worker's firing by time (``None``: none), while
         messages it received may come again later (see :meth:`edp.engine.Engine.hold`).
         Each heartbeat sets the hold anew. A hold with an end (``held_until``) counts
         until then, even once its worker is silent or finished (what it holds for comes
-        back then, to whoever receives it); one without, while its worker is live."""
+        back then, to whoever receives it); one without, while its worker is live.
+        ``finished``: as :meth:`finish_worker` right after, in the same write."""
         ...
 
     def retire_worker(

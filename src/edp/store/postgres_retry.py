@@ -111,11 +111,11 @@ class RetryingTransaction:
 
     def heartbeat(
         self, worker_id: str, *, clock: float, now: float, held: float | None = None,
-        held_until: float | None = None,
+        held_until: float | None = None, finished: bool = False,
     ) -> None:
         """Publish a worker's clock (and hold) with the commit."""
         self._call("heartbeat", worker_id, clock=clock, now=now, held=held,
-                   held_until=held_until)
+                   held_until=held_until, finished=finished)
 
     def queue_events(
         self, worker_id: str, events: Sequence[tuple[int, float, ObjectEvent]]

@@ -411,10 +411,11 @@ class PostgresTransaction:
 
     def heartbeat(
         self, worker_id: str, *, clock: float, now: float, held: float | None = None,
-        held_until: float | None = None,
+        held_until: float | None = None, finished: bool = False,
     ) -> None:
         """Publish a worker's clock (and hold) with this transaction's commit."""
-        self.queue(HEARTBEAT_SQL, heartbeat_params(worker_id, clock, now, held, held_until))
+        self.queue(HEARTBEAT_SQL, heartbeat_params(worker_id, clock, now, held, held_until,
+                                                     finished))
 
     def add_counters(self, counts: Mapping[str, int]) -> None:
         """Add to named counters (in this store's shard, names in sorted order)."""

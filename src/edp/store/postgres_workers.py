@@ -25,20 +25,20 @@ FINISH_LOCK = 0x65647002  # pg_advisory_xact_lock key of workers finishing
 ENDING_LOCK = 0x65647004  # pg_advisory_lock key held by the worker ending a replay run
 
 HEARTBEAT_SQL = (
-    "INSERT INTO workers (worker_id, clock, heartbeat_at, held, held_until)"
-    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (worker_id) DO UPDATE SET"
+    "INSERT INTO workers (worker_id, clock, heartbeat_at, held, held_until, finished)"
+    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (worker_id) DO UPDATE SET"
     " clock = greatest(workers.clock, excluded.clock),"
     " heartbeat_at = excluded.heartbeat_at, held = excluded.held,"
-    " held_until = excluded.held_until, finished = false"
+    " held_until = excluded.held_until, finished = excluded.finished"
 )
 
 
 def heartbeat_params(
     worker_id: str, clock: float, now: float, held: float | None = None,
-    held_until: float | None = None,
+    held_until: float | None = None, finished: bool = False,
 ) -> tuple[Any, ...]:
     """The parameters of :data:`HEARTBEAT_SQL`."""
-    return (worker_id, clock, now, held, None if held is None else held_until)
+    return (worker_id, clock, now, held, None if held is None else held_until, finished)
 
 
 CLOCK_REFRESH = 60.0
@@ -87,11 +87,11 @@ class WorkerClocks:
 
     def heartbeat(
         self, worker_id: str, *, clock: float, now: float, held: float | None = None,
-        held_until: float | None = None,
+        held_until: float | None = None, finished: bool = False,
     ) -> None:
         """Publish a worker's clock (it never goes back) and its hold."""
         self._run(lambda conn: conn.execute(
-            HEARTBEAT_SQL, heartbeat_params(worker_id, clock, now, held, held_until)
+            HEARTBEAT_SQL, heartbeat_params(worker_id, clock, now, held, held_until, finished)
         ))
 
     def retire_worker(

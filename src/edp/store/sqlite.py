@@ -329,11 +329,12 @@ class SqliteStore:
     # -- workers and housekeeping -------------------------------------------------
     def heartbeat(
         self, worker_id: str, *, clock: float, now: float, held: float | None = None,
-        held_until: float | None = None,
+        held_until: float | None = None, finished: bool = False,
     ) -> None:
         """Publish a worker's clock (and hold)."""
         with self.transaction() as tx:
-            tx.heartbeat(worker_id, clock=clock, now=now, held=held, held_until=held_until)
+            tx.heartbeat(worker_id, clock=clock, now=now, held=held, held_until=held_until,
+                         finished=finished)
 
     def retire_worker(
         self, worker_id: str, *, held: float | None = None, held_until: float | None = None

@@ -17,10 +17,10 @@ from edp.store.base import (
 
 _CHUNK = 900  # stays far below SQLite's bound-variable limit
 HEARTBEAT_SQL = (
-    "INSERT INTO workers (worker_id, clock, heartbeat_at, held, held_until)"
-    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (worker_id) DO UPDATE SET"
+    "INSERT INTO workers (worker_id, clock, heartbeat_at, held, held_until, finished)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (worker_id) DO UPDATE SET"
     " clock = max(clock, excluded.clock), heartbeat_at = excluded.heartbeat_at,"
-    " held = excluded.held, held_until = excluded.held_until, finished = 0"
+    " held = excluded.held, held_until = excluded.held_until, finished = excluded.finished"
 )
 BATCH_COLUMNS = (
     "batch_id, bucket, prefix, generation, state, object_count, first_activity, last_activity,"
@@ -230,11 +230,12 @@ class SqliteTransaction:
 
     def heartbeat(
         self, worker_id: str, *, clock: float, now: float, held: float | None = None,
-        held_until: float | None = None,
+        held_until: float | None = None, finished: bool = False,
     ) -> None:
         """Publish a worker's clock (and hold) with this transaction."""
         self.conn.execute(HEARTBEAT_SQL, (worker_id, clock, now, held,
-                                          None if held is None else held_until))
+                                          None if held is None else held_until,
+                                          int(finished)))
 
     def add_counters(self, counts: Mapping[str, int]) -> None:
         """Add to named counters."""

@@ -274,6 +274,12 @@ def test_the_last_worker_to_finish_is_told_so(store: Store) -> None:
     assert store.finish_worker("b") is True
     store.heartbeat("a", clock=2.0, now=T0)
     assert store.fire_floor("b", now=T0, timeout=60) == 2.0
+    # And a step's heartbeat may mark its worker finished (a Lambda container caught up)
+    with store.transaction() as tx:
+        tx.heartbeat("a", clock=3.0, now=T0, finished=True)
+    assert store.worker_finished("a") is True
+    assert store.fire_floor("b", now=T0, timeout=60) is None
+    assert store.worker_clock("a") == 3.0
 
 
 
