@@ -18,12 +18,13 @@ import tomllib
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr, ValidationError
 
 from edp.core.rules import GroupingRules, RuleBook
 from edp.errors import ConfigError
-from edp.redact import redact_text
+from edp.redact import redact_endpoint, redact_text
 
 ENV_PREFIX = "EDP_"
 DEFAULT_CONFIG_FILE = "edp.toml"
@@ -135,6 +136,38 @@ def _optional_text(value: Any) -> str | None:
     return text or None
 
 
+def http_url_problem(url: str) -> str | None:
+    """What makes ``url`` unusable for an HTTP POST (a webhook), or None."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return f"must be an http:// or https:// URL, got {redact_endpoint(url)!r}"
+    try:
+        parts.port  # noqa: B018 (urllib checks the port only here)
+    except ValueError:
+        return ("has a port that is not a number from 0 to 65535: "
+                f"{parts.netloc.rpartition('@')[2]!r}")
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        return "must not contain spaces or control characters (percent-encode them)"
+    return None
+
+
+def _http_url(value: Any) -> str | None:
+    text = _optional_text(value)
+    if text is not None and (problem := http_url_problem(text)) is not None:
+        raise ValueError(problem)
+    return text
+
+
+def _package_name_template(value: Any) -> str:
+    from edp.quilt.names import template_problem  # (only when the setting is given)
+
+    text = _required_text(value)
+    problem = template_problem(text)
+    if problem is not None:
+        raise ValueError(f"{problem.removeprefix(f'{text!r} ')}, got {text!r}")
+    return text
+
+
 DATABASE_SCHEMES = ("sqlite:", "postgresql:", "postgres:")
 
 
@@ -156,6 +189,7 @@ Csv = Annotated[tuple[str, ...], BeforeValidator(_csv)]
 Flag = Annotated[bool, BeforeValidator(_bool)]
 Text = Annotated[str, BeforeValidator(_required_text)]
 OptionalText = Annotated[str | None, BeforeValidator(_optional_text)]
+HttpUrl = Annotated[str | None, BeforeValidator(_http_url)]
 
 GROUPING_SETTINGS = (
     "bucket_prefix_depth",
@@ -221,7 +255,7 @@ class Settings(BaseModel):
     sqs_delete_poison: Flag = True
     eventbridge_bus: OptionalText = None
     sns_topic: OptionalText = None
-    webhook_url: OptionalText = None
+    webhook_url: HttpUrl = None
 
     @staticmethod
     def _secret(value: Any) -> Any:
@@ -235,7 +269,7 @@ class Settings(BaseModel):
     # -- quilt packaging and package-ready (issue 5): below this line
     registry: OptionalText = None
     package_local_root: OptionalText = None
-    package_name_template: Text = "{0}/{1}"
+    package_name_template: Annotated[str, BeforeValidator(_package_name_template)] = "{0}/{1}"
     package_message: Text = "Created by EDP from {source} ({trigger}, {object_count} objects)"
     metadata_files: Csv = ("metadata.xlsx", "metadata.json", "metadata.yaml", "metadata.csv")
     metadata_required: Flag = False
@@ -260,7 +294,7 @@ class Settings(BaseModel):
     quarantine_registry: OptionalText = None
     catalog_url: OptionalText = None
     notify_sns_topic: OptionalText = None
-    notify_webhook_url: OptionalText = None
+    notify_webhook_url: HttpUrl = None
     package_ready_delay: OptionalAge = 60.0
     package_ready_registries: Csv = ()
     file_gateway_shares: Csv = ()

@@ -146,6 +146,21 @@ def test_a_bucket_table_alone_does_not_narrow_the_watch_list(tmp_path: Path) -> 
         ({"EDP_DATABASE_URL": "mysql://u:pw@h/db"},
          "database_url must start with sqlite:///, postgresql:// or postgres://, got "
          "'mysql://u:***@h/db' (from environment variable EDP_DATABASE_URL)"),
+        # Webhook URLs are checked when loaded (`edp config` too), the token path hidden
+        ({"EDP_WEBHOOK_URL": "ftp://hooks.example/T0K3N"},
+         "webhook_url must be an http:// or https:// URL, got 'ftp://hooks.example/...' "
+         "(from environment variable EDP_WEBHOOK_URL)"),
+        ({"EDP_NOTIFY_WEBHOOK_URL": "https://h:99999/x"},
+         "notify_webhook_url has a port that is not a number from 0 to 65535: 'h:99999' "
+         "(from environment variable EDP_NOTIFY_WEBHOOK_URL)"),
+        ({"EDP_WEBHOOK_URL": "https://h/a b"},
+         "webhook_url must not contain spaces or control characters"),
+        # So is the package name template (`edp config` showed one the packager refused)
+        ({"EDP_PACKAGE_NAME_TEMPLATE": "{nope}/x"},
+         "package_name_template is not usable: ValueError('field {nope} is not a plain "
+         "segment number, bucket or prefix'); use {0}, {1}, ... for prefix segments and "
+         "{bucket} or {prefix}, e.g. '{0}/{1}', got '{nope}/x' (from environment variable "
+         "EDP_PACKAGE_NAME_TEMPLATE)"),
     ],
 )
 def test_bad_values_name_setting_value_and_what_is_allowed(

@@ -56,10 +56,10 @@ _PLAIN_FIELD = re.compile(r"\d*|bucket|prefix")
 ``{0.__class__}`` or ``{0[0]}``)."""
 
 
-def check_template(template: str) -> None:
-    """Raise :class:`ConfigError` unless ``template`` renders for a sample prefix and
-    names only segment numbers, ``bucket`` and ``prefix``, without conversions or
-    format specifications."""
+def template_problem(template: str) -> str | None:
+    """Why ``template`` is not a usable package name template, or None: it must render
+    for a sample prefix and name only segment numbers, ``bucket`` and ``prefix``,
+    without conversions or format specifications."""
     try:
         for _, field, spec, conversion in _FORMATTER.parse(template):
             if field is None:
@@ -70,10 +70,17 @@ def check_template(template: str) -> None:
                                  "number, bucket or prefix")
         _FORMATTER.format(template, "a", "b", bucket="bucket", prefix="a/b")
     except (KeyError, IndexError, ValueError, AttributeError) as exc:
-        raise ConfigError(
-            f"package_name_template {template!r} is not usable: {exc!r}; use {{0}}, {{1}}, ... "
-            "for prefix segments and {bucket} or {prefix}, e.g. '{0}/{1}'"
-        ) from None
+        return (f"{template!r} is not usable: {exc!r}; use {{0}}, {{1}}, ... for prefix "
+                "segments and {bucket} or {prefix}, e.g. '{0}/{1}'")
+    return None
+
+
+def check_template(template: str) -> None:
+    """Raise :class:`ConfigError` unless ``template`` is usable (:func:`template_problem`;
+    settings are checked when loaded: this guards templates given by other code)."""
+    problem = template_problem(template)
+    if problem is not None:
+        raise ConfigError(f"package_name_template {problem}")
 
 
 def render(template: str, bucket: str, prefix: str) -> str:

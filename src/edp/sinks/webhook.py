@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from edp.config import http_url_problem
 from edp.errors import ConfigError
 from edp.redact import redact_endpoint
 from edp.sinks.base import Failure
@@ -96,20 +97,11 @@ def _without_credentials(url: str) -> tuple[str, str | None]:
 
 
 def check_url(url: str, setting: str) -> None:
-    """Refuse, at start, a URL that ``post`` could never use."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ConfigError(
-            f"{setting} must be an http:// or https:// URL, got {redact_endpoint(url)!r}"
-        )
-    try:
-        parts.port  # noqa: B018 (urllib checks the port only here)
-    except ValueError:
-        raise ConfigError(f"{setting} has a port that is not a number from 0 to 65535: "
-                          f"{parts.netloc.rpartition('@')[2]!r}") from None
-    if any(c.isspace() or ord(c) < 32 for c in url):
-        raise ConfigError(f"{setting} must not contain spaces or control characters "
-                          "(percent-encode them)")
+    """Refuse, at start, a URL that ``post`` could never use (settings are checked when
+    loaded; this guards a sink built by other code)."""
+    problem = http_url_problem(url)
+    if problem is not None:
+        raise ConfigError(f"{setting} {problem}")
 
 
 def is_retryable(status: int) -> bool:
