@@ -19,10 +19,13 @@ secret nor credentials or query strings of the URL are ever logged.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import http.client
 import logging
+import socket
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -54,9 +57,47 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+class _Sockets(threading.local):
+    """The sockets this thread's POST in progress opened (to cut them at its deadline)."""
+
+    def __init__(self) -> None:
+        self.open: list[socket.socket] = []
+
+
+_sockets = _Sockets()
+
+
+def _recorded(base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+    class Recorded(base):  # type: ignore[valid-type,misc]
+        def connect(self) -> None:
+            super().connect()
+            _sockets.open.append(self.sock)
+
+    return Recorded
+
+
+class _Http(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_recorded(http.client.HTTPConnection), req)
+
+
+class _Https(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_recorded(http.client.HTTPSConnection), req,
+                            context=self._context)  # type: ignore[attr-defined]
+
+
 def post_opener() -> urllib.request.OpenerDirector:
-    """An opener for webhook POSTs: redirects are answers (3xx), never followed."""
-    return urllib.request.build_opener(_NoRedirect())
+    """An opener for webhook POSTs: redirects are answers (3xx), never followed; the
+    sockets it opens are known, so that :func:`post` can cut one at its deadline."""
+    return urllib.request.build_opener(_NoRedirect(), _Http(), _Https())
+
+
+def _cut(sockets: list[socket.socket], cut: list[bool]) -> None:
+    cut.append(True)
+    for sock in sockets:
+        with contextlib.suppress(OSError):  # (already closed)
+            sock.shutdown(socket.SHUT_RDWR)  # (wakes a recv blocked in another thread)
 
 
 def post(
@@ -64,6 +105,10 @@ def post(
     timeout: float,
 ) -> int:
     """POST ``body`` once and return the HTTP status (an error status too).
+
+    The whole exchange takes at most ``timeout`` seconds (with :func:`post_opener`'s
+    opener): an endpoint that answers a byte at a time is cut off then, rather than
+    hold the worker (a socket timeout alone bounds each read, not their sum).
 
     Raises :class:`urllib.error.URLError` or :class:`OSError` when no usable answer came
     (no connection, a timeout, or an answer that is not HTTP). ``url`` must be http(s)
@@ -73,6 +118,12 @@ def post(
     if authorization is not None:
         headers = {**headers, "Authorization": authorization}
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+    sockets: list[socket.socket] = []
+    cut: list[bool] = []  # (set by the deadline's thread once it cut them)
+    _sockets.open = sockets
+    deadline = threading.Timer(timeout, _cut, args=(sockets, cut))
+    deadline.daemon = True
+    deadline.start()
     try:
         with opener.open(request, timeout=timeout) as response:
             response.read()
@@ -80,8 +131,15 @@ def post(
     except urllib.error.HTTPError as exc:
         exc.close()
         return exc.code
-    except http.client.HTTPException as exc:  # a garbled or cut answer: try again later
-        raise urllib.error.URLError(type(exc).__name__) from None
+    except (http.client.HTTPException, OSError) as exc:
+        if cut:
+            raise urllib.error.URLError(f"no whole answer within {timeout:g}s") from None
+        if isinstance(exc, http.client.HTTPException):  # a garbled or cut answer
+            raise urllib.error.URLError(type(exc).__name__) from None
+        raise
+    finally:
+        deadline.cancel()
+        _sockets.open = []
 
 
 def _without_credentials(url: str) -> tuple[str, str | None]:

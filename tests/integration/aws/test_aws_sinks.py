@@ -9,7 +9,7 @@ import socket
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -217,6 +217,93 @@ def test_webhook_credentials_in_the_url_are_sent_as_basic_authentication() -> No
     assert status == 200
     assert headers["Authorization"] == "Basic " + base64.b64encode(b"alice:S3cret Pw@x").decode()
     assert "alice" not in headers["Host"]
+
+
+class Trickle(BaseHTTPRequestHandler):
+    """Answers 200, a byte every 0.3 s (each read well within a 1 s socket timeout)."""
+
+    answered: ClassVar[list[bool]] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+        try:
+            for byte in answer:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.3)
+        except OSError:
+            return  # (cut off by the client)
+        self.answered.append(True)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_a_webhook_answering_a_byte_at_a_time_is_cut_off_at_the_timeout() -> None:
+    # Given an endpoint whose answer takes ~12 s, a byte at a time, and a 1 s timeout
+    with http_server(Trickle) as url:
+        sink = WebhookSink(f"{url}/hook", timeout=1)
+        # When an event is sent
+        [failure] = sink.send([entry(envelope("b", "a/"))])
+    # Then the POST gave up at the timeout, to be retried (not held the worker ~12 s
+    # for a success)
+    assert not failure.permanent
+    assert "no whole answer within 1s" in failure.error
+    assert Trickle.answered == []
+
+
+def self_signed(directory: Any) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key, as PEM files (cryptography comes with
+    moto, which these tests need anyway)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+@pytest.mark.timeout(60)
+def test_a_webhook_over_https_is_cut_off_at_the_timeout_too(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ssl
+
+    # Given the byte-at-a-time endpoint over TLS, with a certificate edp trusts
+    cert, key = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", cert)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    endpoint = RecordingEndpoint.fresh()
+    with http_server(endpoint, tls=context) as url:
+        # Then an event is delivered over HTTPS
+        assert WebhookSink(f"{url}/hook", timeout=5).send([entry(envelope("b", "a/"))]) == []
+    assert url.startswith("https://") and len(endpoint.seen) == 1
+    with http_server(Trickle, tls=context) as url:
+        # And a slow answer is cut off at the timeout, as over HTTP
+        [failure] = WebhookSink(f"{url}/hook", timeout=1).send([entry(envelope("b", "a/"))])
+    assert "no whole answer within 1s" in failure.error
 
 
 def test_webhook_refuses_other_schemes() -> None:
