@@ -112,6 +112,10 @@ def _build(role: str) -> Runtime:
     # recycled container's row stops counting after worker_timeout.
     function = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "edp")
     worker_id = settings.worker_id or f"lambda-{role}-{function}-{uuid.uuid4().hex[:12]}"
+    if settings.worker_id:
+        log.warning("worker_id is set (%s): every container of the function shares one "
+                    "worker row, so one's step clears the hold another published and their "
+                    "clocks mix; leave it unset for the Lambda functions", worker_id)
     built = build_runtime(settings, database_url=resolve_database_url(settings),
                           worker_id=worker_id, observers=build_observers(settings))
     log.info("edp %s runtime: worker %s, sinks %s", role, worker_id,

@@ -472,3 +472,18 @@ def test_records_left_untried_hold_their_batch_and_failing_ones_do_not(
     sleep_until(hold_end(url) + 0.5)
     tick()
     assert counts_of(url) == [(PREFIX, "closed", 1), (other, "closed", 2)]
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_id_set_for_the_functions_is_warned_about(
+    lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given worker_id set in the functions' environment (every container would share it)
+    monkeypatch.setenv("EDP_WORKER_ID", "edp-lambda")
+    handlers.reset_runtime()
+    # When a container builds its runtime, Then it says why that is wrong
+    caplog.set_level(logging.WARNING)
+    handlers.store_handler(load_event("aws-lambda-sqs-batch.json"), None)
+    assert "worker_id is set (edp-lambda)" in caplog.text
+    assert "leave it unset for the Lambda functions" in caplog.text
