@@ -96,7 +96,7 @@ def test_operator_workflow(tmp_path: Path) -> None:
     assert "line 3: not JSON" in letters.stdout
 
     status = edp("db", "status", home=tmp_path)
-    assert "schema version 4 (latest 4)" in status.stdout
+    assert "schema version 5 (latest 5)" in status.stdout
     assert "dead_letters: 1" in status.stdout
 
 
