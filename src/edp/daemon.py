@@ -226,7 +226,23 @@ class Daemon:
                             "the stop; sources whose last step failed: %s): they come again "
                             "after the queue's visibility timeout", self.abandoned,
                             ", ".join(sorted(self._unacknowledged)) or "none")
+            else:
+                self._finish()
         return self.stats
+
+    def _finish(self) -> None:
+        """Stopping for good, cleanly: the other workers need not wait for this one's
+        clock (not when received messages were left behind: then this worker must, at
+        its next start, wait for them as after a crash, or a batch would be split)."""
+        engine = self.runtime.engine
+        try:
+            engine.store.finish_worker(engine.worker_id)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            # (its next start then holds as after a crash: nothing is lost)
+            log.warning("the store is unreachable, worker %s is not marked finished: %s",
+                        engine.worker_id, one_line(str(exc)))
 
     def run_once(self) -> None:
         """One round: receive from every source, process, acknowledge, fire, relay.

@@ -49,9 +49,8 @@ def run(
     from edp.aws.secrets import resolve_database_url
     from edp.bootstrap import build_observers, build_runtime
     from edp.daemon import Daemon
-    from edp.errors import ConfigError, one_line
+    from edp.errors import ConfigError
     from edp.sources.sqs import SqsSource
-    from edp.store import is_outage
 
     settings = settings_from(
         kwargs,
@@ -82,19 +81,7 @@ def run(
     daemon = Daemon(runtime, sources, max_wait=float(settings.sqs_wait_seconds))
     daemon.install_signal_handlers()
     try:
-        stats = daemon.run()
-        # Stopping for good: the other workers need not wait for this one's clock. Not
-        # when received messages were left behind: then this worker must, at its next
-        # start, wait for them as after a crash (or a batch would be split).
-        if daemon.stopped_cleanly:
-            try:
-                runtime.store.finish_worker(runtime.engine.worker_id)
-            except Exception as exc:
-                if not is_outage(exc):
-                    raise
-                # (its next start then holds as after a crash: nothing is lost)
-                click.echo(f"edp run: the store is unreachable, the worker is not marked "
-                           f"finished: {one_line(str(exc))}", err=True)
+        stats = daemon.run()  # (marks the worker finished when it stops cleanly)
     finally:
         runtime.close()
     click.echo(

@@ -19,9 +19,10 @@ from typing import Any
 import orjson
 import pytest
 
+from edp.cli.watch import watch_worker_id
 from edp.decode import decode_message
 from edp.sources.watch import SEQUENCER_WIDTH, FolderSource, notification
-from edp.store import Store
+from edp.store import Store, open_store
 from edp.store.base import BatchRow
 
 pytestmark = pytest.mark.timeout(60)
@@ -316,6 +317,13 @@ def test_edp_watch_cli_prints_events_packages_batches_and_stops_on_ctrl_c(
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err.decode()
     assert b"stopped after" in err
+    # And its worker is recorded as finished: it holds no other worker back, and a
+    # replay on that store is not told of live workers
+    store = open_store(f"sqlite:///{tmp_path / 'cli.db'}")
+    try:
+        assert store.worker_finished(watch_worker_id(root)) is True
+    finally:
+        store.close()
 
 
 def test_edp_watch_on_a_registry_folder_emits_package_ready(root: Path, tmp_path: Path) -> None:
