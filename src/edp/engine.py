@@ -207,7 +207,8 @@ def dead_letter(message: Message, error: DecodeError, now: float) -> DeadLetter:
 
 
 _PRIVATE_SINKS = ("stdout", "log")
-"""Sinks that are one process's own output: another process cannot relay to them."""
+"""Sinks that are one process's own output: another process cannot relay to them (but
+``stdout`` is shared by an engine built with ``share_stdout``: ``edp watch``)."""
 
 
 class Engine:
@@ -222,8 +223,13 @@ class Engine:
         worker_id: str | None = None,
         observers: Sequence[StepObserver] = (),
         clock_max_ahead: float | None = None,
+        share_stdout: bool = False,
     ) -> None:
         self.store = store
+        # Whether this process's stdout is a lasting stream (``edp watch``'s output, which
+        # a pipe reads) that events of other processes on the store go to, such as an
+        # operator's `edp batches close`: it is then registered as a shared sink.
+        self.share_stdout = share_stdout
         # How far an event's time may take the clock past the wall clock (``now``); None:
         # no bound (a replay, whose stream's times are its only clock). Live workers get
         # the clock_max_ahead setting (edp.bootstrap.build_runtime).
@@ -259,9 +265,12 @@ class Engine:
             return self.own_sinks
         if not self._known_sinks:
             # stdout and log belong to the process that printed them: nobody else
-            # relays to them, so they are no destination for another process's events.
+            # relays to them, so they are no destination for another process's events;
+            # except the stdout a watcher registered (see share_stdout).
+            registered = set(self.store.registered_sinks())
             self._known_sinks = tuple(
-                name for name in self.store.known_sinks() if name not in _PRIVATE_SINKS
+                name for name in self.store.known_sinks()
+                if name not in _PRIVATE_SINKS or name in registered
             )
             if not self._known_sinks and not self._warned_no_sink:
                 self._warned_no_sink = True
@@ -505,7 +514,8 @@ class Engine:
     def register_sinks(self, *, now: float) -> None:
         """Record in the store the sinks this worker relays to, so that processes with
         none of their own record their events for them (see :attr:`sinks`)."""
-        shared = [name for name in self.own_sinks if name not in _PRIVATE_SINKS]
+        shared = [name for name in self.own_sinks if name not in _PRIVATE_SINKS
+                  or (name == "stdout" and self.share_stdout)]
         if shared:
             self.store.register_sinks(shared, now=now)
 
@@ -673,9 +683,10 @@ class Engine:
         if not sinks:
             raise EdpError(
                 "no sink is configured here and the store knows no shared one (stdout and "
-                "log belong to the process that prints them, so they do not count): "
-                "configure one (jsonl_path, eventbridge_bus, sns_topic, webhook_url) so "
-                "that the event is delivered"
+                "log belong to the process that prints them, so they do not count, except "
+                "the stdout of an `edp watch` that ran on this store): configure one "
+                "(jsonl_path, eventbridge_bus, sns_topic, webhook_url) so that the event is "
+                "delivered"
             )
         return sinks
 

@@ -101,6 +101,7 @@ def watch(directory: Path, bucket: str | None, stdout: bool, registry: str | Non
     runtime = build_runtime(
         settings, sinks=sinks, worker_id=settings.worker_id or watch_worker_id(directory),
         observers=build_observers(settings),
+        share_stdout=True,  # (`edp batches close` elsewhere prints its event here)
     )
     click.echo(f"edp watch: {source.root} as bucket {source.bucket!r}, store "
                f"{runtime.store.url}; Ctrl-C stops", err=True)

@@ -311,6 +311,28 @@ def test_edp_watch_cli_prints_events_packages_batches_and_stops_on_ctrl_c(
         if packaging:
             latest = registry / ".quilt/named_packages/scope/exp/latest"
             wait(latest.is_file, timeout=40, what="the package in the local registry")
+        # When a file lands in another prefix, and an operator closes its batch from
+        # another shell (no sink of its own)
+        (root / "scope/other").mkdir(parents=True)
+        (root / "scope/other/1.txt").write_text("1")
+        url = f"sqlite:///{tmp_path / 'cli.db'}"
+
+        def open_batch() -> Any:
+            store = open_store(url)
+            try:
+                return next(iter(store.list_batches(state="open")), None)
+            finally:
+                store.close()
+
+        batch = wait(open_batch, timeout=20, what="the open batch")
+        closed = subprocess.run(
+            [sys.executable, "-m", "edp", "batches", "close", batch.batch_id,
+             "--database-url", url], capture_output=True, env=env, cwd=tmp_path, timeout=60)
+        assert closed.returncode == 0, closed.stderr.decode()
+        # Then its event comes out of the watcher's stdout, as its own events do
+        event = orjson.loads(lines.get(timeout=20))
+        assert (event["detail"]["prefix"], event["detail"]["trigger"]) == ("scope/other/",
+                                                                          "manual")
     finally:
         # And Ctrl-C stops it cleanly
         proc.send_signal(signal.SIGINT)
