@@ -180,9 +180,16 @@ def body_text(body: bytes | str) -> str | None:
     return None if "\x00" in body else body
 
 
+LINE_SOURCE = "replay"
+"""The source of messages that are lines of a JSON Lines file (``edp replay``)."""
+
+
 def dead_letter(message: Message, error: DecodeError, now: float) -> DeadLetter:
-    """The dead letter of a message that could not be decoded."""
+    """The dead letter of a message that could not be decoded (a line's body without its
+    line break: it separates lines, it is no part of one)."""
     body = message.body
+    if message.source == LINE_SOURCE and isinstance(body, bytes):
+        body = body.removesuffix(b"\n").removesuffix(b"\r")
     reason = error.reason
     if isinstance(body, dict):
         try:

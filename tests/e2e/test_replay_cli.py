@@ -259,3 +259,20 @@ def test_a_pretty_printed_file_gets_a_hint_about_json_lines() -> None:
     # while a stream with a few bad lines among good ones gets no such hint
     mixed = edp("replay", "-", stdin=jsonl([eventbridge("a/b/c.txt", 0)]) + b"{oops\n")
     assert "JSON Lines" not in mixed.stderr.decode().splitlines()[-1]
+
+
+def test_a_rejected_line_is_kept_without_its_line_break(tmp_path: Path) -> None:
+    # Given a stream with a bad line (Unix and Windows line breaks), replayed into a store
+    url = f"sqlite:///{tmp_path / 'kept.db'}"
+    stream = jsonl([eventbridge("a/b/c", 0)]) + b"[1, 2]\n" + b"{oops\r\n"
+    assert edp("replay", "-", "--database-url", url, stdin=stream).returncode == 0
+    # Then each dead letter's body is the line as written, without the break that ended it
+    from edp.store import open_store
+
+    store = open_store(url)
+    try:
+        letters = store.dead_letters()
+    finally:
+        store.close()
+    assert sorted((d.location, d.body) for d in letters) == [
+        ("line 2", "[1, 2]"), ("line 3", "{oops")]

@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 
 from edp.core.events import EventKind, ObjectEvent
 from edp.core.rules import Skip
-from edp.engine import Message, StepReport, decode_messages
+from edp.engine import LINE_SOURCE, Message, StepReport, decode_messages
 from edp.errors import EdpError
 from edp.store.base import DeadLetter
 
@@ -53,7 +53,7 @@ def read_chunks(stream: BinaryIO, size: int) -> Iterator[list[Message]]:
     for number, line in enumerate(lines, start=1):
         if line.isspace() or not line:  # (strip() would copy every line)
             continue
-        chunk.append(_message((line, f"line {number}", "replay")))
+        chunk.append(_message((line, f"line {number}", LINE_SOURCE)))
         if len(chunk) >= size:
             yield chunk
             chunk = []
