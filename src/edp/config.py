@@ -179,6 +179,15 @@ def _database_url(value: Any) -> str:
     return text
 
 
+def check_database_url(url: str, origin: str) -> None:
+    """Refuse a database URL given outside the settings (``edp replay --database-url``)
+    as the settings would, naming where it came from."""
+    try:
+        _database_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"database_url {exc} (from {origin})") from None
+
+
 Depth = Annotated[int, BeforeValidator(_int(0, 1024, " (an S3 key has at most 1024 bytes)"))]
 Count = Annotated[int, BeforeValidator(_int(0))]
 PositiveInt = Annotated[int, BeforeValidator(_int(1))]
@@ -365,7 +374,8 @@ def load_settings(
     named: Any = ()  # the file's bucket_name, beside [buckets."X"] tables
     path = _config_path(config_file, env)
     if path is not None:
-        data = _read_toml(path)
+        data = _read_toml(path, "" if config_file is not None
+                          else " (from environment variable EDP_CONFIG)")
         if isinstance(data.get("buckets"), dict):
             named = data.pop("bucket_name", ())
         for name, value in data.items():
@@ -510,12 +520,12 @@ def _config_path(
     return default if default.is_file() else None
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, where: str = "") -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
             data = tomllib.load(handle)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        raise ConfigError(f"config file {path} does not exist{where}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     except OSError as exc:

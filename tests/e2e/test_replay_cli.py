@@ -276,3 +276,11 @@ def test_a_rejected_line_is_kept_without_its_line_break(tmp_path: Path) -> None:
         store.close()
     assert sorted((d.location, d.body) for d in letters) == [
         ("line 2", "[1, 2]"), ("line 3", "{oops")]
+
+
+def test_a_bad_database_url_option_says_where_it_came_from() -> None:
+    result = edp("replay", "-", "--database-url", "foo", stdin=b"")
+    assert result.returncode == 2
+    assert result.stderr.decode().strip() == (
+        "edp: configuration error: database_url must start with sqlite:///, postgresql:// or "
+        "postgres://, got 'foo' (from option --database-url)")

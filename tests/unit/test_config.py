@@ -215,8 +215,12 @@ def test_unknown_setting_in_file(tmp_path: Path) -> None:
 def test_broken_or_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(config_file=write(tmp_path, "= nope"), env={})
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match=r"does not exist$"):
         load_settings(config_file=tmp_path / "missing.toml", env={})
+    # (one named by EDP_CONFIG says so: the user may not remember setting it)
+    with pytest.raises(ConfigError, match=r"does not exist \(from environment variable "
+                                          r"EDP_CONFIG\)"):
+        load_settings(env={"EDP_CONFIG": str(tmp_path / "missing.toml")})
 
 
 def test_env_names() -> None:

@@ -31,8 +31,11 @@ def replay(file: Any, database_url: str | None, strict: bool, replay_workers: st
     rejected lines and a summary go to stderr. Never touches the configured
     database unless --database-url names one.
     """
+    from edp.config import check_database_url
     from edp.replay import run_replay
 
+    if database_url is not None:
+        check_database_url(database_url, "option --database-url")
     settings = settings_from(kwargs, replay_workers=replay_workers, worker_id=worker_id)
     summary = run_replay(
         file, settings, stdout=sys.stdout.buffer, stderr=sys.stderr, database_url=database_url
