@@ -284,3 +284,23 @@ def test_a_bad_database_url_option_says_where_it_came_from() -> None:
     assert result.stderr.decode().strip() == (
         "edp: configuration error: database_url must start with sqlite:///, postgresql:// or "
         "postgres://, got 'foo' (from option --database-url)")
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_stops_a_replay_with_the_usual_status_and_no_traceback() -> None:
+    import signal
+    import time
+
+    # Given a replay reading a stream that has not ended (stdin kept open)
+    proc = subprocess.Popen([sys.executable, "-m", "edp", "replay", "-"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write(jsonl([eventbridge("a/b/c", 0)]))
+    proc.stdin.flush()
+    time.sleep(2.0)  # (past start-up: the command runs)
+    # When Ctrl-C reaches it, Then it stops with 130, one line, no traceback
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err.decode()
+    assert err.decode().strip().splitlines()[-1] == "edp: interrupted"
+    assert "Traceback" not in err.decode()

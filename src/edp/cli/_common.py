@@ -84,7 +84,9 @@ def _option_names() -> dict[str, str]:
 
 
 def handle_errors(func: F) -> F:
-    """Turn edp's errors into a one-line message and exit status 2 (config) or 1."""
+    """Turn edp's errors into a one-line message and exit status 2 (config) or 1, and
+    Ctrl-C (in a command that does not stop on it gracefully) into 130, the shells'
+    status for SIGINT, without a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -96,6 +98,9 @@ def handle_errors(func: F) -> F:
         except EdpError as exc:
             click.echo(f"edp: error: {exc}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("edp: interrupted", err=True)
+            sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
 
