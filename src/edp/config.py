@@ -357,13 +357,16 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
     flag_names: Mapping[str, str] | None = None,
+    origins: dict[str, str] | None = None,
 ) -> Settings:
     """Build :class:`Settings` from defaults, the file, the environment and flags.
 
     ``flags`` maps setting names to values; ``None`` values are ignored (flag not given).
     ``flag_names`` maps setting names to the command-line options that set them, for
     error messages (default: ``--`` and the setting's name without ``bucket_``).
-    Raises :class:`ConfigError` naming the setting, the value and its origin.
+    ``origins``, when given, receives where each setting not left at its default came
+    from (``edp config`` shows it). Raises :class:`ConfigError` naming the setting, the
+    value and its origin.
     """
     env = os.environ if env is None else env
     values: dict[str, Any] = {"database_url": default_database_url()}
@@ -426,6 +429,13 @@ def load_settings(
         values["database_url"] = _with_credentials(
             values["database_url"], credentials, origin.get("database_url", "the default")
         )
+    if origins is not None:
+        origins.update(origin)
+        if "database_url" not in origin:
+            origins["database_url"] = "the default (the user's data folder)"
+        if "region" not in origin and "region" in values:
+            aws = "AWS_REGION" if env.get("AWS_REGION") else "AWS_DEFAULT_REGION"
+            origins["region"] = f"environment variable {aws}"
     try:
         return Settings(**values)
     except ValidationError as exc:

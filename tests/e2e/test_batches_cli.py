@@ -119,6 +119,39 @@ def test_config_shows_settings_without_secrets(tmp_path: Path) -> None:
     assert "hush" not in result.stdout
 
 
+def test_config_prints_toml_that_says_where_each_value_came_from(tmp_path: Path) -> None:
+    import tomllib
+
+    # Given a value from each place: a config file, the environment, a flag
+    (tmp_path / "edp.toml").write_text(
+        'bucket_threshold_duration = 60\nbucket_ignore_prefixes = ["tmp/"]\n'
+        '[bucket_overrides."lab-raw"]\nbucket_threshold_event_count = 5\n')
+    env = {**os.environ, "EDP_BUCKET_PREFIX_DEPTH": "3", "EDP_SERVE_TOKEN": "hush"}
+    env.pop("EDP_CONFIG", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "edp", "config", "--threshold-event-count", "7"],
+        capture_output=True, text=True, env=env, timeout=60, check=False, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # Then the output is TOML that reads back as the same settings (unset and secret
+    # values commented out)
+    parsed = tomllib.loads(result.stdout)
+    assert parsed["bucket_prefix_depth"] == 3
+    assert parsed["bucket_threshold_duration"] == 60.0
+    assert parsed["bucket_threshold_event_count"] == 7
+    assert parsed["bucket_ignore_prefixes"] == ["tmp/"]
+    assert parsed["bucket_overrides"] == {"lab-raw": {"bucket_threshold_event_count": 5}}
+    assert "jsonl_path" not in parsed and "serve_token" not in parsed
+    assert "hush" not in result.stdout
+    # And each line says where its value came from
+    lines = result.stdout.splitlines()
+    assert "bucket_prefix_depth = 3  # environment variable EDP_BUCKET_PREFIX_DEPTH" in lines
+    assert "bucket_threshold_duration = 60.0  # config file edp.toml" in lines
+    assert ("bucket_threshold_event_count = 7  # option --threshold-event-count" in lines)
+    assert "event_source = \"com.quiltdata.edp\"  # default" in lines
+    assert ("# serve_token = (set, not shown: a secret), environment variable "
+            "EDP_SERVE_TOKEN") in lines
+
+
 def test_an_operator_close_without_sink_settings_reaches_the_workers_sinks(
     tmp_path: Path,
 ) -> None:
@@ -192,14 +225,14 @@ def test_config_shows_the_buckets_that_per_bucket_tables_add_to_the_watch_list(
     config = tmp_path / "edp.toml"
     config.write_text('buckets = ["a"]\n[bucket_overrides."b"]\nbucket_prefix_depth = 1\n')
     shown = edp("config", "--config", str(config), home=tmp_path)
-    assert "buckets = ('a',)" in shown.stdout
-    assert "# watched buckets (with the per-bucket tables'): ['a', 'b']" in shown.stdout
+    assert 'buckets = ["a"]  # config file ' in shown.stdout
+    assert "# watched buckets (with the per-bucket tables'): [\"a\", \"b\"]" in shown.stdout
 
 
 def test_config_shows_only_the_host_of_webhook_urls(tmp_path: Path) -> None:
     shown = edp("config", home=tmp_path,
                 env={"EDP_WEBHOOK_URL": "https://hooks.example.com/services/T0/B0/t0k3n"})
-    assert "webhook_url = 'https://hooks.example.com/...'" in shown.stdout
+    assert 'webhook_url = "https://hooks.example.com/..."  # environment variable' in shown.stdout
     assert "t0k3n" not in shown.stdout
 
 

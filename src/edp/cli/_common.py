@@ -56,15 +56,17 @@ def grouping_options(func: F) -> F:
     return func
 
 
-def settings_from(kwargs: dict[str, Any], **extra: Any) -> Settings:
+def settings_from(
+    kwargs: dict[str, Any], origins: dict[str, str] | None = None, **extra: Any
+) -> Settings:
     """Pop the grouping flags from ``kwargs`` and load settings with them and ``extra``
     (setting names; an option whose parameter has the setting's name is named after it
-    in error messages)."""
+    in error messages); ``origins`` receives where each value came from."""
     flags: dict[str, Any] = {GROUPING_FLAGS[k]: kwargs.pop(k) for k in GROUPING_FLAGS}
     flags["eventbridge_raw_keys"] = kwargs.pop("eventbridge_raw_keys")
     flags.update(extra)
     return load_settings(config_file=kwargs.pop("config_file"), flags=flags,
-                         flag_names=_option_names())
+                         flag_names=_option_names(), origins=origins)
 
 
 def _option_names() -> dict[str, str]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import click
+from pydantic import SecretStr
 
 from edp.cli import main
 from edp.cli._common import (
@@ -118,16 +120,45 @@ def dead_letters(config_file: str | None, database_url: str | None, limit: int) 
 @grouping_options
 @handle_errors
 def config_show(**kwargs: Any) -> None:
-    """Print the effective settings (after file, environment and flags)."""
-    settings = settings_from(kwargs)
-    for name, value in settings.model_dump().items():
+    """Print the effective settings (after file, environment and flags) as TOML, each
+    with where its value came from; secrets and URL passwords masked, unset values
+    commented out."""
+    origins: dict[str, str] = {}
+    settings = settings_from(kwargs, origins=origins)
+    overrides = settings.bucket_overrides
+    for name, value in settings.model_dump(exclude={"bucket_overrides"}).items():
         if isinstance(value, str) and name.endswith("webhook_url"):
             value = redact_endpoint(value)  # a chat webhook's path is its token
         elif isinstance(value, str):
             value = redact_text(value)
-        click.echo(f"{name} = {value!r}")
-        if name == "buckets" and value and settings.bucket_overrides:
+        where = f"  # {origins[name]}" if name in origins else "  # default"
+        if value is None:
+            click.echo(f"# {name} = (not set){where.replace('  # ', ', ', 1)}")
+        elif isinstance(value, SecretStr):
+            click.echo(f"# {name} = (set, not shown: a secret){where.replace('  # ', ', ', 1)}")
+        else:
+            click.echo(f"{name} = {toml_value(value)}{where}")
+        if name == "buckets" and value and overrides:
             # (a bucket with a per-bucket table is watched too: core.rules.RuleBook)
-            watched = sorted({*value, *settings.bucket_overrides})
-            click.echo(f"# watched buckets (with the per-bucket tables'): {watched!r}")
+            watched = sorted({*value, *overrides})
+            click.echo(f"# watched buckets (with the per-bucket tables'): {toml_value(watched)}")
+    for bucket, table in overrides.items():
+        click.echo(f"\n[bucket_overrides.{toml_value(bucket)}]  # {origins['bucket_overrides']}")
+        for name, value in table.model_dump(exclude_none=True).items():
+            click.echo(f"{name} = {toml_value(value)}")
 
+
+def toml_value(value: Any) -> str:
+    """``value`` (a setting's) written as TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # (JSON's escapes are TOML's)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{toml_value(str(k))} = {toml_value(v)}"
+                               for k, v in value.items()) + "}"
+    return json.dumps(str(value))
