@@ -6,16 +6,19 @@ import hashlib
 import logging
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from edp.cli import main
-from edp.cli._common import grouping_options, handle_errors, settings_from
+from edp.cli._common import grouping_options, handle_errors, printable, settings_from
 from edp.config import Settings
 from edp.errors import ConfigError
 from edp.sinks.base import Sink
 from edp.sources.watch import FolderSource
+
+if TYPE_CHECKING:
+    from edp.quilt.packager import PackageResult
 
 
 def require_watchfiles() -> None:
@@ -57,7 +60,21 @@ def packager_sink(settings: Settings, source: FolderSource, registry: str) -> Si
     # Only the folder's own batches: other processes on a shared store may hand this
     # sink events of other buckets, whose folders beside this one are not its to read.
     return PackagerSink(Packager(settings, registry=registry, local_root=source.root.parent,
-                                 buckets={source.bucket}))
+                                 buckets={source.bucket}), on_result=say_package)
+
+
+def say_package(result: PackageResult) -> None:
+    """One line on stderr per batch packaged (or not), as the demo shows them."""
+    what = {
+        "pushed": f"package {result.package} ({result.files} files) pushed to "
+                  f"{result.registry}, top hash {result.top_hash}",
+        "unchanged": f"package {result.package} unchanged in {result.registry}",
+        "quarantined": f"package {result.package} quarantined in {result.registry}: "
+                       f"{result.error}",
+        "skipped": f"no package for {result.prefix}: {result.error or 'no files'}",
+    }.get(result.status.value, f"packaging {result.prefix} failed: {result.error}"
+          + (" (retried later)" if result.retryable else ""))
+    click.echo(printable(f"edp watch: {what}"), err=True)
 
 
 @main.command()
