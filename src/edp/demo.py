@@ -154,7 +154,7 @@ def live_view(store: Store, instrument: Instrument, started: float) -> Group:
     now = time.time()
     open_table = Table(title=f"open batches  (t = {time.monotonic() - started:4.1f}s)",
                        expand=True)
-    for column in ("prefix", "files", "", "fires in", "by"):
+    for column in ("prefix", "files", "fill", "fires in", "by"):
         open_table.add_column(column)
     for row in store.list_batches(state="open"):
         bar = "█" * row.object_count + "·" * max(0, 5 - row.object_count)
@@ -207,8 +207,10 @@ def run_demo(console: Console, *, keep: Path | None = None, package: bool = True
         started = time.monotonic()
         try:
             instrument.start()
+            # (output that is not a terminal, a pipe or a file, gets no last frame of
+            # the live view, whose open batches are all gone by then, but the whole log)
             with Live(live_view(store, instrument, started), console=console,
-                      refresh_per_second=8) as live:
+                      refresh_per_second=8, transient=not console.is_terminal) as live:
                 while time.monotonic() - started < timeout:
                     time.sleep(0.2)
                     live.update(live_view(store, instrument, started))
@@ -218,6 +220,8 @@ def run_demo(console: Console, *, keep: Path | None = None, package: bool = True
         finally:
             instrument.stop_event.set()
             engine.stop()
+        if not console.is_terminal:
+            console.print(Text("\n".join(instrument.log), style="dim"))
         console.print()
         fired = {row.prefix: str(row.trigger) for row in store.list_batches(state="closed")}
         events = [orjson.loads(e.payload) for e in reversed(store.outbox_events(limit=10))]

@@ -34,6 +34,10 @@ def test_the_demo_runs_to_the_end_and_fires_by_count_and_by_quiet_period(tmp_pat
     assert fired == {"microscope/exp-count/": ("count", 5),
                      "sequencer/run-quiet/": ("duration", 4)}
     assert "package-objects-ready" in output
+    # And its output, not a terminal, holds every write of the instrument, not the live
+    # view's last frame (an empty table of open batches)
+    assert output.count(" wrote ") == 9, output
+    assert "open batches" not in output
     # And with the quilt extra, each batch became a package in the local registry
     if importlib.util.find_spec("quilt3") is not None:
         named = work / "registry" / ".quilt" / "named_packages"
