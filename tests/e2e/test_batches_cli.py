@@ -418,3 +418,23 @@ def test_db_sinks_lists_known_sinks_and_forget_sink_drops_one(tmp_path: Path) ->
         "no sinks known")
     status = edp("db", "status", "--database-url", url, home=tmp_path)
     assert "pending_deliveries: 0" in status.stdout
+
+
+def test_db_sinks_says_which_sinks_no_worker_registered(tmp_path: Path) -> None:
+    from edp.config import Settings
+    from edp.engine import Engine, Message
+    from edp.store import open_store
+    from edp_testing import eventbridge
+
+    # Given a store a replay printed an event from, on its own stdout (which no worker
+    # registers), that was not delivered
+    url = f"sqlite:///{tmp_path / 'edp.db'}"
+    store = open_store(url)
+    cfg = Settings(database_url=url, bucket_threshold_event_count=1)
+    Engine(store, cfg, sinks=["stdout"], worker_id="replay").process(
+        [Message(eventbridge("i/f/a", 1.7e9), "m1")], now=1.7e9)
+    store.close()
+    # When the sinks are listed, Then that one says it is known by its deliveries only
+    listed = edp("db", "sinks", "--database-url", url, home=tmp_path)
+    assert listed.stdout.strip() == ("stdout: not registered (known by its deliveries only), "
+                                     "1 pending, 0 parked, 0 delivered")

@@ -64,9 +64,11 @@ def db_sinks(config_file: str | None, database_url: str | None) -> None:
     if not summaries:
         click.echo("no sinks known")
     for sink in summaries:
-        click.echo(printable(f"{sink.name}: registered {when(sink.registered_at)}, "
-                             f"{sink.pending} pending, {sink.parked} parked, "
-                             f"{sink.delivered} delivered"))
+        registered = ("not registered (known by its deliveries only)"
+                      if sink.registered_at is None
+                      else f"registered {when(sink.registered_at)}")
+        click.echo(printable(f"{sink.name}: {registered}, {sink.pending} pending, "
+                             f"{sink.parked} parked, {sink.delivered} delivered"))
 
 
 @db.command("forget-sink")
