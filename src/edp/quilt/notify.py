@@ -178,8 +178,11 @@ class WebhookNotifier:
         try:
             status = post(self._opener, self.url, body, headers, self.timeout)
         except (urllib.error.URLError, OSError) as exc:
-            # The reason names the failure, never the URL (it may hold a token).
-            raise _Transient(type(getattr(exc, "reason", exc)).__name__) from None
+            # The reason names the failure, never the URL (it may hold a token): the
+            # error's type, or the text edp's post gave it (which holds no URL).
+            reason = getattr(exc, "reason", exc)
+            raise _Transient(reason if isinstance(reason, str) else type(reason).__name__
+                             ) from None
         if is_retryable(status):
             raise _Transient(f"HTTP {status}")
         return status

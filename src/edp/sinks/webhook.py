@@ -28,7 +28,7 @@ import socket
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -57,21 +57,72 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-class _Sockets(threading.local):
-    """The sockets this thread's POST in progress opened (to cut them at its deadline)."""
+class _Deadline:
+    """The sockets one POST opens, and whether its deadline passed: past it, those
+    already open are cut and any opened later is cut at once (a deadline that passed
+    during a name lookup, a connect or a TLS handshake still holds)."""
 
     def __init__(self) -> None:
-        self.open: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.passed = False
+        self.sockets: list[socket.socket] = []
+
+    def expire(self) -> None:
+        """The deadline's timer: cut every socket of the POST."""
+        with self.lock:
+            self.passed = True
+            sockets = list(self.sockets)
+        for sock in sockets:
+            _cut(sock)
+
+    def opened(self, sock: socket.socket) -> None:
+        """A socket of the POST: closed at once, with an error, if the deadline passed
+        already."""
+        with self.lock:
+            self.sockets.append(sock)
+            passed = self.passed
+        if passed:
+            _cut(sock)
+            sock.close()
+            raise TimeoutError("the POST's deadline passed")
 
 
-_sockets = _Sockets()
+def _cut(sock: socket.socket) -> None:
+    # The plain socket's shutdown, also for a TLS one: SSLSocket.shutdown would unwrap it
+    # under the thread using it. Shutting down wakes a recv blocked in that thread.
+    with contextlib.suppress(OSError):  # (closed, or detached by the TLS wrap)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _Current(threading.local):
+    """The deadline of the POST this thread is making, if any."""
+
+    deadline: _Deadline | None = None
+
+
+_current = _Current()
 
 
 def _recorded(base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
     class Recorded(base):  # type: ignore[valid-type,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            deadline = _current.deadline
+            create: Callable[..., socket.socket] = self._create_connection  # type: ignore[has-type]
+
+            def create_connection(*a: Any, **k: Any) -> socket.socket:
+                sock = create(*a, **k)
+                if deadline is not None:  # (the TCP socket: before a TLS handshake)
+                    deadline.opened(sock)
+                return sock
+
+            self._create_connection = create_connection
+            self._deadline = deadline
+
         def connect(self) -> None:
             super().connect()
-            _sockets.open.append(self.sock)
+            if self._deadline is not None and self.sock is not None:
+                self._deadline.opened(self.sock)  # (the TLS socket, wrapped around it)
 
     return Recorded
 
@@ -89,15 +140,8 @@ class _Https(urllib.request.HTTPSHandler):
 
 def post_opener() -> urllib.request.OpenerDirector:
     """An opener for webhook POSTs: redirects are answers (3xx), never followed; the
-    sockets it opens are known, so that :func:`post` can cut one at its deadline."""
+    sockets it opens are known, so that :func:`post` can cut them at its deadline."""
     return urllib.request.build_opener(_NoRedirect(), _Http(), _Https())
-
-
-def _cut(sockets: list[socket.socket], cut: list[bool]) -> None:
-    cut.append(True)
-    for sock in sockets:
-        with contextlib.suppress(OSError):  # (already closed)
-            sock.shutdown(socket.SHUT_RDWR)  # (wakes a recv blocked in another thread)
 
 
 def post(
@@ -118,12 +162,11 @@ def post(
     if authorization is not None:
         headers = {**headers, "Authorization": authorization}
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
-    sockets: list[socket.socket] = []
-    cut: list[bool] = []  # (set by the deadline's thread once it cut them)
-    _sockets.open = sockets
-    deadline = threading.Timer(timeout, _cut, args=(sockets, cut))
-    deadline.daemon = True
-    deadline.start()
+    deadline = _Deadline()
+    _current.deadline = deadline
+    timer = threading.Timer(timeout, deadline.expire)
+    timer.daemon = True
+    timer.start()
     try:
         with opener.open(request, timeout=timeout) as response:
             response.read()
@@ -132,14 +175,14 @@ def post(
         exc.close()
         return exc.code
     except (http.client.HTTPException, OSError) as exc:
-        if cut:
+        if deadline.passed:
             raise urllib.error.URLError(f"no whole answer within {timeout:g}s") from None
         if isinstance(exc, http.client.HTTPException):  # a garbled or cut answer
             raise urllib.error.URLError(type(exc).__name__) from None
         raise
     finally:
-        deadline.cancel()
-        _sockets.open = []
+        timer.cancel()
+        _current.deadline = None
 
 
 def _without_credentials(url: str) -> tuple[str, str | None]:
