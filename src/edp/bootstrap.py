@@ -77,19 +77,17 @@ def build_runtime(
     fast_unsafe: bool = False,
     observers: Sequence[StepObserver] = (),
     live: bool = True,
-    share_stdout: bool = False,
 ) -> Runtime:
     """Open the store and wire an engine and a relay to it.
 
     ``live``: the engine serves live input, so its clock may not run more than
     ``clock_max_ahead`` past the wall clock; a replay (``live=False``) follows its
-    stream's times wherever they go. ``share_stdout``: see :class:`Engine`."""
+    stream's times wherever they go."""
     store = open_store(database_url or settings.database_url, fast_unsafe=fast_unsafe,
                        idle_in_transaction=max(10.0, settings.worker_timeout))
     chosen = list(sinks) if sinks is not None else build_sinks(settings, stdout=stdout)
     engine = Engine(
         store, settings, sinks=[s.name for s in chosen], worker_id=worker_id,
         observers=observers, clock_max_ahead=settings.clock_max_ahead if live else None,
-        share_stdout=share_stdout,
     )
     return Runtime(settings, store, engine, Relay(store, chosen))

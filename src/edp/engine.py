@@ -214,8 +214,8 @@ def dead_letter(message: Message, error: DecodeError, now: float) -> DeadLetter:
 
 
 _PRIVATE_SINKS = ("stdout", "log")
-"""Sinks that are one process's own output: another process cannot relay to them (but
-``stdout`` is shared by an engine built with ``share_stdout``: ``edp watch``)."""
+"""Sinks that are one process's own output: another process cannot relay to them (the
+stdout of ``edp watch`` is a sink of its own, ``stdout@<worker id>``, shared)."""
 
 
 class Engine:
@@ -230,13 +230,8 @@ class Engine:
         worker_id: str | None = None,
         observers: Sequence[StepObserver] = (),
         clock_max_ahead: float | None = None,
-        share_stdout: bool = False,
     ) -> None:
         self.store = store
-        # Whether this process's stdout is a lasting stream (``edp watch``'s output, which
-        # a pipe reads) that events of other processes on the store go to, such as an
-        # operator's `edp batches close`: it is then registered as a shared sink.
-        self.share_stdout = share_stdout
         # How far an event's time may take the clock past the wall clock (``now``); None:
         # no bound (a replay, whose stream's times are its only clock). Live workers get
         # the clock_max_ahead setting (edp.bootstrap.build_runtime).
@@ -272,12 +267,9 @@ class Engine:
             return self.own_sinks
         if not self._known_sinks:
             # stdout and log belong to the process that printed them: nobody else
-            # relays to them, so they are no destination for another process's events;
-            # except the stdout a watcher registered (see share_stdout).
-            registered = set(self.store.registered_sinks())
+            # relays to them, so they are no destination for another process's events.
             self._known_sinks = tuple(
-                name for name in self.store.known_sinks()
-                if name not in _PRIVATE_SINKS or name in registered
+                name for name in self.store.known_sinks() if name not in _PRIVATE_SINKS
             )
             if not self._known_sinks and not self._warned_no_sink:
                 self._warned_no_sink = True
@@ -521,8 +513,7 @@ class Engine:
     def register_sinks(self, *, now: float) -> None:
         """Record in the store the sinks this worker relays to, so that processes with
         none of their own record their events for them (see :attr:`sinks`)."""
-        shared = [name for name in self.own_sinks if name not in _PRIVATE_SINKS
-                  or (name == "stdout" and self.share_stdout)]
+        shared = [name for name in self.own_sinks if name not in _PRIVATE_SINKS]
         if shared:
             self.store.register_sinks(shared, now=now)
 

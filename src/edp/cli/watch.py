@@ -15,6 +15,7 @@ from edp.cli._common import grouping_options, handle_errors, printable, settings
 from edp.config import Settings
 from edp.errors import ConfigError
 from edp.sinks.base import Sink
+from edp.sinks.local import StdoutSink
 from edp.sources.watch import FolderSource
 
 if TYPE_CHECKING:
@@ -115,11 +116,15 @@ def watch(directory: Path, bucket: str | None, stdout: bool, registry: str | Non
     sinks = build_sinks(settings, stdout=stdout)
     if registry is not None:
         sinks.append(packager_sink(settings, source, registry))
-    runtime = build_runtime(
-        settings, sinks=sinks, worker_id=settings.worker_id or watch_worker_id(directory),
-        observers=build_observers(settings),
-        share_stdout=True,  # (`edp batches close` elsewhere prints its event here)
-    )
+    worker_id = settings.worker_id or watch_worker_id(directory)
+    for sink in sinks:
+        if isinstance(sink, StdoutSink):
+            # This stdout is a lasting stream (a pipe reads it) that events of other
+            # processes on the store may go to, such as an operator's `edp batches
+            # close`: a sink of its own name, which only this watcher relays.
+            sink.name = f"stdout@{worker_id}"
+    runtime = build_runtime(settings, sinks=sinks, worker_id=worker_id,
+                            observers=build_observers(settings))
     click.echo(f"edp watch: {source.root} as bucket {source.bucket!r}, store "
                f"{runtime.store.url}; Ctrl-C stops", err=True)
     daemon = Daemon(runtime, [source], max_wait=1.0)

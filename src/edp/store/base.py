@@ -341,10 +341,6 @@ class Store(Protocol):
         """Record that a long-running worker relays to ``names`` (see known_sinks)."""
         ...
 
-    def registered_sinks(self) -> list[str]:
-        """Names of the sinks recorded by :meth:`register_sinks`."""
-        ...
-
     def requeue(self, event_id: str, sinks: Sequence[str]) -> bool:
         """Make ``event_id`` pending again for ``sinks`` (a re-emit); False if unknown."""
         ...
