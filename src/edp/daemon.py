@@ -187,6 +187,7 @@ class Daemon:
             self._feeds = [_Feed(self, source) for source in self.sources]
             for feed in self._feeds:
                 feed.thread.start()
+        ended = False  # (the loop ended by a stop, not by an exception)
         try:
             while not self.stop_event.is_set():
                 try:
@@ -205,6 +206,7 @@ class Daemon:
                         log.exception("step failed; unacknowledged input will come again")
                     self.stop_event.wait(self.error_backoff)
             self._last_relay()
+            ended = True
         finally:
             self.stop_event.set()
             for source in self.sources:
@@ -226,7 +228,7 @@ class Daemon:
                             "the stop; sources whose last step failed: %s): they come again "
                             "after the queue's visibility timeout", self.abandoned,
                             ", ".join(sorted(self._unacknowledged)) or "none")
-            else:
+            elif ended:  # (not when an exception, a KeyboardInterrupt, ends the loop)
                 self._finish()
         return self.stats
 

@@ -355,3 +355,40 @@ def test_a_stop_after_a_delivery_that_could_not_be_acknowledged_is_not_clean(
                    what="the failed acknowledgement")
     # Then the stop is not clean: the message comes again, and the next start waits for it
     assert run.daemon is not None and not run.daemon.stopped_cleanly
+
+
+class Interrupted(Scripted):
+    """A queue whose receive is interrupted (Ctrl-C where no signal handler stops the
+    daemon gracefully: an embedding program, a test)."""
+
+    def receive(self, *, wait: float) -> Received:
+        raise KeyboardInterrupt
+
+
+def test_a_daemon_stopped_by_an_exception_is_not_marked_finished(tmp_path: Path) -> None:
+    # Given a worker whose loop ends with an exception (messages it received may be
+    # on their way back: its next start must hold for them as after a crash)
+    runtime = build_runtime(settings(database_url=f"sqlite:///{tmp_path / 'd.db'}"),
+                            sinks=[ListSink()], worker_id="interrupted")
+    daemon = Daemon(runtime, [Interrupted("q", [])], max_wait=0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            daemon.run()
+        # Then it is not recorded as finished (a clean stop would be)
+        assert runtime.store.worker_finished("interrupted") is False
+    finally:
+        runtime.close()
+
+
+def test_a_daemon_stopped_cleanly_is_marked_finished(tmp_path: Path) -> None:
+    # Given a worker with an idle queue, stopped (SIGTERM, Ctrl-C with the handlers)
+    source = Scripted("q", [])
+    run = DaemonRun(tmp_path, [source], ListSink())
+    with run:
+        time.sleep(0.3)
+    # Then it is recorded as finished: the others need not wait for its clock
+    store = build_runtime(run.cfg, sinks=[]).store
+    try:
+        assert store.worker_finished("fan-in") is True
+    finally:
+        store.close()
