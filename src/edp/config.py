@@ -429,6 +429,9 @@ def load_settings(
         values["database_url"] = _with_credentials(
             values["database_url"], credentials, origin.get("database_url", "the default")
         )
+        given = ", ".join(sorted({where for _, where in credentials.values()}))
+        origin["database_url"] = (f"{origin.get('database_url', 'the default')}, "
+                                  f"with the user and password of {given}")
     if origins is not None:
         origins.update(origin)
         if "database_url" not in origin:

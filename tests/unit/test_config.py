@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edp.config import env_name, load_settings
 from edp.errors import ConfigError
@@ -311,3 +313,50 @@ def test_an_unknown_edp_variable_is_reported_with_the_closest_setting(
     assert [r.getMessage() for r in caplog.records] == [
         "environment variable EDP_BUCKET_THRESHOLD_DURATON is not an edp setting: ignored "
         "(did you mean EDP_BUCKET_THRESHOLD_DURATION?)"]
+
+
+@given(st.text(alphabet=st.characters(exclude_categories=("Cs",))))
+def test_config_toml_values_read_back_as_written(text: str) -> None:
+    import tomllib
+
+    from edp.cli.store import toml_value
+    from edp.redact import redact_text
+
+    # Any text (quotes, backslashes, control characters, DEL, beyond the BMP) and the
+    # containers settings hold read back as the same values (texts as redacted)
+    assert tomllib.loads(f"v = {toml_value(text)}")["v"] == redact_text(text)
+    nested = {"k": [text, 1, 2.5, True], text or "x": {"n": -(2**63)}}
+    assert tomllib.loads(f"v = {toml_value(nested)}")["v"] == {
+        "k": [redact_text(text), 1, 2.5, True], text or "x": {"n": -(2**63)}}
+
+
+def test_config_toml_refuses_what_toml_cannot_hold() -> None:
+    import datetime
+    import tomllib
+
+    from edp.cli.store import toml_value
+
+    when = datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    assert tomllib.loads(f"v = {toml_value({'at': when})}")["v"] == {"at": when}
+    for value, why in ((None, "null"), ({"a": None}, "null"), ("bad \udc80", "not valid"),
+                       (2**63, "64 bits")):
+        with pytest.raises(ValueError, match=why):
+            toml_value(value)
+
+
+def test_origins_name_where_each_value_came_from(tmp_path: Path) -> None:
+    # Given the database URL from the environment and its credentials from the
+    # original's DBUser/DBPassword names, the region from AWS's own variable
+    origins: dict[str, str] = {}
+    settings = load_settings(env={"EDP_DATABASE_URL": "postgresql://db.example/edp",
+                                  "EDP_DB_USER": "u", "EDP_DB_PASSWORD": "p",
+                                  "AWS_REGION": "eu-west-1"},
+                             flags={"bucket_prefix_depth": 3}, origins=origins)
+    # Then each origin says so
+    assert settings.database_url == "postgresql://u:p@db.example/edp"
+    assert origins["database_url"] == (
+        "environment variable EDP_DATABASE_URL, with the user and password of environment "
+        "variable EDP_DB_PASSWORD, environment variable EDP_DB_USER")
+    assert origins["region"] == "environment variable AWS_REGION"
+    assert origins["bucket_prefix_depth"] == "option --prefix-depth"
+    assert "bucket_threshold_duration" not in origins  # (a default)

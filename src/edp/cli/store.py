@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import datetime
+import math
 from typing import Any
 
 import click
@@ -133,13 +134,16 @@ def config_show(**kwargs: Any) -> None:
             value = redact_endpoint(value)  # a chat webhook's path is its token
         elif isinstance(value, str):
             value = redact_text(value)
-        where = f"  # {origins[name]}" if name in origins else "  # default"
+        origin = origins.get(name, "default")
         if value is None:
-            click.echo(f"# {name} = (not set){where.replace('  # ', ', ', 1)}")
+            click.echo(f"# {name} = (not set), {origin}")
         elif isinstance(value, SecretStr):
-            click.echo(f"# {name} = (set, not shown: a secret){where.replace('  # ', ', ', 1)}")
+            click.echo(f"# {name} = (set, not shown: a secret), {origin}")
         else:
-            click.echo(f"{name} = {toml_value(value)}{where}")
+            try:
+                click.echo(f"{name} = {toml_value(value)}  # {origin}")
+            except ValueError as exc:
+                click.echo(f"# {name} = (not shown as TOML: {exc}), {origin}")
         if name == "buckets" and value and overrides:
             # (a bucket with a per-bucket table is watched too: core.rules.RuleBook)
             watched = sorted({*value, *overrides})
@@ -151,16 +155,44 @@ def config_show(**kwargs: Any) -> None:
 
 
 def toml_value(value: Any) -> str:
-    """``value`` (a setting's) written as TOML."""
+    """``value`` (a setting's) written as TOML, its texts redacted (:func:`redact_text`);
+    ValueError for what TOML cannot hold (a null, text that is not Unicode...)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int | float):
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise ValueError("an integer past 64 bits")
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r}")
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # (JSON's escapes are TOML's)
+        return _toml_string(redact_text(value))
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(item) for item in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{toml_value(str(k))} = {toml_value(v)}"
+        return "{" + ", ".join(f"{_toml_string(str(k))} = {toml_value(v)}"
                                for k, v in value.items()) + "}"
-    return json.dumps(str(value))
+    if value is None:
+        raise ValueError("it holds a null, which TOML cannot write")
+    raise ValueError(f"a {type(value).__name__}")
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string."""
+    out = ['"']
+    for char in text:
+        code = ord(char)
+        if 0xD800 <= code <= 0xDFFF:
+            raise ValueError("its text is not valid Unicode (from bytes that are not UTF-8)")
+        if char in ('"', "\\"):
+            out.append("\\" + char)
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(char)
+    out.append('"')
+    return "".join(out)
