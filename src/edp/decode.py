@@ -151,6 +151,16 @@ def _parse_time(value: str, what: str) -> float:
     return parsed.timestamp()
 
 
+def json_problem(exc: orjson.JSONDecodeError) -> str:
+    """What the parser found, where, in words about the one message it read (its "line 2"
+    would be the message's second line, not the input's)."""
+    if "not valid UTF-8" in exc.msg:
+        return "not UTF-8 text"
+    if exc.msg.startswith("invalid literal") and exc.pos == 0:
+        return "it does not begin like JSON"
+    return f"{exc.msg}, at character {exc.pos + 1}"
+
+
 def decode_message(
     body: bytes | str | dict[str, Any],
     *,
@@ -169,7 +179,7 @@ def decode_message(
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
-            raise DecodeError(f"not JSON ({exc})", location=location) from None
+            raise DecodeError(f"not JSON ({json_problem(exc)})", location=location) from None
     out = Decoded()
     try:
         _dispatch(obj, out, eventbridge_keys_encoded, depth=0)
@@ -239,7 +249,7 @@ def _inner_json(value: Any, what: str) -> Any:
     try:
         return orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        raise DecodeError(f"{what} is not JSON ({exc})") from None
+        raise DecodeError(f"{what} is not JSON ({json_problem(exc)})") from None
 
 
 def _records(records: Any, out: Decoded, eb_encoded: bool, depth: int) -> None:

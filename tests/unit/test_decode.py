@@ -140,7 +140,11 @@ def test_a_bad_record_inside_an_sqs_message_names_the_message_id() -> None:
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
-        (b"not json", "not JSON"),
+        (b"not json", "not JSON (it does not begin like JSON)"),
+        # (where the parser stopped, in the one message: its "line 2" misled)
+        (b"{\n", "not JSON (unexpected end of data, at character 3)"),
+        (b'{"a": 1,}', "not JSON (trailing comma is not allowed, at character 8)"),
+        (b"\xff\xfe", "not JSON (not UTF-8 text)"),
         (b"[1, 2]", "expected a JSON object"),
         (b'{"hello": "world"}', "no known format (top-level keys: hello)"),
         (b'{"source": "aws.ec2", "detail-type": "EC2 Instance State-change"}', "not an S3 event"),
