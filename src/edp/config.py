@@ -401,6 +401,8 @@ def load_settings(
         values["buckets"] = named
         if named:
             origin["buckets"] = f"config file {path} (bucket_name)"
+        else:  # (the tables name no watched-bucket list: buckets stays its default)
+            origin.pop("buckets", None)
     for name in SETTING_NAMES:
         if env_name(name) in env:
             values[name] = env[env_name(name)]

@@ -360,3 +360,20 @@ def test_origins_name_where_each_value_came_from(tmp_path: Path) -> None:
     assert origins["region"] == "environment variable AWS_REGION"
     assert origins["bucket_prefix_depth"] == "option --prefix-depth"
     assert "bucket_threshold_duration" not in origins  # (a default)
+
+
+def test_bucket_tables_alone_leave_the_watched_list_at_its_default(tmp_path: Path) -> None:
+    # Given a config file with only per-bucket tables ([buckets."NAME"]), and one that
+    # also names the watched buckets with the original's bucket_name
+    alone = tmp_path / "alone.toml"
+    alone.write_text('[buckets."lab-data"]\nbucket_prefix_depth = 3\n')
+    named = tmp_path / "named.toml"
+    named.write_text('bucket_name = ["raw"]\n[buckets."lab-data"]\nbucket_prefix_depth = 3\n')
+    origins: dict[str, str] = {}
+    settings = load_settings(config_file=alone, env={}, origins=origins)
+    # Then the tables are overrides and the list of buckets comes from no file
+    assert not settings.buckets and "buckets" not in origins
+    assert origins["bucket_overrides"] == f"config file {alone}"
+    origins = {}
+    assert load_settings(config_file=named, env={}, origins=origins).buckets == ("raw",)
+    assert origins["buckets"] == f"config file {named} (bucket_name)"
