@@ -159,7 +159,11 @@ class FolderSource:
         # Files that complete at the same instant (one clock tick of the file system)
         # are reported marker files last: a marker written just after its data files
         # must not close the batch before them.
-        self.is_marker = (rules or RuleBook()).for_bucket(self.bucket).is_marker
+        # Files of one batch settle one by one (a file seen empty, then written, settles
+        # a settle period after its last change): a settled marker also waits for the
+        # files of its batch prefix modified no later than it that are still settling.
+        grouping = (rules or RuleBook()).for_bucket(self.bucket)
+        self.is_marker, self.prefix_of = grouping.is_marker, grouping.prefix_of
         self.settle = settle
         self.ignore = tuple(ignore)
         self.chunk = chunk
@@ -349,7 +353,32 @@ class FolderSource:
             else:
                 cand.check_at = cand.stable_since + self.settle
                 next_check = min(next_check, cand.check_at)
+        if self._candidates and any(not r.deleted and self.is_marker(r.key) for r in ready):
+            ready = self._hold_markers(ready, mono)
         return ready, next_check
+
+    def _hold_markers(self, ready: list[_Ready], mono: float) -> list[_Ready]:
+        """``ready`` without the markers that must wait for files of their batch prefix
+        still settling (modified no later than the marker: written before it, or in
+        its clock tick), which become candidates again, checked with those files."""
+        waiting: dict[str, tuple[int, float]] = {}  # prefix -> (oldest mtime, first check)
+        for key, cand in self._candidates.items():
+            prefix = self.prefix_of(key)
+            if type(prefix) is str:
+                oldest, check = waiting.get(prefix, (cand.mtime_ns, cand.check_at))
+                waiting[prefix] = (min(oldest, cand.mtime_ns), min(check, cand.check_at))
+        kept = []
+        for item in ready:
+            mark = not item.deleted and self.is_marker(item.key)
+            batch = self.prefix_of(item.key) if mark else None
+            held = waiting.get(batch) if type(batch) is str else None
+            if held is None or held[0] > item.mtime_ns:
+                kept.append(item)
+                continue
+            # (settled already: the next check reports it unless it changed meanwhile)
+            self._candidates[item.key] = _Candidate(item.size, item.mtime_ns,
+                                                    mono - self.settle, held[1])
+        return kept
 
     def _old(self, mtime_ns: int, wall_ns: int) -> bool:
         """Whether a file was last modified longer ago than the settle time."""

@@ -196,6 +196,48 @@ def test_a_marker_completed_in_the_same_tick_as_its_data_is_reported_last(
     assert run.triggers() == [("scope/run-1/", 3, "marker")]
 
 
+def test_a_settled_marker_waits_for_its_batch_files_still_settling(root: Path) -> None:
+    # Given a run's data file and its marker written in one tick, the data file written
+    # again (same modification time) just before the marker settles, so the data file
+    # settles a settle period after the marker; and a file of another prefix
+    from edp.core.rules import GroupingRules, RuleBook
+
+    rules = RuleBook(default=GroupingRules(complete_markers=("_DONE",)))
+    source = FolderSource(root, bucket="lab", settle=0.6, rules=rules)
+    source.start()
+    folder = root / "scope/run-1"
+    folder.mkdir(parents=True)
+    stamp = time.time_ns()
+    for name in ("data.bin", "_DONE"):
+        (folder / name).write_text(name)
+        os.utime(folder / name, ns=(stamp, stamp))
+    order: list[str] = []
+    try:
+        early = source.receive(wait=0.4)  # (the source has seen both files meanwhile)
+        order += [m.location for m in early.messages]
+        source.ack(early)
+    except BaseException:
+        source.close()
+        raise
+    (root / "scope/run-2").mkdir()
+    (root / "scope/run-2/slow.bin").write_text("slow")
+    with (folder / "data.bin").open("a") as handle:
+        handle.write("more")
+    os.utime(folder / "data.bin", ns=(stamp, stamp))
+    # When the source reports until it is quiet
+    try:
+        for _ in range(6):
+            received = source.receive(wait=1.0)
+            source.ack(received)
+            order += [m.location for m in received.messages]
+    finally:
+        source.close()
+    # Then the marker comes after its data file: it waited for it
+    assert order.index("file scope/run-1/_DONE") > order.index("file scope/run-1/data.bin")
+    assert sorted(order) == ["file scope/run-1/_DONE", "file scope/run-1/data.bin",
+                             "file scope/run-2/slow.bin"]
+
+
 def test_symbolic_links_out_of_the_root_are_not_followed(root: Path, tmp_path: Path) -> None:
     # Given a tree with a link to a file outside, a link to a folder outside, and a real file
     outside = tmp_path / "outside"
