@@ -643,7 +643,7 @@ class Engine:
         with self.store.transaction() as tx:
             state = tx.load(LoadRequest(batch_ids={row.batch_id}))
             batcher = self._batcher(state)
-            ready = batcher.close(row.bucket, row.prefix, now)
+            ready = batcher.close(row.bucket, row.prefix, now, row.batch_id)
             if ready is None:
                 raise EdpError(f"batch {row.batch_id} was closed by another worker meanwhile")
             tx.save(self._write(batcher.take_changes()), sinks=sinks, now=now)

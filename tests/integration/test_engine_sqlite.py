@@ -99,6 +99,7 @@ def test_reemit_sends_the_same_id_again(url: str) -> None:
     assert [e["id"] for e in sink.sent] == [ready.event_id, ready.event_id]
 
 
+
 def test_restart_resumes_the_clock_and_the_open_batches(url: str) -> None:
     cfg = settings(bucket_threshold_duration=60)
     stream = [eventbridge(f"i/e/{n}", T0 + n * 10, sequencer=f"{n:04X}") for n in range(10)]

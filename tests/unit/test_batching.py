@@ -222,6 +222,20 @@ def test_manual_close() -> None:
     assert b.close("b", "i/e/", 51) is None
 
 
+def test_manual_close_of_a_named_batch_leaves_its_successor_open() -> None:
+    # Given a prefix whose first batch closed and whose second is open
+    b = batcher(threshold_event_count=2)
+    [first] = feed(b, created("i/e/a", 1), created("i/e/b", 2), created("i/e/c", 3))
+    opened = b.open_batch("b", "i/e/")
+    assert opened is not None and opened.batch_id != first.batch_id
+    # When an operator's close names the first batch, then the open one
+    # Then only the open one closes
+    assert b.close("b", "i/e/", 50, first.batch_id) is None
+    assert b.open_batch("b", "i/e/") is opened
+    ready = b.close("b", "i/e/", 50, opened.batch_id)
+    assert ready is not None and ready.batch_id == opened.batch_id
+
+
 def test_ids_are_deterministic_and_distinct() -> None:
     events = [created(f"i/e/{n}", n, f"{n:04X}") for n in range(4)]
     first = feed(batcher(threshold_event_count=2), *events)

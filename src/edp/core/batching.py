@@ -329,10 +329,13 @@ class Batcher:
             memory.seen_at = clock
             self._changes.keys[okey] = memory
 
-    def close(self, bucket: str, prefix: str, clock: float) -> BatchReady | None:
-        """Close the open batch of (bucket, prefix) by hand (trigger ``manual``)."""
+    def close(self, bucket: str, prefix: str, clock: float,
+              batch_id: str | None = None) -> BatchReady | None:
+        """Close the open batch of (bucket, prefix) by hand (trigger ``manual``); with
+        ``batch_id``, only if that is the one open (None otherwise: it closed, and the
+        prefix may have opened its successor, which nobody asked to close)."""
         batch = self._batches.get((bucket, prefix))
-        if batch is None:
+        if batch is None or (batch_id is not None and batch.batch_id != batch_id):
             return None
         return self._fire(batch, Trigger.MANUAL, clock)
 

@@ -223,3 +223,53 @@ def test_an_idle_worker_does_not_hold_another_workers_quiet_batch_back(
             worker.stop()
     assert [(e["detail"]["prefix"], e["detail"]["trigger"]) for e in sent()] == [
         ("lab/run-1/", "duration")]
+
+
+def test_a_manual_close_racing_a_step_does_not_close_the_successor_of_its_batch(
+    pg_url: str, stores: list[Store], pair: tuple[Engine, Engine]
+) -> None:
+    # Given batch X open on prefix p/1/, a session holding p/1/'s lock, worker b's step
+    # waiting for it with a file past X's deadline (it fires X and opens X's successor),
+    # and an operator's close of X, which read X open and waits for the lock after b
+    import psycopg
+
+    a, b = pair
+    a.process(msgs(eventbridge("p/1/a", T0, sequencer="01")), now=T0)
+    [x] = stores[0].list_batches(state="open")
+    operator = Engine(stores[2], settings(bucket_threshold_duration=100,
+                                          bucket_threshold_event_count=0),
+                      sinks=["list"], worker_id="operator")
+
+    def waiting() -> int:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname ="
+                               " current_database() AND wait_event_type = 'Lock'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    outcome: dict[str, object] = {}
+
+    def close() -> None:
+        try:
+            outcome["ready"] = operator.close_batch(x.batch_id, now=T0 + 501)
+        except Exception as exc:  # (what the operator is told)
+            outcome["error"] = exc
+
+    with psycopg.connect(pg_url) as blocker:
+        blocker.execute("SELECT 1 FROM prefixes WHERE prefix = 'p/1/' FOR UPDATE")
+        step = threading.Thread(target=b.process, args=(
+            msgs(eventbridge("p/1/b", T0 + 500, sequencer="01")),), kwargs={"now": T0 + 500})
+        step.start()
+        wait_until(lambda: waiting() >= 1, what="b's step waiting for the prefix")
+        closing = threading.Thread(target=close)
+        closing.start()
+        wait_until(lambda: waiting() >= 2, what="the operator waiting for the prefix")
+        blocker.rollback()
+    step.join(30)
+    closing.join(30)
+    # Then the operator is told X closed meanwhile, X closed by its quiet period, and
+    # its successor stays open
+    assert "closed by another worker meanwhile" in str(outcome.get("error")), outcome
+    closed = stores[0].list_batches(state="closed")
+    assert [(r.batch_id, r.trigger) for r in closed] == [(x.batch_id, "duration")]
+    [y] = stores[0].list_batches(state="open")
+    assert (y.generation, y.object_count) == (2, 1)
