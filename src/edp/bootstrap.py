@@ -82,12 +82,14 @@ def build_runtime(
 
     ``live``: the engine serves live input, so its clock may not run more than
     ``clock_max_ahead`` past the wall clock; a replay (``live=False``) follows its
-    stream's times wherever they go."""
+    stream's times wherever they go, and its events go to its own sinks only (never to
+    the shared sinks of a store it shares with live workers: see ``Engine.sinks``)."""
     store = open_store(database_url or settings.database_url, fast_unsafe=fast_unsafe,
                        idle_in_transaction=max(10.0, settings.worker_timeout))
     chosen = list(sinks) if sinks is not None else build_sinks(settings, stdout=stdout)
     engine = Engine(
         store, settings, sinks=[s.name for s in chosen], worker_id=worker_id,
         observers=observers, clock_max_ahead=settings.clock_max_ahead if live else None,
+        borrow_sinks=live,
     )
     return Runtime(settings, store, engine, Relay(store, chosen))

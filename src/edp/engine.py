@@ -230,8 +230,12 @@ class Engine:
         worker_id: str | None = None,
         observers: Sequence[StepObserver] = (),
         clock_max_ahead: float | None = None,
+        borrow_sinks: bool = True,
     ) -> None:
         self.store = store
+        # False: this engine's events get delivery rows for its own sinks only, even when
+        # none of them is shared (a replay's stdout: see :attr:`sinks`).
+        self.borrow_sinks = borrow_sinks
         # How far an event's time may take the clock past the wall clock (``now``); None:
         # no bound (a replay, whose stream's times are its only clock). Live workers get
         # the clock_max_ahead setting (edp.bootstrap.build_runtime).
@@ -259,23 +263,27 @@ class Engine:
 
     @property
     def sinks(self) -> tuple[str, ...]:
-        """The sinks this engine's events get delivery rows for: its own, else (a process
-        run without sink settings, such as a backfill from a laptop) the shared ones the
-        store knows, that is those the workers relay to. Events with no delivery row at
-        all would never be sent by anyone."""
-        if self.own_sinks:
+        """The sinks this engine's events get delivery rows for: its own, plus, when none
+        of its own is shared (a process run without sink settings, such as a backfill
+        from a laptop, or with only its own stdout or log, such as ``edp run --stdout``),
+        the shared ones the store knows, that is those the workers relay to. Events with
+        no delivery row for those would never be sent there by anyone."""
+        if not self.borrow_sinks or any(name not in _PRIVATE_SINKS for name in self.own_sinks):
             return self.own_sinks
         if not self._known_sinks:
-            # stdout and log belong to the process that printed them: nobody else
-            # relays to them, so they are no destination for another process's events.
-            self._known_sinks = tuple(
-                name for name in self.store.known_sinks() if name not in _PRIVATE_SINKS
-            )
-            if not self._known_sinks and not self._warned_no_sink:
+            self._known_sinks = self._shared_sinks()
+            if not self._known_sinks and not self.own_sinks and not self._warned_no_sink:
                 self._warned_no_sink = True
                 log.warning("no sink is configured and the store knows none: events of "
                             "fired batches are kept in the outbox for no sink")
-        return self._known_sinks
+        return self.own_sinks + self._known_sinks
+
+    def _shared_sinks(self) -> tuple[str, ...]:
+        """The sinks the store knows that another process relays to (stdout and log
+        belong to the process that printed them: they are no destination for another
+        process's events), other than this engine's own."""
+        return tuple(name for name in self.store.known_sinks()
+                     if name not in _PRIVATE_SINKS and name not in self.own_sinks)
 
     # -- input --------------------------------------------------------------------
     def decode(
@@ -673,11 +681,12 @@ class Engine:
         )
 
     def _operator_sinks(self) -> tuple[str, ...]:
-        """Sinks for an operator's close or re-emit (:attr:`sinks`), which must exist:
-        an operator's command often runs without the workers' sink settings, and its
-        event must still reach the sinks the workers relay to.
+        """Sinks for an operator's close or re-emit, which must exist: this command's own
+        and every shared sink the store knows (an operator's command often runs with
+        some or none of the workers' sink settings, and its event must still reach every
+        sink the workers relay to).
         """
-        sinks = self.sinks
+        sinks = self.own_sinks + self._shared_sinks()
         if not sinks:
             raise EdpError(
                 "no sink is configured here and the store knows no shared one (stdout and "

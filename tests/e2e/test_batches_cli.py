@@ -367,6 +367,33 @@ def test_a_reemit_without_a_sink_here_waits_for_the_workers_sinks(tmp_path: Path
     assert "(jsonl)" in result.stdout
 
 
+
+def test_a_replay_into_a_shared_store_sends_nothing_to_the_workers_sinks(
+    tmp_path: Path,
+) -> None:
+    # Given a store where a worker relaying to a JSON Lines file started
+    from edp.bootstrap import build_runtime
+    from edp.config import load_settings
+    from edp.store import open_store
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    worker = load_settings(env={"EDP_JSONL_PATH": str(tmp_path / "worker.jsonl")},
+                           flags={"database_url": url})
+    runtime = build_runtime(worker)
+    runtime.engine.register(now=10)
+    runtime.close()
+    # When a replay (whose only sink is its stdout) fires a batch on that store
+    stream = orjson.dumps(eventbridge("lab/run/a.csv", 0)) + b"\n"
+    replayed = edp("replay", "-", "--database-url", url, home=tmp_path, stdin=stream)
+    assert replayed.returncode == 0, replayed.stderr
+    assert len(replayed.stdout.splitlines()) == 1
+    # Then nothing of it waits for the worker's sink: a replay is a simulation
+    store = open_store(url)
+    try:
+        assert store.pending("jsonl", limit=10, now=10**10) == []
+    finally:
+        store.close()
+
 def test_a_closed_batchs_age_is_how_long_it_was_open(tmp_path: Path) -> None:
     # Given the worked example replayed into a store (its batches fired in 2024)
     replay = Path(__file__).parents[1] / "replay"

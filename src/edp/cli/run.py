@@ -71,9 +71,12 @@ def run(
         observers=build_observers(settings),
     )
     sinks = ", ".join(runtime.relay.sink_names)
+    borrowed = ", ".join(s for s in runtime.engine.sinks if s not in runtime.relay.sink_names)
     if not sinks:
-        others = ", ".join(runtime.engine.sinks) or "none known"
-        sinks = f"none of its own (events wait in the outbox for other workers' sinks: {others})"
+        sinks = ("none of its own (events wait in the outbox for other workers' sinks: "
+                 f"{borrowed or 'none known'})")
+    elif borrowed:
+        sinks += f" (its events also wait in the outbox for other workers' sinks: {borrowed})"
     click.echo(
         f"edp run: worker {runtime.engine.worker_id}, {len(sources)} queue(s), sinks: {sinks}",
         err=True,

@@ -441,6 +441,45 @@ def test_a_worker_without_sinks_records_its_events_for_the_sinks_a_started_worke
         ready.event_id]
 
 
+
+def test_a_worker_printing_its_events_also_records_them_for_the_shared_sinks(
+    store: Store,
+) -> None:
+    # Given a store where a worker relaying to a webhook and EventBridge started
+    cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=1)
+    Engine(store, cfg, sinks=["webhook", "eventbridge"], worker_id="worker").register(now=T0)
+    # When a worker whose only sinks are its stdout and log (edp run --stdout) fires a
+    # batch, and a replay printing to stdout on the same store fires another
+    engine = Engine(store, cfg, sinks=["stdout", "log"], worker_id="printing")
+    [ready] = engine.process([Message(eventbridge("i/e/a", T0), "m1")], now=T0).fired
+    replay = Engine(store, cfg, sinks=["stdout"], worker_id="replay", borrow_sinks=False)
+    [replayed] = replay.process([Message(eventbridge("j/e/a", T0), "m1")], now=T0).fired
+    # Then the worker's event waits for its own sinks and for the shared ones too; the
+    # replay's for its stdout only
+    for sink in ("stdout", "log", "webhook", "eventbridge"):
+        assert ready.event_id in [e.event_id for e in store.pending(sink, limit=10,
+                                                                     now=T0 + 1)], sink
+    for sink in ("webhook", "eventbridge"):
+        assert replayed.event_id not in [e.event_id for e in store.pending(
+            sink, limit=10, now=T0 + 1)], sink
+
+
+def test_an_operators_close_reaches_every_shared_sink_whatever_its_own(store: Store) -> None:
+    # Given a store where a worker relaying to a webhook and SNS started, and an open
+    # batch
+    cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=0)
+    worker = Engine(store, cfg, sinks=["webhook", "sns"], worker_id="worker")
+    worker.register(now=T0)
+    worker.process([Message(eventbridge("i/e/a", T0), "m1")], now=T0)
+    [batch_row] = store.list_batches(state="open")
+    # When an operator whose only sink setting is an EventBridge bus closes it
+    operator = Engine(store, cfg, sinks=["eventbridge"], worker_id="operator")
+    ready = operator.close_batch(batch_row.batch_id, now=T0 + 5)
+    # Then its event waits for the operator's sink and for the workers' sinks
+    for sink in ("eventbridge", "webhook", "sns"):
+        assert [e.event_id for e in store.pending(sink, limit=10, now=T0 + 6)] == [
+            ready.event_id], sink
+
 def test_a_worker_without_sinks_records_its_events_for_the_sinks_others_relay_to(
     store: Store,
 ) -> None:
