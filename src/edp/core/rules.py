@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from fnmatch import fnmatchcase
@@ -128,6 +128,18 @@ class RuleBook:
     def is_watched(self, bucket: str) -> bool:
         """Whether events of ``bucket`` are batched at all."""
         return not self.watched or bucket in self.watched or bucket in self.overrides
+
+
+def watch_ignored(key: str, patterns: Sequence[str]) -> bool:
+    """Whether a local file's ``key`` matches a ``watch_ignore`` pattern, by its name or
+    as a whole (``fnmatchcase``): the watcher reports no event for it, and the packager
+    leaves it out of a local batch's package.
+
+    >>> watch_ignored("run/1/raw.bin.part", ("*.part",))
+    True
+    """
+    name = key.rsplit("/", 1)[-1]
+    return any(fnmatchcase(name, p) or fnmatchcase(key, p) for p in patterns)
 
 
 def sequencer_is_newer(candidate: str, remembered: str) -> bool:

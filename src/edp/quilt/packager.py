@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edp.config import Settings
+from edp.core.rules import watch_ignored
 from edp.errors import ConfigError, is_unicode
 from edp.quilt import helpers as helper_text
 from edp.quilt.errors import InvalidRequest, MetadataError, PackagingError, PublishError
@@ -271,6 +272,11 @@ class Packager:
                                retryable=not _never_fits(exc)) from None
         if isinstance(source, Path):
             self._drop_links_out_of(pkg, source)
+            # What the watcher never reports (watch_ignore: files still being written
+            # under a temporary name, editors' lock files) is no file of the batch.
+            for key in [k for k, _ in pkg.walk()
+                        if watch_ignored(request.prefix + k, self.settings.watch_ignore)]:
+                pkg.delete(key)
         if not request.prefix.strip("/"):
             # A whole bucket (prefix depth 0) holds the registry's own .quilt/ folder
             # when it is its own registry: never package it (it changes with each push).
@@ -402,17 +408,21 @@ class Packager:
             # files; a key prefix on S3 does not)
             raise InvalidRequest(f"detail.prefix {request.prefix!r} has an empty segment: "
                                  f"no folder under the local root (bucket {request.bucket})")
-        return self._safe(self.local_root, request.bucket, request.prefix)
+        # The prefix's folder must resolve inside its bucket's folder, not only inside the
+        # local root: a prefix folder linked to a sibling of the bucket's folder (another
+        # bucket, or the folder beside a watched one) is not this batch's to package.
+        bucket_folder = self._safe(self.local_root, request.bucket)
+        return self._safe(bucket_folder, request.prefix, what="the folder of bucket")
 
     @staticmethod
-    def _safe(root: Path, *parts: str) -> Path:
+    def _safe(root: Path, *parts: str, what: str = "the local root") -> Path:
         try:
             path = root.joinpath(*parts).resolve()
         except (ValueError, OSError) as exc:
-            raise InvalidRequest(f"{'/'.join(parts)!r} is no path under the local root "
+            raise InvalidRequest(f"{'/'.join(parts)!r} is no path under {what} "
                                  f"{root}: {exc}") from None
         if path != root and root not in path.parents:
-            raise InvalidRequest(f"{'/'.join(parts)!r} escapes the local root {root}")
+            raise InvalidRequest(f"{'/'.join(parts)!r} escapes {what} {root}")
         return path
 
     def _client(self) -> Any:

@@ -31,12 +31,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_plus
 
-from edp.core.rules import RuleBook
+from edp.core.rules import RuleBook, watch_ignored
 from edp.daemon import Received
 from edp.engine import Message
 from edp.errors import ConfigError, is_unicode
@@ -439,8 +438,7 @@ class FolderSource:
                     yield key, stat
 
     def _ignored(self, key: str) -> bool:
-        name = key.rsplit("/", 1)[-1]
-        return any(fnmatchcase(name, p) or fnmatchcase(key, p) for p in self.ignore)
+        return watch_ignored(key, self.ignore)
 
 
 __all__ = ["DEFAULT_IGNORE", "FolderSource", "file_etag", "notification", "sequencer"]

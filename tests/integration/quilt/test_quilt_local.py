@@ -268,6 +268,29 @@ def test_files_linking_out_of_the_local_root_are_left_out(root: Path, quilt: Any
     assert "a.csv" in pkg
 
 
+
+def test_files_the_watcher_ignores_are_left_out_of_a_local_package(root: Path,
+                                                                   quilt: Any) -> None:
+    # Given a batch folder with a file still being written under a temporary name, an
+    # editor's lock file and, with watch_ignore set to those and one whole-key pattern,
+    # a scratch folder's file
+    folder = root / "lab" / PREFIX
+    (folder / "big.dat.part").write_text("half")
+    (folder / "~$notes.docx").write_text("lock")
+    (folder / "scratch").mkdir()
+    (folder / "scratch" / "x.csv").write_text("scratch")
+    settings = quilt_settings(watch_ignore=("*.part", "~$*", f"{PREFIX}scratch/*"))
+    registry = root / "registry"
+    # When it is packaged
+    result = Packager(settings, local_root=root, registry=str(registry)).package(
+        batch_event("lab", PREFIX))
+    # Then the package holds the batch's files only
+    assert result.status is PackageStatus.PUSHED
+    keys = {key for key, _ in quilt.Package.browse(
+        result.package, registry=f"file://{registry}").walk()}
+    assert "a.csv" in keys
+    assert not keys & {"big.dat.part", "~$notes.docx", "scratch/x.csv"}
+
 def test_a_bucket_folder_linked_out_of_the_local_root_is_refused(tmp_path: Path,
                                                                  quilt: Any) -> None:
     # Given a bucket folder of the local root that is a link to a folder elsewhere
@@ -283,6 +306,25 @@ def test_a_bucket_folder_linked_out_of_the_local_root_is_refused(tmp_path: Path,
     assert result.status is PackageStatus.FAILED
     assert "escapes the local root" in (result.error or "")
 
+
+
+def test_a_prefix_folder_linked_out_of_its_bucket_folder_is_refused(tmp_path: Path,
+                                                                   quilt: Any) -> None:
+    # Given a prefix folder of bucket "lab" that links to a folder beside lab's, inside
+    # the local root (another bucket's, or the one beside a watched folder)
+    beside = tmp_path / "root" / "other" / "b"
+    beside.mkdir(parents=True)
+    (beside / "secret.txt").write_text("not lab's")
+    (tmp_path / "root" / "lab" / "a").mkdir(parents=True)
+    (tmp_path / "root" / "lab" / "a" / "b").symlink_to(beside, target_is_directory=True)
+    packager = Packager(quilt_settings(), local_root=tmp_path / "root",
+                        registry=str(tmp_path / "reg"))
+    # When its batch is packaged
+    result = packager.package(batch_event("lab", "a/b/"))
+    # Then it is refused, and nothing of the other folder is packaged
+    assert result.status is PackageStatus.FAILED and not result.retryable
+    assert "escapes the folder of bucket" in (result.error or "")
+    assert not (tmp_path / "reg").exists() or not any((tmp_path / "reg").iterdir())
 
 def test_a_watchers_packager_packages_only_its_own_folder(tmp_path: Path, quilt: Any) -> None:
     # Given `edp watch lab/drop --registry reg`'s packager sink, and a folder beside the
