@@ -46,17 +46,26 @@ def client(
     try:
         import boto3
         from botocore.config import Config
+        from botocore.exceptions import BotoCoreError
     except ImportError:
         raise ConfigError(INSTALL_HINT) from None
-    session = boto3.session.Session()
-    chosen = region or session.region_name or fallback_region
     config = Config(
         connect_timeout=CONNECT_TIMEOUT,
         read_timeout=read_timeout,
         retries={"mode": "standard", "max_attempts": max_attempts},
         user_agent_extra="edp",
     )
-    return session.client(service, region_name=chosen, config=config)  # type: ignore[call-overload]
+    try:
+        # (an AWS_PROFILE that the config files lack, a malformed config file or
+        # endpoint URL: botocore says what, before any request)
+        session = boto3.session.Session()
+        chosen = region or session.region_name or fallback_region
+        return session.client(service, region_name=chosen, config=config)  # type: ignore[call-overload]
+    except (BotoCoreError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot make an AWS {service} client: {exc} (boto3's configuration: "
+            "AWS_PROFILE, AWS_CONFIG_FILE, AWS_ENDPOINT_URL and the files under ~/.aws)"
+        ) from None
 
 
 def region_of_arn(arn: str) -> str | None:

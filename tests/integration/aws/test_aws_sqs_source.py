@@ -800,3 +800,18 @@ def test_a_receive_never_sent_says_it_took_nothing(
         source.receive(wait=0)
     assert not failed.value.maybe_taken
     source.close()
+
+
+@pytest.mark.timeout(30)
+def test_an_unknown_aws_profile_is_a_configuration_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edp.aws.clients import client
+
+    # Given an AWS_PROFILE that no config file defines
+    monkeypatch.setenv("AWS_PROFILE", "edp-test-no-such-profile")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    # When a client is made, Then the error names the profile (no traceback of botocore's)
+    with pytest.raises(ConfigError, match="edp-test-no-such-profile"):
+        client("sqs")
