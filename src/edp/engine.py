@@ -191,7 +191,7 @@ def dead_letter(message: Message, error: DecodeError, now: float) -> DeadLetter:
     if message.source == LINE_SOURCE and isinstance(body, bytes):
         body = body.removesuffix(b"\n").removesuffix(b"\r")
     reason = error.reason
-    if isinstance(body, dict):
+    if not isinstance(body, bytes | str):  # a JSON value (a Lambda's payload: any)
         try:
             text = orjson.dumps(body).decode()
         except TypeError:  # what orjson cannot write (an integer past 64 bits...)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from edp.aws import handlers
@@ -487,3 +488,22 @@ def test_a_worker_id_set_for_the_functions_is_warned_about(
     handlers.store_handler(load_event("aws-lambda-sqs-batch.json"), None)
     assert "worker_id is set (edp-lambda)" in caplog.text
     assert "leave it unset for the Lambda functions" in caplog.text
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("payload", [None, [1], "hello", 7])
+def test_a_direct_payload_that_is_no_event_is_dead_lettered(
+    aws: Any, lambda_env: dict[str, str], payload: Any
+) -> None:
+    # When the store function is invoked directly with a payload that is no S3 event
+    # (JSON null, a list, a string, a number)
+    result = handlers.store_handler(payload, None)
+    # Then it is kept as a dead letter with its JSON text, and nothing failed
+    assert result.get("rejected") == 1, result
+    store = open_store(lambda_env["EDP_DATABASE_URL"])
+    try:
+        [letter] = store.dead_letters()
+    finally:
+        store.close()
+    assert letter.source == "lambda"
+    assert letter.body == (payload if isinstance(payload, str) else orjson.dumps(payload).decode())
