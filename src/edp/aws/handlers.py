@@ -183,6 +183,8 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
         ))
         for r in records
     ]
+    if not _started([m for _, m in messages]):
+        return [message_id for message_id, _ in messages]
     held_by: str | None = None  # the runtime whose step published the batch's hold
     try:
         held_by = runtime("store").engine.worker_id
@@ -208,6 +210,8 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
             failed.append(message_id)
             untried.append(message)
             continue
+        if not _started([m for _, m in messages[index:]]):
+            return failed + [mid for mid, _ in messages[index:]]
         step_by: str | None = None
         try:
             step_by = runtime("store").engine.worker_id
@@ -228,6 +232,22 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
     # some were left untried: they come again, and the hold stays for them only.
     _release(held_by, untried)
     return failed
+
+
+def _started(messages: list[Message]) -> bool:
+    """Whether the store function's runtime is built (or can be now). When it cannot be
+    (the database secret not readable, the settings wrong, the database unreachable),
+    no record is at fault: they all come again, and the container holds for them once
+    it starts, as after an outage."""
+    try:
+        runtime("store")
+    except Exception:  # a boundary: the records come back; the log says why
+        reset_runtime()
+        log.exception("the store function cannot start (its settings, its database secret "
+                      "or its database); the %d SQS records come again", len(messages))
+        _missed(messages)
+        return False
+    return True
 
 
 def _hold_seconds(visibility_timeout: float) -> float:

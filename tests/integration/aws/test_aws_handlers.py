@@ -203,7 +203,8 @@ def test_records_fail_while_the_database_is_unreachable_then_heal(
     assert {f["itemIdentifier"] for f in result["batchItemFailures"]} == ids
     # as soon as the store proves unreachable: trying every record on its own would
     # wait for the database each time (30 s on PostgreSQL), past the function's timeout
-    assert "the store is unreachable" in caplog.text
+    # (here when the container rebuilds its runtime: it cannot start)
+    assert "cannot start" in caplog.text or "the store is unreachable" in caplog.text
     assert "SQS message" not in caplog.text  # no record was given up on its own
 
     # When the database is back and SQS delivers the records again
@@ -507,3 +508,31 @@ def test_a_direct_payload_that_is_no_event_is_dead_lettered(
         store.close()
     assert letter.source == "lambda"
     assert letter.body == (payload if isinstance(payload, str) else orjson.dumps(payload).decode())
+
+
+def test_records_come_again_whole_when_the_function_cannot_start_and_hold_after(
+    holds_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = holds_env["EDP_DATABASE_URL"]
+    # Given a store function whose database secret cannot be read
+    monkeypatch.delenv("EDP_DATABASE_URL")
+    monkeypatch.setenv("EDP_DATABASE_SECRET_ARN",
+                       "arn:aws:secretsmanager:us-east-1:123456789012:secret:edp-none-AbCdEf")
+    handlers.reset_runtime()
+    # When a batch of two records arrives
+    caplog.set_level(logging.INFO)
+    t0 = time.time()
+    result = handlers.store_handler(
+        sqs_records((f"{PREFIX}a.csv", t0), (f"{PREFIX}b.csv", t0)), None)
+    # Then both come again, and no record was blamed (none tried one by one)
+    assert {f["itemIdentifier"] for f in result["batchItemFailures"]} == {
+        f"m-{PREFIX}a.csv", f"m-{PREFIX}b.csv"}
+    assert "cannot start" in caplog.text and "one by one" not in caplog.text
+    # When the function starts again and stores another record
+    monkeypatch.delenv("EDP_DATABASE_SECRET_ARN")
+    monkeypatch.setenv("EDP_DATABASE_URL", url)
+    assert handlers.store_handler(sqs_records(("instrument/other/c.csv", time.time())),
+                                  None) == {"batchItemFailures": []}
+    # Then it holds for the records that come again, as after an outage
+    assert hold_end(url) > time.time()
