@@ -92,4 +92,7 @@ def build_runtime(
         observers=observers, clock_max_ahead=settings.clock_max_ahead if live else None,
         borrow_sinks=live,
     )
-    return Runtime(settings, store, engine, Relay(store, chosen))
+    # Delivery leases are timed by the store's shared clock (PostgreSQL: the server's),
+    # as the workers' clocks are: a relay on a machine whose clock runs ahead must not
+    # take a lease another relay still holds.
+    return Runtime(settings, store, engine, Relay(store, chosen, clock=store.wall_clock))

@@ -544,7 +544,7 @@ def test_a_throw_away_store_refuses_to_go_on_after_a_failed_step(tmp_path: Path)
     store.close()
 
 
-def test_a_daemon_reads_the_wall_clock_its_store_shares(tmp_path: Path) -> None:
+def test_a_daemon_and_its_relay_read_the_wall_clock_their_store_shares(tmp_path: Path) -> None:
     from edp.bootstrap import build_runtime
     from edp.config import Settings
     from edp.daemon import Daemon
@@ -557,5 +557,8 @@ def test_a_daemon_reads_the_wall_clock_its_store_shares(tmp_path: Path) -> None:
         # server's on PostgreSQL), unless a test gives another
         assert Daemon(runtime, []).clock == runtime.store.wall_clock
         assert abs(runtime.store.wall_clock() - time.time()) < 1
+        # and so is its relay's, which times delivery leases: a relay whose machine's
+        # clock runs ahead must not take another's lease early
+        assert runtime.relay.clock == runtime.store.wall_clock
     finally:
         runtime.close()
