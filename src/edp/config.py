@@ -428,12 +428,14 @@ def load_settings(
         values["bucket_overrides"] = overrides
         origin["bucket_overrides"] = f"config file {path}"
     if credentials:
+        before = values["database_url"]
         values["database_url"] = _with_credentials(
-            values["database_url"], credentials, origin.get("database_url", "the default")
+            before, credentials, origin.get("database_url", "the default")
         )
-        given = ", ".join(sorted({where for _, where in credentials.values()}))
-        origin["database_url"] = (f"{origin.get('database_url', 'the default')}, "
-                                  f"with the user and password of {given}")
+        if values["database_url"] != before:  # (a SQLite URL, or one naming its user: kept)
+            given = ", ".join(sorted({where for _, where in credentials.values()}))
+            origin["database_url"] = (f"{origin.get('database_url', 'the default')}, "
+                                      f"with the user and password of {given}")
     if origins is not None:
         origins.update(origin)
         if "database_url" not in origin:

@@ -377,3 +377,20 @@ def test_bucket_tables_alone_leave_the_watched_list_at_its_default(tmp_path: Pat
     origins = {}
     assert load_settings(config_file=named, env={}, origins=origins).buckets == ("raw",)
     assert origins["buckets"] == f"config file {named} (bucket_name)"
+
+
+def test_credentials_not_applied_leave_the_database_urls_origin_alone() -> None:
+    # Given db_user/db_password beside a SQLite URL (the default), and beside a
+    # PostgreSQL URL that names its own user
+    for env, origin in (
+        ({}, None),
+        ({"EDP_DATABASE_URL": "postgresql://own:pw@db/edp"},
+         "environment variable EDP_DATABASE_URL"),
+    ):
+        origins: dict[str, str] = {}
+        settings = load_settings(env={**env, "EDP_DB_USER": "u", "EDP_DB_PASSWORD": "p"},
+                                 origins=origins)
+        # Then the URL is used as it is, and its origin does not claim them
+        assert "u:p@" not in settings.database_url
+        assert "with the user and password" not in origins["database_url"]
+        assert origin is None or origins["database_url"] == origin
