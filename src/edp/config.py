@@ -576,7 +576,12 @@ def _describe(exc: ValidationError, values: Mapping[str, Any], origin: Mapping[s
         else:
             name = ".".join(loc) or "settings"
             where = origin.get(loc[0], "") if loc else ""
-        if error["type"] == "extra_forbidden":
+        per_bucket = BucketOverrides.model_fields
+        if error["type"] == "extra_forbidden" and len(loc) >= 3 and loc[0] == "bucket_overrides":
+            message = (f"{name} cannot be set per bucket (a bucket's table takes "
+                       f"{', '.join(per_bucket)})" if loc[-1] in KNOWN_NAMES else
+                       f"{name} is not a known setting{_closest(loc[-1], per_bucket)}")
+        elif error["type"] == "extra_forbidden":
             message = f"{name} is not a known setting{_closest(loc[-1])}"
         elif loc and loc[0] in SECRET_SETTINGS:  # never echo a secret, even a bad one
             message = f"{name} must be a string (the value is not shown: it is a secret)"

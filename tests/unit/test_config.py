@@ -394,3 +394,18 @@ def test_credentials_not_applied_leave_the_database_urls_origin_alone() -> None:
         assert "u:p@" not in settings.database_url
         assert "with the user and password" not in origins["database_url"]
         assert origin is None or origins["database_url"] == origin
+
+
+def test_a_setting_that_no_bucket_table_takes_is_named_as_such(tmp_path: Path) -> None:
+    # Given a bucket table with a global-only setting, and one with a misspelt name
+    only_global = tmp_path / "global.toml"
+    only_global.write_text('[buckets."lab"]\nwatch_settle_seconds = 3\n')
+    misspelt = tmp_path / "misspelt.toml"
+    misspelt.write_text('[buckets."lab"]\nbucket_prefix_dept = 3\n')
+    # Then the first says it cannot be set per bucket (not "did you mean" itself), the
+    # second suggests the per-bucket name
+    with pytest.raises(ConfigError, match=r'buckets."lab".watch_settle_seconds cannot be '
+                       r"set per bucket \(a bucket's table takes bucket_prefix_depth"):
+        load_settings(config_file=only_global, env={})
+    with pytest.raises(ConfigError, match="did you mean bucket_prefix_depth"):
+        load_settings(config_file=misspelt, env={})
