@@ -15,10 +15,12 @@ recorded calls and compares what they read now with what they read then:
   does not acknowledge its input and the step runs again later (re-delivered
   events are duplicates, which change nothing).
 
-A connection lost *during* COMMIT leaves the outcome unknown; replaying then sees
-the committed state (different, so the step fails and is retried by its source)
-or not (the same, so it commits once). Only counters can be added twice, in the
-rare case of a committed step whose reads are unchanged by its own writes.
+A connection lost *during* COMMIT leaves the outcome unknown to the client, not to
+the server: the transaction's id, read before the COMMIT, is looked up with
+``txid_status``. Committed, the step is done (nothing is replayed, so nothing is
+written twice: dead letters and counters neither); aborted, it is replayed as
+above; still in progress (the server has not yet noticed the lost connection), the
+look-up is tried again.
 """
 
 from __future__ import annotations
@@ -130,19 +132,45 @@ class RetryingTransaction:
 
     # -- end --------------------------------------------------------------------------------
     def commit(self) -> None:
-        """Commit, replaying the transaction on a new connection if the link broke."""
+        """Commit, replaying the transaction on a new connection if the link broke (and
+        the server did not commit it: see the module's docstring)."""
+        unknown: int | None = None  # the id of a transaction whose COMMIT went unanswered
         for attempt in self.retrying():
             with attempt:
+                if unknown is not None:
+                    if self._committed(unknown):
+                        break
+                    unknown = None  # aborted: replayed on the new connection below
                 conn = self._connection()
                 assert self.tx is not None
                 try:
+                    row = conn.execute("SELECT txid_current()").fetchone()
+                    xid = None if row is None else int(row[0])
                     with conn.pipeline():  # the queued writes and COMMIT: one round trip
                         self.tx.send_queued()
+                        unknown = xid
                         conn.commit()
+                    unknown = None
                 except LOST:
                     self._drop()
                     raise
         self._release()
+
+    def _committed(self, xid: int) -> bool:
+        """Whether the server committed transaction ``xid`` (False: it aborted). Raises
+        a lost-connection error, to be tried again, while the server cannot be asked or
+        still runs it."""
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT txid_status(%s)", (xid,)).fetchone()
+        status = None if row is None else row[0]
+        if status == "in progress":
+            raise psycopg.OperationalError(
+                f"transaction {xid}, whose COMMIT went unanswered, is still in progress")
+        if status == "committed":
+            log.warning("a step's COMMIT went unanswered but the server had committed it; "
+                        "it is done")
+            return True
+        return False
 
     def rollback(self) -> None:
         """Roll back and give the connection back to the pool."""

@@ -211,6 +211,47 @@ def test_a_lost_connection_after_the_state_changed_fails_the_step(
     assert [b.batch_id for b in store.list_batches(state="open")] == ["b-other"]
 
 
+
+def lose_the_answer_to_the_next_commit(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The next COMMIT reaches the server and commits; its answer is lost on the way
+    back (the connection breaks): the client sees a lost connection."""
+    real = psycopg.Connection.commit
+    lost: list[int] = []
+
+    def commit(self: psycopg.Connection[object]) -> None:
+        real(self)
+        if not lost:
+            lost.append(self.info.backend_pid)
+            raise psycopg.OperationalError("connection lost (the COMMIT's answer with it)")
+
+    monkeypatch.setattr(psycopg.Connection, "commit", commit)
+    return lost
+
+
+@pytest.mark.parametrize("changes_its_reads", [False, True])
+def test_a_step_whose_commit_answer_was_lost_after_it_committed_is_done_once(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch, changes_its_reads: bool
+) -> None:
+    from edp.store.base import DeadLetter
+
+    # Given a step that writes a dead letter and counters (its reads do not change by
+    # its own writes), or that also opens a batch on the prefix it loaded (they do)
+    with store.transaction() as tx:
+        tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
+        if changes_its_reads:
+            tx.save(StepWrite(open_batches=[saved(batch())]), sinks=[], now=T0)
+        tx.add_dead_letters([DeadLetter("test", "message 1", "not JSON", "{", T0)])
+        tx.add_counters({"dead_letters": 1})
+        # When the server commits it and the answer is lost
+        lost = lose_the_answer_to_the_next_commit(monkeypatch)
+    # Then the step is done, once: the server said it committed (neither written twice,
+    # nor failed as changed by another worker)
+    assert lost and isinstance(tx, RetryingTransaction) and tx.replays == 0
+    assert [d.location for d in store.dead_letters()] == ["message 1"]
+    assert store.counters() == {"dead_letters": 1}
+    assert [b.batch_id for b in store.list_batches(state="open")] == (
+        ["b-1"] if changes_its_reads else [])
+
 def test_a_step_on_a_prefix_waits_for_the_step_holding_it(
     store: PostgresStore, pg_url: str
 ) -> None:
