@@ -119,6 +119,10 @@ def open_runtime(
     """
     settings = load_settings(config_file=config_file, flags={"database_url": database_url})
     url = settings.database_url
+    if settings.database_secret_arn:  # (the Lambda functions' store, without a URL given)
+        from edp.aws.secrets import resolve_database_url
+
+        url = resolve_database_url(settings)
     if not create and url.startswith("sqlite:"):
         from edp.store.sqlite import sqlite_path
 
@@ -130,7 +134,7 @@ def open_runtime(
                     "(check --database-url / EDP_DATABASE_URL; `edp db upgrade` creates one)"
                 )
             _check_edp_sqlite(path)
-    return build_runtime(settings)
+    return build_runtime(settings, database_url=url)
 
 
 def _check_edp_sqlite(path: str) -> None:

@@ -86,10 +86,11 @@ def _dead_letter_keeper(settings: Any, queue_url: str) -> Any:
     def keep(body: str, location: str, reason: str) -> None:
         import time
 
+        from edp.aws.secrets import resolve_database_url
         from edp.store import open_store
         from edp.store.base import DeadLetter
 
-        store = open_store(settings.database_url)
+        store = open_store(resolve_database_url(settings))
         try:
             with store.transaction() as tx:
                 tx.add_dead_letters([DeadLetter(f"package:{queue_url}", location, reason, body,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,6 +260,39 @@ def test_database_url_from_the_secret(aws: Any, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("EDP_DATABASE_URL", "sqlite:///x.db")
     assert resolve_database_url(load_settings()) == "sqlite:///x.db"
 
+
+
+@pytest.mark.timeout(60)
+def test_operators_commands_find_the_store_through_the_secret(aws: Any) -> None:
+    # Given the functions' store named only by its Secrets Manager secret (a fresh
+    # PostgreSQL database of this machine's server), which a worker has upgraded
+    import subprocess
+    from urllib.parse import urlsplit
+
+    import boto3
+
+    from integration.aws.conftest import EDP
+    from integration.postgres.pg_testing import fresh_database, require_server
+
+    require_server()
+    with fresh_database("secret") as url:
+        parts = urlsplit(url)
+        secret = {"username": parts.username, "password": parts.password or "trust-ignores-it",
+                  "host": parts.hostname, "port": parts.port or 5432,
+                  "dbname": parts.path.lstrip("/"), "engine": "postgres"}
+        arn = boto3.client("secretsmanager").create_secret(
+            Name="edp-ops-secret", SecretString=json.dumps(secret))["ARN"]
+        env = {**os.environ, "EDP_DATABASE_SECRET_ARN": arn}
+        upgraded = subprocess.run([*EDP, "db", "upgrade"], env=env, capture_output=True,
+                                  text=True, timeout=60)
+        assert upgraded.returncode == 0, upgraded.stderr
+        # When an operator asks for the store's status with that environment
+        status = subprocess.run([*EDP, "db", "status"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        # Then it reads that database (not a local SQLite file of the default path)
+        assert status.returncode == 0, status.stderr
+        assert "postgresql://" in status.stdout, status.stdout
+        assert not (Path(os.environ["XDG_DATA_HOME"]) / "edp").exists()
 
 # -- holds: records not stored come again only after the visibility timeout ----------
 QUIET, VISIBILITY, MARGIN = 2.0, 3, 5.0  # a hold lasts VISIBILITY + MARGIN
