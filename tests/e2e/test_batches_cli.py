@@ -49,6 +49,8 @@ def test_operator_workflow(tmp_path: Path) -> None:
     assert listing.returncode == 0, listing.stderr
     assert "lab/exp 1/" in listing.stdout and "open" in listing.stdout
     assert "duration" in listing.stdout
+    # (its deadline, in 1970, is long past: no worker ran since to fire it)
+    assert "ago, not fired" in " ".join(listing.stdout.split()), listing.stdout
     listed = orjson.loads(edp("batches", "--json", home=tmp_path).stdout)["batches"]
     assert [(b["prefix"], b["state"], b["object_count"]) for b in listed] == [
         ("lab/exp 1/", "open", 2)]

@@ -58,7 +58,10 @@ def batches(
         table.add_column(column)
     for row in runtime.store.list_batches(state=state, limit=limit):
         if row.state == "open":
-            deadline = f"{when(row.deadline)} (in {span((row.deadline or now) - now)})"
+            left = (row.deadline or now) - now
+            # (past it: a worker behind, a hold after a restart, or no worker running)
+            deadline = (f"{when(row.deadline)} (in {span(left)})" if left >= 0 else
+                        f"{when(row.deadline)} (passed {span(-left)} ago, not fired yet)")
             trigger = f"next: {row.deadline_trigger}"
         else:
             deadline, trigger = f"fired {when(row.fired_at)}", str(row.trigger)
