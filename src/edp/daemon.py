@@ -356,6 +356,9 @@ class Daemon:
         )
         if report.behind:  # old events: a backlog, whatever the source said
             self._caught_up[source.name] = False
+        for letter in report.rejected:  # (kept in the store: `edp dead-letters`)
+            log.warning("dead letter from %s, %s: %s", letter.source, letter.location,
+                        letter.reason)
         self.stats.steps += 1
         self.stats.messages += len(messages)
         self.stats.fired += len(report.fired)

@@ -392,3 +392,19 @@ def test_a_daemon_stopped_cleanly_is_marked_finished(tmp_path: Path) -> None:
         assert store.worker_finished("fan-in") is True
     finally:
         store.close()
+
+
+def test_a_message_that_becomes_a_dead_letter_is_said_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a queue whose receive holds a good event and an object key past S3's limit
+    long_key = "lab/run-1/" + "x" * 1100
+    source = Scripted("q", [(0.0, [eventbridge("lab/run-1/a", time.time()),
+                                   eventbridge(long_key, time.time())], True)])
+    # When the daemon takes it
+    caplog.set_level("WARNING", logger="edp.daemon")
+    run = DaemonRun(tmp_path, [source], ListSink())
+    with run:
+        wait_until(lambda: "dead letter" in caplog.text, what="the dead letter's log line")
+    # Then the log says which message and why (not only `edp dead-letters`)
+    assert "dead letter from q, q message: object key longer than 1024 bytes" in caplog.text
