@@ -147,7 +147,7 @@ class Daemon:
         self._unacknowledged: set[str] = set()  # sources whose last delivery failed
         self._store_out = False  # the last round failed for the store (see _last_relay)
         self._receive_failures: dict[str, int] = {}  # failed receives in a row, per source
-        self._next_retry: float | None = None  # (the relay's clock: time.time())
+        self._next_retry: float | None = None  # (the relay's clock: the store's, self.clock)
 
     @property
     def stopped_cleanly(self) -> bool:
@@ -464,7 +464,7 @@ class Daemon:
             remaining = deadline - self.clock()
             wait = min(wait, remaining if remaining > 0 else self.HELD_BACK_TICK)
         if self._next_retry is not None:  # a failed delivery is tried again on time
-            wait = min(wait, max(self._next_retry - time.time(), self.HELD_BACK_TICK))
+            wait = min(wait, max(self._next_retry - self.clock(), self.HELD_BACK_TICK))
         return wait
 
     HELD_BACK_TICK = 0.5
@@ -515,7 +515,7 @@ class Daemon:
         # A retry still ahead stays the wait's bound until it passed: a later deliver()
         # that sent nothing (the event still waits, and those behind it) reports none.
         ahead = [t for t in (report.next_retry, self._next_retry)
-                 if t is not None and t > time.time()]
+                 if t is not None and t > self.clock()]
         self._next_retry = min(ahead) if ahead else report.next_retry
         if report.failed:
             log.warning("outbox: %d deliveries failed, will retry", report.failed)

@@ -23,6 +23,7 @@ import math
 import os
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -214,6 +215,10 @@ def dead_letter(message: Message, error: DecodeError, now: float) -> DeadLetter:
 
 
 _PRIVATE_SINKS = ("stdout", "log")
+WATCHER_STDOUT = "stdout@"
+"""The prefix of a watcher's stdout sink, ``stdout@<worker id>`` (see edp.cli.watch)."""
+KNOWN_SINKS_RECHECK = 30.0
+"""Seconds between two looks at the store's sinks while it knows none to borrow."""
 """Sinks that are one process's own output: another process cannot relay to them (the
 stdout of ``edp watch`` is a sink of its own, ``stdout@<worker id>``, shared)."""
 
@@ -246,6 +251,7 @@ class Engine:
         self.origin = Origin(settings.event_source, settings.account, settings.region)
         self.own_sinks = tuple(sinks)
         self._known_sinks: tuple[str, ...] = ()
+        self._known_checked = -math.inf
         self._warned_no_sink = False
         self.worker_id = worker_id or settings.worker_id or default_worker_id()
         resumed = store.worker_clock(self.worker_id)
@@ -267,11 +273,17 @@ class Engine:
         of its own is shared (a process run without sink settings, such as a backfill
         from a laptop, or with only its own stdout or log, such as ``edp run --stdout``),
         the shared ones the store knows, that is those the workers relay to. Events with
-        no delivery row for those would never be sent there by anyone."""
+        no delivery row for those would never be sent there by anyone. A watcher's
+        stdout (``stdout@<worker id>``) is no destination for other workers' events:
+        only operators' commands reach it (:meth:`_operator_sinks`)."""
         if not self.borrow_sinks or any(name not in _PRIVATE_SINKS for name in self.own_sinks):
             return self.own_sinks
-        if not self._known_sinks:
-            self._known_sinks = self._shared_sinks()
+        checked = time.monotonic()
+        if not self._known_sinks and checked - self._known_checked >= KNOWN_SINKS_RECHECK:
+            # (an empty answer is asked again, but not at every step)
+            self._known_checked = checked
+            self._known_sinks = tuple(name for name in self._shared_sinks()
+                                      if not name.startswith(WATCHER_STDOUT))
             if not self._known_sinks and not self.own_sinks and not self._warned_no_sink:
                 self._warned_no_sink = True
                 log.warning("no sink is configured and the store knows none: events of "

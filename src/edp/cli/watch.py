@@ -13,6 +13,7 @@ import click
 from edp.cli import main
 from edp.cli._common import grouping_options, handle_errors, printable, settings_from
 from edp.config import Settings
+from edp.engine import WATCHER_STDOUT
 from edp.errors import ConfigError
 from edp.sinks.base import Sink
 from edp.sinks.local import StdoutSink
@@ -122,7 +123,7 @@ def watch(directory: Path, bucket: str | None, stdout: bool, registry: str | Non
             # This stdout is a lasting stream (a pipe reads it) that events of other
             # processes on the store may go to, such as an operator's `edp batches
             # close`: a sink of its own name, which only this watcher relays.
-            sink.name = f"stdout@{worker_id}"
+            sink.name = f"{WATCHER_STDOUT}{worker_id}"
     runtime = build_runtime(settings, sinks=sinks, worker_id=worker_id,
                             observers=build_observers(settings))
     click.echo(f"edp watch: {source.root} as bucket {source.bucket!r}, store "

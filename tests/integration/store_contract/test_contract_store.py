@@ -445,9 +445,11 @@ def test_a_worker_without_sinks_records_its_events_for_the_sinks_a_started_worke
 def test_a_worker_printing_its_events_also_records_them_for_the_shared_sinks(
     store: Store,
 ) -> None:
-    # Given a store where a worker relaying to a webhook and EventBridge started
+    # Given a store where a worker relaying to a webhook and EventBridge started, and a
+    # watcher printing its own batches (its stdout is the shared sink stdout@watcher)
     cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=1)
     Engine(store, cfg, sinks=["webhook", "eventbridge"], worker_id="worker").register(now=T0)
+    Engine(store, cfg, sinks=["stdout@watcher"], worker_id="watcher").register(now=T0)
     # When a worker whose only sinks are its stdout and log (edp run --stdout) fires a
     # batch, and a replay printing to stdout on the same store fires another
     engine = Engine(store, cfg, sinks=["stdout", "log"], worker_id="printing")
@@ -462,6 +464,8 @@ def test_a_worker_printing_its_events_also_records_them_for_the_shared_sinks(
     for sink in ("webhook", "eventbridge"):
         assert replayed.event_id not in [e.event_id for e in store.pending(
             sink, limit=10, now=T0 + 1)], sink
+    # and neither goes to the watcher's stdout, which prints the watcher's batches
+    assert store.pending("stdout@watcher", limit=10, now=T0 + 1) == []
 
 
 def test_an_operators_close_reaches_every_shared_sink_whatever_its_own(store: Store) -> None:
@@ -470,13 +474,15 @@ def test_an_operators_close_reaches_every_shared_sink_whatever_its_own(store: St
     cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=0)
     worker = Engine(store, cfg, sinks=["webhook", "sns"], worker_id="worker")
     worker.register(now=T0)
+    Engine(store, cfg, sinks=["stdout@watcher"], worker_id="watcher").register(now=T0)
     worker.process([Message(eventbridge("i/e/a", T0), "m1")], now=T0)
     [batch_row] = store.list_batches(state="open")
     # When an operator whose only sink setting is an EventBridge bus closes it
     operator = Engine(store, cfg, sinks=["eventbridge"], worker_id="operator")
     ready = operator.close_batch(batch_row.batch_id, now=T0 + 5)
     # Then its event waits for the operator's sink and for the workers' sinks
-    for sink in ("eventbridge", "webhook", "sns"):
+    # (a watcher's stdout too: an operator's close beside `edp watch` comes out there)
+    for sink in ("eventbridge", "webhook", "sns", "stdout@watcher"):
         assert [e.event_id for e in store.pending(sink, limit=10, now=T0 + 6)] == [
             ready.event_id], sink
 
