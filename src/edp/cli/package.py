@@ -103,8 +103,7 @@ def _dead_letter_keeper(settings: Any, queue_url: str) -> Any:
 
 def _consume(packager: Any, queue_url: str, emit: Any, *, once: bool, wait: int,
              region: str, dead_letter: Any = None) -> None:
-    import boto3
-
+    from edp.aws.clients import client as aws_client
     from edp.quilt.queue import consume_queue
 
     stop = threading.Event()
@@ -113,7 +112,7 @@ def _consume(packager: Any, queue_url: str, emit: Any, *, once: bool, wait: int,
         for signum in (signal.SIGINT, signal.SIGTERM):  # finish the current event, then stop
             previous[signum] = signal.signal(signum, lambda *_: stop.set())
     try:
-        client = boto3.client("sqs", region_name=_queue_region(queue_url) or region)
+        client = aws_client("sqs", region=_queue_region(queue_url) or region)
         consume_queue(packager, queue_url, client=client, on_result=emit, wait=wait,
                       until_empty=once, stop=stop, dead_letter=dead_letter)
     finally:

@@ -316,12 +316,11 @@ def parse_location(location_arn: str) -> tuple[str, str] | None:
 
 def boto3_gateway(region: str) -> Boto3Gateway:
     """The boto3 adapter, with a client for ``region``."""
-    import boto3
-    from botocore.config import Config
+    from edp.aws.clients import client
 
     # Short timeouts: a lookup may run inside a step's transaction (see locate).
-    config = Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2})
-    return Boto3Gateway(boto3.client("storagegateway", region_name=region, config=config))
+    return Boto3Gateway(client("storagegateway", region=region, read_timeout=10,
+                               max_attempts=2))
 
 
 __all__ = ["LEASE_KIND", "MAX_FOLDERS", "TIMER_KIND", "Boto3Gateway", "GatewayApi", "GatewayBusy",

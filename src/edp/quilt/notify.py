@@ -221,11 +221,11 @@ def build_notifier(settings: Settings) -> FanOut:
 
 
 def _sns_client(topic_arn: str) -> Any:
-    import boto3
+    from edp.aws.clients import client
 
     parts = topic_arn.split(":")  # arn:aws:sns:<region>:<account>:<name>
     region = parts[3] if len(parts) > 5 and parts[3] else None
-    return boto3.client("sns", region_name=region)
+    return client("sns", region=region)
 
 
 __all__ = ["FanOut", "Notice", "Notifier", "SnsNotifier", "WebhookNotifier", "build_notifier",

@@ -427,9 +427,9 @@ class Packager:
 
     def _client(self) -> Any:
         if self._s3 is None:
-            import boto3
+            from edp.aws.clients import client
 
-            self._s3 = boto3.client("s3", region_name=self.settings.region)
+            self._s3 = client("s3", region=self.settings.region)
         return self._s3
 
     def _pointer_taken(self, registry: Registry, name: str, stamp: str) -> bool:

@@ -246,11 +246,9 @@ def build_package_ready_observer(
             region = settings.region
 
             def client() -> Any:
-                import boto3
-                from botocore.config import Config
+                from edp.aws.clients import client as aws_client
 
-                config = Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2})
-                return boto3.client("s3", region_name=region, config=config)
+                return aws_client("s3", region=region, read_timeout=10, max_attempts=2)
 
             reader = s3_pointer_reader(client)
     if warmer is None and settings.file_gateway_shares:

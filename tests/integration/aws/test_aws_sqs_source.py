@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -815,3 +816,16 @@ def test_an_unknown_aws_profile_is_a_configuration_error(
     # When a client is made, Then the error names the profile (no traceback of botocore's)
     with pytest.raises(ConfigError, match="edp-test-no-such-profile"):
         client("sqs")
+    # And so do the commands that make one first: one line, exit status 2
+    import subprocess
+
+    from integration.aws.conftest import EDP
+
+    for args in (("run", "--sqs-queue", "https://sqs.us-east-1.amazonaws.com/1/q",
+                  "--database-url", f"sqlite:///{tmp_path / 'edp.db'}"),
+                 ("package", "--sqs-queue", "https://sqs.us-east-1.amazonaws.com/1/q",
+                  "--registry", str(tmp_path / "registry"), "--once", "--wait", "0")):
+        done = subprocess.run([*EDP, *args], capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ))
+        assert done.returncode == 2, (args, done.stderr)
+        assert "edp-test-no-such-profile" in done.stderr and "Traceback" not in done.stderr
