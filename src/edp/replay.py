@@ -304,6 +304,10 @@ def run_part(
     delivered = time.monotonic()
     for lines, events, decoded, _ in chunks:
         summary.lines += lines
+        # A chunk is queued whole, with its dead letters and counts, in one transaction:
+        # one that a restarted worker had queued before (an event at or after its start
+        # is; a chunk without events, when a later event is) is not queued again.
+        queued_before = seq <= done
         rows = []
         for event in events:
             if event.time > clock:
@@ -311,8 +315,10 @@ def run_part(
             if seq > done:
                 rows.append((seq, clock, event))
             seq += 1
-        engine.enqueue(rows, decoded, now=time.time(), clock=clock)
         summary.record(decoded, stderr)
+        if queued_before and not rows:
+            continue
+        engine.enqueue(rows, decoded, now=time.time(), clock=clock)
         # Apply a chunk when the lock is free (the others queue meanwhile).
         taken = engine.process_queued(now=time.time(), limit=size, publish=_publishable(clock))
         if taken is not None:

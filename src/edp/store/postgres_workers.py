@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 FINISH_LOCK = 0x65647002  # pg_advisory_xact_lock key of workers finishing
 ENDING_LOCK = 0x65647004  # pg_advisory_lock key held by the worker ending a replay run
+CLAIM_PATIENCE = 5.0  # seconds a replay worker waits for its id to be free
+MEMBER_LOCK = 0x65647005  # pg_advisory_lock (MEMBER_LOCK, hashtext(worker_id)): one process per id
 
 HEARTBEAT_SQL = (
     "INSERT INTO workers (worker_id, clock, heartbeat_at, held, held_until, finished)"
@@ -140,6 +143,7 @@ class WorkerClocks:
     # with its process) by applying what is left, firing every open batch and
     # deleting the rows (end_run). Nobody joins a run that is ending.
     _ending: psycopg.Connection[Any] | None = None
+    _member: psycopg.Connection[Any] | None = None  # holds this process's worker id
     pool: ConnectionPool[psycopg.Connection[Any]]
     retrying: Callable[[], Retrying]
 
@@ -148,7 +152,9 @@ class WorkerClocks:
         ``joined``, ``rejoined``: a member restarted, ``ending``: the last run is being
         ended, try again shortly), and where this worker's part resumes: after the last
         of its events queued or applied (-1: from the start). Raises
-        :class:`~edp.errors.EdpError` when the run in progress cannot take it."""
+        :class:`~edp.errors.EdpError` when the run in progress cannot take it, or when
+        another live process has this worker id."""
+        self._claim_worker_id(worker_id)
 
         def work(conn: psycopg.Connection[Any]) -> tuple[str, int]:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (FINISH_LOCK,))
@@ -307,6 +313,44 @@ class WorkerClocks:
             self._run(work, pipeline=False)
         finally:
             self.release_ending()
+
+    def _claim_worker_id(self, worker_id: str) -> None:
+        """Hold, for this process's life, a session lock on ``worker_id``: two live
+        processes under one id would be taken for one member restarted, each queueing
+        its part as the other's, and events would be lost. A killed process's lock goes
+        with its connection."""
+        if self._member is not None:
+            return
+        conn = self.pool.getconn()
+        give_up = time.monotonic() + CLAIM_PATIENCE
+        try:
+            while True:
+                row = conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))",
+                                   (MEMBER_LOCK, worker_id)).fetchone()
+                conn.commit()
+                if (row and row[0]) or time.monotonic() > give_up:
+                    break
+                time.sleep(0.2)  # (a process just killed: its session is on its way out)
+        except BaseException:
+            conn.close()
+            self.pool.putconn(conn)
+            raise
+        if not (row and row[0]):
+            self.pool.putconn(conn)
+            raise EdpError(
+                f"replay worker id {worker_id!r} is in use by another live process on this "
+                "database: give each worker its own --worker-id (a worker restarted after "
+                "a kill takes its id back once the server has seen the old process go)"
+            )
+        self._member = conn
+
+    def release_worker_id(self) -> None:
+        """Give up this process's worker id (see :meth:`_claim_worker_id`)."""
+        conn, self._member = self._member, None
+        if conn is None:
+            return
+        conn.close()  # (the session lock goes with the session)
+        self.pool.putconn(conn)
 
     def release_ending(self) -> None:
         """Give up the ending lock (the run stays to be ended by a restarted member)."""

@@ -108,8 +108,11 @@ def counter(pg_url: str, name: str) -> int:
 def heartbeat_at(pg_url: str, worker: str) -> float:
     """When a worker last published its clock (0 before it did)."""
     with psycopg.connect(pg_url) as conn:
-        row = conn.execute("SELECT heartbeat_at FROM workers WHERE worker_id = %s",
-                           (worker,)).fetchone()
+        try:
+            row = conn.execute("SELECT heartbeat_at FROM workers WHERE worker_id = %s",
+                               (worker,)).fetchone()
+        except psycopg.errors.UndefinedTable:  # (no worker has opened the store yet)
+            return 0.0
     return float(row[0]) if row else 0.0
 
 
@@ -304,15 +307,19 @@ def wait_for(what: str, ready: Any, timeout: float = 60) -> None:
 
 @pytest.mark.timeout(600)
 def test_a_restarted_worker_queues_nothing_twice(tmp_path: Path, pg_url: str) -> None:
-    # Given two workers, w1 with the first half of a stream and w0 with the second
+    # Given two workers, w1 with the first half of a stream (and three lines that are
+    # not JSON) and w0 with the second
     lines = make_stream(10_000, seed=8)
     expected = single_replay(tmp_path, lines)
     duplicates = single_duplicates(tmp_path, lines)
-    first, second = lines[:10_000], lines[10_000:]
+    # (10,000 lines: whole chunks, all queued before the kill)
+    events, second = lines[:9_997], lines[9_997:]
+    first = [*events[:100], b"not JSON 1", *events[100:5000], b"not JSON 2", *events[5000:9000],
+             b"not JSON 3", *events[9000:]]
     w0, w1 = (start_piped(tmp_path, pg_url, f"w{i}", 2) for i in range(2))
     # ... w1 has queued its part (w0 nothing yet, so nothing is applied)
     feed(w1, first, close=False)
-    wait_for("w1's events", lambda: queued(pg_url, "w1") == len(first))
+    wait_for("w1's events", lambda: queued(pg_url, "w1") == len(events))
     # When w1 is killed and restarted, and w0's part lets w1's queued events be applied
     # before the restarted w1 reads its part again
     kill(w1)
@@ -321,13 +328,17 @@ def test_a_restarted_worker_queues_nothing_twice(tmp_path: Path, pg_url: str) ->
     wait_for("w1 to rejoin", lambda: heartbeat_at(pg_url, "w1") > killed)
     feed(w0, second)
     assert w0.wait(timeout=120) == 0
-    assert queued(pg_url, "w1") < len(first)  # w0 applied some of them
+    assert queued(pg_url, "w1") < len(events)  # w0 applied some of them
     feed(again, first)
     assert again.wait(timeout=120) == 0
     # Then every event was applied once (one queued again would count as one more
-    # duplicate) and the batches are one replay's
+    # duplicate), every bad line kept once, and the batches are one replay's
     assert counter(pg_url, "events.duplicate") == duplicates
-    assert b"its part resumes after its event 10000" in (tmp_path / "err-w1-1").read_bytes()
+    assert counter(pg_url, "dead_letters") == 3
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
+    assert row is not None and row[0] == 3
+    assert b"its part resumes after its event 9997" in (tmp_path / "err-w1-1").read_bytes()
     check_union(tmp_path, expected)
 
 
@@ -523,3 +534,23 @@ def test_a_lost_connection_while_applying_changes_nothing(tmp_path: Path, pg_url
     # Then every worker ends well (the step was retried) and the batches are one replay's
     wait_all(procs, tmp_path, timeout=500)
     check_union(tmp_path, expected)
+
+
+@pytest.mark.timeout(120)
+def test_a_second_live_process_under_a_worker_id_is_refused(tmp_path: Path,
+                                                            pg_url: str) -> None:
+    # Given a replay worker w0 of a run of two, waiting for its partner
+    w0 = start_piped(tmp_path, pg_url, "w0", 2)
+    try:
+        wait_for("w0 to join", lambda: heartbeat_at(pg_url, "w0") > 0)
+        # When a second process starts under the same worker id (a copy-paste slip)
+        twin = start_piped(tmp_path, pg_url, "w0", 2, run=1)
+        feed(twin, [])
+        # Then it is refused at once, saying why (it was taken for w0 restarted, and
+        # the two queued their parts as one: events were lost)
+        assert twin.wait(timeout=60) == 1
+        err = (tmp_path / "err-w0-1").read_text()
+        assert "replay worker id 'w0' is in use by another live process" in err, err
+        assert w0.poll() is None
+    finally:
+        kill(w0)
