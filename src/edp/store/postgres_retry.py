@@ -19,13 +19,14 @@ A connection lost *during* COMMIT leaves the outcome unknown to the client, not 
 the server: the transaction's id, read before the COMMIT, is looked up with
 ``txid_status``. Committed, the step is done (nothing is replayed, so nothing is
 written twice: dead letters and counters neither); aborted, it is replayed as
-above; still in progress (the server has not yet noticed the lost connection), the
-look-up is tried again.
+above; still in progress (the server has not yet noticed the lost connection), its
+server process is terminated first, after which the answer is final.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -134,21 +135,22 @@ class RetryingTransaction:
     def commit(self) -> None:
         """Commit, replaying the transaction on a new connection if the link broke (and
         the server did not commit it: see the module's docstring)."""
-        unknown: int | None = None  # the id of a transaction whose COMMIT went unanswered
+        # The transaction (id, server process) whose COMMIT went unanswered, if any
+        unknown: tuple[int, int] | None = None
         for attempt in self.retrying():
             with attempt:
                 if unknown is not None:
-                    if self._committed(unknown):
+                    if self._committed(*unknown):
                         break
                     unknown = None  # aborted: replayed on the new connection below
                 conn = self._connection()
                 assert self.tx is not None
                 try:
-                    row = conn.execute("SELECT txid_current()").fetchone()
-                    xid = None if row is None else int(row[0])
+                    row = conn.execute("SELECT txid_current(), pg_backend_pid()").fetchone()
+                    sent = None if row is None else (int(row[0]), int(row[1]))
                     with conn.pipeline():  # the queued writes and COMMIT: one round trip
                         self.tx.send_queued()
-                        unknown = xid
+                        unknown = sent
                         conn.commit()
                     unknown = None
                 except LOST:
@@ -156,12 +158,27 @@ class RetryingTransaction:
                     raise
         self._release()
 
-    def _committed(self, xid: int) -> bool:
-        """Whether the server committed transaction ``xid`` (False: it aborted). Raises
-        a lost-connection error, to be tried again, while the server cannot be asked or
-        still runs it."""
+    def _committed(self, xid: int, pid: int) -> bool:
+        """Whether the server committed transaction ``xid`` (False: it aborted). A
+        transaction still in progress (its server process has not noticed the lost
+        connection yet) is ended first: its process is terminated, which commits
+        nothing more, and the answer is then final. Raises a lost-connection error, to
+        be tried again, while the server cannot be asked."""
         with self.pool.connection() as conn:
-            row = conn.execute("SELECT txid_status(%s)", (xid,)).fetchone()
+            try:
+                row = conn.execute("SELECT txid_status(%s)", (xid,)).fetchone()
+                if row is not None and row[0] == "in progress":
+                    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    for _ in range(50):  # (it ends within moments)
+                        row = conn.execute("SELECT txid_status(%s)", (xid,)).fetchone()
+                        if row is None or row[0] != "in progress":
+                            break
+                        time.sleep(0.1)
+            except psycopg.errors.InvalidParameterValue:
+                # "transaction ID ... is in the future": a server that never saw it (a
+                # replica promoted after a failover): not committed there
+                conn.rollback()
+                return False
         status = None if row is None else row[0]
         if status == "in progress":
             raise psycopg.OperationalError(

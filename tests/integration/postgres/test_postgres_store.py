@@ -252,6 +252,33 @@ def test_a_step_whose_commit_answer_was_lost_after_it_committed_is_done_once(
     assert [b.batch_id for b in store.list_batches(state="open")] == (
         ["b-1"] if changes_its_reads else [])
 
+
+def test_a_transaction_still_in_progress_after_its_lost_commit_is_ended_not_waited_for(
+    store: PostgresStore, pg_url: str
+) -> None:
+    # Given a transaction whose client is gone but whose server process has not
+    # noticed yet (it still holds its uncommitted write), and an id the server never
+    # gave (a replica promoted after a failover)
+    stuck = psycopg.connect(pg_url)
+    stuck.execute("CREATE TABLE IF NOT EXISTS h_probe (n int)")
+    stuck.commit()
+    stuck.execute("INSERT INTO h_probe VALUES (1)")
+    row = stuck.execute("SELECT txid_current(), pg_backend_pid()").fetchone()
+    assert row is not None
+    xid, pid = int(row[0]), int(row[1])
+    with store.transaction() as tx:
+        assert isinstance(tx, RetryingTransaction)
+        # When a step asks whether they committed
+        # Then the first is ended (its process terminated), so the answer is final: no
+        assert tx._committed(xid, pid) is False
+        assert tx._committed(xid + 10**9, pid) is False
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM h_probe").fetchone() == (0,)
+        gone = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                            (pid,)).fetchone()
+    assert gone == (0,)
+    stuck.close()
+
 def test_a_step_on_a_prefix_waits_for_the_step_holding_it(
     store: PostgresStore, pg_url: str
 ) -> None:
