@@ -133,6 +133,9 @@ def store_handler(event: dict[str, Any], context: Any = None) -> dict[str, Any]:
         return {"batchItemFailures": [{"itemIdentifier": i} for i in _store_sqs(records)]}
     where = event.get("id", "?") if isinstance(event, dict) else "?"
     message = Message(event, location=f"event id {where}", source="lambda")
+    if not _started([message]):
+        # (Lambda invokes it again, twice within minutes; the container holds for it)
+        raise EdpError(f"the store function cannot start; event {where} comes again")
     step_by: str | None = None
     try:
         step_by = runtime("store").engine.worker_id
@@ -244,7 +247,7 @@ def _started(messages: list[Message]) -> bool:
     except Exception:  # a boundary: the records come back; the log says why
         reset_runtime()
         log.exception("the store function cannot start (its settings, its database secret "
-                      "or its database); the %d SQS records come again", len(messages))
+                      "or its database); its %d input(s) come again", len(messages))
         _missed(messages)
         return False
     return True

@@ -83,6 +83,8 @@ def package(
 def _dead_letter_keeper(settings: Any, queue_url: str) -> Any:
     """Keep messages that failed for good in the configured store's dead-letter table."""
 
+    url: list[str] = []  # (the secret, if any, is read once)
+
     def keep(body: str, location: str, reason: str) -> None:
         import time
 
@@ -90,7 +92,9 @@ def _dead_letter_keeper(settings: Any, queue_url: str) -> Any:
         from edp.store import open_store
         from edp.store.base import DeadLetter
 
-        store = open_store(resolve_database_url(settings))
+        if not url:
+            url.append(resolve_database_url(settings))
+        store = open_store(url[0])
         try:
             with store.transaction() as tx:
                 tx.add_dead_letters([DeadLetter(f"package:{queue_url}", location, reason, body,

@@ -570,3 +570,27 @@ def test_records_come_again_whole_when_the_function_cannot_start_and_hold_after(
                                   None) == {"batchItemFailures": []}
     # Then it holds for the records that come again, as after an outage
     assert hold_end(url) > time.time()
+
+
+def test_a_direct_event_the_function_cannot_start_for_fails_and_holds_after(
+    holds_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from edp.errors import EdpError
+    from edp_testing import eventbridge
+
+    url = holds_env["EDP_DATABASE_URL"]
+    # Given a store function whose database secret cannot be read
+    monkeypatch.delenv("EDP_DATABASE_URL")
+    monkeypatch.setenv("EDP_DATABASE_SECRET_ARN",
+                       "arn:aws:secretsmanager:us-east-1:123456789012:secret:edp-none-AbCdEf")
+    handlers.reset_runtime()
+    # When EventBridge invokes it with an event, Then it fails (Lambda invokes it again)
+    with pytest.raises(EdpError, match="cannot start"):
+        handlers.store_handler(eventbridge(f"{PREFIX}a.csv", time.time(),
+                                           bucket="source-bucket"), None)
+    # And once it starts again and stores another event, it holds for the first
+    monkeypatch.delenv("EDP_DATABASE_SECRET_ARN")
+    monkeypatch.setenv("EDP_DATABASE_URL", url)
+    handlers.store_handler(eventbridge("instrument/other/c.csv", time.time(),
+                                       bucket="source-bucket"), None)
+    assert hold_end(url) > time.time()
