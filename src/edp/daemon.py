@@ -181,6 +181,8 @@ class Daemon:
     def run(self) -> DaemonStats:
         """Loop until :meth:`stop`; then flush the outbox and close the sources."""
         fanned = len(self.sources) > 1
+        # (first: a twin under this id would make the crash check below read its state)
+        self.runtime.store.claim_worker_id(self.runtime.engine.worker_id)
         self._after_a_crash()
         self.runtime.engine.register(now=self.clock())  # (before its first receive)
         if fanned:

@@ -154,7 +154,7 @@ class WorkerClocks:
         of its events queued or applied (-1: from the start). Raises
         :class:`~edp.errors.EdpError` when the run in progress cannot take it, or when
         another live process has this worker id."""
-        self._claim_worker_id(worker_id)
+        self.claim_worker_id(worker_id)
 
         def work(conn: psycopg.Connection[Any]) -> tuple[str, int]:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (FINISH_LOCK,))
@@ -314,11 +314,11 @@ class WorkerClocks:
         finally:
             self.release_ending()
 
-    def _claim_worker_id(self, worker_id: str) -> None:
+    def claim_worker_id(self, worker_id: str) -> None:
         """Hold, for this process's life, a session lock on ``worker_id``: two live
-        processes under one id would be taken for one member restarted, each queueing
-        its part as the other's, and events would be lost. A killed process's lock goes
-        with its connection."""
+        processes under one id would share one clock (and, replaying, be taken for one
+        member restarted, each queueing its part as the other's: events were lost). A
+        killed process's lock goes with its connection."""
         if self._member is not None:
             return
         conn = self.pool.getconn()
@@ -338,14 +338,15 @@ class WorkerClocks:
         if not (row and row[0]):
             self.pool.putconn(conn)
             raise EdpError(
-                f"replay worker id {worker_id!r} is in use by another live process on this "
-                "database: give each worker its own --worker-id (a worker restarted after "
-                "a kill takes its id back once the server has seen the old process go)"
+                f"worker id {worker_id!r} is in use by another live process on this "
+                "database: give each worker its own worker_id (--worker-id, EDP_WORKER_ID); "
+                "a worker restarted after a kill takes its id back once the server has seen "
+                "the old process go"
             )
         self._member = conn
 
     def release_worker_id(self) -> None:
-        """Give up this process's worker id (see :meth:`_claim_worker_id`)."""
+        """Give up this process's worker id (see :meth:`claim_worker_id`)."""
         conn, self._member = self._member, None
         if conn is None:
             return

@@ -352,6 +352,10 @@ class SqliteStore:
         ).fetchone()
         return None if row is None else float(row[0])
 
+    def claim_worker_id(self, worker_id: str) -> None:
+        """Not enforced: the processes of one machine's store are its operator's to name
+        (see :meth:`~edp.store.base.Store.claim_worker_id`)."""
+
     def worker_finished(self, worker_id: str) -> bool | None:
         """Whether a worker's last run ended with :meth:`finish_worker`."""
         row = self.conn.execute(

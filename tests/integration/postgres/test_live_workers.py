@@ -273,3 +273,55 @@ def test_a_manual_close_racing_a_step_does_not_close_the_successor_of_its_batch(
     assert [(r.batch_id, r.trigger) for r in closed] == [(x.batch_id, "duration")]
     [y] = stores[0].list_batches(state="open")
     assert (y.generation, y.object_count) == (2, 1)
+
+
+def test_a_second_live_worker_under_one_worker_id_is_refused(
+    tmp_path: Path, pg_url: str, stores: list[Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("watchfiles", reason="the web extra (watchfiles) is not installed")
+    from edp.errors import EdpError
+    from edp.store import postgres_workers
+
+    monkeypatch.setattr(postgres_workers, "CLAIM_PATIENCE", 0.5)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    # Given a live worker "edp-1" (the worker_id of a config file two processes share)
+    worker = WatchDaemon(first, pg_url, "edp-1")
+    worker.thread.start()
+    twin = WatchDaemon(second, pg_url, "edp-1")
+    ended: list[BaseException | None] = []
+
+    def run_twin() -> None:
+        try:
+            twin.daemon.run()
+            ended.append(None)
+        except BaseException as exc:  # (what the test asserts on)
+            ended.append(exc)
+
+    thread = threading.Thread(target=run_twin, daemon=True)
+    try:
+        wait_until(lambda: (stores[2].worker_clock("edp-1") or 0) > T0, timeout=20,
+                   what="the first worker's clock")
+        # When a second worker starts under the same id
+        thread.start()
+        thread.join(timeout=20)
+        # Then it is refused before its first receive (one clock for two workers would
+        # let the others fire batches one of them may still extend)
+        assert ended, "the second worker under one id was not refused: it runs"
+        assert isinstance(ended[0], EdpError), ended
+        assert "worker id 'edp-1' is in use by another live" in str(ended[0])
+    finally:
+        if thread.is_alive():
+            twin.daemon.stop()
+            thread.join(timeout=70)
+        worker.stop()
+        twin.runtime.close()
+    # And once the first has stopped, the id is free again
+    again = WatchDaemon(second, pg_url, "edp-1")
+    again.thread.start()
+    try:
+        wait_until(lambda: again.daemon.runtime.store.worker_finished("edp-1") is False,
+                   timeout=20, what="the id taken again")
+    finally:
+        again.stop()

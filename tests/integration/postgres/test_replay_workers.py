@@ -550,7 +550,7 @@ def test_a_second_live_process_under_a_worker_id_is_refused(tmp_path: Path,
         # the two queued their parts as one: events were lost)
         assert twin.wait(timeout=60) == 1
         err = (tmp_path / "err-w0-1").read_text()
-        assert "replay worker id 'w0' is in use by another live process" in err, err
+        assert "worker id 'w0' is in use by another live process" in err, err
         assert w0.poll() is None
     finally:
         kill(w0)
