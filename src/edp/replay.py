@@ -14,14 +14,14 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Protocol, TextIO, cast
 
 from edp.bootstrap import Runtime, build_runtime
 from edp.config import Settings
 from edp.core.batching import Batcher
-from edp.engine import StepReport, default_worker_id
+from edp.engine import LINE_SOURCE, StepReport, default_worker_id
 from edp.errors import ConfigError, EdpError
 from edp.relay import RelayReport
 from edp.sinks import StdoutSink
@@ -318,6 +318,9 @@ def run_part(
         summary.record(decoded, stderr)
         if queued_before and not rows:
             continue
+        # (a part's line numbers are the part's: its dead letters name the worker)
+        decoded.rejected = [replace(letter, source=f"{LINE_SOURCE}:{me}")
+                            for letter in decoded.rejected]
         engine.enqueue(rows, decoded, now=time.time(), clock=clock)
         # Apply a chunk when the lock is free (the others queue meanwhile).
         taken = engine.process_queued(now=time.time(), limit=size, publish=_publishable(clock))
