@@ -97,6 +97,10 @@ class Source(Protocol):
         ...
 
 
+CLAIM_CHECK = 10.0
+"""Seconds between two checks that a daemon still holds its worker id."""
+
+
 @dataclass(slots=True)
 class DaemonStats:
     """Running totals, for logs and tests (feed threads count errors too: see
@@ -190,8 +194,12 @@ class Daemon:
             for feed in self._feeds:
                 feed.thread.start()
         ended = False  # (the loop ended by a stop, not by an exception)
+        claimed = time.monotonic()
         try:
             while not self.stop_event.is_set():
+                if time.monotonic() - claimed >= CLAIM_CHECK:
+                    claimed = time.monotonic()
+                    self._keep_worker_id()
                 try:
                     if fanned:
                         self.run_fanned_once()
@@ -233,6 +241,20 @@ class Daemon:
             elif ended:  # (not when an exception, a KeyboardInterrupt, ends the loop)
                 self._finish()
         return self.stats
+
+    def _keep_worker_id(self) -> None:
+        """Check that this process still holds its worker id (its session may have been
+        lost: a server restart, a partition), taking it back if it was lost; another
+        process having taken it meanwhile ends this one (an EdpError), rather than
+        two workers publishing one clock. An unreachable store is checked later."""
+        try:
+            self.runtime.store.claim_worker_id(self.runtime.engine.worker_id)
+        except EdpError:
+            raise
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.debug("worker id not checked: the store is unreachable (%s)", exc)
 
     def _finish(self) -> None:
         """Stopping for good, cleanly: the other workers need not wait for this one's

@@ -217,8 +217,9 @@ def dead_letter(message: Message, error: DecodeError, now: float) -> DeadLetter:
 _PRIVATE_SINKS = ("stdout", "log")
 WATCHER_STDOUT = "stdout@"
 """The prefix of a watcher's stdout sink, ``stdout@<worker id>`` (see edp.cli.watch)."""
-KNOWN_SINKS_RECHECK = 30.0
-"""Seconds between two looks at the store's sinks while it knows none to borrow."""
+KNOWN_SINKS_RECHECK = (2.0, 30.0)
+"""Seconds between two looks at the store's sinks to borrow: while it knows none, and
+once it knows some (one registered later is borrowed too)."""
 """Sinks that are one process's own output: another process cannot relay to them (the
 stdout of ``edp watch`` is a sink of its own, ``stdout@<worker id>``, shared)."""
 
@@ -279,8 +280,8 @@ class Engine:
         if not self.borrow_sinks or any(name not in _PRIVATE_SINKS for name in self.own_sinks):
             return self.own_sinks
         checked = time.monotonic()
-        if not self._known_sinks and checked - self._known_checked >= KNOWN_SINKS_RECHECK:
-            # (an empty answer is asked again, but not at every step)
+        if checked - self._known_checked >= KNOWN_SINKS_RECHECK[bool(self._known_sinks)]:
+            # (asked again, but not at every step)
             self._known_checked = checked
             self._known_sinks = tuple(name for name in self._shared_sinks()
                                       if not name.startswith(WATCHER_STDOUT))

@@ -318,6 +318,7 @@ def run_part(
         summary.record(decoded, stderr)
         if queued_before and not rows:
             continue
+        store.claim_worker_id(me)  # (still this process's: its session may have been lost)
         # (a part's line numbers are the part's: its dead letters name the worker)
         decoded.rejected = [replace(letter, source=f"{LINE_SOURCE}:{me}")
                             for letter in decoded.rejected]

@@ -99,6 +99,9 @@ def pending_params(sink: str, *, limit: int, now: float, lease: float) -> tuple[
 TCP_DEFAULTS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
                 "keepalives_count": 3, "tcp_user_timeout": 30000}
 """libpq connection parameters edp sets unless ``database_url`` sets them."""
+SERVER_KEEPALIVES = {"tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10",
+                     "tcp_keepalives_count": "3"}
+"""The server's TCP keepalive for edp's sessions (ignored on a Unix socket)."""
 
 
 class PostgresStore(WorkerClocks):
@@ -167,6 +170,11 @@ class PostgresStore(WorkerClocks):
                 (str(idle_ms),))
             if fast_unsafe:
                 conn.execute("SET synchronous_commit = off")
+            # The server's side of the keepalive too: a worker whose host is lost sends
+            # no FIN, and its session (its worker id's lock, see claim_worker_id) would
+            # stay for the kernel's two hours; this way the server drops it in ~1 min.
+            for name, value in SERVER_KEEPALIVES.items():
+                conn.execute("SELECT set_config(%s, %s, false)", (name, value))
             conn.commit()
 
         self._reach(url, kwargs, retry_seconds)

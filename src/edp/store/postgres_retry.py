@@ -168,7 +168,11 @@ class RetryingTransaction:
             try:
                 row = conn.execute("SELECT txid_status(%s)", (xid,)).fetchone()
                 if row is not None and row[0] == "in progress":
-                    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    # (only the process still running that transaction: a pid reused
+                    # meanwhile by another session is left alone)
+                    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                 " WHERE pid = %s AND backend_xid::text::bigint = %s",
+                                 (pid, xid % 2**32))
                     for _ in range(50):  # (it ends within moments)
                         row = conn.execute("SELECT txid_status(%s)", (xid,)).fetchone()
                         if row is None or row[0] != "in progress":

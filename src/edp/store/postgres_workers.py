@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 FINISH_LOCK = 0x65647002  # pg_advisory_xact_lock key of workers finishing
 ENDING_LOCK = 0x65647004  # pg_advisory_lock key held by the worker ending a replay run
 CLAIM_PATIENCE = 5.0  # seconds a replay worker waits for its id to be free
-MEMBER_LOCK = 0x65647005  # pg_advisory_lock (MEMBER_LOCK, hashtext(worker_id)): one process per id
+MEMBER_KEY = "('x' || left(md5('edp-worker:' || %s), 16))::bit(64)::bigint"
+"""SQL of a worker id's 64-bit advisory lock key (one live process per id)."""
 
 HEARTBEAT_SQL = (
     "INSERT INTO workers (worker_id, clock, heartbeat_at, held, held_until, finished)"
@@ -320,13 +321,17 @@ class WorkerClocks:
         member restarted, each queueing its part as the other's: events were lost). A
         killed process's lock goes with its connection."""
         if self._member is not None:
-            return
+            if self._still_held(self._member, worker_id):
+                return
+            log.warning("the session holding worker id %r was lost; taking it again",
+                        worker_id)
+            self.release_worker_id()
         conn = self.pool.getconn()
         give_up = time.monotonic() + CLAIM_PATIENCE
         try:
             while True:
-                row = conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))",
-                                   (MEMBER_LOCK, worker_id)).fetchone()
+                row = conn.execute(f"SELECT pg_try_advisory_lock({MEMBER_KEY})",
+                                   (worker_id,)).fetchone()
                 conn.commit()
                 if (row and row[0]) or time.monotonic() > give_up:
                     break
@@ -341,9 +346,22 @@ class WorkerClocks:
                 f"worker id {worker_id!r} is in use by another live process on this "
                 "database: give each worker its own worker_id (--worker-id, EDP_WORKER_ID); "
                 "a worker restarted after a kill takes its id back once the server has seen "
-                "the old process go"
+                "the old process go (at once for a process killed; about a minute after "
+                "its host was lost)"
             )
         self._member = conn
+
+    @staticmethod
+    def _still_held(conn: psycopg.Connection[Any], worker_id: str) -> bool:
+        """Whether ``conn``'s session is alive and holds ``worker_id``'s lock: taken
+        again on it (re-entrant; held until the session ends, like the first)."""
+        try:
+            row = conn.execute(f"SELECT pg_try_advisory_lock({MEMBER_KEY})",
+                               (worker_id,)).fetchone()
+            conn.commit()
+        except psycopg.Error:
+            return False
+        return bool(row and row[0])
 
     def release_worker_id(self) -> None:
         """Give up this process's worker id (see :meth:`claim_worker_id`)."""

@@ -457,3 +457,46 @@ def test_a_clock_read_while_the_server_is_unreachable_is_quick_and_keeps_the_off
     # Then it answers at once with the offset it had (no waiting out the outage)
     assert time.monotonic() - started < 3
     assert abs(read - time.time()) < 0.5
+
+
+def test_a_worker_id_whose_session_was_lost_is_taken_back_or_refused_to_a_twin(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edp.errors import EdpError
+    from edp.store import postgres_workers
+
+    monkeypatch.setattr(postgres_workers, "CLAIM_PATIENCE", 0.3)
+    first, twin = PostgresStore(pg_url), PostgresStore(pg_url)
+    try:
+        # Given a process holding worker id "w" whose session the server then ended
+        # (a restart, a partition, an administrator)
+        first.claim_worker_id("w")
+        assert first._member is not None
+        terminate(pg_url, first._member.info.backend_pid)
+        # When it checks its id, Then it takes it back on a new session
+        first.claim_worker_id("w")
+        with pytest.raises(EdpError, match="in use by another live process"):
+            twin.claim_worker_id("w")
+        # Given its session lost again, and a twin that took the id meanwhile
+        assert first._member is not None
+        terminate(pg_url, first._member.info.backend_pid)
+        twin.claim_worker_id("w")
+        # When it checks its id, Then it learns the id is no longer its own
+        with pytest.raises(EdpError, match="in use by another live process"):
+            first.claim_worker_id("w")
+    finally:
+        first.close()
+        twin.close()
+
+
+def test_the_server_drops_the_session_of_a_lost_host_within_a_minute(
+    store: PostgresStore,
+) -> None:
+    # Given a store's pooled session over TCP, Then the server's own keepalive probes a
+    # silent peer after 30 s (a worker's host lost sends no FIN: its worker id's lock
+    # would stay for the kernel's two hours)
+    with store.pool.connection() as conn:
+        settings = {name: conn.execute(f"SHOW {name}").fetchone() for name in (
+            "tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")}
+    assert settings == {"tcp_keepalives_idle": ("30",), "tcp_keepalives_interval": ("10",),
+                        "tcp_keepalives_count": ("3",)}

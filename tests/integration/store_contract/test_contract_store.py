@@ -468,6 +468,35 @@ def test_a_worker_printing_its_events_also_records_them_for_the_shared_sinks(
     assert store.pending("stdout@watcher", limit=10, now=T0 + 1) == []
 
 
+
+def test_a_worker_borrowing_sinks_learns_of_one_registered_after_it_started(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from edp import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "KNOWN_SINKS_RECHECK", (0.2, 0.2))
+    cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=1)
+    # Given a worker printing its events (edp run --stdout) that stepped before any
+    # shared sink was known
+    printing = Engine(store, cfg, sinks=["stdout"], worker_id="printing")
+    printing.process([Message(eventbridge("i/e/a", T0), "m1")], now=T0)
+    # When a worker relaying to a webhook starts, then one to SNS, and the printing
+    # worker fires a batch after each (past the recheck)
+    Engine(store, cfg, sinks=["webhook"], worker_id="w1").register(now=T0)
+    time.sleep(0.3)
+    [first] = printing.process([Message(eventbridge("j/e/a", T0), "m2")], now=T0).fired
+    Engine(store, cfg, sinks=["sns"], worker_id="w2").register(now=T0)
+    time.sleep(0.3)
+    [second] = printing.process([Message(eventbridge("k/e/a", T0), "m3")], now=T0).fired
+    # Then each event waits for the shared sinks known by then (read once per sink: a
+    # shared store leases what it returns)
+    webhook, sns = ([e.event_id for e in store.pending(sink, limit=10, now=T0 + 1)]
+                    for sink in ("webhook", "sns"))
+    assert first.event_id in webhook and second.event_id in webhook
+    assert second.event_id in sns
+
 def test_an_operators_close_reaches_every_shared_sink_whatever_its_own(store: Store) -> None:
     # Given a store where a worker relaying to a webhook and SNS started, and an open
     # batch
