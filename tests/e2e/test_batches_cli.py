@@ -369,7 +369,6 @@ def test_a_reemit_without_a_sink_here_waits_for_the_workers_sinks(tmp_path: Path
     assert "(jsonl)" in result.stdout
 
 
-
 def test_a_replay_into_a_shared_store_sends_nothing_to_the_workers_sinks(
     tmp_path: Path,
 ) -> None:

@@ -544,16 +544,26 @@ def test_a_direct_payload_that_is_no_event_is_dead_lettered(
     assert letter.body == (payload if isinstance(payload, str) else orjson.dumps(payload).decode())
 
 
+
+def secret_unreadable(monkeypatch: pytest.MonkeyPatch, *, until_url: str = "") -> None:
+    """The functions' store named by a secret that cannot be read; with ``until_url``,
+    the store's URL given again instead."""
+    if until_url:
+        monkeypatch.delenv("EDP_DATABASE_SECRET_ARN")
+        monkeypatch.setenv("EDP_DATABASE_URL", until_url)
+        return
+    monkeypatch.delenv("EDP_DATABASE_URL")
+    monkeypatch.setenv("EDP_DATABASE_SECRET_ARN",
+                       "arn:aws:secretsmanager:us-east-1:123456789012:secret:edp-none-AbCdEf")
+    handlers.reset_runtime()
+
 def test_records_come_again_whole_when_the_function_cannot_start_and_hold_after(
     holds_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     url = holds_env["EDP_DATABASE_URL"]
     # Given a store function whose database secret cannot be read
-    monkeypatch.delenv("EDP_DATABASE_URL")
-    monkeypatch.setenv("EDP_DATABASE_SECRET_ARN",
-                       "arn:aws:secretsmanager:us-east-1:123456789012:secret:edp-none-AbCdEf")
-    handlers.reset_runtime()
+    secret_unreadable(monkeypatch)
     # When a batch of two records arrives
     caplog.set_level(logging.INFO)
     t0 = time.time()
@@ -564,8 +574,7 @@ def test_records_come_again_whole_when_the_function_cannot_start_and_hold_after(
         f"m-{PREFIX}a.csv", f"m-{PREFIX}b.csv"}
     assert "cannot start" in caplog.text and "one by one" not in caplog.text
     # When the function starts again and stores another record
-    monkeypatch.delenv("EDP_DATABASE_SECRET_ARN")
-    monkeypatch.setenv("EDP_DATABASE_URL", url)
+    secret_unreadable(monkeypatch, until_url=url)
     assert handlers.store_handler(sqs_records(("instrument/other/c.csv", time.time())),
                                   None) == {"batchItemFailures": []}
     # Then it holds for the records that come again, as after an outage
@@ -580,17 +589,13 @@ def test_a_direct_event_the_function_cannot_start_for_fails_and_holds_after(
 
     url = holds_env["EDP_DATABASE_URL"]
     # Given a store function whose database secret cannot be read
-    monkeypatch.delenv("EDP_DATABASE_URL")
-    monkeypatch.setenv("EDP_DATABASE_SECRET_ARN",
-                       "arn:aws:secretsmanager:us-east-1:123456789012:secret:edp-none-AbCdEf")
-    handlers.reset_runtime()
+    secret_unreadable(monkeypatch)
     # When EventBridge invokes it with an event, Then it fails (Lambda invokes it again)
     with pytest.raises(EdpError, match="cannot start"):
         handlers.store_handler(eventbridge(f"{PREFIX}a.csv", time.time(),
                                            bucket="source-bucket"), None)
     # And once it starts again and stores another event, it holds for the first
-    monkeypatch.delenv("EDP_DATABASE_SECRET_ARN")
-    monkeypatch.setenv("EDP_DATABASE_URL", url)
+    secret_unreadable(monkeypatch, until_url=url)
     handlers.store_handler(eventbridge("instrument/other/c.csv", time.time(),
                                        bucket="source-bucket"), None)
     assert hold_end(url) > time.time()
