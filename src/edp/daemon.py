@@ -186,7 +186,7 @@ class Daemon:
         """Loop until :meth:`stop`; then flush the outbox and close the sources."""
         fanned = len(self.sources) > 1
         # (first: a twin under this id would make the crash check below read its state)
-        self.runtime.store.claim_worker_id(self.runtime.engine.worker_id)
+        self._claim()
         self._after_a_crash()
         self.runtime.engine.register(now=self.clock())  # (before its first receive)
         if fanned:
@@ -242,13 +242,17 @@ class Daemon:
                 self._finish()
         return self.stats
 
+    def _claim(self) -> None:
+        self.runtime.store.claim_worker_id(
+            self.runtime.engine.worker_id, silent_for=self.runtime.settings.worker_timeout)
+
     def _keep_worker_id(self) -> None:
         """Check that this process still holds its worker id (its session may have been
         lost: a server restart, a partition), taking it back if it was lost; another
         process having taken it meanwhile ends this one (an EdpError), rather than
         two workers publishing one clock. An unreachable store is checked later."""
         try:
-            self.runtime.store.claim_worker_id(self.runtime.engine.worker_id)
+            self._claim()
         except EdpError:
             raise
         except Exception as exc:

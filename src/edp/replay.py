@@ -203,7 +203,8 @@ def run_replay(
 class ReplayRoster(Protocol):
     """What a shared store offers replay workers beyond the Store port."""
 
-    def join_run(self, worker_id: str, *, now: float, workers: int) -> tuple[str, int]:
+    def join_run(self, worker_id: str, *, now: float, workers: int,
+                 timeout: float | None = None) -> tuple[str, int]:
         """Join the run in progress or begin one: how (new, joined, rejoined, or
         ending: try again), and the last of its events queued or applied (-1: none)."""
         ...
@@ -275,7 +276,8 @@ def run_part(
     patience = max(60.0, timeout)
     started = time.monotonic()
     while True:
-        how, done = roster.join_run(me, now=time.time(), workers=settings.replay_workers)
+        how, done = roster.join_run(me, now=time.time(), workers=settings.replay_workers,
+                                    timeout=timeout)
         if how != "ending":
             break
         if time.monotonic() - started > patience:
@@ -318,7 +320,8 @@ def run_part(
         summary.record(decoded, stderr)
         if queued_before and not rows:
             continue
-        store.claim_worker_id(me)  # (still this process's: its session may have been lost)
+        # (still this process's: its session may have been lost)
+        store.claim_worker_id(me, silent_for=timeout)
         # (a part's line numbers are the part's: its dead letters name the worker)
         decoded.rejected = [replace(letter, source=f"{LINE_SOURCE}:{me}")
                             for letter in decoded.rejected]

@@ -341,12 +341,13 @@ class Store(Protocol):
         """Record that a long-running worker relays to ``names`` (see known_sinks)."""
         ...
 
-    def claim_worker_id(self, worker_id: str) -> None:
+    def claim_worker_id(self, worker_id: str, *, silent_for: float | None = None) -> None:
         """Make ``worker_id`` this process's for as long as the store is open: raise
         :class:`~edp.errors.EdpError` when another live process has it (two processes
         under one id would publish one clock for both, and the other workers would
-        fire batches one of them may still extend). A shared store enforces it; a store
-        of one machine (SQLite) does not."""
+        fire batches one of them may still extend). A holder whose worker published
+        no heartbeat for ``silent_for`` seconds is taken for gone. A shared store
+        enforces it; a store of one machine (SQLite) does not."""
         ...
 
     def requeue(self, event_id: str, sinks: Sequence[str]) -> bool:

@@ -148,14 +148,15 @@ class WorkerClocks:
     pool: ConnectionPool[psycopg.Connection[Any]]
     retrying: Callable[[], Retrying]
 
-    def join_run(self, worker_id: str, *, now: float, workers: int) -> tuple[str, int]:
+    def join_run(self, worker_id: str, *, now: float, workers: int,
+                 timeout: float | None = None) -> tuple[str, int]:
         """Join the replay run in progress, or begin one: how (``new``: began a run,
         ``joined``, ``rejoined``: a member restarted, ``ending``: the last run is being
         ended, try again shortly), and where this worker's part resumes: after the last
         of its events queued or applied (-1: from the start). Raises
         :class:`~edp.errors.EdpError` when the run in progress cannot take it, or when
         another live process has this worker id."""
-        self.claim_worker_id(worker_id)
+        self.claim_worker_id(worker_id, silent_for=timeout)
 
         def work(conn: psycopg.Connection[Any]) -> tuple[str, int]:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (FINISH_LOCK,))
@@ -315,11 +316,16 @@ class WorkerClocks:
         finally:
             self.release_ending()
 
-    def claim_worker_id(self, worker_id: str) -> None:
+    def claim_worker_id(self, worker_id: str, *, silent_for: float | None = None) -> None:
         """Hold, for this process's life, a session lock on ``worker_id``: two live
         processes under one id would share one clock (and, replaying, be taken for one
         member restarted, each queueing its part as the other's: events were lost). A
-        killed process's lock goes with its connection."""
+        killed process's lock goes with its connection.
+
+        ``silent_for`` (``worker_timeout``): a holder whose worker has published no
+        heartbeat for that long is taken for gone (a process cut off from the server,
+        whose session the server still keeps): its session is ended and the lock
+        taken. A live twin heartbeats: after that long, the claim is refused."""
         if self._member is not None:
             if self._still_held(self._member, worker_id):
                 return
@@ -327,7 +333,8 @@ class WorkerClocks:
                         worker_id)
             self.release_worker_id()
         conn = self.pool.getconn()
-        give_up = time.monotonic() + CLAIM_PATIENCE
+        started = time.monotonic()
+        give_up = started + CLAIM_PATIENCE + (silent_for or 0.0)
         try:
             while True:
                 row = conn.execute(f"SELECT pg_try_advisory_lock({MEMBER_KEY})",
@@ -335,6 +342,18 @@ class WorkerClocks:
                 conn.commit()
                 if (row and row[0]) or time.monotonic() > give_up:
                     break
+                if (silent_for is not None and time.monotonic() > started + CLAIM_PATIENCE
+                        and self._silent(conn, worker_id) > silent_for):
+                    log.warning("worker id %r is held by a session whose worker has been "
+                                "silent for over %gs: ending that session", worker_id,
+                                silent_for)
+                    conn.execute(
+                        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE"  # noqa: S608
+                        " l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+                        f" AND l.classid::bigint = (({MEMBER_KEY}) >> 32) & 4294967295"
+                        f" AND l.objid::bigint = ({MEMBER_KEY}) & 4294967295",
+                        (worker_id, worker_id))
+                    conn.commit()
                 time.sleep(0.2)  # (a process just killed: its session is on its way out)
         except BaseException:
             conn.close()
@@ -350,6 +369,15 @@ class WorkerClocks:
                 "its host was lost)"
             )
         self._member = conn
+
+    @staticmethod
+    def _silent(conn: psycopg.Connection[Any], worker_id: str) -> float:
+        """Seconds since ``worker_id`` last published a heartbeat, by the server's clock
+        (the workers' shared clock; inf: never)."""
+        row = conn.execute("SELECT extract(epoch FROM clock_timestamp()) - heartbeat_at"
+                           " FROM workers WHERE worker_id = %s", (worker_id,)).fetchone()
+        conn.commit()
+        return math.inf if row is None or row[0] is None else float(row[0])
 
     @staticmethod
     def _still_held(conn: psycopg.Connection[Any], worker_id: str) -> bool:

@@ -352,7 +352,7 @@ class SqliteStore:
         ).fetchone()
         return None if row is None else float(row[0])
 
-    def claim_worker_id(self, worker_id: str) -> None:
+    def claim_worker_id(self, worker_id: str, *, silent_for: float | None = None) -> None:
         """Not enforced: the processes of one machine's store are its operator's to name
         (see :meth:`~edp.store.base.Store.claim_worker_id`)."""
 

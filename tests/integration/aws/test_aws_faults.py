@@ -295,7 +295,10 @@ def test_sigterm_while_postgresql_is_unreachable_exits_0_and_the_restart_deliver
         ingest_url, _ = aws.queue("ingest")
         args = ["run", "--sqs-queue", ingest_url, "--database-url", gated, "--worker-id", "w1",
                 "--stdout", "--threshold-event-count", "1"]
-        env = {"EDP_SQS_WAIT_SECONDS": "1", "EDP_SQS_VISIBILITY_TIMEOUT": "2"}
+        # (the restart takes the worker id over once the first has been silent that
+        # long: cut off, its session stays on the server, which cannot know it is gone)
+        env = {"EDP_SQS_WAIT_SECONDS": "1", "EDP_SQS_VISIBILITY_TIMEOUT": "2",
+               "EDP_WORKER_TIMEOUT": "5"}
         body = load_event("eventbridge-object-created.json")
         try:
             first = start_edp(*args, env=env)

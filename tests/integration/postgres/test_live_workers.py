@@ -175,12 +175,12 @@ class WatchDaemon:
     """A live worker (``edp watch``: the real folder source, daemon and engine) on the
     test database, in a thread, whose receives may wait a minute."""
 
-    def __init__(self, folder: Path, url: str, worker_id: str) -> None:
+    def __init__(self, folder: Path, url: str, worker_id: str, **values: Any) -> None:
         from edp.sources.watch import FolderSource
 
         self.sink = ListSink()
         cfg = settings(database_url=url, bucket_threshold_duration=1,
-                       bucket_threshold_event_count=0)
+                       bucket_threshold_event_count=0, **values)
         self.runtime = build_runtime(cfg, sinks=[self.sink], worker_id=worker_id)
         source = FolderSource(folder, bucket=folder.name, settle=0.1)
         self.daemon = Daemon(self.runtime, [source], max_wait=60.0)
@@ -289,7 +289,8 @@ def test_a_second_live_worker_under_one_worker_id_is_refused(
     # Given a live worker "edp-1" (the worker_id of a config file two processes share)
     worker = WatchDaemon(first, pg_url, "edp-1")
     worker.thread.start()
-    twin = WatchDaemon(second, pg_url, "edp-1")
+    # (its worker_timeout short: it would take the id from a worker silent that long)
+    twin = WatchDaemon(second, pg_url, "edp-1", worker_timeout=5)
     ended: list[BaseException | None] = []
 
     def run_twin() -> None:

@@ -500,3 +500,44 @@ def test_the_server_drops_the_session_of_a_lost_host_within_a_minute(
             "tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")}
     assert settings == {"tcp_keepalives_idle": ("30",), "tcp_keepalives_interval": ("10",),
                         "tcp_keepalives_count": ("3",)}
+
+
+def test_a_worker_id_held_by_a_silent_worker_is_taken_over_and_a_live_ones_is_not(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edp.errors import EdpError
+    from edp.store import postgres_workers
+
+    monkeypatch.setattr(postgres_workers, "CLAIM_PATIENCE", 0.3)
+    old, new = PostgresStore(pg_url), PostgresStore(pg_url)
+    try:
+        # Given a worker "w" holding its id and heartbeating
+        old.claim_worker_id("w")
+        beating = threading.Event()
+
+        def beat() -> None:
+            while not beating.wait(0.1):
+                old.heartbeat("w", clock=T0, now=old.wall_clock())
+
+        old.heartbeat("w", clock=T0, now=old.wall_clock())
+        beats = threading.Thread(target=beat)
+        beats.start()
+        # When another process claims the id, ready to take it from a worker silent
+        # for 1 s, while "w" keeps heartbeating
+        # Then it is refused
+        try:
+            with pytest.raises(EdpError, match="in use by another live process"):
+                new.claim_worker_id("w", silent_for=1.0)
+        finally:
+            beating.set()
+            beats.join()
+        # When "w" falls silent (cut off from the server, which keeps its session)
+        old.heartbeat("w", clock=T0, now=old.wall_clock() - 10)
+        # Then the claim ends the silent holder's session and takes the id
+        new.claim_worker_id("w", silent_for=1.0)
+        assert new._member is not None and old._member is not None
+        with pytest.raises(EdpError, match="in use by another live process"):
+            old.claim_worker_id("w")  # (its own check finds it lost, and taken)
+    finally:
+        old.close()
+        new.close()
