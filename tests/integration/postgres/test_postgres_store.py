@@ -459,34 +459,42 @@ def test_a_clock_read_while_the_server_is_unreachable_is_quick_and_keeps_the_off
     assert abs(read - time.time()) < 0.5
 
 
-def test_a_worker_id_whose_session_was_lost_is_taken_back_or_refused_to_a_twin(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from edp.errors import EdpError
+@pytest.fixture
+def two_processes(pg_url: str, monkeypatch: pytest.MonkeyPatch
+                  ) -> Iterator[tuple[PostgresStore, PostgresStore]]:
+    """Two processes' stores on the test database, whose claims of a worker id held by
+    another give up after 0.3 s."""
     from edp.store import postgres_workers
 
     monkeypatch.setattr(postgres_workers, "CLAIM_PATIENCE", 0.3)
-    first, twin = PostgresStore(pg_url), PostgresStore(pg_url)
-    try:
-        # Given a process holding worker id "w" whose session the server then ended
-        # (a restart, a partition, an administrator)
-        first.claim_worker_id("w")
-        assert first._member is not None
-        terminate(pg_url, first._member.info.backend_pid)
-        # When it checks its id, Then it takes it back on a new session
-        first.claim_worker_id("w")
-        with pytest.raises(EdpError, match="in use by another live process"):
-            twin.claim_worker_id("w")
-        # Given its session lost again, and a twin that took the id meanwhile
-        assert first._member is not None
-        terminate(pg_url, first._member.info.backend_pid)
+    stores = PostgresStore(pg_url), PostgresStore(pg_url)
+    yield stores
+    for opened in stores:
+        opened.close()
+
+
+def test_a_worker_id_whose_session_was_lost_is_taken_back_or_refused_to_a_twin(
+    pg_url: str, two_processes: tuple[PostgresStore, PostgresStore]
+) -> None:
+    from edp.errors import EdpError
+
+    first, twin = two_processes
+    # Given a process holding worker id "w" whose session the server then ended
+    # (a restart, a partition, an administrator)
+    first.claim_worker_id("w")
+    assert first._member is not None
+    terminate(pg_url, first._member.info.backend_pid)
+    # When it checks its id, Then it takes it back on a new session
+    first.claim_worker_id("w")
+    with pytest.raises(EdpError, match="in use by another live process"):
         twin.claim_worker_id("w")
-        # When it checks its id, Then it learns the id is no longer its own
-        with pytest.raises(EdpError, match="in use by another live process"):
-            first.claim_worker_id("w")
-    finally:
-        first.close()
-        twin.close()
+    # Given its session lost again, and a twin that took the id meanwhile
+    assert first._member is not None
+    terminate(pg_url, first._member.info.backend_pid)
+    twin.claim_worker_id("w")
+    # When it checks its id, Then it learns the id is no longer its own
+    with pytest.raises(EdpError, match="in use by another live process"):
+        first.claim_worker_id("w")
 
 
 def test_the_server_drops_the_session_of_a_lost_host_within_a_minute(
@@ -503,41 +511,35 @@ def test_the_server_drops_the_session_of_a_lost_host_within_a_minute(
 
 
 def test_a_worker_id_held_by_a_silent_worker_is_taken_over_and_a_live_ones_is_not(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
+    two_processes: tuple[PostgresStore, PostgresStore],
 ) -> None:
     from edp.errors import EdpError
-    from edp.store import postgres_workers
 
-    monkeypatch.setattr(postgres_workers, "CLAIM_PATIENCE", 0.3)
-    old, new = PostgresStore(pg_url), PostgresStore(pg_url)
+    old, new = two_processes
+    # Given a worker "w" holding its id and heartbeating
+    old.claim_worker_id("w")
+    beating = threading.Event()
+
+    def beat() -> None:
+        while not beating.wait(0.1):
+            old.heartbeat("w", clock=T0, now=old.wall_clock())
+
+    old.heartbeat("w", clock=T0, now=old.wall_clock())
+    beats = threading.Thread(target=beat)
+    beats.start()
+    # When another process claims the id, ready to take it from a worker silent
+    # for 1 s, while "w" keeps heartbeating
+    # Then it is refused
     try:
-        # Given a worker "w" holding its id and heartbeating
-        old.claim_worker_id("w")
-        beating = threading.Event()
-
-        def beat() -> None:
-            while not beating.wait(0.1):
-                old.heartbeat("w", clock=T0, now=old.wall_clock())
-
-        old.heartbeat("w", clock=T0, now=old.wall_clock())
-        beats = threading.Thread(target=beat)
-        beats.start()
-        # When another process claims the id, ready to take it from a worker silent
-        # for 1 s, while "w" keeps heartbeating
-        # Then it is refused
-        try:
-            with pytest.raises(EdpError, match="in use by another live process"):
-                new.claim_worker_id("w", silent_for=1.0)
-        finally:
-            beating.set()
-            beats.join()
-        # When "w" falls silent (cut off from the server, which keeps its session)
-        old.heartbeat("w", clock=T0, now=old.wall_clock() - 10)
-        # Then the claim ends the silent holder's session and takes the id
-        new.claim_worker_id("w", silent_for=1.0)
-        assert new._member is not None and old._member is not None
         with pytest.raises(EdpError, match="in use by another live process"):
-            old.claim_worker_id("w")  # (its own check finds it lost, and taken)
+            new.claim_worker_id("w", silent_for=1.0)
     finally:
-        old.close()
-        new.close()
+        beating.set()
+        beats.join()
+    # When "w" falls silent (cut off from the server, which keeps its session)
+    old.heartbeat("w", clock=T0, now=old.wall_clock() - 10)
+    # Then the claim ends the silent holder's session and takes the id
+    new.claim_worker_id("w", silent_for=1.0)
+    assert new._member is not None and old._member is not None
+    with pytest.raises(EdpError, match="in use by another live process"):
+        old.claim_worker_id("w")  # (its own check finds it lost, and taken)
