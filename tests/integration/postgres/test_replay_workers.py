@@ -116,6 +116,16 @@ def heartbeat_at(pg_url: str, worker: str) -> float:
     return float(row[0]) if row else 0.0
 
 
+def applied_any(pg_url: str) -> bool:
+    """Whether the run in progress has applied events (not: nothing queued yet)."""
+    with psycopg.connect(pg_url) as conn:
+        try:
+            row = conn.execute("SELECT max(applied_clock) FROM replay_progress").fetchone()
+        except psycopg.errors.UndefinedTable:  # (no worker has opened the store yet)
+            return False
+    return row is not None and row[0] is not None and row[0] > -1e18
+
+
 def queued(pg_url: str, worker: str) -> int:
     """How many of a worker's events wait in the replay queue (0 before the workers
     created it)."""
@@ -477,13 +487,16 @@ def test_workers_that_give_up_waiting_for_a_partner_leave_no_trace(
 def test_a_worker_arriving_after_the_run_applied_events_is_refused(
     tmp_path: Path, pg_url: str
 ) -> None:
-    # Given two workers (--workers 2) that have applied events already
+    # Given two workers (--workers 2) that have applied events already: w1 has queued
+    # a chunk, w0 its whole part (a step applies only after a chunk is queued, and only
+    # what is below both clocks: w0's last chunk, once w1's clock is out)
     lines = make_stream(4000, seed=22)
     parts = deal(lines, 2)
     w0, w1 = (start_piped(tmp_path, pg_url, f"w{i}", 2) for i in range(2))
-    feed(w0, parts[0][:2500], close=False)
     feed(w1, parts[1][:2500], close=False)
-    wait_for("events to be applied", lambda: queued(pg_url, "w0") < 2000)
+    wait_for("w1's first chunk", lambda: queued(pg_url, "w1") >= 2000)
+    feed(w0, parts[0])
+    wait_for("events to be applied", lambda: applied_any(pg_url))
     # When a third starts with --workers 3
     late = start_piped(tmp_path, pg_url, "w2", 3)
     # Then it is refused, saying why; it did not join
@@ -492,7 +505,6 @@ def test_a_worker_arriving_after_the_run_applied_events_is_refused(
     assert members(pg_url) == ["w0", "w1"]
     assert late.stdin is not None
     late.stdin.close()
-    feed(w0, parts[0][2500:])
     feed(w1, parts[1][2500:])
     assert w0.wait(timeout=120) == 0 and w1.wait(timeout=120) == 0
 
