@@ -215,13 +215,13 @@ def dead_letter(message: Message, error: DecodeError, now: float) -> DeadLetter:
 
 
 _PRIVATE_SINKS = ("stdout", "log")
+"""Sinks that are one process's own output: another process cannot relay to them (the
+stdout of ``edp watch`` is a sink of its own, ``stdout@<worker id>``, shared)."""
 WATCHER_STDOUT = "stdout@"
 """The prefix of a watcher's stdout sink, ``stdout@<worker id>`` (see edp.cli.watch)."""
 KNOWN_SINKS_RECHECK = (2.0, 30.0)
 """Seconds between two looks at the store's sinks to borrow: while it knows none, and
 once it knows some (one registered later is borrowed too)."""
-"""Sinks that are one process's own output: another process cannot relay to them (the
-stdout of ``edp watch`` is a sink of its own, ``stdout@<worker id>``, shared)."""
 
 
 class Engine:

@@ -486,8 +486,8 @@ class PostgresStore(WorkerClocks):
         return self._run(work, pipeline=False)
 
     def close(self) -> None:
-        """Close every pooled connection (a replay run's ending lock and a replay
-        worker's id are given up)."""
+        """Close every pooled connection (a replay run's ending lock and this process's
+        worker id are given up)."""
         self.release_ending()
         self.release_worker_id()
         self.pool.close()

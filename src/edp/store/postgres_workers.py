@@ -7,6 +7,7 @@ their progress through the shared queue in ``replay_progress``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -24,9 +25,15 @@ log = logging.getLogger(__name__)
 
 FINISH_LOCK = 0x65647002  # pg_advisory_xact_lock key of workers finishing
 ENDING_LOCK = 0x65647004  # pg_advisory_lock key held by the worker ending a replay run
-CLAIM_PATIENCE = 5.0  # seconds a replay worker waits for its id to be free
-MEMBER_KEY = "('x' || left(md5('edp-worker:' || %s), 16))::bit(64)::bigint"
-"""SQL of a worker id's 64-bit advisory lock key (one live process per id)."""
+CLAIM_PATIENCE = 5.0  # seconds a worker waits for its id to be free
+
+
+def member_key(worker_id: str) -> int:
+    """A worker id's 64-bit advisory lock key (one live process per id): the first 64
+    bits of an MD5 of the id, signed as PostgreSQL's bigint."""
+    unsigned = int(hashlib.md5(f"edp-worker:{worker_id}".encode(),
+                               usedforsecurity=False).hexdigest()[:16], 16)
+    return unsigned - 2**64 if unsigned >= 2**63 else unsigned
 
 HEARTBEAT_SQL = (
     "INSERT INTO workers (worker_id, clock, heartbeat_at, held, held_until, finished)"
@@ -333,33 +340,32 @@ class WorkerClocks:
                         worker_id)
             self.release_worker_id()
         conn = self.pool.getconn()
+        key = member_key(worker_id)
         started = time.monotonic()
         give_up = started + CLAIM_PATIENCE + (silent_for or 0.0)
         try:
             while True:
-                row = conn.execute(f"SELECT pg_try_advisory_lock({MEMBER_KEY})",
-                                   (worker_id,)).fetchone()
-                conn.commit()
-                if (row and row[0]) or time.monotonic() > give_up:
+                held = self._try_lock(conn, key)
+                if held or time.monotonic() > give_up:
                     break
                 if (silent_for is not None and time.monotonic() > started + CLAIM_PATIENCE
                         and self._silent(conn, worker_id) > silent_for):
                     log.warning("worker id %r is held by a session whose worker has been "
                                 "silent for over %gs: ending that session", worker_id,
                                 silent_for)
+                    unsigned = key % 2**64  # (pg_locks shows it as two 32-bit halves)
                     conn.execute(
-                        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l WHERE"  # noqa: S608
-                        " l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
-                        f" AND l.classid::bigint = (({MEMBER_KEY}) >> 32) & 4294967295"
-                        f" AND l.objid::bigint = ({MEMBER_KEY}) & 4294967295",
-                        (worker_id, worker_id))
+                        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE"
+                        " locktype = 'advisory' AND granted AND objsubid = 1"
+                        " AND classid::bigint = %s AND objid::bigint = %s",
+                        (unsigned >> 32, unsigned & 0xFFFFFFFF))
                     conn.commit()
                 time.sleep(0.2)  # (a process just killed: its session is on its way out)
         except BaseException:
             conn.close()
             self.pool.putconn(conn)
             raise
-        if not (row and row[0]):
+        if not held:
             self.pool.putconn(conn)
             raise EdpError(
                 f"worker id {worker_id!r} is in use by another live process on this "
@@ -380,16 +386,21 @@ class WorkerClocks:
         return math.inf if row is None or row[0] is None else float(row[0])
 
     @staticmethod
-    def _still_held(conn: psycopg.Connection[Any], worker_id: str) -> bool:
-        """Whether ``conn``'s session is alive and holds ``worker_id``'s lock: taken
-        again on it (re-entrant; held until the session ends, like the first)."""
+    def _try_lock(conn: psycopg.Connection[Any], key: int) -> bool:
+        """Take the session advisory lock ``key`` if free (or already this session's:
+        re-entrant, held until the session ends)."""
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+        conn.commit()
+        return bool(row and row[0])
+
+    @classmethod
+    def _still_held(cls, conn: psycopg.Connection[Any], worker_id: str) -> bool:
+        """Whether ``conn``'s session is alive and holds ``worker_id``'s lock (taken again
+        on it)."""
         try:
-            row = conn.execute(f"SELECT pg_try_advisory_lock({MEMBER_KEY})",
-                               (worker_id,)).fetchone()
-            conn.commit()
+            return cls._try_lock(conn, member_key(worker_id))
         except psycopg.Error:
             return False
-        return bool(row and row[0])
 
     def release_worker_id(self) -> None:
         """Give up this process's worker id (see :meth:`claim_worker_id`)."""
