@@ -9,6 +9,7 @@ from pathlib import Path
 
 import orjson
 
+from edp.bootstrap import Runtime
 from edp_testing import eventbridge
 
 
@@ -23,6 +24,16 @@ def edp(*args: str, home: Path, stdin: bytes | None = None,
                           text=stdin is None)
 
 
+def jsonl_worker(tmp_path: Path, url: str, jsonl: str, **flags: object) -> Runtime:
+    """The runtime of a worker on the store ``url`` relaying to the JSON Lines file
+    ``tmp_path / jsonl`` (``flags``: more settings)."""
+    from edp.bootstrap import build_runtime
+    from edp.config import load_settings
+
+    return build_runtime(load_settings(env={"EDP_JSONL_PATH": str(tmp_path / jsonl)},
+                                       flags={"database_url": url, **flags}))
+
+
 def events(home: Path) -> list[dict[str, object]]:
     path = home / "events.jsonl"
     return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
@@ -31,14 +42,10 @@ def events(home: Path) -> list[dict[str, object]]:
 def test_operator_workflow(tmp_path: Path) -> None:
     # Given a configured store with one open batch (a replay into it leaves none open,
     # so feed it through the engine API the way a daemon would)
-    from edp.bootstrap import build_runtime
-    from edp.config import load_settings
     from edp.engine import Message
 
     url = f"sqlite:///{tmp_path / 'data' / 'edp' / 'edp.db'}"
-    cfg = load_settings(env={"EDP_JSONL_PATH": str(tmp_path / "events.jsonl")},
-                        flags={"database_url": url})
-    runtime = build_runtime(cfg)
+    runtime = jsonl_worker(tmp_path, url, "events.jsonl")
     runtime.engine.process([Message(eventbridge("lab/exp 1/a.tif", 100), "line 1"),
                             Message(eventbridge("lab/exp 1/b.tif", 101), "line 2"),
                             Message(b"garbage", "line 3")], now=200)
@@ -158,14 +165,10 @@ def test_an_operator_close_without_sink_settings_reaches_the_workers_sinks(
     tmp_path: Path,
 ) -> None:
     # Given a store whose workers relay to a JSONL sink, with one open batch
-    from edp.bootstrap import build_runtime
-    from edp.config import load_settings
     from edp.engine import Message
 
     url = f"sqlite:///{tmp_path / 'data' / 'edp' / 'edp.db'}"
-    worker = load_settings(env={"EDP_JSONL_PATH": str(tmp_path / "events.jsonl")},
-                           flags={"database_url": url})
-    runtime = build_runtime(worker)
+    runtime = jsonl_worker(tmp_path, url, "events.jsonl")
     runtime.engine.process([Message(eventbridge("lab/e/a", 1), "line 1"),
                             Message(eventbridge("lab/e2/a", 1), "line 2")], now=5)
     [first_id, _] = [r.batch_id for r in runtime.store.list_batches(state="open")]
@@ -182,7 +185,7 @@ def test_an_operator_close_without_sink_settings_reaches_the_workers_sinks(
     assert closed.returncode == 0, closed.stderr
 
     # Then the workers' relay delivers its event to their sink
-    runtime = build_runtime(worker)
+    runtime = jsonl_worker(tmp_path, url, "events.jsonl")
     assert runtime.relay.deliver().delivered == 1
     runtime.close()
     assert [e["detail"]["trigger"] for e in events(tmp_path)] == ["manual", "manual"]  # type: ignore[index]
@@ -345,14 +348,10 @@ def test_a_reemit_with_no_sink_anywhere_is_a_clear_error(tmp_path: Path) -> None
 
 def test_a_reemit_without_a_sink_here_waits_for_the_workers_sinks(tmp_path: Path) -> None:
     # Given a store where a worker delivers to a JSON Lines file
-    from edp.bootstrap import build_runtime
-    from edp.config import load_settings
     from edp.engine import Message
 
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    worker = load_settings(env={"EDP_JSONL_PATH": str(tmp_path / "worker.jsonl")},
-                           flags={"database_url": url, "bucket_threshold_event_count": 1})
-    runtime = build_runtime(worker)
+    runtime = jsonl_worker(tmp_path, url, "worker.jsonl", bucket_threshold_event_count=1)
     [ready] = runtime.engine.process([Message(eventbridge("lab/run/a.csv", 0), "m1")],
                                      now=10).fired
     runtime.relay.deliver()
@@ -373,14 +372,10 @@ def test_a_replay_into_a_shared_store_sends_nothing_to_the_workers_sinks(
     tmp_path: Path,
 ) -> None:
     # Given a store where a worker relaying to a JSON Lines file started
-    from edp.bootstrap import build_runtime
-    from edp.config import load_settings
     from edp.store import open_store
 
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    worker = load_settings(env={"EDP_JSONL_PATH": str(tmp_path / "worker.jsonl")},
-                           flags={"database_url": url})
-    runtime = build_runtime(worker)
+    runtime = jsonl_worker(tmp_path, url, "worker.jsonl")
     runtime.engine.register(now=10)
     runtime.close()
     # When a replay (whose only sink is its stdout) fires a batch on that store
