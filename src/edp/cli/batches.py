@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import click
@@ -52,7 +51,7 @@ def batches(
         data = {"batches": [_as_dict(row) for row in rows]}
         click.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
         return
-    now = time.time()
+    now = runtime.store.wall_clock()  # (the workers' clock: on PostgreSQL the server's)
     table = Table(title=f"batches in {runtime.store.url}")
     for column in ("id", "state", "bucket", "prefix", "files", "age", "deadline", "trigger"):
         table.add_column(column)
@@ -138,7 +137,7 @@ def batches_close(ctx: click.Context, batch_id: str, config_file: str | None,
     """Fire an open batch now (trigger manual) and deliver its event."""
     runtime = open_runtime(*_store_args(ctx, config_file, database_url))
     try:
-        ready = runtime.engine.close_batch(batch_id, now=time.time())
+        ready = runtime.engine.close_batch(batch_id, now=runtime.store.wall_clock())
         report = runtime.relay.deliver()
         waiting = _waiting_note(runtime)
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import click
@@ -88,7 +87,8 @@ def status(config_file: str | None, database_url: str | None, limit: int, as_jso
     """Show open batches, recent events, totals in and out, the outbox backlog and dead letters."""
     runtime = open_runtime(config_file, database_url)
     try:
-        data = status_report(runtime.store, runtime.settings, time.time(), limit=limit)
+        data = status_report(runtime.store, runtime.settings, runtime.store.wall_clock(),
+                             limit=limit)
     finally:
         runtime.close()
     if as_json:

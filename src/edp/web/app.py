@@ -188,6 +188,15 @@ class _Handlers:
     async def _query(self, query: Callable[[Store], T]) -> T:
         return await asyncio.wrap_future(self.ctx.reader.submit(query))
 
+    async def _query_now(self, query: Callable[[Store, float], T]) -> tuple[float, T]:
+        """A query given the store's wall clock, read with it: ages and deadlines are
+        those the workers see (on PostgreSQL the server's clock, not this machine's)."""
+        def run(store: Store) -> tuple[float, T]:
+            now = store.wall_clock()
+            return now, query(store, now)
+
+        return await self._query(run)
+
     # -- read-only API ---------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
         return json_response({"ok": True})
@@ -197,18 +206,18 @@ class _Handlers:
         if state not in (None, "open", "closed"):
             raise BadQuery(f"state must be open or closed, got {state[:40]!r}")
         limit = _limit(request)
-        settings, now = self.ctx.settings, time.time()
-        rows = await self._query(
-            lambda store: figures.batches(store, settings, now, state=state, limit=limit)
+        settings = self.ctx.settings
+        now, rows = await self._query_now(
+            lambda store, now: figures.batches(store, settings, now, state=state, limit=limit)
         )
         return json_response({"now": now, "batches": rows})
 
     async def api_batch(self, request: Request) -> Response:
         batch_id = request.path_params["batch_id"]
-        settings, now = self.ctx.settings, time.time()
+        settings = self.ctx.settings
         try:
-            data = await self._query(
-                lambda store: figures.batch_detail(store, settings, batch_id, now)
+            now, data = await self._query_now(
+                lambda store, now: figures.batch_detail(store, settings, batch_id, now)
             )
         except NotFound as exc:
             return json_response({"error": str(exc)}, 404)
@@ -216,19 +225,18 @@ class _Handlers:
 
     async def api_events(self, request: Request) -> Response:
         limit = _limit(request)
-        rows = await self._query(lambda store: figures.events(store, limit=limit))
-        return json_response({"now": time.time(), "events": rows})
+        now, rows = await self._query_now(lambda store, _: figures.events(store, limit=limit))
+        return json_response({"now": now, "events": rows})
 
     async def api_dead_letters(self, request: Request) -> Response:
         limit = _limit(request)
-        rows = await self._query(
-            lambda store: [figures.dead_letter_dict(d) for d in store.dead_letters(limit=limit)]
+        now, rows = await self._query_now(
+            lambda store, _: [figures.dead_letter_dict(d) for d in store.dead_letters(limit=limit)]
         )
-        return json_response({"now": time.time(), "dead_letters": rows})
+        return json_response({"now": now, "dead_letters": rows})
 
     async def api_stats(self, request: Request) -> Response:
-        now = time.time()
-        data = await self._query(lambda store: figures.overview(store, now))
+        _, data = await self._query_now(figures.overview)
         letters = await self._query(
             lambda store: [figures.dead_letter_dict(d) for d in store.dead_letters(limit=5)]
         )
@@ -247,8 +255,7 @@ class _Handlers:
         return json_response(data)
 
     async def metrics(self, request: Request) -> Response:
-        now = time.time()
-        data = await self._query(lambda store: figures.overview(store, now))
+        _, data = await self._query_now(figures.overview)
         data["step_errors"] = self.ctx.step_errors()
         return Response(self.ctx.metrics.render(data), media_type=CONTENT_TYPE)
 
