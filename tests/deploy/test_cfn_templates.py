@@ -287,6 +287,26 @@ def test_undecodable_input_in_the_store_lambda_raises_an_alarm(
     assert [r for r in caplog.records if term in r.getMessage()]
 
 
+def test_store_failures_raise_alarms(edp: dict[str, Any]) -> None:
+    resources = edp["Resources"]
+    # The store function fails an invocation that stored nothing (edp.aws.handlers):
+    # its error metric is alarmed; records failing alone show as the queue's age
+    errors = resources["StoreErrorsAlarm"]["Properties"]
+    assert (errors["Namespace"], errors["MetricName"]) == ("AWS/Lambda", "Errors")
+    assert errors["Dimensions"] == [{"Name": "FunctionName", "Value": {"Ref": "StoreFunction"}}]
+    backlog = resources["IngestBacklogAlarm"]["Properties"]
+    assert (backlog["Namespace"], backlog["MetricName"]) == (
+        "AWS/SQS", "ApproximateAgeOfOldestMessage")
+    assert backlog["Dimensions"] == [
+        {"Name": "QueueName", "Value": {"Fn::GetAtt": ["IngestQueue", "QueueName"]}}]
+    # (well before the redrive policy moves a message to the DLQ)
+    queue = resources["IngestQueue"]["Properties"]
+    assert backlog["Threshold"] < queue["RedrivePolicy"]["maxReceiveCount"] * queue[
+        "VisibilityTimeout"]
+    for alarm in (errors, backlog):
+        assert alarm["AlarmActions"] == [{"Ref": "AlarmTopic"}]
+
+
 def test_s3_rule_watches_every_bucket_parameter(edp: dict[str, Any]) -> None:
     pattern = edp["Resources"]["S3EventsRule"]["Properties"]["EventPattern"]
 

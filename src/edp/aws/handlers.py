@@ -177,7 +177,9 @@ def _store_step(messages: list[Message]) -> StepReport:
 
 
 def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
-    """Process SQS records; return the message ids of those whose step failed."""
+    """Process SQS records; return the message ids of those whose step failed. Raises
+    when none could be stored because the store function cannot start or its store is
+    unreachable (all come again)."""
     messages = [
         (str(r.get("messageId")), Message(
             r.get("body", ""),
@@ -187,7 +189,10 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
         for r in records
     ]
     if not _started([m for _, m in messages]):
-        return [message_id for message_id, _ in messages]
+        # Raised, not reported per record: the same for SQS (the whole batch comes
+        # again), but Lambda's error metric (the dashboard, alarms) shows it.
+        raise EdpError(f"the store function cannot start; its {len(records)} SQS "
+                       "record(s) come again")
     held_by: str | None = None  # the runtime whose step published the batch's hold
     try:
         held_by = runtime("store").engine.worker_id
@@ -197,10 +202,9 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
         if is_outage(exc):
             # The database is unreachable: one step per record would only wait for it
             # again, record after record, past the function's timeout. All come again.
-            log.exception("the store is unreachable; all %d SQS records come again",
-                          len(records))
             _missed([m for _, m in messages])
-            return [message_id for message_id, _ in messages]
+            raise EdpError(f"the store is unreachable; all {len(records)} SQS record(s) "
+                           "come again") from exc
         log.exception("a batch of %d SQS records failed; trying them one by one", len(records))
     else:
         _log_rejected(report)
@@ -214,6 +218,9 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
             untried.append(message)
             continue
         if not _started([m for _, m in messages[index:]]):
+            if len(failed) == index:  # (none stored: the invocation fails, as above)
+                raise EdpError(f"the store function cannot start; its {len(records)} SQS "
+                               "record(s) come again")
             return failed + [mid for mid, _ in messages[index:]]
         step_by: str | None = None
         try:
@@ -223,9 +230,12 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
         except Exception as exc:  # a boundary: this record comes back, the others go on
             reset_runtime()
             if is_outage(exc):
+                _missed([m for _, m in messages[index:]])
+                if len(failed) == index:
+                    raise EdpError(f"the store is unreachable; all {len(records)} SQS "
+                                   "record(s) come again") from exc
                 log.exception("the store is unreachable; the %d remaining SQS records come "
                               "again", len(messages) - index)
-                _missed([m for _, m in messages[index:]])
                 return failed + [mid for mid, _ in messages[index:]]
             log.exception("SQS message %s failed; it will come again", message_id)
             failed.append(message_id)

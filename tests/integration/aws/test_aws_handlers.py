@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from edp.aws import handlers
+from edp.errors import EdpError
 from edp.store import open_store
 from edp_testing import load_event
 
@@ -197,11 +198,13 @@ def test_records_fail_while_the_database_is_unreachable_then_heal(
 
     # When a batch arrives
     caplog.set_level(logging.INFO)
-    result = handlers.store_handler(sqs_event, None)
+    with pytest.raises(EdpError, match=f"{len(ids)} SQS record") as failed:
+        handlers.store_handler(sqs_event, None)
 
-    # Then every record is reported failed (none is lost; the poison one too, as
-    # its dead letter could not be committed either), and the handler did not raise
-    assert {f["itemIdentifier"] for f in result["batchItemFailures"]} == ids
+    # Then the invocation fails (Lambda's error metric shows it), so every record
+    # comes again (none is lost; the poison one too, as its dead letter could not be
+    # committed either),
+    assert "come again" in str(failed.value)
     # as soon as the store proves unreachable: trying every record on its own would
     # wait for the database each time (30 s on PostgreSQL), past the function's timeout
     # (here when the container rebuilds its runtime: it cannot start)
@@ -418,7 +421,8 @@ def test_records_the_store_could_not_reach_hold_their_batch_from_the_next_succes
     # record that fails alone is stored (its runtime replaced after that failure)
     unreachable(tmp_path, monkeypatch)
     late = sqs_records((f"{PREFIX}b.csv", t0 + 0.5))
-    assert len(handlers.store_handler(late, None)["batchItemFailures"]) == 1
+    with pytest.raises(EdpError, match="come again"):  # (the invocation fails)
+        handlers.store_handler(late, None)
     monkeypatch.setenv("EDP_DATABASE_URL", url)
     back = time.time()
     result = handlers.store_handler(
@@ -567,12 +571,12 @@ def test_records_come_again_whole_when_the_function_cannot_start_and_hold_after(
     # When a batch of two records arrives
     caplog.set_level(logging.INFO)
     t0 = time.time()
-    result = handlers.store_handler(
-        sqs_records((f"{PREFIX}a.csv", t0), (f"{PREFIX}b.csv", t0)), None)
-    # Then both come again, and no record was blamed (none tried one by one)
-    assert {f["itemIdentifier"] for f in result["batchItemFailures"]} == {
-        f"m-{PREFIX}a.csv", f"m-{PREFIX}b.csv"}
-    assert "cannot start" in caplog.text and "one by one" not in caplog.text
+    # Then the invocation fails (Lambda's error metric shows it): both come again, and
+    # no record was blamed (none tried one by one)
+    with pytest.raises(EdpError, match="cannot start; its 2 SQS record"):
+        handlers.store_handler(
+            sqs_records((f"{PREFIX}a.csv", t0), (f"{PREFIX}b.csv", t0)), None)
+    assert "one by one" not in caplog.text
     # When the function starts again and stores another record
     secret_unreadable(monkeypatch, until_url=url)
     assert handlers.store_handler(sqs_records(("instrument/other/c.csv", time.time())),
@@ -584,7 +588,6 @@ def test_records_come_again_whole_when_the_function_cannot_start_and_hold_after(
 def test_a_direct_event_the_function_cannot_start_for_fails_and_holds_after(
     holds_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from edp.errors import EdpError
     from edp_testing import eventbridge
 
     url = holds_env["EDP_DATABASE_URL"]

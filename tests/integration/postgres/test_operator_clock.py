@@ -5,7 +5,6 @@ ten minutes ahead show a batch opened just now as just opened."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -22,14 +21,14 @@ SKEW = 600.0
 
 
 @pytest.fixture
-def open_batch(pg_url: str, tmp_path: Path) -> Iterator[str]:
+def open_batch(pg_url: str, tmp_path: Path) -> str:
     """A store with one batch opened now (by a worker whose clock is right)."""
     runtime = build_runtime(Settings(database_url=pg_url, jsonl_path=str(tmp_path / "e.jsonl"),
                                      bucket_threshold_duration=3600.0))
     now = runtime.store.wall_clock()
     runtime.engine.process([Message(eventbridge("lab/exp-1/a.tif", now), "line 1")], now=now)
     runtime.close()
-    yield pg_url
+    return pg_url
 
 
 @pytest.fixture
