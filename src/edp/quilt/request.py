@@ -120,8 +120,17 @@ def parse_request(body: bytes | str | dict[str, Any]) -> BatchRequest:
         exc.bucket = _text(detail.get("bucket")) or ""
         exc.prefix = _text(detail.get("prefix")) or ""
         exc.batch_id = _text(detail.get("batch-id"))
-        exc.event_id = _text(message.get("id")) if "detail" in message else None
+        exc.event_id = (_text(_event_id(message, detail)) if "detail" in message
+                        else None)
         raise
+
+
+def _event_id(message: dict[str, Any], detail: dict[str, Any]) -> Any:
+    """edp's stable id of a batch event: the detail's ``event-id`` when it has one (an
+    event published to EventBridge, which gives each delivery an ``id`` of its own),
+    else the envelope's ``id``."""
+    given = detail.get("event-id")
+    return given if isinstance(given, str) and given else message.get("id")
 
 
 def _text(value: Any) -> str | None:
@@ -139,7 +148,7 @@ def _parse(message: dict[str, Any]) -> BatchRequest:
         detail = message.get("detail")
         if not isinstance(detail, dict):
             raise InvalidRequest("the event has no detail object")
-        event_id = message.get("id")
+        event_id = _event_id(message, detail)
         time = message.get("time")
     else:
         detail, event_id, time = message, None, None

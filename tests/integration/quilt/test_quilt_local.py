@@ -48,6 +48,34 @@ def root(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def test_a_batch_delivered_twice_through_eventbridge_makes_one_revision(
+    root: Path, quilt: Any
+) -> None:
+    import orjson
+
+    from edp.sinks.eventbridge import to_entry
+
+    # Given the same batch event delivered twice by EventBridge: each delivery gets an
+    # envelope id of EventBridge's own; edp's stable id is the detail's event-id
+    emitted = batch_event("lab", PREFIX, event_id="3f1c1d4e-0000-5000-8000-00000000abcd")
+    entry = to_entry(orjson.dumps(emitted).decode(), "bus")
+
+    def delivered(eventbridge_id: str) -> dict[str, Any]:
+        return {**emitted, "id": eventbridge_id, "detail": orjson.loads(entry["Detail"])}
+
+    registry = root / "registry"
+    packager = Packager(quilt_settings(), local_root=root, registry=str(registry))
+    first = packager.package(delivered("a1b2c3d4-0000-0000-0000-000000000001"))
+    second = packager.package(delivered("a1b2c3d4-0000-0000-0000-000000000002"))
+
+    # Then the second makes no revision, and the package names edp's id
+    assert first.status is PackageStatus.PUSHED, first.error
+    assert second.status is PackageStatus.UNCHANGED, second
+    assert len(local_revisions(registry, "instrument/exp-1")) == 1
+    pkg = quilt.Package.browse("instrument/exp-1", registry=registry.as_uri())
+    assert pkg.meta["edp"]["event-id"] == emitted["id"]
+
+
 def test_a_local_batch_is_built_into_a_local_registry_once(root: Path, quilt: Any) -> None:
     # Given local mode with a local registry folder
     registry = root / "registry"
