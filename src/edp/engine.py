@@ -217,8 +217,14 @@ def dead_letter(message: Message, error: DecodeError, now: float) -> DeadLetter:
 _PRIVATE_SINKS = ("stdout", "log")
 """Sinks that are one process's own output: another process cannot relay to them (the
 stdout of ``edp watch`` is a sink of its own, ``stdout@<worker id>``, shared)."""
-WATCHER_STDOUT = "stdout@"
-"""The prefix of a watcher's stdout sink, ``stdout@<worker id>`` (see edp.cli.watch)."""
+WORKER_SINK = "@"
+"""A sink named ``<kind>@<worker id>`` serves one worker's own batches (an ``edp watch``'s
+stdout and its packager, see edp.cli.watch): no other worker's events go there, only
+operators' commands reach it (:meth:`Engine._operator_sinks`)."""
+WATCHER_STDOUT = f"stdout{WORKER_SINK}"
+"""The prefix of a watcher's stdout sink, ``stdout@<worker id>``."""
+WATCHER_PACKAGER = f"quilt-packager{WORKER_SINK}"
+"""The prefix of a watcher's packager sink, ``quilt-packager@<worker id>``."""
 KNOWN_SINKS_RECHECK = (2.0, 30.0)
 """Seconds between two looks at the store's sinks to borrow: while it knows none, and
 once it knows some (one registered later is borrowed too)."""
@@ -275,8 +281,8 @@ class Engine:
         from a laptop, or with only its own stdout or log, such as ``edp run --stdout``),
         the shared ones the store knows, that is those the workers relay to. Events with
         no delivery row for those would never be sent there by anyone. A watcher's
-        stdout (``stdout@<worker id>``) is no destination for other workers' events:
-        only operators' commands reach it (:meth:`_operator_sinks`)."""
+        stdout or packager (``<kind>@<worker id>``) is no destination for other workers'
+        events: only operators' commands reach it (:meth:`_operator_sinks`)."""
         if not self.borrow_sinks or any(name not in _PRIVATE_SINKS for name in self.own_sinks):
             return self.own_sinks
         checked = time.monotonic()
@@ -284,7 +290,7 @@ class Engine:
             # (asked again, but not at every step)
             self._known_checked = checked
             self._known_sinks = tuple(name for name in self._shared_sinks()
-                                      if not name.startswith(WATCHER_STDOUT))
+                                      if WORKER_SINK not in name)
             if not self._known_sinks and not self.own_sinks and not self._warned_no_sink:
                 self._warned_no_sink = True
                 log.warning("no sink is configured and the store knows none: events of "

@@ -13,7 +13,7 @@ import click
 from edp.cli import main
 from edp.cli._common import grouping_options, handle_errors, printable, settings_from
 from edp.config import Settings
-from edp.engine import WATCHER_STDOUT
+from edp.engine import WATCHER_PACKAGER, WATCHER_STDOUT
 from edp.errors import ConfigError
 from edp.sinks.base import Sink
 from edp.sinks.local import StdoutSink
@@ -41,8 +41,10 @@ def watch_worker_id(root: Path) -> str:
     return f"watch-{socket.gethostname()}-{digest}"
 
 
-def packager_sink(settings: Settings, source: FolderSource, registry: str) -> Sink:
-    """A sink that packages each batch of the watched folder into ``registry``.
+def packager_sink(settings: Settings, source: FolderSource, registry: str, *,
+                  name: str = WATCHER_PACKAGER.rstrip("@")) -> Sink:
+    """A sink (named ``name``) that packages each batch of the watched folder into
+    ``registry``.
 
     The packager finds a batch's files at ``<local root>/<bucket>/<prefix>``, so the
     bucket must be the folder's name; a local registry must lie outside the folder.
@@ -59,10 +61,32 @@ def packager_sink(settings: Settings, source: FolderSource, registry: str) -> Si
         local = Path(registry.removeprefix("file://")).expanduser().resolve()
         if local == source.root or source.root in local.parents:
             raise ConfigError(f"the registry {local} must not be inside the watched folder")
-    # Only the folder's own batches: other processes on a shared store may hand this
-    # sink events of other buckets, whose folders beside this one are not its to read.
+    # Only the folder's own batches: an operator's command on a shared store hands this
+    # sink events of any bucket, whose folders beside this one are not its to read.
     return PackagerSink(Packager(settings, registry=registry, local_root=source.root.parent,
-                                 buckets={source.bucket}), on_result=say_package)
+                                 buckets={source.bucket}), name=name, on_result=say_package,
+                        others="ignore")
+
+
+def watcher_sinks(settings: Settings, source: FolderSource, worker_id: str, *,
+                  stdout: bool, registry: str | None) -> list[Sink]:
+    """The sinks of ``edp watch``: the configured ones, its stdout and its packager.
+
+    Its stdout is a lasting stream (a pipe reads it) that events of other processes on
+    the store may go to, such as an operator's `edp batches close`; its packager serves
+    its folder only. Each is a sink of its own name, ``<kind>@<worker id>``, which only
+    this watcher relays: two watchers on one store, each packaging its own folder, do
+    not take each other's batches."""
+    from edp.bootstrap import build_sinks
+
+    sinks = build_sinks(settings, stdout=stdout)
+    for sink in sinks:
+        if isinstance(sink, StdoutSink):
+            sink.name = f"{WATCHER_STDOUT}{worker_id}"
+    if registry is not None:
+        sinks.append(packager_sink(settings, source, registry,
+                                   name=f"{WATCHER_PACKAGER}{worker_id}"))
+    return sinks
 
 
 def say_package(result: PackageResult) -> None:
@@ -104,7 +128,7 @@ def watch(directory: Path, bucket: str | None, stdout: bool, registry: str | Non
     picked up at start; those already counted are not counted again. Stop with Ctrl-C.
     """
     require_watchfiles()
-    from edp.bootstrap import build_observers, build_runtime, build_sinks
+    from edp.bootstrap import build_observers, build_runtime
     from edp.daemon import Daemon
 
     extra = {name: kwargs.pop(name) for name in ("watch_settle_seconds", "watch_ignore",
@@ -114,16 +138,8 @@ def watch(directory: Path, bucket: str | None, stdout: bool, registry: str | Non
     if settings.package_ready_registries and not settings.package_local_root:
         # (package-ready pointers of a watched registry folder are files beside it)
         settings = settings.model_copy(update={"package_local_root": str(source.root.parent)})
-    sinks = build_sinks(settings, stdout=stdout)
-    if registry is not None:
-        sinks.append(packager_sink(settings, source, registry))
     worker_id = settings.worker_id or watch_worker_id(directory)
-    for sink in sinks:
-        if isinstance(sink, StdoutSink):
-            # This stdout is a lasting stream (a pipe reads it) that events of other
-            # processes on the store may go to, such as an operator's `edp batches
-            # close`: a sink of its own name, which only this watcher relays.
-            sink.name = f"{WATCHER_STDOUT}{worker_id}"
+    sinks = watcher_sinks(settings, source, worker_id, stdout=stdout, registry=registry)
     runtime = build_runtime(settings, sinks=sinks, worker_id=worker_id,
                             observers=build_observers(settings))
     click.echo(f"edp watch: {source.root} as bucket {source.bucket!r}, store "

@@ -373,17 +373,58 @@ def test_a_watchers_packager_packages_only_its_own_folder(tmp_path: Path, quilt:
         return OutboxEntry(n, event["id"], event["detail-type"], json.dumps(event), T0)
 
     # When it is sent a batch of the folder beside it, then one of its own
-    [failure] = sink.send([entry("private", 1)])
+    assert sink.send([entry("private", 1)]) == []
     assert sink.send([entry("drop", 2)]) == []
 
-    # Then the other folder's batch fails for good, unread, and only its own is packaged
-    assert failure.permanent and "'private' is not packaged here" in failure.error
+    # Then the other folder's batch is left alone, unread, and only its own is packaged
     names = [p.relative_to(registry / ".quilt/named_packages").as_posix()
              for p in (registry / ".quilt/named_packages").glob("*/*")]
     assert names == ["instrument/exp-1"]
     manifests = b"".join(p.read_bytes() for p in (registry / ".quilt/packages").rglob("*")
                          if p.is_file())
     assert b"creds.txt" not in manifests and b"a.txt" in manifests
+
+
+def test_two_watchers_on_one_store_package_their_own_batches(tmp_path: Path, quilt: Any) -> None:
+    # Given two `edp watch --registry reg` on one store, each on its own folder
+    from edp.cli.watch import watch_worker_id, watcher_sinks
+    from edp.sources.watch import FolderSource
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    settings = quilt_settings(database_url=url, bucket_threshold_event_count=1)
+    registry = tmp_path / "reg"
+    watchers = {}
+    for bucket in ("scope", "seq"):
+        make_files(tmp_path / "lab", bucket, {f"{PREFIX}a.txt": bucket.encode()})
+        source = FolderSource(tmp_path / "lab" / bucket)
+        worker = watch_worker_id(source.root)
+        watchers[bucket] = build_runtime(settings, worker_id=worker, sinks=watcher_sinks(
+            settings, source, worker, stdout=False, registry=str(registry)))
+    try:
+        # When "seq" fires a batch, and "scope"'s relay looks at the outbox first
+        watchers["seq"].engine.process(
+            [Message(eventbridge(f"{PREFIX}a.txt", T0, bucket="seq"), "file 1")], now=T0)
+        watchers["scope"].relay.deliver()
+        # Then "scope" leaves it alone, and "seq" packages it
+        assert not (registry / ".quilt").exists()
+        assert watchers["seq"].relay.deliver().delivered == 1
+        assert len(local_revisions(registry, "instrument/exp-1")) == 1
+        # When an operator re-emits it (to every watcher's sinks on the store)
+        [batch] = watchers["seq"].store.list_batches(state="closed")
+        operator = build_runtime(quilt_settings(database_url=url))
+        try:
+            operator.engine.reemit(batch.batch_id)
+        finally:
+            operator.close()
+        for bucket in ("scope", "seq"):
+            watchers[bucket].relay.deliver()
+        # Then nothing is parked: "scope" ignores it, "seq" finds its package unchanged
+        stats = watchers["seq"].store.stats()
+        assert (stats["pending_deliveries"], stats["parked_deliveries"]) == (0, 0)
+        assert len(local_revisions(registry, "instrument/exp-1")) == 1
+    finally:
+        for runtime in watchers.values():
+            runtime.close()
 
 
 def test_an_oversize_metadata_file_is_refused_unread(tmp_path: Path, quilt: Any) -> None:
