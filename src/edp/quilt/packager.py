@@ -261,7 +261,8 @@ class Packager:
         source = self._source(request)
         try:
             if isinstance(source, Path) and not source.is_dir():
-                return q.Package()
+                self._require_bucket_folder(request)
+                return q.Package()  # (its files were all deleted: skipped)
             pkg = q.Package().set_dir(".", str(source) if isinstance(source, Path) else source)
         except q.util.QuiltException as exc:
             # quilt3 refuses what no retry changes: a key it cannot hold (``a//b``, a
@@ -286,6 +287,16 @@ class Packager:
         for key in [k for k, _ in pkg.walk() if helper_text.is_ignored(k, patterns)]:
             pkg.delete(key)
         return pkg
+
+    def _require_bucket_folder(self, request: BatchRequest) -> None:
+        """A missing prefix folder means its files were deleted; a missing bucket folder
+        (or local root) means a wrong ``package_local_root`` or a drive not mounted:
+        retried, as a bucket S3 cannot find is, rather than the batch skipped."""
+        folder = None if self.local_root is None else self.local_root / request.bucket
+        if folder is not None and not folder.is_dir():
+            raise PublishError(
+                f"no folder {folder} for bucket {request.bucket!r}: is package_local_root "
+                f"({self.local_root}) right, and its drive mounted?", retryable=True)
 
     @staticmethod
     def _drop_links_out_of(pkg: Any, source: Path) -> None:

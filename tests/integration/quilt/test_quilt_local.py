@@ -202,10 +202,23 @@ def test_a_required_but_missing_metadata_file_is_a_reported_failure(tmp_path: Pa
 
 
 def test_an_empty_or_missing_prefix_is_skipped(tmp_path: Path, quilt: Any) -> None:
+    (tmp_path / "lab").mkdir()
     packager = Packager(quilt_settings(), local_root=tmp_path, registry=str(tmp_path / "reg"))
     result = packager.package(batch_event("lab", "nothing/here/"))
     assert result.status is PackageStatus.SKIPPED
     assert "nothing/here" in (result.error or "")
+
+
+def test_a_missing_bucket_folder_fails_to_be_retried(tmp_path: Path, quilt: Any) -> None:
+    # Given a packager whose local root is wrong (or whose drive is not mounted)
+    packager = Packager(quilt_settings(), local_root=tmp_path / "nosuch",
+                        registry=str(tmp_path / "reg"))
+    # When a batch comes, Then it is not skipped (its message would be deleted): it
+    # fails, to be retried, saying what is missing
+    result = packager.package(batch_event("lab", PREFIX))
+    assert result.status is PackageStatus.FAILED and result.retryable, result
+    assert f"no folder {tmp_path / 'nosuch' / 'lab'}" in (result.error or "")
+    assert "package_local_root" in (result.error or "")
 
 
 @pytest.mark.parametrize("bucket", ["..", "../etc"])
