@@ -215,10 +215,14 @@ class FolderSource:
                 break
             self._wake.wait(max(0.0, min(deadline, next_check) - now))
         batch, self._backlog = self._backlog[: self.chunk], self._backlog[self.chunk :]
-        messages = [m for m in (self._message(item) for item in batch) if m is not None]
-        received = Received(messages, caught_up=not self._backlog, receipts=list(batch))
+        # Only what became a message is reported once acknowledged: a file that could
+        # not be read stays unknown, so that its next change (a chmod) reports it.
+        made = [(item, self._message(item)) for item in batch]
+        reported = [item for item, message in made if message is not None]
+        messages = [message for _, message in made if message is not None]
+        received = Received(messages, caught_up=not self._backlog, receipts=reported)
         if messages:
-            self._inflight, self._inflight_ready = received, batch
+            self._inflight, self._inflight_ready = received, reported
         return received
 
     def ack(self, received: Received) -> None:

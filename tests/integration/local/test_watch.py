@@ -307,6 +307,41 @@ def test_unacknowledged_events_come_again(root: Path) -> None:
         source.close()
 
 
+def test_a_file_unreadable_beside_readable_ones_is_reported_once_readable(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edp.sources.watch as watch_module
+
+    # Given two complete files, one of which cannot be read yet (written by another
+    # user with mode 0600: faked, as the tests may run as root)
+    (root / "scope/exp").mkdir(parents=True)
+    (root / "scope/exp/a.txt").write_text("a")
+    (root / "scope/exp/b.txt").write_text("b")
+    readable = watch_module.file_etag
+    locked = {"scope/exp/b.txt"}
+
+    def etag(path: Path, size: int, mtime_ns: int) -> str:
+        if path.relative_to(root).as_posix() in locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return readable(path, size, mtime_ns)
+
+    monkeypatch.setattr(watch_module, "file_etag", etag)
+    source = FolderSource(root, bucket="lab", settle=0.1)
+    try:
+        # When both are picked up together, the readable one is reported and committed
+        first = source.receive(wait=2.0)
+        assert [m.location for m in first.messages] == ["file scope/exp/a.txt"]
+        source.ack(first)
+        # When the other becomes readable (a chmod: its content and mtime unchanged)
+        locked.clear()
+        os.chmod(root / "scope/exp/b.txt", 0o644)
+        # Then it is reported (it was not, as it had been taken for reported)
+        later = source.receive(wait=3.0)
+        assert [m.location for m in later.messages] == ["file scope/exp/b.txt"]
+    finally:
+        source.close()
+
+
 def test_local_events_decode_like_s3_notifications() -> None:
     # Given a key with a space, a plus and non-ASCII characters
     body = notification("lab", "scope/run 1/a+b é.txt", deleted=False,
