@@ -220,7 +220,7 @@ stdout of ``edp watch`` is a sink of its own, ``stdout@<worker id>``, shared).""
 WORKER_SINK = "@"
 """A sink named ``<kind>@<worker id>`` serves one worker's own batches (an ``edp watch``'s
 stdout and its packager, see edp.cli.watch): no other worker's events go there, only
-operators' commands reach it (:meth:`Engine._operator_sinks`)."""
+operators' commands reach it (:meth:`Engine.operator_sinks`)."""
 WATCHER_STDOUT = f"stdout{WORKER_SINK}"
 """The prefix of a watcher's stdout sink, ``stdout@<worker id>``."""
 WATCHER_PACKAGER = f"quilt-packager{WORKER_SINK}"
@@ -282,7 +282,7 @@ class Engine:
         the shared ones the store knows, that is those the workers relay to. Events with
         no delivery row for those would never be sent there by anyone. A watcher's
         stdout or packager (``<kind>@<worker id>``) is no destination for other workers'
-        events: only operators' commands reach it (:meth:`_operator_sinks`)."""
+        events: only operators' commands reach it (:meth:`operator_sinks`)."""
         if not self.borrow_sinks or any(name not in _PRIVATE_SINKS for name in self.own_sinks):
             return self.own_sinks
         checked = time.monotonic()
@@ -666,7 +666,7 @@ class Engine:
                 f"batch {row.batch_id} ({row.bucket}/{row.prefix}) is already closed "
                 f"(trigger {row.trigger}); use `edp batches reemit` to send its event again"
             )
-        sinks = self._operator_sinks()
+        sinks = self.operator_sinks()
         with self.store.transaction() as tx:
             state = tx.load(LoadRequest(batch_ids={row.batch_id}))
             batcher = self._batcher(state)
@@ -686,7 +686,7 @@ class Engine:
                 f"batch {row.batch_id} ({row.bucket}/{row.prefix}) is still open: "
                 "close it first with `edp batches close`"
             )
-        if not self.store.requeue(row.event_id, self._operator_sinks()):
+        if not self.store.requeue(row.event_id, self.operator_sinks()):
             raise EdpError(f"the event of batch {row.batch_id} is not in the outbox")
         return row.event_id
 
@@ -699,7 +699,7 @@ class Engine:
             for observer in self.observers
         )
 
-    def _operator_sinks(self) -> tuple[str, ...]:
+    def operator_sinks(self) -> tuple[str, ...]:
         """Sinks for an operator's close or re-emit, which must exist: this command's own
         and every shared sink the store knows (an operator's command often runs with
         some or none of the workers' sink settings, and its event must still reach every

@@ -368,6 +368,33 @@ def test_a_reemit_without_a_sink_here_waits_for_the_workers_sinks(tmp_path: Path
     assert "(jsonl)" in result.stdout
 
 
+def test_a_reemit_beside_a_watcher_names_the_watchers_stdout(tmp_path: Path) -> None:
+    # Given a store with a fired batch, and a watcher's stdout as its only sink
+    from edp.engine import Message
+    from edp.store import open_store
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    runtime = jsonl_worker(tmp_path, url, "worker.jsonl", bucket_threshold_event_count=1)
+    [ready] = runtime.engine.process([Message(eventbridge("lab/run/a.csv", 0), "m1")],
+                                     now=10).fired
+    runtime.close()
+    store = open_store(url)
+    try:
+        store.forget_sink("jsonl")
+        store.register_sinks(["stdout@watch-host-1234"], now=10)
+    finally:
+        store.close()
+
+    # When an operator with no sink configured re-emits its event
+    result = edp("batches", "reemit", ready.batch_id, "--database-url", url, home=tmp_path,
+                 env={"EDP_JSONL_PATH": ""})
+
+    # Then it says the event waits for the watcher's stdout (not that no sink is known)
+    assert result.returncode == 0, result.stderr
+    assert "(stdout@watch-host-1234)" in result.stdout, result.stdout
+    assert "knows none" not in result.stderr, result.stderr
+
+
 def test_a_replay_into_a_shared_store_sends_nothing_to_the_workers_sinks(
     tmp_path: Path,
 ) -> None:

@@ -174,6 +174,6 @@ def _waiting_note(runtime: Runtime) -> str:
     """What to tell an operator whose command has no sink to deliver the event itself."""
     if runtime.relay.sinks:
         return ""
-    known = ", ".join(runtime.engine.sinks) or "none"
+    known = ", ".join(runtime.engine.operator_sinks())  # (those its event was recorded for)
     return (f"note: no sink is configured for this command, so the event waits in the "
             f"outbox for a worker that delivers to its sinks ({known})")
