@@ -65,7 +65,8 @@ def batches(
         else:
             deadline, trigger = f"fired {when(row.fired_at)}", str(row.trigger)
         table.add_row(row.batch_id[:8], row.state, cell(row.bucket), cell(row.prefix),
-                      str(row.object_count), span(_age_end(row, now) - row.first_activity),
+                      str(row.object_count),
+                      span(max(0.0, _age_end(row, now) - row.first_activity)),
                       deadline, trigger)
     Console(width=160).print(table)
     runtime.close()

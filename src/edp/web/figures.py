@@ -51,11 +51,13 @@ def batch_dict(row: BatchRow, settings: Settings, now: float) -> dict[str, Any]:
     """One batch, with its age, time to deadline and the thresholds of its bucket."""
     rules = settings.grouping(row.bucket)
     data: dict[str, Any] = {name: getattr(row, name) for name in BATCH_FIELDS}
+    # (not below 0: a batch opened at a clock ahead of the wall clock, by an event dated
+    # up to clock_max_ahead in the future, is new, not of negative age)
     if row.state == "open":
-        data["age"] = now - row.first_activity
+        data["age"] = max(0.0, now - row.first_activity)
         data["deadline_in"] = None if row.deadline is None else row.deadline - now
     else:
-        data["age"] = (row.fired_at or now) - row.first_activity
+        data["age"] = max(0.0, (row.fired_at or now) - row.first_activity)
         data["deadline_in"] = None
     data["count_threshold"] = rules.threshold_event_count
     data["threshold_duration"] = rules.threshold_duration

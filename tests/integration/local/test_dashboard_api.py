@@ -58,6 +58,21 @@ def client(stack: ServeStack) -> Iterator[TestClient]:
         yield test_client
 
 
+def test_a_batch_opened_by_a_future_dated_event_is_not_of_negative_age(
+    client: TestClient,
+) -> None:
+    # Given an event dated far in the future (the clock moves to the wall clock +
+    # clock_max_ahead only), which opens a batch at that clock
+    body = json.loads(minio("lab/exp-9/a.csv", "09"))
+    body["Records"][0]["eventTime"] = "9999-12-31T00:00:00Z"
+    assert client.post("/ingest", content=json.dumps(body).encode(),
+                       headers=AUTH).status_code == 200
+    # When the batches are listed, Then its age is 0, not negative
+    [batch] = [b for b in client.get("/api/batches?state=open").json()["batches"]
+               if b["prefix"] == "lab/exp-9/"]
+    assert batch["age"] == 0.0, batch
+
+
 def test_batches_api_lists_open_and_closed_batches_with_deadlines(client: TestClient) -> None:
     data = client.get("/api/batches").json()
     by_prefix = {b["prefix"]: b for b in data["batches"]}
