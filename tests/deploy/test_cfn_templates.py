@@ -51,6 +51,7 @@ INFRASTRUCTURE_PARAMETERS = frozenset(
         "Subnets",
         "SecurityGroup",
         "DBUser",
+        "DBPassword",  # (the original's; accepted and ignored)
         "DBInstanceClass",
         "DBDeletionProtection",
         "CreateEventBus",
@@ -207,6 +208,8 @@ def test_environment_variables_have_the_edp_prefix(edp: dict[str, Any]) -> None:
 
 def test_no_password_parameter(edp: dict[str, Any]) -> None:
     for name, spec in edp["Parameters"].items():
+        if name == "DBPassword":  # (the original's, accepted and ignored: see below)
+            continue
         assert "password" not in name.lower(), name
         assert "secret" not in name.lower(), name
         assert not spec.get("NoEcho"), name
@@ -287,6 +290,19 @@ def test_undecodable_input_in_the_store_lambda_raises_an_alarm(
     assert [r for r in caplog.records if term in r.getMessage()]
 
 
+def test_the_originals_db_password_parameter_is_accepted_and_unused(
+    edp: dict[str, Any],
+) -> None:
+    # Old parameter files name DBPassword: the parameter exists, hidden and optional,
+    param = edp["Parameters"]["DBPassword"]
+    assert (param["Type"], param["Default"], param["NoEcho"]) == ("String", "", True)
+    # and nothing but the rule that keeps it referenced reads it (not RDS, not an output)
+    users = [name for name, resource in edp["Resources"].items()
+             if "DBPassword" in referenced_names(resource)]
+    assert users == []
+    assert "DBPassword" not in referenced_names(edp["Outputs"])
+
+
 def test_store_failures_raise_alarms(edp: dict[str, Any]) -> None:
     resources = edp["Resources"]
     # The store function fails an invocation that stored nothing (edp.aws.handlers):
@@ -352,6 +368,16 @@ def test_both_roles_may_read_the_registries_pointers(edp: dict[str, Any], role: 
     rendered = text.replace("${Joined}", joiner.join(["reg-a", "reg-b"])).split(separator)
     assert rendered == ["arn:aws:s3:::reg-a/.quilt/named_packages/*",
                         "arn:aws:s3:::reg-b/.quilt/named_packages/*"]
+    # And may list them: S3 then answers a missing pointer NoSuchKey, not AccessDenied
+    condition, listing, _ = conditional["RegistryListing"]
+    assert condition == "HasPackageReady"
+    assert listing["Action"] == "s3:ListBucket" and "Condition" not in listing
+    separator, sub = listing["Resource"]["Fn::If"][1]["Fn::Split"]
+    text, variables = sub["Fn::Sub"]
+    joiner, registries = variables["Joined"]["Fn::Join"]
+    assert registries == {"Ref": "PackageReadyRegistries"}
+    assert text.replace("${Joined}", joiner.join(["reg-a", "reg-b"])).split(separator) == [
+        "arn:aws:s3:::reg-a", "arn:aws:s3:::reg-b"]
     condition, refresh, _ = conditional["FileGatewayRefresh"]
     assert condition == "HasFileGateway"
     assert "storagegateway:RefreshCache" in refresh["Action"]
