@@ -2,8 +2,10 @@
 
 The secret is the JSON that RDS and ``deploy/edp.yaml`` keep for a database:
 ``username``, ``password``, ``host``, ``port`` and ``dbname`` (``engine`` too,
-which must be PostgreSQL when present). The password never appears in a log or
-an error message; user and password are percent-encoded in the URL.
+which must be PostgreSQL when present; ``sslmode`` and ``sslrootcert`` optionally,
+``sslmode`` being ``require`` by default for a host that is not this machine). The
+password never appears in a log or an error message; user and password are
+percent-encoded in the URL.
 """
 
 from __future__ import annotations
@@ -36,10 +38,20 @@ def url_from_secret(secret: Mapping[str, Any], *, name: str = "the database secr
     user = quote(str(secret["username"]), safe="")
     password = quote(str(secret["password"]), safe="")
     dbname = quote(str(secret.get("dbname") or "postgres"), safe="")
-    url = f"postgresql://{user}:{password}@{secret['host']}:{port}/{dbname}"
-    if secret.get("sslmode"):
-        url += f"?sslmode={quote(str(secret['sslmode']), safe='')}"
-    return url
+    host = str(secret["host"])
+    url = f"postgresql://{user}:{password}@{host}:{port}/{dbname}"
+    # TLS is required off this machine unless the secret says otherwise (libpq's
+    # default, "prefer", falls back to plain text if the server, or someone in
+    # between, refuses TLS). To check the server's certificate too, the secret names
+    # "sslmode": "verify-full" and "sslrootcert" (a CA bundle shipped beside the code).
+    sslmode = secret.get("sslmode") or (None if _loopback(host) else "require")
+    options = [("sslmode", sslmode), ("sslrootcert", secret.get("sslrootcert"))]
+    query = "&".join(f"{k}={quote(str(v), safe='/')}" for k, v in options if v)
+    return f"{url}?{query}" if query else url
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
 
 
 def read_secret(secret_arn: str, *, secretsmanager: Any = None) -> dict[str, Any]:

@@ -257,8 +257,10 @@ def test_database_url_from_the_secret(aws: Any, monkeypatch: pytest.MonkeyPatch)
     # When the database URL is resolved
     url = resolve_database_url(load_settings())
 
-    # Then user and password are percent-encoded
-    assert url == "postgresql://edp:p%40ss%2Fw%3Ard@db.example.internal:5432/edp"
+    # Then user and password are percent-encoded, and TLS is required (libpq's default
+    # would fall back to plain text)
+    assert url == ("postgresql://edp:p%40ss%2Fw%3Ard@db.example.internal:5432/edp"
+                   "?sslmode=require")
     # And an explicit EDP_DATABASE_URL wins over the secret
     monkeypatch.setenv("EDP_DATABASE_URL", "sqlite:///x.db")
     assert resolve_database_url(load_settings()) == "sqlite:///x.db"
