@@ -158,6 +158,18 @@ def _http_url(value: Any) -> str | None:
     return text
 
 
+_SNS_TOPIC_ARN = re.compile(r"arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}"
+                            r"(\.fifo)?")
+
+
+def _sns_topic_arn(value: Any) -> str | None:
+    text = _optional_text(value)
+    if text is not None and _SNS_TOPIC_ARN.fullmatch(text) is None:
+        raise ValueError("must be an SNS topic ARN (arn:aws:sns:<region>:<account id>:<name>), "
+                         f"got {text!r}")
+    return text
+
+
 def _package_name_template(value: Any) -> str:
     from edp.quilt.names import template_problem  # (only when the setting is given)
 
@@ -199,6 +211,7 @@ Flag = Annotated[bool, BeforeValidator(_bool)]
 Text = Annotated[str, BeforeValidator(_required_text)]
 OptionalText = Annotated[str | None, BeforeValidator(_optional_text)]
 HttpUrl = Annotated[str | None, BeforeValidator(_http_url)]
+SnsTopicArn = Annotated[str | None, BeforeValidator(_sns_topic_arn)]
 
 GROUPING_SETTINGS = (
     "bucket_prefix_depth",
@@ -263,7 +276,7 @@ class Settings(BaseModel):
     sqs_visibility_timeout: Annotated[int, BeforeValidator(_int(1, 43200))] = 60
     sqs_delete_poison: Flag = True
     eventbridge_bus: OptionalText = None
-    sns_topic: OptionalText = None
+    sns_topic: SnsTopicArn = None
     webhook_url: HttpUrl = None
 
     @staticmethod
@@ -301,8 +314,8 @@ class Settings(BaseModel):
     package_metadata: Annotated[dict[str, Any], BeforeValidator(_json_object)] = {}
     workflow: OptionalText = None
     quarantine_registry: OptionalText = None
-    catalog_url: OptionalText = None
-    notify_sns_topic: OptionalText = None
+    catalog_url: HttpUrl = None
+    notify_sns_topic: SnsTopicArn = None
     notify_webhook_url: HttpUrl = None
     package_ready_delay: OptionalAge = 60.0
     package_ready_registries: Csv = ()

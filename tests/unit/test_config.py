@@ -157,6 +157,14 @@ def test_a_bucket_table_alone_does_not_narrow_the_watch_list(tmp_path: Path) -> 
          "(from environment variable EDP_NOTIFY_WEBHOOK_URL)"),
         ({"EDP_WEBHOOK_URL": "https://h/a b"},
          "webhook_url must not contain spaces or control characters"),
+        # SNS topics and the catalog's URL too (they failed only when a notice was sent,
+        # or made links without a scheme)
+        ({"EDP_NOTIFY_SNS_TOPIC": "notanarn"},
+         "notify_sns_topic must be an SNS topic ARN (arn:aws:sns:<region>:<account id>:"
+         "<name>), got 'notanarn' (from environment variable EDP_NOTIFY_SNS_TOPIC)"),
+        ({"EDP_SNS_TOPIC": "edp-events"}, "sns_topic must be an SNS topic ARN"),
+        ({"EDP_CATALOG_URL": "quilt.example.com"},
+         "catalog_url must be an http:// or https:// URL, got 'quilt.example.com'"),
         # So is the package name template (`edp config` showed one the packager refused)
         ({"EDP_PACKAGE_NAME_TEMPLATE": "{nope}/x"},
          "package_name_template is not usable: ValueError('field {nope} is not a plain "
