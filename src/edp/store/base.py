@@ -346,8 +346,8 @@ class Store(Protocol):
         :class:`~edp.errors.EdpError` when another live process has it (two processes
         under one id would publish one clock for both, and the other workers would
         fire batches one of them may still extend). A holder whose worker published
-        no heartbeat for ``silent_for`` seconds is taken for gone. A shared store
-        enforces it; a store of one machine (SQLite) does not."""
+        no heartbeat for ``silent_for`` seconds is taken for gone (where a holder can be
+        cut off: a shared store's session)."""
         ...
 
     def requeue(self, event_id: str, sinks: Sequence[str]) -> bool:

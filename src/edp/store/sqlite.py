@@ -8,14 +8,21 @@ in-memory store, the fake that unit tests use.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from edp.core.batching import ObjectKey, ObjectRecord
-from edp.errors import StoreError
+from edp.errors import EdpError, StoreError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover (not on Windows)
+    fcntl = None  # type: ignore[assignment]
 from edp.store.base import (
     BatchRow,
     DeadLetter,
@@ -69,6 +76,8 @@ class SqliteStore:
 
     def __init__(self, path: str, *, fast_unsafe: bool = False) -> None:
         self.url = f"sqlite:///{path}"
+        self.path = path
+        self._claims: IO[bytes] | None = None  # the worker-id lock file (claim_worker_id)
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -353,8 +362,27 @@ class SqliteStore:
         return None if row is None else float(row[0])
 
     def claim_worker_id(self, worker_id: str, *, silent_for: float | None = None) -> None:
-        """Not enforced: the processes of one machine's store are its operator's to name
-        (see :meth:`~edp.store.base.Store.claim_worker_id`)."""
+        """Hold ``worker_id`` for this process's life (see
+        :meth:`~edp.store.base.Store.claim_worker_id`): a POSIX record lock on one byte,
+        chosen by the id, of ``<database>.workers`` beside the database. The system
+        drops it when the process ends, killed or not, so a restart takes its id back at
+        once; the same process may claim again. (``silent_for`` is not needed: a
+        process that holds the lock is alive. Not enforced for ``:memory:``, or where
+        the system has no ``fcntl``.)"""
+        if self.path == ":memory:" or fcntl is None:
+            return
+        if self._claims is None:
+            self._claims = open(f"{self.path}.workers", "ab")  # noqa: SIM115 (held open)
+        offset = int.from_bytes(hashlib.blake2b(worker_id.encode(), digest_size=4).digest()) >> 2
+        try:
+            fcntl.lockf(self._claims, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+        except OSError:
+            raise EdpError(
+                f"worker id {worker_id!r} is in use by another live process on this "
+                f"database ({self.path}): give each worker its own worker_id (--worker-id, "
+                "EDP_WORKER_ID), or stop the other process (an `edp watch` of the same "
+                "folder runs under the same id)"
+            ) from None
 
     def worker_finished(self, worker_id: str) -> bool | None:
         """Whether a worker's last run ended with :meth:`finish_worker`."""
@@ -420,6 +448,9 @@ class SqliteStore:
                 # (after a failed step: nothing is committed, the file is thrown away)
         finally:
             self.conn.close()
+            if self._claims is not None:  # (its locks go with it)
+                self._claims.close()
+                self._claims = None
 
 
 __all__ = ["ObjectKey", "SqliteStore", "SqliteTransaction"]
