@@ -218,13 +218,22 @@ _PRIVATE_SINKS = ("stdout", "log")
 """Sinks that are one process's own output: another process cannot relay to them (the
 stdout of ``edp watch`` is a sink of its own, ``stdout@<worker id>``, shared)."""
 WORKER_SINK = "@"
-"""A sink named ``<kind>@<worker id>`` serves one worker's own batches (an ``edp watch``'s
-stdout and its packager, see edp.cli.watch): no other worker's events go there, only
-operators' commands reach it (:meth:`Engine.operator_sinks`)."""
-WATCHER_STDOUT = f"stdout{WORKER_SINK}"
-"""The prefix of a watcher's stdout sink, ``stdout@<worker id>``."""
-WATCHER_PACKAGER = f"quilt-packager{WORKER_SINK}"
-"""The prefix of a watcher's packager sink, ``quilt-packager@<worker id>``."""
+"""A sink named ``<kind>@<worker id>/<bucket>`` is one worker's own and serves one bucket
+(an ``edp watch``'s stdout and its packager, see edp.cli.watch): no other worker borrows
+it, and whoever fires a batch of that bucket (that worker, another by time, an
+operator) records its event for it (:meth:`Engine.sinks_for`)."""
+
+
+def worker_sink(kind: str, worker_id: str, bucket: str) -> str:
+    """The name of a worker's own sink of ``kind`` that serves ``bucket``."""
+    return f"{kind}{WORKER_SINK}{worker_id}/{bucket}"
+
+
+def served_bucket(name: str) -> str | None:
+    """The bucket a worker's own sink serves; None for another sink (or a worker's sink
+    named before sinks carried their bucket: ``stdout@<worker id>``)."""
+    head, slash, bucket = name.rpartition("/")
+    return bucket if slash and bucket and WORKER_SINK in head else None
 KNOWN_SINKS_RECHECK = (2.0, 30.0)
 """Seconds between two looks at the store's sinks to borrow: while it knows none, and
 once it knows some (one registered later is borrowed too)."""
@@ -281,21 +290,34 @@ class Engine:
         from a laptop, or with only its own stdout or log, such as ``edp run --stdout``),
         the shared ones the store knows, that is those the workers relay to. Events with
         no delivery row for those would never be sent there by anyone. A watcher's
-        stdout or packager (``<kind>@<worker id>``) is no destination for other workers'
-        events: only operators' commands reach it (:meth:`operator_sinks`)."""
+        stdout or packager (``<kind>@<worker id>/<bucket>``) is no destination for other
+        workers' events: only those of its bucket reach it (:meth:`sinks_for`)."""
         if not self.borrow_sinks or any(name not in _PRIVATE_SINKS for name in self.own_sinks):
             return self.own_sinks
+        borrowed = tuple(name for name in self._known() if WORKER_SINK not in name)
+        if not borrowed and not self.own_sinks and not self._warned_no_sink:
+            self._warned_no_sink = True
+            log.warning("no sink is configured and the store knows none: events of "
+                        "fired batches are kept in the outbox for no sink")
+        return self.own_sinks + borrowed
+
+    def _known(self) -> tuple[str, ...]:
+        """The store's shared sinks (:meth:`_shared_sinks`), asked again only every few
+        seconds (not at every step)."""
         checked = time.monotonic()
         if checked - self._known_checked >= KNOWN_SINKS_RECHECK[bool(self._known_sinks)]:
-            # (asked again, but not at every step)
             self._known_checked = checked
-            self._known_sinks = tuple(name for name in self._shared_sinks()
-                                      if WORKER_SINK not in name)
-            if not self._known_sinks and not self.own_sinks and not self._warned_no_sink:
-                self._warned_no_sink = True
-                log.warning("no sink is configured and the store knows none: events of "
-                            "fired batches are kept in the outbox for no sink")
-        return self.own_sinks + self._known_sinks
+            self._known_sinks = self._shared_sinks()
+        return self._known_sinks
+
+    def sinks_for(self, bucket: str) -> tuple[str, ...]:
+        """Sinks a batch of ``bucket`` is recorded for besides :attr:`sinks`: the other
+        workers' own sinks that serve that bucket (a watcher's, when this worker fires
+        one of its batches by time). None for a replay (``borrow_sinks`` False)."""
+        if not self.borrow_sinks:
+            return ()
+        return tuple(name for name in self._known()
+                     if name not in self.own_sinks and served_bucket(name) == bucket)
 
     def _shared_sinks(self) -> tuple[str, ...]:
         """The sinks the store knows that another process relays to (stdout and log
@@ -666,7 +688,7 @@ class Engine:
                 f"batch {row.batch_id} ({row.bucket}/{row.prefix}) is already closed "
                 f"(trigger {row.trigger}); use `edp batches reemit` to send its event again"
             )
-        sinks = self.operator_sinks()
+        sinks = self.operator_sinks(row.bucket)
         with self.store.transaction() as tx:
             state = tx.load(LoadRequest(batch_ids={row.batch_id}))
             batcher = self._batcher(state)
@@ -686,7 +708,7 @@ class Engine:
                 f"batch {row.batch_id} ({row.bucket}/{row.prefix}) is still open: "
                 "close it first with `edp batches close`"
             )
-        if not self.store.requeue(row.event_id, self.operator_sinks()):
+        if not self.store.requeue(row.event_id, self.operator_sinks(row.bucket)):
             raise EdpError(f"the event of batch {row.batch_id} is not in the outbox")
         return row.event_id
 
@@ -699,18 +721,21 @@ class Engine:
             for observer in self.observers
         )
 
-    def operator_sinks(self) -> tuple[str, ...]:
-        """Sinks for an operator's close or re-emit, which must exist: this command's own
-        and every shared sink the store knows (an operator's command often runs with
-        some or none of the workers' sink settings, and its event must still reach every
-        sink the workers relay to).
+    def operator_sinks(self, bucket: str) -> tuple[str, ...]:
+        """Sinks for an operator's close or re-emit of a batch of ``bucket``, which must
+        exist: this command's own, every shared sink the store knows (an operator's
+        command often runs with some or none of the workers' sink settings, and its
+        event must still reach every sink the workers relay to) and the workers' own
+        sinks that serve ``bucket`` (a watcher's stdout and packager).
         """
-        sinks = self.own_sinks + self._shared_sinks()
+        sinks = self.own_sinks + tuple(
+            name for name in self._shared_sinks()
+            if WORKER_SINK not in name or served_bucket(name) == bucket)
         if not sinks:
             raise EdpError(
                 "no sink is configured here and the store knows no shared one (stdout and "
                 "log belong to the process that prints them, so they do not count, except "
-                "the stdout of an `edp watch` that ran on this store): configure one "
+                "the stdout of an `edp watch` of this bucket on this store): configure one "
                 "(jsonl_path, eventbridge_bus, sns_topic, webhook_url) so that the event is "
                 "delivered"
             )
@@ -763,6 +788,7 @@ class Engine:
                 fired_at=ready.fired_at,
                 event_id=ready.event_id,
                 payload=orjson.dumps(batch_event(ready, self.origin)).decode(),
+                sinks=self.sinks_for(batch.bucket),
             )
             for batch, ready in changes.closed
         ]

@@ -381,7 +381,8 @@ def test_a_reemit_beside_a_watcher_names_the_watchers_stdout(tmp_path: Path) -> 
     store = open_store(url)
     try:
         store.forget_sink("jsonl")
-        store.register_sinks(["stdout@watch-host-1234"], now=10)
+        store.register_sinks(["stdout@watch-host-1234/bucket", "stdout@watch-host-99/lab"],
+                             now=10)
     finally:
         store.close()
 
@@ -389,9 +390,10 @@ def test_a_reemit_beside_a_watcher_names_the_watchers_stdout(tmp_path: Path) -> 
     result = edp("batches", "reemit", ready.batch_id, "--database-url", url, home=tmp_path,
                  env={"EDP_JSONL_PATH": ""})
 
-    # Then it says the event waits for the watcher's stdout (not that no sink is known)
+    # Then it says the event waits for the stdout of its bucket's watcher (not that no
+    # sink is known)
     assert result.returncode == 0, result.stderr
-    assert "(stdout@watch-host-1234)" in result.stdout, result.stdout
+    assert "(stdout@watch-host-1234/bucket)" in result.stdout, result.stdout
     assert "knows none" not in result.stderr, result.stderr
 
 

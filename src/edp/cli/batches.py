@@ -140,7 +140,7 @@ def batches_close(ctx: click.Context, batch_id: str, config_file: str | None,
     try:
         ready = runtime.engine.close_batch(batch_id, now=runtime.store.wall_clock())
         report = runtime.relay.deliver()
-        waiting = _waiting_note(runtime)
+        waiting = _waiting_note(runtime, ready.bucket)
     finally:
         runtime.close()
     click.echo(printable(f"closed batch {ready.batch_id} (s3://{ready.bucket}/{ready.prefix}, "
@@ -162,7 +162,7 @@ def batches_reemit(ctx: click.Context, batch_id: str, config_file: str | None,
     try:
         event_id = runtime.engine.reemit(batch_id)
         report = runtime.relay.deliver()
-        waiting = _waiting_note(runtime)
+        waiting = _waiting_note(runtime, runtime.store.get_batch(batch_id).bucket)
     finally:
         runtime.close()
     click.echo(f"re-emitted event {event_id}; {report.delivered} deliveries made, "
@@ -171,10 +171,11 @@ def batches_reemit(ctx: click.Context, batch_id: str, config_file: str | None,
         click.echo(waiting)
 
 
-def _waiting_note(runtime: Runtime) -> str:
+def _waiting_note(runtime: Runtime, bucket: str) -> str:
     """What to tell an operator whose command has no sink to deliver the event itself."""
     if runtime.relay.sinks:
         return ""
-    known = ", ".join(runtime.engine.operator_sinks())  # (those its event was recorded for)
+    # (the sinks its event was recorded for)
+    known = ", ".join(runtime.engine.operator_sinks(bucket))
     return (f"note: no sink is configured for this command, so the event waits in the "
             f"outbox for a worker that delivers to its sinks ({known})")

@@ -13,9 +13,9 @@ import click
 from edp.cli import main
 from edp.cli._common import grouping_options, handle_errors, printable, settings_from
 from edp.config import Settings
-from edp.engine import WATCHER_PACKAGER, WATCHER_STDOUT
+from edp.engine import worker_sink
 from edp.errors import ConfigError
-from edp.sinks.base import Sink
+from edp.sinks.base import BucketScoped, Sink
 from edp.sinks.local import StdoutSink
 from edp.sources.watch import FolderSource
 
@@ -42,7 +42,7 @@ def watch_worker_id(root: Path) -> str:
 
 
 def packager_sink(settings: Settings, source: FolderSource, registry: str, *,
-                  name: str = WATCHER_PACKAGER.rstrip("@")) -> Sink:
+                  name: str = "quilt-packager") -> Sink:
     """A sink (named ``name``) that packages each batch of the watched folder into
     ``registry``.
 
@@ -72,20 +72,25 @@ def watcher_sinks(settings: Settings, source: FolderSource, worker_id: str, *,
                   stdout: bool, registry: str | None) -> list[Sink]:
     """The sinks of ``edp watch``: the configured ones, its stdout and its packager.
 
-    Its stdout is a lasting stream (a pipe reads it) that events of other processes on
-    the store may go to, such as an operator's `edp batches close`; its packager serves
-    its folder only. Each is a sink of its own name, ``<kind>@<worker id>``, which only
-    this watcher relays: two watchers on one store, each packaging its own folder, do
-    not take each other's batches."""
+    Its stdout (a lasting stream a pipe reads) and its packager serve its folder's
+    bucket: each is a sink of its own name, ``<kind>@<worker id>/<bucket>``, which only
+    this watcher relays and for which whoever fires a batch of the folder records its
+    event (another worker by time, an operator's `edp batches close`); their other
+    buckets' batches (this watcher firing another's by time) are left alone. So two
+    watchers on one store, each packaging its own folder, neither take nor lose each
+    other's batches."""
     from edp.bootstrap import build_sinks
 
-    sinks = build_sinks(settings, stdout=stdout)
-    for sink in sinks:
+    sinks: list[Sink] = []
+    for sink in build_sinks(settings, stdout=stdout):
         if isinstance(sink, StdoutSink):
-            sink.name = f"{WATCHER_STDOUT}{worker_id}"
+            sink.name = worker_sink("stdout", worker_id, source.bucket)
+            sinks.append(BucketScoped(sink, source.bucket))
+        else:
+            sinks.append(sink)
     if registry is not None:
         sinks.append(packager_sink(settings, source, registry,
-                                   name=f"{WATCHER_PACKAGER}{worker_id}"))
+                                   name=worker_sink("quilt-packager", worker_id, source.bucket)))
     return sinks
 
 

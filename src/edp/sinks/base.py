@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import orjson
+
 from edp.store.base import OutboxEntry
 
 
@@ -34,3 +36,32 @@ class Sink(Protocol):
         Raising :class:`~edp.errors.SinkError` means none was delivered.
         """
         ...
+
+
+BATCH_EVENT = "package-objects-ready"
+
+
+class BucketScoped:
+    """A sink of one worker's that serves one bucket (see edp.engine.WORKER_SINK): it
+    passes on the batch events of ``bucket`` (and events of other kinds) and accepts
+    other buckets' batch events without sending them (another worker's, which a
+    worker that fired them by time also records for its own sinks)."""
+
+    def __init__(self, sink: Sink, bucket: str) -> None:
+        self.sink = sink
+        self.bucket = bucket
+        self.name = sink.name
+
+    def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
+        """Send ``bucket``'s events; the others count as delivered."""
+        mine = [entry for entry in entries if self._serves(entry)]
+        return self.sink.send(mine) if mine else ()
+
+    def _serves(self, entry: OutboxEntry) -> bool:
+        if entry.kind != BATCH_EVENT:
+            return True
+        try:
+            detail = orjson.loads(entry.payload).get("detail")
+        except (orjson.JSONDecodeError, AttributeError):
+            return True  # (the sink says what is wrong with it)
+        return not isinstance(detail, dict) or detail.get("bucket") == self.bucket

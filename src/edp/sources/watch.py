@@ -151,6 +151,9 @@ class FolderSource:
         self.bucket = bucket or self.root.name
         if not self.bucket:
             raise ConfigError(f"edp watch: cannot name a bucket after {root}; give --bucket")
+        if "/" in self.bucket:
+            raise ConfigError(f"edp watch: --bucket {self.bucket!r} holds a '/', which no "
+                              "bucket name does")
         self.name = f"watch:{self.root}"
         # Its keys are never pruned from the store (the daemon asks): every start
         # reports every file again, which must then be a duplicate, however old.

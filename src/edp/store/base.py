@@ -126,6 +126,9 @@ class ClosedBatch:
     fired_at: float
     event_id: str
     payload: str
+    sinks: tuple[str, ...] = ()
+    """Sinks of this event besides the step's (a watcher's own sinks that serve the
+    batch's bucket, when another worker fires it)."""
 
 
 @dataclass(slots=True)

@@ -103,6 +103,27 @@ def _outbox_sql(
     )
 
 
+_EVENTS_WITH_SINKS = _rows_of("text", "text", "jsonb")
+
+
+def _outbox_each_sql(
+    events: list[tuple[str, str, Sequence[str]]], kind: str, now: float
+) -> tuple[str, Sequence[Any]]:
+    """As :func:`_outbox_sql`, each event with sinks of its own."""
+    return (
+        "WITH t AS MATERIALIZED (SELECT * FROM"  # noqa: S608
+        f" ({_EVENTS_WITH_SINKS}) AS r(e, pl, sinks)),"
+        " ins AS (INSERT INTO outbox (event_id, kind, payload, created_at)"
+        " SELECT e, %s, pl, %s FROM t ON CONFLICT (event_id) DO NOTHING"
+        " RETURNING seq, event_id),"
+        " del AS (INSERT INTO deliveries (sink, seq, event_id)"
+        " SELECT s, ins.seq, ins.event_id FROM ins JOIN t ON t.e = ins.event_id"
+        " CROSS JOIN LATERAL jsonb_array_elements_text(t.sinks) AS s)"
+        " SELECT count(*) FROM ins",
+        (_json(events), kind, now),
+    )
+
+
 class PostgresTransaction:
     """A write transaction on a PostgreSQL store (see :class:`~edp.store.base.Transaction`).
 
@@ -309,7 +330,12 @@ class PostgresTransaction:
                 " ON CONFLICT (fingerprint) DO UPDATE SET seen_at = excluded.seen_at",
                 (_json(sorted(write.fingerprints.items())),),
             )
-        if write.closed:
+        if write.closed and any(c.sinks for c in write.closed):
+            self.queue(*_outbox_each_sql(
+                [(c.event_id, c.payload, list(dict.fromkeys((*sinks, *c.sinks))))
+                 for c in write.closed], write.outbox_kind, now
+            ))
+        elif write.closed:
             self.queue(*_outbox_sql(
                 [(c.event_id, c.payload) for c in write.closed], write.outbox_kind, sinks, now
             ))

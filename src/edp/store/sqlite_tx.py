@@ -174,7 +174,8 @@ class SqliteTransaction:
             c.executemany(
                 "INSERT OR IGNORE INTO deliveries (sink, seq, event_id)"
                 " SELECT ?, seq, event_id FROM outbox WHERE event_id = ?",
-                [(sink, cb.event_id) for cb in write.closed for sink in sinks],
+                [(sink, cb.event_id) for cb in write.closed
+                 for sink in dict.fromkeys((*sinks, *cb.sinks))],
             )
 
     def add_outbox(

@@ -404,11 +404,11 @@ def test_two_watchers_on_one_store_package_their_own_batches(tmp_path: Path, qui
     from edp.sources.watch import FolderSource
 
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    settings = quilt_settings(database_url=url, bucket_threshold_event_count=1)
+    settings = quilt_settings(database_url=url, bucket_threshold_event_count=2)
     registry = tmp_path / "reg"
     watchers = {}
     for bucket in ("scope", "seq"):
-        make_files(tmp_path / "lab", bucket, {f"{PREFIX}a.txt": bucket.encode()})
+        make_files(tmp_path / "lab", bucket, {f"{PREFIX}a.txt": b"a", f"{PREFIX}b.txt": b"b"})
         source = FolderSource(tmp_path / "lab" / bucket)
         worker = watch_worker_id(source.root)
         watchers[bucket] = build_runtime(settings, worker_id=worker, sinks=watcher_sinks(
@@ -416,14 +416,28 @@ def test_two_watchers_on_one_store_package_their_own_batches(tmp_path: Path, qui
     try:
         # When "seq" fires a batch, and "scope"'s relay looks at the outbox first
         watchers["seq"].engine.process(
-            [Message(eventbridge(f"{PREFIX}a.txt", T0, bucket="seq"), "file 1")], now=T0)
+            [Message(eventbridge(f"{PREFIX}{name}", T0, bucket="seq"), name)
+             for name in ("a.txt", "b.txt")], now=T0)
         watchers["scope"].relay.deliver()
         # Then "scope" leaves it alone, and "seq" packages it
         assert not (registry / ".quilt").exists()
         assert watchers["seq"].relay.deliver().delivered == 1
         assert len(local_revisions(registry, "instrument/exp-1")) == 1
+        # When "scope" fires a batch of "seq" by time (both caught up, whoever wakes
+        # first; or "seq" stopped)
+        make_files(tmp_path / "lab", "seq", {"instrument/exp-2/c.txt": b"c"})
+        watchers["seq"].engine.process([Message(eventbridge(
+            "instrument/exp-2/c.txt", T0 + 1, bucket="seq"), "c.txt")], now=T0 + 1)
+        watchers["seq"].store.finish_worker(watchers["seq"].engine.worker_id)
+        fired = watchers["scope"].engine.fire_due(now=T0 + 10_000)
+        assert [(r.bucket, r.prefix) for r in fired] == [("seq", "instrument/exp-2/")]
+        for bucket in ("scope", "seq"):
+            watchers[bucket].relay.deliver()
+        # Then "seq" packages it all the same
+        assert len(local_revisions(registry, "instrument/exp-2")) == 1
         # When an operator re-emits it (to every watcher's sinks on the store)
-        [batch] = watchers["seq"].store.list_batches(state="closed")
+        [batch] = [b for b in watchers["seq"].store.list_batches(state="closed")
+                   if b.prefix == PREFIX]
         operator = build_runtime(quilt_settings(database_url=url))
         try:
             operator.engine.reemit(batch.batch_id)

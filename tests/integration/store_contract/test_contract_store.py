@@ -446,10 +446,11 @@ def test_a_worker_printing_its_events_also_records_them_for_the_shared_sinks(
     store: Store,
 ) -> None:
     # Given a store where a worker relaying to a webhook and EventBridge started, and a
-    # watcher printing its own batches (its stdout is the shared sink stdout@watcher)
+    # watcher printing its own folder's batches (its stdout is the sink
+    # stdout@watcher/lab: bucket "lab")
     cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=1)
     Engine(store, cfg, sinks=["webhook", "eventbridge"], worker_id="worker").register(now=T0)
-    Engine(store, cfg, sinks=["stdout@watcher"], worker_id="watcher").register(now=T0)
+    Engine(store, cfg, sinks=["stdout@watcher/lab"], worker_id="watcher").register(now=T0)
     # When a worker whose only sinks are its stdout and log (edp run --stdout) fires a
     # batch, and a replay printing to stdout on the same store fires another
     engine = Engine(store, cfg, sinks=["stdout", "log"], worker_id="printing")
@@ -464,9 +465,35 @@ def test_a_worker_printing_its_events_also_records_them_for_the_shared_sinks(
     for sink in ("webhook", "eventbridge"):
         assert replayed.event_id not in [e.event_id for e in store.pending(
             sink, limit=10, now=T0 + 1)], sink
-    # and neither goes to the watcher's stdout, which prints the watcher's batches
-    assert store.pending("stdout@watcher", limit=10, now=T0 + 1) == []
+    # and neither goes to the watcher's stdout, which prints its bucket's batches only
+    assert store.pending("stdout@watcher/lab", limit=10, now=T0 + 1) == []
 
+
+def test_a_watchers_sinks_get_its_buckets_batches_whoever_fires_them(store: Store) -> None:
+    # Given a watcher of bucket "lab" (its stdout and packager serve that bucket), and
+    # another worker relaying to a webhook
+    cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=0,
+                   bucket_threshold_duration=10.0)
+    mine = ("stdout@watcher/lab", "quilt-packager@watcher/lab")
+    store.register_sinks(mine, now=T0)  # (as the watcher does at its start)
+    # (a replay into the store fires a batch of "lab", and is done)
+    replay = Engine(store, cfg, sinks=["stdout"], worker_id="replay", borrow_sinks=False)
+    replay.process([Message(eventbridge("j/e/a", T0, bucket="lab"), "m3")], now=T0)
+    assert len(replay.fire_due(now=T0 + 11)) == 1
+    store.finish_worker("replay")
+    other = Engine(store, cfg, sinks=["webhook"], worker_id="other")
+    other.register(now=T0)
+    # When the other worker fires, by time, a batch of "lab" and one of another bucket
+    other.process([Message(eventbridge("i/e/a", T0, bucket="lab"), "m1"),
+                   Message(eventbridge("i/e/b", T0, bucket="bucket"), "m2")], now=T0)
+    fired = {r.bucket: r for r in other.fire_due(now=T0 + 11)}
+    # Then "lab"'s event waits for the watcher's sinks too, the other's does not, nor
+    # the replay's (a replay keeps its events to itself)
+    for sink in mine:
+        assert [e.event_id for e in store.pending(sink, limit=10, now=T0 + 12)] == [
+            fired["lab"].event_id], sink
+    assert {e.event_id for e in store.pending("webhook", limit=10, now=T0 + 12)} == {
+        fired["lab"].event_id, fired["bucket"].event_id}
 
 
 def test_a_worker_borrowing_sinks_learns_of_one_registered_after_it_started(
@@ -503,17 +530,20 @@ def test_an_operators_close_reaches_every_shared_sink_whatever_its_own(store: St
     cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=0)
     worker = Engine(store, cfg, sinks=["webhook", "sns"], worker_id="worker")
     worker.register(now=T0)
-    Engine(store, cfg, sinks=["stdout@watcher"], worker_id="watcher").register(now=T0)
+    Engine(store, cfg, sinks=["stdout@watcher/bucket"], worker_id="watcher").register(now=T0)
+    Engine(store, cfg, sinks=["stdout@elsewhere/lab"], worker_id="elsewhere").register(now=T0)
     worker.process([Message(eventbridge("i/e/a", T0), "m1")], now=T0)
     [batch_row] = store.list_batches(state="open")
     # When an operator whose only sink setting is an EventBridge bus closes it
     operator = Engine(store, cfg, sinks=["eventbridge"], worker_id="operator")
     ready = operator.close_batch(batch_row.batch_id, now=T0 + 5)
     # Then its event waits for the operator's sink and for the workers' sinks
-    # (a watcher's stdout too: an operator's close beside `edp watch` comes out there)
-    for sink in ("eventbridge", "webhook", "sns", "stdout@watcher"):
+    # (a watcher's stdout of its bucket too: an operator's close beside `edp watch`
+    # comes out there; not a watcher's of another bucket)
+    for sink in ("eventbridge", "webhook", "sns", "stdout@watcher/bucket"):
         assert [e.event_id for e in store.pending(sink, limit=10, now=T0 + 6)] == [
             ready.event_id], sink
+    assert store.pending("stdout@elsewhere/lab", limit=10, now=T0 + 6) == []
 
 def test_a_worker_without_sinks_records_its_events_for_the_sinks_others_relay_to(
     store: Store,
