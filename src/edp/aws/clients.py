@@ -17,6 +17,11 @@ from edp.errors import ConfigError
 INSTALL_HINT = "boto3 is not installed: run `pip install 'edp[aws]'`"
 
 CONNECT_TIMEOUT = 5.0
+SINK_READ_TIMEOUT = 10.0
+"""Seconds a sink's call (PutEvents, Publish) may wait for an answer, tried once: the
+relay runs on a worker's main thread and retries with backoff on its own, so an
+endpoint that stops answering must not hold the worker (and its stop) for minutes.
+The webhook sink's limit is the same."""
 """Seconds to connect to an AWS endpoint."""
 
 _QUEUE_URL_REGION = (

@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from edp.aws import clients
 from edp.aws.clients import aws_errors, error_code, region_of_arn
 from edp.aws.clients import client as make_client
 from edp.errors import SinkError
@@ -95,7 +96,8 @@ class EventBridgeSink:
         """The boto3 ``events`` client, made on first use."""
         if self._events is None:
             self._events = make_client(
-                "events", region=region_of_arn(self.bus), fallback_region=self._fallback_region
+                "events", region=region_of_arn(self.bus), fallback_region=self._fallback_region,
+                read_timeout=clients.SINK_READ_TIMEOUT, max_attempts=0,
             )
         return self._events
 

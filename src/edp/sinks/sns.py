@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from edp.aws import clients
 from edp.aws.clients import aws_errors, error_code, region_of_arn
 from edp.aws.clients import client as make_client
 from edp.errors import SinkError
@@ -82,7 +83,8 @@ class SnsSink:
         """The boto3 ``sns`` client, made on first use (in the topic's region)."""
         if self._sns is None:
             self._sns = make_client(
-                "sns", region=region_of_arn(self.topic_arn), fallback_region=self._fallback_region
+                "sns", region=region_of_arn(self.topic_arn), fallback_region=self._fallback_region,
+                read_timeout=clients.SINK_READ_TIMEOUT, max_attempts=0,
             )
         return self._sns
 

@@ -100,6 +100,53 @@ def test_eventbridge_raises_when_the_bus_is_missing(aws: Any) -> None:
         EventBridgeSink("no-such-bus").send([entry(envelope("b", "p/"))])
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("service", ["eventbridge", "sns"])
+def test_an_endpoint_that_stops_answering_is_tried_once_per_send(
+    service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from edp.aws import clients
+
+    # Given an endpoint that reads requests and never answers (an AWS endpoint or a
+    # proxy hung), with a short read timeout for the test
+    requests: list[bytes] = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    held: list[socket.socket] = []
+
+    def hang() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            held.append(conn)
+            requests.append(conn.recv(65536))
+
+    threading.Thread(target=hang, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"
+                        }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(clients, "SINK_READ_TIMEOUT", 1.0)
+    sink = (EventBridgeSink("edp-bus") if service == "eventbridge"
+            else SnsSink("arn:aws:sns:us-east-1:123456789012:edp-events"))
+    try:
+        # When the sink sends, Then it gives up after one try (the relay retries later,
+        # with backoff; botocore's retries held the worker's main thread for minutes)
+        with pytest.raises(SinkError):
+            sink.send([entry(envelope("b", "p/"))])
+        assert len(requests) == 1, requests
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
+
+
 # -- SNS ---------------------------------------------------------------------------
 @pytest.mark.timeout(60)
 def test_sns_publishes_every_event_with_a_short_ascii_subject(aws: Any) -> None:
