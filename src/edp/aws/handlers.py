@@ -4,7 +4,9 @@
 
 * by SQS in batches (``Records`` with ``eventSource: aws:sqs``): each record is
   one message; the handler returns ``{"batchItemFailures": [...]}`` naming the
-  records whose step failed, so that only those come back. A record that cannot
+  records whose step failed, so that only those come back, and raises when none
+  could be stored because the function cannot start or its database is unreachable
+  (all come back, and Lambda's error metric shows it). A record that cannot
   be decoded is *not* a failure: it is kept in the dead-letter store and
   acknowledged (retrying would not make it decodable);
 * or directly by EventBridge (or with any other single message): the event is
@@ -202,6 +204,9 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
         if is_outage(exc):
             # The database is unreachable: one step per record would only wait for it
             # again, record after record, past the function's timeout. All come again.
+            # (Logged here: Lambda's runtime logs the raised error without its cause.)
+            log.exception("the store is unreachable; all %d SQS records come again",
+                          len(records))
             _missed([m for _, m in messages])
             raise EdpError(f"the store is unreachable; all {len(records)} SQS record(s) "
                            "come again") from exc
@@ -230,12 +235,12 @@ def _store_sqs(records: list[dict[str, Any]]) -> list[str]:
         except Exception as exc:  # a boundary: this record comes back, the others go on
             reset_runtime()
             if is_outage(exc):
+                log.exception("the store is unreachable; the %d remaining SQS records come "
+                              "again", len(messages) - index)
                 _missed([m for _, m in messages[index:]])
                 if len(failed) == index:
                     raise EdpError(f"the store is unreachable; all {len(records)} SQS "
                                    "record(s) come again") from exc
-                log.exception("the store is unreachable; the %d remaining SQS records come "
-                              "again", len(messages) - index)
                 return failed + [mid for mid, _ in messages[index:]]
             log.exception("SQS message %s failed; it will come again", message_id)
             failed.append(message_id)
