@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -470,6 +471,37 @@ def test_db_sinks_lists_known_sinks_and_forget_sink_drops_one(tmp_path: Path) ->
         "no sinks known")
     status = edp("db", "status", "--database-url", url, home=tmp_path)
     assert "pending_deliveries: 0" in status.stdout
+
+
+def test_db_sinks_names_the_parked_events_and_their_batches(tmp_path: Path) -> None:
+    from edp.config import Settings
+    from edp.engine import Engine, Message
+    from edp.relay import Relay
+    from edp.sinks.base import Failure
+    from edp.store import open_store
+    from edp_testing import eventbridge
+
+    class Refusing:
+        name = "webhook"
+
+        def send(self, entries: Any) -> list[Failure]:
+            return [Failure(e.event_id, "HTTP 400: bad request", permanent=True)
+                    for e in entries]
+
+    # Given a webhook that refused a batch's event for good (parked)
+    url = f"sqlite:///{tmp_path / 'edp.db'}"
+    store = open_store(url)
+    cfg = Settings(database_url=url, bucket_threshold_event_count=1)
+    [ready] = Engine(store, cfg, sinks=["webhook"], worker_id="worker").process(
+        [Message(eventbridge("i/e/a", 1.7e9), "m1")], now=1.7e9).fired
+    Relay(store, [Refusing()]).deliver()
+    store.close()
+    # When the sinks are listed, Then the parked event is named, with its batch and why
+    listed = edp("db", "sinks", "--database-url", url, home=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "1 parked" in listed.stdout
+    assert (f"  webhook: event {ready.event_id} of batch {ready.batch_id} (bucket/i/e/) "
+            "after 1 attempt(s): HTTP 400: bad request") in listed.stdout, listed.stdout
 
 
 def test_db_sinks_says_which_sinks_no_worker_registered(tmp_path: Path) -> None:

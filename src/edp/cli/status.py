@@ -38,7 +38,8 @@ def status_tables(data: dict[str, Any]) -> Group:
         ("events in", totals["events_in"]),
         ("events out", totals["events_out"]),
         ("outbox backlog", stats["pending_deliveries"]),
-        ("parked deliveries", stats["parked_deliveries"]),
+        ("parked deliveries", f"{stats['parked_deliveries']} (edp db sinks names them)"
+         if stats["parked_deliveries"] else "0"),
         ("dead letters", stats["dead_letters"]),
     ):
         summary.add_row(label, str(value))

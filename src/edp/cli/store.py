@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import click
+import orjson
 from pydantic import SecretStr
 
 from edp.cli import main
@@ -60,8 +61,11 @@ def db_sinks(config_file: str | None, database_url: str | None) -> None:
     """List the sinks the store knows (registered by a worker at its start, or with
     deliveries) and their deliveries: pending, parked (failed for good), delivered."""
     runtime = open_runtime(config_file, database_url)
-    summaries = runtime.store.sink_summaries()
-    runtime.close()
+    try:
+        summaries = runtime.store.sink_summaries()
+        parked = runtime.store.parked_deliveries(limit=PARKED_SHOWN)
+    finally:
+        runtime.close()
     if not summaries:
         click.echo("no sinks known")
     for sink in summaries:
@@ -70,6 +74,28 @@ def db_sinks(config_file: str | None, database_url: str | None) -> None:
                       else f"registered {when(sink.registered_at)}")
         click.echo(printable(f"{sink.name}: {registered}, {sink.pending} pending, "
                              f"{sink.parked} parked, {sink.delivered} delivered"))
+    if parked:
+        # Which events were refused for good, and of which batch: `edp batches reemit`
+        # sends one again once its cause is fixed.
+        click.echo(f"parked (the latest {len(parked)}; `edp batches reemit BATCH` sends "
+                   "one again):")
+        for delivery in parked:
+            click.echo(printable(f"  {delivery.sink}: event {delivery.event_id}"
+                                 f"{_batch_of(delivery.payload)} after {delivery.attempts} "
+                                 f"attempt(s): {delivery.error or '?'}"))
+
+
+PARKED_SHOWN = 20
+
+
+def _batch_of(payload: str) -> str:
+    """`` of batch ID (bucket/prefix)`` for a batch event's payload, else ``""``."""
+    try:
+        detail = orjson.loads(payload).get("detail") or {}
+        return (f" of batch {detail['batch-id']} "
+                f"({detail.get('bucket')}/{detail.get('prefix')})")
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+        return ""
 
 
 @db.command("forget-sink")

@@ -65,6 +65,18 @@ class Timer:
 
 
 @dataclass(frozen=True, slots=True)
+class ParkedDelivery:
+    """A delivery refused for good (parked): which sink, which event, and why."""
+
+    sink: str
+    event_id: str
+    kind: str
+    payload: str
+    error: str | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
 class SinkSummary:
     """A sink the store knows (registered, or with delivery rows) and its deliveries."""
 
@@ -359,6 +371,10 @@ class Store(Protocol):
 
     def sink_summaries(self) -> list[SinkSummary]:
         """Every sink :meth:`known_sinks` names, with its delivery counts, by name."""
+        ...
+
+    def parked_deliveries(self, *, limit: int = 20) -> list[ParkedDelivery]:
+        """The latest deliveries refused for good, newest first."""
         ...
 
     def forget_sink(self, name: str) -> SinkSummary | None:

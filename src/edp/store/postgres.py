@@ -39,6 +39,7 @@ from edp.store.base import (
     BatchRow,
     DeadLetter,
     OutboxEntry,
+    ParkedDelivery,
     SinkSummary,
     Transaction,
     pick_batch,
@@ -55,6 +56,13 @@ IDLE_IN_TRANSACTION = 60.0
 """Seconds a session may sit idle inside a transaction before the server ends it
 (``idle_in_transaction_session_timeout``); workers set ``worker_timeout``."""
 MIGRATION_LOCK = 0x65647001  # pg_advisory_xact_lock key of schema migrations ("edp" 1)
+
+
+PARKED_SQL = (
+    "SELECT d.sink, d.event_id, o.kind, o.payload, d.last_error, d.attempts FROM deliveries d"
+    " JOIN outbox o ON o.seq = d.seq WHERE d.delivered_at IS NULL AND d.parked"
+    " ORDER BY d.seq DESC, d.sink LIMIT %s"
+)
 
 
 def sink_summaries_sql(*, one: bool) -> str:
@@ -371,6 +379,10 @@ class PostgresStore(WorkerClocks):
     def sink_summaries(self) -> list[SinkSummary]:
         """Every known sink with its delivery counts, by name."""
         return [SinkSummary(*row) for row in self._rows(sink_summaries_sql(one=False))]
+
+    def parked_deliveries(self, *, limit: int = 20) -> list[ParkedDelivery]:
+        """The latest deliveries refused for good, newest first."""
+        return [ParkedDelivery(*row) for row in self._rows(PARKED_SQL, (limit,))]
 
     def forget_sink(self, name: str) -> SinkSummary | None:
         """Drop a sink's registration and delivery rows; what it held, or None."""

@@ -28,6 +28,7 @@ from edp.store.base import (
     DeadLetter,
     Floors,
     OutboxEntry,
+    ParkedDelivery,
     SinkSummary,
     lowest,
     pick_batch,
@@ -41,6 +42,13 @@ def sqlite_path(url: str) -> str:
     ``:memory:``)."""
     path = url.removeprefix("sqlite:").removeprefix("//")
     return path.removeprefix("/") if path.startswith("/") else path
+
+
+PARKED_SQL = (
+    "SELECT d.sink, d.event_id, o.kind, o.payload, d.last_error, d.attempts FROM deliveries d"
+    " JOIN outbox o ON o.seq = d.seq WHERE d.delivered_at IS NULL AND d.parked = 1"
+    " ORDER BY d.seq DESC, d.sink LIMIT ?"
+)
 
 
 def sink_summaries_sql(*, one: bool) -> str:
@@ -245,6 +253,10 @@ class SqliteStore:
         """Every known sink with its delivery counts, by name."""
         return [SinkSummary(*row)
                 for row in self.conn.execute(sink_summaries_sql(one=False))]
+
+    def parked_deliveries(self, *, limit: int = 20) -> list[ParkedDelivery]:
+        """The latest deliveries refused for good, newest first."""
+        return [ParkedDelivery(*row) for row in self.conn.execute(PARKED_SQL, (limit,))]
 
     def forget_sink(self, name: str) -> SinkSummary | None:
         """Drop a sink's registration and delivery rows; what it held, or None."""

@@ -41,6 +41,11 @@ def test_a_failed_delivery_waits_for_its_retry_and_a_parked_one_for_an_operator(
     assert store.pending("s1", limit=10, now=T0) == []
     assert [e.event_id for e in store.pending("s1", limit=10, now=T0 + 60)] == ["ev-b-1"]
     assert store.stats()["parked_deliveries"] == 1
+    # and an operator can tell which (and why)
+    [parked] = store.parked_deliveries()
+    assert (parked.sink, parked.event_id, parked.error, parked.attempts) == (
+        "s1", "ev-b-2", "400", 1)
+    assert parked.payload == '{"id": "ev-b-2"}'
 
 
 def three_events_the_first_failed_until(store: Store, retry_at: float) -> None:
