@@ -70,6 +70,14 @@ def run(
         settings, database_url=resolve_database_url(settings), stdout=stdout,
         observers=build_observers(settings),
     )
+    for sink in runtime.relay.sinks:
+        check = getattr(sink, "check", None)
+        if check is not None:  # (EventBridge, SNS: a bus or topic that does not exist)
+            try:
+                check()
+            except ConfigError:
+                runtime.close()
+                raise
     sinks = ", ".join(runtime.relay.sink_names)
     borrowed = ", ".join(s for s in runtime.engine.sinks if s not in runtime.relay.sink_names)
     if not sinks:

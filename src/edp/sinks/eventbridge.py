@@ -30,7 +30,7 @@ import orjson
 from edp.aws import clients
 from edp.aws.clients import aws_errors, error_code, region_of_arn
 from edp.aws.clients import client as make_client
-from edp.errors import SinkError
+from edp.errors import ConfigError, SinkError
 from edp.sinks._calls import Prepared, send_in_calls
 from edp.sinks.base import Failure
 from edp.store.base import OutboxEntry
@@ -100,6 +100,20 @@ class EventBridgeSink:
                 read_timeout=clients.SINK_READ_TIMEOUT, max_attempts=0,
             )
         return self._events
+
+    def check(self) -> None:
+        """Fail early, with a clear message, when the bus does not exist; say so (a
+        warning) when it cannot be checked (no events:DescribeEventBus: a least
+        privilege role need not have it)."""
+        try:
+            self.events.describe_event_bus(Name=self.bus)
+        except aws_errors() as exc:
+            code = error_code(exc)
+            if code == "ResourceNotFoundException":
+                raise ConfigError(f"eventbridge_bus {self.bus!r} does not exist (in this "
+                                  "region and account): create it, or fix the name") from None
+            log.warning("eventbridge_bus %s could not be checked (%s); events are sent to "
+                        "it anyway", self.bus, code or type(exc).__name__)
 
     def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
         """Send ``entries`` in calls of at most 10 entries and 256 KB."""

@@ -24,7 +24,7 @@ import orjson
 from edp.aws import clients
 from edp.aws.clients import aws_errors, error_code, region_of_arn
 from edp.aws.clients import client as make_client
-from edp.errors import SinkError
+from edp.errors import ConfigError, SinkError
 from edp.sinks._calls import Prepared, send_in_calls
 from edp.sinks.base import Failure
 from edp.store.base import OutboxEntry
@@ -87,6 +87,19 @@ class SnsSink:
                 read_timeout=clients.SINK_READ_TIMEOUT, max_attempts=0,
             )
         return self._sns
+
+    def check(self) -> None:
+        """Fail early, with a clear message, when the topic does not exist; say so (a
+        warning) when it cannot be checked (no sns:GetTopicAttributes)."""
+        try:
+            self.sns.get_topic_attributes(TopicArn=self.topic_arn)
+        except aws_errors() as exc:
+            code = error_code(exc)
+            if code in ("NotFound", "NotFoundException"):
+                raise ConfigError(f"sns_topic {self.topic_arn} does not exist: create it, "
+                                  "or fix the ARN") from None
+            log.warning("sns_topic %s could not be checked (%s); events are published to "
+                        "it anyway", self.topic_arn, code or type(exc).__name__)
 
     def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
         """Publish ``entries``, 10 (and at most 256 KB) per call."""

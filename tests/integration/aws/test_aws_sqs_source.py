@@ -228,6 +228,24 @@ def test_a_missing_queue_fails_at_start(aws: Any, tmp_path: Path) -> None:
     assert url in result.output and "cannot be used" in result.output
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("flag", ["--eventbridge-bus", "--sns-topic"])
+def test_a_missing_bus_or_topic_fails_at_start(aws: Any, tmp_path: Path, flag: str) -> None:
+    # Given a queue, and an EventBridge bus or SNS topic that does not exist
+    url = aws.queue("in")[0]
+    target = ("no-such-bus" if flag == "--eventbridge-bus"
+              else "arn:aws:sns:us-east-1:123456789012:no-such-topic")
+
+    # When edp run starts with it
+    result = CliRunner().invoke(main, ["run", "--sqs-queue", url, flag, target,
+                                       "--database-url", f"sqlite:///{tmp_path / 'x.db'}"])
+
+    # Then it stops at once with a configuration error naming it (it used to start, and
+    # retry each batch's delivery for ever)
+    assert result.exit_code == 2, result.output
+    assert target in result.output and "does not exist" in result.output
+
+
 def test_edp_run_needs_a_queue(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["run", "--database-url", f"sqlite:///{tmp_path / 'x.db'}"])
     assert result.exit_code == 2
