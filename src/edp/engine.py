@@ -267,6 +267,8 @@ class Engine:
         self.origin = Origin(settings.event_source, settings.account, settings.region)
         self.own_sinks = tuple(sinks)
         self._known_sinks: tuple[str, ...] = ()
+        self._registered: tuple[str, ...] = ()  # (the workers' own sinks, see sinks_for)
+        self._registered_checked = -math.inf
         self._known_checked = -math.inf
         self._warned_no_sink = False
         self.worker_id = worker_id or settings.worker_id or default_worker_id()
@@ -316,8 +318,14 @@ class Engine:
         one of its batches by time). None for a replay (``borrow_sinks`` False)."""
         if not self.borrow_sinks:
             return ()
-        return tuple(name for name in self._known()
-                     if name not in self.own_sinks and served_bucket(name) == bucket)
+        checked = time.monotonic()
+        if checked - self._registered_checked >= KNOWN_SINKS_RECHECK[bool(self._registered)]:
+            # (a small table, asked again every 2 s while it names none, then every 30 s:
+            # a watcher registers its sinks at its start)
+            self._registered_checked = checked
+            self._registered = tuple(name for name in self.store.registered_sinks()
+                                     if name not in self.own_sinks and served_bucket(name))
+        return tuple(name for name in self._registered if served_bucket(name) == bucket)
 
     def _shared_sinks(self) -> tuple[str, ...]:
         """The sinks the store knows that another process relays to (stdout and log

@@ -356,6 +356,11 @@ class Store(Protocol):
         """Record that a long-running worker relays to ``names`` (see known_sinks)."""
         ...
 
+    def registered_sinks(self) -> list[str]:
+        """Names of the sinks workers registered at their start (a small table, unlike
+        :meth:`known_sinks`, which also reads every delivery row)."""
+        ...
+
     def claim_worker_id(self, worker_id: str, *, silent_for: float | None = None) -> None:
         """Make ``worker_id`` this process's for as long as the store is open: raise
         :class:`~edp.errors.EdpError` when another live process has it (two processes

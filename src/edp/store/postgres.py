@@ -346,6 +346,10 @@ class PostgresStore(WorkerClocks):
             "SELECT name FROM sinks UNION SELECT DISTINCT sink FROM deliveries ORDER BY 1", ()
         )]
 
+    def registered_sinks(self) -> list[str]:
+        """Names of the sinks workers registered at their start."""
+        return [row[0] for row in self._rows("SELECT name FROM sinks ORDER BY 1")]
+
     def register_sinks(self, names: Sequence[str], *, now: float) -> None:
         """Record the sinks a long-running worker relays to."""
         if not names:

@@ -229,6 +229,10 @@ class SqliteStore:
             "SELECT name FROM sinks UNION SELECT DISTINCT sink FROM deliveries ORDER BY 1"
         )]
 
+    def registered_sinks(self) -> list[str]:
+        """Names of the sinks workers registered at their start."""
+        return [row[0] for row in self.conn.execute("SELECT name FROM sinks ORDER BY 1")]
+
     def register_sinks(self, names: Sequence[str], *, now: float) -> None:
         """Record the sinks a long-running worker relays to."""
         with self._write() as conn:

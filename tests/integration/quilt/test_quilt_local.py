@@ -413,6 +413,7 @@ def test_two_watchers_on_one_store_package_their_own_batches(tmp_path: Path, qui
         worker = watch_worker_id(source.root)
         watchers[bucket] = build_runtime(settings, worker_id=worker, sinks=watcher_sinks(
             settings, source, worker, stdout=False, registry=str(registry)))
+        watchers[bucket].engine.register_sinks(now=T0)  # (as its daemon does at start)
     try:
         # When "seq" fires a batch, and "scope"'s relay looks at the outbox first
         watchers["seq"].engine.process(
