@@ -307,10 +307,21 @@ class Engine:
         """The store's shared sinks (:meth:`_shared_sinks`), asked again only every few
         seconds (not at every step)."""
         checked = time.monotonic()
-        if checked - self._known_checked >= KNOWN_SINKS_RECHECK[bool(self._known_sinks)]:
+        borrowable = any(WORKER_SINK not in name for name in self._known_sinks)
+        if checked - self._known_checked >= KNOWN_SINKS_RECHECK[borrowable]:
             self._known_checked = checked
             self._known_sinks = self._shared_sinks()
         return self._known_sinks
+
+    def _event_sinks(self, bucket: str, sinks: Sequence[str]) -> tuple[str, ...] | None:
+        """The sinks of an event of ``bucket`` when not the step's ``sinks`` (None): the
+        step's, but for this worker's own sinks of other buckets (a watcher that fires
+        another's batch by time), plus the other workers' own sinks of ``bucket``."""
+        extra = self.sinks_for(bucket)
+        kept = tuple(name for name in sinks if served_bucket(name) in (None, bucket))
+        if not extra and len(kept) == len(sinks):
+            return None
+        return tuple(dict.fromkeys(kept + extra))
 
     def sinks_for(self, bucket: str) -> tuple[str, ...]:
         """Sinks a batch of ``bucket`` is recorded for besides :attr:`sinks`: the other
@@ -519,7 +530,7 @@ class Engine:
             report.counts["observer.emitted"] += observer.tick(
                 tx, clock=min(clock, floor), now=now, sinks=sinks
             )
-        tx.save(self._write(batcher.take_changes()), sinks=sinks, now=now)
+        tx.save(self._write(batcher.take_changes(), sinks), sinks=sinks, now=now)
         tx.add_dead_letters(report.rejected)
         report.counts["dead_letters"] += len(report.rejected)
         report.counts["messages"] += report.messages
@@ -653,7 +664,7 @@ class Engine:
                 state = tx.load(LoadRequest(due_until=limit, due_limit=PAGE))
                 batcher = self._batcher(state)
                 page = batcher.advance(limit)
-                tx.save(self._write(batcher.take_changes()), sinks=sinks, now=now)
+                tx.save(self._write(batcher.take_changes(), sinks), sinks=sinks, now=now)
                 for observer in self.observers:
                     observer.tick(tx, clock=limit, now=now, sinks=sinks)
                 tx.add_counters(Counter(f"batches.{r.trigger.value}" for r in page))
@@ -703,7 +714,7 @@ class Engine:
             ready = batcher.close(row.bucket, row.prefix, now, row.batch_id)
             if ready is None:
                 raise EdpError(f"batch {row.batch_id} was closed by another worker meanwhile")
-            tx.save(self._write(batcher.take_changes()), sinks=sinks, now=now)
+            tx.save(self._write(batcher.take_changes(), sinks), sinks=sinks, now=now)
             tx.add_counters({"batches.manual": 1})
         self._log_fired([ready])
         return ready
@@ -782,7 +793,7 @@ class Engine:
         )
         return batcher
 
-    def _write(self, changes: Changes) -> StepWrite:
+    def _write(self, changes: Changes, sinks: Sequence[str]) -> StepWrite:
         saved = []
         for batch in changes.open_batches:
             deadline, trigger = self.rules.for_bucket(batch.bucket).deadline(
@@ -796,7 +807,7 @@ class Engine:
                 fired_at=ready.fired_at,
                 event_id=ready.event_id,
                 payload=orjson.dumps(batch_event(ready, self.origin)).decode(),
-                sinks=self.sinks_for(batch.bucket),
+                sinks=self._event_sinks(batch.bucket, sinks),
             )
             for batch, ready in changes.closed
         ]

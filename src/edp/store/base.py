@@ -138,9 +138,10 @@ class ClosedBatch:
     fired_at: float
     event_id: str
     payload: str
-    sinks: tuple[str, ...] = ()
-    """Sinks of this event besides the step's (a watcher's own sinks that serve the
-    batch's bucket, when another worker fires it)."""
+    sinks: tuple[str, ...] | None = None
+    """This event's sinks when they are not the step's: the step's, but for a worker's
+    own sinks of other buckets, plus the workers' own sinks of its bucket (a watcher's,
+    when another worker fires one of its batches by time)."""
 
 
 @dataclass(slots=True)

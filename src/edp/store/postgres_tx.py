@@ -330,9 +330,9 @@ class PostgresTransaction:
                 " ON CONFLICT (fingerprint) DO UPDATE SET seen_at = excluded.seen_at",
                 (_json(sorted(write.fingerprints.items())),),
             )
-        if write.closed and any(c.sinks for c in write.closed):
+        if any(c.sinks is not None for c in write.closed):
             self.queue(*_outbox_each_sql(
-                [(c.event_id, c.payload, list(dict.fromkeys((*sinks, *c.sinks))))
+                [(c.event_id, c.payload, list(sinks if c.sinks is None else c.sinks))
                  for c in write.closed], write.outbox_kind, now
             ))
         elif write.closed:

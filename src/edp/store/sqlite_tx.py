@@ -175,7 +175,7 @@ class SqliteTransaction:
                 "INSERT OR IGNORE INTO deliveries (sink, seq, event_id)"
                 " SELECT ?, seq, event_id FROM outbox WHERE event_id = ?",
                 [(sink, cb.event_id) for cb in write.closed
-                 for sink in dict.fromkeys((*sinks, *cb.sinks))],
+                 for sink in (sinks if cb.sinks is None else cb.sinks)],
             )
 
     def add_outbox(

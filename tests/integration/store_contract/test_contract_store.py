@@ -486,7 +486,8 @@ def test_a_watchers_sinks_get_its_buckets_batches_whoever_fires_them(store: Stor
     replay.process([Message(eventbridge("j/e/a", T0, bucket="lab"), "m3")], now=T0)
     assert len(replay.fire_due(now=T0 + 11)) == 1
     store.finish_worker("replay")
-    other = Engine(store, cfg, sinks=["webhook"], worker_id="other")
+    # (the other worker is a watcher of bucket "elsewhere", also relaying to a webhook)
+    other = Engine(store, cfg, sinks=["webhook", "stdout@other/elsewhere"], worker_id="other")
     other.register(now=T0)
     # When the other worker fires, by time, a batch of "lab" and one of another bucket
     other.process([Message(eventbridge("i/e/a", T0, bucket="lab"), "m1"),
@@ -499,6 +500,8 @@ def test_a_watchers_sinks_get_its_buckets_batches_whoever_fires_them(store: Stor
             fired["lab"].event_id], sink
     assert {e.event_id for e in store.pending("webhook", limit=10, now=T0 + 12)} == {
         fired["lab"].event_id, fired["bucket"].event_id}
+    # and the firing watcher's own stdout gets neither (another bucket's batches)
+    assert store.pending("stdout@other/elsewhere", limit=10, now=T0 + 12) == []
 
 
 def test_a_worker_borrowing_sinks_learns_of_one_registered_after_it_started(
@@ -528,6 +531,30 @@ def test_a_worker_borrowing_sinks_learns_of_one_registered_after_it_started(
                     for sink in ("webhook", "sns"))
     assert first.event_id in webhook and second.event_id in webhook
     assert second.event_id in sns
+
+def test_a_watchers_sinks_do_not_slow_the_look_for_a_shared_sink(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from edp import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "KNOWN_SINKS_RECHECK", (0.2, 30.0))
+    cfg = Settings(database_url="sqlite:///:memory:", bucket_threshold_event_count=1)
+    # Given a store that knows only a watcher's own sink, and a worker printing its
+    # events that stepped (it knows no shared sink yet: it looks again soon)
+    store.register_sinks(["stdout@watcher/lab"], now=T0)
+    printing = Engine(store, cfg, sinks=["stdout"], worker_id="printing")
+    printing.process([Message(eventbridge("i/e/a", T0), "m1")], now=T0)
+    # When a worker relaying to a webhook starts, and the printing one fires a batch
+    Engine(store, cfg, sinks=["webhook"], worker_id="w1").register(now=T0)
+    time.sleep(0.3)
+    [ready] = printing.process([Message(eventbridge("j/e/a", T0), "m2")], now=T0).fired
+    # Then its event waits for the webhook (the watcher's sink did not count as a
+    # shared one known, which would have meant looking again only after 30 s)
+    assert ready.event_id in [e.event_id for e in store.pending("webhook", limit=10,
+                                                                 now=T0 + 1)]
+
 
 def test_an_operators_close_reaches_every_shared_sink_whatever_its_own(store: Store) -> None:
     # Given a store where a worker relaying to a webhook and SNS started, and an open
