@@ -109,7 +109,8 @@ class EventBridgeSink:
             self.events.describe_event_bus(Name=self.bus)
         except aws_errors() as exc:
             code = error_code(exc)
-            if code == "ResourceNotFoundException":
+            # (a bus of another account, by ARN, may take events and not be described)
+            if code == "ResourceNotFoundException" and not self.bus.startswith("arn:"):
                 raise ConfigError(f"eventbridge_bus {self.bus!r} does not exist (in this "
                                   "region and account): create it, or fix the name") from None
             log.warning("eventbridge_bus %s could not be checked (%s); events are sent to "

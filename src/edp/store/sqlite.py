@@ -8,7 +8,9 @@ in-memory store, the fake that unit tests use.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -77,6 +79,9 @@ PENDING_SQL = (
     " ORDER BY d.seq LIMIT ?"
 )
 """Parameters: sink, now, sink, now, limit."""
+
+
+log = logging.getLogger(__name__)
 
 
 class SqliteStore:
@@ -382,17 +387,25 @@ class SqliteStore:
         :meth:`~edp.store.base.Store.claim_worker_id`): a POSIX record lock on one byte,
         chosen by the id, of ``<database>.workers`` beside the database. The system
         drops it when the process ends, killed or not, so a restart takes its id back at
-        once; the same process may claim again. (``silent_for`` is not needed: a
+        once; the same process may claim again. (POSIX locks belong to the process:
+        closing one store drops the locks every store of the process took on that
+        file; edp's processes claim with one store each.) (``silent_for`` is not needed: a
         process that holds the lock is alive. Not enforced for ``:memory:``, or where
         the system has no ``fcntl``.)"""
         if self.path == ":memory:" or fcntl is None:
             return
-        if self._claims is None:
-            self._claims = open(f"{self.path}.workers", "ab")  # noqa: SIM115 (held open)
         offset = int.from_bytes(hashlib.blake2b(worker_id.encode(), digest_size=4).digest()) >> 2
         try:
+            if self._claims is None:
+                self._claims = open(f"{self.path}.workers", "ab")  # noqa: SIM115 (held open)
             fcntl.lockf(self._claims, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES) or self._claims is None:
+                # (a file system without POSIX locks, such as some NFS mounts, or a
+                # lock file another user made: the id cannot be checked here)
+                log.warning("worker id %r is not checked on this database: %s",
+                            worker_id, exc)
+                return
             raise EdpError(
                 f"worker id {worker_id!r} is in use by another live process on this "
                 f"database ({self.path}): give each worker its own worker_id (--worker-id, "
