@@ -88,28 +88,14 @@ def _open_batch(row: Sequence[Any]) -> OpenBatch:
     return OpenBatch(row[0], row[1], row[2], row[3], row[5], row[6], row[7], row[8], row[9])
 
 
-def _outbox_sql(
-    events: list[tuple[str, str]], kind: str, sinks: Sequence[str], now: float
-) -> tuple[str, Sequence[Any]]:
-    """One statement: insert events in order, a delivery row per sink; counts the new ones."""
-    return (
-        "WITH ins AS (INSERT INTO outbox (event_id, kind, payload, created_at)"  # noqa: S608
-        f" SELECT e, %s, pl, %s FROM ({_PAIRS}) AS t(e, pl)"
-        " ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id),"
-        " del AS (INSERT INTO deliveries (sink, seq, event_id)"
-        " SELECT s, ins.seq, ins.event_id FROM ins CROSS JOIN unnest(%s::text[]) AS s)"
-        " SELECT count(*) FROM ins",
-        (kind, now, _json(events), list(sinks)),
-    )
-
-
 _EVENTS_WITH_SINKS = _rows_of("text", "text", "jsonb")
 
 
-def _outbox_each_sql(
+def _outbox_sql(
     events: list[tuple[str, str, Sequence[str]]], kind: str, now: float
 ) -> tuple[str, Sequence[Any]]:
-    """As :func:`_outbox_sql`, each event with sinks of its own."""
+    """One statement: insert events (id, payload, sinks) in order, a delivery row per
+    sink of each; counts the new ones (an event already there gets no new rows)."""
     return (
         "WITH t AS MATERIALIZED (SELECT * FROM"  # noqa: S608
         f" ({_EVENTS_WITH_SINKS}) AS r(e, pl, sinks)),"
@@ -330,14 +316,10 @@ class PostgresTransaction:
                 " ON CONFLICT (fingerprint) DO UPDATE SET seen_at = excluded.seen_at",
                 (_json(sorted(write.fingerprints.items())),),
             )
-        if any(c.sinks is not None for c in write.closed):
-            self.queue(*_outbox_each_sql(
+        if write.closed:
+            self.queue(*_outbox_sql(
                 [(c.event_id, c.payload, list(sinks if c.sinks is None else c.sinks))
                  for c in write.closed], write.outbox_kind, now
-            ))
-        elif write.closed:
-            self.queue(*_outbox_sql(
-                [(c.event_id, c.payload) for c in write.closed], write.outbox_kind, sinks, now
             ))
 
     def add_outbox(
@@ -345,7 +327,7 @@ class PostgresTransaction:
     ) -> bool:
         """Record one event and a pending delivery per sink; False if the id exists."""
         self.flush()
-        cur = self._send(*_outbox_sql([(event_id, payload)], kind, sinks, now))
+        cur = self._send(*_outbox_sql([(event_id, payload, list(sinks))], kind, now))
         return bool(self._rows(cur)[0][0])
 
     # -- other writes -----------------------------------------------------------------
