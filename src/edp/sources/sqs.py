@@ -46,6 +46,8 @@ class SqsReceipt:
     message_id: str
     handle: str
     poison: bool = False
+    partly: bool = False
+    """Poison with good records too (they were batched)."""
 
 
 class VisibilityKeeper:
@@ -248,7 +250,7 @@ class SqsSource:
             )
             poison = None if self.delete_poison else self._poison(message)
             receipts.append(SqsReceipt(item["MessageId"], item["ReceiptHandle"],
-                                       poison is not None))
+                                       poison is not None, poison == "part"))
             if poison == "whole" and int(
                 item.get("Attributes", {}).get("ApproximateReceiveCount", "1")
             ) > 1:
@@ -271,8 +273,10 @@ class SqsSource:
         for receipt in receipts:
             if receipt.poison:
                 log.warning(
-                    "sqs %s: message id %s could not be decoded (see `edp dead-letters`); "
-                    "left to the queue's redrive policy", self.queue_url, receipt.message_id,
+                    "sqs %s: message id %s %s (see `edp dead-letters`); left to the queue's "
+                    "redrive policy", self.queue_url, receipt.message_id,
+                    "holds records that could not be decoded (its other records count, "
+                    "once)" if receipt.partly else "could not be decoded",
                 )
         self.delete([r for r in receipts if not r.poison])
 

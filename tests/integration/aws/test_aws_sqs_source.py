@@ -185,7 +185,7 @@ def test_a_daemon_holds_firing_after_a_receive_whose_answer_was_lost(
 
 
 def test_a_partly_bad_message_left_to_the_redrive_comes_again_after_a_failed_step(
-    aws: Any,
+    aws: Any, caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given poison left to the redrive policy, a message with a good record and a bad
     # one, and a message with nothing good in it
@@ -210,6 +210,12 @@ def test_a_partly_bad_message_left_to_the_redrive_comes_again_after_a_failed_ste
     # lost), while the wholly bad one only waits for the redrive
     assert [m.body for m in again.messages] == [json.dumps({"Records": [good, {"x": 1}]})]
     assert len(again.receipts) == 2
+    # And once committed, the log tells the two apart (the good record counted)
+    with caplog.at_level(logging.WARNING, logger="edp.sources.sqs"):
+        source.ack(again)
+    said = sorted(r.getMessage().split(" (see")[0].split(" ", 5)[5] for r in caplog.records)
+    assert said == ["could not be decoded",
+                    "holds records that could not be decoded (its other records count, once)"]
     source.close()
 
 
