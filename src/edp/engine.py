@@ -216,7 +216,7 @@ def dead_letter(message: Message, error: DecodeError, now: float) -> DeadLetter:
 
 _PRIVATE_SINKS = ("stdout", "log")
 """Sinks that are one process's own output: another process cannot relay to them (the
-stdout of ``edp watch`` is a sink of its own, ``stdout@<worker id>``, shared)."""
+stdout of ``edp watch`` is a sink of its own, ``stdout@<worker id>/<bucket>``)."""
 WORKER_SINK = "@"
 """A sink named ``<kind>@<worker id>/<bucket>`` is one worker's own and serves one bucket
 (an ``edp watch``'s stdout and its packager, see edp.cli.watch): no other worker borrows
@@ -234,6 +234,8 @@ def served_bucket(name: str) -> str | None:
     named before sinks carried their bucket: ``stdout@<worker id>``)."""
     head, slash, bucket = name.rpartition("/")
     return bucket if slash and bucket and WORKER_SINK in head else None
+
+
 KNOWN_SINKS_RECHECK = (2.0, 30.0)
 """Seconds between two looks at the store's sinks to borrow: while it knows none, and
 once it knows some (one registered later is borrowed too)."""

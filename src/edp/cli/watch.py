@@ -61,11 +61,12 @@ def packager_sink(settings: Settings, source: FolderSource, registry: str, *,
         local = Path(registry.removeprefix("file://")).expanduser().resolve()
         if local == source.root or source.root in local.parents:
             raise ConfigError(f"the registry {local} must not be inside the watched folder")
-    # Only the folder's own batches: an operator's command on a shared store hands this
-    # sink events of any bucket, whose folders beside this one are not its to read.
-    return PackagerSink(Packager(settings, registry=registry, local_root=source.root.parent,
-                                 buckets={source.bucket}), name=name, on_result=say_package,
-                        others="ignore")
+    # Only the folder's own batches (the packager refuses others, unread); an operator's
+    # command on a shared store hands this sink events of any bucket: left alone.
+    return BucketScoped(PackagerSink(
+        Packager(settings, registry=registry, local_root=source.root.parent,
+                 buckets={source.bucket}), name=name, on_result=say_package,
+    ), source.bucket)
 
 
 def watcher_sinks(settings: Settings, source: FolderSource, worker_id: str, *,

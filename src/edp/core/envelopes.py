@@ -9,6 +9,8 @@ from typing import Any
 from edp.core.events import BatchReady, PackageReady
 
 DETAIL_VERSION = "0.1"
+BATCH_EVENT = "package-objects-ready"
+"""The ``detail-type`` of a batch's event."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +47,7 @@ def batch_event(ready: BatchReady, origin: Origin) -> dict[str, Any]:
     return {
         "version": "0",
         "id": ready.event_id,
-        "detail-type": "package-objects-ready",
+        "detail-type": BATCH_EVENT,
         "source": origin.source,
         "account": origin.account,
         "time": format_time(ready.fired_at),

@@ -12,10 +12,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from edp.core.envelopes import BATCH_EVENT
 from edp.errors import is_unicode
 from edp.quilt.errors import InvalidRequest
 
-DETAIL_TYPE = "package-objects-ready"
+DETAIL_TYPE = BATCH_EVENT
 
 
 @dataclass(frozen=True, slots=True)

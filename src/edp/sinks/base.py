@@ -8,6 +8,7 @@ from typing import Protocol
 
 import orjson
 
+from edp.core.envelopes import BATCH_EVENT
 from edp.store.base import OutboxEntry
 
 
@@ -38,14 +39,12 @@ class Sink(Protocol):
         ...
 
 
-BATCH_EVENT = "package-objects-ready"
-
-
 class BucketScoped:
     """A sink of one worker's that serves one bucket (see edp.engine.WORKER_SINK): it
     passes on the batch events of ``bucket`` (and events of other kinds) and accepts
-    other buckets' batch events without sending them (another worker's, which a
-    worker that fired them by time also records for its own sinks)."""
+    other buckets' batch events without sending them (an operator's command hands
+    them to every such sink of the store; a watcher's packager must not read the
+    folder of that name beside its own)."""
 
     def __init__(self, sink: Sink, bucket: str) -> None:
         self.sink = sink
@@ -55,7 +54,7 @@ class BucketScoped:
     def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
         """Send ``bucket``'s events; the others count as delivered."""
         mine = [entry for entry in entries if self._serves(entry)]
-        return self.sink.send(mine) if mine else ()
+        return self.sink.send(mine) if mine else []
 
     def _serves(self, entry: OutboxEntry) -> bool:
         if entry.kind != BATCH_EVENT:
