@@ -88,6 +88,14 @@ def _open_batch(row: Sequence[Any]) -> OpenBatch:
     return OpenBatch(row[0], row[1], row[2], row[3], row[5], row[6], row[7], row[8], row[9])
 
 
+_OBJECTS_INSERT = (
+    "INSERT INTO batch_objects (batch_id, key, size, etag, sequencer, event_time)"
+    f" {_rows_of('text', 'text', 'bigint', 'text', 'text', 'float8')}"
+)
+_KEYS_INSERT = (
+    "INSERT INTO key_memory (bucket, key, sequencer, seen_at, batch_id, event_time, etag, size)"
+    f" {_rows_of('text', 'text', 'text', 'float8', 'text', 'float8', 'text', 'bigint')}"
+)
 _EVENTS_WITH_SINKS = _rows_of("text", "text", "jsonb")
 
 
@@ -123,6 +131,18 @@ class PostgresTransaction:
         self.reads: list[Any] = []
         """Every result read, in order: a retry replays the calls and compares these."""
         self.queued: list[tuple[str, Sequence[Any]]] = []
+        # What a load read of the step's keys, for cheaper writes: a key's memory
+        # changes only under its prefix's lock, and the load read every memory row of
+        # the step's keys under it; a key's object row of a batch is written only with
+        # its memory naming that batch (and prune keeps the memories of open batches).
+        # So a key the load asked for and did not find has no memory row, and its object
+        # rows exist only for the batch its memory named: the others are inserted
+        # without an upsert's conflict check (about a third cheaper). Were that ever
+        # wrong, the unique keys abort the step; keys no load asked for are upserted.
+        self.asked_keys: set[tuple[str, str]] = set()
+        self.asked_names: set[str] = set()
+        self.stored_keys: set[tuple[str, str]] = set()
+        self.stored_objects: set[tuple[str, str]] = set()
 
     def _rows(self, cur: psycopg.Cursor[Any]) -> list[Any]:
         rows = cur.fetchall()
@@ -197,6 +217,13 @@ class PostgresTransaction:
         if memory is not None:
             for bucket, key, *values in self._rows(memory):
                 state.keys[(bucket, key)] = KeyMemory(*values)
+            self.asked_keys.update(objects)
+            self.asked_names.update(key for _, key in objects)
+            self.stored_keys.update(state.keys)
+            self.stored_objects.update(
+                (m.batch_id, key) for (_, key), m in state.keys.items()
+                if m.batch_id is not None
+            )
         if prints is not None:
             state.fingerprints.update(row[0] for row in self._rows(prints))
         rows = self._rows(mine) if mine is not None else []
@@ -288,27 +315,39 @@ class PostgresTransaction:
                 (_json(generations),),
             )
         if write.objects:
-            self.queue(
-                "INSERT INTO batch_objects (batch_id, key, size, etag, sequencer, event_time)"
-                f" {_rows_of('text', 'text', 'bigint', 'text', 'text', 'float8')}"
-                " ON CONFLICT (batch_id, key) DO UPDATE SET"
-                " size = excluded.size, etag = excluded.etag, sequencer = excluded.sequencer,"
-                " event_time = excluded.event_time",
-                (_json((o.batch_id, o.key, o.size, o.etag, o.sequencer, o.event_time)
-                       for o in write.objects),),
-            )
+            stored: list[tuple[Any, ...]] = []
+            new: list[tuple[Any, ...]] = []
+            for o in write.objects:
+                row: tuple[Any, ...] = (o.batch_id, o.key, o.size, o.etag, o.sequencer, o.event_time)
+                known = o.key not in self.asked_names or (o.batch_id, o.key) in self.stored_objects
+                (stored if known else new).append(row)
+            if new:  # (a key's first event in its batch: see asked_keys)
+                self.queue(_OBJECTS_INSERT, (_json(new),))
+                self.stored_objects.update((row[0], row[1]) for row in new)
+            if stored:  # (an overwrite within the batch)
+                self.queue(
+                    _OBJECTS_INSERT + " ON CONFLICT (batch_id, key) DO UPDATE SET"
+                    " size = excluded.size, etag = excluded.etag,"
+                    " sequencer = excluded.sequencer, event_time = excluded.event_time",
+                    (_json(stored),),
+                )
         if write.keys:
-            self.queue(
-                "INSERT INTO key_memory (bucket, key, sequencer, seen_at, batch_id,"
-                " event_time, etag, size)"
-                f" {_rows_of('text', 'text', 'text', 'float8', 'text', 'float8', 'text', 'bigint')}"
-                " ON CONFLICT (bucket, key) DO UPDATE SET"
-                " sequencer = excluded.sequencer, seen_at = excluded.seen_at,"
-                " batch_id = excluded.batch_id, event_time = excluded.event_time,"
-                " etag = excluded.etag, size = excluded.size",
-                (_json((b, k, m.sequencer, m.seen_at, m.batch_id, m.event_time, m.etag, m.size)
-                       for (b, k), m in sorted(write.keys.items())),),
-            )
+            stored, new = [], []
+            for (b, k), m in sorted(write.keys.items()):
+                row = (b, k, m.sequencer, m.seen_at, m.batch_id, m.event_time, m.etag, m.size)
+                known = (b, k) not in self.asked_keys or (b, k) in self.stored_keys
+                (stored if known else new).append(row)
+            if new:
+                self.queue(_KEYS_INSERT, (_json(new),))
+                self.stored_keys.update((row[0], row[1]) for row in new)
+            if stored:
+                self.queue(
+                    _KEYS_INSERT + " ON CONFLICT (bucket, key) DO UPDATE SET"
+                    " sequencer = excluded.sequencer, seen_at = excluded.seen_at,"
+                    " batch_id = excluded.batch_id, event_time = excluded.event_time,"
+                    " etag = excluded.etag, size = excluded.size",
+                    (_json(stored),),
+                )
         if write.fingerprints:
             self.queue(
                 "INSERT INTO fingerprints (fingerprint, seen_at)"
