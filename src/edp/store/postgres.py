@@ -488,10 +488,15 @@ class PostgresStore(WorkerClocks):
         and so is every key of ``keep_buckets``."""
 
         def work(conn: psycopg.Connection[Any]) -> int:
+            # "Its batch is closed", not "its batch is not open": a row a step changes
+            # meanwhile (the DELETE waits on its lock) is checked again as the step left
+            # it, but against this statement's snapshot, in which a batch the step just
+            # opened does not exist. (A step whose clock is behind by more than the
+            # retention, a backlog's or a replay's, leaves seen_at old.)
             gone = conn.execute(
-                "DELETE FROM key_memory WHERE seen_at < %s AND NOT EXISTS ("
+                "DELETE FROM key_memory WHERE seen_at < %s AND (batch_id IS NULL OR EXISTS ("
                 "SELECT 1 FROM batches b WHERE b.batch_id = key_memory.batch_id"
-                " AND b.state = 'open') AND bucket <> ALL(%s::text[])",
+                " AND b.state = 'closed')) AND bucket <> ALL(%s::text[])",
                 (keys_before, sorted(set(keep_buckets))),
             ).rowcount
             gone += conn.execute(

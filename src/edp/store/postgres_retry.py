@@ -38,7 +38,7 @@ from tenacity import Retrying
 from edp.core.events import ObjectEvent
 from edp.errors import TransactionConflict
 from edp.store.base import DeadLetter, LoadRequest, Queued, StepWrite, Timer, WorkingState
-from edp.store.postgres_tx import PostgresTransaction
+from edp.store.postgres_tx import PLAIN_INSERT_KEYS, PostgresTransaction
 
 LOST: tuple[type[psycopg.Error], ...] = (
     psycopg.OperationalError,
@@ -70,6 +70,9 @@ class RetryingTransaction:
         self.tx: PostgresTransaction | None = None
         self.replays = 0
         self._old_reads: list[Any] = []
+        self.plain_inserts = True
+        """Whether the step's new rows are inserted plainly (see PostgresTransaction);
+        turned off, for the rest of the step, by a row that existed after all."""
 
     # -- the Transaction protocol -------------------------------------------------------
     def load(self, request: LoadRequest) -> WorkingState:
@@ -135,6 +138,14 @@ class RetryingTransaction:
     def commit(self) -> None:
         """Commit, replaying the transaction on a new connection if the link broke (and
         the server did not commit it: see the module's docstring)."""
+        try:
+            self._commit()
+        except psycopg.errors.UniqueViolation as exc:
+            if not self._upsert_instead(exc):
+                raise
+            self._commit()
+
+    def _commit(self) -> None:
         # The transaction (id, server process) whose COMMIT went unanswered, if any
         unknown: tuple[int, int] | None = None
         for attempt in self.retrying():
@@ -157,6 +168,19 @@ class RetryingTransaction:
                     self._drop()
                     raise
         self._release()
+
+    def _upsert_instead(self, exc: psycopg.errors.UniqueViolation) -> bool:
+        """After a plain insert met an existing row: roll back, to replay the step's
+        calls with upserts (on the next call, or commit, as after a lost connection).
+        False for any other unique violation (a real conflict: the step fails)."""
+        if not self.plain_inserts or exc.diag.constraint_name not in PLAIN_INSERT_KEYS:
+            return False
+        log.warning("a step's new row existed (%s: a key counted under two prefixes, by"
+                    " workers or runs of different prefix depths?); it runs again with"
+                    " upserts", exc.diag.constraint_name)
+        self.plain_inserts = False
+        self._drop()
+        return True
 
     def _committed(self, xid: int, pid: int) -> bool:
         """Whether the server committed transaction ``xid`` (False: it aborted). A
@@ -204,6 +228,14 @@ class RetryingTransaction:
 
     # -- internals --------------------------------------------------------------------------
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._try_call(name, *args, **kwargs)
+        except psycopg.errors.UniqueViolation as exc:  # (queued writes sent by a call)
+            if not self._upsert_instead(exc):
+                raise
+            return self._try_call(name, *args, **kwargs)
+
+    def _try_call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         for attempt in self.retrying():
             with attempt:
                 self._connection()
@@ -222,7 +254,7 @@ class RetryingTransaction:
         if self.conn is not None:
             return self.conn
         conn = self.pool.getconn()
-        tx = PostgresTransaction(conn, shard=self.shard)
+        tx = PostgresTransaction(conn, shard=self.shard, plain_inserts=self.plain_inserts)
         self.conn, self.tx = conn, tx
         if not self.calls:
             return conn

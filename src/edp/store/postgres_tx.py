@@ -88,6 +88,9 @@ def _open_batch(row: Sequence[Any]) -> OpenBatch:
     return OpenBatch(row[0], row[1], row[2], row[3], row[5], row[6], row[7], row[8], row[9])
 
 
+PLAIN_INSERT_KEYS = frozenset({"batch_objects_pkey", "key_memory_pkey"})
+"""The primary keys that a plain insert of a row thought new may meet (see
+:class:`PostgresTransaction`): the step then runs again with upserts."""
 _OBJECTS_INSERT = (
     "INSERT INTO batch_objects (batch_id, key, size, etag, sequencer, event_time)"
     f" {_rows_of('text', 'text', 'bigint', 'text', 'text', 'float8')}"
@@ -125,20 +128,26 @@ class PostgresTransaction:
     the store commits or rolls it back.
     """
 
-    def __init__(self, conn: psycopg.Connection[Any], *, shard: int) -> None:
+    def __init__(
+        self, conn: psycopg.Connection[Any], *, shard: int, plain_inserts: bool = True
+    ) -> None:
         self.conn = conn
         self.shard = shard
+        self.plain_inserts = plain_inserts
         self.reads: list[Any] = []
         """Every result read, in order: a retry replays the calls and compares these."""
         self.queued: list[tuple[str, Sequence[Any]]] = []
         # What a load read of the step's keys, for cheaper writes: a key's memory
-        # changes only under its prefix's lock, and the load read every memory row of
-        # the step's keys under it; a key's object row of a batch is written only with
-        # its memory naming that batch (and prune keeps the memories of open batches).
-        # So a key the load asked for and did not find has no memory row, and its object
+        # changes under its prefix's lock, and the load read every memory row of the
+        # step's keys under it; a key's object row of a batch is written only with its
+        # memory naming that batch, and prune keeps the memories of open batches. So a
+        # key the load asked for and did not find has no memory row, and its object
         # rows exist only for the batch its memory named: the others are inserted
-        # without an upsert's conflict check (about a third cheaper). Were that ever
-        # wrong, the unique keys abort the step; keys no load asked for are upserted.
+        # without an upsert's conflict check (about a third cheaper). Where that does
+        # not hold (workers, or runs, of different prefix depths while a batch stays
+        # open: one key, two prefixes' locks), the primary key refuses the row and the
+        # step runs again with upserts (``plain_inserts=False``, RetryingTransaction).
+        # Keys no load asked for are always upserted.
         self.asked_keys: set[tuple[str, str]] = set()
         self.asked_names: set[str] = set()
         self.stored_keys: set[tuple[str, str]] = set()
@@ -318,8 +327,11 @@ class PostgresTransaction:
             stored: list[tuple[Any, ...]] = []
             new: list[tuple[Any, ...]] = []
             for o in write.objects:
-                row: tuple[Any, ...] = (o.batch_id, o.key, o.size, o.etag, o.sequencer, o.event_time)
-                known = o.key not in self.asked_names or (o.batch_id, o.key) in self.stored_objects
+                row: tuple[Any, ...] = (
+                    o.batch_id, o.key, o.size, o.etag, o.sequencer, o.event_time
+                )
+                known = (not self.plain_inserts or o.key not in self.asked_names
+                         or (o.batch_id, o.key) in self.stored_objects)
                 (stored if known else new).append(row)
             if new:  # (a key's first event in its batch: see asked_keys)
                 self.queue(_OBJECTS_INSERT, (_json(new),))
@@ -335,7 +347,8 @@ class PostgresTransaction:
             stored, new = [], []
             for (b, k), m in sorted(write.keys.items()):
                 row = (b, k, m.sequencer, m.seen_at, m.batch_id, m.event_time, m.etag, m.size)
-                known = (b, k) not in self.asked_keys or (b, k) in self.stored_keys
+                known = (not self.plain_inserts or (b, k) not in self.asked_keys
+                         or (b, k) in self.stored_keys)
                 (stored if known else new).append(row)
             if new:
                 self.queue(_KEYS_INSERT, (_json(new),))
