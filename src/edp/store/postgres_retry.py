@@ -159,6 +159,7 @@ class RetryingTransaction:
                 try:
                     row = conn.execute("SELECT txid_current(), pg_backend_pid()").fetchone()
                     sent = None if row is None else (int(row[0]), int(row[1]))
+                    self.tx.send_copies()
                     with conn.pipeline():  # the queued writes and COMMIT: one round trip
                         self.tx.send_queued()
                         unknown = sent

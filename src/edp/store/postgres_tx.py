@@ -15,9 +15,11 @@ Several workers may run steps on one database at once. What keeps them apart:
 
 Rows travel as one JSON document per statement (``jsonb_array_elements``): orjson
 writes it in C and the server reads it in C, far cheaper than binding thousands of
-array elements one by one. With pipelining, a step of thousands of events costs
-two round trips: locks and reads, then writes and COMMIT (three when due batches
-of other prefixes are taken).
+array elements one by one; rows that cannot exist yet (new key memories, a key's
+first object row in its batch) go by COPY, cheaper still. With pipelining, a step of
+thousands of events costs a few round trips: locks and reads, the open batches,
+the COPY of new rows, then writes and COMMIT (one more when due batches of other
+prefixes are taken).
 """
 
 from __future__ import annotations
@@ -95,6 +97,11 @@ _OBJECTS_INSERT = (
     "INSERT INTO batch_objects (batch_id, key, size, etag, sequencer, event_time)"
     f" {_rows_of('text', 'text', 'bigint', 'text', 'text', 'float8')}"
 )
+_OBJECTS_COPY = "COPY batch_objects (batch_id, key, size, etag, sequencer, event_time) FROM STDIN"
+_KEYS_COPY = (
+    "COPY key_memory (bucket, key, sequencer, seen_at, batch_id, event_time, etag, size)"
+    " FROM STDIN"
+)
 _KEYS_INSERT = (
     "INSERT INTO key_memory (bucket, key, sequencer, seen_at, batch_id, event_time, etag, size)"
     f" {_rows_of('text', 'text', 'text', 'float8', 'text', 'float8', 'text', 'bigint')}"
@@ -137,6 +144,9 @@ class PostgresTransaction:
         self.reads: list[Any] = []
         """Every result read, in order: a retry replays the calls and compares these."""
         self.queued: list[tuple[str, Sequence[Any]]] = []
+        self.copies: list[tuple[str, list[tuple[Any, ...]]]] = []
+        """New rows, sent with COPY (about a third cheaper than a plain INSERT of JSON
+        rows, for the server and the client) before the queued writes."""
         # What a load read of the step's keys, for cheaper writes: a key's memory
         # changes under its prefix's lock, and the load read every memory row of the
         # step's keys under it; a key's object row of a batch is written only with its
@@ -173,8 +183,19 @@ class PostgresTransaction:
         for sql, params in queued:
             self.conn.execute(sql, params)
 
+    def send_copies(self) -> None:
+        """Send the queued new rows (call outside a pipeline: COPY cannot be in one)."""
+        copies, self.copies = self.copies, []
+        with self.conn.cursor() as cur:
+            for statement, rows in copies:
+                with cur.copy(statement) as copy:
+                    for row in rows:
+                        copy.write_row(row)
+
     def flush(self) -> None:
-        """Send the queued writes now, in one round trip."""
+        """Send the queued writes now (the new rows' COPY, then one round trip)."""
+        if self.copies:
+            self.send_copies()
         if self.queued:
             with self.conn.pipeline():
                 self.send_queued()
@@ -334,7 +355,7 @@ class PostgresTransaction:
                          or (o.batch_id, o.key) in self.stored_objects)
                 (stored if known else new).append(row)
             if new:  # (a key's first event in its batch: see asked_keys)
-                self.queue(_OBJECTS_INSERT, (_json(new),))
+                self.copies.append((_OBJECTS_COPY, new))
                 self.stored_objects.update((row[0], row[1]) for row in new)
             if stored:  # (an overwrite within the batch)
                 self.queue(
@@ -351,7 +372,7 @@ class PostgresTransaction:
                          or (b, k) in self.stored_keys)
                 (stored if known else new).append(row)
             if new:
-                self.queue(_KEYS_INSERT, (_json(new),))
+                self.copies.append((_KEYS_COPY, new))
                 self.stored_keys.update((row[0], row[1]) for row in new)
             if stored:
                 self.queue(
