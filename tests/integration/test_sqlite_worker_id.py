@@ -67,3 +67,25 @@ def test_an_in_memory_store_claims_nothing() -> None:
     second.claim_worker_id("w")  # (two separate databases)
     first.close()
     second.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+def test_the_lock_file_takes_the_databases_permissions(tmp_path: Path) -> None:
+    # Given a group-writable database (a store shared by a lab's users), made by a
+    # process whose umask gives group read only
+    path = tmp_path / "edp.db"
+    old = os.umask(0o022)
+    try:
+        SqliteStore(str(path)).close()
+        path.chmod(0o664)
+        # When a worker claims its id
+        store = SqliteStore(str(path))
+        try:
+            store.claim_worker_id("w")
+        finally:
+            store.close()
+    finally:
+        os.umask(old)
+    # Then the lock file beside it is group-writable too (another user's process can
+    # lock it, so its worker ids are checked as well)
+    assert (tmp_path / "edp.db.workers").stat().st_mode & 0o777 == 0o664

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -82,6 +83,21 @@ PENDING_SQL = (
 
 
 log = logging.getLogger(__name__)
+
+
+def _open_beside(database: str, path: str) -> IO[bytes]:
+    """``path`` opened for appending; when this creates it, with the database file's
+    permissions rather than the umask's (on a group-writable store, the other users'
+    processes must be able to lock it too)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:
+        return open(path, "ab")
+    try:
+        os.fchmod(fd, os.stat(database).st_mode & 0o666)
+    except OSError:  # (a file system without modes: the umask's stay)
+        log.debug("cannot give %s the permissions of %s", path, database, exc_info=True)
+    return os.fdopen(fd, "ab")
 
 
 class SqliteStore:
@@ -397,7 +413,7 @@ class SqliteStore:
         offset = int.from_bytes(hashlib.blake2b(worker_id.encode(), digest_size=4).digest()) >> 2
         try:
             if self._claims is None:
-                self._claims = open(f"{self.path}.workers", "ab")  # noqa: SIM115 (held open)
+                self._claims = _open_beside(self.path, f"{self.path}.workers")
             fcntl.lockf(self._claims, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
         except OSError as exc:
             if exc.errno not in (errno.EAGAIN, errno.EACCES) or self._claims is None:
