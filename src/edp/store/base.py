@@ -475,7 +475,10 @@ class Store(Protocol):
     def prune(self, *, keys_before: float, keep_buckets: Sequence[str] = ()) -> int:
         """Forget key memories and fingerprints last seen before ``keys_before``, except
         the keys of batches still open (SPEC 3.3: an overwrite of one keeps the count)
-        and the key memories of ``keep_buckets`` (watched folders: see FolderSource)."""
+        and the key memories of ``keep_buckets`` (watched folders: see FolderSource).
+        A key memory goes only when its batch is closed (or it names none): one naming
+        a batch the store does not hold (edp writes none) is kept, since a batch a
+        concurrent step opens is not yet visible to the pruning statement."""
         ...
 
     def schema_version(self) -> tuple[int, int]:

@@ -139,11 +139,15 @@ class RetryingTransaction:
         """Commit, replaying the transaction on a new connection if the link broke (and
         the server did not commit it: see the module's docstring)."""
         try:
-            self._commit()
-        except psycopg.errors.UniqueViolation as exc:
-            if not self._upsert_instead(exc):
-                raise
-            self._commit()
+            try:
+                self._commit()
+            except psycopg.errors.UniqueViolation as exc:
+                if not self._upsert_instead(exc):
+                    raise
+                self._commit()
+        except BaseException:
+            self.rollback()  # (and the connection goes back to the pool)
+            raise
 
     def _commit(self) -> None:
         # The transaction (id, server process) whose COMMIT went unanswered, if any

@@ -17,9 +17,9 @@ Rows travel as one JSON document per statement (``jsonb_array_elements``): orjso
 writes it in C and the server reads it in C, far cheaper than binding thousands of
 array elements one by one; rows that cannot exist yet (new key memories, a key's
 first object row in its batch) go by COPY, cheaper still. With pipelining, a step of
-thousands of events costs a few round trips: locks and reads, the open batches,
-the COPY of new rows, then writes and COMMIT (one more when due batches of other
-prefixes are taken).
+thousands of events costs a few round trips: locks and reads, the open batches, the
+COPY of new rows (one exchange per table), then writes and COMMIT (one more when due
+batches of other prefixes are taken).
 """
 
 from __future__ import annotations
@@ -151,13 +151,13 @@ class PostgresTransaction:
         # changes under its prefix's lock, and the load read every memory row of the
         # step's keys under it; a key's object row of a batch is written only with its
         # memory naming that batch, and prune keeps the memories of open batches. So a
-        # key the load asked for and did not find has no memory row, and its object
-        # rows exist only for the batch its memory named: the others are inserted
-        # without an upsert's conflict check (about a third cheaper). Where that does
-        # not hold (workers, or runs, of different prefix depths while a batch stays
-        # open: one key, two prefixes' locks), the primary key refuses the row and the
-        # step runs again with upserts (``plain_inserts=False``, RetryingTransaction).
-        # Keys no load asked for are always upserted.
+        # key the load asked for and did not find has no memory row, and its object rows
+        # exist only for the batch its memory named: the others are inserted by COPY,
+        # without an upsert's conflict check (about half its cost). Where that does not
+        # hold (workers, or runs, of different prefix depths while a batch stays open:
+        # one key, two prefixes' locks), the primary key refuses the row and the step
+        # runs again with upserts (``plain_inserts=False``, RetryingTransaction). Keys
+        # no load asked for are always upserted.
         self.asked_keys: set[tuple[str, str]] = set()
         self.asked_names: set[str] = set()
         self.stored_keys: set[tuple[str, str]] = set()

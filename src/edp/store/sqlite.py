@@ -473,9 +473,10 @@ class SqliteStore:
         with self._write() as conn:
             kept = sorted(set(keep_buckets))
             gone = conn.execute(
-                "DELETE FROM key_memory WHERE seen_at < ? AND NOT EXISTS ("  # noqa: S608
+                # (as PostgreSQL's: a memory whose batch is closed, or that has none)
+                "DELETE FROM key_memory WHERE seen_at < ? AND (batch_id IS NULL OR EXISTS ("  # noqa: S608
                 "SELECT 1 FROM batches b WHERE b.batch_id = key_memory.batch_id"
-                f" AND b.state = 'open') AND bucket NOT IN ({','.join('?' * len(kept))})",
+                f" AND b.state = 'closed')) AND bucket NOT IN ({','.join('?' * len(kept))})",
                 (keys_before, *kept),
             ).rowcount
             gone += conn.execute(

@@ -18,7 +18,7 @@ from edp.errors import TransactionConflict
 from edp.store.base import LoadRequest, StepWrite
 from edp.store.postgres import PostgresStore
 from edp_testing import T0, eventbridge, settings
-from integration.store_contract.contract_helpers import batch, saved
+from integration.store_contract.contract_helpers import batch, closed, saved
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
 
@@ -48,7 +48,7 @@ def step_of_b1(store: PostgresStore, sequencer: str, at: float) -> None:
     with store.transaction() as tx:
         tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}, object_keys={KEY}))
         tx.save(StepWrite(
-            open_batches=[saved(batch("b-1"))],
+            open_batches=[saved(batch("b-1", generation=2))],
             objects=[ObjectRecord("b-1", "a/b/f", 1, "e" + sequencer, sequencer, at)],
             keys={KEY: KeyMemory(sequencer, at, "b-1", at, "e" + sequencer, 1)},
         ), sinks=[], now=T0)
@@ -58,10 +58,12 @@ def test_prune_racing_a_step_keeps_the_memory_of_a_key_it_counts_in_an_open_batc
     stores: list[PostgresStore], pg_url: str
 ) -> None:
     store, pruner = stores
-    # Given key a/b/f remembered long ago, its batch gone (prune would forget it)
+    # Given key a/b/f remembered long ago, its batch closed (prune would forget it)
     with store.transaction() as tx:
         tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}, object_keys={KEY}))
-        tx.save(StepWrite(keys={KEY: KeyMemory("01", T0 - 100, "b-old")}), sinks=[], now=T0)
+        tx.save(StepWrite(closed=[closed(batch("b-old", first=T0 - 200, last=T0 - 100))],
+                          keys={KEY: KeyMemory("01", T0 - 100, "b-old")}), sinks=[], now=T0)
+    assert memory_of(pg_url, *KEY) == ("b-old", "01")
     # When a step whose clock is behind the pruner's by more than the retention (a
     # backlog, a replay into a live store) counts a new write of it into a new open
     # batch, while a live worker's prune runs (it waits on the key's row lock, then
@@ -74,7 +76,7 @@ def test_prune_racing_a_step_keeps_the_memory_of_a_key_it_counts_in_an_open_batc
         pruning.start()
         time.sleep(1.0)  # (the prune's DELETE is waiting on the row's lock by then)
         tx.save(StepWrite(
-            open_batches=[saved(batch("b-1"))],
+            open_batches=[saved(batch("b-1", generation=2))],
             objects=[ObjectRecord("b-1", "a/b/f", 1, "e2", "02", T0)],
             keys={KEY: KeyMemory("02", T0, "b-1", T0, "e2", 1)},
         ), sinks=[], now=T0)
@@ -156,3 +158,143 @@ def test_first_writes_of_a_key_under_two_prefixes_at_once_conflict_then_go_throu
         step_of_a(tx)
         save_of_a(tx)
     assert memory_of(pg_url, *KEY) == ("b-a", "03")
+
+
+ODD = ["a\tb\\N\n", "\\N", "\\.", "cr\rlf\n", "back\\slash\\", "ünïcødé/日本/🎉",
+       "quote'\"", "comma,semi;", " lead and trail ", "\x7f\x01\x1f", "\b\f\v"]
+TIMES = [T0 + 0.1, T0 + 1 / 3, 5e-324, 1.7976931348623157e308, 0.1 + 0.2, -0.0,
+         2.0**53 + 1, 1e22, T0 + 2**-30, 123456789.123456789, 4.35]
+
+
+def rows(url: str, sql: str) -> list[Any]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def write_odd(store: PostgresStore) -> None:
+    """A step writing the ODD keys (their memories and object rows) into batch b-1."""
+    with store.transaction() as tx:
+        tx.load(LoadRequest(batch_keys={("bkt", "p/")},
+                            object_keys={("bkt", k) for k in ODD}))
+        tx.save(StepWrite(
+            open_batches=[saved(batch("b-1", prefix="p/"))],
+            objects=[ObjectRecord("b-1", k, i, "e" + k, "01", TIMES[i]) for i, k in enumerate(ODD)],
+            keys={("bkt", k): KeyMemory("01", TIMES[-1 - i], "b-1", TIMES[i], "e" + k, i)
+                  for i, k in enumerate(ODD)},
+        ), sinks=[], now=T0)
+
+
+def test_new_rows_by_copy_read_back_as_the_upserts_write_them(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edp.store import postgres_tx
+
+    copied: list[str] = []
+    send_copies = postgres_tx.PostgresTransaction.send_copies
+
+    def spy(self: postgres_tx.PostgresTransaction) -> None:
+        copied.extend(statement.split()[1] for statement, _ in self.copies)
+        send_copies(self)
+
+    monkeypatch.setattr(postgres_tx.PostgresTransaction, "send_copies", spy)
+    objects = "SELECT key, size, etag, sequencer, event_time FROM batch_objects ORDER BY key"
+    memories = ("SELECT key, sequencer, seen_at, batch_id, event_time, etag, size"
+                " FROM key_memory ORDER BY key")
+    store = PostgresStore(pg_url, retry_seconds=5)
+    try:
+        # Given keys with tabs, newlines, backslashes, "\N", non-ASCII, and odd floats,
+        # written new (by COPY), then the same values again (known: upserted as JSON)
+        write_odd(store)
+        assert copied == ["batch_objects", "key_memory"]
+        first = rows(pg_url, objects), rows(pg_url, memories)
+        write_odd(store)
+        assert copied == ["batch_objects", "key_memory"]  # (the second: no COPY)
+        again = rows(pg_url, objects), rows(pg_url, memories)
+    finally:
+        store.close()
+    # Then both store the same text and the same floats, exactly
+    assert first == again
+    assert sorted(r[0] for r in first[0]) == sorted(ODD)
+    for key, _, _, _, event_time in first[0]:
+        assert repr(event_time) == repr(TIMES[ODD.index(key)])
+
+
+def two_depths(store: PostgresStore) -> None:
+    """KEY's object row in a/'s batch b-a, its memory naming a/b/'s batch b-ab."""
+    with store.transaction() as tx:
+        tx.load(LoadRequest(batch_keys={("bkt", "a/")}, object_keys={KEY}))
+        tx.save(StepWrite(open_batches=[saved(batch("b-a", prefix="a/"))],
+                          objects=[ObjectRecord("b-a", "a/b/f", 1, "e", "01", T0)],
+                          keys={KEY: KeyMemory("01", T0, "b-a", T0, "e", 1)}),
+                sinks=[], now=T0)
+    with store.transaction() as tx:
+        tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}, object_keys={KEY}))
+        tx.save(StepWrite(open_batches=[saved(batch("b-ab"))],
+                          objects=[ObjectRecord("b-ab", "a/b/f", 1, "e", "02", T0 + 1)],
+                          keys={KEY: KeyMemory("02", T0 + 1, "b-ab", T0 + 1, "e", 1)}),
+                sinks=[], now=T0)
+
+
+@pytest.mark.parametrize("then", ["add_outbox", "set_timer", "take_due_timers", "load",
+                                  "commit"])
+def test_a_new_row_that_exists_met_in_a_later_call_falls_back_to_upserts(
+    pg_url: str, then: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = PostgresStore(pg_url, retry_seconds=5)
+    try:
+        # Given KEY counted in a/'s open batch, then in a/b/'s (two prefix depths)
+        two_depths(store)
+        # When a step counts it in a/'s again (its COPY meets the object row), and the
+        # COPY is sent by a later call of the step, or by its commit
+        with store.transaction() as tx:
+            tx.load(LoadRequest(batch_keys={("bkt", "a/")}, object_keys={KEY}))
+            tx.save(StepWrite(open_batches=[saved(batch("b-a", prefix="a/", count=1))],
+                              objects=[ObjectRecord("b-a", "a/b/f", 1, "e", "03", T0 + 2)],
+                              keys={KEY: KeyMemory("03", T0 + 2, "b-a", T0 + 2, "e", 1)}),
+                    sinks=[], now=T0)
+            if then == "add_outbox":
+                assert tx.add_outbox(event_id="ev-x", kind="k", payload="{}", sinks=["s"],
+                                     now=T0)
+            elif then == "set_timer":
+                assert tx.set_timer("t", "k", due_at=T0, payload="p")
+            elif then == "take_due_timers":
+                assert tx.take_due_timers("t", until=T0, limit=5) == []
+            elif then == "load":
+                state = tx.load(LoadRequest(batch_keys={("bkt", "z/")},
+                                            object_keys={("bkt", "z/q")}))
+                assert state.keys == {}
+        # Then the step ran again with upserts and went through, whole
+        assert "runs again with upserts" in caplog.text
+        assert rows(pg_url, "SELECT batch_id, sequencer FROM batch_objects ORDER BY 1") == [
+            ("b-a", "03"), ("b-ab", "02")]
+        assert rows(pg_url, "SELECT batch_id, sequencer FROM key_memory") == [("b-a", "03")]
+        if then == "add_outbox":
+            assert rows(pg_url, "SELECT count(*) FROM deliveries") == [(1,)]
+        stats = store.pool.get_stats()
+        assert stats["pool_available"] == stats["pool_size"]
+    finally:
+        store.close()
+
+
+def test_a_commit_failing_for_good_gives_its_connection_back(pg_url: str) -> None:
+    # Given a store of a pool of 4
+    store = PostgresStore(pg_url, retry_seconds=2)
+    try:
+        # When 5 steps fail at commit on a unique index that is no new row's (two open
+        # batches of one prefix: the last line of defence)
+        def bad_step(i: int) -> None:
+            with store.transaction() as tx:
+                tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
+                tx.save(StepWrite(open_batches=[saved(batch(f"b-{i}-1")),
+                                                saved(batch(f"b-{i}-2"))]),
+                        sinks=[], now=T0)
+
+        for i in range(5):
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                bad_step(i)
+        # Then each gave its connection back (else the 5th waits for the pool, and
+        # fails with PoolTimeout, as every later step of the worker would)
+        stats = store.pool.get_stats()
+        assert stats["pool_available"] == stats["pool_size"]
+    finally:
+        store.close()
