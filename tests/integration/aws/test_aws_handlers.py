@@ -300,13 +300,13 @@ def test_operators_commands_find_the_store_through_the_secret(aws: Any) -> None:
         assert not (Path(os.environ["XDG_DATA_HOME"]) / "edp").exists()
 
 # -- holds: records not stored come again only after the visibility timeout ----------
-QUIET, VISIBILITY, MARGIN = 2.0, 3, 5.0  # a hold lasts VISIBILITY + MARGIN
+QUIET, VISIBILITY, MARGIN = 2.0, 3, 3.0  # a hold lasts VISIBILITY + MARGIN
 POISON = [f"{PREFIX}poison-{n}.csv" for n in range(3)]
 
 
 @pytest.fixture
 def holds_env(lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """A 2 s quiet period, a 3 s visibility timeout, holds 5 s past it, containers that
+    """A 2 s quiet period, a 3 s visibility timeout, holds 3 s past it, containers that
     stop counting as live 1 s after their last step (only holds keep a batch open
     longer), and steps that fail (not for the store) on the POISON keys."""
     from edp_testing import FailsOnKey
