@@ -315,11 +315,14 @@ def test_a_failed_delivery_is_tried_again_at_its_backoff_not_after_the_long_poll
     # Given a caught-up daemon whose receives wait a minute (an idle SQS queue's long
     # poll), and a sink that fails the first two tries of an event
     class LongPolling(Scripted):
-        """Waits out every empty receive (8 s at most, so that the test can stop it)."""
+        """Waits out every empty receive (8 s at most, so that the test can stop it),
+        until the test has seen what it waits for (``done``: then it stops at once)."""
+
+        done = threading.Event()
 
         def receive(self, *, wait: float) -> Received:
             if not self.script:
-                time.sleep(min(wait, 8.0))
+                self.done.wait(min(wait, 8.0))
                 return Received([], caught_up=True)
             return super().receive(wait=wait)
 
@@ -334,6 +337,7 @@ def test_a_failed_delivery_is_tried_again_at_its_backoff_not_after_the_long_poll
         # Then the event arrives after the backoff (about 0.5-1 s, then 1-2 s), not a
         # long poll after each failure (16 s and more)
         wait_until(lambda: sink.sent, timeout=8, what="the event, after two retries")
+        source.done.set()  # (the stop need not wait out the receive in progress)
     assert run.daemon is not None
     [event] = sink.sent
     assert event["detail"]["prefix"] == "lab/run-1/"
