@@ -558,8 +558,9 @@ def test_a_second_live_process_under_a_worker_id_is_refused(tmp_path: Path,
     try:
         wait_for("w0 to join", lambda: heartbeat_at(pg_url, "w0") > 0)
         # When a second process starts under the same worker id (a copy-paste slip)
-        # (its worker_timeout short: it would take the id from a worker silent that long)
-        twin = start_piped(tmp_path, pg_url, "w0", 2, run=1, timeout=5)
+        # (its worker_timeout short: it would take the id from a worker silent that long;
+        # w0 heartbeats every 0.1 s while it waits for its partner)
+        twin = start_piped(tmp_path, pg_url, "w0", 2, run=1, timeout=2)
         feed(twin, [])
         # Then it is refused at once, saying why (it was taken for w0 restarted, and
         # the two queued their parts as one: events were lost)
