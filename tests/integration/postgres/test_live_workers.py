@@ -283,14 +283,17 @@ def test_a_second_live_worker_under_one_worker_id_is_refused(
     from edp.store import postgres_workers
 
     monkeypatch.setattr(postgres_workers, "CLAIM_PATIENCE", 0.5)
+    # (an idle worker publishes its clock every PEER_BEAT: 0.5 s here, not 2 s)
+    monkeypatch.setattr(Daemon, "PEER_BEAT", 0.5)
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
     second.mkdir()
     # Given a live worker "edp-1" (the worker_id of a config file two processes share)
     worker = WatchDaemon(first, pg_url, "edp-1")
     worker.thread.start()
-    # (its worker_timeout short: it would take the id from a worker silent that long)
-    twin = WatchDaemon(second, pg_url, "edp-1", worker_timeout=5)
+    # (its worker_timeout short, four beats of the first: it would take the id from a
+    # worker silent that long)
+    twin = WatchDaemon(second, pg_url, "edp-1", worker_timeout=2)
     ended: list[BaseException | None] = []
 
     def run_twin() -> None:
