@@ -185,6 +185,9 @@ class Daemon:
     def run(self) -> DaemonStats:
         """Loop until :meth:`stop`; then flush the outbox and close the sources."""
         fanned = len(self.sources) > 1
+        # Told to stop during an outage, the step (and the stop's own flush) stops
+        # retrying the store: what it could not store comes again.
+        self.runtime.store.stop_retrying_on(self.stop_event)
         # (first: a twin under this id would make the crash check below read its state)
         self._claim()
         self._after_a_crash()
@@ -240,6 +243,7 @@ class Daemon:
                             ", ".join(sorted(self._unacknowledged)) or "none")
             elif ended:  # (not when an exception, a KeyboardInterrupt, ends the loop)
                 self._finish()
+            self.runtime.store.stop_retrying_on(None)
         return self.stats
 
     def _claim(self) -> None:

@@ -11,6 +11,7 @@ batch and recording its event in the outbox commit together or not at all.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -483,6 +484,13 @@ class Store(Protocol):
 
     def schema_version(self) -> tuple[int, int]:
         """(applied, latest) migration versions."""
+        ...
+
+    def stop_retrying_on(self, event: threading.Event | None) -> None:
+        """Once ``event`` is set, try an operation that failed on a lost database once
+        more at most, rather than for ``retry_seconds``: a worker told to stop during an
+        outage exits within moments (what it could not store comes again). None: retry
+        as usual again. (A store without retries ignores it.)"""
         ...
 
     def close(self) -> None:

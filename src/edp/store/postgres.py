@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,8 +30,10 @@ from tenacity import (
     retry_if_exception,
     retry_if_exception_type,
     stop_after_delay,
+    stop_when_event_set,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
 from edp.core.batching import ObjectRecord
 from edp.errors import StoreError
@@ -55,6 +58,9 @@ T = TypeVar("T")
 IDLE_IN_TRANSACTION = 60.0
 """Seconds a session may sit idle inside a transaction before the server ends it
 (``idle_in_transaction_session_timeout``); workers set ``worker_timeout``."""
+POOL_WAIT_SLICE = 1.0
+"""Seconds one try waits for a pooled connection once a stop may come (see
+PostgresStore.stop_retrying_on): the retries go on for retry_seconds in all."""
 MIGRATION_LOCK = 0x65647001  # pg_advisory_xact_lock key of schema migrations ("edp" 1)
 
 
@@ -136,6 +142,7 @@ class PostgresStore(WorkerClocks):
         self.keeps_objects = True
         self.shared = True
         self.retry_seconds = retry_seconds
+        self._interrupt: threading.Event | None = None
         self.delivery_lease = delivery_lease
         self.local_clock = time.time
         # Counter rows are sharded per store so that workers do not queue on them.
@@ -231,13 +238,25 @@ class PostgresStore(WorkerClocks):
     # -- plumbing -------------------------------------------------------------------
     def retrying(self) -> Retrying:
         """The retry policy: lost connections, deadlocks, serialization failures."""
+        stop: stop_base = stop_after_delay(self.retry_seconds)
+        if self._interrupt is not None:
+            stop = stop | stop_when_event_set(self._interrupt)
         return Retrying(
             retry=retry_if_exception_type(LOST),
             wait=wait_random_exponential(multiplier=0.05, max=2.0),
-            stop=stop_after_delay(self.retry_seconds),
+            stop=stop,
             before_sleep=before_sleep_log(log, logging.WARNING),
             reraise=True,
         )
+
+    def stop_retrying_on(self, event: threading.Event | None) -> None:
+        """See :meth:`~edp.store.base.Store.stop_retrying_on`. Until then, a wait for a
+        pooled connection is cut into slices, so that the event is seen."""
+        self._interrupt = event
+
+    def pool_wait(self) -> float | None:
+        """How long one try waits for a pooled connection (None: the pool's timeout)."""
+        return None if self._interrupt is None else POOL_WAIT_SLICE
 
     def _run(self, work: Callable[[psycopg.Connection[Any]], T], *, pipeline: bool = True) -> T:
         """Run ``work`` in its own transaction, retried whole on transient errors.
@@ -246,7 +265,7 @@ class PostgresStore(WorkerClocks):
         that only sends statements costs one round trip.
         """
         for attempt in self.retrying():
-            with attempt, self.pool.connection() as conn:
+            with attempt, self.pool.connection(timeout=self.pool_wait()) as conn:
                 if not pipeline:
                     return work(conn)
                 with conn.pipeline():
@@ -294,7 +313,8 @@ class PostgresStore(WorkerClocks):
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:
         """A write transaction: commits on success, rolls back on error, retried whole."""
-        tx = RetryingTransaction(self.pool, self.retrying, shard=self.shard)
+        tx = RetryingTransaction(self.pool, self.retrying, shard=self.shard,
+                                 pool_wait=self.pool_wait)
         try:
             yield tx
         except BaseException:

@@ -61,10 +61,12 @@ class RetryingTransaction:
         retrying: Callable[[], Retrying],
         *,
         shard: int,
+        pool_wait: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.pool = pool
         self.retrying = retrying
         self.shard = shard
+        self.pool_wait = pool_wait
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any], int]] = []
         self.conn: psycopg.Connection[Any] | None = None
         self.tx: PostgresTransaction | None = None
@@ -258,7 +260,7 @@ class RetryingTransaction:
         """The transaction's connection; a new one replays the calls made so far."""
         if self.conn is not None:
             return self.conn
-        conn = self.pool.getconn()
+        conn = self.pool.getconn(timeout=self.pool_wait())
         tx = PostgresTransaction(conn, shard=self.shard, plain_inserts=self.plain_inserts)
         self.conn, self.tx = conn, tx
         if not self.calls:

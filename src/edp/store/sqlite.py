@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -483,6 +484,9 @@ class SqliteStore:
                 "DELETE FROM fingerprints WHERE seen_at < ?", (keys_before,)
             ).rowcount
         return int(gone)
+
+    def stop_retrying_on(self, event: threading.Event | None) -> None:
+        """Nothing to stop: SQLite's operations are not retried (see Store)."""
 
     def close(self) -> None:
         """Close the connection."""
