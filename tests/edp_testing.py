@@ -174,6 +174,15 @@ def missing(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def interruptible() -> None:
+    """``preexec_fn`` of a process a test will Ctrl-C: SIGINT as a terminal gives it. A
+    test run started in the background by a shell without job control inherits SIGINT
+    ignored, and Python then leaves it ignored (the child would never see Ctrl-C)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def unique(prefix: str) -> str:
     """A resource name no other test uses."""
     return f"{prefix}-{uuid.uuid4().hex[:10]}"

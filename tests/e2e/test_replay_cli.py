@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from edp_testing import eventbridge, jsonl
+from edp_testing import eventbridge, interruptible, jsonl
 
 REPLAY_DIR = Path(__file__).parents[1] / "replay"
 SCENARIOS = sorted(p.stem for p in REPLAY_DIR.glob("*.jsonl") if not p.stem.endswith(".expected"))
@@ -293,7 +293,8 @@ def test_ctrl_c_stops_a_replay_with_the_usual_status_and_no_traceback() -> None:
 
     # Given a replay reading a stream that has not ended (stdin kept open)
     proc = subprocess.Popen([sys.executable, "-m", "edp", "replay", "-"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=interruptible)
     assert proc.stdin is not None
     proc.stdin.write(jsonl([eventbridge("a/b/c", 0)]))
     proc.stdin.flush()

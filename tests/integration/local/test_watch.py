@@ -24,6 +24,7 @@ from edp.decode import decode_message
 from edp.sources.watch import SEQUENCER_WIDTH, FolderSource, notification
 from edp.store import Store, open_store
 from edp.store.base import BatchRow
+from edp_testing import interruptible
 
 pytestmark = pytest.mark.timeout(60)
 Wait = Callable[..., object]
@@ -370,6 +371,7 @@ def test_edp_watch_cli_prints_events_packages_batches_and_stops_on_ctrl_c(
          "--database-url", f"sqlite:///{tmp_path / 'cli.db'}", "--settle", "0.2",
          "--threshold-event-count", "2", *(["--registry", str(registry)] if packaging else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+        preexec_fn=interruptible,
     )
     lines: queue.Queue[bytes] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
@@ -438,6 +440,7 @@ def test_edp_watch_on_a_registry_folder_emits_package_ready(root: Path, tmp_path
         [sys.executable, "-m", "edp", "watch", str(root), "--settle", "0.2",
          "--database-url", f"sqlite:///{tmp_path / 'ready.db'}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+        preexec_fn=interruptible,
     )
     lines: queue.Queue[bytes] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
