@@ -145,16 +145,15 @@ class PostgresTransaction:
         """Every result read, in order: a retry replays the calls and compares these."""
         self.queued: list[tuple[str, Sequence[Any]]] = []
         self.copies: list[tuple[str, list[tuple[Any, ...]]]] = []
-        """New rows, sent with COPY before the queued writes (no conflict check, as a
-        plain INSERT; one worker's ingest a few per cent faster than with INSERTs of
-        JSON rows, see docs/benchmarks.md)."""
+        """New rows, sent with COPY before the queued writes (about half the cost of an
+        upsert of JSON rows, client and server: see docs/benchmarks.md)."""
         # What a load read of the step's keys, for cheaper writes: a key's memory
         # changes under its prefix's lock, and the load read every memory row of the
         # step's keys under it; a key's object row of a batch is written only with its
         # memory naming that batch, and prune keeps the memories of open batches. So a
         # key the load asked for and did not find has no memory row, and its object rows
         # exist only for the batch its memory named: the others are inserted by COPY,
-        # without an upsert's conflict check (about 30 % cheaper). Where that does not
+        # without an upsert's conflict check (about half its cost). Where that does not
         # hold (workers, or runs, of different prefix depths while a batch stays open:
         # one key, two prefixes' locks), the primary key refuses the row and the step
         # runs again with upserts (``plain_inserts=False``, RetryingTransaction). Keys
