@@ -184,10 +184,16 @@ class Daemon:
 
     def run(self) -> DaemonStats:
         """Loop until :meth:`stop`; then flush the outbox and close the sources."""
-        fanned = len(self.sources) > 1
         # Told to stop during an outage, the step (and the stop's own flush) stops
         # retrying the store: what it could not store comes again.
         self.runtime.store.stop_retrying_on(self.stop_event)
+        try:
+            return self._run()
+        finally:
+            self.runtime.store.stop_retrying_on(None)
+
+    def _run(self) -> DaemonStats:
+        fanned = len(self.sources) > 1
         # (first: a twin under this id would make the crash check below read its state)
         self._claim()
         self._after_a_crash()
@@ -243,7 +249,6 @@ class Daemon:
                             ", ".join(sorted(self._unacknowledged)) or "none")
             elif ended:  # (not when an exception, a KeyboardInterrupt, ends the loop)
                 self._finish()
-            self.runtime.store.stop_retrying_on(None)
         return self.stats
 
     def _claim(self) -> None:

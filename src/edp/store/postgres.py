@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 from tenacity import (
     Retrying,
     before_sleep_log,
@@ -253,6 +253,21 @@ class PostgresStore(WorkerClocks):
         """See :meth:`~edp.store.base.Store.stop_retrying_on`. Until then, a wait for a
         pooled connection is cut into slices, so that the event is seen."""
         self._interrupt = event
+
+    def getconn(self) -> psycopg.Connection[Any]:
+        """A pooled connection, outside any retry loop: waited for up to the pool's
+        timeout, or until a stop (see :meth:`stop_retrying_on`), then PoolTimeout."""
+        step = self.pool_wait()
+        if step is None:
+            return self.pool.getconn()
+        give_up = time.monotonic() + self.retry_seconds
+        while True:
+            try:
+                return self.pool.getconn(timeout=step)
+            except PoolTimeout:
+                stopping = self._interrupt is not None and self._interrupt.is_set()
+                if stopping or time.monotonic() >= give_up:
+                    raise
 
     def pool_wait(self) -> float | None:
         """How long one try waits for a pooled connection (None: the pool's timeout)."""

@@ -195,7 +195,7 @@ class RetryingTransaction:
         connection yet) is ended first: its process is terminated, which commits
         nothing more, and the answer is then final. Raises a lost-connection error, to
         be tried again, while the server cannot be asked."""
-        with self.pool.connection() as conn:
+        with self.pool.connection(timeout=self.pool_wait()) as conn:
             try:
                 row = conn.execute("SELECT txid_status(%s)", (xid,)).fetchone()
                 if row is not None and row[0] == "in progress":

@@ -62,6 +62,7 @@ class WorkerClocks:
     # Provided by PostgresStore, which mixes this class in.
     _run: Callable[..., Any]
     _rows: Callable[..., list[Any]]
+    getconn: Callable[[], psycopg.Connection[Any]]
     _clock_offset: float = 0.0
     _clock_measured: float = -math.inf
     local_clock: Callable[[], float]
@@ -339,7 +340,7 @@ class WorkerClocks:
             log.warning("the session holding worker id %r was lost; taking it again",
                         worker_id)
             self.release_worker_id()
-        conn = self.pool.getconn()
+        conn = self.getconn()
         key = member_key(worker_id)
         started = time.monotonic()
         give_up = started + CLAIM_PATIENCE + (silent_for or 0.0)

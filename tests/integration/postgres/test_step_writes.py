@@ -337,3 +337,71 @@ def test_a_store_told_to_stop_gives_up_on_a_lost_database_at_once(pg_url: str) -
     finally:
         database_allows_connections(True)
         store.close()
+
+
+def _allow_connections(pg_url: str, allowed: bool, *, terminate: bool = True) -> None:
+    from urllib.parse import urlsplit
+
+    from integration.postgres.pg_testing import ADMIN_URL
+
+    name = urlsplit(pg_url).path.lstrip("/")
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+        if not allowed and terminate:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                         " WHERE datname = %s", (name,))
+
+
+def test_a_stop_during_a_commit_gone_unanswered_is_seen_at_once(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edp.store.postgres_tx import PostgresTransaction
+
+    # Given a store whose worker may be told to stop (it would retry for ten minutes)
+    store = PostgresStore(pg_url, retry_seconds=600)
+    stop = threading.Event()
+    store.stop_retrying_on(stop)
+    send_queued = PostgresTransaction.send_queued
+
+    def lost_before_commit(self: PostgresTransaction) -> None:
+        # the database goes away just as the step's COMMIT is sent: its outcome unknown
+        send_queued(self)
+        _allow_connections(pg_url, False)
+
+    try:
+        assert store.pending("s", limit=1, now=T0) == []
+        monkeypatch.setattr(PostgresTransaction, "send_queued", lost_before_commit)
+        # When the worker is told to stop a moment after the COMMIT went unanswered
+        threading.Timer(0.5, stop.set).start()
+        # Then the step gives up (while it asks whether the COMMIT went through: not
+        # after ten minutes, the test's timeout would end it first)
+        with pytest.raises(psycopg.OperationalError), store.transaction() as tx:
+            tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
+    finally:
+        monkeypatch.undo()
+        _allow_connections(pg_url, True)
+        store.close()
+
+
+def test_a_stop_while_the_worker_id_is_claimed_again_in_an_outage_is_seen_at_once(
+    pg_url: str,
+) -> None:
+    # Given a worker holding its id (its session lock on a pooled connection), whose
+    # worker may be told to stop
+    store = PostgresStore(pg_url, retry_seconds=600)
+    stop = threading.Event()
+    store.stop_retrying_on(stop)
+    try:
+        store.claim_worker_id("w1")
+        # When the database goes away (its session with it), and the worker is told to
+        # stop while the daemon's loop checks its id (Daemon._keep_worker_id, every
+        # CLAIM_CHECK = 10 s)
+        _allow_connections(pg_url, False)
+        threading.Timer(0.5, stop.set).start()
+        # Then the check gives up (not after the pool's ten minutes: the test's timeout
+        # would end it first)
+        with pytest.raises(psycopg.OperationalError):
+            store.claim_worker_id("w1")
+    finally:
+        _allow_connections(pg_url, True)
+        store.close()
