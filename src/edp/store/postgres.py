@@ -25,6 +25,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 from tenacity import (
+    RetryCallState,
     Retrying,
     before_sleep_log,
     retry_if_exception,
@@ -245,9 +246,17 @@ class PostgresStore(WorkerClocks):
             retry=retry_if_exception_type(LOST),
             wait=wait_random_exponential(multiplier=0.05, max=2.0),
             stop=stop,
-            before_sleep=before_sleep_log(log, logging.WARNING),
+            before_sleep=self._log_retry,
             reraise=True,
         )
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        # A wait for a pooled connection cut into slices (see stop_retrying_on) ends in
+        # PoolTimeout every second of an outage: those at debug (the pool says at
+        # warning why it cannot connect, and the first error of a step was said).
+        error = state.outcome.exception() if state.outcome is not None else None
+        sliced = isinstance(error, PoolTimeout) and self.pool_wait() is not None
+        before_sleep_log(log, logging.DEBUG if sliced else logging.WARNING)(state)
 
     def stop_retrying_on(self, event: threading.Event | None) -> None:
         """See :meth:`~edp.store.base.Store.stop_retrying_on`. Until then, a wait for a

@@ -405,3 +405,30 @@ def test_a_stop_while_the_worker_id_is_claimed_again_in_an_outage_is_seen_at_onc
     finally:
         _allow_connections(pg_url, True)
         store.close()
+
+
+def test_a_worker_that_may_stop_logs_its_pool_waits_in_an_outage_at_debug(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    # Given a store whose worker may be told to stop (its pool waits cut into 1 s
+    # slices), retrying for 3 s
+    store = PostgresStore(pg_url, retry_seconds=3)
+    store.stop_retrying_on(threading.Event())
+    try:
+        assert store.pending("s", limit=1, now=T0) == []
+        # When the database is unreachable for an operation's whole retry time
+        _allow_connections(pg_url, False)
+        caplog.set_level(logging.DEBUG, logger="edp.store.postgres")
+        with pytest.raises(psycopg.OperationalError):
+            store.pending("s", limit=1, now=T0)
+    finally:
+        _allow_connections(pg_url, True)
+        store.close()
+    # Then the slices' ends were retried (at debug), and none said so at warning: one
+    # line a second through an outage would bury what matters
+    retries = [r for r in caplog.records
+               if r.name == "edp.store.postgres" and "PoolTimeout" in r.getMessage()]
+    assert retries
+    assert {r.levelno for r in retries} == {logging.DEBUG}
