@@ -301,28 +301,16 @@ def test_a_commit_failing_for_good_gives_its_connection_back(pg_url: str) -> Non
 
 
 def test_a_store_told_to_stop_gives_up_on_a_lost_database_at_once(pg_url: str) -> None:
-    from urllib.parse import urlsplit
-
-    from integration.postgres.pg_testing import ADMIN_URL
-
     # Given a store that would retry a lost database for ten minutes, whose worker may
     # be told to stop
     store = PostgresStore(pg_url, retry_seconds=600)
     stop = threading.Event()
     store.stop_retrying_on(stop)
-    name = urlsplit(pg_url).path.lstrip("/")
-
-    def database_allows_connections(allowed: bool) -> None:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
-            if not allowed:
-                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                             " WHERE datname = %s", (name,))
 
     try:
         assert store.pending("s", limit=1, now=T0) == []
         # When the database becomes unreachable, and the worker is told to stop
-        database_allows_connections(False)
+        _allow_connections(pg_url, False)
         stop.set()
         # Then an operation and a step each fail after one more try (not after ten
         # minutes: the test's timeout would end it first)
@@ -332,10 +320,10 @@ def test_a_store_told_to_stop_gives_up_on_a_lost_database_at_once(pg_url: str) -
             tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
         # And once the stop is over and the database back, it works again
         store.stop_retrying_on(None)
-        database_allows_connections(True)
+        _allow_connections(pg_url, True)
         assert store.pending("s", limit=1, now=T0) == []
     finally:
-        database_allows_connections(True)
+        _allow_connections(pg_url, True)
         store.close()
 
 
