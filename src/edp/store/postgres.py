@@ -31,7 +31,6 @@ from tenacity import (
     retry_if_exception,
     retry_if_exception_type,
     stop_after_delay,
-    stop_when_event_set,
     wait_random_exponential,
 )
 from tenacity.stop import stop_base
@@ -60,8 +59,9 @@ IDLE_IN_TRANSACTION = 60.0
 """Seconds a session may sit idle inside a transaction before the server ends it
 (``idle_in_transaction_session_timeout``); workers set ``worker_timeout``."""
 POOL_WAIT_SLICE = 1.0
-"""Seconds one try waits for a pooled connection once a stop may come (see
-PostgresStore.stop_retrying_on): the retries go on for retry_seconds in all."""
+"""Seconds one try waits for a pooled connection while a stop may come (a daemon's
+run, see PostgresStore.stop_retrying_on): the retries go on for retry_seconds in all.
+(Only a daemon's main thread uses its pool, so a wait is long only in an outage.)"""
 MIGRATION_LOCK = 0x65647001  # pg_advisory_xact_lock key of schema migrations ("edp" 1)
 
 
@@ -117,6 +117,23 @@ TCP_DEFAULTS = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5
 SERVER_KEEPALIVES = {"tcp_keepalives_idle": "30", "tcp_keepalives_interval": "10",
                      "tcp_keepalives_count": "3"}
 """The server's TCP keepalive for edp's sessions (ignored on a Unix socket)."""
+
+
+class _OneMoreTry(stop_base):
+    """Stop retrying once ``event`` is set and one more try failed (a stale pooled
+    connection or a deadlock at a normal stop still gets its retry; an outage does not
+    hold the stop for retry_seconds)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+        self.seen_at: int | None = None
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        if not self.event.is_set():
+            return False
+        if self.seen_at is None:
+            self.seen_at = retry_state.attempt_number
+        return retry_state.attempt_number > self.seen_at
 
 
 class PostgresStore(WorkerClocks):
@@ -241,7 +258,7 @@ class PostgresStore(WorkerClocks):
         """The retry policy: lost connections, deadlocks, serialization failures."""
         stop: stop_base = stop_after_delay(self.retry_seconds)
         if self._interrupt is not None:
-            stop = stop | stop_when_event_set(self._interrupt)
+            stop = stop | _OneMoreTry(self._interrupt)
         return Retrying(
             retry=retry_if_exception_type(LOST),
             wait=wait_random_exponential(multiplier=0.05, max=2.0),

@@ -18,8 +18,8 @@ writes it in C and the server reads it in C, far cheaper than binding thousands 
 array elements one by one; rows that cannot exist yet (new key memories, a key's
 first object row in its batch) go by COPY, cheaper still. With pipelining, a step of
 thousands of events costs a few round trips: locks and reads, the open batches, the
-COPY of new rows (one exchange per table), then writes and COMMIT (one more when due
-batches of other prefixes are taken).
+COPY of new rows (two short exchanges per table), then writes and COMMIT (one more
+when due batches of other prefixes are taken).
 """
 
 from __future__ import annotations

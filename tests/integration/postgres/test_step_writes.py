@@ -300,7 +300,9 @@ def test_a_commit_failing_for_good_gives_its_connection_back(pg_url: str) -> Non
         store.close()
 
 
-def test_a_store_told_to_stop_gives_up_on_a_lost_database_at_once(pg_url: str) -> None:
+def test_a_store_told_to_stop_gives_up_on_a_lost_database_without_waiting_its_retries(
+    pg_url: str,
+) -> None:
     # Given a store that would retry a lost database for ten minutes, whose worker may
     # be told to stop
     store = PostgresStore(pg_url, retry_seconds=600)
@@ -340,7 +342,7 @@ def _allow_connections(pg_url: str, allowed: bool, *, terminate: bool = True) ->
                          " WHERE datname = %s", (name,))
 
 
-def test_a_stop_during_a_commit_gone_unanswered_is_seen_at_once(
+def test_a_stop_during_a_commit_gone_unanswered_is_seen(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from edp.store.postgres_tx import PostgresTransaction
@@ -371,7 +373,7 @@ def test_a_stop_during_a_commit_gone_unanswered_is_seen_at_once(
         store.close()
 
 
-def test_a_stop_while_the_worker_id_is_claimed_again_in_an_outage_is_seen_at_once(
+def test_a_stop_while_the_worker_id_is_claimed_again_in_an_outage_is_seen(
     pg_url: str,
 ) -> None:
     # Given a worker holding its id (its session lock on a pooled connection), whose
@@ -420,3 +422,27 @@ def test_a_worker_that_may_stop_logs_its_pool_waits_in_an_outage_at_debug(
                if r.name == "edp.store.postgres" and "PoolTimeout" in r.getMessage()]
     assert retries
     assert {r.levelno for r in retries} == {logging.DEBUG}
+
+
+@pytest.mark.parametrize("stopping", [False, True])
+def test_a_stale_pooled_connection_at_a_stop_is_tried_once_more(
+    pg_url: str, stopping: bool
+) -> None:
+    # Given a store whose worker may be told to stop, with a pooled connection the
+    # server has ended (an idle timeout, a proxy, a failover)
+    store = PostgresStore(pg_url, retry_seconds=10)
+    stop = threading.Event()
+    store.stop_retrying_on(stop)
+    try:
+        assert store.pending("s", limit=1, now=T0) == []
+        with store.pool.connection() as conn:
+            pid = conn.info.backend_pid
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # When the next operation runs, at a normal stop (SIGTERM: the last relay) or not
+        if stopping:
+            stop.set()
+        # Then it is tried once more on a new connection, and works
+        assert store.pending("s", limit=1, now=T0) == []
+    finally:
+        store.close()
