@@ -300,33 +300,38 @@ def test_a_commit_failing_for_good_gives_its_connection_back(pg_url: str) -> Non
         store.close()
 
 
-def test_a_store_told_to_stop_gives_up_on_a_lost_database_without_waiting_its_retries(
-    pg_url: str,
-) -> None:
-    # Given a store that would retry a lost database for ten minutes, whose worker may
-    # be told to stop
+@pytest.fixture
+def stoppable(pg_url: str) -> Iterator[tuple[PostgresStore, threading.Event]]:
+    """A store that would retry a lost database for ten minutes, and the stop event of
+    its worker (registered)."""
     store = PostgresStore(pg_url, retry_seconds=600)
     stop = threading.Event()
     store.stop_retrying_on(stop)
+    yield store, stop
+    _allow_connections(pg_url, True)
+    store.close()
 
-    try:
-        assert store.pending("s", limit=1, now=T0) == []
-        # When the database becomes unreachable, and the worker is told to stop
-        _allow_connections(pg_url, False)
-        stop.set()
-        # Then an operation and a step each fail after one more try (not after ten
-        # minutes: the test's timeout would end it first)
-        with pytest.raises(psycopg.OperationalError):
-            store.pending("s", limit=1, now=T0)
-        with pytest.raises(psycopg.OperationalError), store.transaction() as tx:
-            tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
-        # And once the stop is over and the database back, it works again
-        store.stop_retrying_on(None)
-        _allow_connections(pg_url, True)
-        assert store.pending("s", limit=1, now=T0) == []
-    finally:
-        _allow_connections(pg_url, True)
-        store.close()
+
+def test_a_store_told_to_stop_gives_up_on_a_lost_database_without_waiting_its_retries(
+    pg_url: str, stoppable: tuple[PostgresStore, threading.Event]
+) -> None:
+    # Given a store that would retry a lost database for ten minutes, whose worker may
+    # be told to stop
+    store, stop = stoppable
+    assert store.pending("s", limit=1, now=T0) == []
+    # When the database becomes unreachable, and the worker is told to stop
+    _allow_connections(pg_url, False)
+    stop.set()
+    # Then an operation and a step each fail after one more try (not after ten
+    # minutes: the test's timeout would end it first)
+    with pytest.raises(psycopg.OperationalError):
+        store.pending("s", limit=1, now=T0)
+    with pytest.raises(psycopg.OperationalError), store.transaction() as tx:
+        tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
+    # And once the stop is over and the database back, it works again
+    store.stop_retrying_on(None)
+    _allow_connections(pg_url, True)
+    assert store.pending("s", limit=1, now=T0) == []
 
 
 def _allow_connections(pg_url: str, allowed: bool, *, terminate: bool = True) -> None:
@@ -343,14 +348,13 @@ def _allow_connections(pg_url: str, allowed: bool, *, terminate: bool = True) ->
 
 
 def test_a_stop_during_a_commit_gone_unanswered_is_seen(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_url: str, stoppable: tuple[PostgresStore, threading.Event],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from edp.store.postgres_tx import PostgresTransaction
 
     # Given a store whose worker may be told to stop (it would retry for ten minutes)
-    store = PostgresStore(pg_url, retry_seconds=600)
-    stop = threading.Event()
-    store.stop_retrying_on(stop)
+    store, stop = stoppable
     send_queued = PostgresTransaction.send_queued
 
     def lost_before_commit(self: PostgresTransaction) -> None:
@@ -358,43 +362,32 @@ def test_a_stop_during_a_commit_gone_unanswered_is_seen(
         send_queued(self)
         _allow_connections(pg_url, False)
 
-    try:
-        assert store.pending("s", limit=1, now=T0) == []
-        monkeypatch.setattr(PostgresTransaction, "send_queued", lost_before_commit)
-        # When the worker is told to stop a moment after the COMMIT went unanswered
-        threading.Timer(0.5, stop.set).start()
-        # Then the step gives up (while it asks whether the COMMIT went through: not
-        # after ten minutes, the test's timeout would end it first)
-        with pytest.raises(psycopg.OperationalError), store.transaction() as tx:
-            tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
-    finally:
-        monkeypatch.undo()
-        _allow_connections(pg_url, True)
-        store.close()
+    assert store.pending("s", limit=1, now=T0) == []
+    monkeypatch.setattr(PostgresTransaction, "send_queued", lost_before_commit)
+    # When the worker is told to stop a moment after the COMMIT went unanswered
+    threading.Timer(0.5, stop.set).start()
+    # Then the step gives up (while it asks whether the COMMIT went through: not
+    # after ten minutes, the test's timeout would end it first)
+    with pytest.raises(psycopg.OperationalError), store.transaction() as tx:
+        tx.load(LoadRequest(batch_keys={("bkt", "a/b/")}))
 
 
 def test_a_stop_while_the_worker_id_is_claimed_again_in_an_outage_is_seen(
-    pg_url: str,
+    pg_url: str, stoppable: tuple[PostgresStore, threading.Event]
 ) -> None:
     # Given a worker holding its id (its session lock on a pooled connection), whose
     # worker may be told to stop
-    store = PostgresStore(pg_url, retry_seconds=600)
-    stop = threading.Event()
-    store.stop_retrying_on(stop)
-    try:
+    store, stop = stoppable
+    store.claim_worker_id("w1")
+    # When the database goes away (its session with it), and the worker is told to
+    # stop while the daemon's loop checks its id (Daemon._keep_worker_id, every
+    # CLAIM_CHECK = 10 s)
+    _allow_connections(pg_url, False)
+    threading.Timer(0.5, stop.set).start()
+    # Then the check gives up (not after the pool's ten minutes: the test's timeout
+    # would end it first)
+    with pytest.raises(psycopg.OperationalError):
         store.claim_worker_id("w1")
-        # When the database goes away (its session with it), and the worker is told to
-        # stop while the daemon's loop checks its id (Daemon._keep_worker_id, every
-        # CLAIM_CHECK = 10 s)
-        _allow_connections(pg_url, False)
-        threading.Timer(0.5, stop.set).start()
-        # Then the check gives up (not after the pool's ten minutes: the test's timeout
-        # would end it first)
-        with pytest.raises(psycopg.OperationalError):
-            store.claim_worker_id("w1")
-    finally:
-        _allow_connections(pg_url, True)
-        store.close()
 
 
 def test_a_worker_that_may_stop_logs_its_pool_waits_in_an_outage_at_debug(
