@@ -281,19 +281,12 @@ class PostgresStore(WorkerClocks):
         self._interrupt = event
 
     def getconn(self) -> psycopg.Connection[Any]:
-        """A pooled connection, outside any retry loop: waited for up to the pool's
-        timeout, or until a stop (see :meth:`stop_retrying_on`), then PoolTimeout."""
-        step = self.pool_wait()
-        if step is None:
-            return self.pool.getconn()
-        give_up = time.monotonic() + self.retry_seconds
-        while True:
-            try:
-                return self.pool.getconn(timeout=step)
-            except PoolTimeout:
-                stopping = self._interrupt is not None and self._interrupt.is_set()
-                if stopping or time.monotonic() >= give_up:
-                    raise
+        """A pooled connection, for work outside a retry loop: waited for as long as the
+        retries last, or until a stop (see :meth:`stop_retrying_on`), then PoolTimeout."""
+        for attempt in self.retrying():  # (PoolTimeout is a lost connection's error)
+            with attempt:
+                return self.pool.getconn(timeout=self.pool_wait())
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def pool_wait(self) -> float | None:
         """How long one try waits for a pooled connection (None: the pool's timeout)."""

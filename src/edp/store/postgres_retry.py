@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg.errors
@@ -50,6 +50,7 @@ LOST: tuple[type[psycopg.Error], ...] = (
 """Errors after which the connection is gone and the transaction can run again."""
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RetryingTransaction:
@@ -141,12 +142,7 @@ class RetryingTransaction:
         """Commit, replaying the transaction on a new connection if the link broke (and
         the server did not commit it: see the module's docstring)."""
         try:
-            try:
-                self._commit()
-            except psycopg.errors.UniqueViolation as exc:
-                if not self._upsert_instead(exc):
-                    raise
-                self._commit()
+            self._upserts_if_need_be(self._commit)
         except BaseException:
             self.rollback()  # (and the connection goes back to the pool)
             raise
@@ -176,18 +172,21 @@ class RetryingTransaction:
                     raise
         self._release()
 
-    def _upsert_instead(self, exc: psycopg.errors.UniqueViolation) -> bool:
-        """After a plain insert met an existing row: roll back, to replay the step's
-        calls with upserts (on the next call, or commit, as after a lost connection).
-        False for any other unique violation (a real conflict: the step fails)."""
-        if not self.plain_inserts or exc.diag.constraint_name not in PLAIN_INSERT_KEYS:
-            return False
-        log.warning("a step's new row existed (%s: a key counted under two prefixes, by"
-                    " workers or runs of different prefix depths?); it runs again with"
-                    " upserts", exc.diag.constraint_name)
-        self.plain_inserts = False
-        self._drop()
-        return True
+    def _upserts_if_need_be(self, run: Callable[[], T]) -> T:
+        """``run()``; if a plain insert of its step met an existing row: roll back, and
+        ``run()`` again, which replays the step's calls with upserts first (as after a
+        lost connection). Any other unique violation is a real conflict: it is raised."""
+        try:
+            return run()
+        except psycopg.errors.UniqueViolation as exc:
+            if not self.plain_inserts or exc.diag.constraint_name not in PLAIN_INSERT_KEYS:
+                raise
+            log.warning("a step's new row existed (%s: a key counted under two prefixes, by"
+                        " workers or runs of different prefix depths?); it runs again with"
+                        " upserts", exc.diag.constraint_name)
+            self.plain_inserts = False
+            self._drop()
+        return run()
 
     def _committed(self, xid: int, pid: int) -> bool:
         """Whether the server committed transaction ``xid`` (False: it aborted). A
@@ -235,12 +234,8 @@ class RetryingTransaction:
 
     # -- internals --------------------------------------------------------------------------
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return self._try_call(name, *args, **kwargs)
-        except psycopg.errors.UniqueViolation as exc:  # (queued writes sent by a call)
-            if not self._upsert_instead(exc):
-                raise
-            return self._try_call(name, *args, **kwargs)
+        # (a call may send the queued writes: see PostgresTransaction.flush)
+        return self._upserts_if_need_be(lambda: self._try_call(name, *args, **kwargs))
 
     def _try_call(self, name: str, *args: Any, **kwargs: Any) -> Any:
         for attempt in self.retrying():

@@ -25,7 +25,7 @@ when due batches of other prefixes are taken).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -93,18 +93,23 @@ def _open_batch(row: Sequence[Any]) -> OpenBatch:
 PLAIN_INSERT_KEYS = frozenset({"batch_objects_pkey", "key_memory_pkey"})
 """The primary keys that a plain insert of a row thought new may meet (see
 :class:`PostgresTransaction`): the step then runs again with upserts."""
-_OBJECTS_INSERT = (
+_OBJECTS_COPY = "COPY batch_objects (batch_id, key, size, etag, sequencer, event_time) FROM STDIN"
+_OBJECTS_UPSERT = (
     "INSERT INTO batch_objects (batch_id, key, size, etag, sequencer, event_time)"
     f" {_rows_of('text', 'text', 'bigint', 'text', 'text', 'float8')}"
+    " ON CONFLICT (batch_id, key) DO UPDATE SET size = excluded.size, etag = excluded.etag,"
+    " sequencer = excluded.sequencer, event_time = excluded.event_time"
 )
-_OBJECTS_COPY = "COPY batch_objects (batch_id, key, size, etag, sequencer, event_time) FROM STDIN"
 _KEYS_COPY = (
     "COPY key_memory (bucket, key, sequencer, seen_at, batch_id, event_time, etag, size)"
     " FROM STDIN"
 )
-_KEYS_INSERT = (
+_KEYS_UPSERT = (
     "INSERT INTO key_memory (bucket, key, sequencer, seen_at, batch_id, event_time, etag, size)"
     f" {_rows_of('text', 'text', 'text', 'float8', 'text', 'float8', 'text', 'bigint')}"
+    " ON CONFLICT (bucket, key) DO UPDATE SET sequencer = excluded.sequencer,"
+    " seen_at = excluded.seen_at, batch_id = excluded.batch_id,"
+    " event_time = excluded.event_time, etag = excluded.etag, size = excluded.size"
 )
 _EVENTS_WITH_SINKS = _rows_of("text", "text", "jsonb")
 
@@ -345,43 +350,19 @@ class PostgresTransaction:
                 (_json(generations),),
             )
         if write.objects:
-            stored: list[tuple[Any, ...]] = []
-            new: list[tuple[Any, ...]] = []
-            for o in write.objects:
-                row: tuple[Any, ...] = (
-                    o.batch_id, o.key, o.size, o.etag, o.sequencer, o.event_time
-                )
-                known = (not self.plain_inserts or o.key not in self.asked_names
-                         or (o.batch_id, o.key) in self.stored_objects)
-                (stored if known else new).append(row)
-            if new:  # (a key's first event in its batch: see asked_keys)
-                self.copies.append((_OBJECTS_COPY, new))
-                self.stored_objects.update((row[0], row[1]) for row in new)
-            if stored:  # (an overwrite within the batch)
-                self.queue(
-                    _OBJECTS_INSERT + " ON CONFLICT (batch_id, key) DO UPDATE SET"
-                    " size = excluded.size, etag = excluded.etag,"
-                    " sequencer = excluded.sequencer, event_time = excluded.event_time",
-                    (_json(stored),),
-                )
+            self._copy_or_upsert(
+                ((o.batch_id, o.key, o.size, o.etag, o.sequencer, o.event_time)
+                 for o in write.objects),
+                lambda row: row[1] not in self.asked_names or row[:2] in self.stored_objects,
+                self.stored_objects, _OBJECTS_COPY, _OBJECTS_UPSERT,
+            )
         if write.keys:
-            stored, new = [], []
-            for (b, k), m in sorted(write.keys.items()):
-                row = (b, k, m.sequencer, m.seen_at, m.batch_id, m.event_time, m.etag, m.size)
-                known = (not self.plain_inserts or (b, k) not in self.asked_keys
-                         or (b, k) in self.stored_keys)
-                (stored if known else new).append(row)
-            if new:
-                self.copies.append((_KEYS_COPY, new))
-                self.stored_keys.update((row[0], row[1]) for row in new)
-            if stored:
-                self.queue(
-                    _KEYS_INSERT + " ON CONFLICT (bucket, key) DO UPDATE SET"
-                    " sequencer = excluded.sequencer, seen_at = excluded.seen_at,"
-                    " batch_id = excluded.batch_id, event_time = excluded.event_time,"
-                    " etag = excluded.etag, size = excluded.size",
-                    (_json(stored),),
-                )
+            self._copy_or_upsert(
+                ((b, k, m.sequencer, m.seen_at, m.batch_id, m.event_time, m.etag, m.size)
+                 for (b, k), m in sorted(write.keys.items())),
+                lambda row: row[:2] not in self.asked_keys or row[:2] in self.stored_keys,
+                self.stored_keys, _KEYS_COPY, _KEYS_UPSERT,
+            )
         if write.fingerprints:
             self.queue(
                 "INSERT INTO fingerprints (fingerprint, seen_at)"
@@ -394,6 +375,23 @@ class PostgresTransaction:
                 [(c.event_id, c.payload, list(sinks if c.sinks is None else c.sinks))
                  for c in write.closed], write.outbox_kind, now
             ))
+
+    def _copy_or_upsert(
+        self, rows: Iterable[tuple[Any, ...]], known: Callable[[tuple[Any, ...]], bool],
+        stored: set[tuple[str, str]], copy: str, upsert: str,
+    ) -> None:
+        """Rows that may exist (``known``; all of them without plain inserts) upserted,
+        the others sent by COPY and remembered in ``stored`` (by their first two
+        columns, the primary key)."""
+        old: list[tuple[Any, ...]] = []
+        new: list[tuple[Any, ...]] = []
+        for row in rows:
+            (old if not self.plain_inserts or known(row) else new).append(row)
+        if new:
+            self.copies.append((copy, new))
+            stored.update((row[0], row[1]) for row in new)
+        if old:
+            self.queue(upsert, (_json(old),))
 
     def add_outbox(
         self, *, event_id: str, kind: str, payload: str, sinks: Sequence[str], now: float
