@@ -384,7 +384,9 @@ class Batcher:
             self._changes.objects[(batch_id, key)] = _record(
                 (batch_id, key, size, etag, sequencer, time)
             )
-        rules = self._rules_of.get(bucket) or self.rules.for_bucket(bucket)
+        # (looked up once per bucket, also when the prefixes were classified elsewhere)
+        rules = (self._rules_of.get(bucket) or self._bucket_rules(bucket)
+                 or self.rules.for_bucket(bucket))
         if rules.complete_markers and rules.is_marker(key):
             return self._fire(batch, Trigger.MARKER, clock)
         if 0 < rules.threshold_event_count <= batch.object_count:
