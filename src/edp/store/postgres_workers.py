@@ -408,7 +408,14 @@ class WorkerClocks:
         conn, self._member = self._member, None
         if conn is None:
             return
-        conn.close()  # (the session lock goes with the session)
+        # The connection holds nothing but this lock (taken once per check: re-entrant),
+        # so all its session locks go, and it goes back to the pool open: a closed one
+        # makes psycopg's pool log a warning (at every clean stop of a daemon).
+        try:
+            conn.execute("SELECT pg_advisory_unlock_all()")
+            conn.commit()
+        except psycopg.Error:
+            conn.close()  # (a lost session released its lock anyway)
         self.pool.putconn(conn)
 
     def release_ending(self) -> None:

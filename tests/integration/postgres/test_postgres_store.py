@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 import sys
@@ -508,6 +509,25 @@ def test_the_server_drops_the_session_of_a_lost_host_within_a_minute(
             "tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count")}
     assert settings == {"tcp_keepalives_idle": ("30",), "tcp_keepalives_interval": ("10",),
                         "tcp_keepalives_count": ("3",)}
+
+
+def test_a_worker_id_given_up_at_a_clean_stop_is_free_at_once_and_logs_no_warning(
+    two_processes: tuple[PostgresStore, PostgresStore], caplog: pytest.LogCaptureFixture
+) -> None:
+    first, twin = two_processes
+    # Given a process holding worker id "w", checked again since (the lock is re-entrant)
+    first.claim_worker_id("w")
+    first.claim_worker_id("w")
+    # When it gives the id up, as every daemon and replay worker does at a clean stop
+    with caplog.at_level(logging.WARNING):
+        first.release_worker_id()
+    # Then nothing is logged (psycopg's pool warned of a "closed connection" returned to
+    # it, on stderr at every `edp watch`/`serve`/`run` stop and replay worker's end)
+    assert [record.getMessage() for record in caplog.records] == []
+    # And the id is free for another process at once, and the pool's connections work
+    twin.claim_worker_id("w")
+    with first.pool.connection() as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
 
 
 def test_a_worker_id_held_by_a_silent_worker_is_taken_over_and_a_live_ones_is_not(
