@@ -89,3 +89,42 @@ def test_the_lock_file_takes_the_databases_permissions(tmp_path: Path) -> None:
     # Then the lock file beside it is group-writable too (another user's process can
     # lock it, so its worker ids are checked as well)
     assert (tmp_path / "edp.db.workers").stat().st_mode & 0o777 == 0o664
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", [["watch", "{folder}"], ["serve", "--port", "0"]])
+def test_a_daemon_refused_its_worker_id_stops_naming_only_options_it_has(
+    tmp_path: Path, command: list[str]
+) -> None:
+    import re
+
+    pytest.importorskip("watchfiles")
+    path = str(tmp_path / "edp.db")
+    folder = tmp_path / "lab"
+    folder.mkdir()
+    args = [part.format(folder=folder) for part in command]
+    env = {**os.environ, "EDP_WORKER_ID": "w", "HOME": str(tmp_path)}
+    # Given a process holding worker id "w" on a database
+    with subprocess.Popen([sys.executable, "-c", HOLDER, path], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            # When a daemon without a --worker-id option starts under the same id
+            refused = subprocess.run(
+                [sys.executable, "-m", "edp", *args, "--database-url", f"sqlite:///{path}"],
+                capture_output=True, text=True, env=env, timeout=30, check=False)
+        finally:
+            holder.kill()
+            holder.wait(timeout=10)
+    # Then it stops (`edp serve` kept serving without its engine: /ingest answered 503
+    # forever), with a one-line error and no traceback
+    assert refused.returncode == 1, refused.stderr
+    assert "edp: error: worker id 'w' is in use by another live process" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    # And every option it suggests is one the command takes, or is said to be another's
+    assert "EDP_WORKER_ID" in refused.stderr
+    helped = subprocess.run([sys.executable, "-m", "edp", command[0], "--help"],
+                            capture_output=True, text=True, check=True).stdout
+    for option in re.findall(r"(?<![\w-])--[a-z][a-z-]*", refused.stderr):
+        assert option in helped or f"{option} option of edp run" in refused.stderr, (
+            f"{option} suggested to `edp {command[0]}`")

@@ -21,6 +21,11 @@ from edp.core.batching import BatchKey, Changes, KeyMemory, ObjectKey, ObjectRec
 from edp.core.events import ObjectEvent
 from edp.errors import NotFound
 
+WORKER_ID_HOW = ("EDP_WORKER_ID or worker_id in the config file, or the --worker-id option of "
+                 "edp run, replay and backfill")
+"""How a user gives a process its worker id (in the refusal of an id in use: `edp watch`
+and `edp serve` have no --worker-id option)."""
+
 
 @dataclass(slots=True)
 class LoadRequest:

@@ -19,7 +19,7 @@ from psycopg_pool import ConnectionPool
 from tenacity import Retrying
 
 from edp.errors import EdpError
-from edp.store.base import Floors, lowest
+from edp.store.base import WORKER_ID_HOW, Floors, lowest
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ class WorkerClocks:
             self.pool.putconn(conn)
             raise EdpError(
                 f"worker id {worker_id!r} is in use by another live process on this "
-                "database: give each worker its own worker_id (--worker-id, EDP_WORKER_ID); "
+                f"database: give each worker its own worker_id ({WORKER_ID_HOW}); "
                 "a worker restarted after a kill takes its id back once the server has seen "
                 "the old process go (at once for a process killed; about a minute after "
                 "its host was lost)"

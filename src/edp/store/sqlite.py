@@ -28,6 +28,7 @@ try:
 except ImportError:  # pragma: no cover (not on Windows)
     fcntl = None  # type: ignore[assignment]
 from edp.store.base import (
+    WORKER_ID_HOW,
     BatchRow,
     DeadLetter,
     Floors,
@@ -425,8 +426,8 @@ class SqliteStore:
                 return
             raise EdpError(
                 f"worker id {worker_id!r} is in use by another live process on this "
-                f"database ({self.path}): give each worker its own worker_id (--worker-id, "
-                "EDP_WORKER_ID), or stop the other process (an `edp watch` of the same "
+                f"database ({self.path}): give each worker its own worker_id ({WORKER_ID_HOW}), "
+                "or stop the other process (an `edp watch` of the same "
                 "folder runs under the same id)"
             ) from None
 

@@ -183,6 +183,7 @@ class ServeStack:
         )
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
+        self._engine_error: BaseException | None = None
         self._daemon_thread: threading.Thread | None = None
         self._server_thread: threading.Thread | None = None
         loopback = is_loopback(self.host)
@@ -239,6 +240,8 @@ class ServeStack:
             self._stop_engine()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        if self._engine_error is not None:  # (the engine ended, not a signal)
+            raise self._engine_error
 
     def start_background(self, timeout: float = 30.0) -> None:
         """Start the engine and serve from a background thread (tests, the demo)."""
@@ -289,6 +292,12 @@ class ServeStack:
             self._ready.set()
         try:
             self.daemon.run()
+        except BaseException as exc:  # noqa: BLE001  (re-raised by serve_forever)
+            # Without its engine the server would answer /healthz and take bodies that
+            # nothing commits (503 after 30 s, forever): it stops, and says why (a worker
+            # id in use by another process, found at start or at a later check).
+            self._engine_error = exc
+            self.server.should_exit = True
         finally:
             runtime.close()
 
