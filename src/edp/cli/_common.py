@@ -16,6 +16,7 @@ from rich.text import Text
 from edp.bootstrap import Runtime, build_runtime
 from edp.config import Settings, load_settings
 from edp.errors import ConfigError, EdpError
+from edp.redact import redact_text
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -134,7 +135,29 @@ def open_runtime(
                     "(check --database-url / EDP_DATABASE_URL; `edp db upgrade` creates one)"
                 )
             _check_edp_sqlite(path)
+    if not create and url.startswith(("postgresql:", "postgres:")):
+        _check_edp_postgres(url)
     return build_runtime(settings, database_url=url)
+
+
+def _check_edp_postgres(url: str) -> None:
+    """Refuse a PostgreSQL database that holds no edp store (a mistyped database name,
+    another application's database, the server's ``postgres``): an operator's command
+    must not create edp's tables there and report an empty store. A server that cannot
+    be asked is left to the store's opening, which retries and says why."""
+    try:
+        import psycopg
+    except ImportError:  # (opening the store says what to install)
+        return
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            row = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+    except psycopg.Error:
+        return
+    if row is not None and not row[0]:
+        raise EdpError(f"no edp store in the PostgreSQL database {redact_text(url)} (no "
+                       "schema_migrations table): check --database-url / EDP_DATABASE_URL "
+                       "(`edp db upgrade` makes it an edp store)")
 
 
 def _check_edp_sqlite(path: str) -> None:
