@@ -234,18 +234,30 @@ class PostgresStore(WorkerClocks):
         def connect() -> None:
             psycopg.connect(url, connect_timeout=10, **kwargs).close()
 
+        def waiting(state: RetryCallState) -> None:
+            # One warning that says why and for how long; each further try at debug (a
+            # line per try, naming tenacity's wrapper, buried the final error).
+            error = state.outcome.exception() if state.outcome is not None else None
+            reason = " ".join(redact_text(str(error)).split())
+            if state.attempt_number == 1:
+                log.warning("PostgreSQL database %s does not answer (%s): trying again for "
+                            "up to %gs", self.url, reason, patience)
+            else:
+                log.debug("PostgreSQL database %s, try %d: %s", self.url,
+                          state.attempt_number, reason)
+
         try:
             Retrying(
                 retry=retry_if_exception(lambda exc: isinstance(exc, psycopg.OperationalError)
                                          and not _refused_for_good(str(exc))),
                 stop=stop_after_delay(patience),
                 wait=wait_random_exponential(multiplier=0.25, max=5.0),
-                before_sleep=before_sleep_log(log, logging.WARNING),
+                before_sleep=waiting,
                 reraise=True,
             )(connect)
         except psycopg.OperationalError as exc:
             raise StoreError(f"cannot open PostgreSQL database {self.url}: "
-                             f"{redact_text(str(exc).strip())}") from None
+                             f"{' '.join(redact_text(str(exc)).split())}") from None
 
     @classmethod
     def from_url(cls, url: str, *, fast_unsafe: bool = False,

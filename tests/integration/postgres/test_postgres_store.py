@@ -47,6 +47,26 @@ def test_an_unreachable_server_is_reported_without_the_password() -> None:
     assert "s3cret" not in str(caught.value)
 
 
+def test_a_server_that_does_not_answer_is_said_once_and_its_error_is_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # When a store is opened on a port where nothing listens, with 3 s of patience
+    with caplog.at_level(logging.WARNING), pytest.raises(StoreError) as caught:
+        PostgresStore("postgresql://edp:s3cret@127.0.0.1:9/nope", retry_seconds=3)
+    # Then one warning says why and for how long it tries (there was one per try,
+    # naming tenacity's wrapper of a local function), without the password
+    warnings = [record.getMessage() for record in caught_records(caplog)]
+    assert len(warnings) == 1, warnings
+    assert "does not answer" in warnings[0] and "trying again for up to 3s" in warnings[0]
+    assert "<locals>" not in warnings[0] and "s3cret" not in warnings[0]
+    # And the error is one line (the driver's message has a line break and a tab)
+    assert "\n" not in str(caught.value) and "\t" not in str(caught.value)
+
+
+def caught_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
 def test_a_database_the_server_does_not_have_is_an_error_at_once(pg_url: str) -> None:
     # Given a running server asked for a database (or a role) it does not have, with
     # an hour of patience for servers that do not answer yet
