@@ -557,7 +557,11 @@ def _read_toml(path: Path, where: str = "") -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist{where}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        hint = ""
+        if "('buckets'" in str(exc):  # (`buckets = [...]` and a [buckets."NAME"] table)
+            hint = ("; a file that lists its buckets writes their tables as "
+                    '[bucket_overrides."NAME"]')
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}{hint}") from None
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from None
     # Allow settings under an optional [edp] table, too (beside top-level tables such as
@@ -565,6 +569,11 @@ def _read_toml(path: Path, where: str = "") -> dict[str, Any]:
     inner = data.get("edp")
     if isinstance(inner, dict):
         del data["edp"]
+        if (isinstance(data.get("buckets"), dict) and "buckets" in inner
+                and "bucket_overrides" not in data):
+            # [edp] lists the buckets, top-level [buckets."NAME"] tables override them:
+            # one name each in TOML, so the tables are the overrides
+            data["bucket_overrides"] = data.pop("buckets")
         twice = sorted(set(inner) & set(data))
         if twice:
             raise ConfigError(f"config file {path} sets {', '.join(twice)} both at the top "

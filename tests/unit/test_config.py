@@ -73,6 +73,26 @@ def test_a_file_lists_its_buckets_beside_bucket_override_tables(tmp_path: Path) 
         load_settings(config_file=both, env={})
 
 
+def test_an_edp_table_lists_the_buckets_beside_their_top_level_tables(tmp_path: Path) -> None:
+    # Given the watch list under [edp] and a top-level table per bucket (valid TOML:
+    # "sets buckets both at the top level and under [edp]" was refused)
+    path = write(tmp_path, '[edp]\nbuckets = ["lab"]\n'
+                           '[buckets."raw"]\nbucket_threshold_event_count = 5\n')
+    book = load_settings(config_file=path, env={}).rule_book()
+    # Then the tables are the buckets' overrides, beside the list
+    assert book.for_bucket("raw").threshold_event_count == 5
+    assert book.is_watched("lab") and book.is_watched("raw")
+    assert not book.is_watched("other")
+
+
+def test_a_watch_list_beside_bucket_tables_is_told_how_to_write_them(tmp_path: Path) -> None:
+    # Given `buckets = [...]` beside [buckets."NAME"] tables (not valid TOML)
+    path = write(tmp_path, 'buckets = ["lab"]\n[buckets."raw"]\nbucket_prefix_depth = 1\n')
+    # Then the error says how to write them
+    with pytest.raises(ConfigError, match=r'is not valid TOML: .*\[bucket_overrides\."NAME"\]'):
+        load_settings(config_file=path, env={})
+
+
 def test_comma_lists_are_trimmed() -> None:
     s = load_settings(env={"EDP_BUCKET_IGNORE_PREFIXES": " raw/* , scratch/*,, "})
     assert s.bucket_ignore_prefixes == ("raw/*", "scratch/*")
