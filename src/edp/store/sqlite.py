@@ -38,7 +38,6 @@ from edp.store.base import (
     lowest,
     pick_batch,
 )
-from edp.store.keyfilter import KeyFilter
 from edp.store.migrations import load_migrations
 from edp.store.sqlite_tx import BATCH_COLUMNS, SqliteTransaction
 
@@ -138,9 +137,6 @@ class SqliteStore:
             # inspected: its per-object rows and the prune index would be written for
             # nobody (together about 40 % of a replay's time).
             self.conn.execute("DROP INDEX IF EXISTS key_memory_seen")
-        # Only this process writes a throw-away store: once it knows which keys it was
-        # asked about, it knows which ones certainly have no memory (from empty only).
-        self._key_filter = KeyFilter() if fast_unsafe and self._holds_no_keys() else None
 
     @classmethod
     def from_url(cls, url: str, *, fast_unsafe: bool = False) -> SqliteStore:
@@ -212,10 +208,7 @@ class SqliteStore:
     def transaction(self) -> Iterator[SqliteTransaction]:
         """A write transaction: commits on success, rolls back on error."""
         with self._write() as conn:
-            yield SqliteTransaction(conn, self._key_filter)
-
-    def _holds_no_keys(self) -> bool:
-        return self.conn.execute("SELECT 1 FROM key_memory LIMIT 1").fetchone() is None
+            yield SqliteTransaction(conn)
 
     # -- outbox -------------------------------------------------------------------
     def pending(self, sink: str, *, limit: int, now: float) -> list[OutboxEntry]:

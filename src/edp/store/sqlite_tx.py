@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from edp.core.batching import KeyMemory, ObjectKey, OpenBatch
+from edp.core.batching import KeyMemory, OpenBatch
 from edp.store.base import (
     DeadLetter,
     LoadRequest,
@@ -14,19 +14,8 @@ from edp.store.base import (
     Timer,
     WorkingState,
 )
-from edp.store.keyfilter import KeyFilter
 
 _CHUNK = 900  # stays far below SQLite's bound-variable limit
-KEY_MEMORY_INSERT = (
-    "INSERT INTO key_memory (bucket, key, sequencer, seen_at, batch_id, event_time, etag,"
-    " size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-)
-KEY_MEMORY_UPSERT = (
-    KEY_MEMORY_INSERT + " ON CONFLICT (bucket, key) DO UPDATE"
-    " SET sequencer = excluded.sequencer, seen_at = excluded.seen_at,"
-    " batch_id = excluded.batch_id, event_time = excluded.event_time,"
-    " etag = excluded.etag, size = excluded.size"
-)
 HEARTBEAT_SQL = (
     "INSERT INTO workers (worker_id, clock, heartbeat_at, held, held_until, finished)"
     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (worker_id) DO UPDATE SET"
@@ -51,12 +40,8 @@ def _open_batch(row: Sequence[Any]) -> OpenBatch:
 class SqliteTransaction:
     """A write transaction on a SQLite store (see :class:`~edp.store.base.Transaction`)."""
 
-    def __init__(self, conn: sqlite3.Connection, key_filter: KeyFilter | None = None) -> None:
+    def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        # (a store written by this process alone: which keys certainly have no memory)
-        self.key_filter = key_filter
-        self._asked: set[ObjectKey] = set()  # the keys loaded (asked about) in this step
-        self._new: set[ObjectKey] = set()  # those of them the filter knew to be new
 
     def load(self, request: LoadRequest) -> WorkingState:
         """Load the open batches, generations, key memories and fingerprints asked for."""
@@ -105,13 +90,8 @@ class SqliteTransaction:
                 if row[0] not in seen:
                     seen.add(row[0])
                     state.batches.append(_open_batch(row))
-        asked: Iterable[ObjectKey] = request.object_keys
-        if self.key_filter is not None:
-            self._asked |= request.object_keys
-            asked, new = self.key_filter.split(request.object_keys)
-            self._new |= new
         keys_by_bucket: dict[str, list[str]] = {}
-        for bucket, key in asked:
+        for bucket, key in request.object_keys:
             keys_by_bucket.setdefault(bucket, []).append(key)
         for bucket, keys in keys_by_bucket.items():
             for part in _chunks(keys):
@@ -172,7 +152,15 @@ class SqliteTransaction:
                 " event_time = excluded.event_time",
                 write.objects,  # ObjectRecord tuples, in the columns' order
             )
-        self._save_keys(write.keys)
+        c.executemany(
+            "INSERT INTO key_memory (bucket, key, sequencer, seen_at, batch_id, event_time,"
+            " etag, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (bucket, key) DO UPDATE"
+            " SET sequencer = excluded.sequencer, seen_at = excluded.seen_at,"
+            " batch_id = excluded.batch_id, event_time = excluded.event_time,"
+            " etag = excluded.etag, size = excluded.size",
+            [(b, k, m.sequencer, m.seen_at, m.batch_id, m.event_time, m.etag, m.size)
+             for (b, k), m in write.keys.items()],
+        )
         c.executemany(
             "INSERT OR REPLACE INTO fingerprints (fingerprint, seen_at) VALUES (?, ?)",
             list(write.fingerprints.items()),
@@ -189,30 +177,6 @@ class SqliteTransaction:
                 [(sink, cb.event_id) for cb in write.closed
                  for sink in (sinks if cb.sinks is None else cb.sinks)],
             )
-
-    def _save_keys(self, keys: Mapping[ObjectKey, KeyMemory]) -> None:
-        """Upsert key memories; where the filter knows a key had none when this step
-        loaded it (nobody else writes this store), a plain INSERT is enough."""
-        if self.key_filter is None or not self._new:
-            self.conn.executemany(KEY_MEMORY_UPSERT, [
-                (b, k, m.sequencer, m.seen_at, m.batch_id, m.event_time, m.etag, m.size)
-                for (b, k), m in keys.items()
-            ])
-            if self.key_filter is not None:
-                asked = self._asked
-                self.key_filter.add(okey for okey in keys if okey not in asked)
-            return
-        new, asked = self._new, self._asked
-        inserts: list[tuple[Any, ...]] = []
-        upserts: list[tuple[Any, ...]] = []
-        for okey, m in keys.items():
-            row = (*okey, m.sequencer, m.seen_at, m.batch_id, m.event_time, m.etag, m.size)
-            (inserts if okey in new else upserts).append(row)
-        self.key_filter.add(okey for okey in keys if okey not in asked)
-        # (each key once a step: a key inserted here is no longer new)
-        new.difference_update(keys)
-        self.conn.executemany(KEY_MEMORY_INSERT, inserts)
-        self.conn.executemany(KEY_MEMORY_UPSERT, upserts)
 
     def add_outbox(
         self, *, event_id: str, kind: str, payload: str, sinks: Sequence[str], now: float
