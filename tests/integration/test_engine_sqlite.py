@@ -562,3 +562,38 @@ def test_a_daemon_and_its_relay_read_the_wall_clock_their_store_shares(tmp_path:
         assert runtime.relay.clock == runtime.store.wall_clock
     finally:
         runtime.close()
+
+
+def test_a_throw_away_store_finds_the_key_memories_of_earlier_steps(tmp_path: Path) -> None:
+    # Given a replay's throw-away store (no journal, no per-object rows)
+    store = open_store(f"sqlite:///{tmp_path / 'scratch.db'}", fast_unsafe=True)
+    engine = Engine(store, settings(bucket_threshold_event_count=3), sinks=[], worker_id="w")
+    engine.process(msgs(*(eventbridge(f"i/e/{n}", T0 + n, sequencer=f"{n + 1:02d}")
+                          for n in range(2))), now=T0)
+    # When later steps bring a re-delivery and an overwrite of keys of the first step
+    duplicate = engine.process(msgs(eventbridge("i/e/0", T0 + 5, sequencer="01")), now=T0)
+    overwrite = engine.process(msgs(eventbridge("i/e/1", T0 + 6, sequencer="09")), now=T0)
+    # Then the first is a duplicate and the second does not count again (their
+    # memories were found, and written over rather than inserted twice)
+    assert duplicate.counts["events.duplicate"] == 1
+    assert overwrite.counts["events.overwrite"] == 1
+    assert not overwrite.fired
+    assert len(engine.process(msgs(eventbridge("i/e/2", T0 + 7, sequencer="10")),
+                              now=T0).fired) == 1
+    store.close()
+
+
+def test_a_throw_away_store_opened_on_key_memories_looks_them_up(tmp_path: Path) -> None:
+    # Given a database that already holds a key's memory
+    path = tmp_path / "scratch.db"
+    kept = open_store(f"sqlite:///{path}")
+    Engine(kept, settings(), sinks=[], worker_id="w").process(
+        msgs(eventbridge("i/e/0", T0, sequencer="05")), now=T0)
+    kept.close()
+    # When it is opened as a throw-away store and the key comes again
+    store = open_store(f"sqlite:///{path}", fast_unsafe=True)
+    report = Engine(store, settings(), sinks=[], worker_id="w").process(
+        msgs(eventbridge("i/e/0", T0 + 1, sequencer="05")), now=T0)
+    # Then the memory was found: a duplicate
+    assert report.counts["events.duplicate"] == 1
+    store.close()
