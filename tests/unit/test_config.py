@@ -59,30 +59,28 @@ def test_a_setting_both_at_the_top_level_and_under_edp_is_refused(tmp_path: Path
         load_settings(config_file=path, env={})
 
 
-def test_a_file_lists_its_buckets_beside_bucket_override_tables(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", [
     # (TOML cannot hold `buckets = [...]` beside [buckets."NAME"] tables)
-    path = write(tmp_path, 'buckets = ["lab"]\n'
-                           '[bucket_overrides."raw"]\nbucket_threshold_event_count = 5\n')
-    book = load_settings(config_file=path, env={}).rule_book()
-    assert book.for_bucket("raw").threshold_event_count == 5
-    assert book.is_watched("lab") and book.is_watched("raw")
-    assert not book.is_watched("other")
-    both = write(tmp_path, '[buckets."a"]\nbucket_prefix_depth = 1\n'
-                           '[bucket_overrides."b"]\nbucket_prefix_depth = 2\n')
-    with pytest.raises(ConfigError, match=r"under both \[buckets\] and \[bucket_overrides\]"):
-        load_settings(config_file=both, env={})
-
-
-def test_an_edp_table_lists_the_buckets_beside_their_top_level_tables(tmp_path: Path) -> None:
-    # Given the watch list under [edp] and a top-level table per bucket (valid TOML:
-    # "sets buckets both at the top level and under [edp]" was refused)
-    path = write(tmp_path, '[edp]\nbuckets = ["lab"]\n'
-                           '[buckets."raw"]\nbucket_threshold_event_count = 5\n')
-    book = load_settings(config_file=path, env={}).rule_book()
+    'buckets = ["lab"]\n[bucket_overrides."raw"]\nbucket_threshold_event_count = 5\n',
+    # the watch list under [edp], a top-level table per bucket (valid TOML: "sets
+    # buckets both at the top level and under [edp]" was refused)
+    '[edp]\nbuckets = ["lab"]\n[buckets."raw"]\nbucket_threshold_event_count = 5\n',
+])
+def test_a_file_lists_its_buckets_beside_their_override_tables(
+    tmp_path: Path, text: str
+) -> None:
+    book = load_settings(config_file=write(tmp_path, text), env={}).rule_book()
     # Then the tables are the buckets' overrides, beside the list
     assert book.for_bucket("raw").threshold_event_count == 5
     assert book.is_watched("lab") and book.is_watched("raw")
     assert not book.is_watched("other")
+
+
+def test_buckets_under_both_table_names_are_refused(tmp_path: Path) -> None:
+    both = write(tmp_path, '[buckets."a"]\nbucket_prefix_depth = 1\n'
+                           '[bucket_overrides."b"]\nbucket_prefix_depth = 2\n')
+    with pytest.raises(ConfigError, match=r"under both \[buckets\] and \[bucket_overrides\]"):
+        load_settings(config_file=both, env={})
 
 
 def test_a_watch_list_beside_bucket_tables_is_told_how_to_write_them(tmp_path: Path) -> None:
