@@ -522,3 +522,37 @@ def test_db_sinks_says_which_sinks_no_worker_registered(tmp_path: Path) -> None:
     listed = edp("db", "sinks", "--database-url", url, home=tmp_path)
     assert listed.stdout.strip() == ("stdout: not registered (known by its deliveries only), "
                                      "1 pending, 0 parked, 0 delivered")
+
+
+def test_db_status_reports_pending_migrations_without_applying_them(tmp_path: Path) -> None:
+    # Given a store made by the first three migrations only (an older edp's)
+    import sqlite3
+
+    from edp.store.migrations import load_migrations
+
+    path = tmp_path / "data" / "edp" / "edp.db"
+    path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+                 " name TEXT NOT NULL, applied_at REAL NOT NULL)")
+    for migration in load_migrations("sqlite")[:3]:
+        conn.executescript(migration.sql)
+        conn.execute("INSERT INTO schema_migrations VALUES (?, ?, 0)",
+                     (migration.version, migration.name))
+    conn.close()
+    before = path.read_bytes()
+    # When `edp db status` runs on it
+    status = edp("db", "status", "--database-url", f"sqlite:///{path}", home=tmp_path)
+    # Then it reports the version applied and the migrations pending, and changed nothing
+    assert status.returncode == 0, status.stderr
+    assert "schema version 3 (latest 5)" in status.stdout
+    assert ("pending migrations: 0004_worker_hold.sql, 0005_worker_hold_until.sql "
+            "(`edp db upgrade` applies them)") in status.stdout
+    assert path.read_bytes() == before
+    # And once `edp db upgrade` applied them, status shows none pending, and the figures
+    assert edp("db", "upgrade", "--database-url", f"sqlite:///{path}",
+               home=tmp_path).returncode == 0
+    status = edp("db", "status", "--database-url", f"sqlite:///{path}", home=tmp_path)
+    assert "schema version 5 (latest 5)" in status.stdout
+    assert "pending migrations" not in status.stdout
+    assert "open_batches: 0" in status.stdout

@@ -118,6 +118,15 @@ def open_runtime(
     An SQLite file that does not exist is an error unless ``create``: an operator's
     command on a mistyped path must say so, not report an empty store it just made.
     """
+    settings, url = store_url(config_file, database_url, create=create)
+    return build_runtime(settings, database_url=url)
+
+
+def store_url(
+    config_file: str | None, database_url: str | None, *, create: bool = False
+) -> tuple[Settings, str]:
+    """The settings and the URL of the configured store (or ``database_url``), checked
+    as :func:`open_runtime` checks it, but not opened (opening migrates it)."""
     settings = load_settings(config_file=config_file, flags={"database_url": database_url})
     url = settings.database_url
     if settings.database_secret_arn:  # (the Lambda functions' store, without a URL given)
@@ -137,7 +146,7 @@ def open_runtime(
             _check_edp_sqlite(path)
     if not create and url.startswith(("postgresql:", "postgres:")):
         _check_edp_postgres(url)
-    return build_runtime(settings, database_url=url)
+    return settings, url
 
 
 def _check_edp_postgres(url: str) -> None:

@@ -10,6 +10,7 @@ import click
 import orjson
 from pydantic import SecretStr
 
+from edp.bootstrap import build_runtime
 from edp.cli import main
 from edp.cli._common import (
     grouping_options,
@@ -18,9 +19,11 @@ from edp.cli._common import (
     printable,
     settings_from,
     store_options,
+    store_url,
     when,
 )
 from edp.redact import redact_endpoint, redact_text
+from edp.store import read_schema_state
 
 
 @main.group()
@@ -44,12 +47,24 @@ def db_upgrade(config_file: str | None, database_url: str | None) -> None:
 @store_options
 @handle_errors
 def db_status(config_file: str | None, database_url: str | None) -> None:
-    """Show the schema version and the store's figures."""
-    runtime = open_runtime(config_file, database_url)
-    applied, latest = runtime.store.schema_version()
-    stats = runtime.store.stats()
-    runtime.close()
-    click.echo(f"{runtime.store.url}: schema version {applied} (latest {latest})")
+    """Show the schema version, the pending migrations (applied by `edp db upgrade`, not
+    here) and the store's figures."""
+    settings, url = store_url(config_file, database_url)
+    # Read, not opened: opening a store applies its pending migrations, and a status
+    # that changed the schema could never show one pending.
+    state = read_schema_state(url)
+    click.echo(f"{redact_text(url)}: schema version {state.applied} (latest {state.latest})")
+    if state.pending:
+        click.echo(f"  pending migrations: {', '.join(m.name for m in state.pending)} "
+                   "(`edp db upgrade` applies them)")
+        # (the figures' queries are those of the latest schema)
+        click.echo("  figures: shown once the schema is at the latest version")
+        return
+    runtime = build_runtime(settings, database_url=url)
+    try:
+        stats = runtime.store.stats()
+    finally:
+        runtime.close()
     for name, value in stats.items():
         click.echo(f"  {name}: {value}")
 

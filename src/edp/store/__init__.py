@@ -13,6 +13,7 @@ import sys
 from edp.errors import ConfigError, StoreError
 from edp.redact import redact_text
 from edp.store.base import Store
+from edp.store.migrations import SchemaState, schema_state
 
 
 def open_store(url: str, *, fast_unsafe: bool = False,
@@ -49,6 +50,29 @@ def open_store(url: str, *, fast_unsafe: bool = False,
     )
 
 
+def read_schema_state(url: str) -> SchemaState:
+    """The schema version of the existing store ``url`` and its pending migrations, read
+    without applying any (as :func:`open_store` would): a report on a store must not
+    change it. ``StoreError`` when it cannot be read (no ``schema_migrations`` table)."""
+    if url.startswith("sqlite:"):
+        from edp.store.sqlite import applied_version, sqlite_path
+
+        return schema_state("sqlite", applied_version(sqlite_path(url)))
+    if url.startswith(("postgresql:", "postgres:")):
+        try:
+            from edp.store import postgres
+        except ImportError as exc:
+            raise ConfigError(
+                f"database_url is a PostgreSQL URL but psycopg 3 is not installed ({exc}): "
+                "run `pip install 'edp[postgres]'`"
+            ) from None
+        return schema_state("postgres", postgres.applied_version(url))
+    raise ConfigError(
+        "database_url must start with sqlite:///, postgresql:// or postgres://, "
+        f"got {redact_text(url)!r}"
+    )
+
+
 def is_outage(exc: BaseException) -> bool:
     """Whether a failed step means the store is unreachable or unusable (a lost
     connection, a file that cannot be opened, a transient conflict), not that its input
@@ -59,4 +83,4 @@ def is_outage(exc: BaseException) -> bool:
         lost is not None and isinstance(exc, lost))
 
 
-__all__ = ["Store", "is_outage", "open_store"]
+__all__ = ["SchemaState", "Store", "is_outage", "open_store", "read_schema_state"]

@@ -136,6 +136,20 @@ class _OneMoreTry(stop_base):
         return retry_state.attempt_number > self.seen_at
 
 
+def applied_version(url: str) -> int | None:
+    """The highest migration version recorded in the PostgreSQL store ``url``, read in
+    a read-only transaction, without opening it as a store (which would migrate it):
+    ``edp db status`` must not change what it reports on."""
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            conn.read_only = True
+            row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot read the schema version of {redact_text(url)}: "
+                         f"{' '.join(redact_text(str(exc)).split())}") from None
+    return None if row is None or row[0] is None else int(row[0])
+
+
 class PostgresStore(WorkerClocks):
     """The PostgreSQL store (see :class:`~edp.store.base.Store`).
 

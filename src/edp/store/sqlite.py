@@ -49,6 +49,21 @@ def sqlite_path(url: str) -> str:
     return path.removeprefix("/") if path.startswith("/") else path
 
 
+def applied_version(path: str) -> int | None:
+    """The highest migration version recorded in the SQLite store at ``path``, read
+    without opening it as a store (which would migrate it): ``edp db status`` must not
+    change what it reports on."""
+    try:
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read the schema version of {path}: {exc}") from None
+    return None if row is None or row[0] is None else int(row[0])
+
+
 PARKED_SQL = (
     "SELECT d.sink, d.event_id, o.kind, o.payload, d.last_error, d.attempts FROM deliveries d"
     " JOIN outbox o ON o.seq = d.seq WHERE d.delivered_at IS NULL AND d.parked = 1"

@@ -177,6 +177,31 @@ def test_db_commands_show_the_schema_version(pg_url: str) -> None:
     assert "open_batches: 0" in done.stdout
 
 
+def test_db_status_reports_pending_migrations_without_applying_them(pg_url: str) -> None:
+    # Given a database created by the first schema only (an older edp's)
+    [first] = [m for m in load_migrations("postgres") if m.version == 1]
+    with psycopg.connect(pg_url) as conn:
+        conn.execute(first.sql.encode())
+        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+                     " name text NOT NULL, applied_at double precision NOT NULL)")
+        conn.execute("INSERT INTO schema_migrations VALUES (1, %s, 0)", (first.name,))
+    # When `edp db status` runs on it
+    done = subprocess.run(
+        [sys.executable, "-m", "edp", "db", "status", "--database-url", pg_url],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    # Then it reports version 1 and the migrations pending, and applied none
+    assert done.returncode == 0, done.stderr
+    assert "schema version 1 (latest 6)" in done.stdout
+    assert ("pending migrations: 0002_replay_queue.sql, 0003_key_memory_last_write.sql, "
+            "0004_sinks.sql, 0005_worker_hold.sql, 0006_worker_hold_until.sql") in done.stdout
+    with psycopg.connect(pg_url) as conn:
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
+        replay_queue = conn.execute("SELECT to_regclass('replay_queue')").fetchone()
+    assert versions == [1]
+    assert replay_queue == (None,)
+
+
 def test_a_relay_leases_what_it_takes_until_its_connection_is_gone(
     store: PostgresStore, pg_url: str
 ) -> None:

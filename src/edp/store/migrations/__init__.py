@@ -28,3 +28,22 @@ def load_migrations(dialect: str) -> list[Migration]:
             version = int(entry.name.split("_", 1)[0])
             found.append(Migration(version, entry.name, entry.read_text(encoding="utf-8")))
     return sorted(found, key=lambda m: m.version)
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaState:
+    """Where a store's schema stands: the highest version applied (0: none) and the
+    migrations of this edp above it, which the store's opening would apply."""
+
+    applied: int
+    pending: list[Migration]
+    latest: int
+
+
+def schema_state(dialect: str, applied: int | None) -> SchemaState:
+    """The :class:`SchemaState` of a ``dialect`` store whose ``schema_migrations`` table
+    records ``applied`` as its highest version (None: no version)."""
+    migrations = load_migrations(dialect)
+    current = applied or 0
+    return SchemaState(current, [m for m in migrations if m.version > current],
+                       max(m.version for m in migrations))
