@@ -188,7 +188,7 @@ def run_demo(console: Console, *, keep: Path | None = None, package: bool = True
     with workspace(keep) as work:
         root = work / BUCKET
         root.mkdir(exist_ok=True)
-        url = f"sqlite:///{work / 'edp.db'}"
+        url = demo_url(work)
         settings = demo_settings(url)
         console.rule("edp demo")
         console.print(f"An instrument writes two experiments into [bold]{escape(str(root))}[/], "
@@ -235,11 +235,36 @@ def run_demo(console: Console, *, keep: Path | None = None, package: bool = True
                                f"{' and the registry' if package else ''}."))
         else:
             console.print("\nThe temporary folder is gone now (edp demo --keep DIR keeps it).")
-        console.print("Next: [bold]edp watch DIR[/] for your own folder, [bold]edp serve "
-                      "--watch DIR[/] for the dashboard too, [bold]edp status[/] for the figures.")
+        console.print(next_steps(work if keep is not None else None), crop=False)
         if not ok:
             console.print(Text(f"expected {EXPECTED}, got {fired}", style="red"))
         return ok
+
+
+def next_steps(kept: Path | None) -> Group:
+    """What to try next. ``edp status`` alone reads the user's own store, which the demo
+    never touches (there may be none): with the demo's kept store, the command names
+    it, on a line of its own that is never wrapped (to be copied whole); a temporary
+    store is gone by now, so only how to keep one is said."""
+    text = Text("Next: ")
+    text.append("edp watch DIR", style="bold")
+    text.append(" for your own folder, ")
+    text.append("edp serve --watch DIR", style="bold")
+    text.append(" for the dashboard too; ")
+    if kept is None:
+        text.append("edp demo --keep DIR", style="bold")
+        text.append(" keeps the demo's store, for edp status --database-url "
+                    "sqlite:///DIR/edp.db.")
+        return Group(text)
+    text.append("this demo's figures:")
+    command = Text(f"  edp status --database-url {demo_url(kept)}", style="bold",
+                   no_wrap=True, overflow="ignore")
+    return Group(text, command)
+
+
+def demo_url(work: Path) -> str:
+    """The URL of the demo's store in its folder ``work``."""
+    return f"sqlite:///{work / 'edp.db'}"
 
 
 def show_events(console: Console, events: list[dict[str, Any]]) -> None:
@@ -288,4 +313,5 @@ def show_packages(console: Console, results: list[Any] | str) -> None:
     console.print(Text(f"registry: {', '.join(sorted(registries))}"))
 
 
-__all__ = ["BUCKET", "EXPECTED", "Instrument", "demo_settings", "plan", "run_demo"]
+__all__ = ["BUCKET", "EXPECTED", "Instrument", "demo_settings", "demo_url", "next_steps", "plan",
+           "run_demo"]

@@ -45,6 +45,30 @@ def test_the_demo_runs_to_the_end_and_fires_by_count_and_by_quiet_period(tmp_pat
         assert (named / "sequencer" / "run-quiet" / "latest").is_file(), output
     # And nothing was written to the user's own edp store
     assert not (home / ".local/share/edp").exists()
+    # And its last hint, `edp status` on the demo's kept store, works as printed
+    [hint] = [line.split() for line in output.splitlines()
+              if line.strip().startswith("edp status")]
+    assert hint[:3] == ["edp", "status", "--database-url"], output
+    status = subprocess.run([sys.executable, "-m", "edp", *hint[1:]], capture_output=True,
+                            env=env, cwd=tmp_path, timeout=60, check=False)
+    assert status.returncode == 0, status.stderr.decode()
+    assert "batches fired" in status.stdout.decode()
+
+
+def test_the_demos_last_hint_names_no_store_it_does_not_keep() -> None:
+    # Given the hint of a demo whose store was temporary (gone when it is printed)
+    from rich.console import Console
+
+    from edp.demo import next_steps
+
+    console = Console(width=200, record=True)
+    console.print(next_steps(None))
+    hint = console.export_text()
+    # Then it suggests no bare `edp status` (the user's own store, which may not exist),
+    # only how to keep the demo's store for it
+    assert "edp status" in hint
+    assert hint.count("edp status") == hint.count("edp status --database-url"), hint
+    assert "edp demo --keep DIR" in hint
 
 
 def test_the_demo_refuses_a_keep_folder_that_already_holds_files(tmp_path: Path) -> None:
