@@ -9,6 +9,7 @@ import click
 
 from edp.cli import main
 from edp.cli._common import grouping_options, handle_errors, settings_from
+from edp.cli.watch import WATCH_FLAGS, require_watchfiles, watch_options, watching
 from edp.errors import ConfigError
 from edp.redact import redact_text
 
@@ -23,6 +24,7 @@ from edp.redact import redact_text
                                                       path_type=Path),
               help="Also watch this folder as a bucket (like edp watch).")
 @click.option("--bucket", help="Bucket name for --watch (default: the folder's name).")
+@watch_options
 @click.option("--stdout", is_flag=True, help="Also print each emitted event on stdout.")
 @grouping_options
 @handle_errors
@@ -39,12 +41,14 @@ def serve(watch_dir: Path | None, bucket: str | None, stdout: bool, **kwargs: An
         from edp.web.server import ServeStack
     except ImportError:
         raise ConfigError("edp serve needs the web extra: pip install 'edp[web]'") from None
-    names = ("serve_host", "serve_port", "serve_max_body", "database_url")
+    names = ("serve_host", "serve_port", "serve_max_body", "database_url", *WATCH_FLAGS)
     extra = {name: kwargs.pop(name) for name in names}
+    if watch_dir is None and any(extra[name] is not None for name in WATCH_FLAGS):
+        raise click.UsageError("--settle and --ignore are settings of the folder of --watch: "
+                               "give --watch DIR")
     settings = settings_from(kwargs, **extra)
     sources = []
     if watch_dir is not None:
-        from edp.cli.watch import require_watchfiles
         from edp.sources.watch import FolderSource
 
         require_watchfiles()
@@ -53,6 +57,8 @@ def serve(watch_dir: Path | None, bucket: str | None, stdout: bool, **kwargs: An
     click.echo(f"edp serve: dashboard {stack.url}/  ingest POST {stack.url}/ingest  "
                f"metrics {stack.url}/metrics", err=True)
     click.echo(f"edp serve: store {redact_text(stack.url_db)}", err=True)
+    for source in sources:
+        click.echo(f"edp serve: watching {watching(source)}", err=True)
     if stack.token_generated:
         click.echo(f"edp serve: no serve_token set; this run's ingest token is {stack.token}"
                    " (set EDP_SERVE_TOKEN to keep one)", err=True)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from edp.cli import main
-from edp.cli._common import grouping_options, handle_errors, printable, settings_from
+from edp.cli._common import F, grouping_options, handle_errors, printable, settings_from
 from edp.config import Settings
 from edp.engine import worker_sink
 from edp.errors import ConfigError
@@ -33,6 +33,25 @@ def require_watchfiles() -> None:
         ) from None
     # watchfiles logs every change at INFO; edp's own lines say what matters.
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
+
+
+WATCH_FLAGS = ("watch_settle_seconds", "watch_ignore")
+"""The settings :func:`watch_options` sets, by their parameters' names."""
+
+
+def watch_options(func: F) -> F:
+    """``--settle`` and ``--ignore``: how a watched folder is read (``edp watch``, and
+    ``edp serve --watch``)."""
+    func = click.option("--ignore", "watch_ignore", metavar="GLOBS",
+                        help="watch_ignore: comma-separated file-name globs never reported.")(func)
+    return click.option("--settle", "watch_settle_seconds", metavar="SECONDS",
+                        help="watch_settle_seconds: a file is complete when unchanged this "
+                             "long.")(func)
+
+
+def watching(source: FolderSource) -> str:
+    """What a watcher says at its start: the folder, and as which bucket."""
+    return f"{source.root} as bucket {source.bucket!r}"
 
 
 def watch_worker_id(root: Path) -> str:
@@ -112,10 +131,7 @@ def say_package(result: PackageResult) -> None:
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--bucket", help="Bucket name of the events (default: the folder's name).")
-@click.option("--settle", "watch_settle_seconds",
-              help="watch_settle_seconds: a file is complete when unchanged this long.")
-@click.option("--ignore", "watch_ignore",
-              help="watch_ignore: comma-separated file-name globs never reported.")
+@watch_options
 @click.option("--database-url", help="Store to use (default: database_url setting).")
 @click.option("--stdout/--no-stdout", default=True, show_default=True,
               help="Also print each package-objects-ready event as a JSON line on stdout.")
@@ -137,8 +153,7 @@ def watch(directory: Path, bucket: str | None, stdout: bool, registry: str | Non
     from edp.bootstrap import build_observers, build_runtime
     from edp.daemon import Daemon
 
-    extra = {name: kwargs.pop(name) for name in ("watch_settle_seconds", "watch_ignore",
-                                                 "database_url")}
+    extra = {name: kwargs.pop(name) for name in (*WATCH_FLAGS, "database_url")}
     settings = settings_from(kwargs, **extra)
     source = FolderSource.from_settings(directory, settings, bucket=bucket)
     if settings.package_ready_registries and not settings.package_local_root:
@@ -148,7 +163,7 @@ def watch(directory: Path, bucket: str | None, stdout: bool, registry: str | Non
     sinks = watcher_sinks(settings, source, worker_id, stdout=stdout, registry=registry)
     runtime = build_runtime(settings, sinks=sinks, worker_id=worker_id,
                             observers=build_observers(settings))
-    click.echo(f"edp watch: {source.root} as bucket {source.bucket!r}, store "
+    click.echo(f"edp watch: {watching(source)}, store "
                f"{runtime.store.url}; Ctrl-C stops", err=True)
     daemon = Daemon(runtime, [source], max_wait=1.0)
     daemon.install_signal_handlers()

@@ -413,6 +413,62 @@ def test_edp_serve_cli_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> No
     assert b"edp serve: stopped" in err
 
 
+def test_edp_serve_watch_takes_settle_and_ignore_and_says_what_it_watches(
+    tmp_path: Path,
+) -> None:
+    # Given a folder holding a file written long ago, one written just now, and one
+    # named like a file to ignore
+    from edp.store import open_store
+
+    folder = tmp_path / "lab"
+    (folder / "exp" / "1").mkdir(parents=True)
+    for name in ("old.dat", "new.dat", "old.skip"):
+        (folder / "exp" / "1" / name).write_bytes(b"data")
+    for name in ("old.dat", "old.skip"):
+        os.utime(folder / "exp" / "1" / name, (time.time() - 7200, time.time() - 7200))
+    env = {**os.environ, "HOME": str(tmp_path), "EDP_SERVE_TOKEN": TOKEN}
+    env.pop("EDP_CONFIG", None)
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    # When `edp serve --watch` runs with a settle time of an hour and --ignore *.skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edp", "serve", "--port", "0", "--database-url", url,
+         "--watch", str(folder), "--settle", "3600", "--ignore", "*.skip"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+    )
+    try:
+        assert proc.stderr is not None
+        banner = [proc.stderr.readline().decode() for _ in range(3)]
+        # Then it says which folder it watches, as which bucket
+        assert f"edp serve: watching {folder} as bucket 'lab'\n" in banner, banner
+        # And the old file counts (settled long ago), the new one waits for its hour,
+        # and the ignored one never counts
+        store = open_store(url)
+        try:
+            deadline = time.monotonic() + 20
+            while not store.list_batches():
+                assert time.monotonic() < deadline, "the old file was not counted"
+                time.sleep(0.2)
+            time.sleep(2.0)  # (the default settle, 1 s, would have let new.dat in)
+            keys = [o.key for row in store.list_batches()
+                    for o in store.batch_objects(row.batch_id)]
+        finally:
+            store.close()
+        assert keys == ["exp/1/old.dat"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+
+
+def test_edp_serve_refuses_settle_and_ignore_without_watch(tmp_path: Path) -> None:
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("EDP_CONFIG", None)
+    done = subprocess.run([sys.executable, "-m", "edp", "serve", "--settle", "2"],
+                          capture_output=True, env=env, cwd=tmp_path, timeout=60, check=False)
+    assert done.returncode == 2
+    assert b"give --watch DIR" in done.stderr
+
+
 def test_edp_serve_cli_refuses_an_exposed_bind_without_a_token(tmp_path: Path) -> None:
     env = {**os.environ, "HOME": str(tmp_path)}
     for name in ("EDP_CONFIG", "EDP_SERVE_TOKEN"):
