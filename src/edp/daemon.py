@@ -554,8 +554,8 @@ class Daemon:
         ahead = [t for t in (report.next_retry, self._next_retry)
                  if t is not None and t > self.clock()]
         self._next_retry = min(ahead) if ahead else report.next_retry
-        if report.failed:
-            log.warning("outbox: %d deliveries failed, will retry", report.failed)
+        if report.failed:  # (the relay logged each failure, with its reason and retry)
+            log.debug("outbox: %d deliveries failed, will retry", report.failed)
 
 
 class _Feed:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from edp.errors import SinkError
+from edp.redact import redact_text
 from edp.sinks.base import Failure, Sink
 from edp.store.base import Store
 
@@ -102,7 +103,7 @@ class Relay:
                         "sink %s failed %d event(s) (first %s, attempt %d), retry in %.1fs: %s",
                         sink.name, len(retryable), first.event_id,
                         self._attempts.get((sink.name, first.event_id), 0) + 1,
-                        retry_at - now, first.error,
+                        retry_at - now, redact_text(first.error),
                     )
                 for failure in failures:
                     self._fail(sink.name, failure.event_id, failure.error, failure.permanent,
@@ -129,7 +130,8 @@ class Relay:
         attempts = self._attempts.get((sink, event_id), 0) + 1
         self._attempts[(sink, event_id)] = attempts
         if permanent:
-            log.error("sink %s refused event %s for good: %s", sink, event_id, error)
+            log.error("sink %s refused event %s for good: %s", sink, event_id,
+                      redact_text(error))
             self.store.mark_failed(sink, event_id, error=error, retry_at=None, now=now)
             return
         self.store.mark_failed(sink, event_id, error=error, retry_at=retry_at, now=now)

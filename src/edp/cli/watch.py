@@ -115,7 +115,11 @@ def watcher_sinks(settings: Settings, source: FolderSource, worker_id: str, *,
 
 
 def say_package(result: PackageResult) -> None:
-    """One line on stderr per batch packaged (or not), as the demo shows them."""
+    """One line on stderr per batch packaged (or not), as the demo shows them. A
+    failure is not said here: the relay logs it, with its attempt and next try (or that
+    it is parked)."""
+    if not result.ok:
+        return
     what = {
         "pushed": f"package {result.package} ({result.files} files) pushed to "
                   f"{result.registry}, top hash {result.top_hash}",
@@ -123,8 +127,7 @@ def say_package(result: PackageResult) -> None:
         "quarantined": f"package {result.package} quarantined in {result.registry}: "
                        f"{result.error}",
         "skipped": f"no package for {result.prefix}: {result.error or 'no files'}",
-    }.get(result.status.value, f"packaging {result.prefix} failed: {result.error}"
-          + (" (retried later)" if result.retryable else ""))
+    }[result.status.value]
     click.echo(printable(f"edp watch: {what}"), err=True)
 
 

@@ -171,18 +171,27 @@ class Packager:
         self.buckets = None if buckets is None else frozenset(buckets)
 
     # -- entry points ---------------------------------------------------------------
-    def package(self, message: bytes | str | dict[str, Any]) -> PackageResult:
-        """Package the batch of one input message (any shape :func:`parse_request` takes)."""
+    def package(self, message: bytes | str | dict[str, Any], *,
+                report_failure: bool = True) -> PackageResult:
+        """Package the batch of one input message (any shape :func:`parse_request` takes).
+
+        ``report_failure=False``: a failed outcome is not logged here, because the
+        caller reports it itself (a sink's relay, with its attempt and next try; a
+        queue's consumer, with what became of the message): one line per try, not one
+        per layer."""
         try:
             request = parse_request(message)
         except InvalidRequest as exc:
-            log.error("not a package-objects-ready event: %s", exc)
+            if report_failure:
+                log.error("not a package-objects-ready event: %s", exc)
             return PackageResult(PackageStatus.FAILED, bucket=exc.bucket, prefix=exc.prefix,
                                  error=str(exc), batch_id=exc.batch_id, event_id=exc.event_id)
-        return self.package_batch(request)
+        return self.package_batch(request, report_failure=report_failure)
 
-    def package_batch(self, request: BatchRequest) -> PackageResult:
-        """Package one batch; see the module docstring for the steps and outcomes."""
+    def package_batch(self, request: BatchRequest, *,
+                      report_failure: bool = True) -> PackageResult:
+        """Package one batch; see the module docstring for the steps and outcomes, and
+        :meth:`package` for ``report_failure``."""
         name = package_name(self.settings.package_name_template, request.bucket, request.prefix)
         result = PackageResult(
             PackageStatus.FAILED, bucket=request.bucket, prefix=request.prefix, package=name,
@@ -192,7 +201,7 @@ class Packager:
             result.error = (f"batch {request.batch_id or '?'} of bucket {request.bucket!r} is "
                             f"not packaged here: this packager serves only "
                             f"{', '.join(map(repr, sorted(self.buckets)))}")
-            self._log(result)
+            self._log(result, report_failure)
             return result
         try:
             registry = self._registry_for(request.bucket)
@@ -211,7 +220,7 @@ class Packager:
             result.status, result.retryable = PackageStatus.FAILED, False
             result.error = f"unexpected error: {type(exc).__name__}: {exc}"
             self._notify("package-failed", request, result, result.error)
-        self._log(result)
+        self._log(result, report_failure)
         return result
 
     # -- the steps ------------------------------------------------------------------
@@ -371,8 +380,6 @@ class Packager:
         result: PackageResult, message: str, fields: Mapping[str, Any], problem: str,
     ) -> None:
         result.error = problem
-        log.warning("package %s for bucket=%s prefix=%s batch_id=%s: %s",
-                    name, request.bucket, request.prefix, request.batch_id, problem)
         if self.quarantine is None:
             result.status, result.retryable = PackageStatus.FAILED, False
             self._notify("package-failed", request, result, problem)
@@ -400,6 +407,10 @@ class Packager:
                                ) from None
         result.status, result.top_hash = PackageStatus.QUARANTINED, published.top_hash
         result.registry = self.quarantine.url
+        # (a failure, or a failed quarantine, is reported once, with its outcome: see _log)
+        log.warning("package %s for bucket=%s prefix=%s batch_id=%s quarantined in %s: %s",
+                    name, request.bucket, request.prefix, request.batch_id, self.quarantine,
+                    problem)
         result.url = catalog_link(self.settings.catalog_url, self.quarantine.catalog_bucket, name)
         self._notify("package-quarantined", request, result, problem, intended=registry.url)
 
@@ -487,7 +498,9 @@ class Packager:
             result.notify_errors.append(f"{type(exc).__name__}: {exc}")
 
     @staticmethod
-    def _log(result: PackageResult) -> None:
+    def _log(result: PackageResult, report_failure: bool) -> None:
+        if not result.ok and not report_failure:
+            return  # (the caller says it: see package)
         level = logging.INFO if result.ok else logging.ERROR
         log.log(level, "package %s: status=%s bucket=%s prefix=%s batch_id=%s registry=%s "
                 "top_hash=%s error=%s", result.package, result.status.value, result.bucket,

@@ -47,7 +47,8 @@ def consume_queue(
         if not messages and until_empty:
             break
         for message in messages:
-            result = packager.package(message.get("Body", ""))
+            # (a failure is logged once, below, with what becomes of its message)
+            result = packager.package(message.get("Body", ""), report_failure=False)
             handled += 1
             on_result(result)
             if not result.ok and not result.retryable and dead_letter is not None:
@@ -55,9 +56,15 @@ def consume_queue(
                             f"message id {message.get('MessageId')}", result.error or "failed")
             if result.ok or not result.retryable:
                 client.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
-            else:
-                log.warning("message %s kept in the queue for a retry: %s",
-                            message.get("MessageId"), result.error)
+            if not result.ok:
+                log.log(logging.WARNING if result.retryable else logging.ERROR,
+                        "message %s (package %s, bucket=%s prefix=%s batch_id=%s) %s: %s",
+                        message.get("MessageId"), result.package or "-", result.bucket,
+                        result.prefix, result.batch_id,
+                        "kept in the queue for a retry" if result.retryable
+                        else "failed for good, deleted from the queue"
+                        + (" (kept as a dead letter)" if dead_letter is not None else ""),
+                        result.error)
             if stop.is_set():
                 break
     return handled

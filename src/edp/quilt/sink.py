@@ -37,7 +37,8 @@ class PackagerSink:
         for entry in entries:
             if entry.kind != DETAIL_TYPE:
                 continue
-            result = self.packager.package(entry.payload)
+            # (a failure goes back to the relay, which logs it with its attempt)
+            result = self.packager.package(entry.payload, report_failure=False)
             if self.on_result is not None:
                 self.on_result(result)
             if not result.ok:

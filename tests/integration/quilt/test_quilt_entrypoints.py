@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,7 @@ def test_edp_package_needs_exactly_one_input() -> None:
 
 def test_edp_package_consumes_an_sqs_queue_and_keeps_what_may_succeed_later(
     aws: Callable[[str], Any], make_bucket: Callable[[str], str], quilt: Any,
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given a queue with a batch event, and one whose bucket does not exist (yet)
     s3, sqs = aws("s3"), aws("sqs")
@@ -80,9 +81,14 @@ def test_edp_package_consumes_an_sqs_queue_and_keeps_what_may_succeed_later(
 
     # When `edp package --sqs-queue URL --once` runs (no edp.toml in its directory)
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(main, ["package", "--sqs-queue", queue, "--once"])
+    with caplog.at_level(logging.INFO, logger="edp"):
+        result = CliRunner().invoke(main, ["package", "--sqs-queue", queue, "--once"])
 
-    # Then the good batch is packaged and deleted; the other stays for a retry
+    # Then the failure is logged once, saying why and what became of the message
+    [said] = [r.getMessage() for r in caplog.records if "-missing" in r.getMessage()]
+    assert "kept in the queue for a retry" in said
+    assert "NoSuchBucket" in said or "does not exist" in said, said
+    # And the good batch is packaged and deleted; the other stays for a retry
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert sorted(line["status"] for line in lines) == ["failed", "pushed"]
     assert [line["retryable"] for line in lines if line["status"] == "failed"] == [True]

@@ -586,3 +586,35 @@ def test_a_prefix_with_an_empty_segment_is_refused_in_local_mode(
     assert result.status is PackageStatus.FAILED and not result.retryable
     assert "empty segment" in (result.error or "")
     assert not (registry / ".quilt" / "named_packages").exists()
+
+
+def test_a_failing_push_of_edp_watch_is_logged_once_per_try(tmp_path: Path, quilt: Any) -> None:
+    # Given `edp watch --registry` whose registry cannot be written (its .quilt is a file)
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "lab"
+    (folder / "exp" / "1").mkdir(parents=True)
+    (folder / "exp" / "1" / "a.txt").write_bytes(b"a")
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    (registry / ".quilt").write_bytes(b"not a folder")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edp", "watch", str(folder), "--registry", str(registry),
+         "--database-url", f"sqlite:///{tmp_path / 'edp.db'}", "--no-stdout",
+         "--settle", "0.2", "--threshold-duration", "0.5"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path,
+    )
+    # When its batch fires and the push fails, and is tried again
+    time.sleep(8)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    lines = err.decode().splitlines()
+    # Then each try is one line, with its attempt and the reason
+    failures = [line for line in lines if "NotADirectoryError" in line]
+    tries = [line for line in failures if " attempt " in line]
+    assert len(tries) >= 2, err.decode()
+    assert failures == tries, err.decode()
+    assert not [line for line in lines if "deliveries failed" in line], err.decode()
