@@ -185,8 +185,8 @@ def test_a_bucket_table_alone_does_not_narrow_the_watch_list(tmp_path: Path) -> 
          "catalog_url must be an http:// or https:// URL, got 'quilt.example.com'"),
         # So is the package name template (`edp config` showed one the packager refused)
         ({"EDP_PACKAGE_NAME_TEMPLATE": "{nope}/x"},
-         "package_name_template is not usable: ValueError('field {nope} is not a plain "
-         "segment number, bucket or prefix'); use {0}, {1}, ... for prefix segments and "
+         "package_name_template is not usable: field {nope} is not a plain "
+         "segment number, bucket or prefix; use {0}, {1}, ... for prefix segments and "
          "{bucket} or {prefix}, e.g. '{0}/{1}', got '{nope}/x' (from environment variable "
          "EDP_PACKAGE_NAME_TEMPLATE)"),
     ],

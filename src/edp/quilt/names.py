@@ -70,7 +70,7 @@ def template_problem(template: str) -> str | None:
                                  "number, bucket or prefix")
         _FORMATTER.format(template, "a", "b", bucket="bucket", prefix="a/b")
     except (KeyError, IndexError, ValueError, AttributeError) as exc:
-        return (f"{template!r} is not usable: {exc!r}; use {{0}}, {{1}}, ... for prefix "
+        return (f"{template!r} is not usable: {_reason(exc)}; use {{0}}, {{1}}, ... for prefix "
                 "segments and {bucket} or {prefix}, e.g. '{0}/{1}'")
     return None
 
@@ -90,7 +90,16 @@ def render(template: str, bucket: str, prefix: str) -> str:
     try:
         return _FORMATTER.format(template, *segments, bucket=bucket, prefix=stripped)
     except (KeyError, IndexError, ValueError, AttributeError) as exc:
-        raise ConfigError(f"package_name_template {template!r} is not usable: {exc!r}") from None
+        raise ConfigError(f"package_name_template {template!r} is not usable: "
+                          f"{_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    """The message of a template's error, not its repr (``ValueError('...')``); a
+    KeyError's text is only the key's repr: it says which field is unknown."""
+    if isinstance(exc, KeyError):
+        return f"no field {{{exc.args[0] if exc.args else ''}}}"
+    return str(exc) or type(exc).__name__
 
 
 def _clean(part: str) -> str:

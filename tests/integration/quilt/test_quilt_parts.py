@@ -16,7 +16,7 @@ from edp.errors import ConfigError
 from edp.quilt import InvalidRequest, MetadataError, parse_request
 from edp.quilt.helpers import is_ignored, parse_quiltignore
 from edp.quilt.metadata import json_safe, merge, read_metadata
-from edp.quilt.names import check_template, is_valid, package_name
+from edp.quilt.names import check_template, is_valid, package_name, render
 from edp.quilt.notify import sns_subject
 from edp.quilt.packager import Packager
 from integration.quilt.quilt_support import batch_event, quilt_settings, xlsx
@@ -47,8 +47,20 @@ def test_package_names_are_valid_whatever_the_prefix(
 @pytest.mark.parametrize("template", ["{project}/{0}", "{0", "{0.__class__.x}", "{0.__class__}/{1}",
                                       "{0[0]}/{1}", "{0!r}/{1}", "{0:>5}/{1}", "{bucket.x}"])
 def test_an_unusable_name_template_is_a_config_error(template: str) -> None:
-    with pytest.raises(ConfigError, match="package_name_template"):
+    with pytest.raises(ConfigError, match="package_name_template") as info:
         check_template(template)
+    # (its reason as a message, not a Python repr such as ValueError('...'))
+    assert "Error(" not in str(info.value)
+
+
+@pytest.mark.parametrize(("template", "why"), [
+    ("{project}/{0}", "is not usable: no field {project}"),
+    ("{0", "is not usable: expected '}' before end of string"),
+])
+def test_a_template_that_cannot_render_says_why_in_words(template: str, why: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        render(template, "bucket", "a/b/")
+    assert str(info.value) == f"package_name_template {template!r} {why}"
 
 
 @pytest.mark.parametrize("message", ["Batch {batch_id} with {object-count} files", "{nope}",
