@@ -28,6 +28,13 @@ def one_line(text: str) -> str:
     return text.translate(_CONTROL)
 
 
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``count`` and ``noun``, in the plural (``nouns``, else ``noun`` + s) unless the
+    count is 1: "1 file", "2 files", "0 batches fired" (``plural(0, "batch", "batches")
+    + " fired"``)."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
+
+
 def is_unicode(text: str) -> bool:
     """Whether ``text`` is valid Unicode, i.e. encodes as UTF-8: no lone surrogate (a
     JSON escape such as ``\\udc80``, or a file name that was not UTF-8)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import pytest
 
-from edp.config import SETTING_NAMES, env_name
+from edp.config import OWN_VARIABLES, SETTING_NAMES, env_name
 
 DOC = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text(encoding="utf-8")
 
@@ -52,3 +52,28 @@ def test_each_flag_that_sets_a_setting_names_it_in_its_help() -> None:
         and option.name not in (option.help or "")
     ]
     assert silent == []
+
+
+def test_flags_of_numeric_settings_show_what_they_take_not_text() -> None:
+    # (--settle, --port, --max-body showed "TEXT" in --help)
+    from edp.cli import main
+    from edp.config import Settings
+
+    numeric = {name for name, field in Settings.model_fields.items()
+               if isinstance(field.default, int | float) and not isinstance(field.default, bool)}
+    shown = {
+        f"{path} {option.opts[0]}": option.make_metavar(click.Context(command))
+        for path, command in _commands(main, "edp")
+        for option in command.params
+        if isinstance(option, click.Option) and option.name in numeric
+    }
+    assert {"edp serve --port", "edp serve --max-body", "edp serve --settle",
+            "edp watch --settle"} <= set(shown)
+    assert [flag for flag, metavar in shown.items() if metavar == "TEXT"] == []
+
+
+# EDP_TEMPLATE is in OWN_VARIABLES but read by nothing (tests/deploy names the template
+# file in a Python constant of that name): not documented as a variable.
+@pytest.mark.parametrize("name", sorted(OWN_VARIABLES - {"EDP_TEMPLATE"}))
+def test_edps_own_environment_variables_are_documented(name: str) -> None:
+    assert f"`{name}`" in DOC, f"docs/configuration.md does not name {name}"

@@ -28,7 +28,7 @@ from edp.aws.clients import aws_errors, error_code
 from edp.aws.clients import client as make_client
 from edp.bootstrap import Runtime
 from edp.engine import Message
-from edp.errors import ConfigError, EdpError
+from edp.errors import ConfigError, EdpError, plural
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +66,12 @@ class BackfillSummary:
         by_trigger = ", ".join(f"{k} {v}" for k, v in sorted(self.fired.items()))
         skipped = sum(v for k, v in self.counts.items() if k.startswith("skipped."))
         return (
-            f"edp backfill: {self.listed} objects listed, {self.counts['events.counted']} counted, "
+            f"edp backfill: {plural(self.listed, 'object')} listed, "
+            f"{self.counts['events.counted']} counted, "
             f"{self.counts['events.duplicate']} already seen, {skipped} not batched, "
             + (f"{self.skipped_older} older than --since, " if self.skipped_older else "")
-            + f"{batches} batches fired ({by_trigger or 'none'}), {self.delivered} events delivered"
+            + f"{plural(batches, 'batch', 'batches')} fired ({by_trigger or 'none'}), "
+            f"{plural(self.delivered, 'event')} delivered"
         )
 
 

@@ -21,6 +21,7 @@ from edp.cli._common import (
     store_options,
     when,
 )
+from edp.errors import plural
 
 
 @main.group(invoke_without_command=True)
@@ -144,8 +145,9 @@ def batches_close(ctx: click.Context, batch_id: str, config_file: str | None,
     finally:
         runtime.close()
     click.echo(printable(f"closed batch {ready.batch_id} (s3://{ready.bucket}/{ready.prefix}, "
-                         f"{ready.object_count} files); event {ready.event_id}; "
-                         f"{report.delivered} deliveries made, {report.failed} to retry"))
+                         f"{plural(ready.object_count, 'file')}); event {ready.event_id}; "
+                         f"{plural(report.delivered, 'delivery', 'deliveries')} made, "
+                         f"{report.failed} to retry"))
     if waiting:
         click.echo(waiting)
 

@@ -8,6 +8,7 @@ import click
 
 from edp.cli import main
 from edp.cli._common import grouping_options, handle_errors, settings_from
+from edp.errors import plural
 
 
 @main.command()
@@ -96,6 +97,7 @@ def run(
     finally:
         runtime.close()
     click.echo(
-        f"edp run: stopped after {stats.steps} steps, {stats.messages} messages, "
-        f"{stats.fired} batches fired, {stats.errors} errors", err=True,
+        f"edp run: stopped after {plural(stats.steps, 'step')}, "
+        f"{plural(stats.messages, 'message')}, {plural(stats.fired, 'batch', 'batches')} "
+        f"fired, {plural(stats.errors, 'error')}", err=True,
     )

@@ -15,9 +15,11 @@ from edp.redact import redact_text
 
 
 @main.command()
-@click.option("--host", "serve_host", help="serve_host: address to bind (default 127.0.0.1).")
-@click.option("--port", "serve_port", help="serve_port: TCP port (default 8080; 0 = any free).")
-@click.option("--max-body", "serve_max_body",
+@click.option("--host", "serve_host", metavar="ADDRESS",
+              help="serve_host: address to bind (default 127.0.0.1).")
+@click.option("--port", "serve_port", metavar="PORT",
+              help="serve_port: TCP port (default 8080; 0 = any free).")
+@click.option("--max-body", "serve_max_body", metavar="BYTES",
               help="serve_max_body: largest accepted request body in bytes.")
 @click.option("--database-url", help="Store to use (default: database_url setting).")
 @click.option("--watch", "watch_dir", type=click.Path(exists=True, file_okay=False,

@@ -14,7 +14,7 @@ from edp.cli import main
 from edp.cli._common import F, grouping_options, handle_errors, printable, settings_from
 from edp.config import Settings
 from edp.engine import worker_sink
-from edp.errors import ConfigError
+from edp.errors import ConfigError, plural
 from edp.sinks.base import BucketScoped, Sink
 from edp.sinks.local import StdoutSink
 from edp.sources.watch import FolderSource
@@ -121,7 +121,7 @@ def say_package(result: PackageResult) -> None:
     if not result.ok:
         return
     what = {
-        "pushed": f"package {result.package} ({result.files} files) pushed to "
+        "pushed": f"package {result.package} ({plural(result.files, 'file')}) pushed to "
                   f"{result.registry}, top hash {result.top_hash}",
         "unchanged": f"package {result.package} unchanged in {result.registry}",
         "quarantined": f"package {result.package} quarantined in {result.registry}: "
@@ -174,5 +174,5 @@ def watch(directory: Path, bucket: str | None, stdout: bool, registry: str | Non
         stats = daemon.run()
     finally:
         runtime.close()
-    click.echo(f"edp watch: stopped after {stats.messages} file events, "
-               f"{stats.fired} batches fired", err=True)
+    click.echo(f"edp watch: stopped after {plural(stats.messages, 'file event')}, "
+               f"{plural(stats.fired, 'batch', 'batches')} fired", err=True)

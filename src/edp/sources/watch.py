@@ -38,7 +38,7 @@ from urllib.parse import quote_plus
 from edp.core.rules import RuleBook, watch_ignored
 from edp.daemon import Received
 from edp.engine import Message
-from edp.errors import ConfigError, is_unicode
+from edp.errors import ConfigError, is_unicode, plural
 
 if TYPE_CHECKING:
     from edp.config import Settings
@@ -195,8 +195,8 @@ class FolderSource:
         self._watching.wait(timeout=5.0)
         for key, stat in self._walk(self.root):
             self._consider(key, stat)
-        log.info("watching %s as bucket %s: %d files found", self.root, self.bucket,
-                 len(self._candidates))
+        log.info("watching %s as bucket %s: %s found", self.root, self.bucket,
+                 plural(len(self._candidates), "file"))
 
     def receive(self, *, wait: float) -> Received:
         """Events of the files that became complete (or were deleted), waiting up to ``wait``."""

@@ -417,9 +417,10 @@ def test_edp_watch_cli_prints_events_packages_batches_and_stops_on_ctrl_c(
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err.decode()
-    assert b"stopped after" in err
+    assert b"stopped after 3 file events, 1 batch fired" in err, err.decode()  # (not "1 batches")
     if packaging:  # (and it said so, one line per package)
         assert b"edp watch: package scope/exp (2 files) pushed to " in err, err.decode()
+        assert b"edp watch: package scope/other (1 file) pushed to " in err, err.decode()
     # And its worker is recorded as finished: it holds no other worker back, and a
     # replay on that store is not told of live workers
     store = open_store(f"sqlite:///{tmp_path / 'cli.db'}")
