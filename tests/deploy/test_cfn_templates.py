@@ -395,3 +395,19 @@ def test_example_handler_matches_the_original_rule() -> None:
     assert pattern["detail-type"] == ["package-objects-ready"]
     assert pattern["detail"]["bucket"] == [{"Ref": "BucketName"}]
     assert resources["Lambda"]["Properties"]["Runtime"] == "python3.12"
+
+
+# --------------------------------------------------------------------------
+# deploy/README.md: the parameter table is the users' reference
+
+
+def test_the_readme_lists_every_parameter_and_keeps_old_parameter_files(
+    edp: dict[str, Any],
+) -> None:
+    """Each parameter of edp.yaml has a row in deploy/README.md's table, the original's
+    DBPassword included (the template accepts it: the README must not say to drop it)."""
+    readme = (DEPLOY_DIR / "README.md").read_text(encoding="utf-8")
+    rows = set(re.findall(r"^\| `(\w+)` \|", readme, flags=re.MULTILINE))
+
+    assert set(edp["Parameters"]) - rows == set()
+    assert not re.search(r"drop\s+`DBPassword`", readme)
