@@ -5,7 +5,13 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^\s:/?#@]*:[^\r\n/]*@(?=[^\s@]))?\S+")
+"""A URL inside a text. A ``user:password@`` part may hold spaces (a password typed
+unencoded: libpq refuses it, and its error must not show it), up to the last ``@`` of
+the line that no ``/`` precedes."""
+_WHOLE_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\r\n]*")
+"""A text that is one URL, as a setting's value is: its user information may hold any
+character but a line break (spaces and ``/`` together too)."""
 _PLAIN_PARAMETERS = frozenset({"sslmode", "connect_timeout", "target_session_attrs",
                                "application_name", "keepalives", "keepalives_idle",
                                "keepalives_interval", "keepalives_count", "tcp_user_timeout"})
@@ -76,7 +82,10 @@ def redact_endpoint(url: str) -> str:
 def redact_text(text: str) -> str:
     """Every URL inside ``text`` redacted with :func:`redact_url`, and every libpq
     ``password=`` value masked."""
-    text = _URL.sub(_redact_match, text)
+    if _WHOLE_URL.fullmatch(text) and any(c.isspace() for c in text):
+        text = redact_url(text)  # (redact_url masks up to the last "@")
+    else:
+        text = _URL.sub(_redact_match, text)
     return _KEYWORD_PASSWORD.sub(lambda match: match.group(1) + "***", text)
 
 

@@ -87,3 +87,26 @@ def test_log_lines_from_the_cli_stay_one_line_whatever_the_input_holds() -> None
     assert len(lines) == 1 and "FORGED" in lines[0] and "\\x0a" in lines[0], result.stderr
     assert not any(line.startswith("2026-01-01") for line in result.stderr.splitlines())
     assert "\x1b" not in result.stderr
+
+
+@pytest.mark.parametrize("password", ["se cretpw", "p@ss secretpw", "a\tsecretpw", "a/b secretpw"])
+def test_a_password_with_spaces_is_hidden(password: str) -> None:
+    # (typed unencoded: libpq refuses the URL, and edp's error quotes it; urlsplit and a
+    # URL that ends at the first space would show the password's second half)
+    url = f"postgresql://edp:{password}@127.0.0.1:5432/db"
+    texts = [url]  # (a setting's value, as edp config and the stores show it)
+    if "/" not in password:  # (inside a message, a "/" before the "@" ends the user part)
+        texts += [f"database_url {url!r} is not a valid libpq URL", f"cannot open {url}: no"]
+    for text in texts:
+        shown = redact_text(text)
+        assert "secretpw" not in shown and "edp:***@127.0.0.1:5432/db" in shown, shown
+
+
+def test_a_store_error_for_a_password_with_a_space_does_not_show_it() -> None:
+    pytest.importorskip("psycopg")
+    from edp.errors import EdpError
+    from edp.store import open_store
+
+    with pytest.raises(EdpError) as caught:
+        open_store("postgresql://edp:se cretpw@127.0.0.1:1/edp")
+    assert "cretpw" not in str(caught.value) and "edp:***@" in str(caught.value)
