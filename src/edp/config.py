@@ -467,8 +467,7 @@ ORIGINAL_NAMES = {"bucket_name": "buckets", "event_bus_name": "eventbridge_bus"}
 (``EDP_BUCKET_NAME``...): accepted as the edp settings they became."""
 CREDENTIALS = ("db_user", "db_password")
 """The original's ``DBUser`` and ``DBPassword``: put into a PostgreSQL ``database_url``."""
-OWN_VARIABLES = frozenset({"EDP_CONFIG", "EDP_VENV", "EDP_BIN", "EDP_TEMPLATE",
-                           "EDP_ARTIFACTS_DIR"})
+OWN_VARIABLES = frozenset({"EDP_CONFIG", "EDP_VENV", "EDP_BIN", "EDP_ARTIFACTS_DIR"})
 """``EDP_*`` variables that are not settings: the config file's path, the scripts' own."""
 _OWN_PREFIXES = ("EDP_TEST_", "EDP_BENCH_")
 

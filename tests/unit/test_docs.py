@@ -72,8 +72,6 @@ def test_flags_of_numeric_settings_show_what_they_take_not_text() -> None:
     assert [flag for flag, metavar in shown.items() if metavar == "TEXT"] == []
 
 
-# EDP_TEMPLATE is in OWN_VARIABLES but read by nothing (tests/deploy names the template
-# file in a Python constant of that name): not documented as a variable.
-@pytest.mark.parametrize("name", sorted(OWN_VARIABLES - {"EDP_TEMPLATE"}))
+@pytest.mark.parametrize("name", sorted(OWN_VARIABLES))
 def test_edps_own_environment_variables_are_documented(name: str) -> None:
     assert f"`{name}`" in DOC, f"docs/configuration.md does not name {name}"

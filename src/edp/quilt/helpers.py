@@ -33,7 +33,7 @@ Icon
 
 README_TEMPLATE = """# {name}
 
-Quilt package made by edp (Event-Driven Packaging) from a batch of {object_count} files
+Quilt package made by edp (Event-Driven Packaging) from a batch of {files}
 at `{source}`.
 
 | | |

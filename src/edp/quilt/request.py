@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edp.core.envelopes import BATCH_EVENT
-from edp.errors import is_unicode
+from edp.errors import is_unicode, plural
 from edp.quilt.errors import InvalidRequest
 
 DETAIL_TYPE = BATCH_EVENT
@@ -58,6 +58,8 @@ class BatchRequest:
             "prefix": self.prefix,
             "source": self.source,
             "object_count": "?" if self.object_count is None else self.object_count,
+            "files": ("? files" if self.object_count is None
+                      else plural(self.object_count, "file")),
             "trigger": self.trigger or "-",
             "batch_id": self.batch_id or "-",
             "event_id": self.event_id or "-",

@@ -236,3 +236,16 @@ def test_a_refused_event_still_reports_the_identifiers_it_gave() -> None:
     refused = Packager(quilt_settings()).package(event)
     assert refused.status is PackageStatus.FAILED and refused.bucket == ""
     assert orjson.dumps(refused.as_dict())
+
+
+@pytest.mark.parametrize(("count", "files"), [(1, "1 file"), (20, "20 files"), (None, "? files")])
+def test_a_package_readme_counts_its_files(count: int | None, files: str) -> None:
+    from edp.quilt.helpers import readme
+
+    event = batch_event("lab", "instrument/exp-1/")
+    if count is None:
+        del event["detail"]["object-count"]
+    else:
+        event["detail"]["object-count"] = count
+    text = readme(parse_request(event).fields())
+    assert f"from a batch of {files}\n" in text
