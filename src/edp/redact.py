@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://(?:[^\s:/?#@]*:[^\r\n/]*@(?=[^\s@]))?\S+")
+_URL = re.compile(r"(?<![a-zA-Z0-9+.-])[0-9+.-]*+[a-zA-Z][a-zA-Z0-9+.-]*+://"
+                  r"(?:[^\s:/?#@]*:[^\r\n/]*@(?=[^\s@]))?\S+")
 """A URL inside a text. A ``user:password@`` part may hold spaces (a password typed
 unencoded: libpq refuses it, and its error must not show it), up to the last ``@`` of
-the line that no ``/`` precedes."""
-_WHOLE_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\r\n]*")
-"""A text that is one URL, as a setting's value is: its user information may hold any
-character but a line break (spaces and ``/`` together too)."""
+the line that no ``/`` precedes. (Its scheme is looked for only where a word begins,
+read without backtracking: tried at every letter of a long word, each try reading to
+the word's end, it took seconds on a 40 kB line.)"""
+_SCHEME = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*+://")
+_NOT_IN_USER = frozenset(":/?#@") | frozenset(" \t\f\v")
 _PLAIN_PARAMETERS = frozenset({"sslmode", "connect_timeout", "target_session_attrs",
                                "application_name", "keepalives", "keepalives_idle",
                                "keepalives_interval", "keepalives_count", "tcp_user_timeout"})
@@ -82,11 +84,28 @@ def redact_endpoint(url: str) -> str:
 def redact_text(text: str) -> str:
     """Every URL inside ``text`` redacted with :func:`redact_url`, and every libpq
     ``password=`` value masked."""
-    if _WHOLE_URL.fullmatch(text) and any(c.isspace() for c in text):
-        text = redact_url(text)  # (redact_url masks up to the last "@")
-    else:
-        text = _URL.sub(_redact_match, text)
+    # (redact_url masks up to the last "@")
+    text = redact_url(text) if _is_one_url(text) else _URL.sub(_redact_match, text)
     return _KEYWORD_PASSWORD.sub(lambda match: match.group(1) + "***", text)
+
+
+def _is_one_url(text: str) -> bool:
+    """Whether ``text``, holding spaces, is one URL (a setting's value) whose user
+    information holds them: up to its last ``@``, which nothing but the host, path and
+    query follow, it is ``user:password`` (the password any character but a line
+    break, spaces and ``/`` together too) or a token without ``/``, ``?`` or ``#``. A
+    message that merely begins with a URL (``https://host/x?y=1 and user@example.com``)
+    is not one: its words are not a password."""
+    scheme = _SCHEME.match(text)
+    if scheme is None or "\n" in text or "\r" in text or not any(c.isspace() for c in text):
+        return False
+    userinfo, at, after = text[scheme.end():].rpartition("@")
+    if not at or any(c.isspace() for c in after):
+        return False
+    user, colon, _ = userinfo.partition(":")
+    if colon:
+        return not _NOT_IN_USER & set(user)
+    return not set("/?#") & set(userinfo)
 
 
 def _redact_match(match: re.Match[str]) -> str:

@@ -110,3 +110,35 @@ def test_a_store_error_for_a_password_with_a_space_does_not_show_it() -> None:
     with pytest.raises(EdpError) as caught:
         open_store("postgresql://edp:se cretpw@127.0.0.1:1/edp")
     assert "cretpw" not in str(caught.value) and "edp:***@" in str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    # (a message that begins with a URL is not one URL: its words and the "@" of an
+    # address further on are not a password; c3f1932 masked the line up to that "@")
+    ("https://host/path?x=1 and user@example.com",
+     "https://host/path?x=*** and user@example.com"),
+    ("https://hooks.example.com/T0 answered 404 (see admin@example.com)",
+     "https://hooks.example.com/T0 answered 404 (see admin@example.com)"),
+    ("s3://bucket/prefix/a.csv: Access Denied #3", "s3://bucket/prefix/a.csv: Access Denied #3"),
+])
+def test_a_message_that_begins_with_a_url_keeps_its_words(text: str, shown: str) -> None:
+    assert redact_text(text) == shown
+
+
+@pytest.mark.parametrize("url", ["https://tok en@hooks.example.com/x",
+                                 "postgresql://edp:a/b secretpw@db/edp"])
+def test_a_setting_that_is_one_url_is_still_redacted_whole(url: str) -> None:
+    shown = redact_text(url)
+    assert "en@" not in shown and "secretpw" not in shown and "***@" in shown, shown
+
+
+@pytest.mark.timeout(20)
+def test_a_long_line_is_redacted_in_linear_time() -> None:
+    import time
+
+    # (a scheme was tried at every letter of a long word, each try reading to the word's
+    # end: a 40 kB token or base64 blob in an error took seconds, 200 kB minutes)
+    started = time.perf_counter()
+    shown = redact_text("a" * 200_000 + " see https://u:p@h/x")
+    assert time.perf_counter() - started < 1.0
+    assert shown.endswith("see https://u:***@h/x")
