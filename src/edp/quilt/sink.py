@@ -9,12 +9,16 @@ event kinds (``package-ready``) are accepted and ignored.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 from edp.quilt.packager import Packager, PackageResult
 from edp.quilt.request import DETAIL_TYPE
+from edp.redact import redact_text
 from edp.sinks.base import Failure
 from edp.store.base import OutboxEntry
+
+log = logging.getLogger(__name__)
 
 
 class PackagerSink:
@@ -42,8 +46,17 @@ class PackagerSink:
             if self.on_result is not None:
                 self.on_result(result)
             if not result.ok:
+                retried_before = any(not f.permanent for f in failures)
                 failures.append(Failure(entry.event_id, result.error or "packaging failed",
                                         permanent=not result.retryable))
+                # The relay says a page's first retryable failure (and each permanent
+                # one): a later batch of the page failing for its own reason is said
+                # here, or nothing would name its package nor its reason.
+                if result.retryable and retried_before:
+                    log.warning("package %s for bucket=%s prefix=%s batch_id=%s failed "
+                                "too (retried with the page's first): %s", result.package,
+                                result.bucket, result.prefix, result.batch_id,
+                                redact_text(result.error or "packaging failed"))
         return failures
 
 
