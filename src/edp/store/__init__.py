@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+from types import ModuleType
 
 from edp.errors import ConfigError, StoreError
 from edp.redact import redact_text
@@ -35,19 +36,10 @@ def open_store(url: str, *, fast_unsafe: bool = False,
 
         return SqliteStore.from_url(url, fast_unsafe=fast_unsafe)
     if url.startswith(("postgresql:", "postgres:")):
-        try:
-            from edp.store.postgres import PostgresStore
-        except ImportError as exc:
-            raise ConfigError(
-                f"database_url is a PostgreSQL URL but psycopg 3 is not installed ({exc}): "
-                "run `pip install 'edp[postgres]'`"
-            ) from None
-        return PostgresStore.from_url(url, fast_unsafe=fast_unsafe,
-                                      idle_in_transaction=idle_in_transaction)
-    raise ConfigError(
-        "database_url must start with sqlite:///, postgresql:// or postgres://, "
-        f"got {redact_text(url)!r}"
-    )
+        store: Store = _postgres().PostgresStore.from_url(
+            url, fast_unsafe=fast_unsafe, idle_in_transaction=idle_in_transaction)
+        return store
+    raise _not_a_store_url(url)
 
 
 def read_schema_state(url: str) -> SchemaState:
@@ -59,15 +51,24 @@ def read_schema_state(url: str) -> SchemaState:
 
         return schema_state("sqlite", applied_version(sqlite_path(url)))
     if url.startswith(("postgresql:", "postgres:")):
-        try:
-            from edp.store import postgres
-        except ImportError as exc:
-            raise ConfigError(
-                f"database_url is a PostgreSQL URL but psycopg 3 is not installed ({exc}): "
-                "run `pip install 'edp[postgres]'`"
-            ) from None
-        return schema_state("postgres", postgres.applied_version(url))
-    raise ConfigError(
+        return schema_state("postgres", _postgres().applied_version(url))
+    raise _not_a_store_url(url)
+
+
+def _postgres() -> ModuleType:
+    """The PostgreSQL store's module, or what to install for it."""
+    try:
+        from edp.store import postgres
+    except ImportError as exc:
+        raise ConfigError(
+            f"database_url is a PostgreSQL URL but psycopg 3 is not installed ({exc}): "
+            "run `pip install 'edp[postgres]'`"
+        ) from None
+    return postgres
+
+
+def _not_a_store_url(url: str) -> ConfigError:
+    return ConfigError(
         "database_url must start with sqlite:///, postgresql:// or postgres://, "
         f"got {redact_text(url)!r}"
     )

@@ -136,14 +136,20 @@ def test_workers_starting_at_once_migrate_once(pg_url: str) -> None:
     assert versions == [m.version for m in load_migrations("postgres")]
 
 
-def test_a_database_at_version_1_upgrades_to_the_replay_queue(pg_url: str) -> None:
-    # Given a database created by the first schema only
+def create_version_1(pg_url: str) -> None:
+    """A database as the first schema alone made it (an older edp's)."""
     [first] = [m for m in load_migrations("postgres") if m.version == 1]
     with psycopg.connect(pg_url) as conn:
         conn.execute(first.sql.encode())
         conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
                      " name text NOT NULL, applied_at double precision NOT NULL)")
         conn.execute("INSERT INTO schema_migrations VALUES (1, %s, 0)", (first.name,))
+
+
+def test_a_database_at_version_1_upgrades_to_the_replay_queue(pg_url: str) -> None:
+    # Given a database created by the first schema only
+    create_version_1(pg_url)
+    with psycopg.connect(pg_url) as conn:
         conn.execute("INSERT INTO key_memory (bucket, key, sequencer, seen_at, batch_id)"
                      " VALUES ('bkt', 'a/b/c', '0A', 5.0, 'b-1')")
     # When a store opens it
@@ -179,12 +185,7 @@ def test_db_commands_show_the_schema_version(pg_url: str) -> None:
 
 def test_db_status_reports_pending_migrations_without_applying_them(pg_url: str) -> None:
     # Given a database created by the first schema only (an older edp's)
-    [first] = [m for m in load_migrations("postgres") if m.version == 1]
-    with psycopg.connect(pg_url) as conn:
-        conn.execute(first.sql.encode())
-        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
-                     " name text NOT NULL, applied_at double precision NOT NULL)")
-        conn.execute("INSERT INTO schema_migrations VALUES (1, %s, 0)", (first.name,))
+    create_version_1(pg_url)
     # When `edp db status` runs on it
     done = subprocess.run(
         [sys.executable, "-m", "edp", "db", "status", "--database-url", pg_url],
