@@ -411,3 +411,15 @@ def test_the_readme_lists_every_parameter_and_keeps_old_parameter_files(
 
     assert set(edp["Parameters"]) - rows == set()
     assert not re.search(r"drop\s+`DBPassword`", readme)
+
+
+@pytest.mark.parametrize("policy", ["IngestQueuePolicy", "DeadLetterQueuePolicy",
+                                    "EventsTopicPolicy"])
+def test_queues_and_topic_refuse_requests_without_tls(edp: dict[str, Any], policy: str) -> None:
+    statements = edp["Resources"][policy]["Properties"]["PolicyDocument"]["Statement"]
+    [deny] = [s for s in statements if s["Effect"] == "Deny"]
+    assert deny["Principal"] == "*"
+    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    # (on the resource the Allow statement grants)
+    [allow] = [s for s in statements if s["Effect"] == "Allow"]
+    assert deny["Resource"] == allow["Resource"]
