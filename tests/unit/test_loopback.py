@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("starlette", reason="the web extra is not installed")
-
-from edp.sources.http import is_loopback
+from edp.net import is_loopback
 
 
 @pytest.mark.parametrize(("host", "loopback"), [

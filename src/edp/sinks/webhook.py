@@ -34,6 +34,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from edp.config import http_url_problem
 from edp.errors import ConfigError
+from edp.net import is_loopback
 from edp.redact import redact_endpoint
 from edp.sinks.base import Failure
 from edp.store.base import OutboxEntry
@@ -203,6 +204,11 @@ def check_url(url: str, setting: str) -> None:
     problem = http_url_problem(url)
     if problem is not None:
         raise ConfigError(f"{setting} {problem}")
+    parts = urlsplit(url)
+    if parts.scheme == "http" and "@" in parts.netloc and not is_loopback(parts.hostname or ""):
+        # (sent as HTTP Basic authentication: readable by anyone on the way)
+        log.warning("%s %s: its credentials go over plain http, unencrypted; use https",
+                    setting, redact_endpoint(url))
 
 
 def is_retryable(status: int) -> bool:

@@ -31,7 +31,6 @@ import base64
 import binascii
 import contextlib
 import hmac
-import ipaddress
 import logging
 import queue
 import threading
@@ -48,24 +47,8 @@ from edp.errors import DecodeError, EdpError, list_reasons
 
 log = logging.getLogger(__name__)
 
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
-
 BACKLOG_IDLE = 2.0
 """Seconds without a body after a backlog body before the source is caught up."""
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding ``host`` only accepts connections from this machine.
-
-    Only ``localhost`` and loopback IP literals count: a name is not resolved, so a
-    name such as ``127.example.com`` is not loopback (it may point anywhere).
-    """
-    if host in LOOPBACK_HOSTS:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def bearer_ok(header: str | None, token: str) -> bool:
@@ -261,4 +244,4 @@ def _resolve(future: Future[IngestResult], outcome: IngestResult | Exception) ->
         pass
 
 
-__all__ = ["HttpSource", "IngestResult", "SourceClosed", "bearer_ok", "is_loopback"]
+__all__ = ["HttpSource", "IngestResult", "SourceClosed", "bearer_ok"]

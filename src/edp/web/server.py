@@ -28,8 +28,9 @@ from edp.bootstrap import Runtime, build_observers, build_runtime
 from edp.config import Settings
 from edp.daemon import Daemon, Source
 from edp.errors import ConfigError, EdpError
+from edp.net import is_loopback
 from edp.sinks.base import Sink
-from edp.sources.http import HttpSource, is_loopback
+from edp.sources.http import HttpSource
 from edp.web.app import WebContext, create_app
 from edp.web.reader import StoreReader
 
