@@ -144,6 +144,11 @@ def http_url_problem(url: str) -> str | None:
     try:
         parts.port  # noqa: B018 (urllib checks the port only here)
     except ValueError:
+        if "@" in url.partition("://")[2] and "@" not in parts.netloc:
+            # A password with an unencoded "?", "#" or "/" ends the address early: what
+            # urllib takes for host and port is the user and part of the password.
+            return ("has user information that must be percent-encoded (a ?, # or / in "
+                    "the password ends the address early)")
         return ("has a port that is not a number from 0 to 65535: "
                 f"{parts.netloc.rpartition('@')[2]!r}")
     if any(c.isspace() or ord(c) < 32 for c in url):

@@ -175,6 +175,9 @@ def test_a_bucket_table_alone_does_not_narrow_the_watch_list(tmp_path: Path) -> 
          "(from environment variable EDP_NOTIFY_WEBHOOK_URL)"),
         ({"EDP_WEBHOOK_URL": "https://h/a b"},
          "webhook_url must not contain spaces or control characters"),
+        # (an unencoded "?" in a password: what urllib takes for the port is not shown)
+        ({"EDP_WEBHOOK_URL": "http://edp:pa?ss@hooks.example.com/in"},
+         "webhook_url has user information that must be percent-encoded"),
         # SNS topics and the catalog's URL too (they failed only when a notice was sent,
         # or made links without a scheme)
         ({"EDP_NOTIFY_SNS_TOPIC": "notanarn"},
@@ -197,6 +200,12 @@ def test_bad_values_name_setting_value_and_what_is_allowed(
     with pytest.raises(ConfigError) as info:
         load_settings(env=env)
     assert message in str(info.value)
+
+
+def test_a_webhook_password_that_ends_the_address_early_is_not_shown() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"EDP_NOTIFY_WEBHOOK_URL": "https://edp:s3c?ret@hooks.example/x"})
+    assert "s3c" not in str(info.value)
 
 
 def test_empty_lists_and_optional_texts_are_empty() -> None:
