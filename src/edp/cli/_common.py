@@ -17,6 +17,7 @@ from edp.bootstrap import Runtime, build_runtime
 from edp.config import Settings, load_settings
 from edp.errors import ConfigError, EdpError
 from edp.redact import redact_text
+from edp.store import holds_edp_store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -154,16 +155,7 @@ def _check_edp_postgres(url: str) -> None:
     another application's database, the server's ``postgres``): an operator's command
     must not create edp's tables there and report an empty store. A server that cannot
     be asked is left to the store's opening, which retries and says why."""
-    try:
-        import psycopg
-    except ImportError:  # (opening the store says what to install)
-        return
-    try:
-        with psycopg.connect(url, connect_timeout=10) as conn:
-            row = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
-    except psycopg.Error:
-        return
-    if row is not None and not row[0]:
+    if holds_edp_store(url) is False:
         raise EdpError(f"no edp store in the PostgreSQL database {redact_text(url)} (no "
                        "schema_migrations table): check --database-url / EDP_DATABASE_URL "
                        "(`edp db upgrade` makes it an edp store)")

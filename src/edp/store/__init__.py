@@ -55,6 +55,13 @@ def read_schema_state(url: str) -> SchemaState:
     raise _not_a_store_url(url)
 
 
+def holds_edp_store(url: str) -> bool | None:
+    """Whether the existing PostgreSQL database ``url`` holds an edp store; None when it
+    cannot be asked."""
+    held: bool | None = _postgres().holds_edp_store(url)
+    return held
+
+
 def _postgres() -> ModuleType:
     """The PostgreSQL store's module, or what to install for it."""
     try:
@@ -84,4 +91,5 @@ def is_outage(exc: BaseException) -> bool:
         lost is not None and isinstance(exc, lost))
 
 
-__all__ = ["SchemaState", "Store", "is_outage", "open_store", "read_schema_state"]
+__all__ = ["SchemaState", "Store", "holds_edp_store", "is_outage", "open_store",
+           "read_schema_state"]

@@ -136,6 +136,24 @@ class _OneMoreTry(stop_base):
         return retry_state.attempt_number > self.seen_at
 
 
+def _reason(error: BaseException | None) -> str:
+    """A server's or libpq's error on one line (libpq's hold line breaks and tabs),
+    passwords masked."""
+    return " ".join(redact_text(str(error)).split())
+
+
+def holds_edp_store(url: str) -> bool | None:
+    """Whether the PostgreSQL database ``url`` holds an edp store (a
+    ``schema_migrations`` table); None when it cannot be asked (opening it as a store
+    then retries and says why)."""
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            row = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+    except psycopg.Error:
+        return None
+    return None if row is None else bool(row[0])
+
+
 def applied_version(url: str) -> int | None:
     """The highest migration version recorded in the PostgreSQL store ``url``, read in
     a read-only transaction, without opening it as a store (which would migrate it):
@@ -146,7 +164,7 @@ def applied_version(url: str) -> int | None:
             row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
     except psycopg.Error as exc:
         raise StoreError(f"cannot read the schema version of {redact_text(url)}: "
-                         f"{' '.join(redact_text(str(exc)).split())}") from None
+                         f"{_reason(exc)}") from None
     return None if row is None or row[0] is None else int(row[0])
 
 
@@ -252,7 +270,7 @@ class PostgresStore(WorkerClocks):
             # One warning that says why and for how long; each further try at debug (a
             # line per try, naming tenacity's wrapper, buried the final error).
             error = state.outcome.exception() if state.outcome is not None else None
-            reason = " ".join(redact_text(str(error)).split())
+            reason = _reason(error)
             if state.attempt_number == 1:
                 log.warning("PostgreSQL database %s does not answer (%s): trying again for "
                             "up to %gs", self.url, reason, patience)
@@ -271,7 +289,7 @@ class PostgresStore(WorkerClocks):
             )(connect)
         except psycopg.OperationalError as exc:
             raise StoreError(f"cannot open PostgreSQL database {self.url}: "
-                             f"{' '.join(redact_text(str(exc)).split())}") from None
+                             f"{_reason(exc)}") from None
 
     @classmethod
     def from_url(cls, url: str, *, fast_unsafe: bool = False,
