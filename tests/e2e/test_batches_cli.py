@@ -556,3 +556,26 @@ def test_db_status_reports_pending_migrations_without_applying_them(tmp_path: Pa
     assert "schema version 5 (latest 5)" in status.stdout
     assert "pending migrations" not in status.stdout
     assert "open_batches: 0" in status.stdout
+
+
+def test_a_store_newer_than_this_edp_is_refused_and_shown_as_newer(tmp_path: Path) -> None:
+    # Given a store that a newer edp migrated (a version this edp does not know)
+    import sqlite3
+
+    path = tmp_path / "data" / "edp" / "edp.db"
+    url = f"sqlite:///{path}"
+    assert edp("db", "upgrade", "--database-url", url, home=tmp_path).returncode == 0
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("INSERT INTO schema_migrations VALUES (99, '0099_future.sql', 0)")
+    conn.close()
+    # When a worker opens it, Then it refuses, naming both versions
+    sample = Path(__file__).parents[2] / "examples" / "sample-stream.jsonl"
+    replay = edp("replay", "--database-url", url, str(sample), home=tmp_path)
+    assert replay.returncode == 1
+    assert "schema version 99, newer than this edp" in replay.stderr
+    assert "up to 5" in replay.stderr
+    # And `edp db status` says it is newer instead of showing figures
+    status = edp("db", "status", "--database-url", url, home=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "schema version 99 (latest 5)" in status.stdout
+    assert "newer than this edp" in status.stdout

@@ -10,6 +10,7 @@ import click
 import orjson
 from pydantic import SecretStr
 
+from edp import __version__
 from edp.bootstrap import build_runtime
 from edp.cli import main
 from edp.cli._common import (
@@ -54,6 +55,10 @@ def db_status(config_file: str | None, database_url: str | None) -> None:
     # that changed the schema could never show one pending.
     state = read_schema_state(url)
     click.echo(f"{redact_text(url)}: schema version {state.applied} (latest {state.latest})")
+    if state.applied > state.latest:
+        click.echo(f"  newer than this edp ({__version__}) knows: it refuses to work on this"
+                   " store; run the edp that upgraded it, or a newer one")
+        return
     if state.pending:
         click.echo(f"  pending migrations: {', '.join(m.name for m in state.pending)} "
                    "(`edp db upgrade` applies them)")

@@ -47,7 +47,7 @@ from edp.store.base import (
     Transaction,
     pick_batch,
 )
-from edp.store.migrations import load_migrations
+from edp.store.migrations import load_migrations, refuse_newer
 from edp.store.postgres_retry import LOST, RetryingTransaction
 from edp.store.postgres_tx import BATCH_COLUMNS
 from edp.store.postgres_workers import WorkerClocks
@@ -368,6 +368,7 @@ class PostgresStore(WorkerClocks):
             )
             row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
             current = row[0] if row else None
+            refuse_newer("postgres", current, self.url)
             applied = []
             for migration in load_migrations("postgres"):
                 if current is not None and migration.version <= current:

@@ -38,7 +38,7 @@ from edp.store.base import (
     lowest,
     pick_batch,
 )
-from edp.store.migrations import load_migrations
+from edp.store.migrations import load_migrations, refuse_newer
 from edp.store.sqlite_tx import BATCH_COLUMNS, SqliteTransaction
 
 
@@ -170,6 +170,7 @@ class SqliteStore:
                 " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
             )
             current = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+            refuse_newer("sqlite", current, self.url)
             applied = []
             for migration in load_migrations("sqlite"):
                 if current is not None and migration.version <= current:

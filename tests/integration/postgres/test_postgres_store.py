@@ -609,3 +609,21 @@ def test_a_worker_id_held_by_a_silent_worker_is_taken_over_and_a_live_ones_is_no
     assert new._member is not None and old._member is not None
     with pytest.raises(EdpError, match="in use by another live process"):
         old.claim_worker_id("w")  # (its own check finds it lost, and taken)
+
+
+def test_a_database_newer_than_this_edp_is_refused_and_shown_as_newer(pg_url: str) -> None:
+    # Given a database that a newer edp migrated (a version this edp does not know)
+    open_store(pg_url).close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_migrations VALUES (99, '0099_future.sql', 0)")
+    # When a worker opens it, Then it refuses at once, naming both versions
+    with pytest.raises(StoreError, match=r"schema version 99, newer than this edp .*up to 6"):
+        open_store(pg_url)
+    # And `edp db status` says it is newer instead of showing figures
+    done = subprocess.run(
+        [sys.executable, "-m", "edp", "db", "status", "--database-url", pg_url],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "schema version 99 (latest 6)" in done.stdout
+    assert "newer than this edp" in done.stdout

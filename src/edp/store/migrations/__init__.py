@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from importlib import resources
 
+from edp.errors import StoreError
+
 
 @dataclass(frozen=True, slots=True)
 class Migration:
@@ -47,3 +49,16 @@ def schema_state(dialect: str, applied: int | None) -> SchemaState:
     current = applied or 0
     return SchemaState(current, [m for m in migrations if m.version > current],
                        max(m.version for m in migrations))
+
+
+def refuse_newer(dialect: str, applied: int | None, url: str) -> None:
+    """Refuse a store whose schema is newer than this edp's migrations: an older worker
+    would read and write tables whose meaning changed after it was written."""
+    latest = max(m.version for m in load_migrations(dialect))
+    if applied is not None and applied > latest:
+        from edp import __version__
+
+        raise StoreError(
+            f"the store {url} has schema version {applied}, newer than this edp"
+            f" ({__version__}) knows (up to {latest}): run the edp that upgraded it, or a newer one"
+        )
