@@ -157,8 +157,8 @@ def _check_edp_postgres(url: str) -> None:
     be asked is left to the store's opening, which retries and says why."""
     if holds_edp_store(url) is False:
         raise EdpError(f"no edp store in the PostgreSQL database {redact_text(url)} (no "
-                       "schema_migrations table): check --database-url / EDP_DATABASE_URL "
-                       "(`edp db upgrade` makes it an edp store)")
+                       "schema_migrations and batches tables): check --database-url / "
+                       "EDP_DATABASE_URL (`edp db upgrade` makes it an edp store)")
 
 
 def _check_edp_sqlite(path: str) -> None:
@@ -169,17 +169,17 @@ def _check_edp_sqlite(path: str) -> None:
     try:
         conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
         try:
-            found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name ="
-                                 " 'schema_migrations'").fetchone()
+            found = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+                                 " AND name IN ('schema_migrations', 'batches')").fetchone()
         finally:
             conn.close()
     except sqlite3.Error as exc:
         raise EdpError(f"{path} is not an SQLite database ({exc}): check --database-url / "
                        "EDP_DATABASE_URL") from None
-    if found is None:
+    if found[0] < 2:
         raise EdpError(f"{path} is an SQLite database but not an edp store (no "
-                       "schema_migrations table): check --database-url / EDP_DATABASE_URL "
-                       "(`edp db upgrade` makes a new file an edp store)")
+                       "schema_migrations and batches tables): check --database-url / "
+                       "EDP_DATABASE_URL (`edp db upgrade` makes a new file an edp store)")
 
 
 def store_options(func: F) -> F:

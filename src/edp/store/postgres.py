@@ -47,7 +47,7 @@ from edp.store.base import (
     Transaction,
     pick_batch,
 )
-from edp.store.migrations import load_migrations, refuse_newer
+from edp.store.migrations import load_migrations, refuse_foreign, refuse_newer
 from edp.store.postgres_retry import LOST, RetryingTransaction
 from edp.store.postgres_tx import BATCH_COLUMNS
 from edp.store.postgres_workers import WorkerClocks
@@ -144,11 +144,12 @@ def _reason(error: BaseException | None) -> str:
 
 def holds_edp_store(url: str) -> bool | None:
     """Whether the PostgreSQL database ``url`` holds an edp store (a
-    ``schema_migrations`` table); None when it cannot be asked (opening it as a store
-    then retries and says why)."""
+    ``schema_migrations`` table and edp's ``batches``); None when it cannot be asked
+    (opening it as a store then retries and says why)."""
     try:
         with psycopg.connect(url, connect_timeout=10) as conn:
-            row = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+            row = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL"
+                               " AND to_regclass('batches') IS NOT NULL").fetchone()
     except psycopg.Error:
         return None
     return None if row is None else bool(row[0])
@@ -368,6 +369,8 @@ class PostgresStore(WorkerClocks):
             )
             row = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
             current = row[0] if row else None
+            ours = conn.execute("SELECT to_regclass('batches') IS NOT NULL").fetchone()
+            refuse_foreign(bool(ours and ours[0]), current, self.url)
             refuse_newer("postgres", current, self.url)
             applied = []
             for migration in load_migrations("postgres"):

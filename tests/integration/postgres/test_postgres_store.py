@@ -627,3 +627,29 @@ def test_a_database_newer_than_this_edp_is_refused_and_shown_as_newer(pg_url: st
     assert done.returncode == 0, done.stderr
     assert "schema version 99 (latest 6)" in done.stdout
     assert "newer than this edp" in done.stdout
+
+
+def test_another_applications_schema_migrations_is_not_taken_for_edps(pg_url: str) -> None:
+    # Given a database of another application with its own schema_migrations (Rails')
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version varchar PRIMARY KEY)")
+        conn.execute("INSERT INTO schema_migrations VALUES ('20240101120000')")
+    # When a worker opens it, Then it refuses, saying why, and creates none of its tables
+    with pytest.raises(StoreError, match="has a schema_migrations table but no edp tables"):
+        open_store(pg_url)
+    # And an operator's command says it holds no edp store
+    done = subprocess.run(
+        [sys.executable, "-m", "edp", "status", "--database-url", pg_url],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 1
+    assert "no edp store in the PostgreSQL database" in done.stderr
+    # And edp in a schema of its own, as the message suggests, works beside it
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass('batches')").fetchone() == (None,)
+        conn.execute("CREATE SCHEMA edp")
+    separator = "&" if "?" in pg_url else "?"
+    open_store(f"{pg_url}{separator}options=-csearch_path%3Dedp").close()
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT to_regclass('edp.batches')").fetchone() != (None,)
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (1,)

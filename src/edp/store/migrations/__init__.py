@@ -62,3 +62,15 @@ def refuse_newer(dialect: str, applied: int | None, url: str) -> None:
             f"the store {url} has schema version {applied}, newer than this edp"
             f" ({__version__}) knows (up to {latest}): run the edp that upgraded it, or a newer one"
         )
+
+
+def refuse_foreign(has_edp_tables: bool, applied: object, url: str) -> None:
+    """Refuse a database whose ``schema_migrations`` table records versions but which
+    holds none of edp's tables: another application's (Rails and golang-migrate name
+    theirs so too), whose versions edp must not take for its own."""
+    if applied is not None and not has_edp_tables:
+        raise StoreError(
+            f"the database {url} has a schema_migrations table but no edp tables (another"
+            " application's?): give edp a database of its own (on PostgreSQL, or a schema:"
+            " add ?options=-csearch_path%3Dedp to the URL after CREATE SCHEMA edp)"
+        )
