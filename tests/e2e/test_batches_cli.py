@@ -579,3 +579,40 @@ def test_a_store_newer_than_this_edp_is_refused_and_shown_as_newer(tmp_path: Pat
     assert status.returncode == 0, status.stderr
     assert "schema version 99 (latest 5)" in status.stdout
     assert "newer than this edp" in status.stdout
+
+
+def test_another_applications_schema_migrations_is_not_taken_for_edps(tmp_path: Path) -> None:
+    # Given an SQLite file of another application with its own schema_migrations (Rails')
+    import sqlite3
+
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE schema_migrations (version TEXT PRIMARY KEY)")
+    conn.execute("INSERT INTO schema_migrations VALUES ('20240101120000')")
+    conn.close()
+    before = path.read_bytes()
+    url = f"sqlite:///{path}"
+    # When an operator's command or a worker is pointed at it
+    listed = edp("batches", "--database-url", url, home=tmp_path)
+    sample = Path(__file__).parents[2] / "examples" / "sample-stream.jsonl"
+    replay = edp("replay", "--database-url", url, str(sample), home=tmp_path)
+    # Then both refuse it, saying why, and leave it as it was
+    assert listed.returncode == 1
+    assert "not an edp store" in listed.stderr
+    assert replay.returncode == 1
+    assert "has a schema_migrations table but no edp tables" in replay.stderr
+    assert path.read_bytes() == before
+
+
+def test_a_worker_on_a_file_that_is_not_a_database_says_so_in_one_line(tmp_path: Path) -> None:
+    # Given a text file where the store should be
+    path = tmp_path / "notes.txt"
+    path.write_text("not a database\n" * 100)
+    sample = Path(__file__).parents[2] / "examples" / "sample-stream.jsonl"
+    # When a replay is pointed at it
+    replay = edp("replay", "--database-url", f"sqlite:///{path}", str(sample), home=tmp_path)
+    # Then it stops with one line naming the file and why, not a traceback
+    assert replay.returncode == 1
+    assert replay.stderr.strip() == (
+        f"edp: error: cannot open SQLite database {path}: file is not a database")
+    assert replay.stdout == ""

@@ -38,7 +38,7 @@ from edp.store.base import (
     lowest,
     pick_batch,
 )
-from edp.store.migrations import load_migrations, refuse_newer
+from edp.store.migrations import load_migrations, refuse_foreign, refuse_newer
 from edp.store.sqlite_tx import BATCH_COLUMNS, SqliteTransaction
 
 
@@ -130,22 +130,30 @@ class SqliteStore:
             self.conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite database {path}: {exc}") from None
-        self.conn.execute("PRAGMA foreign_keys = OFF")
         # Steps of a throw-away store share one outer transaction (see _write); the
         # migrations below still commit on their own.
         self._outer = False
         self._broken: str | None = None
         self.keeps_objects = not fast_unsafe
         self.shared = False  # (several workers belong on PostgreSQL: docs/postgres.md)
-        if fast_unsafe:
-            self.conn.execute("PRAGMA page_size = 65536")
-            self.conn.execute("PRAGMA journal_mode = OFF")
-            self.conn.execute("PRAGMA synchronous = OFF")
-            self.conn.execute("PRAGMA cache_size = -65536")
-        elif path != ":memory:":
-            self.conn.execute("PRAGMA journal_mode = WAL")
-            self.conn.execute("PRAGMA synchronous = NORMAL")
-        self.upgrade()
+        try:
+            self._refuse_foreign_or_newer()  # (before the pragmas below change its file)
+            self.conn.execute("PRAGMA foreign_keys = OFF")
+            if fast_unsafe:
+                self.conn.execute("PRAGMA page_size = 65536")
+                self.conn.execute("PRAGMA journal_mode = OFF")
+                self.conn.execute("PRAGMA synchronous = OFF")
+                self.conn.execute("PRAGMA cache_size = -65536")
+            elif path != ":memory:":
+                self.conn.execute("PRAGMA journal_mode = WAL")
+                self.conn.execute("PRAGMA synchronous = NORMAL")
+            self.upgrade()
+        except sqlite3.Error as exc:  # (not a database, locked, read-only, a disk error)
+            self.conn.close()
+            raise StoreError(f"cannot open SQLite database {path}: {exc}") from None
+        except StoreError:
+            self.conn.close()
+            raise
         self._outer = fast_unsafe
         if fast_unsafe:
             # A throw-away store (a replay's temporary database) is never pruned and never
@@ -162,6 +170,15 @@ class SqliteStore:
         return cls(path, fast_unsafe=fast_unsafe)
 
     # -- schema -------------------------------------------------------------------
+    def _refuse_foreign_or_newer(self) -> None:
+        tables = {name for (name,) in self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+            " AND name IN ('schema_migrations', 'batches')")}
+        if "schema_migrations" in tables:
+            current = self.conn.execute("SELECT max(version) FROM schema_migrations").fetchone()
+            refuse_foreign("batches" in tables, current[0], self.url)
+            refuse_newer("sqlite", current[0], self.url)
+
     def upgrade(self) -> list[int]:
         """Apply pending migrations; returns the versions applied."""
         with self._write() as conn:
@@ -170,7 +187,6 @@ class SqliteStore:
                 " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
             )
             current = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
-            refuse_newer("sqlite", current, self.url)
             applied = []
             for migration in load_migrations("sqlite"):
                 if current is not None and migration.version <= current:
