@@ -277,6 +277,8 @@ class Packager:
             # quilt3 refuses what no retry changes: a key it cannot hold (``a//b``, a
             # ``.`` segment). Fail the batch for good (and say so), do not retry forever.
             raise PublishError(f"cannot package {source}: {exc}", retryable=False) from None
+        except PublishError:
+            raise  # (a missing bucket folder: its message says what to check as it is)
         except Exception as exc:  # S3 or file system errors: retry later  # noqa: BLE001
             raise PublishError(f"cannot list {source}: {type(exc).__name__}: {exc}",
                                retryable=not _never_fits(exc)) from None

@@ -219,6 +219,9 @@ def test_a_missing_bucket_folder_fails_to_be_retried(tmp_path: Path, quilt: Any)
     assert result.status is PackageStatus.FAILED and result.retryable, result
     assert f"no folder {tmp_path / 'nosuch' / 'lab'}" in (result.error or "")
     assert "package_local_root" in (result.error or "")
+    # ... once, not wrapped in a listing error that names its own exception type
+    assert (result.error or "").startswith("no folder "), result.error
+    assert "PublishError" not in (result.error or "")
 
 
 @pytest.mark.parametrize("bucket", ["..", "../etc"])
