@@ -285,11 +285,13 @@ def package_events(settings: Settings, events: list[dict[str, Any]], work: Path)
     """Package each batch into a local Quilt registry; or why packaging was skipped."""
     try:
         from edp.quilt.packager import Packager
+        from edp.quilt.publish import quilt3
     except ImportError as exc:  # the packager is a separate part of edp
         return f"packaging skipped: the packager is not available ({exc})"
     registry = work / "registry"
     registry.mkdir(exist_ok=True)
     try:
+        quilt3()  # (the quilt extra may be missing: say so once, not per batch)
         packager = Packager(settings, registry=str(registry), local_root=work)
         return [packager.package(event) for event in events]
     except EdpError as exc:

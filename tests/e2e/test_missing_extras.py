@@ -38,3 +38,21 @@ def test_a_command_without_its_extra_names_the_extra(
     assert done.returncode != 0
     assert "Traceback" not in done.stderr, done.stderr
     assert f"edp[{extra}" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("args", [["config"], ["replay", "{tmp}/s3.jsonl"]])
+def test_packaging_settings_need_no_extra_to_be_checked(args: list[str], tmp_path: Path) -> None:
+    # Given a config file shared with the packager (its name template and webhook set)
+    # and an installation without any extra (a replay or `edp config` needs none)
+    (tmp_path / "edp.toml").write_text(
+        'package_name_template = "{0}-{1}/data"\n'
+        'notify_webhook_url = "https://hooks.example/in"\n')
+    (tmp_path / "s3.jsonl").write_text("")
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    # When a command that needs no extra loads it
+    done = subprocess.run([sys.executable, "-c", RUN_WITHOUT_EXTRAS, *argv],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    # Then the template is checked without importing the packager's extras
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr

@@ -47,9 +47,11 @@ def package(
 
     try:
         from edp.quilt.packager import Packager, PackageResult
+        from edp.quilt.publish import quilt3
     except ImportError as exc:
         raise ConfigError(f"edp package needs the quilt extra ({exc}): "
                           "pip install 'edp[quilt]'") from None
+    quilt3()  # fail now, with the instruction, when the quilt extra is missing
 
     if (file is None) == (sqs_queue is None):
         raise click.UsageError("give either FILE (or -) or --sqs-queue URL")

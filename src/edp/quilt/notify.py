@@ -22,8 +22,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
-
 from edp.config import Settings
 from edp.sinks.webhook import check_url, is_retryable, post, post_opener, signature
 
@@ -143,6 +141,10 @@ class WebhookNotifier:
         self, url: str, *, secret: str | None = None, timeout: float = 10.0,
         attempts: int = 3, backoff: float = 0.5,
     ) -> None:
+        # (tenacity is an extra's: imported here, not with the module, which the
+        # settings' check of package_name_template imports on every command)
+        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
         check_url(url, "notify_webhook_url")
         parts = urlsplit(url)
         self.url = url
