@@ -185,6 +185,25 @@ def _package_name_template(value: Any) -> str:
     return text
 
 
+def _registry(value: Any) -> str | None:
+    from edp.quilt.publish import registry_problem  # (only when the setting is given)
+
+    text = _optional_text(value)
+    if text is not None and (problem := registry_problem(text)) is not None:
+        raise ValueError(f"{problem}, got {text!r}")
+    return text
+
+
+def _package_message(value: Any) -> str:
+    from edp.quilt.packager import message_problem  # (only when the setting is given)
+
+    text = _required_text(value)
+    problem = message_problem(text)
+    if problem is not None:
+        raise ValueError(f"{problem}, got {text!r}")
+    return text
+
+
 DATABASE_SCHEMES = ("sqlite:", "postgresql:", "postgres:")
 
 
@@ -217,6 +236,8 @@ Text = Annotated[str, BeforeValidator(_required_text)]
 OptionalText = Annotated[str | None, BeforeValidator(_optional_text)]
 HttpUrl = Annotated[str | None, BeforeValidator(_http_url)]
 SnsTopicArn = Annotated[str | None, BeforeValidator(_sns_topic_arn)]
+RegistryUrl = Annotated[str | None, BeforeValidator(_registry)]
+PackageMessage = Annotated[str, BeforeValidator(_package_message)]
 
 GROUPING_SETTINGS = (
     "bucket_prefix_depth",
@@ -294,10 +315,11 @@ class Settings(BaseModel):
     webhook_secret: Annotated[SecretStr | None, BeforeValidator(_secret)] = None
     database_secret_arn: OptionalText = None
     # -- quilt packaging and package-ready (issue 5): below this line
-    registry: OptionalText = None
+    registry: RegistryUrl = None
     package_local_root: OptionalText = None
     package_name_template: Annotated[str, BeforeValidator(_package_name_template)] = "{0}/{1}"
-    package_message: Text = "Created by EDP from {source} ({trigger}, {object_count} objects)"
+    package_message: PackageMessage = (
+        "Created by EDP from {source} ({trigger}, {object_count} objects)")
     metadata_files: Csv = ("metadata.xlsx", "metadata.json", "metadata.yaml", "metadata.csv")
     metadata_required: Flag = False
 
@@ -318,7 +340,7 @@ class Settings(BaseModel):
 
     package_metadata: Annotated[dict[str, Any], BeforeValidator(_json_object)] = {}
     workflow: OptionalText = None
-    quarantine_registry: OptionalText = None
+    quarantine_registry: RegistryUrl = None
     catalog_url: HttpUrl = None
     notify_sns_topic: SnsTopicArn = None
     notify_webhook_url: HttpUrl = None

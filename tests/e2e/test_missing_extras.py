@@ -46,7 +46,8 @@ def test_packaging_settings_need_no_extra_to_be_checked(args: list[str], tmp_pat
     # and an installation without any extra (a replay or `edp config` needs none)
     (tmp_path / "edp.toml").write_text(
         'package_name_template = "{0}-{1}/data"\n'
-        'notify_webhook_url = "https://hooks.example/in"\n')
+        'notify_webhook_url = "https://hooks.example/in"\n'
+        'package_message = "Batch {batch_id}"\nregistry = "s3://lab-packages"\n')
     (tmp_path / "s3.jsonl").write_text("")
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
     # When a command that needs no extra loads it

@@ -186,6 +186,18 @@ def test_a_bucket_table_alone_does_not_narrow_the_watch_list(tmp_path: Path) -> 
         ({"EDP_SNS_TOPIC": "edp-events"}, "sns_topic must be an SNS topic ARN"),
         ({"EDP_CATALOG_URL": "quilt.example.com"},
          "catalog_url must be an http:// or https:// URL, got 'quilt.example.com'"),
+        # So are the registries and the commit message (`edp config` showed them, and the
+        # packager refused them without saying where they came from, the quarantine's
+        # under the name "registry")
+        ({"EDP_REGISTRY": "https://lab.example/reg"},
+         "registry must be s3://BUCKET, file:///DIR or a path, got "
+         "'https://lab.example/reg' (from environment variable EDP_REGISTRY)"),
+        ({"EDP_QUARANTINE_REGISTRY": "s3://quarantine/rejected"},
+         "quarantine_registry must be s3://BUCKET (no key), got 's3://quarantine/rejected' "
+         "(from environment variable EDP_QUARANTINE_REGISTRY)"),
+        ({"EDP_PACKAGE_MESSAGE": "Run {run_id}"},
+         "package_message is not usable: {run_id} is not a field (fields: bucket, prefix, "
+         "source"),
         # So is the package name template (`edp config` showed one the packager refused)
         ({"EDP_PACKAGE_NAME_TEMPLATE": "{nope}/x"},
          "package_name_template is not usable: field {nope} is not a plain "

@@ -101,6 +101,17 @@ def message_fields(request: BatchRequest, *, name: str, source: str, metadata_fi
             "metadata_file": metadata_file, "workflow": workflow}
 
 
+def message_problem(template: str) -> str | None:
+    """Why ``template`` is no usable ``package_message``, or None."""
+    try:
+        helper_text.check_message(template, message_fields(
+            BatchRequest("bucket", "prefix/"), name="user/package", source="s3://bucket/prefix/",
+            metadata_file="none", workflow="none"))
+    except (ValueError, AttributeError, IndexError, KeyError) as exc:
+        return f"is not usable: {exc}; e.g. 'Batch {{batch_id}} of {{source}}'"
+    return None
+
+
 def _caused_by_s3(exc: BaseException) -> bool:
     """Whether ``exc`` was raised while handling an S3 (botocore) error."""
     try:
@@ -150,18 +161,15 @@ class Packager:
         buckets: Collection[str] | None = None,
     ) -> None:
         check_template(settings.package_name_template)
-        try:
-            helper_text.check_message(settings.package_message, message_fields(
-                BatchRequest("bucket", "prefix/"), name="user/package", source="s3://bucket/prefix/",
-                metadata_file="none", workflow="none"))
-        except (ValueError, AttributeError, IndexError, KeyError) as exc:
-            raise ConfigError(f"package_message {settings.package_message!r} is not usable: "
-                              f"{exc}; e.g. 'Batch {{batch_id}} of {{source}}'") from None
+        problem = message_problem(settings.package_message)
+        if problem is not None:
+            raise ConfigError(f"package_message {settings.package_message!r} {problem}")
         self.settings = settings
         chosen = registry or settings.registry
         self.registry = Registry.parse(chosen) if chosen else None
         chosen_q = quarantine_registry or settings.quarantine_registry
-        self.quarantine = Registry.parse(chosen_q) if chosen_q else None
+        self.quarantine = (Registry.parse(chosen_q, what="quarantine_registry") if chosen_q
+                           else None)
         name = workflow if workflow is not None else settings.workflow
         self.workflow: WorkflowArg = ... if name is None else name
         root = local_root if local_root is not None else settings.package_local_root

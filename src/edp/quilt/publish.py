@@ -72,6 +72,20 @@ def s3_url(bucket: str, key: str = "") -> str:
     return f"s3://{bucket}/{quote(key, safe='/')}"
 
 
+def registry_problem(value: str) -> str | None:
+    """Why ``value`` is no registry (``s3://bucket``, ``file:///dir`` or a path), or None."""
+    parts = urlsplit(value)
+    if parts.scheme == "s3":
+        if not parts.netloc or parts.path.strip("/"):
+            return "must be s3://BUCKET (no key)"
+    elif parts.scheme == "file":
+        if parts.netloc not in {"", "localhost"}:
+            return "is no local folder: file URLs have no host (file:///DIR)"
+    elif parts.scheme and len(parts.scheme) != 1:  # (one letter: a path such as C:\...)
+        return "must be s3://BUCKET, file:///DIR or a path"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Registry:
     """Where packages go: an S3 bucket or a local folder."""
@@ -81,21 +95,19 @@ class Registry:
     root: Path | None = None
 
     @classmethod
-    def parse(cls, value: str) -> Registry:
-        """``s3://bucket``, ``file:///dir`` or a path; :class:`ConfigError` otherwise."""
+    def parse(cls, value: str, *, what: str = "registry") -> Registry:
+        """``s3://bucket``, ``file:///dir`` or a path; :class:`ConfigError` otherwise
+        (naming the setting ``what``)."""
+        problem = registry_problem(value)
+        if problem is not None:
+            raise ConfigError(f"{what} {value!r} {problem}")
         parts = urlsplit(value)
         if parts.scheme == "s3":
-            if not parts.netloc or parts.path.strip("/"):
-                raise ConfigError(f"registry {value!r} must be s3://BUCKET (no key)")
             return cls(url=f"s3://{parts.netloc}", bucket=parts.netloc)
         if parts.scheme == "file":
-            if parts.netloc not in {"", "localhost"}:
-                raise ConfigError(f"registry {value!r}: file URLs have no host")
             root = Path(url2pathname(parts.path))
-        elif parts.scheme in {"", "file"} or len(parts.scheme) == 1:  # a path (or C:\...)
+        else:  # a path (or C:\...)
             root = Path(value).expanduser()
-        else:
-            raise ConfigError(f"registry {value!r} must be s3://BUCKET, file:///DIR or a path")
         root = root.resolve()
         return cls(url=root.as_uri(), root=root)
 
@@ -317,4 +329,5 @@ def read_local_latest(root: Path, name: str) -> str | None:
         return None
 
 
-__all__ = ["Published", "Registry", "publish", "quiet", "quilt3", "read_local_latest", "s3_url"]
+__all__ = ["Published", "Registry", "publish", "quiet", "quilt3", "read_local_latest",
+           "registry_problem", "s3_url"]

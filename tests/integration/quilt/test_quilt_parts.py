@@ -68,7 +68,10 @@ def test_a_template_that_cannot_render_says_why_in_words(template: str, why: str
 def test_a_package_message_naming_no_field_is_a_config_error(message: str) -> None:
     # (an unknown field rendered as '-' in every commit message, without a word)
     with pytest.raises(ConfigError, match="package_message"):
-        Packager(quilt_settings(package_message=message))
+        load_settings(env={"EDP_PACKAGE_MESSAGE": message})
+    # ... and the packager still refuses one given by other code (settings not loaded)
+    with pytest.raises(ConfigError, match="package_message"):
+        Packager(quilt_settings().model_copy(update={"package_message": message}))
 
 
 def test_every_documented_package_message_field_is_accepted() -> None:
@@ -249,3 +252,10 @@ def test_a_package_readme_counts_its_files(count: int | None, files: str) -> Non
         event["detail"]["object-count"] = count
     text = readme(parse_request(event).fields())
     assert f"from a batch of {files}\n" in text
+
+
+def test_a_bad_quarantine_registry_flag_is_named_as_the_quarantine() -> None:
+    # (`edp package --quarantine-registry s3://q/x` said "registry 's3://q/x' ...")
+    with pytest.raises(ConfigError) as info:
+        Packager(quilt_settings(), quarantine_registry="s3://q/x")
+    assert str(info.value) == "quarantine_registry 's3://q/x' must be s3://BUCKET (no key)"
