@@ -47,6 +47,8 @@ class Notice:
     workflow: str | None = None
     batch_id: str | None = None
     event_id: str | None = None
+    source: str | None = None
+    """Where the files are (``s3://bucket/prefix/``, or a local folder in local mode)."""
 
     def subject(self) -> str:
         """A one-line summary."""
@@ -56,7 +58,7 @@ class Notice:
     def text(self) -> str:
         """The human-readable body (SNS message, e-mail)."""
         lines = [
-            f"Package {self.package} from s3://{self.bucket}/{self.prefix} "
+            f"Package {self.package} from {self.source or f's3://{self.bucket}/{self.prefix}'} "
             f"could not be pushed to {self.registry}"
             + (f" (workflow {self.workflow})" if self.workflow else "") + ".",
         ]
@@ -77,9 +79,10 @@ class Notice:
         return body
 
 
-def catalog_link(catalog_url: str | None, bucket: str, package: str) -> str | None:
-    """``{catalog_url}/b/{bucket}/packages/{name}``, or None without a catalog URL."""
-    if not catalog_url:
+def catalog_link(catalog_url: str | None, bucket: str | None, package: str) -> str | None:
+    """``{catalog_url}/b/{bucket}/packages/{name}``, or None without a catalog URL or a
+    bucket (a local registry, which no catalog shows)."""
+    if not catalog_url or not bucket:
         return None
     return f"{catalog_url.rstrip('/')}/b/{bucket}/packages/{package}"
 

@@ -483,6 +483,12 @@ class Packager:
             return None
         return str(body.decode().strip()) or None
 
+    def _source_text(self, request: BatchRequest) -> str | None:
+        try:
+            return str(self._source(request))
+        except InvalidRequest:  # (a prefix with no folder: the notice says why)
+            return None
+
     def _wf_text(self) -> str:
         return "(registry default)" if self.workflow is ... else str(self.workflow)
 
@@ -497,7 +503,7 @@ class Packager:
             prefix=request.prefix, registry=intended or result.registry or "-", error=error,
             landed_in=result.registry if kind == "package-quarantined" else None,
             url=result.url, workflow=self._wf_text(), batch_id=request.batch_id,
-            event_id=request.event_id,
+            event_id=request.event_id, source=self._source_text(request),
         )
         try:
             result.notify_errors += self.notifier.notify(notice)

@@ -117,9 +117,10 @@ class Registry:
         return self.root is not None
 
     @property
-    def catalog_bucket(self) -> str:
-        """The bucket part of catalog links (the folder name for a local registry)."""
-        return self.bucket or (self.root.name if self.root else "")
+    def catalog_bucket(self) -> str | None:
+        """The bucket part of catalog links (None for a local registry: no catalog
+        shows a folder)."""
+        return self.bucket
 
     def __str__(self) -> str:
         return self.url

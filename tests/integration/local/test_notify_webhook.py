@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -104,3 +105,19 @@ def test_an_answer_that_is_not_http_is_retried_and_reported_not_raised() -> None
         errors = WebhookNotifier(f"{base}/hook", attempts=2, backoff=0.01).notify(NOTICE)
     # Then the notifier reports it (a notifier never raises: the package stands)
     assert len(errors) == 1 and errors[0].startswith("webhook: ")
+
+
+def test_a_notice_names_where_the_files_are_and_links_only_to_a_bucket() -> None:
+    from edp.quilt.notify import catalog_link
+
+    # An S3 batch: its s3:// URL (the default when no source is given)
+    assert NOTICE.text().startswith(
+        "Package instrument/exp-1 from s3://lab/instrument/exp-1/ could not be pushed")
+    # A local folder's batch: the folder, not an s3:// URL it never had
+    local = dataclasses.replace(NOTICE, source="/data/lab/instrument/exp-1")
+    assert local.text().startswith(
+        "Package instrument/exp-1 from /data/lab/instrument/exp-1 could not be pushed")
+    # A catalog shows buckets: a link for a bucket, none for a local registry's folder
+    assert catalog_link("https://quilt.example.com/", "reg", "a/b") == (
+        "https://quilt.example.com/b/reg/packages/a/b")
+    assert catalog_link("https://quilt.example.com/", None, "a/b") is None
