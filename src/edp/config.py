@@ -319,7 +319,7 @@ class Settings(BaseModel):
     package_local_root: OptionalText = None
     package_name_template: Annotated[str, BeforeValidator(_package_name_template)] = "{0}/{1}"
     package_message: PackageMessage = (
-        "Created by EDP from {source} ({trigger}, {object_count} objects)")
+        "Created by EDP from {source} ({trigger}, {files})")
     metadata_files: Csv = ("metadata.xlsx", "metadata.json", "metadata.yaml", "metadata.csv")
     metadata_required: Flag = False
 

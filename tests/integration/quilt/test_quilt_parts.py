@@ -259,3 +259,15 @@ def test_a_bad_quarantine_registry_flag_is_named_as_the_quarantine() -> None:
     with pytest.raises(ConfigError) as info:
         Packager(quilt_settings(), quarantine_registry="s3://q/x")
     assert str(info.value) == "quarantine_registry 's3://q/x' must be s3://BUCKET (no key)"
+
+
+@pytest.mark.parametrize(("count", "text"), [(1, "1 file"), (3, "3 files")])
+def test_the_default_package_message_counts_files_in_words(count: int, text: str) -> None:
+    from edp.quilt import helpers as helper_text
+    from edp.quilt.packager import message_fields
+
+    request = parse_request(batch_event("lab", "instrument/exp-1/", count=count))
+    fields = message_fields(request, name="instrument/exp-1", source="s3://lab/instrument/exp-1/",
+                            metadata_file="none", workflow="none")
+    assert helper_text.fill(load_settings().package_message, fields) == (
+        f"Created by EDP from s3://lab/instrument/exp-1/ (count, {text})")
