@@ -204,6 +204,20 @@ def _package_message(value: Any) -> str:
     return text
 
 
+# The suffixes edp.quilt.metadata has a reader for (kept here: the settings must not
+# import the quilt extra's readers).
+METADATA_SUFFIXES = (".csv", ".json", ".xlsx", ".yaml", ".yml")
+
+
+def _metadata_files(value: Any) -> tuple[str, ...]:
+    names = _csv(value)
+    for name in names:
+        if not name.lower().endswith(METADATA_SUFFIXES):
+            raise ValueError(f"must be files edp can read ({', '.join(METADATA_SUFFIXES)}),"
+                             f" got {name!r}")
+    return names
+
+
 DATABASE_SCHEMES = ("sqlite:", "postgresql:", "postgres:")
 
 
@@ -238,6 +252,7 @@ HttpUrl = Annotated[str | None, BeforeValidator(_http_url)]
 SnsTopicArn = Annotated[str | None, BeforeValidator(_sns_topic_arn)]
 RegistryUrl = Annotated[str | None, BeforeValidator(_registry)]
 PackageMessage = Annotated[str, BeforeValidator(_package_message)]
+MetadataFiles = Annotated[tuple[str, ...], BeforeValidator(_metadata_files)]
 
 GROUPING_SETTINGS = (
     "bucket_prefix_depth",
@@ -320,7 +335,8 @@ class Settings(BaseModel):
     package_name_template: Annotated[str, BeforeValidator(_package_name_template)] = "{0}/{1}"
     package_message: PackageMessage = (
         "Created by EDP from {source} ({trigger}, {files})")
-    metadata_files: Csv = ("metadata.xlsx", "metadata.json", "metadata.yaml", "metadata.csv")
+    metadata_files: MetadataFiles = (
+        "metadata.xlsx", "metadata.json", "metadata.yaml", "metadata.csv")
     metadata_required: Flag = False
 
     @staticmethod

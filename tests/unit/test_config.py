@@ -204,6 +204,11 @@ def test_a_bucket_table_alone_does_not_narrow_the_watch_list(tmp_path: Path) -> 
          "segment number, bucket or prefix; use {0}, {1}, ... for prefix segments and "
          "{bucket} or {prefix}, e.g. '{0}/{1}', got '{nope}/x' (from environment variable "
          "EDP_PACKAGE_NAME_TEMPLATE)"),
+        # And the metadata file names (one edp has no reader for quarantined every batch
+        # that held it, as broken metadata)
+        ({"EDP_METADATA_FILES": "metadata.json,metadata.txt"},
+         "metadata_files must be files edp can read (.csv, .json, .xlsx, .yaml, .yml), got "
+         "'metadata.txt' (from environment variable EDP_METADATA_FILES)"),
     ],
 )
 def test_bad_values_name_setting_value_and_what_is_allowed(

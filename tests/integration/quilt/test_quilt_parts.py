@@ -271,3 +271,12 @@ def test_the_default_package_message_counts_files_in_words(count: int, text: str
                             metadata_file="none", workflow="none")
     assert helper_text.fill(load_settings().package_message, fields) == (
         f"Created by EDP from s3://lab/instrument/exp-1/ (count, {text})")
+
+
+def test_the_settings_accept_exactly_the_metadata_suffixes_edp_reads() -> None:
+    from edp.config import METADATA_SUFFIXES
+    from edp.quilt.metadata import READERS
+
+    assert set(METADATA_SUFFIXES) == set(READERS)
+    assert load_settings(env={"EDP_METADATA_FILES": "Info.YML, sheet.XLSX"}).metadata_files == (
+        "Info.YML", "sheet.XLSX")
