@@ -288,6 +288,7 @@ class Daemon:
         A source that cannot be reached counts as behind (what it holds is unknown);
         the round goes on (the outbox is still relayed), then backs off."""
         failed = False
+        seen: float | None = None  # when the receives found the sources, at the earliest
         for source in self.sources:
             try:
                 received = source.receive(wait=self._wait())
@@ -295,11 +296,13 @@ class Daemon:
                 self.receive_failed(source, exc)
                 failed = True
                 continue
+            at = self.clock()
+            seen = at if seen is None else min(seen, at)
             self.receive_worked(source)
             self._work(source, received)
             if self.stop_event.is_set():
                 break
-        self._end_round()
+        self._end_round(seen)
         if failed:
             self.stop_event.wait(self.error_backoff)
 
@@ -418,12 +421,18 @@ class Daemon:
                 failed.append(index)
         return failed
 
-    def _end_round(self) -> None:
+    def _end_round(self, seen: float | None = None) -> None:
         """Fire what is due once every source is caught up; relay the outbox. (Behind
-        and holding, publish the hold: a round whose receives failed has no step.)"""
+        and holding, publish the hold: a round whose receives failed has no step.)
+
+        ``seen``: when this round's receives found the sources caught up. Nothing fires
+        past it: a step that took long (a lock wait, a stalled database) leaves the
+        queue unseen meanwhile, and files that arrived then may belong to a batch due
+        in between; the next receive, at once since that deadline passed, brings them
+        to it first."""
         engine = self.runtime.engine
         if self._all_caught_up():
-            self.stats.fired += len(engine.fire_due(now=self.clock()))
+            self.stats.fired += len(engine.fire_due(now=self.clock(), until=seen))
         elif engine.held(now := self.clock()) is not None:
             engine.beat(now=now)
         self._prune()  # (also while behind: a source may never go quiet)

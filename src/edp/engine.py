@@ -624,9 +624,13 @@ class Engine:
                 self._held, self._held_until = None, -math.inf
             return self._held
 
-    def fire_due(self, *, now: float) -> list[BatchReady]:
-        """The source is caught up: the clock becomes ``now``; fire what is due."""
-        self.clock = max(self.clock, now)
+    def fire_due(self, *, now: float, until: float | None = None) -> list[BatchReady]:
+        """The source is caught up: the clock becomes ``now``; fire what is due.
+
+        ``until``: the source was last seen caught up then (its last receive), not at
+        ``now``: the clock goes no further (what arrived since, unseen, may belong to a
+        batch due in between)."""
+        self.clock = max(self.clock, now if until is None else min(now, until))
         limit = min(self.clock, self._floor(now))
         fired = self._fire_until(limit, now=now, publish=True)
         self.fired_until = max(self.fired_until, limit)

@@ -412,3 +412,38 @@ def test_a_message_that_becomes_a_dead_letter_is_said_in_the_log(
         wait_until(lambda: "dead letter" in caplog.text, what="the dead letter's log line")
     # Then the log says which message and why (not only `edp dead-letters`)
     assert "dead letter from q, q message: object key longer than 1024 bytes" in caplog.text
+
+
+def test_a_quiet_batch_does_not_fire_past_the_last_receive_after_a_slow_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edp.engine import Engine
+
+    # Given a queue that delivers a file, then (its next receive) a second file of the
+    # same prefix, uploaded with the first: it was in the queue all along, behind it
+    # (quiet period 1 s); and a first step that takes 3 s (a lock wait, a stalled
+    # database), so the quiet period passes while the worker knows nothing of the queue
+    start = float(int(time.time()))
+    source = Scripted("slow", [(0.0, [eventbridge("lab/run-1/a", start)], True),
+                               (0.0, [eventbridge("lab/run-1/b", start)], True)])
+    process = Engine.process
+    steps = []
+
+    def slow_first_step(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        report = process(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 1:
+            time.sleep(3.0)
+        return report
+
+    monkeypatch.setattr(Engine, "process", slow_first_step)
+    sink = ListSink()
+    run = DaemonRun(tmp_path, [source], sink, bucket_threshold_duration=1,
+                    bucket_threshold_event_count=0)
+    with run:
+        wait_until(lambda: sink.sent and not source.script, timeout=20, what="the batch")
+        time.sleep(2.0)
+    # Then the file the worker received after its slow step joined the batch (which
+    # fired only once a receive had found the queue caught up after the deadline),
+    # rather than find it fired at the wall clock the slow step ended at
+    assert [e["detail"]["object-count"] for e in sink.sent] == [2]
