@@ -45,6 +45,8 @@ class Received:
     receipts: list[Any] = field(default_factory=list)
     report: StepReport | None = None
     """What the engine made of ``messages`` (set before :meth:`Source.ack`)."""
+    seen: float | None = None
+    """When the receive returned (``time.monotonic()``), for a delivery a feed made."""
     message_receipts: list[Any] | None = None
     """The receipt of each message (aligned with ``messages``), from a source that can
     acknowledge part of a delivery (see :meth:`without`); ``None`` if it cannot."""
@@ -62,6 +64,7 @@ class Received:
             receipts=[r for r in self.receipts if id(r) not in dropped],
             report=self.report,
             message_receipts=[self.message_receipts[i] for i in kept],
+            seen=self.seen,
         )
 
 
@@ -333,10 +336,14 @@ class Daemon:
         # A source with a backlog delivers at once (its feed does not wait), so waiting
         # the whole max_wait then costs nothing.
         delivery = self._next_delivery(self._wait(backlog=self.max_wait))
+        seen: float | None = None  # (see _end_round; a feed in a long poll sees all along)
         for _ in self._feeds:
             if delivery is None:
                 break
             feed, received = delivery
+            if received.seen is not None:
+                at = self.clock() - (time.monotonic() - received.seen)
+                seen = at if seen is None else min(seen, at)
             try:
                 self._work(feed.source, received)
             finally:
@@ -347,7 +354,7 @@ class Daemon:
             delivery = self._next_delivery(0.0)
         if delivery is not None:  # a feed's next delivery already: first in the next round
             self.inbox.put(delivery)
-        self._end_round()
+        self._end_round(seen)
 
     def _work(self, source: Source, received: Received) -> None:
         """Run what a source delivered through the engine (one step), then acknowledge;
@@ -604,6 +611,7 @@ class _Feed:
                 log.exception("receive from %s failed; retrying", self.source.name)
                 stop.wait(daemon.error_backoff)
                 continue
+            received.seen = time.monotonic()
             daemon.receive_worked(self.source)
             if stop.is_set():
                 daemon.abandon(received)  # not acknowledged: it comes again

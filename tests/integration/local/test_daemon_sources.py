@@ -414,8 +414,9 @@ def test_a_message_that_becomes_a_dead_letter_is_said_in_the_log(
     assert "dead letter from q, q message: object key longer than 1024 bytes" in caplog.text
 
 
+@pytest.mark.parametrize("queues", [1, 2])
 def test_a_quiet_batch_does_not_fire_past_the_last_receive_after_a_slow_step(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, queues: int
 ) -> None:
     from edp.engine import Engine
 
@@ -438,7 +439,8 @@ def test_a_quiet_batch_does_not_fire_past_the_last_receive_after_a_slow_step(
 
     monkeypatch.setattr(Engine, "process", slow_first_step)
     sink = ListSink()
-    run = DaemonRun(tmp_path, [source], sink, bucket_threshold_duration=1,
+    idle = [Scripted("idle", [])] if queues == 2 else []  # (another queue, caught up)
+    run = DaemonRun(tmp_path, [source, *idle], sink, bucket_threshold_duration=1,
                     bucket_threshold_event_count=0)
     with run:
         wait_until(lambda: sink.sent and not source.script, timeout=20, what="the batch")
