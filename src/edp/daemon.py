@@ -155,6 +155,7 @@ class Daemon:
         self._store_out = False  # the last round failed for the store (see _last_relay)
         self._receive_failures: dict[str, int] = {}  # failed receives in a row, per source
         self._next_retry: float | None = None  # (the relay's clock: the store's, self.clock)
+        self._relay_more = False  # the last relay pass stopped at its budget, pages left
 
     @property
     def stopped_cleanly(self) -> bool:
@@ -518,6 +519,8 @@ class Daemon:
             wait = min(wait, remaining if remaining > 0 else self.HELD_BACK_TICK)
         if self._next_retry is not None:  # a failed delivery is tried again on time
             wait = min(wait, max(self._next_retry - self.clock(), self.HELD_BACK_TICK))
+        if self._relay_more:  # (the outbox is not through: back to it after a look)
+            wait = 0.0
         return wait
 
     HELD_BACK_TICK = 0.5
@@ -555,7 +558,9 @@ class Daemon:
             log.warning("the store is unreachable: the outbox is delivered at the next start")
             return
         try:
-            self._relay()
+            self._relay(budget=self.STOP_RELAY_BUDGET)
+            if self._relay_more:
+                log.info("stopping with events still to deliver: they go at the next start")
         except Exception as exc:
             if not is_outage(exc):
                 raise
@@ -563,8 +568,18 @@ class Daemon:
             log.warning("the store became unreachable at the stop (%s): the outbox is "
                         "delivered at the next start", one_line(str(exc)))
 
-    def _relay(self) -> None:
-        report = self.runtime.relay.deliver()
+    # A relay pass gives the loop back after this long (between pages), so a slow sink
+    # working through a long outbox neither keeps input waiting nor a stop; the one at
+    # the stop delivers for this long at most (the rest goes at the next start).
+    RELAY_BUDGET = 5.0
+    STOP_RELAY_BUDGET = 5.0
+
+    def _relay(self, *, budget: float | None = None) -> None:
+        if budget is None:
+            report = self.runtime.relay.deliver(budget=self.RELAY_BUDGET, stop=self.stop_event)
+        else:
+            report = self.runtime.relay.deliver(budget=budget)
+        self._relay_more = report.more
         # A retry still ahead stays the wait's bound until it passed: a later deliver()
         # that sent nothing (the event still waits, and those behind it) reports none.
         ahead = [t for t in (report.next_retry, self._next_retry)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ class RelayReport:
     next_retry: float | None = None
     """When the earliest delivery that failed in this call is tried again (a worker
     waits no longer than that)."""
+    more: bool = False
+    """The call stopped at its budget or a stop with pages still to send."""
 
 
 class Relay:
@@ -61,61 +64,78 @@ class Relay:
         """Names of the sinks, as the outbox knows them."""
         return [sink.name for sink in self.sinks]
 
-    def deliver(self) -> RelayReport:
-        """Deliver every pending event that is due, sink by sink, until none is left."""
+    def deliver(self, *, budget: float | None = None,
+                stop: threading.Event | None = None) -> RelayReport:
+        """Deliver every pending event that is due, a page per sink in turn, until none
+        is left, or until ``budget`` seconds passed or ``stop`` is set (checked between
+        pages: a worker's loop must come back to its input and to a stop while a slow
+        sink works through a long backlog; ``report.more`` then says that pages remain)."""
         report = RelayReport()
-        for sink in self.sinks:
-            while True:
-                now = self.clock()
-                # A sink's optional max_page (see Sink): pages sent within the lease.
-                limit = min(self.page, getattr(sink, "max_page", self.page))
-                entries = self.store.pending(sink.name, limit=limit, now=now)
-                if not entries:
-                    break
-                try:
-                    failures = list(sink.send(entries))
-                except SinkError as exc:
-                    failures = [Failure(entry.event_id, str(exc)) for entry in entries]
-                except Exception as exc:  # a boundary: an odd answer or a sink's bug
-                    # must not stop the relay, nor leave the page unmarked (sent again
-                    # at once, every round): the page is retried after a backoff.
-                    log.exception("sink %s raised while sending %d events", sink.name,
-                                  len(entries))
-                    reason = f"{type(exc).__name__}: {exc}"
-                    failures = [Failure(entry.event_id, reason) for entry in entries]
-                failed_ids = {f.event_id for f in failures}
-                ok = [e.event_id for e in entries if e.event_id not in failed_ids]
-                if ok:
-                    self.store.mark_delivered(sink.name, ok, now=now)
-                    report.delivered += len(ok)
-                    for event_id in ok:
-                        self._attempts.pop((sink.name, event_id), None)
-                # One backoff for the page's failures: an event that waits keeps the
-                # events behind it waiting too (the store returns none past it), and
-                # they become due together, in order.
-                retry_at = self._retry_at(sink.name, failures, now)
-                retryable = [f for f in failures if not f.permanent]
-                if retryable:  # one line for the page, not one per event
-                    report.next_retry = (retry_at if report.next_retry is None
-                                         else min(report.next_retry, retry_at))
-                    first = retryable[0]
-                    log.warning(
-                        "sink %s failed %d event(s) (first %s, attempt %d), retry in %.1fs: %s",
-                        sink.name, len(retryable), first.event_id,
-                        self._attempts.get((sink.name, first.event_id), 0) + 1,
-                        retry_at - now, redact_text(first.error),
-                    )
-                for failure in failures:
-                    self._fail(sink.name, failure.event_id, failure.error, failure.permanent,
-                               now, retry_at)
-                    report.errors.append(f"{sink.name}: {failure.event_id}: {failure.error}")
-                    if failure.permanent:
-                        report.parked += 1
-                    else:
-                        report.failed += 1
-                if failures:
-                    break  # keep order per sink: try the rest after the backoff
+        started = time.monotonic()
+        active = list(self.sinks)
+        pages = 0  # (a budget lets one page go at least: each pass makes progress)
+        while active:
+            for sink in list(active):
+                if (pages and budget is not None and time.monotonic() - started >= budget) or (
+                        stop is not None and stop.is_set()):
+                    report.more = True
+                    return report
+                pages += 1
+                if not self._page(sink, report):
+                    active.remove(sink)
         return report
+
+    def _page(self, sink: Sink, report: RelayReport) -> bool:
+        """Send one page of ``sink``'s due deliveries; False when there was none or it
+        failed (the rest waits for the backoff, in order)."""
+        now = self.clock()
+        # A sink's optional max_page (see Sink): pages sent within the lease.
+        limit = min(self.page, getattr(sink, "max_page", self.page))
+        entries = self.store.pending(sink.name, limit=limit, now=now)
+        if not entries:
+            return False
+        try:
+            failures = list(sink.send(entries))
+        except SinkError as exc:
+            failures = [Failure(entry.event_id, str(exc)) for entry in entries]
+        except Exception as exc:  # a boundary: an odd answer or a sink's bug
+            # must not stop the relay, nor leave the page unmarked (sent again
+            # at once, every round): the page is retried after a backoff.
+            log.exception("sink %s raised while sending %d events", sink.name,
+                          len(entries))
+            reason = f"{type(exc).__name__}: {exc}"
+            failures = [Failure(entry.event_id, reason) for entry in entries]
+        failed_ids = {f.event_id for f in failures}
+        ok = [e.event_id for e in entries if e.event_id not in failed_ids]
+        if ok:
+            self.store.mark_delivered(sink.name, ok, now=now)
+            report.delivered += len(ok)
+            for event_id in ok:
+                self._attempts.pop((sink.name, event_id), None)
+        # One backoff for the page's failures: an event that waits keeps the
+        # events behind it waiting too (the store returns none past it), and
+        # they become due together, in order.
+        retry_at = self._retry_at(sink.name, failures, now)
+        retryable = [f for f in failures if not f.permanent]
+        if retryable:  # one line for the page, not one per event
+            report.next_retry = (retry_at if report.next_retry is None
+                                 else min(report.next_retry, retry_at))
+            first = retryable[0]
+            log.warning(
+                "sink %s failed %d event(s) (first %s, attempt %d), retry in %.1fs: %s",
+                sink.name, len(retryable), first.event_id,
+                self._attempts.get((sink.name, first.event_id), 0) + 1,
+                retry_at - now, redact_text(first.error),
+            )
+        for failure in failures:
+            self._fail(sink.name, failure.event_id, failure.error, failure.permanent,
+                       now, retry_at)
+            report.errors.append(f"{sink.name}: {failure.event_id}: {failure.error}")
+            if failure.permanent:
+                report.parked += 1
+            else:
+                report.failed += 1
+        return not failures  # (keep order per sink: try the rest after the backoff)
 
     def _retry_at(self, sink: str, failures: Sequence[Failure], now: float) -> float:
         """When the page's retryable failures are tried again: backoff by the attempts

@@ -13,8 +13,9 @@ from edp.core.events import ObjectEvent
 from edp.engine import Engine, Message
 from edp.errors import StoreError
 from edp.relay import Relay
+from edp.sinks.base import Failure
 from edp.store import open_store
-from edp.store.base import Store, Transaction
+from edp.store.base import OutboxEntry, Store, Transaction
 from edp.store.sqlite import SqliteStore
 from edp_testing import T0, ListSink, eventbridge, settings
 
@@ -84,6 +85,46 @@ def test_relay_retries_failed_sinks_and_delivers_each_event_once_per_sink(url: s
     assert [e["id"] for e in flaky.sent] == [e["id"] for e in good.sent]
     assert relay.deliver().delivered == 0
     assert store.stats()["pending_deliveries"] == 0
+
+
+def test_a_relay_pass_with_a_budget_takes_turns_between_sinks_and_stops_on_request(
+    url: str,
+) -> None:
+    import threading
+
+    class SlowSink(ListSink):
+        def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
+            time.sleep(0.05)
+            return super().send(entries)
+
+    # Given 10 batch events for a slow sink and a fast one, one event a page
+    store = open_store(url)
+    slow, fast = SlowSink("slow"), ListSink("fast")
+    relay = Relay(store, [slow, fast], page=1)
+    engine = Engine(store, settings(bucket_threshold_event_count=1), sinks=relay.sink_names,
+                    worker_id="w")
+    fired = engine.process(msgs(*(eventbridge(f"i/e{i}/a", T0) for i in range(10))),
+                           now=T0).fired
+    # When a pass has a budget shorter than the slow sink's whole outbox
+    first = relay.deliver(budget=0.12)
+    # Then it stops with pages left, having served both sinks in turn (the fast sink
+    # no longer waits for the slow one's whole outbox)
+    assert first.more
+    assert 0 < len(slow.sent) < 10
+    assert len(fast.sent) >= len(slow.sent) - 1 > 0
+    # And passes until none is left deliver the rest, each sink in the events' order
+    while relay.deliver(budget=0.12).more:
+        pass
+    order = [b.event_id for b in fired]
+    assert [e["id"] for e in slow.sent] == order
+    assert [e["id"] for e in fast.sent] == order
+    # And a pass asked to stop sends nothing more
+    engine.process(msgs(eventbridge("i/late/a", T0 + 1)), now=T0 + 1)
+    stop = threading.Event()
+    stop.set()
+    stopped = relay.deliver(stop=stop)
+    assert stopped.more and stopped.delivered == 0
+    assert relay.deliver().delivered == 2
 
 
 def test_reemit_sends_the_same_id_again(url: str) -> None:

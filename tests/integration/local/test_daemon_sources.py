@@ -6,6 +6,7 @@ receive wait the daemon's whole ``max_wait``, a full one always has a backlog.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from edp.engine import Message
 from edp.sinks.base import Failure
 from edp.sources.watch import FolderSource
 from edp.store.base import OutboxEntry
+from edp.store.sqlite import SqliteStore
 from edp_testing import ListSink, eventbridge, iso, settings
 from integration.local.conftest import wait_until
 
@@ -449,3 +451,55 @@ def test_a_quiet_batch_does_not_fire_past_the_last_receive_after_a_slow_step(
     # fired only once a receive had found the queue caught up after the deadline),
     # rather than find it fired at the wall clock the slow step ended at
     assert [e["detail"]["object-count"] for e in sink.sent] == [2]
+
+
+class SlowSink(ListSink):
+    """A sink that takes ``delay`` seconds per page of one event (a slow webhook)."""
+
+    max_page = 1
+
+    def __init__(self, delay: float) -> None:
+        super().__init__("slow")
+        self.delay = delay
+
+    def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
+        time.sleep(self.delay)
+        return super().send(entries)
+
+
+def test_a_slow_sink_with_a_long_outbox_holds_neither_new_input_nor_a_stop(
+    tmp_path: Path,
+) -> None:
+    # Given a watched folder whose 100 files each fire a batch, and a sink that takes
+    # 0.2 s per event (20 s for the whole outbox)
+    (watched,) = folders(tmp_path, "lab")
+    for i in range(100):
+        (watched / f"p{i:03d}").mkdir()
+        (watched / f"p{i:03d}" / "f.bin").write_bytes(b"x")
+    sink = SlowSink(0.2)
+    run = DaemonRun(tmp_path, [FolderSource(watched, bucket="lab", settle=0.1)], sink,
+                    bucket_threshold_event_count=1, bucket_prefix_depth=1)
+
+    def closed() -> int:
+        with sqlite3.connect(tmp_path / "d.db") as conn:
+            return int(conn.execute("SELECT count(*) FROM batches WHERE state = 'closed'")
+                       .fetchone()[0])
+
+    with run:
+        wait_until(lambda: closed() >= 100 and len(sink.sent) >= 1, timeout=30)
+        # When a new file lands while the outbox is being worked through
+        (watched / "late").mkdir()
+        (watched / "late" / "f.bin").write_bytes(b"x")
+        # Then its batch fires before the outbox is through (the relay gives the loop
+        # back between pages: it used to send all 100 first)
+        wait_until(lambda: closed() >= 101, timeout=15)
+        assert len(sink.sent) < 100
+    # And the stop did not wait for the outbox either (the old loop sent it all, 20 s,
+    # past the 15 s the test waits for a stop); what is left waits for the next start
+    assert len(sink.sent) < 101
+    assert run.daemon is not None and run.daemon.stopped_cleanly
+    store = SqliteStore.from_url(run.cfg.database_url)
+    try:
+        assert store.stats()["pending_deliveries"] == 101 - len(sink.sent)
+    finally:
+        store.close()
