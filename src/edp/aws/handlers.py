@@ -51,7 +51,7 @@ from typing import Any
 from edp.bootstrap import Runtime, build_observers, build_runtime
 from edp.config import load_settings
 from edp.engine import BACKLOG_LAG, Message, StepReport, decode_messages
-from edp.errors import EdpError
+from edp.errors import EdpError, one_line
 from edp.store import is_outage
 
 log = logging.getLogger(__name__)
@@ -349,7 +349,17 @@ def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:
             # The store was unreachable here: store steps that failed meanwhile may
             # have left records away (see the module docstring).
             current.engine.hold(now=now, seconds=kept[1] - now, at=kept[0])
-        fired = current.engine.fire_due(now=now)
+        waiting = _waiting_messages(current.settings.sqs_queues)
+        if waiting:
+            # The store function has not taken them yet (its concurrency cap, a
+            # throttle): their times are unknown, and a quiet batch fired now by the
+            # wall clock would split from those of its files. Its steps fire what their
+            # events' times make due; this tick only relays (and publishes no clock).
+            log.info("edp emit: %d messages wait in the ingest queue: firing by time "
+                     "waits for the store function to take them", waiting)
+            fired = []
+        else:
+            fired = current.engine.fire_due(now=now)
         report = current.relay.deliver()
         pruned = current.engine.prune()
     except Exception as exc:
@@ -361,6 +371,7 @@ def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:
         reset_runtime()
         raise
     summary = {
+        "waiting": waiting,
         "fired": len(fired),
         "delivered": report.delivered,
         "failed": report.failed,
@@ -374,6 +385,36 @@ def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:
             f"for good ({'; '.join(report.errors[:3])})"
         )
     return summary
+
+
+_unreadable_queues: set[str] = set()  # (their warning is logged once per container)
+
+
+def _waiting_messages(queues: tuple[str, ...]) -> int | None:
+    """Messages waiting in the ingest ``queues`` (visible or delayed: not yet taken by
+    the store function), per SQS's approximate counts; None when there are no queues
+    to ask or none could be read (firing by time then goes on as without them)."""
+    from edp.aws.clients import aws_errors, client, region_of_queue_url
+
+    waiting: int | None = None
+    for url in queues:
+        try:
+            attributes = client("sqs", region=region_of_queue_url(url), read_timeout=10.0,
+                                max_attempts=1).get_queue_attributes(
+                QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages",
+                                              "ApproximateNumberOfMessagesDelayed"],
+            )["Attributes"]
+        except aws_errors() as exc:
+            if url not in _unreadable_queues:
+                _unreadable_queues.add(url)
+                log.warning("cannot read how many messages wait in %s (%s): batches fire "
+                            "by time without knowing (the emit role needs "
+                            "sqs:GetQueueAttributes)", url, one_line(str(exc)))
+            continue
+        _unreadable_queues.discard(url)
+        waiting = (waiting or 0) + sum(int(attributes.get(name, 0)) for name in (
+            "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed"))
+    return waiting
 
 
 def _summary(report: StepReport) -> dict[str, Any]:

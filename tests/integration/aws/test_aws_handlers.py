@@ -91,7 +91,8 @@ def test_sqs_batch_then_eventbridge_event_then_schedule(
     # Then the event reaches the bus, and a rule with the seeds' pattern forwards it
     # (the sample events are from 2022: their three key memories are past the 24 h
     # retention of the emit function's clock, which is now, so it forgets them)
-    assert summary == {"fired": 0, "delivered": 1, "failed": 0, "parked": 0, "pruned": 3}
+    assert summary == {"waiting": None, "fired": 0, "delivered": 1, "failed": 0, "parked": 0,
+                       "pruned": 3}
     [event] = aws.collect(lambda_env["OUT_QUEUE"], 1)
     assert event["detail"]["prefix"] == PREFIX
     assert event["detail"]["object-count"] == 3
@@ -181,6 +182,66 @@ def test_live_files_fire_by_quiet_period_on_the_first_tick_after_the_deadline(
     assert (tick["fired"], tick["delivered"]) == (1, 1), tick
     [event] = aws.collect(lambda_env["OUT_QUEUE"], 1)
     assert (event["detail"]["object-count"], event["detail"]["trigger"]) == (2, "duration")
+
+
+@pytest.mark.timeout(60)
+def test_the_emit_function_fires_nothing_by_time_while_files_wait_in_the_ingest_queue(
+    aws: Any, lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from edp_testing import eventbridge
+
+    # Given a 2 s quiet period, the ingest queue named to the emit function (as
+    # deploy/edp.yaml does), a file stored, and the next file of its batch, written half
+    # a second later, still waiting in the queue (the store function capped or throttled)
+    queue, _ = aws.queue("ingest")
+    monkeypatch.setenv("EDP_BUCKET_THRESHOLD_DURATION", "2")
+    monkeypatch.setenv("EDP_SQS_QUEUES", queue)
+    written = time.time()
+    assert handlers.store_handler(sqs_records((f"{PREFIX}a.txt", written)), None) == {
+        "batchItemFailures": []}
+    aws.sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(eventbridge(
+        f"{PREFIX}b.txt", written + 0.5, bucket="source-bucket")))
+    # When the schedule runs after the first file's quiet period ran out
+    sleep_until(written + 2.5)
+    early = tick()
+    # Then it fires nothing by time: the batch's other file is still on its way
+    assert (early["waiting"], early["fired"]) == (1, 0), early
+    assert counts_of(lambda_env["EDP_DATABASE_URL"]) == [(PREFIX, "open", 1)]
+    # When the store function takes the waiting file, and the schedule runs again
+    [message] = aws.sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=1)["Messages"]
+    aws.sqs.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+    assert handlers.store_handler({"Records": [{
+        "messageId": message["MessageId"], "body": message["Body"], "eventSource": "aws:sqs",
+        "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:edp-ingest"}]}, None) == {
+        "batchItemFailures": []}
+    sleep_until(written + 3.2)
+    later = tick()
+    # Then the one batch holds both files
+    assert later["waiting"] == 0
+    assert counts_of(lambda_env["EDP_DATABASE_URL"]) == [(PREFIX, "closed", 2)]
+
+
+@pytest.mark.timeout(60)
+def test_an_ingest_queue_the_emit_function_cannot_read_is_said_once(
+    aws: Any, lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given an ingest queue the emit function cannot read (a stack whose emit role
+    # lacks sqs:GetQueueAttributes answers likewise)
+    queue, _ = aws.queue("ingest")
+    monkeypatch.setenv("EDP_BUCKET_THRESHOLD_DURATION", "2")
+    monkeypatch.setenv("EDP_SQS_QUEUES", f"{queue}-gone")
+    monkeypatch.setattr(handlers, "_unreadable_queues", set())
+    # Then firing by time goes on without it, and the warning is logged once
+    assert handlers.store_handler(sqs_records((f"{PREFIX}c.txt", time.time())), None) == {
+        "batchItemFailures": []}
+    sleep_until(time.time() + 2.5)
+    with caplog.at_level(logging.WARNING, logger="edp"):
+        assert tick()["fired"] == 1
+        tick()
+    warnings = [r for r in caplog.records if "cannot read how many messages" in r.message]
+    assert len(warnings) == 1
 
 
 @pytest.mark.timeout(60)
