@@ -486,7 +486,8 @@ def load_settings(
     if credentials:
         before = values["database_url"]
         values["database_url"] = _with_credentials(
-            before, credentials, origin.get("database_url", "the default")
+            before, credentials, origin.get("database_url", "the default"),
+            secret=bool(values.get("database_secret_arn")) and "database_url" not in origin,
         )
         if values["database_url"] != before:  # (a SQLite URL, or one naming its user: kept)
             given = ", ".join(sorted({where for _, where in credentials.values()}))
@@ -527,7 +528,8 @@ def _original_name(name: str, data: Mapping[str, Any], where: str) -> str:
 
 
 def _with_credentials(
-    url: Any, credentials: Mapping[str, tuple[str, str]], url_origin: str
+    url: Any, credentials: Mapping[str, tuple[str, str]], url_origin: str, *,
+    secret: bool = False,
 ) -> Any:
     """``database_url`` with the user and password of ``db_user`` / ``db_password``, when
     it is a PostgreSQL URL that names no user. Any other URL is used as it is: a SQLite
@@ -538,7 +540,16 @@ def _with_credentials(
     names = " and ".join(sorted(credentials))
     where = ", ".join(sorted({origin for _, origin in credentials.values()}))
     parts = urlsplit(url) if isinstance(url, str) else None
+    if secret:  # (the secret's URL is used: it names its own user)
+        logging.getLogger("edp.config").warning(
+            "%s (from %s) not used: the database secret (database_secret_arn) gives the "
+            "user and password", names, where)
+        return url
     if parts is None or parts.scheme not in ("postgresql", "postgres"):
+        logging.getLogger("edp.config").warning(
+            "%s (from %s) not used: database_url (from %s) is not a PostgreSQL URL (they "
+            "fill in the user of a postgresql:// URL that names none)", names, where,
+            url_origin)
         return url
     if parts.username is not None or parts.password is not None:
         logging.getLogger("edp.config").warning(

@@ -335,8 +335,21 @@ def test_db_user_and_password_go_into_a_postgresql_url() -> None:
 def test_db_credentials_leave_other_urls_as_they_are(caplog: pytest.LogCaptureFixture) -> None:
     # Given DBUser / DBPassword in the environment
     creds = {"EDP_DB_USER": "edp", "EDP_DB_PASSWORD": "hunter2"}
-    # Then a SQLite store (a replay's, a laptop's) has no use for them: no error
-    assert load_settings(env=creds).database_url.startswith("sqlite:///")
+    # Then a SQLite store (a replay's, a laptop's) has no use for them: no error, a
+    # warning that they are not used (they were ignored without a word)
+    with caplog.at_level("WARNING", logger="edp.config"):
+        assert load_settings(env=creds).database_url.startswith("sqlite:///")
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("db_password and db_user (from environment variable "
+                              "EDP_DB_PASSWORD, environment variable EDP_DB_USER) not used: "
+                              "database_url (from the default) is not a PostgreSQL URL")
+    caplog.clear()
+    # and the database secret's URL is used as it is, also said
+    with caplog.at_level("WARNING", logger="edp.config"):
+        load_settings(env={**creds, "EDP_DATABASE_SECRET_ARN": "arn:aws:secretsmanager:x"})
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "not used: the database secret (database_secret_arn) gives" in warning
+    caplog.clear()
     # and a PostgreSQL URL that names its own user wins, with a warning that hides both
     with caplog.at_level("WARNING", logger="edp.config"):
         url = load_settings(env={**creds, "EDP_DATABASE_URL": "postgresql://a:b@h/x"})
