@@ -11,6 +11,7 @@ percent-encoded in the URL.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -54,8 +55,27 @@ def _loopback(host: str) -> bool:
     return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
 
 
+class _NoSecretBodies(logging.Filter):
+    """Drops botocore's debug records of a response that holds a secret's value (with
+    DEBUG logging on, botocore logs every response body, GetSecretValue's included)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.DEBUG or "SecretString" not in record.getMessage()
+
+
+_FILTER = _NoSecretBodies()
+
+
+def _hide_secret_bodies() -> None:
+    for name in ("botocore.parsers", "botocore.endpoint", "botocore.hooks"):
+        target = logging.getLogger(name)
+        if _FILTER not in target.filters:
+            target.addFilter(_FILTER)
+
+
 def read_secret(secret_arn: str, *, secretsmanager: Any = None) -> dict[str, Any]:
     """The JSON object of a Secrets Manager secret (``SecretString``)."""
+    _hide_secret_bodies()
     sm = secretsmanager if secretsmanager is not None else make_client(
         "secretsmanager", region=region_of_arn(secret_arn)
     )

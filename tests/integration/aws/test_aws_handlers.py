@@ -327,6 +327,26 @@ def test_database_url_from_the_secret(aws: Any, monkeypatch: pytest.MonkeyPatch)
     assert resolve_database_url(load_settings()) == "sqlite:///x.db"
 
 
+def test_debug_logging_never_shows_the_secret(
+    aws: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a database secret, and an operator who turned on DEBUG logging (botocore
+    # then logs every response body)
+    import boto3
+
+    from edp.aws.secrets import read_secret
+
+    arn = boto3.client("secretsmanager").create_secret(
+        Name="edp-debug-secret", SecretString=json.dumps({"password": "hunter2-xyz"})
+    )["ARN"]
+    # When the secret is read
+    with caplog.at_level(logging.DEBUG):
+        assert read_secret(arn)["password"] == "hunter2-xyz"
+    # Then botocore logged the call, but not the answer that holds the password
+    assert any(r.name.startswith("botocore") for r in caplog.records)
+    assert "hunter2-xyz" not in caplog.text
+
+
 
 @pytest.mark.timeout(60)
 def test_operators_commands_find_the_store_through_the_secret(aws: Any) -> None:
