@@ -134,6 +134,10 @@ _NAIVE_TIME = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d{1,9})?")
 """A time with no zone read as UTC: ``YYYY-MM-DDTHH:MM:SS`` and an optional fraction."""
 
 
+FIRST_TIME = -62_135_596_800.0
+"""0001-01-01T00:00:00Z: the first time the output format can hold."""
+
+
 def _parse_time(value: str, what: str) -> float:
     try:
         # (RFC 3339 allows a lower-case "t" and "z"; datetime takes neither)
@@ -148,7 +152,10 @@ def _parse_time(value: str, what: str) -> float:
             raise DecodeError(f"{what} is not a date and time (YYYY-MM-DDTHH:MM:SS, with a "
                               f"time zone or none for UTC): {value!r}")
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
+    epoch = parsed.timestamp()
+    if epoch < FIRST_TIME:  # (0001-01-01T00:00:00+01:00: year 0 in UTC, no ISO 8601 year)
+        raise DecodeError(f"{what} is before 0001-01-01T00:00:00Z: {value!r}")
+    return epoch
 
 
 def json_problem(exc: orjson.JSONDecodeError) -> str:
