@@ -58,6 +58,10 @@ class Relay:
         self.max_backoff = max_backoff
         self.clock = clock
         self._attempts: dict[tuple[str, str], int] = {}
+        # Where the last pass stopped at its budget: the next begins there, or a sink
+        # whose single page outlasts the budget would take every pass's turn first and
+        # the sinks after it would wait for its whole outbox.
+        self._turn = 0
 
     @property
     def sink_names(self) -> list[str]:
@@ -72,13 +76,15 @@ class Relay:
         sink works through a long backlog; ``report.more`` then says that pages remain)."""
         report = RelayReport()
         started = time.monotonic()
-        active = list(self.sinks)
+        turn = self._turn % len(self.sinks) if self.sinks else 0
+        active = self.sinks[turn:] + self.sinks[:turn]
         pages = 0  # (a budget lets one page go at least: each pass makes progress)
         while active:
             for sink in list(active):
                 if (pages and budget is not None and time.monotonic() - started >= budget) or (
                         stop is not None and stop.is_set()):
                     report.more = True
+                    self._turn = self.sinks.index(sink)  # (its turn comes first next)
                     return report
                 pages += 1
                 if not self._page(sink, report):

@@ -127,6 +127,29 @@ def test_a_relay_pass_with_a_budget_takes_turns_between_sinks_and_stops_on_reque
     assert relay.deliver().delivered == 2
 
 
+def test_a_sink_whose_page_outlasts_the_budget_does_not_take_every_turn(url: str) -> None:
+    class SlowSink(ListSink):
+        def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
+            time.sleep(0.1)
+            return super().send(entries)
+
+    # Given 6 batch events, a first sink whose single page takes longer than a pass's
+    # budget (a packager, a slow webhook) and a fast one after it, one event a page
+    store = open_store(url)
+    slow, fast = SlowSink("slow"), ListSink("fast")
+    relay = Relay(store, [slow, fast], page=1)
+    engine = Engine(store, settings(bucket_threshold_event_count=1), sinks=relay.sink_names,
+                    worker_id="w")
+    engine.process(msgs(*(eventbridge(f"i/e{i}/a", T0) for i in range(6))), now=T0)
+    # When the worker's passes each stop at that budget
+    for _ in range(3):
+        assert relay.deliver(budget=0.05).more
+    # Then the fast sink had turns too: the pass after one that stopped begins where it
+    # stopped (each pass began with the slow sink, and the fast one waited for its
+    # whole outbox)
+    assert len(slow.sent) >= 1 and len(fast.sent) >= 2
+
+
 def test_reemit_sends_the_same_id_again(url: str) -> None:
     store = open_store(url)
     sink = ListSink()
