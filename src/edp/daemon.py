@@ -503,6 +503,8 @@ class Daemon:
         A deadline already passed but held back by another worker's clock (SPEC
         section 4) must not make the loop spin: it then waits a short tick.
         """
+        if self._relay_more:  # (the outbox is not through: back to it after a look)
+            return 0.0  # (also while behind: a wait for a delivery may be max_wait)
         if not self._all_caught_up():
             return backlog
         wait = self.max_wait
@@ -519,8 +521,6 @@ class Daemon:
             wait = min(wait, remaining if remaining > 0 else self.HELD_BACK_TICK)
         if self._next_retry is not None:  # a failed delivery is tried again on time
             wait = min(wait, max(self._next_retry - self.clock(), self.HELD_BACK_TICK))
-        if self._relay_more:  # (the outbox is not through: back to it after a look)
-            wait = 0.0
         return wait
 
     HELD_BACK_TICK = 0.5

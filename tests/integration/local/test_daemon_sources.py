@@ -503,3 +503,42 @@ def test_a_slow_sink_with_a_long_outbox_holds_neither_new_input_nor_a_stop(
         assert store.stats()["pending_deliveries"] == 101 - len(sink.sent)
     finally:
         store.close()
+
+
+class UnreachableSource:
+    """A queue that cannot be reached (its receives fail: the daemon stays behind)."""
+
+    name = "unreachable"
+
+    def receive(self, *, wait: float) -> Received:
+        from edp.daemon import ReceiveFailed
+
+        time.sleep(0.05)
+        raise ReceiveFailed("unreachable: connection refused", maybe_taken=False)
+
+    def ack(self, received: Received) -> None:
+        raise AssertionError("nothing was received")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_relay_pass_that_stopped_at_its_budget_goes_on_at_once_while_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Given a daemon on two queues, one of them unreachable (so it is behind, and waits
+    # for deliveries up to its whole max_wait), a folder whose 20 files each fire a
+    # batch, and a sink that takes 0.05 s per event, with passes of 0.2 s
+    monkeypatch.setattr(Daemon, "RELAY_BUDGET", 0.2)
+    (watched,) = folders(tmp_path, "lab")
+    for i in range(20):
+        (watched / f"p{i:02d}").mkdir()
+        (watched / f"p{i:02d}" / "f.bin").write_bytes(b"x")
+    sink = SlowSink(0.05)
+    run = DaemonRun(tmp_path, [FolderSource(watched, bucket="lab", settle=0.1),
+                               UnreachableSource()], sink,
+                    bucket_threshold_event_count=1, bucket_prefix_depth=1)
+    with run:
+        # Then the outbox goes out pass after pass (1 s of sending), not one pass per
+        # max_wait (60 s: the wait for a delivery while behind)
+        wait_until(lambda: len(sink.sent) >= 20, timeout=15, what="the whole outbox")
