@@ -354,10 +354,15 @@ def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:
             # The store function has not taken them yet (its concurrency cap, a
             # throttle): their times are unknown, and a quiet batch fired now by the
             # wall clock would split from those of its files. Its steps fire what their
-            # events' times make due; this tick only relays (and publishes no clock).
+            # events' times make due; this tick only relays (and publishes no clock
+            # but a hold).
             log.info("edp emit: %d messages wait in the ingest queue: firing by time "
                      "waits for the store function to take them", waiting)
             fired = []
+            if current.engine.held(now) is not None:
+                # (a hold after an outage is published with the heartbeat that firing
+                # would have sent: right after an outage the queue has a backlog)
+                current.engine.beat(now=now)
         else:
             fired = current.engine.fire_due(now=now)
         report = current.relay.deliver()

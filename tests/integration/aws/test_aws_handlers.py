@@ -549,6 +549,31 @@ def test_the_emit_function_holds_once_it_reaches_the_store_again(
 
 
 @pytest.mark.timeout(60)
+def test_the_emit_function_publishes_its_hold_also_while_messages_wait(
+    aws: Any, holds_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = holds_env["EDP_DATABASE_URL"]
+    queue, _ = aws.queue("ingest")
+    monkeypatch.setenv("EDP_SQS_QUEUES", queue)
+    # Given an emit container that reached the store before, then could not
+    handlers.store_handler(sqs_records((f"{PREFIX}a.csv", time.time())), None)
+    tick()
+    unreachable(tmp_path, monkeypatch)
+    with pytest.raises(OSError):
+        tick()
+    monkeypatch.setenv("EDP_DATABASE_URL", url)
+    # When it reaches the store again while messages wait in the ingest queue (after
+    # an outage there is a backlog)
+    aws.sqs.send_message(QueueUrl=queue, MessageBody="{}")
+    back = time.time()
+    summary = tick()
+    # Then it fires nothing by time, and still publishes its hold, for the store
+    # containers' steps not to fire past records the outage sent away
+    assert (summary["waiting"], summary["fired"]) == (1, 0)
+    assert hold_end(url) >= back + VISIBILITY + MARGIN - 0.5
+
+
+@pytest.mark.timeout(60)
 def test_a_record_failing_alone_holds_nothing(holds_env: dict[str, str]) -> None:
     url = holds_env["EDP_DATABASE_URL"]
     # Given a file of a prefix
