@@ -392,7 +392,11 @@ def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:
     return summary
 
 
-_unreadable_queues: set[str] = set()  # (their warning is logged once per container)
+_unreadable_queues: dict[str, float] = {}
+"""Queues whose count could not be read, and when: warned about once per container,
+asked again only after :data:`ASK_AGAIN_AFTER` (without a route to SQS each try costs
+a connection timeout, 5 s of a tick)."""
+ASK_AGAIN_AFTER = 600.0
 
 
 def _waiting_messages(queues: tuple[str, ...]) -> int | None:
@@ -403,20 +407,24 @@ def _waiting_messages(queues: tuple[str, ...]) -> int | None:
 
     waiting: int | None = None
     for url in queues:
+        failed = _unreadable_queues.get(url)
+        if failed is not None and time.monotonic() - failed < ASK_AGAIN_AFTER:
+            continue
         try:
             attributes = client("sqs", region=region_of_queue_url(url), read_timeout=10.0,
-                                max_attempts=1).get_queue_attributes(
+                                max_attempts=0).get_queue_attributes(
                 QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages",
                                               "ApproximateNumberOfMessagesDelayed"],
             )["Attributes"]
         except aws_errors() as exc:
-            if url not in _unreadable_queues:
-                _unreadable_queues.add(url)
+            if failed is None:
                 log.warning("cannot read how many messages wait in %s (%s): batches fire "
                             "by time without knowing (the emit role needs "
-                            "sqs:GetQueueAttributes)", url, one_line(str(exc)))
+                            "sqs:GetQueueAttributes, its subnets a route to SQS); asked "
+                            "again every %.0f s", url, one_line(str(exc)), ASK_AGAIN_AFTER)
+            _unreadable_queues[url] = time.monotonic()
             continue
-        _unreadable_queues.discard(url)
+        _unreadable_queues.pop(url, None)
         waiting = (waiting or 0) + sum(int(attributes.get(name, 0)) for name in (
             "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesDelayed"))
     return waiting

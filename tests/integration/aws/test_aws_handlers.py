@@ -232,7 +232,7 @@ def test_an_ingest_queue_the_emit_function_cannot_read_is_said_once(
     queue, _ = aws.queue("ingest")
     monkeypatch.setenv("EDP_BUCKET_THRESHOLD_DURATION", "2")
     monkeypatch.setenv("EDP_SQS_QUEUES", f"{queue}-gone")
-    monkeypatch.setattr(handlers, "_unreadable_queues", set())
+    monkeypatch.setattr(handlers, "_unreadable_queues", {})
     # Then firing by time goes on without it, and the warning is logged once
     assert handlers.store_handler(sqs_records((f"{PREFIX}c.txt", time.time())), None) == {
         "batchItemFailures": []}
@@ -242,6 +242,11 @@ def test_an_ingest_queue_the_emit_function_cannot_read_is_said_once(
         tick()
     warnings = [r for r in caplog.records if "cannot read how many messages" in r.message]
     assert len(warnings) == 1
+    # And it is asked again only after a while (each try may cost a connection timeout)
+    aws.sqs.create_queue(QueueName=f"{queue.rsplit('/', 1)[1]}-gone")
+    assert tick()["waiting"] is None
+    monkeypatch.setattr(handlers, "ASK_AGAIN_AFTER", 0.0)
+    assert tick()["waiting"] == 0
 
 
 @pytest.mark.timeout(60)
