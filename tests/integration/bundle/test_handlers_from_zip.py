@@ -177,7 +177,7 @@ def test_handlers_from_the_zip_turn_uploads_into_batch_events(
     edp_env = stack_environment(
         {"BucketName": [bucket], "BucketPrefixDepth": "2", "BucketThresholdEventCount": "2",
          "BucketThresholdDuration": "2", "EventBusName": bus},
-        {"DBSecret": secret_arn, "EventBus": bus},
+        {"DBSecret": secret_arn, "EventBus": bus, "IngestQueue": ingest_url},
     )
     base_env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
@@ -207,6 +207,9 @@ def test_handlers_from_the_zip_turn_uploads_into_batch_events(
     # wall clock), and emit delivered both batches' events
     assert emitted["result"]["fired"] in (0, 1)
     assert emitted["result"]["delivered"] == 2
+    # ... having asked the ingest queue the template names how many messages wait (the
+    # three the store Lambda took are in flight, not waiting)
+    assert emitted["result"]["waiting"] == 0
     assert emitted["result"]["failed"] == emitted["result"]["parked"] == 0
     # ... which reached the queue behind the rule on the edp bus, one per batch
     events = [json.loads(m["Body"]) for m in aws.receive(out_url, 2)]
@@ -265,7 +268,7 @@ def test_the_stack_turns_a_new_package_revision_into_one_package_ready_event(
         {"BucketName": [source], "PackageReadyRegistries": [registry],
          "PackageReadyDelay": "1", "EventBusName": bus},
         {"DBSecret": f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:unused",
-         "EventBus": bus},
+         "EventBus": bus, "IngestQueue": aws.queue("ingest")[0]},
     )
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
