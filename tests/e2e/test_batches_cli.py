@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -296,7 +297,7 @@ def test_a_file_that_is_not_an_edp_store_is_refused_and_left_as_it_was(
 
     # Given another application's SQLite database, and a text file
     other, text = tmp_path / "other.db", tmp_path / "notes.txt"
-    with sqlite3.connect(other) as conn:
+    with closing(sqlite3.connect(other)) as conn:
         conn.execute("CREATE TABLE foo (x)")
     conn.close()
     text.write_text("not a database\n" * 100)
@@ -308,7 +309,7 @@ def test_a_file_that_is_not_an_edp_store_is_refused_and_left_as_it_was(
             assert result.returncode == 1, (args, result.stderr)
             assert message in result.stderr and "Traceback" not in result.stderr
     # and no edp table was added to the other application's database
-    with sqlite3.connect(other) as conn:
+    with closing(sqlite3.connect(other)) as conn:
         tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
     conn.close()
     assert tables == ["foo"]

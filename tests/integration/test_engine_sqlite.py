@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -27,6 +28,24 @@ def msgs(*events: dict[str, object]) -> list[Message]:
 @pytest.fixture
 def url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'edp.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _close_stores(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The SQLite stores a test opens are closed after it (closing twice is harmless):
+    an open connection left to the garbage collector is a ResourceWarning since Python
+    3.13, reported under whichever test runs then."""
+    opened: list[SqliteStore] = []
+    real_init = SqliteStore.__init__
+
+    def init(self: SqliteStore, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        opened.append(self)
+
+    monkeypatch.setattr(SqliteStore, "__init__", init)
+    yield
+    for store in opened:
+        store.close()
 
 
 class Boom:

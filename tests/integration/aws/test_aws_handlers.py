@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -434,7 +435,7 @@ def hold_end(url: str) -> float:
     """The latest end of a hold published in the database."""
     import sqlite3
 
-    with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+    with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
         return float(conn.execute("SELECT max(held_until) FROM workers").fetchone()[0])
 
 

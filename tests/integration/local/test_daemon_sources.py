@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -481,7 +482,7 @@ def test_a_slow_sink_with_a_long_outbox_holds_neither_new_input_nor_a_stop(
                     bucket_threshold_event_count=1, bucket_prefix_depth=1)
 
     def closed() -> int:
-        with sqlite3.connect(tmp_path / "d.db") as conn:
+        with closing(sqlite3.connect(tmp_path / "d.db")) as conn:
             return int(conn.execute("SELECT count(*) FROM batches WHERE state = 'closed'")
                        .fetchone()[0])
 
