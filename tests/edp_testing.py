@@ -95,6 +95,21 @@ class ListSink:
         return ()
 
 
+class SlowSink(ListSink):
+    """A sink that takes ``delay`` seconds per page (a slow webhook, a packager);
+    ``max_page``: the events per page it asks the relay for."""
+
+    def __init__(self, name: str, delay: float, *, max_page: int | None = None) -> None:
+        super().__init__(name)
+        self.delay = delay
+        if max_page is not None:
+            self.max_page = max_page
+
+    def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
+        time.sleep(self.delay)
+        return super().send(entries)
+
+
 def run_engine(
     events: Sequence[dict[str, Any]], cfg: Settings, *, chunk: int = 1000
 ) -> list[dict[str, Any]]:

@@ -175,32 +175,36 @@ def _sns_topic_arn(value: Any) -> str | None:
     return text
 
 
+def _refuse(problem: str | None, text: str) -> None:
+    """A validator's error: what is wrong with ``text`` (None: nothing), and the text."""
+    if problem is not None:
+        raise ValueError(f"{problem}, got {text!r}")
+
+
+# (the quilt modules are imported only when their setting is given)
 def _package_name_template(value: Any) -> str:
-    from edp.quilt.names import template_problem  # (only when the setting is given)
+    from edp.quilt.names import template_problem
 
     text = _required_text(value)
-    problem = template_problem(text)
-    if problem is not None:
-        raise ValueError(f"{problem.removeprefix(f'{text!r} ')}, got {text!r}")
+    _refuse(None if (problem := template_problem(text)) is None
+            else problem.removeprefix(f"{text!r} "), text)
     return text
 
 
 def _registry(value: Any) -> str | None:
-    from edp.quilt.publish import registry_problem  # (only when the setting is given)
+    from edp.quilt.publish import registry_problem
 
     text = _optional_text(value)
-    if text is not None and (problem := registry_problem(text)) is not None:
-        raise ValueError(f"{problem}, got {text!r}")
+    if text is not None:
+        _refuse(registry_problem(text), text)
     return text
 
 
 def _package_message(value: Any) -> str:
-    from edp.quilt.packager import message_problem  # (only when the setting is given)
+    from edp.quilt.packager import message_problem
 
     text = _required_text(value)
-    problem = message_problem(text)
-    if problem is not None:
-        raise ValueError(f"{problem}, got {text!r}")
+    _refuse(message_problem(text), text)
     return text
 
 

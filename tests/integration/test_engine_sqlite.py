@@ -14,11 +14,10 @@ from edp.core.events import ObjectEvent
 from edp.engine import Engine, Message
 from edp.errors import StoreError
 from edp.relay import Relay
-from edp.sinks.base import Failure
 from edp.store import open_store
-from edp.store.base import OutboxEntry, Store, Transaction
+from edp.store.base import Store, Transaction
 from edp.store.sqlite import SqliteStore
-from edp_testing import T0, ListSink, eventbridge, settings
+from edp_testing import T0, ListSink, SlowSink, eventbridge, settings
 
 
 def msgs(*events: dict[str, object]) -> list[Message]:
@@ -111,14 +110,9 @@ def test_a_relay_pass_with_a_budget_takes_turns_between_sinks_and_stops_on_reque
 ) -> None:
     import threading
 
-    class SlowSink(ListSink):
-        def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
-            time.sleep(0.05)
-            return super().send(entries)
-
     # Given 10 batch events for a slow sink and a fast one, one event a page
     store = open_store(url)
-    slow, fast = SlowSink("slow"), ListSink("fast")
+    slow, fast = SlowSink("slow", 0.05), ListSink("fast")
     relay = Relay(store, [slow, fast], page=1)
     engine = Engine(store, settings(bucket_threshold_event_count=1), sinks=relay.sink_names,
                     worker_id="w")
@@ -147,15 +141,10 @@ def test_a_relay_pass_with_a_budget_takes_turns_between_sinks_and_stops_on_reque
 
 
 def test_a_sink_whose_page_outlasts_the_budget_does_not_take_every_turn(url: str) -> None:
-    class SlowSink(ListSink):
-        def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
-            time.sleep(0.1)
-            return super().send(entries)
-
     # Given 6 batch events, a first sink whose single page takes longer than a pass's
     # budget (a packager, a slow webhook) and a fast one after it, one event a page
     store = open_store(url)
-    slow, fast = SlowSink("slow"), ListSink("fast")
+    slow, fast = SlowSink("slow", 0.1), ListSink("fast")
     relay = Relay(store, [slow, fast], page=1)
     engine = Engine(store, settings(bucket_threshold_event_count=1), sinks=relay.sink_names,
                     worker_id="w")

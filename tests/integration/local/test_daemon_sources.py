@@ -23,7 +23,7 @@ from edp.sinks.base import Failure
 from edp.sources.watch import FolderSource
 from edp.store.base import OutboxEntry
 from edp.store.sqlite import SqliteStore
-from edp_testing import ListSink, eventbridge, iso, settings
+from edp_testing import ListSink, SlowSink, eventbridge, iso, settings
 from integration.local.conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -454,20 +454,6 @@ def test_a_quiet_batch_does_not_fire_past_the_last_receive_after_a_slow_step(
     assert [e["detail"]["object-count"] for e in sink.sent] == [2]
 
 
-class SlowSink(ListSink):
-    """A sink that takes ``delay`` seconds per page of one event (a slow webhook)."""
-
-    max_page = 1
-
-    def __init__(self, delay: float) -> None:
-        super().__init__("slow")
-        self.delay = delay
-
-    def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
-        time.sleep(self.delay)
-        return super().send(entries)
-
-
 def test_a_slow_sink_with_a_long_outbox_holds_neither_new_input_nor_a_stop(
     tmp_path: Path,
 ) -> None:
@@ -477,7 +463,7 @@ def test_a_slow_sink_with_a_long_outbox_holds_neither_new_input_nor_a_stop(
     for i in range(100):
         (watched / f"p{i:03d}").mkdir()
         (watched / f"p{i:03d}" / "f.bin").write_bytes(b"x")
-    sink = SlowSink(0.2)
+    sink = SlowSink("slow", 0.2, max_page=1)
     run = DaemonRun(tmp_path, [FolderSource(watched, bucket="lab", settle=0.1)], sink,
                     bucket_threshold_event_count=1, bucket_prefix_depth=1)
 
@@ -535,7 +521,7 @@ def test_a_relay_pass_that_stopped_at_its_budget_goes_on_at_once_while_behind(
     for i in range(20):
         (watched / f"p{i:02d}").mkdir()
         (watched / f"p{i:02d}" / "f.bin").write_bytes(b"x")
-    sink = SlowSink(0.05)
+    sink = SlowSink("slow", 0.05, max_page=1)
     run = DaemonRun(tmp_path, [FolderSource(watched, bucket="lab", settle=0.1),
                                UnreachableSource()], sink,
                     bucket_threshold_event_count=1, bucket_prefix_depth=1)

@@ -170,13 +170,16 @@ def test_a_database_at_version_1_upgrades_to_the_replay_queue(pg_url: str) -> No
     assert {"replay_queue", "replay_progress", "batches"} <= tables
 
 
+def edp_db(command: str, pg_url: str) -> subprocess.CompletedProcess[str]:
+    """``edp db COMMAND --database-url pg_url`` in a process of its own."""
+    return subprocess.run([sys.executable, "-m", "edp", "db", command, "--database-url", pg_url],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
 def test_db_commands_show_the_schema_version(pg_url: str) -> None:
     # When `edp db upgrade` then `edp db status` run on the database
     for command in ("upgrade", "status"):
-        done = subprocess.run(
-            [sys.executable, "-m", "edp", "db", command, "--database-url", pg_url],
-            capture_output=True, text=True, timeout=60, check=False,
-        )
+        done = edp_db(command, pg_url)
         # Then each says the schema is at the latest version
         assert done.returncode == 0, done.stderr
         assert "schema version 6 (latest 6)" in done.stdout
@@ -187,10 +190,7 @@ def test_db_status_reports_pending_migrations_without_applying_them(pg_url: str)
     # Given a database created by the first schema only (an older edp's)
     create_version_1(pg_url)
     # When `edp db status` runs on it
-    done = subprocess.run(
-        [sys.executable, "-m", "edp", "db", "status", "--database-url", pg_url],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
+    done = edp_db("status", pg_url)
     # Then it reports version 1 and the migrations pending, and applied none
     assert done.returncode == 0, done.stderr
     assert "schema version 1 (latest 6)" in done.stdout
@@ -620,10 +620,7 @@ def test_a_database_newer_than_this_edp_is_refused_and_shown_as_newer(pg_url: st
     with pytest.raises(StoreError, match=r"schema version 99, newer than this edp .*up to 6"):
         open_store(pg_url)
     # And `edp db status` says it is newer instead of showing figures
-    done = subprocess.run(
-        [sys.executable, "-m", "edp", "db", "status", "--database-url", pg_url],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
+    done = edp_db("status", pg_url)
     assert done.returncode == 0, done.stderr
     assert "schema version 99 (latest 6)" in done.stdout
     assert "newer than this edp" in done.stdout
