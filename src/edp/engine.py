@@ -576,9 +576,11 @@ class Engine:
         self.beat(now=now)
         self.register_sinks(now=now)
 
-    def beat(self, *, now: float) -> None:
-        """Publish this worker's clock and hold (a heartbeat without a step)."""
-        self._heartbeat(self.store, self.clock, now)
+    def beat(self, *, now: float, finished: bool = False) -> None:
+        """Publish this worker's clock and hold (a heartbeat without a step);
+        ``finished``: only its hold, its clock holding nobody back (see
+        :meth:`edp.store.base.Store.floors`)."""
+        self._heartbeat(self.store, self.clock, now, finished=finished)
 
     def register_sinks(self, *, now: float) -> None:
         """Record in the store the sinks this worker relays to, so that processes with

@@ -361,8 +361,11 @@ def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:
             fired = []
             if current.engine.held(now) is not None:
                 # (a hold after an outage is published with the heartbeat that firing
-                # would have sent: right after an outage the queue has a backlog)
-                current.engine.beat(now=now)
+                # would have sent: right after an outage the queue has a backlog. Its
+                # clock is not: after the outage the runtime is new, its clock -inf,
+                # published as the lowest time, which would keep every other worker
+                # from firing anything, past the hold, while its row is live.)
+                current.engine.beat(now=now, finished=True)
         else:
             fired = current.engine.fire_due(now=now)
         report = current.relay.deliver()

@@ -580,6 +580,38 @@ def test_the_emit_function_publishes_its_hold_also_while_messages_wait(
 
 
 @pytest.mark.timeout(60)
+def test_the_emit_function_waiting_on_the_queue_holds_no_further_than_its_hold(
+    aws: Any, holds_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = holds_env["EDP_DATABASE_URL"]
+    queue, _ = aws.queue("ingest")
+    monkeypatch.setenv("EDP_SQS_QUEUES", queue)
+    monkeypatch.setenv("EDP_WORKER_TIMEOUT", "30")  # (a live row stays live here)
+    other = "instrument/other-run/"
+    # Given a file stored as it arrived, and a new emit container (it never fired)
+    # that could not reach the store past the file's deadline: it holds from there
+    t0 = time.time()
+    handlers.store_handler(sqs_records((f"{PREFIX}a.csv", t0)), None)
+    unreachable(tmp_path, monkeypatch)
+    sleep_until(t0 + QUIET + 0.5)
+    with pytest.raises(OSError):
+        tick()
+    monkeypatch.setenv("EDP_DATABASE_URL", url)
+    # When it reaches the store again while messages wait in the ingest queue
+    aws.sqs.send_message(QueueUrl=queue, MessageBody="{}")
+    assert tick()["fired"] == 0
+    # Then it publishes its hold and no clock of a container that has seen nothing
+    # (the lowest time, which would keep every other worker from firing anything):
+    # a store step fires what the hold lets it
+    with closing(open_store(url)) as store:
+        floors = store.floors("someone-else", now=time.time(), timeout=30.0)
+    assert floors.held is not None and floors.held >= t0 + QUIET
+    assert floors.clock is None or floors.clock >= floors.held, floors
+    handlers.store_handler(sqs_records((f"{other}b.csv", time.time())), None)
+    assert (PREFIX, "closed", 1) in counts_of(url)
+
+
+@pytest.mark.timeout(60)
 def test_a_record_failing_alone_holds_nothing(holds_env: dict[str, str]) -> None:
     url = holds_env["EDP_DATABASE_URL"]
     # Given a file of a prefix
