@@ -398,7 +398,8 @@ def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:
 _unreadable_queues: dict[str, float] = {}
 """Queues whose count could not be read, and when: warned about once per container,
 asked again only after :data:`ASK_AGAIN_AFTER` (without a route to SQS each try costs
-a connection timeout, 5 s of a tick)."""
+a connection timeout, 5 s of a tick). Wall-clock times: a container's monotonic clock
+may stand still while Lambda freezes it between invocations."""
 ASK_AGAIN_AFTER = 600.0
 
 
@@ -411,7 +412,7 @@ def _waiting_messages(queues: tuple[str, ...]) -> int | None:
     waiting: int | None = None
     for url in queues:
         failed = _unreadable_queues.get(url)
-        if failed is not None and time.monotonic() - failed < ASK_AGAIN_AFTER:
+        if failed is not None and 0 <= time.time() - failed < ASK_AGAIN_AFTER:
             continue
         try:
             attributes = client("sqs", region=region_of_queue_url(url), read_timeout=10.0,
@@ -425,7 +426,7 @@ def _waiting_messages(queues: tuple[str, ...]) -> int | None:
                             "by time without knowing (the emit role needs "
                             "sqs:GetQueueAttributes, its subnets a route to SQS); asked "
                             "again every %.0f s", url, one_line(str(exc)), ASK_AGAIN_AFTER)
-            _unreadable_queues[url] = time.monotonic()
+            _unreadable_queues[url] = time.time()
             continue
         _unreadable_queues.pop(url, None)
         waiting = (waiting or 0) + sum(int(attributes.get(name, 0)) for name in (

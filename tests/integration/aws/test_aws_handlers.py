@@ -251,6 +251,29 @@ def test_an_ingest_queue_the_emit_function_cannot_read_is_said_once(
 
 
 @pytest.mark.timeout(60)
+def test_an_unreadable_ingest_queue_is_asked_again_by_the_wall_clock(
+    aws: Any, lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import types
+
+    # Given an ingest queue the emit function could not read, in a container whose
+    # monotonic clock stands still between invocations (Lambda freezes it then)
+    queue, _ = aws.queue("ingest")
+    monkeypatch.setenv("EDP_SQS_QUEUES", f"{queue}-gone")
+    monkeypatch.setattr(handlers, "_unreadable_queues", {})
+    monkeypatch.setattr(handlers, "ASK_AGAIN_AFTER", 1.0)
+    frozen = time.monotonic()
+    monkeypatch.setattr(handlers, "time", types.SimpleNamespace(
+        time=time.time, sleep=time.sleep, monotonic=lambda: frozen))
+    assert tick()["waiting"] is None
+    # When the queue can be read, and ASK_AGAIN_AFTER has passed on the wall clock
+    aws.sqs.create_queue(QueueName=f"{queue.rsplit('/', 1)[1]}-gone")
+    time.sleep(1.2)
+    # Then it is asked again
+    assert tick()["waiting"] == 0
+
+
+@pytest.mark.timeout(60)
 def test_records_fail_while_the_database_is_unreachable_then_heal(
     lambda_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
