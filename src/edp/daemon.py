@@ -558,7 +558,7 @@ class Daemon:
             log.warning("the store is unreachable: the outbox is delivered at the next start")
             return
         try:
-            self._relay(budget=self.STOP_RELAY_BUDGET)
+            self._relay(at_stop=True)
             if self._relay_more:
                 log.info("stopping with events still to deliver: they go at the next start")
         except Exception as exc:
@@ -574,11 +574,10 @@ class Daemon:
     RELAY_BUDGET = 5.0
     STOP_RELAY_BUDGET = 5.0
 
-    def _relay(self, *, budget: float | None = None) -> None:
-        if budget is None:
-            report = self.runtime.relay.deliver(budget=self.RELAY_BUDGET, stop=self.stop_event)
-        else:
-            report = self.runtime.relay.deliver(budget=budget)
+    def _relay(self, *, at_stop: bool = False) -> None:
+        report = self.runtime.relay.deliver(
+            budget=self.STOP_RELAY_BUDGET if at_stop else self.RELAY_BUDGET,
+            stop=None if at_stop else self.stop_event)
         self._relay_more = report.more
         # A retry still ahead stays the wait's bound until it passed: a later deliver()
         # that sent nothing (the event still waits, and those behind it) reports none.

@@ -21,6 +21,7 @@ from edp.aws.clients import aws_errors, error_code, region_of_arn
 from edp.aws.clients import client as make_client
 from edp.config import Settings, default_database_url
 from edp.errors import ConfigError
+from edp.net import is_loopback
 
 
 def url_from_secret(secret: Mapping[str, Any], *, name: str = "the database secret") -> str:
@@ -45,14 +46,10 @@ def url_from_secret(secret: Mapping[str, Any], *, name: str = "the database secr
     # default, "prefer", falls back to plain text if the server, or someone in
     # between, refuses TLS). To check the server's certificate too, the secret names
     # "sslmode": "verify-full" and "sslrootcert" (a CA bundle shipped beside the code).
-    sslmode = secret.get("sslmode") or (None if _loopback(host) else "require")
+    sslmode = secret.get("sslmode") or (None if is_loopback(host) else "require")
     options = [("sslmode", sslmode), ("sslrootcert", secret.get("sslrootcert"))]
     query = "&".join(f"{k}={quote(str(v), safe='/')}" for k, v in options if v)
     return f"{url}?{query}" if query else url
-
-
-def _loopback(host: str) -> bool:
-    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
 
 
 class _NoSecretBodies(logging.Filter):

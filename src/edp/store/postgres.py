@@ -47,7 +47,12 @@ from edp.store.base import (
     Transaction,
     pick_batch,
 )
-from edp.store.migrations import load_migrations, refuse_foreign, refuse_newer
+from edp.store.migrations import (
+    latest_version,
+    load_migrations,
+    refuse_foreign,
+    refuse_newer,
+)
 from edp.store.postgres_retry import LOST, RetryingTransaction
 from edp.store.postgres_tx import BATCH_COLUMNS
 from edp.store.postgres_workers import WorkerClocks
@@ -390,7 +395,7 @@ class PostgresStore(WorkerClocks):
     def schema_version(self) -> tuple[int, int]:
         """(applied, latest) migration versions."""
         current = self._rows("SELECT max(version) FROM schema_migrations")[0][0]
-        return int(current or 0), max(m.version for m in load_migrations("postgres"))
+        return int(current or 0), latest_version("postgres")
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:

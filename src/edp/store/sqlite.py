@@ -38,7 +38,12 @@ from edp.store.base import (
     lowest,
     pick_batch,
 )
-from edp.store.migrations import load_migrations, refuse_foreign, refuse_newer
+from edp.store.migrations import (
+    latest_version,
+    load_migrations,
+    refuse_foreign,
+    refuse_newer,
+)
 from edp.store.sqlite_tx import BATCH_COLUMNS, SqliteTransaction
 
 
@@ -204,7 +209,7 @@ class SqliteStore:
     def schema_version(self) -> tuple[int, int]:
         """(applied, latest) migration versions."""
         current = self.conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
-        return int(current or 0), max(m.version for m in load_migrations("sqlite"))
+        return int(current or 0), latest_version("sqlite")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

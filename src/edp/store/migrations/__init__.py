@@ -42,6 +42,11 @@ class SchemaState:
     latest: int
 
 
+def latest_version(dialect: str) -> int:
+    """The highest migration version of ``dialect`` that this edp knows."""
+    return max(m.version for m in load_migrations(dialect))
+
+
 def schema_state(dialect: str, applied: int | None) -> SchemaState:
     """The :class:`SchemaState` of a ``dialect`` store whose ``schema_migrations`` table
     records ``applied`` as its highest version (None: no version)."""
@@ -54,7 +59,7 @@ def schema_state(dialect: str, applied: int | None) -> SchemaState:
 def refuse_newer(dialect: str, applied: int | None, url: str) -> None:
     """Refuse a store whose schema is newer than this edp's migrations: an older worker
     would read and write tables whose meaning changed after it was written."""
-    latest = max(m.version for m in load_migrations(dialect))
+    latest = latest_version(dialect)
     if applied is not None and applied > latest:
         from edp import __version__
 
