@@ -107,7 +107,7 @@ def test_operator_workflow(tmp_path: Path) -> None:
     assert "line 3: not JSON" in letters.stdout
 
     status = edp("db", "status", home=tmp_path)
-    assert "schema version 5 (latest 5)" in status.stdout
+    assert "schema version 6 (latest 6)" in status.stdout
     assert "dead_letters: 1" in status.stdout
 
 
@@ -546,15 +546,16 @@ def test_db_status_reports_pending_migrations_without_applying_them(tmp_path: Pa
     status = edp("db", "status", "--database-url", f"sqlite:///{path}", home=tmp_path)
     # Then it reports the version applied and the migrations pending, and changed nothing
     assert status.returncode == 0, status.stderr
-    assert "schema version 3 (latest 5)" in status.stdout
-    assert ("pending migrations: 0004_worker_hold.sql, 0005_worker_hold_until.sql "
+    assert "schema version 3 (latest 6)" in status.stdout
+    assert ("pending migrations: 0004_worker_hold.sql, 0005_worker_hold_until.sql, "
+            "0006_key_memory_last_write_backfill.sql "
             "(`edp db upgrade` applies them)") in status.stdout
     assert path.read_bytes() == before
     # And once `edp db upgrade` applied them, status shows none pending, and the figures
     assert edp("db", "upgrade", "--database-url", f"sqlite:///{path}",
                home=tmp_path).returncode == 0
     status = edp("db", "status", "--database-url", f"sqlite:///{path}", home=tmp_path)
-    assert "schema version 5 (latest 5)" in status.stdout
+    assert "schema version 6 (latest 6)" in status.stdout
     assert "pending migrations" not in status.stdout
     assert "open_batches: 0" in status.stdout
 
@@ -574,11 +575,11 @@ def test_a_store_newer_than_this_edp_is_refused_and_shown_as_newer(tmp_path: Pat
     replay = edp("replay", "--database-url", url, str(sample), home=tmp_path)
     assert replay.returncode == 1
     assert "schema version 99, newer than this edp" in replay.stderr
-    assert "up to 5" in replay.stderr
+    assert "up to 6" in replay.stderr
     # And `edp db status` says it is newer instead of showing figures
     status = edp("db", "status", "--database-url", url, home=tmp_path)
     assert status.returncode == 0, status.stderr
-    assert "schema version 99 (latest 5)" in status.stdout
+    assert "schema version 99 (latest 6)" in status.stdout
     assert "newer than this edp" in status.stdout
 
 

@@ -449,7 +449,7 @@ def test_timers_are_durable_and_taken_once(url: str) -> None:
 def test_schema_is_versioned(url: str) -> None:
     store = open_store(url)
     assert isinstance(store, SqliteStore)
-    assert store.schema_version() == (5, 5)
+    assert store.schema_version() == (6, 6)
     assert store.upgrade() == []
 
 
@@ -474,7 +474,7 @@ def test_a_database_of_the_first_schema_upgrades_with_its_key_memories(url: str)
     # When a store opens it
     store = open_store(url)
     # Then it is at the latest version, and the key memory loads with no last write known
-    assert store.schema_version() == (5, 5)
+    assert store.schema_version() == (6, 6)
     with store.transaction() as tx:
         state = tx.load(LoadRequest(object_keys={("bkt", "a/b/c")}))
     assert state.keys == {("bkt", "a/b/c"): KeyMemory("0A", 5.0, "b-1")}

@@ -157,7 +157,7 @@ def test_a_database_at_version_1_upgrades_to_the_replay_queue(pg_url: str) -> No
     try:
         # Then it is at the latest version, with the replay workers' tables, and its key
         # memories load with no last write known
-        assert store.schema_version() == (6, 6)
+        assert store.schema_version() == (7, 7)
         assert store.stats()["open_batches"] == 0
         with store.transaction() as tx:
             state = tx.load(LoadRequest(object_keys={("bkt", "a/b/c")}))
@@ -182,7 +182,7 @@ def test_db_commands_show_the_schema_version(pg_url: str) -> None:
         done = edp_db(command, pg_url)
         # Then each says the schema is at the latest version
         assert done.returncode == 0, done.stderr
-        assert "schema version 6 (latest 6)" in done.stdout
+        assert "schema version 7 (latest 7)" in done.stdout
     assert "open_batches: 0" in done.stdout
 
 
@@ -193,9 +193,10 @@ def test_db_status_reports_pending_migrations_without_applying_them(pg_url: str)
     done = edp_db("status", pg_url)
     # Then it reports version 1 and the migrations pending, and applied none
     assert done.returncode == 0, done.stderr
-    assert "schema version 1 (latest 6)" in done.stdout
+    assert "schema version 1 (latest 7)" in done.stdout
     assert ("pending migrations: 0002_replay_queue.sql, 0003_key_memory_last_write.sql, "
-            "0004_sinks.sql, 0005_worker_hold.sql, 0006_worker_hold_until.sql") in done.stdout
+            "0004_sinks.sql, 0005_worker_hold.sql, 0006_worker_hold_until.sql, "
+            "0007_key_memory_last_write_backfill.sql") in done.stdout
     with psycopg.connect(pg_url) as conn:
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
         replay_queue = conn.execute("SELECT to_regclass('replay_queue')").fetchone()
@@ -617,12 +618,12 @@ def test_a_database_newer_than_this_edp_is_refused_and_shown_as_newer(pg_url: st
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute("INSERT INTO schema_migrations VALUES (99, '0099_future.sql', 0)")
     # When a worker opens it, Then it refuses at once, naming both versions
-    with pytest.raises(StoreError, match=r"schema version 99, newer than this edp .*up to 6"):
+    with pytest.raises(StoreError, match=r"schema version 99, newer than this edp .*up to 7"):
         open_store(pg_url)
     # And `edp db status` says it is newer instead of showing figures
     done = edp_db("status", pg_url)
     assert done.returncode == 0, done.stderr
-    assert "schema version 99 (latest 6)" in done.stdout
+    assert "schema version 99 (latest 7)" in done.stdout
     assert "newer than this edp" in done.stdout
 
 
