@@ -6,7 +6,10 @@ migration files, then writes rows as the edp of that schema wrote them.
 
 from __future__ import annotations
 
+import logging
+import re
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,3 +145,33 @@ def test_key_memories_without_their_batch_object_stay_without_a_last_write(
                               ("bucket", "a/b/d.tif"): KeyMemory("0B", T0, None)}
     finally:
         store.close()
+
+
+def test_an_upgrade_names_the_workers_still_beating_on_the_store(
+    dialect: str, url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given an old store on which a worker beat a moment ago (maybe an older edp still
+    # running), one that finished, and one silent for an hour
+    now = time.time()
+    execute_as_old_edp(dialect, url, BEFORE_BACKFILL[dialect], [
+        ("INSERT INTO workers (worker_id, clock, heartbeat_at, finished)"
+         " VALUES ('old-daemon', 0, ?, ?)", (now - 5, False)),
+        ("INSERT INTO workers (worker_id, clock, heartbeat_at, finished)"
+         " VALUES ('done', 0, ?, ?)", (now - 5, True)),
+        ("INSERT INTO workers (worker_id, clock, heartbeat_at, finished)"
+         " VALUES ('gone', 0, ?, ?)", (now - 3600, False)),
+    ])
+    # When this edp upgrades it
+    with caplog.at_level(logging.WARNING, logger="edp.store.migrations"):
+        open_store(url).close()
+    # Then it warns that the live one may still write rows of its older schema
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert re.search(r"1 worker\(s\) beat on it: old-daemon \(\d+ s ago\)\.", warnings[0])
+    assert "restart them with this one" in warnings[0]
+    assert "done" not in warnings[0] and "gone" not in warnings[0]
+    # and opening the upgraded store again says nothing (nothing is pending)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edp.store.migrations"):
+        open_store(url).close()
+    assert not caplog.records

@@ -48,10 +48,13 @@ from edp.store.base import (
     pick_batch,
 )
 from edp.store.migrations import (
+    LIVE_WITHIN,
+    LIVE_WORKERS,
     latest_version,
     load_migrations,
     refuse_foreign,
     refuse_newer,
+    warn_of_live_workers,
 )
 from edp.store.postgres_retry import LOST, RetryingTransaction
 from edp.store.postgres_tx import BATCH_COLUMNS
@@ -377,10 +380,14 @@ class PostgresStore(WorkerClocks):
             ours = conn.execute("SELECT to_regclass('batches') IS NOT NULL").fetchone()
             refuse_foreign(bool(ours and ours[0]), current, self.url)
             refuse_newer("postgres", current, self.url)
+            pending = [m for m in load_migrations("postgres")
+                       if current is None or m.version > current]
+            if current is not None and pending:
+                now = time.time()
+                warn_of_live_workers(self.url, pending, conn.execute(
+                    LIVE_WORKERS.format("%s"), (now - LIVE_WITHIN,)).fetchall(), now)
             applied = []
-            for migration in load_migrations("postgres"):
-                if current is not None and migration.version <= current:
-                    continue
+            for migration in pending:
                 conn.execute(migration.sql.encode())
                 conn.execute(
                     "INSERT INTO schema_migrations VALUES (%s, %s, %s)",

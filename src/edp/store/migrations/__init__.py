@@ -6,10 +6,14 @@ migration above the highest version recorded in its ``schema_migrations`` table.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 
 from edp.errors import StoreError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,3 +83,32 @@ def refuse_foreign(has_edp_tables: bool, applied: object, url: str) -> None:
             " application's?): give edp a database of its own (on PostgreSQL, or a schema:"
             " add ?options=-csearch_path%3Dedp to the URL after CREATE SCHEMA edp)"
         )
+
+
+LIVE_WITHIN = 300.0
+"""Seconds since a worker's last heartbeat within which an upgrade names it as maybe
+still running (daemons beat every few seconds; a worker silent longer is gone)."""
+
+LIVE_WORKERS = ("SELECT worker_id, heartbeat_at FROM workers"
+                " WHERE NOT finished AND heartbeat_at >= {} ORDER BY worker_id")
+"""The workers an upgrade names (the ``workers`` table has these columns since
+migration 1): format with the dialect's placeholder for the earliest heartbeat."""
+
+
+def warn_of_live_workers(
+    url: str, pending: Sequence[Migration], workers: Sequence[tuple[str, float]], now: float
+) -> None:
+    """Warn that ``pending`` migrations are applied to a store on which ``workers``
+    (id, last heartbeat) still beat: if they run an older edp they go on writing rows as
+    their schema did (nothing refuses a running worker) until they are restarted."""
+    if not pending or not workers:
+        return
+    shown = ", ".join(f"{worker} ({max(now - beat, 0):.0f} s ago)"
+                      for worker, beat in workers[:10])
+    more = f" and {len(workers) - 10} more" if len(workers) > 10 else ""
+    log.warning(
+        "upgrading %s (%s) while %d worker(s) beat on it: %s%s. If they run an older edp,"
+        " stop them or restart them with this one now: until then they write rows as their"
+        " schema did (docs/postgres.md, 'Upgrading edp on a store with data')",
+        url, ", ".join(m.name for m in pending), len(workers), shown, more,
+    )
