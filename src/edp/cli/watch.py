@@ -137,7 +137,8 @@ def say_package(result: PackageResult) -> None:
 @watch_options
 @click.option("--database-url", help="Store to use (default: database_url setting).")
 @click.option("--stdout/--no-stdout", default=True, show_default=True,
-              help="Also print each package-objects-ready event as a JSON line on stdout.")
+              help="Also print each event of the folder (package-objects-ready, and "
+                   "package-ready of a watched registry folder) as a JSON line on stdout.")
 @click.option("--registry",
               help="Also build a Quilt package of each batch into this registry (a local "
                    "folder or s3://bucket); needs the quilt extra.")
