@@ -60,6 +60,11 @@ def test_operator_workflow(tmp_path: Path) -> None:
     assert "duration" in listing.stdout
     # (its deadline, in 1970, is long past: no worker ran since to fire it)
     assert "ago, not fired" in " ".join(listing.stdout.split()), listing.stdout
+    # and so does edp status, instead of a negative time to wait
+    status = edp("status", home=tmp_path)
+    assert status.returncode == 0, status.stderr
+    row = next(line for line in status.stdout.splitlines() if "lab/exp 1/" in line)
+    assert "passed" in row and "ago" in row and "-" not in row.split("│")[6], row
     listed = orjson.loads(edp("batches", "--json", home=tmp_path).stdout)["batches"]
     assert [(b["prefix"], b["state"], b["object_count"]) for b in listed] == [
         ("lab/exp 1/", "open", 2)]

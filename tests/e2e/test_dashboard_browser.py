@@ -193,6 +193,9 @@ def test_the_dashboard_shows_the_open_batch_without_console_errors(
     assert "minio-bucket" in row and "duration" in row
     assert browser.wait_for("document.querySelectorAll('#chart-flow svg polyline').length") == 2
     assert browser.evaluate("document.getElementById('status').classList.contains('bad')") is False
+    # (a deadline that passed unfired reads as such, not as a negative wait)
+    assert browser.evaluate("firesIn(-6)") == "passed 6.0s ago"
+    assert browser.evaluate("firesIn(90)") == "90s"
     # And a screenshot is taken
     shot = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
     screenshot = tmp_path / "dashboard.png"

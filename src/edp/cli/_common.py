@@ -209,6 +209,15 @@ def span(seconds: float) -> str:
     return f"{sign}{seconds / 3600:.1f}h"
 
 
+def fires_in(left: float | None) -> str:
+    """How long until an open batch's deadline (``12s``), or how long ago it passed
+    unfired (``passed 6s ago``: a worker behind, a hold after a restart, or no worker
+    running); ``-`` for none."""
+    if left is None:
+        return "-"
+    return span(left) if left >= 0 else f"passed {span(-left)} ago"
+
+
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 

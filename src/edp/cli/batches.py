@@ -14,6 +14,7 @@ from edp.bootstrap import Runtime
 from edp.cli import main
 from edp.cli._common import (
     cell,
+    fires_in,
     handle_errors,
     open_runtime,
     printable,
@@ -59,9 +60,8 @@ def batches(
     for row in runtime.store.list_batches(state=state, limit=limit):
         if row.state == "open":
             left = (row.deadline or now) - now
-            # (past it: a worker behind, a hold after a restart, or no worker running)
             deadline = (f"{when(row.deadline)} (in {span(left)})" if left >= 0 else
-                        f"{when(row.deadline)} (passed {span(-left)} ago, not fired yet)")
+                        f"{when(row.deadline)} ({fires_in(left)}, not fired yet)")
             trigger = f"next: {row.deadline_trigger}"
         else:
             deadline, trigger = f"fired {when(row.fired_at)}", str(row.trigger)

@@ -10,7 +10,15 @@ from rich.console import Console, Group
 from rich.table import Table
 
 from edp.cli import main
-from edp.cli._common import cell, handle_errors, open_runtime, span, store_options, when
+from edp.cli._common import (
+    cell,
+    fires_in,
+    handle_errors,
+    open_runtime,
+    span,
+    store_options,
+    when,
+)
 from edp.config import Settings
 from edp.store.base import Store
 from edp.web import figures
@@ -53,7 +61,7 @@ def status_tables(data: dict[str, Any]) -> Group:
             files += f"/{b['count_threshold']}"
         batches.add_row(b["batch_id"][:8], cell(b["bucket"]), cell(b["prefix"]), files,
                         span(b["age"]),
-                        span(b["deadline_in"] or 0.0), str(b["deadline_trigger"]))
+                        fires_in(b["deadline_in"]), str(b["deadline_trigger"]))
     events = Table(title="recent events")
     for column in ("emitted", "kind", "bucket", "prefix / package", "files", "trigger"):
         events.add_column(column)

@@ -32,6 +32,12 @@ function span(seconds) {
   return `${sign}${(s / 86400).toFixed(1)}d`;
 }
 
+// How long until an open batch's deadline, or how long ago it passed unfired (a worker
+// behind, a hold after a restart, or no worker running).
+function firesIn(left) {
+  return left !== null && left !== undefined && left < 0 ? `passed ${span(-left)} ago` : span(left);
+}
+
 function when(epoch) {
   if (epoch === null || epoch === undefined) return "–";
   return new Date(epoch * 1000).toISOString().replace("T", " ").replace(/\.\d+Z$/, "Z");
@@ -139,7 +145,7 @@ function batchRow(b) {
   return el("tr", { "data-batch-id": b.batch_id },
     el("td", {}, b.bucket), el("td", {}, link), files,
     el("td", { class: "num" }, span(b.age)),
-    el("td", { class: "num" }, span(b.deadline_in)),
+    el("td", { class: "num" }, firesIn(b.deadline_in)),
     el("td", {}, pill(b.deadline_trigger)),
     el("td", {}, el("progress", { max: 1, value: elapsed.toFixed(3) })));
 }
@@ -201,7 +207,9 @@ async function refreshBatch() {
   fact(dl, "last event", when(b.last_event_time));
   fact(dl, "age", span(b.age));
   if (b.state === "open") {
-    fact(dl, "fires", `${when(b.deadline)} (in ${span(b.deadline_in)})`);
+    fact(dl, "fires", b.deadline_in !== null && b.deadline_in < 0
+      ? `${when(b.deadline)} (${firesIn(b.deadline_in)}, not fired yet)`
+      : `${when(b.deadline)} (in ${span(b.deadline_in)})`);
     fact(dl, "by", pill(b.deadline_trigger));
   } else {
     fact(dl, "fired", when(b.fired_at));
