@@ -153,11 +153,13 @@ class Relay:
 
     def _fail(self, sink: str, event_id: str, error: str, permanent: bool, now: float,
               retry_at: float) -> None:
-        attempts = self._attempts.get((sink, event_id), 0) + 1
-        self._attempts[(sink, event_id)] = attempts
         if permanent:
+            # (settled for good: nothing to count any more, and a worker that runs for
+            # months must not keep an entry per event its sink refused)
+            self._attempts.pop((sink, event_id), None)
             log.error("sink %s refused event %s for good: %s", sink, event_id,
                       redact_text(error))
             self.store.mark_failed(sink, event_id, error=error, retry_at=None, now=now)
             return
+        self._attempts[(sink, event_id)] = self._attempts.get((sink, event_id), 0) + 1
         self.store.mark_failed(sink, event_id, error=error, retry_at=retry_at, now=now)

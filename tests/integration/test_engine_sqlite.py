@@ -14,8 +14,9 @@ from edp.core.events import ObjectEvent
 from edp.engine import Engine, Message
 from edp.errors import StoreError
 from edp.relay import Relay
+from edp.sinks.base import Failure
 from edp.store import open_store
-from edp.store.base import Store, Transaction
+from edp.store.base import OutboxEntry, Store, Transaction
 from edp.store.sqlite import SqliteStore
 from edp_testing import T0, ListSink, SlowSink, eventbridge, settings
 
@@ -156,6 +157,35 @@ def test_a_sink_whose_page_outlasts_the_budget_does_not_take_every_turn(url: str
     # stopped (each pass began with the slow sink, and the fast one waited for its
     # whole outbox)
     assert len(slow.sent) >= 1 and len(fast.sent) >= 2
+
+
+class RefusingSink(ListSink):
+    """A sink that refuses every event for good (a webhook answering 404)."""
+
+    def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
+        return [Failure(e.event_id, "HTTP 404", permanent=True) for e in entries]
+
+
+def test_a_relay_keeps_no_memory_of_events_it_parked(url: str) -> None:
+    # Given a long-running relay whose sink refuses every event for good
+    store = open_store(url)
+    refusing, flaky = RefusingSink("refusing"), ListSink("flaky")
+    flaky.fail_next = 1
+    clock = [T0]
+    relay = Relay(store, [refusing, flaky], base_backoff=1, clock=lambda: clock[0])
+    engine = Engine(store, settings(bucket_threshold_event_count=1), sinks=relay.sink_names,
+                    worker_id="w")
+    # When events are parked for it, and retried then delivered for the other
+    for n in range(20):
+        engine.process(msgs(eventbridge(f"i/e{n}/a", T0)), now=T0)
+    assert relay.deliver().parked == 20
+    clock[0] += 2
+    assert relay.deliver().delivered == 20
+    # Then every event is settled, and the relay remembers none of them: a worker
+    # running for months does not grow with the events its sinks refused
+    assert store.stats()["parked_deliveries"] == 20
+    assert store.stats()["pending_deliveries"] == 0
+    assert relay._attempts == {}
 
 
 def test_reemit_sends_the_same_id_again(url: str) -> None:
