@@ -248,6 +248,20 @@ PositiveInt = Annotated[int, BeforeValidator(_int(1))]
 Duration = Annotated[float, BeforeValidator(_seconds(0, strict=True))]
 OptionalAge = Annotated[float, BeforeValidator(_seconds(0, strict=False))]
 Retention = Annotated[float, BeforeValidator(_seconds(86400, strict=False))]
+
+
+def _history_retention(value: Any) -> float:
+    allowed = "0 (keep all history) or a number of seconds >= 3600"
+    try:
+        seconds = _seconds(0, strict=False)(value)
+    except ValueError:
+        raise ValueError(f"must be {allowed}, got {value!r}") from None
+    if 0 < seconds < 3600:
+        raise ValueError(f"must be {allowed}, got {value!r}")
+    return seconds
+
+
+HistoryRetention = Annotated[float, BeforeValidator(_history_retention)]
 Csv = Annotated[tuple[str, ...], BeforeValidator(_csv)]
 Flag = Annotated[bool, BeforeValidator(_bool)]
 Text = Annotated[str, BeforeValidator(_required_text)]
@@ -302,6 +316,7 @@ class Settings(BaseModel):
     clock_max_ahead: OptionalAge = 60.0
     # store
     database_url: Annotated[str, BeforeValidator(_database_url)] = ""  # (load_settings: XDG)
+    history_retention: HistoryRetention = 0.0
     # output events
     event_source: Text = "com.quiltdata.edp"
     account: Text = "000000000000"

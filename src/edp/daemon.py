@@ -536,7 +536,15 @@ class Daemon:
     worker waits (in a receive) before it publishes its clock again."""
 
     PRUNE_EVERY = 600.0
-    """Seconds between prunings of key memories older than ``sequencer_retention``."""
+    """Seconds between prunings of key memories older than ``sequencer_retention`` (and
+    of history older than ``history_retention``)."""
+
+    HISTORY_BUDGET = 2.0
+    """Seconds one pruning of history may take (its pages are transactions of their
+    own, between which steps run on other workers); what is left goes a minute later."""
+
+    PRUNE_AGAIN = 60.0
+    """Seconds until the next pruning when history was left for lack of time."""
 
     def _prune(self) -> None:
         now = self.clock()
@@ -549,6 +557,14 @@ class Daemon:
         forgotten = self.runtime.engine.prune(keep_buckets=keep)
         if forgotten:
             log.info("pruned %d key memories older than the retention", forgotten)
+        history = self.runtime.engine.prune_history(now=self.runtime.store.wall_clock(),
+                                                    budget=self.HISTORY_BUDGET)
+        if history.events or history.batches or history.dead_letters:
+            log.info("pruned history older than history_retention: %d events, %d batches,"
+                     " %d dead letters%s", history.events, history.batches,
+                     history.dead_letters, " (more left)" if history.more else "")
+        if history.more:
+            self._last_prune = now - self.PRUNE_EVERY + self.PRUNE_AGAIN
 
     def _last_relay(self) -> None:
         """Deliver the outbox once more before stopping, unless the store is out (the

@@ -49,6 +49,7 @@ from edp.errors import (
 from edp.store.base import (
     ClosedBatch,
     DeadLetter,
+    HistoryPruned,
     LoadRequest,
     QueueTransaction,
     SavedBatch,
@@ -695,6 +696,24 @@ class Engine:
             return 0
         return self.store.prune(keys_before=self.clock - self.settings.sequencer_retention,
                                 keep_buckets=keep_buckets)
+
+    HISTORY_PAGE = 500
+    """Rows of each kind one transaction of :meth:`prune_history` deletes at most."""
+
+    def prune_history(self, *, now: float, budget: float | None = None) -> HistoryPruned:
+        """Delete the history older than ``history_retention`` before ``now`` (the
+        workers' wall clock; nothing when the setting is 0: keep all), a page per
+        transaction, until none is left or ``budget`` seconds have passed (None: no
+        limit; ``more`` says that some is left)."""
+        retention = self.settings.history_retention
+        if not retention:
+            return HistoryPruned()
+        started = time.monotonic()
+        total = HistoryPruned()
+        while True:
+            total += self.store.prune_history(before=now - retention, limit=self.HISTORY_PAGE)
+            if not total.more or (budget is not None and time.monotonic() - started >= budget):
+                return total
 
     def next_deadline(self) -> float | None:
         """The earliest deadline of any open batch or observer timer, to wake the worker."""

@@ -12,7 +12,10 @@ from typing import Any
 import orjson
 
 from edp.bootstrap import Runtime
+from edp.store.migrations import latest_version
 from edp_testing import eventbridge
+
+LATEST = latest_version("sqlite")
 
 
 def edp(*args: str, home: Path, stdin: bytes | None = None,
@@ -112,7 +115,7 @@ def test_operator_workflow(tmp_path: Path) -> None:
     assert "line 3: not JSON" in letters.stdout
 
     status = edp("db", "status", home=tmp_path)
-    assert "schema version 6 (latest 6)" in status.stdout
+    assert f"schema version {LATEST} (latest {LATEST})" in status.stdout
     assert "dead_letters: 1" in status.stdout
 
 
@@ -551,16 +554,16 @@ def test_db_status_reports_pending_migrations_without_applying_them(tmp_path: Pa
     status = edp("db", "status", "--database-url", f"sqlite:///{path}", home=tmp_path)
     # Then it reports the version applied and the migrations pending, and changed nothing
     assert status.returncode == 0, status.stderr
-    assert "schema version 3 (latest 6)" in status.stdout
-    assert ("pending migrations: 0004_worker_hold.sql, 0005_worker_hold_until.sql, "
-            "0006_key_memory_last_write_backfill.sql "
-            "(`edp db upgrade` applies them)") in status.stdout
+    assert f"schema version 3 (latest {LATEST})" in status.stdout
+    pending = ", ".join(m.name for m in load_migrations("sqlite")[3:])
+    assert pending.startswith("0004_worker_hold.sql, 0005_worker_hold_until.sql, ")
+    assert f"pending migrations: {pending} (`edp db upgrade` applies them)" in status.stdout
     assert path.read_bytes() == before
     # And once `edp db upgrade` applied them, status shows none pending, and the figures
     assert edp("db", "upgrade", "--database-url", f"sqlite:///{path}",
                home=tmp_path).returncode == 0
     status = edp("db", "status", "--database-url", f"sqlite:///{path}", home=tmp_path)
-    assert "schema version 6 (latest 6)" in status.stdout
+    assert f"schema version {LATEST} (latest {LATEST})" in status.stdout
     assert "pending migrations" not in status.stdout
     assert "open_batches: 0" in status.stdout
 
@@ -580,11 +583,11 @@ def test_a_store_newer_than_this_edp_is_refused_and_shown_as_newer(tmp_path: Pat
     replay = edp("replay", "--database-url", url, str(sample), home=tmp_path)
     assert replay.returncode == 1
     assert "schema version 99, newer than this edp" in replay.stderr
-    assert "up to 6" in replay.stderr
+    assert f"up to {LATEST}" in replay.stderr
     # And `edp db status` says it is newer instead of showing figures
     status = edp("db", "status", "--database-url", url, home=tmp_path)
     assert status.returncode == 0, status.stderr
-    assert "schema version 99 (latest 6)" in status.stdout
+    assert f"schema version 99 (latest {LATEST})" in status.stdout
     assert "newer than this edp" in status.stdout
 
 
@@ -623,3 +626,40 @@ def test_a_worker_on_a_file_that_is_not_a_database_says_so_in_one_line(tmp_path:
     assert replay.stderr.strip() == (
         f"edp: error: cannot open SQLite database {path}: file is not a database")
     assert replay.stdout == ""
+
+
+def test_db_prune_deletes_the_history_older_than_asked(tmp_path: Path) -> None:
+    # Given a store with a batch fired, recorded and delivered two hours ago, a dead
+    # letter of then, and an open batch
+    import time
+
+    from edp.engine import Message
+
+    url = f"sqlite:///{tmp_path / 'data' / 'edp' / 'edp.db'}"
+    then = time.time() - 7200
+    runtime = jsonl_worker(tmp_path, url, "events.jsonl", bucket_threshold_event_count=2)
+    runtime.engine.process([Message(eventbridge("lab/run-1/a", then), "line 1"),
+                            Message(eventbridge("lab/run-1/b", then), "line 2"),
+                            Message(eventbridge("lab/run-2/a", then), "line 3"),
+                            Message(b"garbage", "line 4")], now=then)
+    assert runtime.relay.deliver().delivered == 1
+    runtime.close()
+    # When an operator prunes without saying how old (history_retention is 0 by default)
+    refused = edp("db", "prune", home=tmp_path)
+    # Then nothing is pruned, and edp says what to give
+    assert refused.returncode == 2, refused.stderr
+    assert "--older-than" in refused.stderr
+    bad = edp("db", "prune", "--older-than", "60", home=tmp_path)
+    assert bad.returncode == 2 and "history_retention must be 0 (keep all history) or a " \
+        "number of seconds >= 3600, got '60'" in bad.stderr, bad.stderr
+    # When the history older than an hour is pruned
+    done = edp("db", "prune", "--older-than", "3600", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("pruned history older than 3600 s: 1 events, 1 batches, "
+                                   "1 dead letters")
+    # Then only the open batch is left
+    listed = orjson.loads(edp("batches", "--json", home=tmp_path).stdout)["batches"]
+    assert [(b["prefix"], b["state"]) for b in listed] == [("lab/run-2/", "open")]
+    # and the setting does the same (nothing older is left)
+    again = edp("db", "prune", home=tmp_path, env={"EDP_HISTORY_RETENTION": "3600"})
+    assert again.returncode == 0 and ": 0 events, 0 batches, 0 dead letters" in again.stdout

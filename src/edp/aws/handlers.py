@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 GIVE_UP_AFTER = 3
 """Consecutive failed records after which the rest of an SQS batch is not tried."""
 
+HISTORY_BUDGET = 2.0
+"""Seconds an emit tick may spend pruning history (``history_retention``)."""
+
 _lock = threading.Lock()
 _runtimes: dict[str, Runtime] = {}
 HOLD_MARGIN = 60.0
@@ -370,6 +373,8 @@ def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:
             fired = current.engine.fire_due(now=now)
         report = current.relay.deliver()
         pruned = current.engine.prune()
+        # (a minute's tick: what is left for lack of time goes at the next)
+        history = current.engine.prune_history(now=now, budget=HISTORY_BUDGET)
     except Exception as exc:
         if is_outage(exc):
             # Hold where this container's firing by time had got to (a new one that
@@ -385,6 +390,8 @@ def emit_handler(event: Any = None, context: Any = None) -> dict[str, Any]:
         "failed": report.failed,
         "parked": report.parked,
         "pruned": pruned,
+        "pruned_history": {"events": history.events, "batches": history.batches,
+                           "dead_letters": history.dead_letters},
     }
     log.info("edp emit: %s", summary)
     if report.failed or report.parked:

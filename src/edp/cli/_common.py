@@ -112,23 +112,27 @@ def handle_errors(func: F) -> F:
 
 
 def open_runtime(
-    config_file: str | None, database_url: str | None, *, create: bool = False
+    config_file: str | None, database_url: str | None, *, create: bool = False,
+    flags: dict[str, Any] | None = None,
 ) -> Runtime:
-    """Wire the configured store (or ``database_url``), its engine and relay.
+    """Wire the configured store (or ``database_url``), its engine and relay
+    (``flags``: more settings given on the command line).
 
     An SQLite file that does not exist is an error unless ``create``: an operator's
     command on a mistyped path must say so, not report an empty store it just made.
     """
-    settings, url = store_url(config_file, database_url, create=create)
+    settings, url = store_url(config_file, database_url, create=create, flags=flags)
     return build_runtime(settings, database_url=url)
 
 
 def store_url(
-    config_file: str | None, database_url: str | None, *, create: bool = False
+    config_file: str | None, database_url: str | None, *, create: bool = False,
+    flags: dict[str, Any] | None = None,
 ) -> tuple[Settings, str]:
     """The settings and the URL of the configured store (or ``database_url``), checked
     as :func:`open_runtime` checks it, but not opened (opening migrates it)."""
-    settings = load_settings(config_file=config_file, flags={"database_url": database_url})
+    settings = load_settings(config_file=config_file,
+                             flags={**(flags or {}), "database_url": database_url})
     url = settings.database_url
     if settings.database_secret_arn:  # (the Lambda functions' store, without a URL given)
         from edp.aws.secrets import resolve_database_url

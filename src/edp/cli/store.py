@@ -74,6 +74,31 @@ def db_status(config_file: str | None, database_url: str | None) -> None:
         click.echo(f"  {name}: {value}")
 
 
+@db.command("prune")
+@store_options
+@click.option("--older-than", "older_than", metavar="SECONDS",
+              help="history_retention: prune what is older than this (0 or >= 3600; "
+                   "default: the setting).")
+@handle_errors
+def db_prune(config_file: str | None, database_url: str | None, older_than: str | None) -> None:
+    """Delete the history older than history_retention: delivered (or parked) events,
+    the fired batches they announced with their files, and dead letters. Open batches,
+    events still to deliver and key memories stay. Workers do this every 10 minutes
+    when the setting is set; this runs it once, to the end."""
+    flags = {} if older_than is None else {"history_retention": older_than}
+    runtime = open_runtime(config_file, database_url, flags=flags)
+    try:
+        if not runtime.settings.history_retention:
+            raise click.UsageError("history_retention is 0 (keep all history): give "
+                                   "--older-than SECONDS or set history_retention")
+        pruned = runtime.engine.prune_history(now=runtime.store.wall_clock())
+    finally:
+        runtime.close()
+    click.echo(f"pruned history older than {runtime.settings.history_retention:g} s: "
+               f"{pruned.events} events, {pruned.batches} batches, "
+               f"{pruned.dead_letters} dead letters")
+
+
 @db.command("sinks")
 @store_options
 @handle_errors

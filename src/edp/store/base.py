@@ -272,6 +272,21 @@ class Transaction(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class HistoryPruned:
+    """What one page of :meth:`Store.prune_history` deleted; ``more``: a page was full
+    (more may be due)."""
+
+    events: int = 0
+    batches: int = 0
+    dead_letters: int = 0
+    more: bool = False
+
+    def __add__(self, other: HistoryPruned) -> HistoryPruned:
+        return HistoryPruned(self.events + other.events, self.batches + other.batches,
+                             self.dead_letters + other.dead_letters, other.more)
+
+
 class Floors(NamedTuple):
     """What holds a worker's firing back (SPEC 4): the other live workers' lowest clock
     and the other workers' lowest hold that has not ended (see :meth:`Store.heartbeat`);
@@ -485,6 +500,17 @@ class Store(Protocol):
         A key memory goes only when its batch is closed (or it names none): one naming
         a batch the store does not hold (edp writes none) is kept, since a batch a
         concurrent step opens is not yet visible to the pruning statement."""
+        ...
+
+    def prune_history(self, *, before: float, limit: int) -> HistoryPruned:
+        """Delete one page (up to ``limit`` rows of each kind) of history older than
+        ``before`` (the workers' wall clock): events (outbox rows and their deliveries)
+        recorded before it whose every delivery is done (delivered, or parked: refused
+        for good); closed batches fired before it whose event is gone from the outbox
+        (a batch a backfill fired at an old event time stays as long as its event),
+        with their objects (their keys' memories stay, naming no batch); dead letters
+        received before it. Open batches, undelivered events, key memories, prefixes'
+        generations, workers and counters are never touched."""
         ...
 
     def schema_version(self) -> tuple[int, int]:

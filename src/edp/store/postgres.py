@@ -41,6 +41,7 @@ from edp.redact import redact_text
 from edp.store.base import (
     BatchRow,
     DeadLetter,
+    HistoryPruned,
     OutboxEntry,
     ParkedDelivery,
     SinkSummary,
@@ -480,7 +481,9 @@ class PostgresStore(WorkerClocks):
         """Make ``event_id`` pending again for ``sinks``; False if it is unknown."""
 
         def work(conn: psycopg.Connection[Any]) -> bool:
-            row = conn.execute("SELECT seq FROM outbox WHERE event_id = %s", (event_id,)).fetchone()
+            # (FOR SHARE: history pruning skips the row meanwhile, see prune_history)
+            row = conn.execute("SELECT seq FROM outbox WHERE event_id = %s FOR SHARE",
+                               (event_id,)).fetchone()
             if row is None:
                 return False
             conn.execute(
@@ -617,6 +620,52 @@ class PostgresStore(WorkerClocks):
                 "DELETE FROM fingerprints WHERE seen_at < %s", (keys_before,)
             ).rowcount
             return gone
+
+        return self._run(work, pipeline=False)
+
+    def prune_history(self, *, before: float, limit: int) -> HistoryPruned:
+        """Delete a page of delivered events, their fired batches and old dead letters."""
+
+        def work(conn: psycopg.Connection[Any]) -> HistoryPruned:
+            events = conn.execute(
+                "SELECT seq, event_id FROM outbox o WHERE created_at < %s AND NOT EXISTS ("
+                "SELECT 1 FROM deliveries d WHERE d.event_id = o.event_id"
+                " AND d.delivered_at IS NULL AND NOT d.parked)"
+                " ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED", (before, limit),
+            ).fetchall()
+            # (a delivery an operator's reemit made pending meanwhile stays, and so does
+            # its event)
+            conn.execute("DELETE FROM deliveries WHERE event_id = ANY(%s)"
+                         " AND (delivered_at IS NOT NULL OR parked)",
+                         ([event_id for _, event_id in events],))
+            gone = conn.execute(
+                "DELETE FROM outbox o WHERE seq = ANY(%s) AND NOT EXISTS ("
+                "SELECT 1 FROM deliveries d WHERE d.event_id = o.event_id)",
+                ([seq for seq, _ in events],),
+            ).rowcount
+            batches = [row[0] for row in conn.execute(
+                "SELECT batch_id FROM batches b WHERE state = 'closed' AND fired_at < %s"
+                " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = b.event_id)"
+                " ORDER BY fired_at LIMIT %s FOR UPDATE SKIP LOCKED", (before, limit),
+            )]
+            # (their keys' memories name no batch from now on: a memory naming a batch
+            # the store does not hold is never pruned, see prune; one a step moved to
+            # another batch meanwhile is checked again as the step left it)
+            conn.execute(
+                "UPDATE key_memory k SET batch_id = NULL FROM (SELECT b.bucket, o.key,"
+                " o.batch_id FROM batch_objects o JOIN batches b ON b.batch_id = o.batch_id"
+                " WHERE o.batch_id = ANY(%s) ORDER BY 1, 2) u"
+                " WHERE k.bucket = u.bucket AND k.key = u.key AND k.batch_id = u.batch_id",
+                (batches,),
+            )
+            conn.execute("DELETE FROM batch_objects WHERE batch_id = ANY(%s)", (batches,))
+            conn.execute("DELETE FROM batches WHERE batch_id = ANY(%s)", (batches,))
+            letters = conn.execute(
+                "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters"
+                " WHERE received_at < %s ORDER BY received_at LIMIT %s)", (before, limit),
+            ).rowcount
+            return HistoryPruned(gone, len(batches), letters,
+                                 limit in (len(events), len(batches), letters))
 
         return self._run(work, pipeline=False)
 

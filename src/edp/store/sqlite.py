@@ -32,6 +32,7 @@ from edp.store.base import (
     BatchRow,
     DeadLetter,
     Floors,
+    HistoryPruned,
     OutboxEntry,
     ParkedDelivery,
     SinkSummary,
@@ -529,6 +530,41 @@ class SqliteStore:
                 "DELETE FROM fingerprints WHERE seen_at < ?", (keys_before,)
             ).rowcount
         return int(gone)
+
+    def prune_history(self, *, before: float, limit: int) -> HistoryPruned:
+        """Delete a page of delivered events, their fired batches and old dead letters."""
+        with self._write() as conn:
+            events = conn.execute(
+                "SELECT seq, event_id FROM outbox o WHERE created_at < ? AND NOT EXISTS ("
+                "SELECT 1 FROM deliveries d WHERE d.event_id = o.event_id"
+                " AND d.delivered_at IS NULL AND d.parked = 0) ORDER BY created_at LIMIT ?",
+                (before, limit),
+            ).fetchall()
+            conn.executemany("DELETE FROM deliveries WHERE event_id = ?",
+                             [(event_id,) for _, event_id in events])
+            conn.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq, _ in events])
+            batches = conn.execute(
+                "SELECT batch_id, bucket FROM batches b WHERE state = 'closed' AND fired_at < ?"
+                " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = b.event_id)"
+                " ORDER BY fired_at LIMIT ?", (before, limit),
+            ).fetchall()
+            for batch_id, bucket in batches:
+                # (its keys' memories name no batch from now on: a memory naming a batch
+                # the store does not hold is never pruned, see prune)
+                conn.executemany(
+                    "UPDATE key_memory SET batch_id = NULL"
+                    " WHERE bucket = ? AND key = ? AND batch_id = ?",
+                    [(bucket, key, batch_id) for (key,) in conn.execute(
+                        "SELECT key FROM batch_objects WHERE batch_id = ?", (batch_id,))],
+                )
+                conn.execute("DELETE FROM batch_objects WHERE batch_id = ?", (batch_id,))
+                conn.execute("DELETE FROM batches WHERE batch_id = ?", (batch_id,))
+            letters = conn.execute(
+                "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters"
+                " WHERE received_at < ? ORDER BY received_at LIMIT ?)", (before, limit),
+            ).rowcount
+        return HistoryPruned(len(events), len(batches), letters,
+                             limit in (len(events), len(batches), letters))
 
     def stop_retrying_on(self, event: threading.Event | None) -> None:
         """Nothing to stop: SQLite's operations are not retried (see Store)."""

@@ -93,7 +93,8 @@ def test_sqs_batch_then_eventbridge_event_then_schedule(
     # (the sample events are from 2022: their three key memories are past the 24 h
     # retention of the emit function's clock, which is now, so it forgets them)
     assert summary == {"waiting": None, "fired": 0, "delivered": 1, "failed": 0, "parked": 0,
-                       "pruned": 3}
+                       "pruned": 3,
+                       "pruned_history": {"events": 0, "batches": 0, "dead_letters": 0}}
     [event] = aws.collect(lambda_env["OUT_QUEUE"], 1)
     assert event["detail"]["prefix"] == PREFIX
     assert event["detail"]["object-count"] == 3

@@ -529,3 +529,31 @@ def test_a_relay_pass_that_stopped_at_its_budget_goes_on_at_once_while_behind(
         # Then the outbox goes out pass after pass (1 s of sending), not one pass per
         # max_wait (60 s: the wait for a delivery while behind)
         wait_until(lambda: len(sink.sent) >= 20, timeout=15, what="the whole outbox")
+
+
+def test_a_daemon_prunes_history_older_than_the_history_retention(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edp.store import open_store
+
+    monkeypatch.setattr(Daemon, "PRUNE_EVERY", 0.0)  # (every round, not every 10 min)
+    # Given a store holding a batch fired and recorded two hours ago, not yet delivered
+    two_hours_ago = time.time() - 7200
+    sink = ListSink()
+    run = DaemonRun(tmp_path, [Scripted("idle", [])], sink, history_retention=3600,
+                    bucket_threshold_event_count=1)
+    earlier = build_runtime(run.cfg, sinks=[sink], worker_id="fan-in")
+    earlier.engine.process([Message(eventbridge("lab/run-1/a", two_hours_ago), "m1")],
+                           now=two_hours_ago)
+    earlier.close()
+    # When a daemon with a history retention of an hour runs on it
+    with run:
+        # Then it delivers the event first, and then prunes the batch and its event
+        wait_until(lambda: sink.sent, timeout=10, what="the delivery")
+        store = open_store(run.cfg.database_url)
+        try:
+            wait_until(lambda: store.list_batches() == [], timeout=10, what="the pruning")
+            assert store.stats()["pending_deliveries"] == 0
+        finally:
+            store.close()
+    assert [e["detail"]["prefix"] for e in sink.sent] == ["lab/run-1/"]

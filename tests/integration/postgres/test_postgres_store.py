@@ -17,10 +17,12 @@ from edp.core.batching import KeyMemory
 from edp.errors import StoreError
 from edp.store import open_store
 from edp.store.base import LoadRequest, StepWrite
-from edp.store.migrations import load_migrations
+from edp.store.migrations import latest_version, load_migrations
 from edp.store.postgres import PostgresStore
 from edp.store.postgres_retry import RetryingTransaction, TransactionConflict
 from integration.store_contract.contract_helpers import T0, batch, saved, write_closed, write_open
+
+LATEST = latest_version("postgres")
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
 
@@ -157,7 +159,7 @@ def test_a_database_at_version_1_upgrades_to_the_replay_queue(pg_url: str) -> No
     try:
         # Then it is at the latest version, with the replay workers' tables, and its key
         # memories load with no last write known
-        assert store.schema_version() == (7, 7)
+        assert store.schema_version() == (LATEST, LATEST)
         assert store.stats()["open_batches"] == 0
         with store.transaction() as tx:
             state = tx.load(LoadRequest(object_keys={("bkt", "a/b/c")}))
@@ -182,7 +184,7 @@ def test_db_commands_show_the_schema_version(pg_url: str) -> None:
         done = edp_db(command, pg_url)
         # Then each says the schema is at the latest version
         assert done.returncode == 0, done.stderr
-        assert "schema version 7 (latest 7)" in done.stdout
+        assert f"schema version {LATEST} (latest {LATEST})" in done.stdout
     assert "open_batches: 0" in done.stdout
 
 
@@ -193,7 +195,7 @@ def test_db_status_reports_pending_migrations_without_applying_them(pg_url: str)
     done = edp_db("status", pg_url)
     # Then it reports version 1 and the migrations pending, and applied none
     assert done.returncode == 0, done.stderr
-    assert "schema version 1 (latest 7)" in done.stdout
+    assert f"schema version 1 (latest {LATEST})" in done.stdout
     assert ("pending migrations: 0002_replay_queue.sql, 0003_key_memory_last_write.sql, "
             "0004_sinks.sql, 0005_worker_hold.sql, 0006_worker_hold_until.sql, "
             "0007_key_memory_last_write_backfill.sql") in done.stdout
@@ -618,12 +620,13 @@ def test_a_database_newer_than_this_edp_is_refused_and_shown_as_newer(pg_url: st
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute("INSERT INTO schema_migrations VALUES (99, '0099_future.sql', 0)")
     # When a worker opens it, Then it refuses at once, naming both versions
-    with pytest.raises(StoreError, match=r"schema version 99, newer than this edp .*up to 7"):
+    with pytest.raises(StoreError,
+                       match=rf"schema version 99, newer than this edp .*up to {LATEST}"):
         open_store(pg_url)
     # And `edp db status` says it is newer instead of showing figures
     done = edp_db("status", pg_url)
     assert done.returncode == 0, done.stderr
-    assert "schema version 99 (latest 7)" in done.stdout
+    assert f"schema version 99 (latest {LATEST})" in done.stdout
     assert "newer than this edp" in done.stdout
 
 

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
+import orjson
 import pytest
 
 from edp.config import Settings
 from edp.engine import Engine, Message
 from edp.errors import NotFound
-from edp.store.base import Floors, LoadRequest, StepWrite, Store
-from edp_testing import eventbridge
+from edp.relay import Relay
+from edp.sinks.base import Failure
+from edp.store.base import (
+    Floors,
+    HistoryPruned,
+    LoadRequest,
+    OutboxEntry,
+    StepWrite,
+    Store,
+)
+from edp_testing import ListSink, eventbridge, wait_until
 from integration.store_contract.contract_helpers import T0, batch, write_closed, write_open
 
 pytestmark = pytest.mark.timeout(60)
@@ -725,3 +736,88 @@ def test_a_forgotten_sink_is_no_longer_known_and_its_deliveries_are_gone(store: 
     # And a sink registered without any delivery has zero counts
     store.register_sinks(["sns"], now=T0 + 5)
     assert store.forget_sink("sns") == SinkSummary("sns", T0 + 5, 0, 0, 0)
+
+
+class _ByPrefix:
+    """A sink that delivers, parks (refused for good) or fails (to retry) each event by
+    the prefix of its batch."""
+
+    name = "s"
+
+    def send(self, entries: Sequence[OutboxEntry]) -> Sequence[Failure]:
+        answers = []
+        for entry in entries:
+            prefix = orjson.loads(entry.payload)["detail"]["prefix"]
+            if prefix == "parked/p/":
+                answers.append(Failure(entry.event_id, "refused", permanent=True))
+            elif prefix == "pending/p/":
+                answers.append(Failure(entry.event_id, "try again"))
+        return answers
+
+
+def test_prune_history_deletes_what_is_old_and_done_only(store: Store) -> None:
+    # Given fired batches whose events were delivered, parked (refused for good) and
+    # not yet delivered, an open batch and a dead letter, all of T0
+    engine = Engine(store, Settings(database_url="sqlite:///:memory:",
+                                    bucket_threshold_event_count=2), sinks=["s"],
+                    worker_id="w")
+    engine.process([Message(eventbridge(key, T0, sequencer="01"), f"m{i}") for i, key in
+                    enumerate(["done/p/a", "done/p/b", "parked/p/a", "parked/p/b",
+                               "pending/p/a", "pending/p/b", "open/p/a"])]
+                   + [Message(b"garbage", "m9")], now=T0)
+    Relay(store, [_ByPrefix()]).deliver()
+    # When the history older than T0 + 1 is pruned
+    pruned = store.prune_history(before=T0 + 1, limit=500)
+    # Then the delivered and the parked batch and their events are gone, and the dead
+    # letter; the batch whose event waits for delivery and the open one stay
+    assert (pruned.events, pruned.batches, pruned.dead_letters, pruned.more) == (2, 2, 1, False)
+    assert sorted(b.prefix for b in store.list_batches()) == ["open/p/", "pending/p/"]
+    assert store.dead_letters() == []
+    assert store.stats()["pending_deliveries"] == 1
+    # and the pruned batches' keys are still known: their files sent again are
+    # duplicates, not a new batch
+    report = engine.process([Message(eventbridge("done/p/a", T0, sequencer="01"), "again")],
+                            now=T0 + 2)
+    assert report.counts["events.duplicate"] == 1
+    # and their memories, naming no batch now, go with the key retention
+    with store.transaction() as tx:
+        state = tx.load(LoadRequest(object_keys={("bucket", "done/p/a")}))
+    assert state.keys[("bucket", "done/p/a")].batch_id is None
+    assert store.prune(keys_before=T0 + 1) >= 4
+    # When the waiting event is delivered (its retry is due half a second later), then
+    # what is left is pruned
+    relay = Relay(store, [ListSink("s")])
+    wait_until(lambda: relay.deliver().delivered == 1, timeout=10, what="the retry")
+    assert store.prune_history(before=T0 + 1, limit=500).batches == 1
+    # Then only the open batch is left
+    assert [b.prefix for b in store.list_batches()] == ["open/p/"]
+
+
+def test_prune_history_goes_a_page_at_a_time(store: Store) -> None:
+    engine = Engine(store, Settings(database_url="sqlite:///:memory:",
+                                    bucket_threshold_event_count=1), sinks=["s"],
+                    worker_id="w")
+    engine.process([Message(eventbridge(f"p{n}/x/a", T0), f"m{n}") for n in range(3)],
+                   now=T0)
+    Relay(store, [ListSink("s")]).deliver()
+    first = store.prune_history(before=T0 + 1, limit=2)
+    assert (first.events, first.batches, first.more) == (2, 2, True)
+    second = store.prune_history(before=T0 + 1, limit=2)
+    assert (second.events, second.batches, second.more) == (1, 1, False)
+    assert store.list_batches() == []
+
+
+def test_nothing_newer_than_the_history_retention_is_pruned(store: Store) -> None:
+    engine = Engine(store, Settings(database_url="sqlite:///:memory:",
+                                    bucket_threshold_event_count=1,
+                                    history_retention=3600), sinks=["s"], worker_id="w")
+    engine.process([Message(eventbridge("p/x/a", T0), "m1")], now=T0)
+    Relay(store, [ListSink("s")]).deliver()
+    assert engine.prune_history(now=T0 + 3599).batches == 0
+    assert engine.prune_history(now=T0 + 3601).batches == 1
+    # (and with the setting's default, 0, nothing ever is)
+    keep_all = Engine(store, Settings(database_url="sqlite:///:memory:"), sinks=["s"],
+                      worker_id="w2")
+    engine.process([Message(eventbridge("q/x/a", T0), "m2")], now=T0)
+    Relay(store, [ListSink("s")]).deliver()
+    assert keep_all.prune_history(now=T0 + 10**9) == HistoryPruned()
