@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, BeforeValidator, ConfigDict, SecretStr, ValidationError
 
 from edp.core.rules import GroupingRules, RuleBook
-from edp.errors import ConfigError
+from edp.errors import ConfigError, is_unicode
 from edp.redact import redact_endpoint, redact_text
 
 ENV_PREFIX = "EDP_"
@@ -103,7 +103,21 @@ def _csv(value: Any) -> tuple[str, ...]:
             items.extend(item.split(","))
     else:
         raise ValueError(f"must be a comma-separated string or a list of strings, got {value!r}")
-    return tuple(item.strip() for item in items if item.strip())
+    return tuple(_plain(item.strip()) for item in items if item.strip())
+
+
+def _plain(text: str) -> str:
+    """``text`` if it is text every output can carry, else ValueError: no lone surrogate
+    (an environment variable's bytes that are not UTF-8 arrive as one) and no NUL (a TOML
+    escape can write one). Either would pass until it is written out: a batch event
+    whose source, account or region holds one cannot be encoded as JSON, and every
+    step that fires a batch would fail, again and again."""
+    if not is_unicode(text):
+        raise ValueError(f"must be UTF-8 text, got {text!r} (not valid Unicode: bytes that "
+                         "are not UTF-8)")
+    if "\x00" in text:
+        raise ValueError(f"must not contain a NUL character, got {text!r}")
+    return text
 
 
 def _bool(value: Any) -> bool:
@@ -119,7 +133,7 @@ def _bool(value: Any) -> bool:
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"must be a string, got {value!r}")
-    return value.strip()
+    return _plain(value.strip())
 
 
 def _required_text(value: Any) -> str:
@@ -343,7 +357,7 @@ class Settings(BaseModel):
     def _secret(value: Any) -> Any:
         """Secrets are kept as SecretStr: ``edp config`` and reprs show ``**********``."""
         if isinstance(value, str):
-            return SecretStr(value.strip()) if value.strip() else None
+            return SecretStr(_plain(value.strip())) if value.strip() else None
         return value
 
     webhook_secret: Annotated[SecretStr | None, BeforeValidator(_secret)] = None
@@ -371,6 +385,11 @@ class Settings(BaseModel):
                 raise ValueError(f"must be {allowed}, got {value!r}") from None
         if not isinstance(value, dict):
             raise ValueError(f"must be {allowed}, got {value!r}")
+        try:
+            json.dumps(value, ensure_ascii=False, default=str).encode()
+        except UnicodeEncodeError:  # (a JSON escape of a lone surrogate: "\\ud800")
+            raise ValueError(f"must hold UTF-8 text only, got {value!r} (a lone surrogate: "
+                             "not valid Unicode)") from None
         return value
 
     package_metadata: Annotated[dict[str, Any], BeforeValidator(_json_object)] = {}
@@ -678,7 +697,8 @@ def _describe(exc: ValidationError, values: Mapping[str, Any], origin: Mapping[s
         elif error["type"] == "extra_forbidden":
             message = f"{name} is not a known setting{_closest(loc[-1])}"
         elif loc and loc[0] in SECRET_SETTINGS:  # never echo a secret, even a bad one
-            message = f"{name} must be a string (the value is not shown: it is a secret)"
+            message = (f"{name} must be a string of UTF-8 text without NUL characters (the "
+                       "value is not shown: it is a secret)")
         elif error["type"] == "value_error":
             message = f"{name} {error['ctx']['error']}"
         else:

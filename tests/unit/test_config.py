@@ -474,3 +474,30 @@ def test_a_setting_that_no_bucket_table_takes_is_named_as_such(tmp_path: Path) -
         load_settings(config_file=only_global, env={})
     with pytest.raises(ConfigError, match="did you mean bucket_prefix_depth"):
         load_settings(config_file=misspelt, env={})
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "message"),
+    [
+        # An environment variable's bytes that are not UTF-8 arrive as lone surrogates
+        ({"EDP_EVENT_SOURCE": "lab\udcff"}, "",
+         r"event_source must be UTF-8 text, got 'lab\\udcff' .*EDP_EVENT_SOURCE"),
+        ({"EDP_BUCKETS": "a,b\udcff"}, "", r"buckets must be UTF-8 text, got 'b\\udcff'"),
+        ({"EDP_PACKAGE_METADATA": '{"a": "\\ud800"}'}, "",
+         r"package_metadata must hold UTF-8 text only"),
+        ({"EDP_WEBHOOK_SECRET": "s3cr\udcffet"}, "",
+         r"webhook_secret must be a string of UTF-8 text"),
+        # and a TOML escape can write a NUL
+        ({}, 'account = "0000\\u0000"', r"account must not contain a NUL character"),
+        ({}, 'bucket_complete_markers = ["done", "\\u0000"]',
+         r"bucket_complete_markers must not contain a NUL character"),
+    ],
+)
+def test_text_that_no_output_can_carry_is_refused(
+    tmp_path: Path, env: dict[str, str], toml: str, message: str
+) -> None:
+    # (such a value was accepted: every batch event then failed to encode, and each step
+    # that fired a batch failed with TypeError, again and again)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_settings(config_file=write(tmp_path, toml), env=env)
+    assert "s3cr" not in str(info.value)
