@@ -647,6 +647,11 @@ def _read_toml(path: Path, where: str = "") -> dict[str, Any]:
             data = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist{where}") from None
+    except UnicodeDecodeError as exc:  # (tomllib decodes the whole file first)
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on "
+            f"line {line}): TOML files are UTF-8; save it as UTF-8{where}") from None
     except tomllib.TOMLDecodeError as exc:
         hint = ""
         if "('buckets'" in str(exc):  # (`buckets = [...]` and a [buckets."NAME"] table)

@@ -501,3 +501,14 @@ def test_text_that_no_output_can_carry_is_refused(
     with pytest.raises(ConfigError, match=message) as info:
         load_settings(config_file=write(tmp_path, toml), env=env)
     assert "s3cr" not in str(info.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    # Given a config file saved in Windows-1252 (a comment's curly apostrophe, 0x92)
+    path = tmp_path / "edp.toml"
+    path.write_bytes(b"bucket_prefix_depth = 2\n# the lab\x92s buckets\nbuckets = \"lab\"\n")
+    # Then the error names the file, the byte and its line (it was a UnicodeDecodeError
+    # with a traceback, no ConfigError)
+    with pytest.raises(ConfigError, match=rf"config file {path} is not UTF-8 text \(byte "
+                                          r"0x92 on line 2\): TOML files are UTF-8"):
+        load_settings(config_file=path, env={})
