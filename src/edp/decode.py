@@ -117,9 +117,16 @@ def parse_time(value: Any, *, what: str) -> float:
         _MINUTES.clear()
     _TIMES[value] = parsed
     split = _s3_minute(value)
-    if split is not None:
+    if split is not None and _S3_TIME.fullmatch(value):
+        # (only a time of S3's form is its minute plus its seconds: datetime also takes
+        # forms whose characters 16-19 are no seconds, such as "20221208T2001Z..:19Z",
+        # which Python 3.11 reads as 20:01:00)
         _MINUTES[split[0]] = parsed - split[1]
     return parsed
+
+
+_S3_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+"""S3's own form of a time: the only one whose minute is cached."""
 
 
 def _s3_minute(value: str) -> tuple[str, float] | None:

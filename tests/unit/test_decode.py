@@ -244,6 +244,28 @@ def test_event_times_parse_as_datetime_reads_them(text: str) -> None:
             assert parse_time(text, what="time") == expected
 
 
+def test_a_time_of_another_form_never_reads_as_a_cached_minute_plus_seconds() -> None:
+    from edp.decode import _parse_time
+
+    # Given times of 20 characters with ":SS" and "Z" where S3's form has them, that
+    # datetime reads otherwise (Python 3.11 takes "20221208T2001Z" and ignores the rest)
+    first, other = "20221208T2001Z\x00\x00:19Z", "20221208T2001Z\x00\x00:45Z"
+    # When edp has parsed the first, then parses the second
+    outcomes = []
+    for text in (first, other):
+        try:
+            outcomes.append(parse_time(text, what="time"))
+        except DecodeError:
+            outcomes.append(None)
+    # Then the second reads as it reads uncached (it read as the first's minute plus
+    # 45 s: a time depending on what came before it, in decoding that must be pure)
+    try:
+        expected: float | None = _parse_time(other, "time")
+    except DecodeError:
+        expected = None
+    assert outcomes[1] == expected
+
+
 def test_a_date_alone_is_refused_as_no_date_and_time() -> None:
     # ("has no time zone" sent users looking for a zone that would not have helped)
     with pytest.raises(DecodeError, match=r"time is not a date and time .*'2024-01-01'"):
