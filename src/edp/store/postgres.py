@@ -49,13 +49,11 @@ from edp.store.base import (
     pick_batch,
 )
 from edp.store.migrations import (
-    LIVE_WITHIN,
     LIVE_WORKERS,
     latest_version,
-    load_migrations,
+    plan_upgrade,
     refuse_foreign,
     refuse_newer,
-    warn_of_live_workers,
 )
 from edp.store.postgres_retry import LOST, RetryingTransaction
 from edp.store.postgres_tx import BATCH_COLUMNS
@@ -381,12 +379,8 @@ class PostgresStore(WorkerClocks):
             ours = conn.execute("SELECT to_regclass('batches') IS NOT NULL").fetchone()
             refuse_foreign(bool(ours and ours[0]), current, self.url)
             refuse_newer("postgres", current, self.url)
-            pending = [m for m in load_migrations("postgres")
-                       if current is None or m.version > current]
-            if current is not None and pending:
-                now = time.time()
-                warn_of_live_workers(self.url, pending, conn.execute(
-                    LIVE_WORKERS.format("%s"), (now - LIVE_WITHIN,)).fetchall(), now)
+            pending = plan_upgrade("postgres", current, self.url, lambda since: conn.execute(
+                LIVE_WORKERS.format("%s"), (since,)).fetchall())
             applied = []
             for migration in pending:
                 conn.execute(migration.sql.encode())

@@ -40,13 +40,11 @@ from edp.store.base import (
     pick_batch,
 )
 from edp.store.migrations import (
-    LIVE_WITHIN,
     LIVE_WORKERS,
     latest_version,
-    load_migrations,
+    plan_upgrade,
     refuse_foreign,
     refuse_newer,
-    warn_of_live_workers,
 )
 from edp.store.sqlite_tx import BATCH_COLUMNS, SqliteTransaction
 
@@ -196,12 +194,8 @@ class SqliteStore:
                 " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
             )
             current = conn.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
-            pending = [m for m in load_migrations("sqlite")
-                       if current is None or m.version > current]
-            if current is not None and pending:
-                now = time.time()
-                warn_of_live_workers(self.url, pending, conn.execute(
-                    LIVE_WORKERS.format("?"), (now - LIVE_WITHIN,)).fetchall(), now)
+            pending = plan_upgrade("sqlite", current, self.url, lambda since: conn.execute(
+                LIVE_WORKERS.format("?"), (since,)).fetchall())
             applied = []
             for migration in pending:
                 for statement in migration.sql.split(";\n"):

@@ -7,7 +7,8 @@ migration above the highest version recorded in its ``schema_migrations`` table.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -93,6 +94,21 @@ LIVE_WORKERS = ("SELECT worker_id, heartbeat_at FROM workers"
                 " WHERE NOT finished AND heartbeat_at >= {} ORDER BY worker_id")
 """The workers an upgrade names (the ``workers`` table has these columns since
 migration 1): format with the dialect's placeholder for the earliest heartbeat."""
+
+
+def plan_upgrade(
+    dialect: str, current: int | None, url: str,
+    live_workers: Callable[[float], Sequence[tuple[str, float]]],
+) -> list[Migration]:
+    """The migrations of ``dialect`` above ``current`` (the store's highest version,
+    None: a new store), after warning of the workers still beating on an existing store
+    (``live_workers(since)``: the (id, last heartbeat) of those not finished that beat
+    since then, by :data:`LIVE_WORKERS`)."""
+    pending = [m for m in load_migrations(dialect) if current is None or m.version > current]
+    if current is not None and pending:
+        now = time.time()
+        warn_of_live_workers(url, pending, live_workers(now - LIVE_WITHIN), now)
+    return pending
 
 
 def warn_of_live_workers(
