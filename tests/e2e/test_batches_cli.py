@@ -660,6 +660,10 @@ def test_db_prune_deletes_the_history_older_than_asked(tmp_path: Path) -> None:
     # Then only the open batch is left
     listed = orjson.loads(edp("batches", "--json", home=tmp_path).stdout)["batches"]
     assert [(b["prefix"], b["state"]) for b in listed] == [("lab/run-2/", "open")]
+    # and edp status still counts the batch fired (its counters are not history)
+    status = edp("status", home=tmp_path).stdout
+    assert "batches fired" in status
+    assert "1 (count 1)" in next(line for line in status.splitlines() if "batches fired" in line)
     # and the setting does the same (nothing older is left)
     again = edp("db", "prune", home=tmp_path, env={"EDP_HISTORY_RETENTION": "3600"})
     assert again.returncode == 0 and ": 0 events, 0 batches, 0 dead letters" in again.stdout

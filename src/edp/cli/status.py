@@ -42,7 +42,8 @@ def status_tables(data: dict[str, Any]) -> Group:
     fired = ", ".join(f"{k} {v}" for k, v in sorted(totals["fired"].items())) or "none"
     for label, value in (
         ("open batches", stats["open_batches"]),
-        ("batches fired", f"{stats['closed_batches']} ({fired})"),
+        # (counted as they fired: history_retention prunes closed batches)
+        ("batches fired", f"{sum(totals['fired'].values())} ({fired})"),
         ("events in", totals["events_in"]),
         ("events out", totals["events_out"]),
         ("outbox backlog", stats["pending_deliveries"]),

@@ -31,7 +31,9 @@ _LABELLED_COUNTERS = (
 )
 _GAUGES = (
     ("open_batches", "edp_open_batches", "Batches open now."),
-    ("closed_batches", "edp_closed_batches", "Batches closed so far."),
+    ("closed_batches", "edp_closed_batches",
+     "Closed batches the store keeps (history_retention prunes them; "
+     "edp_batches_fired_total counts every one)."),
     ("pending_deliveries", "edp_outbox_pending", "Outbox deliveries waiting for a sink."),
     ("parked_deliveries", "edp_outbox_parked",
      "Outbox deliveries a sink refused for good (see edp status)."),

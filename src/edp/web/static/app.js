@@ -107,7 +107,8 @@ function renderCards(stats) {
   const s = stats.stats, t = stats.totals;
   document.getElementById("cards").replaceChildren(
     card("open batches", s.open_batches),
-    card("batches fired", s.closed_batches),
+    // (every batch fired, counted as it fired: history_retention prunes closed batches)
+    card("batches fired", Object.values(t.fired).reduce((sum, n) => sum + n, 0)),
     card("events in", t.events_in),
     card("events out", t.events_out),
     card("outbox backlog", s.pending_deliveries, s.pending_deliveries > 0),
