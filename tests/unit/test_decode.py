@@ -223,6 +223,10 @@ def test_event_times_parse_as_datetime_reads_them(text: str) -> None:
     # "t" and "z" read as upper case; a time with no zone is UTC, S3's zone)
     upper = text.upper() if text.isascii() else text
     try:
+        if not re.fullmatch(r"[0-9]{4}-?[0-9]{2}-?[0-9]{2}([Tt ][0-9:.,]*)?([Zz]|[+-][0-9:]+)?",
+                            text):
+            # (only an ISO 8601 time's characters, in their places: datetime takes more)
+            raise ValueError(text)
         parsed = datetime.fromisoformat(upper)
         utc = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
         expected: float | None = utc.timestamp()
@@ -264,6 +268,14 @@ def test_a_time_of_another_form_never_reads_as_a_cached_minute_plus_seconds() ->
     except DecodeError:
         expected = None
     assert outcomes[1] == expected
+
+
+@pytest.mark.parametrize("text", ["11111111311Z\x00\x00\x08\x00:19Z",
+                                  "2024-01-01x10:00:00Z", "2024-01-01T10:00:00Z junk"])
+def test_a_time_with_characters_no_iso_time_holds_is_refused(text: str) -> None:
+    # (Python 3.11's datetime reads the first as 1111-11-11T11:00Z, the second as 10:00)
+    with pytest.raises(DecodeError, match="is not an ISO 8601 time"):
+        parse_time(text, what="time")
 
 
 def test_a_date_alone_is_refused_as_no_date_and_time() -> None:
