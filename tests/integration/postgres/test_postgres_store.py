@@ -398,6 +398,22 @@ def test_the_due_batch_query_is_an_index_scan(store: PostgresStore, pg_url: str)
         assert len(tx.load(LoadRequest(due_until=1000, due_limit=5000)).batches) == 700
 
 
+def test_every_foreign_key_leads_an_index(store: PostgresStore, pg_url: str) -> None:
+    # Given the latest schema
+    with psycopg.connect(pg_url) as conn:
+        # When the foreign keys and the indexes of their tables are listed
+        keys = conn.execute(
+            "SELECT conname, conrelid::regclass::text, conkey FROM pg_constraint"
+            " WHERE contype = 'f' AND connamespace = 'public'::regnamespace").fetchall()
+        unindexed = [name for name, table, columns in keys if not conn.execute(
+            "SELECT 1 FROM pg_index WHERE indrelid = %s::regclass"
+            " AND (indkey::int2[])[0:%s] = %s::int2[]",
+            (table, len(columns) - 1, columns)).fetchone()]
+    # Then each is the leading columns of an index: deleting a referenced row (history
+    # pruning deletes outbox rows) looks its references up instead of reading the table
+    assert unindexed == []
+
+
 def test_the_pending_query_finds_its_order_barrier_once(store: PostgresStore,
                                                         pg_url: str) -> None:
     # Given a backlog of 20,000 deliveries for one sink
