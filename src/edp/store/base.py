@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 from edp.core.batching import BatchKey, Changes, KeyMemory, ObjectKey, ObjectRecord, OpenBatch
+from edp.core.envelopes import BATCH_EVENT
 from edp.core.events import ObjectEvent
 from edp.errors import NotFound
 
@@ -272,6 +273,14 @@ class Transaction(Protocol):
         ...
 
 
+HISTORY_KIND = BATCH_EVENT
+"""The only kind of outbox event :meth:`Store.prune_history` deletes: a batch's, whose
+files are known again by their key memories. A ``package-ready`` event stays (one per
+package revision): its id is all that tells a revision seen again (an ``edp watch`` of
+the registry folder scans every pointer at its start, a redriven queue message) from a
+new one (edp.quilt.ready)."""
+
+
 @dataclass(frozen=True, slots=True)
 class HistoryPruned:
     """What one page of :meth:`Store.prune_history` deleted; ``more``: a page was full
@@ -504,8 +513,9 @@ class Store(Protocol):
 
     def prune_history(self, *, before: float, limit: int) -> HistoryPruned:
         """Delete one page (up to ``limit`` rows of each kind) of history older than
-        ``before`` (the workers' wall clock): events (outbox rows and their deliveries)
-        recorded before it whose every delivery is done (delivered, or parked: refused
+        ``before`` (the workers' wall clock): batch events (outbox rows of
+        :data:`HISTORY_KIND` and their deliveries) recorded before it whose every delivery
+        is done (delivered, or parked: refused
         for good); closed batches fired before it whose event is gone from the outbox
         (a batch a backfill fired at an old event time stays as long as its event),
         with their objects (their keys' memories stay, naming no batch); dead letters

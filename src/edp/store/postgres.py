@@ -39,6 +39,7 @@ from edp.core.batching import ObjectRecord
 from edp.errors import StoreError
 from edp.redact import redact_text
 from edp.store.base import (
+    HISTORY_KIND,
     BatchRow,
     DeadLetter,
     HistoryPruned,
@@ -622,10 +623,11 @@ class PostgresStore(WorkerClocks):
 
         def work(conn: psycopg.Connection[Any]) -> HistoryPruned:
             events = conn.execute(
-                "SELECT seq, event_id FROM outbox o WHERE created_at < %s AND NOT EXISTS ("
-                "SELECT 1 FROM deliveries d WHERE d.event_id = o.event_id"
+                "SELECT seq, event_id FROM outbox o WHERE created_at < %s AND kind = %s"
+                " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = o.event_id"
                 " AND d.delivered_at IS NULL AND NOT d.parked)"
-                " ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED", (before, limit),
+                " ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                (before, HISTORY_KIND, limit),
             ).fetchall()
             # (a delivery an operator's reemit made pending meanwhile stays, and so does
             # its event)

@@ -28,6 +28,7 @@ try:
 except ImportError:  # pragma: no cover (not on Windows)
     fcntl = None  # type: ignore[assignment]
 from edp.store.base import (
+    HISTORY_KIND,
     WORKER_ID_HOW,
     BatchRow,
     DeadLetter,
@@ -529,10 +530,10 @@ class SqliteStore:
         """Delete a page of delivered events, their fired batches and old dead letters."""
         with self._write() as conn:
             events = conn.execute(
-                "SELECT seq, event_id FROM outbox o WHERE created_at < ? AND NOT EXISTS ("
-                "SELECT 1 FROM deliveries d WHERE d.event_id = o.event_id"
+                "SELECT seq, event_id FROM outbox o WHERE created_at < ? AND kind = ?"
+                " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = o.event_id"
                 " AND d.delivered_at IS NULL AND d.parked = 0) ORDER BY created_at LIMIT ?",
-                (before, limit),
+                (before, HISTORY_KIND, limit),
             ).fetchall()
             conn.executemany("DELETE FROM deliveries WHERE event_id = ?",
                              [(event_id,) for _, event_id in events])

@@ -707,6 +707,34 @@ def test_package_ready_leases_reads_after_commit_and_emits_once(
     assert store.counters()["observer.emitted"] == 1
 
 
+def test_prune_history_keeps_package_ready_events_so_a_revision_seen_again_is_not_sent_again(
+    store: Store, tmp_path: Path
+) -> None:
+    from edp.core.envelopes import Origin
+    from edp.quilt.ready import PackageReadyObserver, local_pointer_reader
+
+    # Given a revision whose package-ready was emitted and delivered long ago
+    pointer = ".quilt/named_packages/team/pkg/1700000000"
+    (tmp_path / "reg" / pointer).parent.mkdir(parents=True)
+    (tmp_path / "reg" / pointer).write_text("c" * 64)
+    observer = PackageReadyObserver(registries=["reg"], delay=10, origin=Origin("s", "a", "r"),
+                                    reader=local_pointer_reader(tmp_path))
+    engine = Engine(store, Settings(), sinks=["s"], worker_id="w", observers=[observer])
+    engine.process([Message(eventbridge(pointer, T0, bucket="reg"), "m1")], now=T0)
+    engine.fire_due(now=T0 + 11)
+    sink = ListSink("s")
+    Relay(store, [sink]).deliver()
+    assert [e["detail-type"] for e in sink.sent] == ["package-ready"]
+    # When the history is pruned, then the pointer's event comes again (an edp watch of
+    # the registry folder scans it at every start; a redriven queue message)
+    store.prune_history(before=T0 + 7200, limit=500)
+    engine.process([Message(eventbridge(pointer, T0, bucket="reg"), "m2")], now=T0 + 7200)
+    engine.fire_due(now=T0 + 7211)
+    # Then the revision is not announced again: the outbox still knows its event id
+    assert Relay(store, [sink]).deliver().delivered == 0
+    assert [e["detail-type"] for e in sink.sent] == ["package-ready"]
+
+
 def test_a_forgotten_sink_is_no_longer_known_and_its_deliveries_are_gone(store: Store) -> None:
     from edp.store.base import SinkSummary
 
