@@ -75,9 +75,15 @@ class ReplaySummary:
 def _warn_of_earlier_batches(runtime: Runtime, stderr: TextIO) -> None:
     stats = runtime.store.stats()
     held = stats["open_batches"] + stats["closed_batches"]
-    if held:
+    # (history_retention may have pruned every fired batch: the counters, and the key
+    # memories, stay)
+    fired = sum(value for name, value in runtime.store.counters().items()
+                if name.startswith("batches."))
+    if held or fired:
+        what = (f"{held} batch(es)" if held else
+                f"the key memories of {fired} batch(es), their history pruned,")
         stderr.write(
-            f"edp replay: warning: the database already holds {held} batch(es) of an "
+            f"edp replay: warning: the database already holds {what} of an "
             "earlier run; this replay continues from them (their key memories make "
             "re-sent events duplicates), so its output is not that of the stream "
             "alone: use a fresh database for that\n"

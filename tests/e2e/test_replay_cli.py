@@ -238,6 +238,29 @@ def test_a_replay_into_a_database_of_an_earlier_run_warns(tmp_path: Path) -> Non
     assert b"already holds 1 batch(es) of an earlier run" in again.stderr
 
 
+def test_a_replay_into_a_database_whose_history_was_pruned_still_warns(tmp_path: Path) -> None:
+    import sqlite3
+
+    # Given a database that one replay of a stream filled, whose history (the batch and
+    # its event, recorded over an hour ago) was pruned since; its key memories stay
+    path = tmp_path / "kept.db"
+    url = f"sqlite:///{path}"
+    stream = jsonl([eventbridge(f"lab/run/{n}.csv", n, sequencer=f"0{n}") for n in range(3)])
+    assert len(edp("replay", "-", "--database-url", url, stdin=stream).stdout.splitlines()) == 1
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE outbox SET created_at = created_at - 7200")
+    pruned = edp("db", "prune", "--database-url", url, "--older-than", "3600")
+    assert b"1 events, 1 batches" in pruned.stdout, pruned.stderr
+
+    # When the same stream is replayed into it again
+    again = edp("replay", "-", "--database-url", url, stdin=stream)
+
+    # Then it still says that an earlier run's memories make its events duplicates
+    assert again.returncode == 0
+    assert again.stdout == b""
+    assert b"of an earlier run" in again.stderr, again.stderr
+
+
 def test_the_summary_says_why_events_were_not_batched() -> None:
     # Given one event of an unwatched bucket and one shallow key, with only bucket b watched
     stream = jsonl([eventbridge("a/b/c.txt", 0, bucket="other"),
