@@ -515,9 +515,10 @@ class Store(Protocol):
         """Delete one page (up to ``limit`` rows of each kind) of history older than
         ``before`` (the workers' wall clock): batch events (outbox rows of
         :data:`HISTORY_KIND` and their deliveries) recorded before it whose every delivery
-        is done (delivered, or parked: refused
-        for good); closed batches fired before it whose event is gone from the outbox
-        (a batch a backfill fired at an old event time stays as long as its event),
+        was made (one a sink refused for good, parked, keeps its event: it was never
+        delivered, and waits for an operator's reemit or forget-sink); closed batches
+        fired before it whose event is gone from the outbox (a batch a backfill fired at
+        an old event time stays as long as its event),
         with their objects (their keys' memories stay, naming no batch); dead letters
         received before it. Open batches, undelivered events, key memories, prefixes'
         generations, workers and counters are never touched."""

@@ -625,14 +625,14 @@ class PostgresStore(WorkerClocks):
             events = conn.execute(
                 "SELECT seq, event_id FROM outbox o WHERE created_at < %s AND kind = %s"
                 " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = o.event_id"
-                " AND d.delivered_at IS NULL AND NOT d.parked)"
+                " AND d.delivered_at IS NULL)"
                 " ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED",
                 (before, HISTORY_KIND, limit),
             ).fetchall()
             # (a delivery an operator's reemit made pending meanwhile stays, and so does
             # its event)
             conn.execute("DELETE FROM deliveries WHERE event_id = ANY(%s)"
-                         " AND (delivered_at IS NOT NULL OR parked)",
+                         " AND delivered_at IS NOT NULL",
                          ([event_id for _, event_id in events],))
             gone = conn.execute(
                 "DELETE FROM outbox o WHERE seq = ANY(%s) AND NOT EXISTS ("

@@ -532,7 +532,7 @@ class SqliteStore:
             events = conn.execute(
                 "SELECT seq, event_id FROM outbox o WHERE created_at < ? AND kind = ?"
                 " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = o.event_id"
-                " AND d.delivered_at IS NULL AND d.parked = 0) ORDER BY created_at LIMIT ?",
+                " AND d.delivered_at IS NULL) ORDER BY created_at LIMIT ?",
                 (before, HISTORY_KIND, limit),
             ).fetchall()
             conn.executemany("DELETE FROM deliveries WHERE event_id = ?",
