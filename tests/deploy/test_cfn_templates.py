@@ -40,6 +40,7 @@ PARAMETER_TO_ENV: dict[str, str] = {
     "EventSource": "EDP_EVENT_SOURCE",
     "PackageReadyRegistries": "EDP_PACKAGE_READY_REGISTRIES",
     "PackageReadyDelay": "EDP_PACKAGE_READY_DELAY",
+    "HistoryRetention": "EDP_HISTORY_RETENTION",
     "FileGatewayShares": "EDP_FILE_GATEWAY_SHARES",
 }
 
@@ -423,3 +424,20 @@ def test_queues_and_topic_refuse_requests_without_tls(edp: dict[str, Any], polic
     # (on the resource the Allow statement grants)
     [allow] = [s for s in statements if s["Effect"] == "Allow"]
     assert deny["Resource"] == allow["Resource"]
+
+
+@pytest.mark.parametrize("value", ["0", "1", "60", "3599", "3600", "3601", "9999", "10000",
+                                   "86400", "7776000"])
+def test_history_retention_parameter_allows_what_the_setting_takes(
+    edp: dict[str, Any], value: str
+) -> None:
+    """A value the stack accepts must not stop both functions at their start."""
+    from edp.config import Settings
+
+    pattern = edp["Parameters"]["HistoryRetention"]["AllowedPattern"]
+    try:
+        Settings(history_retention=value)
+        taken = True
+    except ValueError:
+        taken = False
+    assert bool(re.fullmatch(pattern, value)) == taken
