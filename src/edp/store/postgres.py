@@ -646,13 +646,18 @@ class PostgresStore(WorkerClocks):
             )]
             # (their keys' memories name no batch from now on: a memory naming a batch
             # the store does not hold is never pruned, see prune; one a step moved to
-            # another batch meanwhile is checked again as the step left it)
+            # another batch meanwhile is checked again as the step left it. Locked in
+            # (bucket, key) order first, the order of a step's own locks on key memories:
+            # an UPDATE's join locks rows in whatever order its plan reads them, and a
+            # step and a prune could each wait for a row the other holds.)
             conn.execute(
-                "UPDATE key_memory k SET batch_id = NULL FROM (SELECT b.bucket, o.key,"
-                " o.batch_id FROM batch_objects o JOIN batches b ON b.batch_id = o.batch_id"
-                " WHERE o.batch_id = ANY(%s) ORDER BY 1, 2) u"
-                " WHERE k.bucket = u.bucket AND k.key = u.key AND k.batch_id = u.batch_id",
-                (batches,),
+                "UPDATE key_memory k SET batch_id = NULL FROM (SELECT m.bucket, m.key"
+                " FROM batch_objects o JOIN batches b ON b.batch_id = o.batch_id"
+                " JOIN key_memory m ON m.bucket = b.bucket AND m.key = o.key"
+                " AND m.batch_id = o.batch_id WHERE o.batch_id = ANY(%s)"
+                " ORDER BY m.bucket, m.key FOR UPDATE OF m) u"
+                " WHERE k.bucket = u.bucket AND k.key = u.key AND k.batch_id = ANY(%s)",
+                (batches, batches),
             )
             conn.execute("DELETE FROM batch_objects WHERE batch_id = ANY(%s)", (batches,))
             conn.execute("DELETE FROM batches WHERE batch_id = ANY(%s)", (batches,))
