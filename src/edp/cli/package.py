@@ -28,13 +28,14 @@ from edp.errors import ConfigError
               help="Local mode: the files of bucket B, prefix P are in DIR/B/P "
                    "(setting package_local_root).")
 @click.option("--once", is_flag=True, help="With --sqs-queue: stop when the queue is empty.")
-@click.option("--wait", type=click.IntRange(0, 20), default=20, show_default=True,
-              help="SQS long-poll seconds (0-20, as SQS allows).")
+@click.option("--wait", type=click.IntRange(0, 20), default=None,
+              help="SQS long-poll seconds (0-20, as SQS allows; default: setting "
+                   "sqs_wait_seconds, 20).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
 @handle_errors
 def package(
     file: IO[bytes] | None, sqs_queue: str | None, registry: str | None, workflow: str | None,
-    quarantine_registry: str | None, local_root: str | None, once: bool, wait: int,
+    quarantine_registry: str | None, local_root: str | None, once: bool, wait: int | None,
     config_file: str | None,
 ) -> None:
     """Build a Quilt package for each package-objects-ready event.
@@ -75,7 +76,9 @@ def package(
                 emit(result)
     else:
         assert sqs_queue is not None
-        _consume(packager, sqs_queue, emit, once=once, wait=wait, region=settings.region,
+        _consume(packager, sqs_queue, emit, once=once,
+                 wait=settings.sqs_wait_seconds if wait is None else wait,
+                 region=settings.region,
                  dead_letter=_dead_letter_keeper(settings, sqs_queue))
     if failed:
         click.echo(f"edp: {failed} event(s) failed", err=True)

@@ -199,3 +199,43 @@ def test_the_queue_consumer_holds_one_message_at_a_time(
     # (its visibility timeout would run while it waits: it could come back, twice packaged)
     assert handled == 2
     assert in_flight == ["1", "1"]
+
+
+def test_edp_package_on_a_queue_long_polls_for_sqs_wait_seconds(
+    aws: Callable[[str], Any], quilt: Any, tmp_path: Path,
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    # Given a queue holding one batch event (of a bucket that does not exist: it fails,
+    # and waits in the queue for a retry), and the setting sqs_wait_seconds = 1
+    sqs = aws("sqs")
+    queue = sqs.create_queue(QueueName=f"wait-{uuid.uuid4().hex[:8]}",
+                             Attributes={"VisibilityTimeout": "120"})["QueueUrl"]
+    sqs.send_message(QueueUrl=queue, MessageBody=json.dumps(batch_event("no-such-bkt", PREFIX)))
+    consumer = subprocess.Popen(
+        [sys.executable, "-m", "edp", "package", "--sqs-queue", queue],
+        env={**os.environ, "EDP_SQS_WAIT_SECONDS": "1"}, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        # When it has handled the event (so it is in its next receive) and is stopped
+        assert consumer.stdout is not None
+        assert json.loads(consumer.stdout.readline())["status"] == "failed"
+        # (emptied, so that its receives long-poll: moto answers at once while a
+        # message is in flight)
+        sqs.purge_queue(QueueUrl=queue)
+        time.sleep(2.5)
+        stopping = time.monotonic()
+        consumer.send_signal(signal.SIGTERM)
+        consumer.wait(timeout=30)
+        # Then it stops once that receive ends: a long poll of the setting's second,
+        # not of the command's own 20 s
+        assert time.monotonic() - stopping < 10
+    finally:
+        consumer.kill()
+        consumer.communicate()
