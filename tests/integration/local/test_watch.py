@@ -179,6 +179,31 @@ def test_files_counted_days_ago_are_not_counted_again_after_restarts(
     assert store.stats()["closed_batches"] == 1
 
 
+def test_files_of_a_batch_whose_history_was_pruned_are_not_counted_again_after_a_restart(
+    watch: Callable[..., Any], root: Path, reader: Callable[[], Store], wait: Wait
+) -> None:
+    # Given a batch fired and delivered by a first run, whose history is then pruned
+    # (history_retention: the batch, its files' rows and its event are gone)
+    (root / "scope/exp-1").mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        (root / f"scope/exp-1/{name}.dat").write_text(name)
+    first = watch()
+    store = reader()
+    wait(lambda: first.sink.sent, what="the first run's batch")
+    first.stop()
+    pruned = store.prune_history(before=time.time() + 1, limit=500)
+    assert (pruned.events, pruned.batches) == (1, 1)
+    # When the watcher starts again (it reports every file of the folder again)
+    again = watch()
+    wait(lambda: store.counters().get("events.duplicate", 0) == 3,
+         what="the files reported again, as duplicates")
+    time.sleep(0.3)
+    again.stop()
+    # Then they are duplicates still (their keys' memories stay): no second batch
+    assert again.sink.sent == []
+    assert store.list_batches() == []
+
+
 def test_a_marker_completed_in_the_same_tick_as_its_data_is_reported_last(
     watch: Callable[..., Any], root: Path, wait: Wait
 ) -> None:
