@@ -557,6 +557,8 @@ class Daemon:
         forgotten = self.runtime.engine.prune(keep_buckets=keep)
         if forgotten:
             log.info("pruned %d key memories older than the retention", forgotten)
+        if not self.runtime.settings.history_retention:
+            return
         history = self.runtime.engine.prune_history(now=self.runtime.store.wall_clock(),
                                                     budget=self.HISTORY_BUDGET)
         if history.events or history.batches or history.dead_letters:

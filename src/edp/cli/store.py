@@ -81,10 +81,10 @@ def db_status(config_file: str | None, database_url: str | None) -> None:
                    "default: the setting).")
 @handle_errors
 def db_prune(config_file: str | None, database_url: str | None, older_than: str | None) -> None:
-    """Delete the history older than history_retention: delivered (or parked) events,
-    the fired batches they announced with their files, and dead letters. Open batches,
-    events still to deliver and key memories stay. Workers do this every 10 minutes
-    when the setting is set; this runs it once, to the end."""
+    """Delete the history older than history_retention: delivered events, the fired
+    batches they announced with their files, and dead letters. Open batches, events
+    still to deliver or refused by a sink (parked) and key memories stay. Workers do
+    this every 10 minutes when the setting is set; this runs it once, to the end."""
     flags = {} if older_than is None else {"history_retention": older_than}
     runtime = open_runtime(config_file, database_url, flags=flags)
     try:
