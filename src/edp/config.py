@@ -106,17 +106,18 @@ def _csv(value: Any) -> tuple[str, ...]:
     return tuple(_plain(item.strip()) for item in items if item.strip())
 
 
-def _plain(text: str) -> str:
+def _plain(text: str, shown: Callable[[str], str] = repr) -> str:
     """``text`` if it is text every output can carry, else ValueError: no lone surrogate
     (an environment variable's bytes that are not UTF-8 arrive as one) and no NUL (a TOML
     escape can write one). Either would pass until it is written out: a batch event
     whose source, account or region holds one cannot be encoded as JSON, and every
-    step that fires a batch would fail, again and again."""
+    step that fires a batch would fail, again and again. ``shown``: the value as the
+    error shows it (a URL's redacted form: its password or token must not be echoed)."""
     if not is_unicode(text):
-        raise ValueError(f"must be UTF-8 text, got {text!r} (not valid Unicode: bytes that "
-                         "are not UTF-8)")
+        raise ValueError(f"must be UTF-8 text, got {shown(text)} (not valid Unicode: bytes "
+                         "that are not UTF-8)")
     if "\x00" in text:
-        raise ValueError(f"must not contain a NUL character, got {text!r}")
+        raise ValueError(f"must not contain a NUL character, got {shown(text)}")
     return text
 
 
@@ -130,23 +131,23 @@ def _bool(value: Any) -> bool:
     raise ValueError(f"must be true or false, got {value!r}")
 
 
-def _text(value: Any) -> str:
+def _text(value: Any, shown: Callable[[str], str] = repr) -> str:
     if not isinstance(value, str):
         raise ValueError(f"must be a string, got {value!r}")
-    return _plain(value.strip())
+    return _plain(value.strip(), shown)
 
 
-def _required_text(value: Any) -> str:
-    text = _text(value)
+def _required_text(value: Any, shown: Callable[[str], str] = repr) -> str:
+    text = _text(value, shown)
     if not text:
         raise ValueError(f"must not be empty, got {value!r}")
     return text
 
 
-def _optional_text(value: Any) -> str | None:
+def _optional_text(value: Any, shown: Callable[[str], str] = repr) -> str | None:
     if value is None:
         return None
-    text = _text(value)
+    text = _text(value, shown)
     return text or None
 
 
@@ -171,7 +172,7 @@ def http_url_problem(url: str) -> str | None:
 
 
 def _http_url(value: Any) -> str | None:
-    text = _optional_text(value)
+    text = _optional_text(value, lambda url: repr(redact_endpoint(url)))
     if text is not None and (problem := http_url_problem(text)) is not None:
         raise ValueError(problem)
     return text
@@ -240,7 +241,7 @@ DATABASE_SCHEMES = ("sqlite:", "postgresql:", "postgres:")
 
 
 def _database_url(value: Any) -> str:
-    text = _required_text(value)
+    text = _required_text(value, lambda url: repr(redact_text(url)))
     if not text.startswith(DATABASE_SCHEMES):
         raise ValueError("must start with sqlite:///, postgresql:// or postgres://, got "
                          f"{redact_text(text)!r}")

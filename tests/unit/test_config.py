@@ -512,3 +512,22 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"config file {path} is not UTF-8 text \(byte "
                                           r"0x92 on line 2\): TOML files are UTF-8"):
         load_settings(config_file=path, env={})
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "secret"),
+    [
+        ({"EDP_DATABASE_URL": "postgresql://edp:hun\udcfftr2@db/edp"}, "", "hun"),
+        ({}, 'database_url = "postgresql://edp:hunter2@db/edp\\u0000"', "hunter2"),
+        ({"EDP_WEBHOOK_URL": "https://hooks.example/T0/s3cr\udcffet"}, "", "s3cr"),
+        ({}, 'notify_webhook_url = "https://u:hunter2@hooks.example/x\\u0000"', "hunter2"),
+    ],
+)
+def test_a_url_refused_as_no_utf8_text_is_shown_redacted(
+    tmp_path: Path, env: dict[str, str], toml: str, secret: str
+) -> None:
+    # (the refusal of a lone surrogate or a NUL echoed the whole URL: its password, or a
+    # webhook's token path, in the error and the log)
+    with pytest.raises(ConfigError, match=r"must (be UTF-8 text|not contain a NUL)") as info:
+        load_settings(config_file=write(tmp_path, toml), env=env)
+    assert secret not in str(info.value)
