@@ -651,7 +651,8 @@ def test_db_prune_deletes_the_history_older_than_asked(tmp_path: Path) -> None:
     assert "--older-than" in refused.stderr
     bad = edp("db", "prune", "--older-than", "60", home=tmp_path)
     assert bad.returncode == 2 and "history_retention must be 0 (keep all history) or a " \
-        "number of seconds >= 3600, got '60'" in bad.stderr, bad.stderr
+        "number of seconds >= 3600, got '60' (from option --older-than)" in bad.stderr, \
+        bad.stderr
     # When the history older than an hour is pruned
     done = edp("db", "prune", "--older-than", "3600", home=tmp_path)
     assert done.returncode == 0, done.stderr

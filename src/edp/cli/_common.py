@@ -132,7 +132,8 @@ def store_url(
     """The settings and the URL of the configured store (or ``database_url``), checked
     as :func:`open_runtime` checks it, but not opened (opening migrates it)."""
     settings = load_settings(config_file=config_file,
-                             flags={**(flags or {}), "database_url": database_url})
+                             flags={**(flags or {}), "database_url": database_url},
+                             flag_names=_option_names())
     url = settings.database_url
     if settings.database_secret_arn:  # (the Lambda functions' store, without a URL given)
         from edp.aws.secrets import resolve_database_url

@@ -76,16 +76,20 @@ def db_status(config_file: str | None, database_url: str | None) -> None:
 
 @db.command("prune")
 @store_options
-@click.option("--older-than", "older_than", metavar="SECONDS",
+@click.option("--older-than", "history_retention", metavar="SECONDS",
               help="history_retention: prune what is older than this (0 or >= 3600; "
                    "default: the setting).")
 @handle_errors
-def db_prune(config_file: str | None, database_url: str | None, older_than: str | None) -> None:
-    """Delete the history older than history_retention: delivered events, the fired
-    batches they announced with their files, and dead letters. Open batches, events
-    still to deliver or refused by a sink (parked) and key memories stay. Workers do
-    this every 10 minutes when the setting is set; this runs it once, to the end."""
-    flags = {} if older_than is None else {"history_retention": older_than}
+def db_prune(
+    config_file: str | None, database_url: str | None, history_retention: str | None
+) -> None:
+    """Delete the history older than history_retention: delivered batch events, the
+    fired batches they announced with their files, and dead letters. Open batches,
+    events still to deliver or parked (refused for good by a sink), package-ready
+    events and key memories stay. Workers do this every 10 minutes when the setting is
+    set; this runs it once, to the end."""
+    # (the option's parameter bears the setting's name: an error names --older-than)
+    flags = {"history_retention": history_retention}
     runtime = open_runtime(config_file, database_url, flags=flags)
     try:
         if not runtime.settings.history_retention:
