@@ -175,3 +175,27 @@ def test_an_upgrade_names_the_workers_still_beating_on_the_store(
     with caplog.at_level(logging.WARNING, logger="edp.store.migrations"):
         open_store(url).close()
     assert not caplog.records
+
+
+def test_an_upgrade_of_postgresql_reads_the_heartbeats_by_the_server_s_clock(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_server()
+    with fresh_database("upgrade") as url:
+        # Given an old store on which a worker beat a moment ago by the server's clock
+        # (the workers' shared clock, see wall_clock)
+        now = time.time()
+        execute_as_old_edp("postgres", url, BEFORE_BACKFILL["postgres"], [
+            ("INSERT INTO workers (worker_id, clock, heartbeat_at, finished)"
+             " VALUES ('old-daemon', 0, ?, false)", (now - 5,)),
+        ])
+        # When it is upgraded from a host whose clock runs an hour ahead (an operator's
+        # machine running edp db upgrade)
+        monkeypatch.setattr(time, "time", lambda: now + 3600)
+        with caplog.at_level(logging.WARNING, logger="edp.store.migrations"):
+            open_store(url).close()
+    # Then the live worker is named, as beating seconds ago (by this host's clock it
+    # beat an hour ago, and went unnamed)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert re.search(r"1 worker\(s\) beat on it: old-daemon \([0-9] s ago\)\.", warnings[0])

@@ -99,14 +99,16 @@ migration 1): format with the dialect's placeholder for the earliest heartbeat."
 def plan_upgrade(
     dialect: str, current: int | None, url: str,
     live_workers: Callable[[float], Sequence[tuple[str, float]]],
+    clock: Callable[[], float] = time.time,
 ) -> list[Migration]:
     """The migrations of ``dialect`` above ``current`` (the store's highest version,
     None: a new store), after warning of the workers still beating on an existing store
     (``live_workers(since)``: the (id, last heartbeat) of those not finished that beat
-    since then, by :data:`LIVE_WORKERS`)."""
+    since then, by :data:`LIVE_WORKERS`; ``clock``: the clock their heartbeats are
+    written by, the store's wall clock)."""
     pending = [m for m in load_migrations(dialect) if current is None or m.version > current]
     if current is not None and pending:
-        now = time.time()
+        now = clock()
         warn_of_live_workers(url, pending, live_workers(now - LIVE_WITHIN), now)
     return pending
 
