@@ -145,7 +145,9 @@ FIRST_TIME = -62_135_596_800.0
 """0001-01-01T00:00:00Z: the first time the output format can hold."""
 
 
-_ISO_TIME = re.compile(r"[0-9]{4}-?[0-9]{2}-?[0-9]{2}(?:[Tt ][0-9:.,]*)?(?:[Zz]|[+-][0-9:]+)?")
+_ISO_TIME = re.compile(
+    r"[0-9]{4}-?[0-9]{2}-?[0-9]{2}(?:[Tt ][0-9:.,]*)?(?: ?(?:[Zz]|[+-][0-9:]+))?"
+)
 """The characters an ISO 8601 date and time may hold, in their places: checked before
 ``datetime.fromisoformat``, which (Python 3.11) takes any character between the date
 and the time and ignores what follows some forms' zone (``11111111311Z\x00:19Z`` read

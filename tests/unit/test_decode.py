@@ -223,7 +223,7 @@ def test_event_times_parse_as_datetime_reads_them(text: str) -> None:
     # "t" and "z" read as upper case; a time with no zone is UTC, S3's zone)
     upper = text.upper() if text.isascii() else text
     try:
-        if not re.fullmatch(r"[0-9]{4}-?[0-9]{2}-?[0-9]{2}([Tt ][0-9:.,]*)?([Zz]|[+-][0-9:]+)?",
+        if not re.fullmatch(r"[0-9]{4}-?[0-9]{2}-?[0-9]{2}([Tt ][0-9:.,]*)?( ?([Zz]|[+-][0-9:]+))?",
                             text):
             # (only an ISO 8601 time's characters, in their places: datetime takes more)
             raise ValueError(text)
@@ -268,6 +268,20 @@ def test_a_time_of_another_form_never_reads_as_a_cached_minute_plus_seconds() ->
     except DecodeError:
         expected = None
     assert outcomes[1] == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("2022-12-08T20:01:34Z", "2022-12-08T20:01:34+00:00"),  # EventBridge
+    ("2022-12-08T20:01:34.123Z", "2022-12-08T20:01:34.123+00:00"),  # S3, MinIO
+    ("2022-12-08T20:01:34.123456Z", "2022-12-08T20:01:34.123456+00:00"),  # Ceph
+    ("2022-12-08T20:01:34", "2022-12-08T20:01:34+00:00"),  # older moto: no zone, UTC
+    ("2022-12-08T21:01:34+01:00", "2022-12-08T20:01:34+00:00"),
+    ("2022-12-08T20:01:34 +00:00", "2022-12-08T20:01:34+00:00"),
+    ("2022-12-08 20:01:34 +0000", "2022-12-08T20:01:34+00:00"),
+    ("2022-12-08t20:01:34z", "2022-12-08T20:01:34+00:00"),  # RFC 3339's lower case
+])
+def test_the_time_forms_producers_send_are_read(text: str, expected: str) -> None:
+    assert parse_time(text, what="time") == datetime.fromisoformat(expected).timestamp()
 
 
 @pytest.mark.parametrize("text", ["11111111311Z\x00\x00\x08\x00:19Z",

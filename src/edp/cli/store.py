@@ -98,7 +98,7 @@ def db_prune(
         pruned = runtime.engine.prune_history(now=runtime.store.wall_clock())
     finally:
         runtime.close()
-    click.echo(f"pruned history older than {runtime.settings.history_retention:g} s: "
+    click.echo(f"pruned history older than {runtime.settings.history_retention:.0f} s: "
                f"{pruned.events} events, {pruned.batches} batches, "
                f"{pruned.dead_letters} dead letters")
 
