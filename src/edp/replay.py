@@ -26,6 +26,7 @@ from edp.errors import ConfigError, EdpError
 from edp.relay import RelayReport
 from edp.sinks import StdoutSink
 from edp.sources.files import Decoded, decoding
+from edp.web.figures import events_out
 
 
 @dataclass(slots=True)
@@ -77,8 +78,7 @@ def _warn_of_earlier_batches(runtime: Runtime, stderr: TextIO) -> None:
     held = stats["open_batches"] + stats["closed_batches"]
     # (history_retention may have pruned every fired batch: the counters, and the key
     # memories, stay)
-    fired = sum(value for name, value in runtime.store.counters().items()
-                if name.startswith("batches."))
+    fired = events_out(runtime.store.counters())
     if held or fired:
         what = (f"{held} batch(es)" if held else
                 f"the key memories of {fired} batch(es), their history pruned,")

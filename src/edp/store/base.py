@@ -518,10 +518,10 @@ class Store(Protocol):
         was made (one a sink refused for good, parked, keeps its event: it was never
         delivered, and waits for an operator's reemit or forget-sink); closed batches
         fired before it whose event is gone from the outbox (a batch a backfill fired at
-        an old event time stays as long as its event),
-        with their objects (their keys' memories stay, naming no batch); dead letters
-        received before it. Open batches, undelivered events, key memories, prefixes'
-        generations, workers and counters are never touched."""
+        an old event time stays as long as its event), with their objects (their keys'
+        memories stay, naming no batch); dead letters received before it. Open batches,
+        undelivered events, key memories, prefixes' generations, workers and counters are
+        never touched."""
         ...
 
     def schema_version(self) -> tuple[int, int]:

@@ -58,7 +58,7 @@ from edp.store.migrations import (
 )
 from edp.store.postgres_retry import LOST, RetryingTransaction
 from edp.store.postgres_tx import BATCH_COLUMNS
-from edp.store.postgres_workers import WorkerClocks
+from edp.store.postgres_workers import WorkerClocks, server_clock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -383,7 +383,7 @@ class PostgresStore(WorkerClocks):
             # (heartbeats are written by the server's clock, which this host's may not
             # read: an upgrade run from an operator's machine)
             pending = plan_upgrade("postgres", current, self.url, lambda since: conn.execute(
-                LIVE_WORKERS.format("%s"), (since,)).fetchall(), lambda: _server_clock(conn))
+                LIVE_WORKERS.format("%s"), (since,)).fetchall(), lambda: server_clock(conn))
             applied = []
             for migration in pending:
                 conn.execute(migration.sql.encode())
@@ -691,13 +691,6 @@ _CLIENT_FOR_GOOD = ("server does not support SSL", "root certificate file",
                     "could not open certificate file", "could not load private key")
 """Parts of libpq's own refusals (TLS settings the server or the files cannot meet) that
 no retry changes."""
-
-
-def _server_clock(conn: psycopg.Connection[Any]) -> float:
-    """The database server's clock, in epoch seconds (see ``wall_clock``)."""
-    row = conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()
-    assert row is not None
-    return float(row[0])
 
 
 def _refused_for_good(reason: str) -> bool:

@@ -81,10 +81,8 @@ class WorkerClocks:
                 before = self.local_clock()
                 # (one try, bounded: a clock read must not wait out an outage)
                 with self.pool.connection(timeout=2.0) as conn:
-                    row = conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()
+                    server = server_clock(conn)
                     conn.rollback()
-                assert row is not None
-                server = row[0]
                 after = self.local_clock()
             except Exception as exc:  # noqa: BLE001  (a clock read must not fail a step)
                 log.warning("cannot read the database server's clock (%s); the offset "
@@ -444,4 +442,11 @@ class WorkerClocks:
         return bool(self._run(work))
 
 
-__all__ = ["HEARTBEAT_SQL", "WorkerClocks", "heartbeat_params"]
+def server_clock(conn: psycopg.Connection[Any]) -> float:
+    """The database server's clock, in epoch seconds, read on ``conn``."""
+    row = conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()
+    assert row is not None
+    return float(row[0])
+
+
+__all__ = ["HEARTBEAT_SQL", "WorkerClocks", "heartbeat_params", "server_clock"]
